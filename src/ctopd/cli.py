@@ -1,0 +1,58 @@
+"""The ``ctopd`` command line: a thin dispatcher over subcommand modules.
+
+Each subcommand module exposes ``add_parser(subparsers)`` which registers its parser and sets
+``func`` (a function ``args -> int`` exit code) as the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Subcommand modules, in the order `ctopd --help` lists them.
+SUBCOMMAND_MODULES = [
+    "ctopd.commands.align",
+    "ctopd.commands.train",
+    "ctopd.commands.demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctopd", description="Cross-tokenizer on-policy distillation."
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:  # not written yet in this checkout
+                continue
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def _version() -> str:
+    from ctopd import __version__
+
+    return f"ctopd {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

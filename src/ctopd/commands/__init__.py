@@ -1,0 +1,1 @@
+"""Subcommands of the ``ctopd`` command line, one module each."""

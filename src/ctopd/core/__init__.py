@@ -1,0 +1,1 @@
+"""The core: exact byte tables, minimal aligned chunks and the shared vocabulary (numpy only)."""

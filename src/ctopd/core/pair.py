@@ -1,0 +1,177 @@
+"""A teacher/student tokenizer pair with its cached byte tables and shared vocabulary."""
+
+from __future__ import annotations
+
+import warnings
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from ctopd.core.alignment import Alignment, align_ids_batch
+from ctopd.core.byte_table import ByteTable, build_byte_table, check_ids_in_range
+from ctopd.core.shared_vocab import SharedVocab, build_shared_vocab
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, **kwargs: Any):
+    """Load a fast tokenizer from a local folder or hub id.
+
+    A folder that holds only ``tokenizer.json`` files is loaded with ``PreTrainedTokenizerFast``
+    (AutoTokenizer can swap in a model-specific class when a ``config.json`` sits beside it).
+    """
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = Path(name_or_path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"tokenizer path {name_or_path!r} is a file; pass its folder")
+    if folder.is_dir() and not (folder / "tokenizer.json").exists():
+        raise FileNotFoundError(
+            f"no tokenizer.json in {folder}; ctopd needs a fast tokenizer (save one with "
+            "tokenizer.save_pretrained(folder) after loading it with use_fast=True)"
+        )
+    if folder.is_dir() and not (folder / "config.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(str(folder), **kwargs)
+    return AutoTokenizer.from_pretrained(
+        name_or_path, use_fast=True, trust_remote_code=trust_remote_code, **kwargs
+    )
+
+
+class TokenizerPair:
+    """The teacher's and the student's tokenizers, ready to align responses.
+
+    Args:
+        teacher_tokenizer: a transformers fast tokenizer (or ``tokenizers.Tokenizer``).
+        student_tokenizer: the same for the student.
+        teacher_end_ids: ids that end the teacher's turn (default: EOS plus the end-of-turn
+            marker its chat template writes).
+        student_end_ids: the same for the student.
+    """
+
+    def __init__(
+        self,
+        teacher_tokenizer: Any,
+        student_tokenizer: Any,
+        *,
+        teacher_end_ids: list[int] | None = None,
+        student_end_ids: list[int] | None = None,
+    ) -> None:
+        self.teacher_tokenizer = teacher_tokenizer
+        self.student_tokenizer = student_tokenizer
+        self.teacher_table: ByteTable = build_byte_table(teacher_tokenizer, end_ids=teacher_end_ids)
+        self.student_table: ByteTable = build_byte_table(student_tokenizer, end_ids=student_end_ids)
+        for side, table in (("teacher", self.teacher_table), ("student", self.student_table)):
+            if table.rewrites_text:
+                warnings.warn(
+                    f"the {side} tokenizer's normaliser ({', '.join(table.rewrites_text)}) can "
+                    "rewrite text; chunks where it does are marked unaligned and get no loss",
+                    stacklevel=2,
+                )
+        self._teacher_encoder = _text_encoder(teacher_tokenizer)
+
+    @classmethod
+    def from_pretrained(
+        cls, teacher: str, student: str, *, trust_remote_code: bool = False, **kwargs: Any
+    ) -> TokenizerPair:
+        """Load both tokenizers (folders or hub ids) and build the pair."""
+        return cls(
+            load_tokenizer(teacher, trust_remote_code=trust_remote_code),
+            load_tokenizer(student, trust_remote_code=trust_remote_code),
+            **kwargs,
+        )
+
+    @cached_property
+    def shared_vocab(self) -> SharedVocab:
+        """``V∩`` of this pair (built on first use)."""
+        return build_shared_vocab(self.teacher_table, self.student_table)
+
+    @cached_property
+    def identical(self) -> bool:
+        """True when both tokenizers give every id the same bytes and specials."""
+        t, s = self.teacher_table, self.student_table
+        return (
+            t.vocab_size == s.vocab_size
+            and np.array_equal(t.lengths, s.lengths)
+            and np.array_equal(t.flat_bytes, s.flat_bytes)
+            and np.array_equal(t.special, s.special)
+            and t.dummy_prefix == s.dummy_prefix
+        )
+
+    def align(self, teacher_ids, student_ids) -> Alignment:
+        """Minimal aligned chunks of one response (see :class:`Alignment`)."""
+        return align_ids_batch(self.teacher_table, self.student_table, [teacher_ids],
+                               [student_ids])[0]
+
+    def align_batch(self, teacher_ids: list, student_ids: list) -> list[Alignment]:
+        """Align ``B`` responses at once (vectorised over the batch)."""
+        return align_ids_batch(self.teacher_table, self.student_table, teacher_ids, student_ids)
+
+    def student_response_bytes(self, student_ids) -> bytes:
+        """The bytes of a student response: its tokens' bytes back to back, without a trailing
+        end token, specials or a dummy-prefix space."""
+        return _response_bytes(self.student_table, student_ids)
+
+    def student_text(self, student_ids) -> str:
+        """The student response as text (invalid UTF-8 replaced by U+FFFD)."""
+        return self.student_response_bytes(student_ids).decode("utf-8", errors="replace")
+
+    def ended_turn(self, student_ids) -> bool:
+        """Whether the student response ends with one of its end ids."""
+        ids = np.asarray(student_ids, dtype=np.int64).reshape(-1)
+        return bool(ids.size and np.isin(ids[-1], self.student_table.end_ids))
+
+    def teacher_ids_for(self, student_ids) -> list[int]:
+        """The teacher's tokenisation of a student response (ALGORITHMS §1.3): the teacher
+        encodes the response's text with no special tokens added and special-token strings
+        treated as plain text, then its end-of-turn id is appended if the student ended its
+        turn."""
+        return self.teacher_ids_for_batch([student_ids])[0]
+
+    def teacher_ids_for_batch(self, student_ids: list) -> list[list[int]]:
+        """:meth:`teacher_ids_for` over a batch, with one batched encode call."""
+        texts = [self.student_text(ids) for ids in student_ids]
+        encoded = self._teacher_encoder(texts)
+        end_id = self.teacher_end_of_turn_id
+        return [
+            ids + [end_id] if self.ended_turn(s_ids) else ids
+            for ids, s_ids in zip(encoded, student_ids)
+        ]
+
+    @property
+    def teacher_end_of_turn_id(self) -> int:
+        """The id the teacher writes to end its turn: the chat template's end-of-turn marker
+        when it has one, else EOS."""
+        end_ids = self.teacher_table.end_ids.tolist()
+        eos = getattr(self.teacher_tokenizer, "eos_token_id", None)
+        others = [i for i in end_ids if i != eos]
+        return others[0] if others else end_ids[0]
+
+
+def _response_bytes(table: ByteTable, ids) -> bytes:
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    check_ids_in_range(ids, table.vocab_size, table.name)
+    if ids.size and np.isin(ids[-1], table.end_ids):
+        ids = ids[:-1]
+    content = table.ids_to_bytes(ids[~table.special[ids]])
+    if table.dummy_prefix and ids.size and not table.special[ids[0]] and content[:1] == b" ":
+        content = content[1:]
+    return content
+
+
+def _text_encoder(tokenizer: Any):
+    """A function ``list[str] -> list[list[int]]`` that encodes without adding special tokens and
+    without turning special-token strings in the text into special ids."""
+    from ctopd.core.byte_table import _backend
+
+    backend = _backend(tokenizer)
+    from tokenizers import Tokenizer
+
+    private = Tokenizer.from_str(backend.to_str())
+    if hasattr(private, "encode_special_tokens"):
+        private.encode_special_tokens = True
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in private.encode_batch(texts, add_special_tokens=False)]
+
+    return encode
