@@ -67,6 +67,9 @@ class ByteTable:
         dummy_prefix: True when encoding prepends a space that is not in the text (SentencePiece
             ``add_dummy_prefix``, Metaspace ``prepend_scheme``, ByteLevel ``add_prefix_space``).
         kind: ``"byte_level"`` or ``"metaspace"``.
+        prefix_only_if_no_space: the dummy prefix is added only when the text does not already
+            start with a space (HF ``Metaspace(prepend_scheme="first")``): such a tokenizer spells
+            ``" x"`` like ``"x"``, so an encoder must add one space to keep a leading space.
         rewrites_text: names of normalizers that can change the text (NFC, Lowercase, ...):
             where they do, chunks come out unaligned.
     """
@@ -80,6 +83,7 @@ class ByteTable:
     dummy_prefix: bool
     kind: str
     rewrites_text: tuple[str, ...] = field(default=())
+    prefix_only_if_no_space: bool = False
 
     @property
     def vocab_size(self) -> int:
@@ -338,4 +342,9 @@ def _with_probed_prefix(table: ByteTable, backend) -> ByteTable:
             f"tokenizer {table.name} adds a leading space to some texts and not others; "
             "cannot model its dummy prefix exactly"
         )
-    return ByteTable(**{**table.__dict__, "dummy_prefix": prefixed[0]})
+    prefix_only_if_no_space = False
+    if prefixed[0]:
+        ids = np.asarray(backend.encode(" ab", add_special_tokens=False).ids, dtype=np.int64)
+        prefix_only_if_no_space = gather_bytes(table, ids).tobytes() == b" ab"
+    return ByteTable(**{**table.__dict__, "dummy_prefix": prefixed[0],
+                        "prefix_only_if_no_space": prefix_only_if_no_space})

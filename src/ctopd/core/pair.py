@@ -131,6 +131,9 @@ class TokenizerPair:
     def teacher_ids_for_batch(self, student_ids: list) -> list[list[int]]:
         """:meth:`teacher_ids_for` over a batch, with one batched encode call."""
         texts = [self.student_text(ids) for ids in student_ids]
+        if self.teacher_table.prefix_only_if_no_space:
+            # Such a teacher spells " x" like "x"; one more space keeps the leading one.
+            texts = [" " + t if t.startswith(" ") else t for t in texts]
         encoded = self._teacher_encoder(texts)
         end_id = self.teacher_end_of_turn_id
         return [

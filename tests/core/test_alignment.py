@@ -1,0 +1,249 @@
+"""Minimal aligned chunks: property tests against a brute-force reference, across families."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ctopd import TokenizerPair
+from ctopd.core.alignment import align_ids_batch
+
+# Pieces that stress byte boundaries: multi-byte UTF-8, ZWJ emoji sequences, flags, combining
+# marks, CJK, whitespace and newline runs, tabs, CRLF, digits.
+TRICKY_PIECES = [
+    "😀", "👩‍👩‍👧", "🇫🇷", "中", "文", "東京", "e\u0301", "a\u0308", "\u0301", " ", "  ", "   ",
+    "\n", "\n\n", "\t", "\r\n", "x", "12", "345", "1,234", "abc", " the", "ß", "Ω", "é", "$",
+]
+texts = st.lists(
+    st.one_of(st.sampled_from(TRICKY_PIECES), st.text(max_size=6)), max_size=24
+).map("".join)
+
+
+def reference_chunks(teacher_pieces: list[bytes], student_pieces: list[bytes]) -> list[tuple]:
+    """Slow, obviously correct minimal chunks of two tokenisations of the same bytes.
+
+    Tokens are given by their bytes; a token belongs to the chunk its first byte falls in (a
+    zero-length token to the chunk that starts where it stands, or the last chunk at the end).
+    """
+    assert b"".join(teacher_pieces) == b"".join(student_pieces)
+
+    def starts(pieces):
+        out, offset = [], 0
+        for piece in pieces:
+            out.append(offset)
+            offset += len(piece)
+        return out, offset
+
+    t_starts, total = starts(teacher_pieces)
+    s_starts, _ = starts(student_pieces)
+    t_cuts = set(t_starts) | {total}
+    s_cuts = set(s_starts) | {total}
+    common = sorted(t_cuts & s_cuts)
+    chunks = []
+    for lo, hi in zip(common, common[1:]):
+        t_in = [i for i, s in enumerate(t_starts) if lo <= s < hi]
+        s_in = [i for i, s in enumerate(s_starts) if lo <= s < hi]
+        chunks.append([min(t_in), max(t_in) + 1, min(s_in), max(s_in) + 1])
+    if chunks:
+        chunks[0][0] = chunks[0][2] = 0
+        chunks[-1][1], chunks[-1][3] = len(teacher_pieces), len(student_pieces)
+    return [tuple(c) for c in chunks]
+
+
+def content_pieces(table, ids: list[int]) -> list[bytes]:
+    """Per-token bytes with the dummy-prefix space dropped from the first token."""
+    pieces = [table.token_bytes(i) for i in ids]
+    if table.dummy_prefix and pieces and pieces[0][:1] == b" ":
+        pieces[0] = pieces[0][1:]
+    return pieces
+
+
+def check_partition(al, n: int, m: int) -> None:
+    chunks = al.chunks
+    assert chunks.dtype == np.int64 and chunks.shape[1] == 4
+    assert al.teacher_length == n and al.student_length == m
+    if n == 0 and m == 0:
+        assert chunks.shape[0] == 0
+        return
+    assert chunks[0, 0] == 0 and chunks[0, 2] == 0
+    assert chunks[-1, 1] == n and chunks[-1, 3] == m
+    assert np.array_equal(chunks[1:, 0], chunks[:-1, 1])
+    assert np.array_equal(chunks[1:, 2], chunks[:-1, 3])
+    assert (chunks[:, 1] >= chunks[:, 0]).all() and (chunks[:, 3] >= chunks[:, 2]).all()
+
+
+def check_against_reference(pair: TokenizerPair, teacher_ids, student_ids, al) -> None:
+    """Aligned chunks spell equal bytes, are minimal, and equal the reference chunks."""
+    t_table, s_table = pair.teacher_table, pair.student_table
+    t_content = list(teacher_ids[:-1] if pair.ended_turn(student_ids) else teacher_ids)
+    s_content = list(student_ids[:-1] if pair.ended_turn(student_ids) else student_ids)
+    t_pieces = content_pieces(t_table, t_content)
+    s_pieces = content_pieces(s_table, s_content)
+    content = al.chunks[~al.is_end]
+    for (ta, tb, sa, sb), ok in zip(content, al.aligned[~al.is_end]):
+        if ok:
+            assert b"".join(t_pieces[ta:tb]) == b"".join(s_pieces[sa:sb])
+            size = sum(len(p) for p in t_pieces[ta:tb])
+            t_inner = set(itertools.accumulate(len(p) for p in t_pieces[ta:tb])) - {0, size}
+            s_inner = set(itertools.accumulate(len(p) for p in s_pieces[sa:sb])) - {0, size}
+            assert not (t_inner & s_inner), "an aligned chunk could be split further"
+    if b"".join(t_pieces) == b"".join(s_pieces):
+        assert al.aligned.all()
+        assert [tuple(c) for c in content.tolist()] == reference_chunks(t_pieces, s_pieces)
+
+
+@pytest.fixture(scope="module")
+def pairs(families):
+    return {
+        (t, s): TokenizerPair(families[t], families[s])
+        for t in families
+        for s in families
+    }
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=texts, pair_index=st.integers(0, 15), ended=st.booleans())
+def test_chunks_partition_match_bytes_and_are_minimal(pairs, text, pair_index, ended):
+    key = sorted(pairs)[pair_index]
+    pair = pairs[key]
+    student = pair.student_tokenizer
+    student_ids = student.encode(text, add_special_tokens=False)
+    if ended:
+        student_ids = student_ids + [student.eos_token_id]
+    expected = text
+    if pair.student_table.prefix_only_if_no_space and text.startswith(" "):
+        expected = text[1:]  # such a tokenizer cannot spell a leading space; its decoder agrees
+    assert pair.student_text(student_ids) == expected or "\u2581" in text
+    teacher_ids = pair.teacher_ids_for(student_ids)
+    al = pair.align(teacher_ids, student_ids)
+    check_partition(al, len(teacher_ids), len(student_ids))
+    check_against_reference(pair, teacher_ids, student_ids, al)
+    if "\u2581" not in text:  # SentencePiece reads a literal ▁ as a space: bytes really differ
+        assert al.aligned.all(), f"{key}: unaligned chunk on {text!r}"
+        assert al.unaligned_bytes == 0
+    if ended:
+        assert al.is_end[-1] and al.aligned[-1]
+        assert tuple(al.chunks[-1]) == (len(teacher_ids) - 1, len(teacher_ids),
+                                         len(student_ids) - 1, len(student_ids))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.lists(texts, min_size=1, max_size=6), pair_index=st.integers(0, 15))
+def test_align_batch_equals_one_by_one(pairs, batch, pair_index):
+    pair = pairs[sorted(pairs)[pair_index]]
+    student_ids = [pair.student_tokenizer.encode(t, add_special_tokens=False) for t in batch]
+    teacher_ids = pair.teacher_ids_for_batch(student_ids)
+    together = pair.align_batch(teacher_ids, student_ids)
+    for t_ids, s_ids, al in zip(teacher_ids, student_ids, together):
+        single = pair.align(t_ids, s_ids)
+        assert np.array_equal(al.chunks, single.chunks)
+        assert np.array_equal(al.aligned, single.aligned)
+
+
+def test_hand_checked_chunks(byte_level_tokenizer, sentencepiece_tokenizer):
+    pair = TokenizerPair(byte_level_tokenizer, sentencepiece_tokenizer)
+    student_ids = sentencepiece_tokenizer.encode("sold 1234", add_special_tokens=False)
+    teacher_ids = pair.teacher_ids_for(student_ids)
+    # The byte-level teacher splits digits one by one; each chunk is the smallest piece both
+    # tokenizations end on.
+    teacher_tokens = [pair.teacher_table.token_bytes(i) for i in teacher_ids]
+    assert teacher_tokens[-4:] == [b"1", b"2", b"3", b"4"]
+    al = pair.align(teacher_ids, student_ids)
+    for ta, tb, sa, sb in al.chunks:
+        t = b"".join(pair.teacher_table.token_bytes(i) for i in teacher_ids[ta:tb])
+        s = b"".join(content_pieces(pair.student_table, student_ids)[sa:sb])
+        assert t == s
+    assert b"".join(content_pieces(pair.student_table, student_ids)) == b"sold 1234"
+
+
+def test_empty_response_and_end_only(byte_level_tokenizer, sentencepiece_tokenizer):
+    pair = TokenizerPair(byte_level_tokenizer, sentencepiece_tokenizer)
+    empty = pair.align([], [])
+    assert empty.num_chunks == 0 and empty.teacher_length == 0
+    eos = sentencepiece_tokenizer.eos_token_id
+    end_only = pair.align(pair.teacher_ids_for([eos]), [eos])
+    assert end_only.chunks.tolist() == [[0, 1, 0, 1]]
+    assert end_only.is_end.tolist() == [True] and end_only.aligned.tolist() == [True]
+
+
+def test_end_on_one_side_only_is_unaligned(byte_level_tokenizer, sentencepiece_tokenizer):
+    pair = TokenizerPair(byte_level_tokenizer, sentencepiece_tokenizer)
+    student_ids = sentencepiece_tokenizer.encode("abc", add_special_tokens=False)
+    teacher_ids = pair.teacher_ids_for(student_ids)
+    al = pair.align(teacher_ids, student_ids + [sentencepiece_tokenizer.eos_token_id])
+    assert not al.aligned[-1] and not al.is_end[-1]
+    assert al.chunks[-1].tolist() == [len(teacher_ids), len(teacher_ids),
+                                      len(student_ids), len(student_ids) + 1]
+
+
+def test_ids_out_of_range_raise(byte_level_tokenizer, sentencepiece_tokenizer):
+    pair = TokenizerPair(byte_level_tokenizer, sentencepiece_tokenizer)
+    with pytest.raises(ValueError, match="out of range for tokenizer student"):
+        pair.align([1, 2], [1, 10**6])
+    with pytest.raises(ValueError, match="out of range for tokenizer teacher"):
+        pair.align([-1], [5])
+    with pytest.raises(ValueError, match="one teacher sequence per student sequence"):
+        pair.align_batch([[1]], [[1], [2]])
+
+
+def test_mismatched_texts_give_unaligned_chunks_not_shifts(byte_level_tokenizer,
+                                                           sentencepiece_tokenizer):
+    pair = TokenizerPair(byte_level_tokenizer, sentencepiece_tokenizer)
+    student_ids = sentencepiece_tokenizer.encode("The total is 1234 apples.",
+                                                 add_special_tokens=False)
+    teacher_ids = byte_level_tokenizer.encode("The total is 98 apples.", add_special_tokens=False)
+    al = pair.align(teacher_ids, student_ids)
+    check_partition(al, len(teacher_ids), len(student_ids))
+    assert not al.aligned.all() and al.aligned.any()
+    assert al.unaligned_bytes > 0
+    check_against_reference(pair, teacher_ids, student_ids, al)
+    # The common suffix " apples." is still aligned after the differing number.
+    last = al.chunks[al.aligned][-1]
+    t = b"".join(pair.teacher_table.token_bytes(i) for i in teacher_ids[last[0]:last[1]])
+    assert t.endswith(b".")
+
+
+def test_special_token_inside_response_is_unaligned(byte_level_tokenizer, sentencepiece_tokenizer):
+    pair = TokenizerPair(byte_level_tokenizer, sentencepiece_tokenizer)
+    sp = sentencepiece_tokenizer
+    start_of_turn = sp.convert_tokens_to_ids("<start_of_turn>")
+    student_ids = (sp.encode("ab", add_special_tokens=False) + [start_of_turn]
+                   + sp.encode("cd", add_special_tokens=False))
+    teacher_ids = pair.teacher_ids_for(student_ids)
+    al = pair.align(teacher_ids, student_ids)
+    check_partition(al, len(teacher_ids), len(student_ids))
+    holding = [k for k, c in enumerate(al.chunks) if c[2] <= 1 < c[3] or c[2] <= 2 < c[3]]
+    assert any(not al.aligned[k] for k in holding)
+    assert al.aligned.any()
+
+
+def test_invalid_utf8_sampled_by_student_is_unaligned(byte_level_tokenizer,
+                                                      sentencepiece_tokenizer):
+    pair = TokenizerPair(byte_level_tokenizer, sentencepiece_tokenizer)
+    sp = sentencepiece_tokenizer
+    # "ab", then a lone continuation byte (invalid UTF-8), then "cd".
+    student_ids = (sp.encode("ab", add_special_tokens=False) + [sp.convert_tokens_to_ids("<0x80>")]
+                   + sp.encode(" cd", add_special_tokens=False))
+    teacher_ids = pair.teacher_ids_for(student_ids)  # text carries U+FFFD where 0x80 was
+    al = pair.align(teacher_ids, student_ids)
+    check_partition(al, len(teacher_ids), len(student_ids))
+    assert not al.aligned.all() and al.unaligned_bytes >= 1
+    assert al.aligned[0]
+
+
+def test_batch_of_many_sizes_is_consistent(families):
+    pair = TokenizerPair(families["unigram"], families["byte_level"])
+    words = ["alpha", " 12", "😀", "\n", " beta", "345", "中文", "  "]
+    rng = np.random.default_rng(0)
+    batch = ["".join(rng.choice(words, size=rng.integers(0, 30))) for _ in range(200)]
+    student_ids = [families["byte_level"].encode(t, add_special_tokens=False) for t in batch]
+    teacher_ids = pair.teacher_ids_for_batch(student_ids)
+    for al, t_ids, s_ids in zip(align_ids_batch(pair.teacher_table, pair.student_table,
+                                                teacher_ids, student_ids),
+                                teacher_ids, student_ids):
+        check_partition(al, len(t_ids), len(s_ids))
+        check_against_reference(pair, t_ids, s_ids, al)
