@@ -27,7 +27,8 @@ import numpy as np
 
 METASPACE = "\u2581"
 _BYTE_FALLBACK_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-_PROBE_TEXTS = ("ab", "hello world", "The cat sat.", "x")
+# Lower-case ASCII: unchanged by every normaliser that keeps the tokenizer usable (NFC, Lowercase).
+_PROBE_TEXTS = ("ab", "hello world", "the cat sat.", "x")
 
 
 class UnsupportedTokenizerError(ValueError):

@@ -1,0 +1,66 @@
+"""Real vocabularies (../shared/tokenizers) over real text (GSM8K answers): every student token
+is covered by aligned chunks, for every ordered pair of tokenizer families."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from ctopd import TokenizerPair, load_tokenizer
+from tests.conftest import REAL_TOKENIZERS
+
+
+@pytest.fixture(scope="module")
+def real_tokenizers(real_tokenizers_dir):
+    return {name: load_tokenizer(str(real_tokenizers_dir / name)) for name in REAL_TOKENIZERS}
+
+
+@pytest.mark.parametrize("teacher,student", list(itertools.permutations(REAL_TOKENIZERS, 2)))
+def test_every_student_token_is_covered_on_gsm8k(real_tokenizers, gsm8k_answers, teacher, student):
+    pair = TokenizerPair(real_tokenizers[teacher], real_tokenizers[student])
+    student_tok = real_tokenizers[student]
+    end = int(pair.student_table.end_ids[0])
+    student_ids = [ids + [end] for ids in
+                   student_tok(gsm8k_answers, add_special_tokens=False)["input_ids"]]
+    teacher_ids = pair.teacher_ids_for_batch(student_ids)
+    alignments = pair.align_batch(teacher_ids, student_ids)
+    covered = sum(al.aligned_student_tokens for al in alignments)
+    total = sum(len(ids) for ids in student_ids)
+    print(f"{teacher} -> {student}: {covered}/{total} student tokens covered")
+    assert covered == total
+    multi = sum(int((~al.one_to_one & al.aligned).sum()) for al in alignments)
+    assert multi > 0 or pair.identical
+    # The student's bytes are the text it would decode to.
+    for ids, text in zip(student_ids[:50], gsm8k_answers[:50]):
+        assert pair.student_text(ids) == text
+
+
+def test_end_of_turn_ids_of_real_templates(real_tokenizers):
+    def ids(name, *tokens):
+        return sorted(real_tokenizers[name].convert_tokens_to_ids(list(tokens)))
+
+    qwen = TokenizerPair(real_tokenizers["qwen2"], real_tokenizers["phi-3"])
+    assert qwen.teacher_table.end_ids.tolist() == ids("qwen2", "<|endoftext|>", "<|im_end|>")
+    assert qwen.student_table.end_ids.tolist() == ids("phi-3", "<|endoftext|>", "<|end|>")
+    assert qwen.teacher_end_of_turn_id == ids("qwen2", "<|im_end|>")[0]
+
+
+def test_special_token_text_in_a_response_stays_text(real_tokenizers):
+    pair = TokenizerPair(real_tokenizers["qwen2"], real_tokenizers["llama-spm"])
+    student_ids = real_tokenizers["llama-spm"].encode("say <|im_end|> now",
+                                                      add_special_tokens=False)
+    teacher_ids = pair.teacher_ids_for(student_ids)
+    assert real_tokenizers["qwen2"].convert_tokens_to_ids("<|im_end|>") not in teacher_ids
+    al = pair.align(teacher_ids, student_ids)
+    assert al.aligned.all()
+
+
+def test_per_token_decode_loses_llama_spaces(real_tokenizers):
+    """Why alignment works on bytes: decoding Llama pieces one by one strips their spaces."""
+    tok = real_tokenizers["llama-spm"]
+    ids = tok.encode("sold 48 clips", add_special_tokens=False)
+    assert "".join(tok.decode([i]) for i in ids) != "sold 48 clips"
+    table = TokenizerPair(real_tokenizers["gpt-2"], tok).student_table
+    assert np.all(table.lengths[ids] > 0)
