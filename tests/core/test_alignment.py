@@ -84,7 +84,7 @@ def check_against_reference(pair: TokenizerPair, teacher_ids, student_ids, al) -
             t_inner = set(itertools.accumulate(len(p) for p in t_pieces[ta:tb])) - {0, size}
             s_inner = set(itertools.accumulate(len(p) for p in s_pieces[sa:sb])) - {0, size}
             assert not (t_inner & s_inner), "an aligned chunk could be split further"
-    if b"".join(t_pieces) == b"".join(s_pieces):
+    if b"".join(t_pieces) == b"".join(s_pieces) != b"":
         assert al.aligned.all()
         assert [tuple(c) for c in content.tolist()] == reference_chunks(t_pieces, s_pieces)
 
@@ -104,7 +104,7 @@ def test_chunks_partition_match_bytes_and_are_minimal(pairs, text, pair_index, e
     key = sorted(pairs)[pair_index]
     pair = pairs[key]
     student = pair.student_tokenizer
-    student_ids = student.encode(text, add_special_tokens=False)
+    student_ids = student(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     if ended:
         student_ids = student_ids + [student.eos_token_id]
     expected = text
@@ -115,7 +115,9 @@ def test_chunks_partition_match_bytes_and_are_minimal(pairs, text, pair_index, e
     al = pair.align(teacher_ids, student_ids)
     check_partition(al, len(teacher_ids), len(student_ids))
     check_against_reference(pair, teacher_ids, student_ids, al)
-    if "\u2581" not in text:  # SentencePiece reads a literal ▁ as a space: bytes really differ
+    # SentencePiece reads a literal ▁ as a space: bytes really differ. Tokens spelling no bytes
+    # at all (a lone dummy-prefix piece) carry no content to supervise.
+    if "\u2581" not in text and pair.student_text(student_ids):
         assert al.aligned.all(), f"{key}: unaligned chunk on {text!r}"
         assert al.unaligned_bytes == 0
     if ended:

@@ -18,11 +18,12 @@ whose bytes differ take the per-sequence path with a byte matcher.
 from __future__ import annotations
 
 import difflib
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
-from ctopd.core.byte_table import ByteTable, check_ids_in_range, gather_bytes
+from ctopd.core.byte_table import ByteTable, check_ids_in_range
 
 # Specials inside a response have no text. They are given one placeholder byte so they occupy a
 # position, and any chunk containing one is unaligned.
@@ -81,43 +82,61 @@ class Alignment:
 
 @dataclass
 class _Side:
-    """One side of a batch after end tokens are split off: flat arrays over all sequences."""
+    """One side of a batch as flat arrays over all tokens of all sequences.
 
-    ids: list[np.ndarray]  # content ids per sequence (end token removed)
-    end_index: list[int]  # index of the trailing end token per sequence, -1 if none
-    lengths: list[np.ndarray]  # byte length per content token (specials: 1 placeholder byte)
-    starts: list[np.ndarray]  # start of each token's bytes in table.flat_bytes (-1 special)
-    special: list[np.ndarray]  # bool per content token
+    ``content`` is False only for each sequence's trailing end token; ``lengths`` and ``starts``
+    already account for specials (one placeholder byte) and the dummy-prefix space.
+    """
+
+    ids: np.ndarray  # int64 [N]
+    seq_start: np.ndarray  # int64 [B + 1], first token of each sequence in the flat arrays
+    has_end: np.ndarray  # bool [B]
+    content_count: np.ndarray  # int64 [B], tokens before the trailing end token
+    content: np.ndarray  # bool [N]
+    special: np.ndarray  # bool [N]
+    lengths: np.ndarray  # int64 [N], bytes per token
+    starts: np.ndarray  # int64 [N], start in table.flat_bytes (-1 for specials)
+    seq_of_token: np.ndarray  # int64 [N]
 
 
-def _prepare_side(table: ByteTable, ids_list: list[np.ndarray]) -> _Side:
-    side = _Side([], [], [], [], [])
-    end_ids = table.end_ids
-    for ids in ids_list:
-        end = -1
-        if ids.size and np.isin(ids[-1], end_ids):
-            end = ids.size - 1
-            ids = ids[:-1]
-        special = table.special[ids]
-        lengths = np.where(special, 1, table.lengths[ids])
-        starts = np.where(special, -1, table.starts[ids])
-        if table.dummy_prefix and ids.size and not special[0] and lengths[0] > 0:
-            # The dummy-prefix space is the tokenizer's artefact, not content (ALGORITHMS §2).
-            if table.flat_bytes[starts[0]] == 0x20:
-                lengths = lengths.copy()
-                starts = starts.copy()
-                lengths[0] -= 1
-                starts[0] += 1
-        side.ids.append(ids)
-        side.end_index.append(end)
-        side.lengths.append(lengths)
-        side.starts.append(starts)
-        side.special.append(special)
-    return side
+def _flatten(ids_list: list) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.fromiter((len(x) for x in ids_list), np.int64, len(ids_list))
+    if all(isinstance(x, np.ndarray) for x in ids_list) and ids_list:
+        flat = np.concatenate([x.reshape(-1) for x in ids_list]).astype(np.int64, copy=False)
+    else:
+        flat = np.fromiter(itertools.chain.from_iterable(
+            x.tolist() if hasattr(x, "tolist") else x for x in ids_list), np.int64, int(counts.sum()))
+    return flat, counts
+
+
+def _prepare_side(table: ByteTable, ids_list: list, label: str) -> _Side:
+    ids, counts = _flatten(ids_list)
+    check_ids_in_range(ids, table.vocab_size, f"{label} {table.name}")
+    seq_start = np.concatenate([[0], np.cumsum(counts)])
+    last = seq_start[1:] - 1
+    has_end = np.zeros(counts.size, dtype=bool)
+    nonempty = counts > 0
+    has_end[nonempty] = np.isin(ids[last[nonempty]], table.end_ids)
+    content = np.ones(ids.size, dtype=bool)
+    content[last[has_end]] = False
+    special = table.special[ids]
+    lengths = np.where(special, 1, table.lengths[ids])
+    starts = np.where(special, -1, table.starts[ids])
+    content_count = counts - has_end
+    if table.dummy_prefix:
+        # The dummy-prefix space is the tokenizer's artefact, not content (ALGORITHMS §2).
+        first = seq_start[:-1][content_count > 0]
+        first = first[~special[first] & (lengths[first] > 0)]
+        first = first[table.flat_bytes[starts[first]] == 0x20]
+        lengths[first] -= 1
+        starts[first] += 1
+    seq_of_token = np.repeat(np.arange(counts.size), counts)
+    return _Side(ids, seq_start, has_end, content_count, content, special, lengths, starts,
+                 seq_of_token)
 
 
 def _sequence_bytes(table: ByteTable, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """uint8 bytes of one sequence's content tokens, specials as one placeholder byte."""
+    """uint8 bytes of tokens back to back, specials as one placeholder byte."""
     total = int(lengths.sum())
     if total == 0:
         return np.zeros(0, dtype=np.uint8)
@@ -139,17 +158,6 @@ def _token_ranges(offsets: np.ndarray, cuts: np.ndarray, num_tokens: int) -> np.
     index[0] = 0
     index[-1] = num_tokens
     return index
-
-
-def _chunks_from_cuts(
-    teacher_starts: np.ndarray,
-    student_starts: np.ndarray,
-    teacher_cuts: np.ndarray,
-    student_cuts: np.ndarray,
-) -> np.ndarray:
-    t = _token_ranges(teacher_starts, teacher_cuts, teacher_starts.shape[0])
-    s = _token_ranges(student_starts, student_cuts, student_starts.shape[0])
-    return np.stack([t[:-1], t[1:], s[:-1], s[1:]], axis=1).astype(np.int64)
 
 
 def _matching_blocks(a: np.ndarray, b: np.ndarray) -> list[tuple[int, int, int]]:
@@ -175,12 +183,17 @@ def _matching_blocks(a: np.ndarray, b: np.ndarray) -> list[tuple[int, int, int]]
     return blocks
 
 
+def _content_slice(side: _Side, k: int) -> slice:
+    return slice(side.seq_start[k], side.seq_start[k] + side.content_count[k])
+
+
 def _align_one_slow(teacher: ByteTable, student: ByteTable, t_side: _Side, s_side: _Side,
                     k: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Chunks and aligned flags of sequence ``k`` whose byte strings may differ."""
-    t_len, s_len = t_side.lengths[k], s_side.lengths[k]
-    a = _sequence_bytes(teacher, t_side.starts[k], t_len)
-    b = _sequence_bytes(student, s_side.starts[k], s_len)
+    """Chunks and aligned flags of the content of sequence ``k``, whose bytes may differ."""
+    t_slice, s_slice = _content_slice(t_side, k), _content_slice(s_side, k)
+    t_len, s_len = t_side.lengths[t_slice], s_side.lengths[s_slice]
+    a = _sequence_bytes(teacher, t_side.starts[t_slice], t_len)
+    b = _sequence_bytes(student, s_side.starts[s_slice], s_len)
     t_offsets = np.concatenate([[0], np.cumsum(t_len)]).astype(np.int64)
     s_offsets = np.concatenate([[0], np.cumsum(s_len)]).astype(np.int64)
     # Common offsets lie on one matching block's diagonal; remember which block.
@@ -196,12 +209,16 @@ def _align_one_slow(teacher: ByteTable, student: ByteTable, t_side: _Side, s_sid
     ordered = sorted(pairs)
     cuts = np.asarray(ordered, dtype=np.int64)
     blocks = np.asarray([pairs[p] for p in ordered])
-    if cuts.shape[0] < 2:  # both sides empty
+    if t_len.size == 0 and s_len.size == 0:
         return np.zeros((0, 4), np.int64), np.zeros(0, bool), 0
-    chunks = _chunks_from_cuts(t_offsets[:-1], s_offsets[:-1], cuts[:, 0], cuts[:, 1])
+    if cuts.shape[0] == 1:  # tokens that spell no bytes at all (a lone dummy-prefix piece)
+        return np.asarray([[0, t_len.size, 0, s_len.size]], np.int64), np.zeros(1, bool), 0
+    t = _token_ranges(t_offsets[:-1], cuts[:, 0], t_len.size)
+    s = _token_ranges(s_offsets[:-1], cuts[:, 1], s_len.size)
+    chunks = np.stack([t[:-1], t[1:], s[:-1], s[1:]], axis=1).astype(np.int64)
     aligned = (blocks[:-1] == blocks[1:]) & (blocks[:-1] >= 0)
     aligned &= (np.diff(cuts[:, 0]) > 0) & (np.diff(cuts[:, 1]) > 0)
-    aligned &= ~_chunk_has_special(chunks, t_side.special[k], s_side.special[k])
+    aligned &= ~_chunk_has_special(chunks, t_side.special[t_slice], s_side.special[s_slice])
     unaligned_bytes = int(np.diff(cuts[:, 1])[~aligned].sum())
     return chunks, aligned, unaligned_bytes
 
@@ -216,41 +233,71 @@ def _chunk_has_special(chunks: np.ndarray, t_special: np.ndarray, s_special: np.
     )
 
 
-def _align_fast(teacher: ByteTable, student: ByteTable, t_side: _Side, s_side: _Side,
-                seqs: list[int]) -> dict[int, np.ndarray]:
-    """Chunks of the sequences ``seqs``, whose bytes are known equal, computed in one pass."""
-    if not seqs:
-        return {}
-    t_len = [t_side.lengths[k] for k in seqs]
-    s_len = [s_side.lengths[k] for k in seqs]
-    t_counts = np.fromiter((x.size for x in t_len), np.int64, len(seqs))
-    s_counts = np.fromiter((x.size for x in s_len), np.int64, len(seqs))
-    totals = np.fromiter((int(x.sum()) for x in t_len), np.int64, len(seqs))
-    bases = np.concatenate([[0], np.cumsum(totals)])
-    t_all, s_all = np.concatenate(t_len), np.concatenate(s_len)
-    t_starts = np.cumsum(t_all) - t_all  # global byte offset where each token starts
-    s_starts = np.cumsum(s_all) - s_all
-    t_ends, s_ends = t_starts + t_all, s_starts + s_all
-    pos = np.searchsorted(s_ends, t_ends)
-    pos = np.minimum(pos, s_ends.size - 1) if s_ends.size else pos
-    common = t_ends[(pos < s_ends.size) & (s_ends[pos] == t_ends)] if s_ends.size else t_ends[:0]
-    cuts = np.unique(np.concatenate([common, bases]))
-    # Token index where each cut starts, global; then fix each sequence's first/last chunk.
-    t_cut = np.searchsorted(t_starts, cuts, side="left")
-    s_cut = np.searchsorted(s_starts, cuts, side="left")
-    cut_of_base = np.searchsorted(cuts, bases)
+def _per_seq_sum(side: _Side, mask: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    return np.bincount(side.seq_of_token[mask], weights=values[mask], minlength=size).astype(
+        np.int64)
+
+
+def _equal_bytes(teacher: ByteTable, student: ByteTable, t_side: _Side, s_side: _Side
+                 ) -> np.ndarray:
+    """bool ``[B]``: sequences with no specials, content on both sides, identical bytes."""
+    size = t_side.has_end.size
+    t_total = _per_seq_sum(t_side, t_side.content, t_side.lengths, size)
+    s_total = _per_seq_sum(s_side, s_side.content, s_side.lengths, size)
+    t_specials = _per_seq_sum(t_side, t_side.content, t_side.special, size)
+    s_specials = _per_seq_sum(s_side, s_side.content, s_side.special, size)
+    good = ((t_total == s_total) & (t_side.content_count > 0) & (s_side.content_count > 0)
+            & (t_specials == 0) & (s_specials == 0))
+    t_sel = t_side.content & good[t_side.seq_of_token]
+    s_sel = s_side.content & good[s_side.seq_of_token]
+    a = _sequence_bytes(teacher, t_side.starts[t_sel], t_side.lengths[t_sel])
+    b = _sequence_bytes(student, s_side.starts[s_sel], s_side.lengths[s_sel])
+    seq_of_byte = np.repeat(t_side.seq_of_token[t_sel], t_side.lengths[t_sel])
+    good[np.unique(seq_of_byte[a != b])] = False
+    return good
+
+
+def _align_fast(t_side: _Side, s_side: _Side, good: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Chunks of the sequences marked ``good`` (bytes known equal), computed in one pass.
+
+    Returns:
+        ``(chunks [K, 4] with sequence-local token indices, chunk counts [G])`` in order of the
+        good sequences.
+    """
+    if not good.any():
+        return np.zeros((0, 4), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    t_sel = t_side.content & good[t_side.seq_of_token]
+    s_sel = s_side.content & good[s_side.seq_of_token]
+    t_len, s_len = t_side.lengths[t_sel], s_side.lengths[s_sel]
+    t_starts = np.cumsum(t_len) - t_len  # global byte offset where each token starts
+    s_starts = np.cumsum(s_len) - s_len
+    t_ends, s_ends = t_starts + t_len, s_starts + s_len
+    pos = np.minimum(np.searchsorted(s_ends, t_ends), s_ends.size - 1)
+    on_both = s_ends[pos] == t_ends
+    # A common offset x closes teacher token i and student token pos[i]; the next chunk starts at
+    # the token after each. Where zero-length tokens repeat an offset, keep its first closing
+    # token, so the zero-length one opens the next chunk. Sequence ends are common offsets too.
+    first_time = np.concatenate([[True], np.diff(t_ends[on_both]) != 0])
+    cuts = np.concatenate([[0], t_ends[on_both][first_time]])
+    t_cut = np.concatenate([[0], np.flatnonzero(on_both)[first_time] + 1])
+    s_cut = np.concatenate([[0], pos[on_both][first_time] + 1])
+    if cuts.size > 1 and cuts[1] == 0:  # a zero-length first token: offset 0 listed twice
+        cuts, t_cut, s_cut = cuts[1:], t_cut[1:], s_cut[1:]
+        t_cut[0] = s_cut[0] = 0
+    t_counts, s_counts = t_side.content_count[good], s_side.content_count[good]
     t_first = np.concatenate([[0], np.cumsum(t_counts)])
     s_first = np.concatenate([[0], np.cumsum(s_counts)])
-    t_cut[cut_of_base] = t_first
+    seq_of_token = np.repeat(np.arange(t_counts.size), t_counts)
+    bases = np.concatenate([[0], np.cumsum(
+        np.bincount(seq_of_token, weights=t_len, minlength=t_counts.size).astype(np.int64))])
+    cut_of_base = np.searchsorted(cuts, bases)
+    t_cut[cut_of_base] = t_first  # each sequence's first chunk starts at its first token
     s_cut[cut_of_base] = s_first
-    out: dict[int, np.ndarray] = {}
-    for n, k in enumerate(seqs):
-        lo, hi = cut_of_base[n], cut_of_base[n + 1]
-        t = t_cut[lo : hi + 1] - t_first[n]
-        s = s_cut[lo : hi + 1] - s_first[n]
-        t[-1], s[-1] = t_counts[n], s_counts[n]
-        out[k] = np.stack([t[:-1], t[1:], s[:-1], s[1:]], axis=1)
-    return out
+    seq_of_chunk = np.repeat(np.arange(t_counts.size), np.diff(cut_of_base))
+    chunks = np.stack([t_cut[:-1] - t_first[seq_of_chunk], t_cut[1:] - t_first[seq_of_chunk],
+                       s_cut[:-1] - s_first[seq_of_chunk], s_cut[1:] - s_first[seq_of_chunk]],
+                      axis=1)
+    return chunks, np.diff(cut_of_base)
 
 
 def align_ids_batch(
@@ -260,6 +307,9 @@ def align_ids_batch(
     student_ids: list,
 ) -> list[Alignment]:
     """Align many responses; see :func:`align_ids` for one.
+
+    Sequences whose bytes are equal on both sides (the common case) are aligned together in one
+    vectorised pass; the others go through the byte matcher one by one.
 
     Args:
         teacher: byte table of the teacher tokenizer.
@@ -278,19 +328,18 @@ def align_ids_batch(
             f"align_batch got {len(teacher_ids)} teacher sequences and {len(student_ids)} "
             "student sequences; pass one teacher sequence per student sequence"
         )
-    t_arrays = [np.asarray(x, dtype=np.int64).reshape(-1) for x in teacher_ids]
-    s_arrays = [np.asarray(x, dtype=np.int64).reshape(-1) for x in student_ids]
-    if t_arrays:
-        check_ids_in_range(np.concatenate(t_arrays), teacher.vocab_size, f"teacher {teacher.name}")
-        check_ids_in_range(np.concatenate(s_arrays), student.vocab_size, f"student {student.name}")
-    t_side = _prepare_side(teacher, t_arrays)
-    s_side = _prepare_side(student, s_arrays)
-    fast = _fast_candidates(teacher, student, t_side, s_side)
-    fast_chunks = _align_fast(teacher, student, t_side, s_side, fast)
+    if not teacher_ids:
+        return []
+    t_side = _prepare_side(teacher, teacher_ids, "teacher")
+    s_side = _prepare_side(student, student_ids, "student")
+    good = _equal_bytes(teacher, student, t_side, s_side)
+    fast_chunks, fast_counts = _align_fast(t_side, s_side, good)
+    fast_split = np.split(fast_chunks, np.cumsum(fast_counts)[:-1]) if fast_counts.size else []
+    fast_of_seq = np.cumsum(good) - 1
     results = []
-    for k in range(len(t_arrays)):
-        if k in fast_chunks:
-            chunks = fast_chunks[k]
+    for k in range(len(teacher_ids)):
+        if good[k]:
+            chunks = fast_split[fast_of_seq[k]]
             aligned = np.ones(chunks.shape[0], dtype=bool)
             unaligned_bytes = 0
         else:
@@ -299,51 +348,21 @@ def align_ids_batch(
     return results
 
 
-def _fast_candidates(teacher: ByteTable, student: ByteTable, t_side: _Side, s_side: _Side):
-    """Indices of sequences with no specials, no empty side, and byte-identical content."""
-    candidates = []
-    for k in range(len(t_side.ids)):
-        t_len, s_len = t_side.lengths[k], s_side.lengths[k]
-        if (t_len.size and s_len.size and t_len.sum() == s_len.sum()
-                and not t_side.special[k].any() and not s_side.special[k].any()):
-            candidates.append(k)
-    if not candidates:
-        return []
-    a = gather_bytes_from(teacher, [t_side.starts[k] for k in candidates],
-                          [t_side.lengths[k] for k in candidates])
-    b = gather_bytes_from(student, [s_side.starts[k] for k in candidates],
-                          [s_side.lengths[k] for k in candidates])
-    totals = np.fromiter((int(t_side.lengths[k].sum()) for k in candidates), np.int64)
-    seq_of_byte = np.repeat(np.arange(len(candidates)), totals)
-    bad = np.zeros(len(candidates), dtype=bool)
-    bad[np.unique(seq_of_byte[a != b])] = True
-    return [k for k, is_bad in zip(candidates, bad) if not is_bad]
-
-
-def gather_bytes_from(table: ByteTable, starts: list[np.ndarray], lengths: list[np.ndarray]):
-    """uint8 bytes of many sequences back to back, given per-token starts and lengths."""
-    if not starts:
-        return np.zeros(0, dtype=np.uint8)
-    return _sequence_bytes(table, np.concatenate(starts), np.concatenate(lengths))
-
-
 def _with_end_chunk(chunks, aligned, unaligned_bytes, t_side: _Side, s_side: _Side, k: int):
-    n_content, m_content = t_side.ids[k].size, s_side.ids[k].size
-    t_end, s_end = t_side.end_index[k], s_side.end_index[k]
-    is_end = np.zeros(chunks.shape[0], dtype=bool)
-    if t_end >= 0 or s_end >= 0:
-        t_hi = n_content + (t_end >= 0)
-        s_hi = m_content + (s_end >= 0)
-        chunks = np.concatenate([chunks, [[n_content, t_hi, m_content, s_hi]]]).astype(np.int64)
-        both = t_end >= 0 and s_end >= 0
-        aligned = np.concatenate([aligned, [both]])
-        is_end = np.concatenate([is_end, [both]])
+    n_content, m_content = int(t_side.content_count[k]), int(s_side.content_count[k])
+    t_end, s_end = bool(t_side.has_end[k]), bool(s_side.has_end[k])
+    is_end = np.zeros(chunks.shape[0] + (t_end or s_end), dtype=bool)
+    if t_end or s_end:
+        end_row = [[n_content, n_content + t_end, m_content, m_content + s_end]]
+        chunks = np.concatenate([chunks.reshape(-1, 4), end_row])
+        aligned = np.append(aligned, t_end and s_end)
+        is_end[-1] = t_end and s_end
     return Alignment(
-        chunks=chunks.reshape(-1, 4).astype(np.int64),
-        aligned=aligned.astype(bool),
+        chunks=chunks.reshape(-1, 4).astype(np.int64, copy=False),
+        aligned=aligned,
         is_end=is_end,
-        teacher_length=n_content + (t_end >= 0),
-        student_length=m_content + (s_end >= 0),
+        teacher_length=n_content + t_end,
+        student_length=m_content + s_end,
         unaligned_bytes=unaligned_bytes,
     )
 
