@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Subcommand modules, in the order `ctopd --help` lists them.
@@ -52,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+        # Bad input (config, data, tokenizer pair): one clear line, no traceback. Set
+        # CTOPD_DEBUG=1 to see where it came from.
+        if os.environ.get("CTOPD_DEBUG"):
+            raise
+        print(f"ctopd {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

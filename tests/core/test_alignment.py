@@ -15,7 +15,6 @@ from ctopd.core.alignment import align_ids_batch
 from .strategies import texts
 
 
-
 def reference_chunks(teacher_pieces: list[bytes], student_pieces: list[bytes]) -> list[tuple]:
     """Slow, obviously correct minimal chunks of two tokenisations of the same bytes.
 

@@ -33,9 +33,18 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, **kwar
         )
     if folder.is_dir() and not (folder / "config.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(str(folder), **kwargs)
-    return AutoTokenizer.from_pretrained(
-        name_or_path, use_fast=True, trust_remote_code=trust_remote_code, **kwargs
-    )
+    looks_local = str(name_or_path).startswith(("/", ".", "~")) or folder.suffix == ".json"
+    if looks_local and not folder.exists():
+        raise FileNotFoundError(f"tokenizer folder {name_or_path} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(name_or_path), use_fast=True, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not load tokenizer {name_or_path!r}: it is not a local folder and could not "
+            f"be loaded as a hub id ({str(err).splitlines()[0]})"
+        ) from err
 
 
 class TokenizerPair:
