@@ -1,0 +1,516 @@
+"""Typed run configuration: flat dataclasses, loaded from YAML, every field overridable by a flag.
+
+One parser (TRL style) serves ``ctopd train``, ``ctopd sft`` and :func:`load_config`:
+
+* ``--config run.yaml`` is read first; its sections mirror the dataclasses below
+  (``student:``, ``teacher:``, ``data:``, ``objective:``, ``rollout:``, ``optim:``, ``lora:``,
+  ``sft:``) plus top-level fields (``max_steps``, ``output_dir``, ...).
+* every field is also a flag: ``--rollout.temperature 0.7``, ``--optim.lr 1e-6``,
+  ``--max-steps 20`` (dashes and underscores both work);
+* short aliases: ``--student``, ``--teacher``, ``--data``, ``--objective``, ``--chat-template``
+  (the student's), ``--teacher-chat-template``, ``--output-dir``, ``--max-steps``, ``--seed``,
+  ``--resume`` (alone: the latest checkpoint in the output dir).
+
+Values are checked when a section is built (``__post_init__``: choices and ranges) and when a run
+starts (:meth:`TrainConfig.validate`: required fields, files that must exist). Both raise
+:class:`ConfigError` with a message that names the field and how to fix it.
+
+Defaults follow ALGORITHMS §8 (the SimCT paper's settings): AdamW lr 5e-7, betas (0.9, 0.98),
+cosine decay to 1e-8 after a 5% warm-up, sampling temperature 0.6, reverse KL, τ = 1, one sample per
+prompt. The paper used 64 prompts per step and 4096 new tokens; the defaults here (8 prompts per
+device, 512 new tokens) are sized for one GPU and are raised in ``examples/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+OBJECTIVE_NAMES = ("simct", "dpca", "shared_only", "uld", "opd", "sft")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tv")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear", "constant")
+REPORTERS = ("none", "tensorboard", "wandb")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or inconsistent."""
+
+
+def _help(text: str, default: Any = None, **kwargs: Any) -> Any:
+    """A dataclass field whose help text is written once, here."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text}, **kwargs)
+
+
+def _choice(section: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _positive(section: str, name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        relation = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{section}.{name} must be {relation}; got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """One model: the student (trained) or the teacher (frozen)."""
+
+    name_or_path: str = _help("local folder or hub id of the model (and its tokenizer)", "")
+    dtype: str = _help("weight dtype: auto, float32, bfloat16 or float16", "auto")
+    trust_remote_code: bool = _help("allow model code from the hub (off unless you ask)", False)
+    chat_template: str | None = _help(
+        "chat template (a .jinja file or the template text) for a tokenizer that has none", None
+    )
+    revision: str | None = _help("hub revision (branch, tag or commit)", None)
+    attn_implementation: str | None = _help("e.g. sdpa, flash_attention_2, eager", None)
+
+    def __post_init__(self) -> None:
+        _choice("model", "dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class DataConfig:
+    """Prompts: a JSONL file or a ``datasets`` name. Each row has a ``messages`` list (chat
+    messages) or a ``prompt`` string, and optionally a reference ``answer``."""
+
+    path: str | None = _help("JSONL file of prompts", None)
+    dataset: str | None = _help("a `datasets` name, used when `path` is not set", None)
+    dataset_config: str | None = _help("the `datasets` configuration name (e.g. main)", None)
+    split: str = _help("the `datasets` split", "train")
+    messages_field: str = _help("field holding a list of chat messages", "messages")
+    prompt_field: str = _help("field holding a prompt string (used when no messages)", "prompt")
+    answer_field: str = _help("field holding the reference answer (optional)", "answer")
+    system_prompt: str | None = _help("system message put before every prompt", None)
+    max_prompt_tokens: int = _help("prompts longer than this (either tokenizer) are skipped", 1024)
+    limit: int | None = _help("use only the first N prompts", None)
+    shuffle: bool = _help("shuffle prompts each epoch (seeded)", True)
+
+    def __post_init__(self) -> None:
+        _positive("data", "max_prompt_tokens", self.max_prompt_tokens)
+        if self.limit is not None:
+            _positive("data", "limit", self.limit)
+
+
+@dataclass
+class ObjectiveConfig:
+    """The loss and its options (passed to ``ctopd.objectives.compute_objective``)."""
+
+    name: str = _help("simct, dpca, shared_only, uld or opd (same-tokenizer OPD)", "simct")
+    divergence: str = _help("reverse_kl, forward_kl, jsd or tv (simct/shared_only/opd)", "reverse_kl")
+    beta: float = _help("JSD mixing weight", 0.5)
+    temperature: float = _help("τ: softmax temperature over the supervision space", 1.0)
+    weight_by_tokens: bool = _help("weight each chunk by its student token count", False)
+    advantage_clip: float = _help("DPCA advantage clamp C", 10.0)
+    clip_low: float = _help("DPCA PPO ratio clip below 1", 0.2)
+    clip_high: float = _help("DPCA PPO ratio clip above 1", 0.28)
+    epsilon: float = _help("DPCA: spread the chunk budget evenly when |L_S| < epsilon", 1e-6)
+    top_k: int = _help("ULD: the teacher's largest probabilities compared", 256)
+    slice_size: int = _help("positions log-softmaxed at once, teacher and student (memory)", 256)
+
+    def __post_init__(self) -> None:
+        _choice("objective", "name", self.name, OBJECTIVE_NAMES)
+        _choice("objective", "divergence", self.divergence, DIVERGENCES)
+        _positive("objective", "temperature", self.temperature)
+        _positive("objective", "top_k", self.top_k)
+        _positive("objective", "slice_size", self.slice_size)
+        if not 0.0 < self.beta < 1.0:
+            raise ConfigError(f"objective.beta must be strictly between 0 and 1; got {self.beta!r}")
+
+
+@dataclass
+class RolloutConfig:
+    """Student sampling (and teacher sampling for ``ctopd sft --sft.source teacher``)."""
+
+    samples_per_prompt: int = _help("responses sampled per prompt", 1)
+    temperature: float = _help("sampling temperature (0 = greedy)", 0.6)
+    top_p: float = _help("nucleus sampling threshold (1 = off)", 1.0)
+    top_k: int = _help("sample among the k most likely tokens (0 = off)", 0)
+    max_new_tokens: int = _help("longest response; longer ones are cut (no end token)", 512)
+
+    def __post_init__(self) -> None:
+        _positive("rollout", "samples_per_prompt", self.samples_per_prompt)
+        _positive("rollout", "temperature", self.temperature, allow_zero=True)
+        _positive("rollout", "top_k", self.top_k, allow_zero=True)
+        _positive("rollout", "max_new_tokens", self.max_new_tokens)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"rollout.top_p must be in (0, 1]; got {self.top_p!r}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule (defaults: ALGORITHMS §8)."""
+
+    lr: float = _help("peak learning rate", 5e-7)
+    beta1: float = _help("AdamW beta1", 0.9)
+    beta2: float = _help("AdamW beta2", 0.98)
+    eps: float = _help("AdamW epsilon", 1e-8)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    schedule: str = _help("cosine, linear or constant (after warm-up)", "cosine")
+    warmup_ratio: float = _help("share of steps with linear warm-up", 0.05)
+    min_lr: float = _help("learning rate at the end of the decay", 1e-8)
+    max_grad_norm: float = _help("gradient clipping norm (0 = off)", 1.0)
+
+    def __post_init__(self) -> None:
+        _positive("optim", "lr", self.lr)
+        _positive("optim", "min_lr", self.min_lr, allow_zero=True)
+        _positive("optim", "max_grad_norm", self.max_grad_norm, allow_zero=True)
+        _choice("optim", "schedule", self.schedule, SCHEDULES)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"optim.warmup_ratio must be in [0, 1); got {self.warmup_ratio!r}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr ({self.min_lr}) is above optim.lr ({self.lr})")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the student through ``peft`` (merged into the saved final model)."""
+
+    enabled: bool = _help("train LoRA adapters instead of all weights", False)
+    r: int = _help("adapter rank", 16)
+    alpha: int = _help("adapter scaling alpha", 32)
+    dropout: float = _help("adapter dropout", 0.0)
+    target_modules: str = _help("comma-separated module names, or all-linear", "all-linear")
+
+    def __post_init__(self) -> None:
+        _positive("lora", "r", self.r)
+
+
+@dataclass
+class SftConfig:
+    """The SFT baseline (``ctopd sft``)."""
+
+    source: str = _help("data: responses from the data file; teacher: sampled by the teacher",
+                        "data")
+    response_field: str = _help("field with the response text when source=data "
+                                "(falls back to `response`, then `answer`)", "response")
+
+    def __post_init__(self) -> None:
+        _choice("sft", "source", self.source, ("data", "teacher"))
+
+
+@dataclass
+class TrainConfig:
+    """A whole run. Sections are flat dataclasses; the rest are top-level fields."""
+
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+
+    output_dir: str = _help("where metrics.jsonl, checkpoints and final/ go", "runs/ctopd")
+    seed: int = _help("seed of sampling, data order and initialisation", 0)
+    max_steps: int | None = _help("optimiser steps (default: from epochs)", None)
+    epochs: float = _help("passes over the prompts when max_steps is not set", 1.0)
+    per_device_batch_size: int = _help("prompts per process per micro-step", 8)
+    gradient_accumulation_steps: int = _help("micro-steps per optimiser step", 1)
+    mixed_precision: str = _help("no, bf16 or fp16 (autocast through accelerate)", "no")
+    gradient_checkpointing: bool = _help("recompute activations in backward (saves memory)",
+                                         False)
+    save_every: int = _help("checkpoint every N steps (0 = only at the end)", 0)
+    keep_checkpoints: int = _help("checkpoints kept (older ones are deleted)", 2)
+    resume: str | None = _help("`latest` (or a checkpoint folder) to continue a run", None)
+    eval_data: str | None = _help("JSONL test set evaluated during training", None)
+    eval_every: int = _help("evaluate every N steps (0 = only at the end when eval_data)", 0)
+    eval_max_new_tokens: int = _help("longest evaluation response", 256)
+    eval_limit: int | None = _help("evaluate on the first N examples only", None)
+    log_every: int = _help("print a line to the console every N steps (metrics.jsonl: every step)",
+                           10)
+    report_to: str = _help("none, tensorboard, wandb, or a comma-separated list", "none")
+    run_name: str | None = _help("name shown in TensorBoard / W&B", None)
+    progress: bool = _help("show a progress bar", True)
+
+    def __post_init__(self) -> None:
+        for name, cls in _SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _build_section(cls, value, name))
+        _positive("train", "epochs", self.epochs)
+        _positive("train", "per_device_batch_size", self.per_device_batch_size)
+        _positive("train", "gradient_accumulation_steps", self.gradient_accumulation_steps)
+        _positive("train", "save_every", self.save_every, allow_zero=True)
+        _positive("train", "eval_every", self.eval_every, allow_zero=True)
+        _positive("train", "keep_checkpoints", self.keep_checkpoints)
+        _positive("train", "log_every", self.log_every)
+        if self.max_steps is not None:
+            _positive("train", "max_steps", self.max_steps)
+        _choice("train", "mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        for reporter in self.reporters:
+            _choice("train", "report_to", reporter, REPORTERS)
+
+    @property
+    def reporters(self) -> list[str]:
+        """The trackers asked for (``report_to`` split on commas, ``none`` dropped)."""
+        names = [r.strip() for r in self.report_to.split(",") if r.strip()]
+        return [r for r in names if r != "none"] if names else []
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
+        """Read a YAML config (sections as nested mappings)."""
+        return cls.from_dict(_read_yaml(path))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """Build from a nested mapping; unknown keys are errors with a suggestion."""
+        return _build_section(cls, values, "")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | os.PathLike) -> None:
+        """Write the resolved config (every field, defaults included)."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+    def validate(self, mode: str = "train") -> None:
+        """Checks that need the whole config and the file system; run before any model loads.
+
+        Args:
+            mode: ``train`` (on-policy distillation) or ``sft`` (the baseline).
+
+        Raises:
+            ConfigError: with the field to set and how.
+        """
+        if not self.student.name_or_path:
+            raise ConfigError("no student model: pass --student PATH_OR_HUB_ID "
+                              "(or student.name_or_path in the YAML)")
+        _check_model_location("student", self.student.name_or_path)
+        needs_teacher = mode == "train" or self.sft.source == "teacher"
+        if mode == "train" and self.objective.name == "sft":
+            raise ConfigError("objective sft is the SFT baseline; run `ctopd sft` instead")
+        if needs_teacher:
+            if not self.teacher.name_or_path:
+                raise ConfigError("no teacher model: pass --teacher PATH_OR_HUB_ID "
+                                  "(or teacher.name_or_path in the YAML)")
+            _check_model_location("teacher", self.teacher.name_or_path)
+        if not self.data.path and not self.data.dataset:
+            raise ConfigError("no prompts: pass --data FILE.jsonl (or data.dataset NAME)")
+        if self.data.path and not Path(self.data.path).is_file():
+            raise ConfigError(f"data file {self.data.path!r} does not exist")
+        if self.eval_data and not Path(self.eval_data).is_file():
+            raise ConfigError(f"eval_data file {self.eval_data!r} does not exist")
+        for side in ("student", "teacher"):
+            template = getattr(self, side).chat_template
+            if template and template.endswith((".jinja", ".j2", ".txt")) and not Path(
+                template
+            ).is_file():
+                raise ConfigError(f"{side}.chat_template file {template!r} does not exist")
+        if self.lora.enabled and self.mixed_precision == "fp16":
+            raise ConfigError("LoRA with fp16 mixed precision is not supported; use bf16 or no")
+
+
+_SECTIONS: dict[str, type] = {
+    "student": ModelConfig, "teacher": ModelConfig, "data": DataConfig,
+    "objective": ObjectiveConfig, "rollout": RolloutConfig, "optim": OptimConfig,
+    "lora": LoraConfig, "sft": SftConfig,
+}
+
+# Short flags for the fields users set most.
+ALIASES: dict[str, str] = {
+    "--student": "student.name_or_path",
+    "--teacher": "teacher.name_or_path",
+    "--data": "data.path",
+    "--objective": "objective.name",
+    "--chat-template": "student.chat_template",
+    "--student-chat-template": "student.chat_template",
+    "--teacher-chat-template": "teacher.chat_template",
+}
+
+
+def _check_model_location(side: str, name: str) -> None:
+    """A path that looks local must exist; anything else is taken for a hub id."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name[:1]
+    if Path(name).expanduser().exists():
+        if not Path(name).expanduser().is_dir():
+            raise ConfigError(f"{side} model {name!r} is a file; pass its folder")
+        return
+    if looks_local:
+        raise ConfigError(f"{side} model folder {name!r} does not exist")
+
+
+def _read_yaml(path: str | os.PathLike) -> dict:
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of fields")
+    return values
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown(key: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
+    return ConfigError(f"unknown config field '{where}{key}'{hint}")
+
+
+def _build_section(cls: type, values: dict, prefix: str) -> Any:
+    """Construct ``cls`` from a mapping, coercing values to the declared field types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {prefix!r} must be a mapping; got {values!r}")
+    types_ = _field_types(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    where = f"{prefix}." if prefix else ""
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in types_:
+            raise _unknown(name, known, where)
+        if not prefix and name in _SECTIONS:
+            if isinstance(value, str) and _SECTIONS[name] is ModelConfig:
+                value = {"name_or_path": value}  # `student: path` shorthand
+            kwargs[name] = _build_section(_SECTIONS[name], value or {}, name)
+        else:
+            kwargs[name] = coerce(value, types_[name], f"{where}{name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as err:  # pragma: no cover - defensive
+        raise ConfigError(f"bad config section {prefix or 'top-level'}: {err}") from err
+
+
+def coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Convert a YAML or command-line value to a field's type (``int``, ``float``, ``bool``,
+    ``str`` or ``X | None``). YAML reads ``5e-7`` as a string; that is a float here."""
+    optional = False
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional, annotation = True, args[0]
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{name} cannot be empty")
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if annotation is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(
+                value
+            )
+        if annotation is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if annotation is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        kind = getattr(annotation, "__name__", str(annotation))
+        raise ConfigError(f"{name} must be {kind}; got {value!r}") from None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# The command-line parser
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per field (plus the short aliases) to ``parser``.
+
+    Flags default to ``argparse.SUPPRESS`` so only the ones given override the YAML.
+    """
+    parser.add_argument("--config", default=None, help="YAML file with the run's fields")
+    alias_of = {dest: [a for a, d in ALIASES.items() if d == dest] for dest in ALIASES.values()}
+    top_types = _field_types(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _SECTIONS:
+            group = parser.add_argument_group(f"{f.name} ({_SECTIONS[f.name].__doc__.split('.')[0]})")
+            section_types = _field_types(_SECTIONS[f.name])
+            for sub in dataclasses.fields(_SECTIONS[f.name]):
+                dest = f"{f.name}.{sub.name}"
+                _add_flag(group, dest, section_types[sub.name], sub, alias_of.get(dest, []))
+        else:
+            _add_flag(parser, f.name, top_types[f.name], f, [])
+
+
+def _add_flag(parser, dest: str, annotation: Any, f: dataclasses.Field, aliases: list[str]):
+    flags = [f"--{dest.replace('_', '-')}"]
+    if "_" in dest:
+        flags.append(f"--{dest}")
+    flags = aliases + flags
+    default = f.default if f.default is not dataclasses.MISSING else None
+    help_text = f"{f.metadata.get('help', '')} (default: {default})"
+    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
+    base = annotation
+    if isinstance(base, types.UnionType):
+        base = [a for a in typing.get_args(base) if a is not type(None)][0]
+    if base is bool:
+        kwargs.update(nargs="?", const="true", metavar="BOOL")
+    elif dest == "resume":
+        kwargs.update(nargs="?", const="latest", metavar="CHECKPOINT")
+    else:
+        kwargs["metavar"] = getattr(base, "__name__", "VALUE").upper()
+    parser.add_argument(*flags, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Merge ``args.config`` (YAML) with the flags given, then build and check the config."""
+    values = _read_yaml(args.config) if getattr(args, "config", None) else {}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    for section, cls in _SECTIONS.items():
+        if isinstance(values.get(section), str) and cls is ModelConfig:
+            values[section] = {"name_or_path": values[section]}
+    section_fields = {name: {f.name for f in dataclasses.fields(cls)}
+                      for name, cls in _SECTIONS.items()}
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, name = dest.split(".", 1)
+            if name in section_fields.get(section, ()):
+                values.setdefault(section, {})
+                if values[section] is None:
+                    values[section] = {}
+                values[section][name] = value
+        elif dest in {f.name for f in dataclasses.fields(TrainConfig)} and dest not in _SECTIONS:
+            values[dest] = value
+    return TrainConfig.from_dict(values)
+
+
+def build_parser(prog: str = "ctopd train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
+                                     description="Cross-tokenizer on-policy distillation.")
+    add_config_arguments(parser)
+    return parser
+
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """Parse ``argv`` (``--config run.yaml`` plus field flags) into a :class:`TrainConfig`.
+
+    Example:
+        >>> load_config(["--student", "s", "--teacher", "t", "--rollout.temperature", "0.7"])
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return config_from_args(args)

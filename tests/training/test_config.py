@@ -1,0 +1,135 @@
+"""Config: YAML + flags merge, aliases, type coercion, and the promised error messages."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from ctopd.training.config import ConfigError, TrainConfig, load_config
+
+
+def test_short_aliases_work_without_yaml():
+    config = load_config(["--student", "org/s", "--teacher", "org/t", "--data", "p.jsonl",
+                          "--objective", "dpca", "--max-steps", "20", "--output-dir", "runs/x"])
+    assert config.student.name_or_path == "org/s"
+    assert config.teacher.name_or_path == "org/t"
+    assert config.data.path == "p.jsonl"
+    assert config.objective.name == "dpca"
+    assert config.max_steps == 20
+    assert config.output_dir == "runs/x"
+
+
+def test_dotted_flags_dashes_and_underscores():
+    config = load_config(["--rollout.temperature", "0.7", "--rollout.max-new-tokens", "64",
+                          "--rollout.samples_per_prompt", "2", "--optim.lr", "1e-6",
+                          "--gradient-checkpointing", "--data.shuffle", "false",
+                          "--chat-template", "t.jinja", "--resume"])
+    assert config.rollout.temperature == 0.7
+    assert config.rollout.max_new_tokens == 64
+    assert config.rollout.samples_per_prompt == 2
+    assert config.optim.lr == 1e-6
+    assert config.gradient_checkpointing is True
+    assert config.data.shuffle is False
+    assert config.student.chat_template == "t.jinja"
+    assert config.resume == "latest"
+
+
+def test_defaults_follow_algorithms_section_8():
+    config = TrainConfig()
+    assert config.optim.lr == 5e-7
+    assert (config.optim.beta1, config.optim.beta2) == (0.9, 0.98)
+    assert config.optim.schedule == "cosine" and config.optim.min_lr == 1e-8
+    assert config.optim.warmup_ratio == 0.05
+    assert config.rollout.temperature == 0.6
+    assert config.objective.divergence == "reverse_kl" and config.objective.temperature == 1.0
+
+
+def test_yaml_then_flags_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "student": "org/s",  # shorthand for student.name_or_path
+        "teacher": {"name_or_path": "org/t", "dtype": "bfloat16"},
+        "optim": {"lr": "5e-7"},  # YAML reads this as a string
+        "rollout": {"temperature": 0.9, "max_new_tokens": 128},
+        "max_steps": 10,
+    }))
+    config = load_config(["--config", str(path), "--rollout.temperature", "0.5"])
+    assert config.student.name_or_path == "org/s"
+    assert config.teacher.dtype == "bfloat16"
+    assert config.optim.lr == 5e-7
+    assert config.rollout.temperature == 0.5  # the flag wins
+    assert config.rollout.max_new_tokens == 128  # the YAML value stays
+    assert config.max_steps == 10
+    assert TrainConfig.from_yaml(path).rollout.temperature == 0.9
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(["--student", "s", "--objective", "uld", "--objective.top_k", "8"])
+    config.to_yaml(tmp_path / "config.yaml")
+    assert TrainConfig.from_yaml(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--objective", "simtc"], "objective.name must be one of simct"),
+    (["--objective.divergence", "kl"], "objective.divergence must be one of"),
+    (["--rollout.temperature", "-1"], "rollout.temperature must be >= 0"),
+    (["--rollout.top-p", "1.5"], "rollout.top_p must be in (0, 1]"),
+    (["--optim.lr", "fast"], "optim.lr must be float"),
+    (["--max-steps", "0"], "max_steps must be > 0"),
+    (["--max-steps", "2.5"], "max_steps must be int"),
+    (["--mixed-precision", "fp8"], "mixed_precision must be one of no, bf16, fp16"),
+    (["--student.dtype", "float8"], "dtype must be one of"),
+    (["--objective.beta", "1"], "objective.beta must be strictly between 0 and 1"),
+])
+def test_bad_values_name_the_field(argv, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        load_config(argv)
+
+
+def test_unknown_yaml_field_suggests_the_right_one(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("rollout:\n  temprature: 0.7\n")
+    with pytest.raises(ConfigError, match="unknown config field 'rollout.temprature'; did you "
+                                          "mean 'temperature'"):
+        load_config(["--config", str(path)])
+    path.write_text("max_step: 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'max_steps'"):
+        TrainConfig.from_yaml(path)
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(["--config", str(tmp_path / "missing.yaml")])
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(["--config", str(tmp_path / "list.yaml")])
+    (tmp_path / "broken.yaml").write_text("student: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(["--config", str(tmp_path / "broken.yaml")])
+
+
+def test_validate_names_what_is_missing(tmp_path, tiny):
+    with pytest.raises(ConfigError, match="no student model: pass --student"):
+        TrainConfig().validate()
+    config = load_config(["--student", str(tiny["student"])])
+    with pytest.raises(ConfigError, match="no teacher model: pass --teacher"):
+        config.validate()
+    config = load_config(["--student", str(tiny["student"]), "--teacher", str(tiny["teacher"])])
+    with pytest.raises(ConfigError, match="no prompts: pass --data"):
+        config.validate()
+    config.data.path = str(tmp_path / "nope.jsonl")
+    with pytest.raises(ConfigError, match="data file .*nope.jsonl' does not exist"):
+        config.validate()
+    config.data.path = str(tiny["prompts"])
+    config.validate()
+    config.teacher.name_or_path = str(tmp_path / "missing" / "teacher")
+    with pytest.raises(ConfigError, match="teacher model folder .* does not exist"):
+        config.validate()
+    config.teacher.name_or_path = "Qwen/Qwen2.5-7B-Instruct"  # a hub id is not checked locally
+    config.validate()
+    config.objective.name = "sft"
+    with pytest.raises(ConfigError, match="run `ctopd sft`"):
+        config.validate()
+    config = load_config(["--student", str(tiny["student"]), "--data", str(tiny["prompts"])])
+    config.validate("sft")  # the SFT baseline from data needs no teacher
