@@ -254,8 +254,11 @@ def _equal_bytes(teacher: ByteTable, student: ByteTable, t_side: _Side, s_side: 
     s_sel = s_side.content & good[s_side.seq_of_token]
     a = _sequence_bytes(teacher, t_side.starts[t_sel], t_side.lengths[t_sel])
     b = _sequence_bytes(student, s_side.starts[s_sel], s_side.lengths[s_sel])
-    seq_of_byte = np.repeat(t_side.seq_of_token[t_sel], t_side.lengths[t_sel])
-    good[np.unique(seq_of_byte[a != b])] = False
+    differ = np.flatnonzero(a != b)
+    if differ.size:  # rare: find which sequences the differing bytes belong to
+        byte_ends = np.cumsum(t_side.lengths[t_sel])
+        token = np.searchsorted(byte_ends, differ, side="right")
+        good[np.unique(t_side.seq_of_token[t_sel][token])] = False
     return good
 
 
@@ -339,19 +342,41 @@ def align_ids_batch(
     t_side = _prepare_side(teacher, teacher_ids, "teacher")
     s_side = _prepare_side(student, student_ids, "student")
     good = _equal_bytes(teacher, student, t_side, s_side)
-    fast_chunks, fast_counts = _align_fast(t_side, s_side, good)
-    fast_split = np.split(fast_chunks, np.cumsum(fast_counts)[:-1]) if fast_counts.size else []
-    fast_of_seq = np.cumsum(good) - 1
+    fast = _fast_alignments(t_side, s_side, good)
     results = []
     for k in range(len(teacher_ids)):
         if good[k]:
-            chunks = fast_split[fast_of_seq[k]]
-            aligned = np.ones(chunks.shape[0], dtype=bool)
-            unaligned_bytes = 0
+            results.append(fast[k])
         else:
             chunks, aligned, unaligned_bytes = _align_one_slow(teacher, student, t_side, s_side, k)
-        results.append(_with_end_chunk(chunks, aligned, unaligned_bytes, t_side, s_side, k))
+            results.append(_with_end_chunk(chunks, aligned, unaligned_bytes, t_side, s_side, k))
     return results
+
+
+def _fast_alignments(t_side: _Side, s_side: _Side, good: np.ndarray) -> dict[int, Alignment]:
+    """Alignments of the sequences with equal bytes, end chunks appended for all at once; each
+    holds views of three batch-wide arrays."""
+    chunks, counts = _align_fast(t_side, s_side, good)
+    if not counts.size:
+        return {}
+    t_end, s_end = t_side.has_end[good], s_side.has_end[good]
+    t_n, s_m = t_side.content_count[good], s_side.content_count[good]
+    with_end = t_end | s_end
+    end_rows = np.stack([t_n, t_n + t_end, s_m, s_m + s_end], axis=1)[with_end]
+    insert_at = np.cumsum(counts)[with_end]
+    chunks = np.insert(chunks, insert_at, end_rows, axis=0)
+    end_index = insert_at + np.arange(insert_at.size)
+    aligned = np.ones(chunks.shape[0], dtype=bool)
+    aligned[end_index] = (t_end & s_end)[with_end]
+    is_end = np.zeros(chunks.shape[0], dtype=bool)
+    is_end[end_index] = aligned[end_index]
+    bounds = np.concatenate([[0], np.cumsum(counts + with_end)]).tolist()
+    t_len, s_len = (t_n + t_end).tolist(), (s_m + s_end).tolist()
+    return {
+        k: Alignment(chunks[lo:hi], aligned[lo:hi], is_end[lo:hi], t_len[g], s_len[g])
+        for g, (k, lo, hi) in enumerate(zip(np.flatnonzero(good).tolist(), bounds[:-1],
+                                            bounds[1:]))
+    }
 
 
 def _with_end_chunk(chunks, aligned, unaligned_bytes, t_side: _Side, s_side: _Side, k: int):
@@ -371,6 +396,26 @@ def _with_end_chunk(chunks, aligned, unaligned_bytes, t_side: _Side, s_side: _Si
         student_length=m_content + s_end,
         unaligned_bytes=unaligned_bytes,
     )
+
+
+def response_bytes_batch(table: ByteTable, ids_list: list) -> tuple[list[bytes], np.ndarray]:
+    """The response bytes of many id sequences at once.
+
+    Each response's bytes are its tokens' bytes back to back, without a trailing end token,
+    without specials and without a dummy-prefix space.
+
+    Returns:
+        ``(B byte strings, bool [B] whether each sequence ended with an end id)``.
+    """
+    if not ids_list:
+        return [], np.zeros(0, dtype=bool)
+    side = _prepare_side(table, ids_list, "student")
+    keep = side.content & ~side.special
+    data = _sequence_bytes(table, side.starts[keep], side.lengths[keep]).tobytes()
+    per_seq = np.bincount(side.seq_of_token[keep], weights=side.lengths[keep],
+                          minlength=side.has_end.size).astype(np.int64)
+    bounds = np.concatenate([[0], np.cumsum(per_seq)]).tolist()
+    return [data[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])], side.has_end
 
 
 def align_ids(teacher: ByteTable, student: ByteTable, teacher_ids, student_ids) -> Alignment:

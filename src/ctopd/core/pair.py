@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ctopd.core.alignment import Alignment, align_ids_batch
-from ctopd.core.byte_table import ByteTable, build_byte_table, check_ids_in_range
+from ctopd.core.alignment import Alignment, align_ids_batch, response_bytes_batch
+from ctopd.core.byte_table import ByteTable, build_byte_table
 from ctopd.core.shared_vocab import SharedVocab, build_shared_vocab
 
 
@@ -119,7 +119,7 @@ class TokenizerPair:
     def student_response_bytes(self, student_ids) -> bytes:
         """The bytes of a student response: its tokens' bytes back to back, without a trailing
         end token, specials or a dummy-prefix space."""
-        return _response_bytes(self.student_table, student_ids)
+        return response_bytes_batch(self.student_table, [student_ids])[0][0]
 
     def student_text(self, student_ids) -> str:
         """The student response as text (invalid UTF-8 replaced by U+FFFD)."""
@@ -139,16 +139,14 @@ class TokenizerPair:
 
     def teacher_ids_for_batch(self, student_ids: list) -> list[list[int]]:
         """:meth:`teacher_ids_for` over a batch, with one batched encode call."""
-        texts = [self.student_text(ids) for ids in student_ids]
+        responses, ended = response_bytes_batch(self.student_table, student_ids)
+        texts = [b.decode("utf-8", errors="replace") for b in responses]
         if self.teacher_table.prefix_only_if_no_space:
             # Such a teacher spells " x" like "x"; one more space keeps the leading one.
             texts = [" " + t if t.startswith(" ") else t for t in texts]
         encoded = self._teacher_encoder(texts)
         end_id = self.teacher_end_of_turn_id
-        return [
-            ids + [end_id] if self.ended_turn(s_ids) else ids
-            for ids, s_ids in zip(encoded, student_ids)
-        ]
+        return [ids + [end_id] if end else ids for ids, end in zip(encoded, ended.tolist())]
 
     @property
     def teacher_end_of_turn_id(self) -> int:
@@ -158,17 +156,6 @@ class TokenizerPair:
         eos = getattr(self.teacher_tokenizer, "eos_token_id", None)
         others = [i for i in end_ids if i != eos]
         return others[0] if others else end_ids[0]
-
-
-def _response_bytes(table: ByteTable, ids) -> bytes:
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    check_ids_in_range(ids, table.vocab_size, table.name)
-    if ids.size and np.isin(ids[-1], table.end_ids):
-        ids = ids[:-1]
-    content = table.ids_to_bytes(ids[~table.special[ids]])
-    if table.dummy_prefix and ids.size and not table.special[ids[0]] and content[:1] == b" ":
-        content = content[1:]
-    return content
 
 
 def _text_encoder(tokenizer: Any):
