@@ -1,0 +1,233 @@
+"""Forward+backward time and peak memory of the SimCT objective on CPU, against shared-only OPD
+and a per-chunk-loop SimCT written here as the baseline.
+
+    CTOPD_TOKENIZERS=../shared/tokenizers python benchmarks/objectives.py [--json]
+
+Setting: a Qwen2-sized teacher vocabulary (151,936) and a 32,000 student vocabulary at 1,024
+student response tokens. With ``CTOPD_TOKENIZERS`` set, the pair is the real qwen2 -> llama-spm
+pair (its shared vocabulary, 26k classes) and the response is GSM8K answers (``CTOPD_GSM8K``,
+default ``<tokenizers>/../data/gsm8k/train.jsonl``) tokenised by the student; otherwise a
+synthetic shared vocabulary and alignment with the same sizes and a similar share of multi-token
+chunks. Logits are random (the cost does not depend on their values).
+
+Timed: ``compute_objective(...)`` + ``loss.backward()`` on precomputed teacher outputs (the
+teacher's own pass, ``teacher_outputs``, is timed separately), best of ``--repeats``. Peak
+memory: the rise of the process's peak resident set size during one forward+backward, after a
+warm-up call, with the kernel's peak counter reset before it (Linux ``/proc/self/clear_refs``).
+It includes the ``[tokens, V_S]`` gradient of the logits, which every method allocates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ctopd.core.alignment import Alignment
+from ctopd.core.shared_vocab import SharedVocab
+from ctopd.objectives import TEACHER_NEEDS, TeacherOutputs, compute_objective, teacher_outputs
+
+TEACHER_VOCAB = 151_936
+STUDENT_VOCAB = 32_000
+
+
+def loop_simct(student_logits, student_ids, alignments, shared_vocab, teacher):
+    """Baseline: SimCT (reverse KL, τ = 1) written as a per-chunk Python loop over plain autograd.
+
+    The same math as ``compute_objective("simct")``: per aligned chunk, the student's class
+    log-probabilities at its first position (log-sum-exp over member ids), plus the unit column
+    for multi-token chunks, against the teacher's; summed and divided by the student tokens.
+    """
+    members = torch.as_tensor(shared_vocab.student_member_ids)  # [R, C]
+    present = members >= 0
+    safe_members = members.clamp(min=0)
+    total = student_logits.new_zeros(())
+    for b, alignment in enumerate(alignments):
+        logp = torch.log_softmax(student_logits[b], dim=-1)
+        for k in range(alignment.num_chunks):
+            if not alignment.aligned[k]:
+                continue
+            ts, te, ss, se = (int(x) for x in alignment.chunks[k])
+            by_rank = logp[ss][safe_members].masked_fill(~present, float("-inf"))
+            s_scores = torch.logsumexp(by_rank, dim=0)
+            t_scores = teacher.class_logprobs[b, ts]
+            if te - ts > 1 or se - ss > 1:
+                ids = student_ids[b, ss:se]
+                s_unit = logp[ss:se].gather(1, ids[:, None]).mean()
+                t_unit = teacher.token_logprobs[b, ts:te].mean()
+                s_scores = torch.cat([s_scores, s_unit.reshape(1)])
+                t_scores = torch.cat([t_scores, t_unit.reshape(1)])
+            p_s = torch.log_softmax(s_scores, dim=0)
+            p_t = torch.log_softmax(t_scores, dim=0)
+            total = total + (p_s.exp() * (p_s - p_t)).sum()
+    return total / sum(a.student_length for a in alignments)
+
+
+def real_setup(folder: Path, tokens: int):
+    """Student ids, teacher ids, alignments and shared vocabulary of the qwen2 -> llama-spm pair
+    over GSM8K answers, cut to ``tokens`` student tokens (the last one the end id)."""
+    from ctopd import TokenizerPair
+
+    pair = TokenizerPair.from_pretrained(str(folder / "qwen2"), str(folder / "llama-spm"))
+    data = Path(os.environ.get("CTOPD_GSM8K", folder.parent / "data" / "gsm8k" / "train.jsonl"))
+    if data.exists():
+        answers = [json.loads(line)["answer"] for line in data.open(encoding="utf-8")][:200]
+    else:
+        answers = ["Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"] * 200
+    ids = pair.student_tokenizer("\n\n".join(answers), add_special_tokens=False)["input_ids"]
+    student_ids = ids[: tokens - 1] + [int(pair.student_table.end_ids[0])]
+    teacher_ids = pair.teacher_ids_for(student_ids)
+    return student_ids, teacher_ids, pair.align(teacher_ids, student_ids), pair.shared_vocab
+
+
+def synthetic_setup(tokens: int, seed: int = 0):
+    """A random shared vocabulary (26k classes) and an alignment with ~6% multi-token chunks."""
+    rng = np.random.default_rng(seed)
+    classes = 26_000
+    s_ids = rng.permutation(STUDENT_VOCAB - 1)[:classes]
+    t_ids = rng.permutation(TEACHER_VOCAB - 1)[:classes]
+    s_members = np.concatenate([s_ids, [STUDENT_VOCAB - 1]])[None]
+    t_members = np.concatenate([t_ids, [TEACHER_VOCAB - 1]])[None]
+    s_to_class = np.full(STUDENT_VOCAB, -1, np.int64)
+    s_to_class[s_members[0]] = np.arange(classes + 1)
+    t_to_class = np.full(TEACHER_VOCAB, -1, np.int64)
+    t_to_class[t_members[0]] = np.arange(classes + 1)
+    vocab = SharedVocab([b"x%d" % i for i in range(classes)] + [b""], t_members, s_members,
+                        t_to_class, s_to_class)
+    sizes = []
+    while sum(s for _, s in sizes) < tokens:
+        sizes.append((int(rng.integers(1, 3)), int(rng.integers(2, 4))) if rng.random() < 0.06
+                     else (1, 1))
+    t = np.cumsum([0] + [a for a, _ in sizes])
+    s = np.minimum(np.cumsum([0] + [b for _, b in sizes]), tokens)
+    chunks = np.stack([t[:-1], t[1:], s[:-1], s[1:]], 1).astype(np.int64)
+    chunks = chunks[chunks[:, 3] > chunks[:, 2]]
+    alignment = Alignment(chunks, np.ones(len(chunks), bool), np.zeros(len(chunks), bool),
+                          int(chunks[-1, 1]), tokens)
+    student_ids = s_ids[rng.integers(0, classes, tokens)].tolist()
+    teacher_ids = rng.integers(0, TEACHER_VOCAB, alignment.teacher_length).tolist()
+    return student_ids, teacher_ids, alignment, vocab
+
+
+def rss_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status, in MiB."""
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", text).group(1)) / 1024
+
+
+def release_memory() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
+def peak_mb(fn) -> float:
+    """Rise of the peak resident set size while ``fn`` runs, in MiB."""
+    release_memory()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the kernel's peak counter (VmHWM)
+    before = rss_mb("VmRSS")
+    fn()
+    return rss_mb("VmHWM") - before
+
+
+def best_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def make_methods(student_logits, student_ids, alignments, vocab, teacher):
+    def step(name):
+        def run():
+            student_logits.grad = None
+            loss, _ = compute_objective(name, student_logits=student_logits,
+                                        student_ids=student_ids, alignments=alignments,
+                                        shared_vocab=vocab, teacher=teacher)
+            loss.backward()
+        return run
+
+    def loop():
+        student_logits.grad = None
+        loop_simct(student_logits, student_ids, alignments, vocab, teacher).backward()
+
+    return {"simct": step("simct"), "shared_only": step("shared_only"), "loop": loop}
+
+
+def measure(args) -> dict:
+    folder = os.environ.get("CTOPD_TOKENIZERS")
+    if folder:
+        s_ids, t_ids, alignment, vocab = real_setup(Path(folder), args.tokens)
+    else:
+        s_ids, t_ids, alignment, vocab = synthetic_setup(args.tokens)
+    gen = torch.Generator().manual_seed(0)
+    teacher_logits = torch.randn(1, len(t_ids), TEACHER_VOCAB, generator=gen)
+    start = time.perf_counter()
+    teacher = teacher_outputs(teacher_logits, torch.tensor([t_ids]), vocab, TEACHER_NEEDS["simct"])
+    teacher_seconds = time.perf_counter() - start
+    del teacher_logits
+    teacher = TeacherOutputs(token_logprobs=teacher.token_logprobs,
+                             class_logprobs=teacher.class_logprobs)
+    student_logits = torch.randn(1, len(s_ids), STUDENT_VOCAB, generator=gen).requires_grad_()
+    methods = make_methods(student_logits, torch.tensor([s_ids]), [alignment], vocab, teacher)
+    out = {"pair": "qwen2 -> llama-spm" if folder else "synthetic", "student_tokens": len(s_ids),
+           "teacher_tokens": len(t_ids), "classes": vocab.size,
+           "chunks_one_to_one": int(alignment.one_to_one.sum()),
+           "chunks_multi": int((alignment.aligned & ~alignment.one_to_one).sum()),
+           "teacher_outputs_seconds": teacher_seconds, "threads": torch.get_num_threads()}
+    for name, fn in methods.items():
+        if name == "loop" and args.skip_loop:
+            continue
+        fn()  # warm-up
+        out[f"{name}_peak_mb"] = peak_mb(fn)
+        out[f"{name}_seconds"] = best_seconds(fn, 1 if name == "loop" else args.repeats)
+    return out
+
+
+def print_table(r: dict) -> None:
+    print(f"pair {r['pair']}: {r['student_tokens']} student / {r['teacher_tokens']} teacher "
+          f"tokens, {r['classes']} classes, {r['chunks_one_to_one']} 1:1 + {r['chunks_multi']} "
+          f"multi-token chunks, {r['threads']} threads")
+    print(f"teacher_outputs (151,936-vocab log-softmax, class log-sum-exp): "
+          f"{r['teacher_outputs_seconds']:.2f} s")
+    print(f"{'method':<14}{'fwd+bwd s':>11}{'peak MiB':>10}{'time vs shared':>16}"
+          f"{'mem vs shared':>15}")
+    for name in ("shared_only", "simct", "loop"):
+        if f"{name}_seconds" not in r:
+            continue
+        t, m = r[f"{name}_seconds"], r[f"{name}_peak_mb"]
+        print(f"{name:<14}{t:>11.3f}{m:>10.0f}{t / r['shared_only_seconds']:>15.2f}x"
+              f"{m / r['shared_only_peak_mb']:>14.2f}x")
+    if "loop_seconds" in r:
+        print(f"simct is {r['loop_seconds'] / r['simct_seconds']:.0f}x faster than the loop")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--tokens", type=int, default=1024, help="student response tokens")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs (best is kept)")
+    parser.add_argument("--skip-loop", action="store_true", help="skip the slow baseline")
+    args = parser.parse_args()
+    result = measure(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,16 @@
+"""Objectives: SimCT, DPCA and the baselines, looked up by name (ALGORITHMS §4–7)."""
+
+from ctopd.objectives.divergences import DIVERGENCES, divergence
+from ctopd.objectives.dpca import dpca_advantages
+from ctopd.objectives.registry import (
+    OBJECTIVES,
+    TEACHER_NEEDS,
+    compute_objective,
+    objective_options,
+)
+from ctopd.objectives.teacher import TeacherOutputs, teacher_outputs
+
+__all__ = [
+    "DIVERGENCES", "OBJECTIVES", "TEACHER_NEEDS", "TeacherOutputs", "compute_objective",
+    "divergence", "dpca_advantages", "objective_options", "teacher_outputs",
+]

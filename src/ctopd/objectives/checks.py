@@ -1,0 +1,125 @@
+"""Input and option checks shared by the objectives: wrong shapes, missing teacher fields and
+NaN/inf values fail early with a message that names the tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from ctopd.core.alignment import Alignment
+from ctopd.objectives.divergences import DIVERGENCES
+
+
+def check_student(student_logits: Tensor, student_ids: Tensor,
+                  alignments: list[Alignment]) -> None:
+    """Check the student tensors against the alignments.
+
+    Raises:
+        ValueError: wrong rank/dtype, batch or length mismatch, an id out of range, or a
+            non-finite logit inside a response.
+    """
+    if student_logits.dim() != 3 or not student_logits.is_floating_point():
+        raise ValueError(
+            f"student_logits must be a float [B, m, V_S] tensor, got shape "
+            f"{tuple(student_logits.shape)} and dtype {student_logits.dtype}"
+        )
+    if student_ids.dim() != 2 or student_ids.is_floating_point() or student_ids.is_complex():
+        raise ValueError(f"student_ids must be an integer [B, m] tensor, got "
+                         f"{tuple(student_ids.shape)} {student_ids.dtype}")
+    if tuple(student_ids.shape) != tuple(student_logits.shape[:2]):
+        raise ValueError(
+            f"student_ids has shape {tuple(student_ids.shape)} but student_logits has "
+            f"{tuple(student_logits.shape)}; row i of the logits must predict student_ids[:, i]"
+        )
+    if len(alignments) != student_logits.shape[0]:
+        raise ValueError(f"got {len(alignments)} alignments for a batch of "
+                         f"{student_logits.shape[0]} sequences")
+    lengths = [a.student_length for a in alignments]
+    _check_lengths("student_logits", student_logits, lengths)
+    vocab = student_logits.shape[-1]
+    for b, length in enumerate(lengths):
+        ids = student_ids[b, :length]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"student_ids[{b}] holds an id outside [0, {vocab}) inside the "
+                             f"response (length {length})")
+    check_finite("student_logits", student_logits, lengths)
+
+
+def check_finite(name: str, tensor: Tensor, lengths: Iterable[int]) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``tensor[b, :lengths[b]]`` holds NaN or inf."""
+    for b, length in enumerate(lengths):
+        part = tensor[b, :length]
+        # A sum is non-finite whenever an element is (inf, -inf and NaN all propagate); only
+        # then pay for the element-wise search that locates it.
+        if part.numel() and not bool(torch.isfinite(part.sum())):
+            bad = (~torch.isfinite(part)).nonzero()
+            if bad.numel():
+                where = ", ".join(str(int(i)) for i in bad[0])
+                raise ValueError(
+                    f"{name} holds NaN or inf at sequence {b}, index ({where}); check the model "
+                    "(fp16 overflow?) or the teacher server's output"
+                )
+
+
+def _check_lengths(name: str, tensor: Tensor, lengths: list[int]) -> None:
+    longest = max(lengths, default=0)
+    if longest > tensor.shape[1]:
+        raise ValueError(f"{name} has {tensor.shape[1]} positions but an alignment needs "
+                         f"{longest}; pass the response positions of every sequence")
+
+
+def check_teacher(teacher, fields: Iterable[str], alignments: list[Alignment], batch: int,
+                  objective: str) -> None:
+    """Check that ``teacher`` has the ``fields`` an objective needs, with a sane shape.
+
+    Raises:
+        ValueError: the teacher or a field is missing, a field is too short or holds NaN/inf.
+    """
+    fields = sorted(fields)
+    if not fields:
+        return
+    if teacher is None:
+        raise ValueError(f"objective {objective!r} needs teacher outputs with {fields}; got None")
+    lengths = [a.teacher_length for a in alignments]
+    for field in fields:
+        tensor = getattr(teacher, field)
+        if tensor is None:
+            raise ValueError(
+                f"objective {objective!r} needs teacher.{field}; compute it with "
+                f"teacher_outputs(..., needs=TEACHER_NEEDS[{objective!r}])"
+            )
+        if tensor.dim() < 2 or tensor.shape[0] != batch:
+            raise ValueError(f"teacher.{field} has shape {tuple(tensor.shape)}; expected "
+                             f"[{batch}, n, ...]")
+        _check_lengths(f"teacher.{field}", tensor, lengths)
+        check_finite(f"teacher.{field}", tensor, lengths)
+
+
+def check_options(**options) -> None:
+    """Validate option values by name (only the names given are checked).
+
+    Raises:
+        ValueError: a value outside its range, naming the option and the valid values.
+    """
+    rules = {
+        "divergence": (lambda v: v in DIVERGENCES, f"one of {', '.join(DIVERGENCES)}"),
+        "beta": (lambda v: 0.0 < v < 1.0, "strictly between 0 and 1"),
+        "temperature": (lambda v: v > 0.0, "> 0"),
+        "weight_by_tokens": (lambda v: isinstance(v, bool), "True or False"),
+        "slice_size": (lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
+        "advantage_clip": (lambda v: v > 0.0, "> 0"),
+        "clip_low": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+        "clip_high": (lambda v: v >= 0.0, ">= 0"),
+        "epsilon": (lambda v: v >= 0.0, ">= 0"),
+        "top_k": (lambda v: v is None or (isinstance(v, int) and v >= 1), "None or an int >= 1"),
+    }
+    for name, value in options.items():
+        valid, expected = rules[name]
+        try:
+            ok = bool(valid(value))
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"option {name}={value!r} is invalid; expected {expected}")

@@ -1,0 +1,93 @@
+"""The objectives by name, what each needs from the teacher, and one entry point."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from torch import Tensor
+
+from ctopd.core.alignment import Alignment
+from ctopd.core.shared_vocab import SharedVocab
+from ctopd.objectives.baselines import sft, uld
+from ctopd.objectives.dpca import dpca
+from ctopd.objectives.simct import opd, shared_only, simct
+from ctopd.objectives.teacher import TeacherOutputs
+
+OBJECTIVES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
+    "simct": simct,
+    "dpca": dpca,
+    "shared_only": shared_only,
+    "uld": uld,
+    "sft": sft,
+    "opd": opd,
+}
+
+TEACHER_NEEDS: dict[str, frozenset[str]] = {
+    "simct": frozenset({"token_logprobs", "class_logprobs"}),
+    "dpca": frozenset({"token_logprobs"}),
+    "shared_only": frozenset({"token_logprobs", "class_logprobs"}),
+    "uld": frozenset({"token_logprobs", "topk_probs"}),
+    "sft": frozenset(),
+    "opd": frozenset({"token_logprobs", "full_logprobs"}),
+}
+
+_COMMON_ARGUMENTS = frozenset({
+    "student_logits", "student_ids", "alignments", "shared_vocab", "teacher",
+    "student_old_logprobs",
+})
+
+
+def objective_options(name: str) -> dict[str, object]:
+    """The options an objective accepts, with their defaults.
+
+    Raises:
+        ValueError: unknown objective name.
+    """
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
+    parameters = inspect.signature(OBJECTIVES[name]).parameters.values()
+    return {p.name: p.default for p in parameters if p.name not in _COMMON_ARGUMENTS}
+
+
+def compute_objective(name: str, *, student_logits: Tensor, student_ids: Tensor,
+                      alignments: list[Alignment], shared_vocab: SharedVocab,
+                      teacher: TeacherOutputs | None, student_old_logprobs: Tensor | None = None,
+                      **options) -> tuple[Tensor, dict[str, float]]:
+    """Run the objective ``name`` on a batch.
+
+    Args:
+        name: one of :data:`OBJECTIVES`.
+        student_logits: float ``[B, m, V_S]`` (requires grad); row ``i`` predicts
+            ``student_ids[:, i]``.
+        student_ids: int ``[B, m]``; padding beyond ``alignment.student_length`` is arbitrary.
+        alignments: ``B`` alignments.
+        shared_vocab: the pair's shared vocabulary.
+        teacher: the teacher's outputs with the fields ``TEACHER_NEEDS[name]`` (``None`` for
+            ``sft``).
+        student_old_logprobs: float ``[B, m]`` rollout-time log-probs for the DPCA ratio
+            (``None`` = current, detached).
+        **options: the objective's options (see :func:`objective_options`).
+
+    Returns:
+        ``(loss, metrics)``: a 0-dim loss connected to ``student_logits``, and python floats
+        ``loss``, ``kl``, ``coverage``, ``supervised_tokens``, ``student_tokens``,
+        ``chunks_one_to_one``, ``chunks_multi``, ``unaligned_share``, ``teacher_logprob_mean``
+        (plus objective-specific extras).
+
+    Raises:
+        ValueError: unknown name or option (listing the valid ones), a bad option value,
+            inconsistent shapes, a missing teacher field, or NaN/inf in an input.
+    """
+    valid = objective_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for objective {name!r}; valid: "
+            f"{', '.join(valid) or 'none'}"
+        )
+    return OBJECTIVES[name](
+        student_logits=student_logits, student_ids=student_ids, alignments=alignments,
+        shared_vocab=shared_vocab, teacher=teacher, student_old_logprobs=student_old_logprobs,
+        **options,
+    )

@@ -1,0 +1,252 @@
+"""SimCT and its two special cases, shared-vocabulary-only OPD and same-tokenizer OPD
+(ALGORITHMS §4, §6).
+
+For each kept chunk ``k`` the teacher's distribution at its first position ``a_k`` and the
+student's at ``c_k`` are compared over the supervision space ``Ω_k``:
+
+* ``Ω_k = V∩ ∪ {u_k}`` when the chunk has a *unit* column ``u_k`` (its bytes), scored by the
+  mean log-probability of the unit's own tokens on each side;
+* ``Ω_k = V∩`` otherwise.
+
+Scores ``ℓ`` are log-probabilities (class log-sum-exp over member ids), ``P_k = softmax(ℓ / τ)``
+over ``Ω_k``, and the loss is ``sum_k w_k D(P_S,k || P_T,k) / (student response tokens)`` with the
+teacher side constant. ``w_k = 1``, or the chunk's student token count with
+``weight_by_tokens``. The student's gradient flows through its first-position distribution and,
+for unit chunks, through every token of the unit.
+
+Which chunks are kept and which get a unit column:
+
+* ``simct``: every aligned chunk. Multi-token chunks get the unit column; so does a 1:1 chunk
+  whose student token is not a shared class (odd tokenizers), so that its realised token is in
+  ``Ω_k`` instead of being dropped.
+* ``shared_only``: aligned 1:1 chunks whose student token is a shared class; no unit column.
+* ``opd`` (identical tokenizers): aligned 1:1 chunks over the full vocabulary, the teacher's
+  ``full_logprobs`` row against the student's full log-softmax. Pass the student's own ids as the
+  teacher ids so that every chunk is 1:1.
+
+Choices written down here: a unit column is an extra entry even if its bytes happen to equal a
+shared class (as in the paper); the unit and the class of the unit's first token overlap in
+meaning, which the paper accepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ctopd.core.alignment import Alignment
+from ctopd.core.shared_vocab import SharedVocab
+from ctopd.objectives.checks import check_options, check_student, check_teacher
+from ctopd.objectives.classes import ClassMembers, class_logprobs, class_members
+from ctopd.objectives.divergences import ABSENT, divergence, reverse_kl
+from ctopd.objectives.metrics import batch_metrics, finish_metrics
+from ctopd.objectives.plan import (
+    ChunkPlan,
+    FlatChunks,
+    RowSlice,
+    build_plan,
+    flatten_chunks,
+    range_sums,
+    segment_sum,
+)
+from ctopd.objectives.sliced import compute_dtype, sliced_loss
+from ctopd.objectives.teacher import TeacherOutputs
+
+
+@dataclass(frozen=True)
+class _DistributionSetup:
+    """What the per-slice loss of a chunk-distribution objective reads."""
+
+    plan: ChunkPlan
+    teacher_rows: Tensor  # [B, n, C] teacher log-probs over the classes (or the full vocab)
+    members: ClassMembers | None  # student class members; None = identity (full vocabulary)
+    has_unit: Tensor | None  # bool [K]; None when no kept chunk has a unit column
+    teacher_unit: Tensor | None  # [K] mean teacher log-prob of each unit
+    weights: Tensor  # [K]
+    kind: str
+    beta: float
+    temperature: float
+
+
+def simct(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignment],
+          shared_vocab: SharedVocab, teacher: TeacherOutputs | None,
+          student_old_logprobs: Tensor | None = None, divergence: str = "reverse_kl",
+          beta: float = 0.5, temperature: float = 1.0, weight_by_tokens: bool = False,
+          slice_size: int = 256) -> tuple[Tensor, dict[str, float]]:
+    """SimCT: distributions over ``V∩`` plus one unit column per multi-token chunk.
+
+    Args:
+        student_logits: float ``[B, m, V_S]``, row ``i`` predicts ``student_ids[:, i]``.
+        student_ids: int ``[B, m]``; padding beyond ``alignment.student_length`` is ignored.
+        alignments: ``B`` alignments of the teacher's and the student's response tokens.
+        shared_vocab: the pair's shared classes.
+        teacher: needs ``token_logprobs`` and ``class_logprobs``.
+        student_old_logprobs: unused (accepted so every objective takes the same arguments).
+        divergence: ``"reverse_kl"`` (default), ``"forward_kl"``, ``"jsd"`` or ``"tv"``.
+        beta: JSD mixture weight of the teacher.
+        temperature: ``τ`` in ``softmax(ℓ / τ)``, both sides.
+        weight_by_tokens: weight each chunk by its student token count.
+        slice_size: student rows processed at once.
+
+    Returns:
+        ``(loss, metrics)``: a 0-dim loss connected to ``student_logits`` and the metrics.
+    """
+    flat = _prepare(student_logits, student_ids, alignments, shared_vocab, teacher, "simct",
+                    divergence, beta, temperature, weight_by_tokens, slice_size)
+    keep = flat.usable
+    unit = keep & ~flat.is_end & (~flat.one_to_one | (flat.student_class < 0))
+    return _distribution_objective(
+        student_logits, student_ids, flat, teacher, keep, unit,
+        teacher.class_logprobs, class_members(shared_vocab.student_member_ids,
+                                              student_logits.device),
+        divergence, beta, temperature, weight_by_tokens, slice_size,
+    )
+
+
+def shared_only(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignment],
+                shared_vocab: SharedVocab, teacher: TeacherOutputs | None,
+                student_old_logprobs: Tensor | None = None, divergence: str = "reverse_kl",
+                beta: float = 0.5, temperature: float = 1.0, weight_by_tokens: bool = False,
+                slice_size: int = 256) -> tuple[Tensor, dict[str, float]]:
+    """Shared-vocabulary-only OPD: aligned 1:1 chunks whose token is a shared class, over
+    ``V∩``; every other position is discarded. Arguments and returns as :func:`simct`."""
+    flat = _prepare(student_logits, student_ids, alignments, shared_vocab, teacher,
+                    "shared_only", divergence, beta, temperature, weight_by_tokens, slice_size)
+    keep = flat.one_to_one & (flat.student_class >= 0)
+    return _distribution_objective(
+        student_logits, student_ids, flat, teacher, keep, np.zeros_like(keep),
+        teacher.class_logprobs, class_members(shared_vocab.student_member_ids,
+                                              student_logits.device),
+        divergence, beta, temperature, weight_by_tokens, slice_size,
+    )
+
+
+def opd(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignment],
+        shared_vocab: SharedVocab | None, teacher: TeacherOutputs | None,
+        student_old_logprobs: Tensor | None = None, divergence: str = "reverse_kl",
+        beta: float = 0.5, temperature: float = 1.0,
+        slice_size: int = 256) -> tuple[Tensor, dict[str, float]]:
+    """Same-tokenizer OPD: full-vocabulary divergence at every aligned 1:1 chunk.
+
+    Needs ``teacher.full_logprobs`` ``[B, n, V]`` with the student's vocabulary size ``V``.
+    Other arguments as :func:`simct`; ``shared_vocab`` is not used.
+
+    Raises:
+        ValueError: the teacher's vocabulary size differs from the student's.
+    """
+    flat = _prepare(student_logits, student_ids, alignments, None, teacher, "opd",
+                    divergence, beta, temperature, False, slice_size)
+    teacher_vocab, student_vocab = teacher.full_logprobs.shape[-1], student_logits.shape[-1]
+    if teacher_vocab != student_vocab:
+        raise ValueError(
+            f"opd needs identical tokenizers, but teacher.full_logprobs has {teacher_vocab} "
+            f"columns and student_logits {student_vocab}; use simct or shared_only"
+        )
+    keep = flat.one_to_one
+    return _distribution_objective(
+        student_logits, student_ids, flat, teacher, keep, np.zeros_like(keep),
+        teacher.full_logprobs, None, divergence, beta, temperature, False, slice_size,
+    )
+
+
+def _prepare(student_logits, student_ids, alignments, shared_vocab, teacher, name, kind, beta,
+             temperature, weight_by_tokens, slice_size) -> FlatChunks:
+    """Validate the arguments and flatten the chunks."""
+    check_options(divergence=kind, beta=beta, temperature=temperature,
+                  weight_by_tokens=weight_by_tokens, slice_size=slice_size)
+    check_student(student_logits, student_ids, alignments)
+    field = "full_logprobs" if name == "opd" else "class_logprobs"
+    check_teacher(teacher, ["token_logprobs", field], alignments, student_logits.shape[0], name)
+    if shared_vocab is not None:
+        _check_shared_vocab(shared_vocab, teacher.class_logprobs, student_logits.shape[-1])
+    return flatten_chunks(alignments, student_ids, shared_vocab)
+
+
+def _check_shared_vocab(shared_vocab: SharedVocab, teacher_classes: Tensor, vocab: int) -> None:
+    if teacher_classes.shape[-1] != shared_vocab.size:
+        raise ValueError(
+            f"teacher.class_logprobs has {teacher_classes.shape[-1]} classes but the shared "
+            f"vocabulary has {shared_vocab.size}; compute it with the same SharedVocab"
+        )
+    largest = int(shared_vocab.student_member_ids.max())
+    if largest >= vocab:
+        raise ValueError(
+            f"the shared vocabulary uses student id {largest} but student_logits has only "
+            f"{vocab} columns; was the pair built from another student tokenizer?"
+        )
+
+
+def _distribution_objective(student_logits, student_ids, flat, teacher, keep, unit,
+                            teacher_rows, members, kind, beta, temperature, weight_by_tokens,
+                            slice_size) -> tuple[Tensor, dict[str, float]]:
+    """Shared body of simct / shared_only / opd once the chunks are chosen."""
+    plan = build_plan(flat, keep, student_ids, all_tokens=bool(unit.any()),
+                      slice_size=slice_size)
+    device, dtype = student_logits.device, compute_dtype(student_logits)
+    has_unit = teacher_unit = None
+    if unit[plan.index].any():
+        kept = plan.index
+        has_unit = torch.as_tensor(unit[kept], device=device)
+        sums = range_sums(teacher.token_logprobs.detach().to(dtype), flat.batch[kept],
+                          flat.teacher_start[kept], flat.teacher_end[kept])
+        teacher_unit = sums / torch.as_tensor(flat.teacher_sizes[kept], device=device)
+    sizes = plan.student_sizes.to(dtype)
+    setup = _DistributionSetup(
+        plan=plan, teacher_rows=teacher_rows.detach(), members=members, has_unit=has_unit,
+        teacher_unit=teacher_unit, weights=sizes if weight_by_tokens else torch.ones_like(sizes),
+        kind=kind, beta=beta, temperature=temperature,
+    )
+    sums: dict[str, float] = {}
+    total = sliced_loss(student_logits, plan.slices, lambda rows, sl: _slice_loss(setup, rows, sl),
+                        sums)
+    student_tokens = int(flat.student_lengths.sum())
+    loss = total / max(student_tokens, 1)
+    kept_chunks = plan.index.size
+    return loss, finish_metrics(
+        batch_metrics(flat, teacher.token_logprobs), loss=loss,
+        kl=sums.get("kl", 0.0) / kept_chunks if kept_chunks else 0.0,
+        supervised_tokens=int(flat.student_sizes[plan.index].sum()),
+        chunks_supervised=kept_chunks,
+    )
+
+
+def _slice_loss(setup: _DistributionSetup, rows: Tensor,
+                row_slice: RowSlice) -> tuple[Tensor, dict[str, Tensor]]:
+    """Weighted divergence summed over one slice's chunks; rows ``[S, V_S]``."""
+    k0, k1, count = row_slice.k0, row_slice.k1, row_slice.num_chunks
+    normaliser = torch.logsumexp(rows, dim=-1)  # [S]
+    first = rows[:count]
+    if setup.members is None:
+        student_scores = first - normaliser[:count, None]
+    else:
+        # Class log-sum-exp on raw logits, then normalise: no [count, V] log-softmax copy.
+        student_scores = class_logprobs(first, setup.members) - normaliser[:count, None]
+    plan = setup.plan
+    teacher_scores = setup.teacher_rows[plan.batch[k0:k1], plan.teacher_start[k0:k1]]
+    teacher_scores = teacher_scores.to(student_scores.dtype)
+    student_unit = teacher_unit = has_unit = None
+    if setup.has_unit is not None:
+        token_logprobs = rows.gather(1, row_slice.ids[:, None])[:, 0] - normaliser
+        counts = plan.student_sizes[k0:k1].to(rows.dtype)
+        student_unit = segment_sum(token_logprobs, row_slice.chunk, count) / counts
+        teacher_unit, has_unit = setup.teacher_unit[k0:k1], setup.has_unit[k0:k1]
+    student_logp = _omega_logprobs(student_scores, student_unit, has_unit, setup.temperature)
+    teacher_logp = _omega_logprobs(teacher_scores, teacher_unit, has_unit, setup.temperature)
+    per_chunk = divergence(student_logp, teacher_logp, kind=setup.kind, beta=setup.beta)
+    kl = per_chunk if setup.kind == "reverse_kl" else reverse_kl(student_logp, teacher_logp)
+    return (per_chunk * setup.weights[k0:k1]).sum(), {"kl": kl.detach().sum()}
+
+
+def _omega_logprobs(scores: Tensor, unit: Tensor | None, has_unit: Tensor | None,
+                    temperature: float) -> Tensor:
+    """``log softmax(ℓ / τ)`` over ``Ω_k``: ``[K, C]`` class scores plus, when given, a unit
+    column (``ABSENT`` for chunks without one) -> ``[K, C]`` or ``[K, C + 1]``."""
+    if temperature != 1.0:
+        scores = scores / temperature
+    if unit is not None:
+        column = torch.where(has_unit, unit / temperature, torch.full_like(unit, ABSENT))
+        scores = torch.cat([scores, column[:, None]], dim=1)
+    return torch.log_softmax(scores, dim=-1)
