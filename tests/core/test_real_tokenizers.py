@@ -17,13 +17,19 @@ def real_tokenizers(real_tokenizers_dir):
     return {name: load_tokenizer(str(real_tokenizers_dir / name)) for name in REAL_TOKENIZERS}
 
 
+@pytest.fixture(scope="module")
+def gsm8k_ids(real_tokenizers, gsm8k_answers):
+    """Each tokenizer's ids of every GSM8K answer (encoded once, shared by all pairs)."""
+    return {name: tok(gsm8k_answers, add_special_tokens=False)["input_ids"]
+            for name, tok in real_tokenizers.items()}
+
+
 @pytest.mark.parametrize("teacher,student", list(itertools.permutations(REAL_TOKENIZERS, 2)))
-def test_every_student_token_is_covered_on_gsm8k(real_tokenizers, gsm8k_answers, teacher, student):
+def test_every_student_token_is_covered_on_gsm8k(real_tokenizers, gsm8k_answers, gsm8k_ids,
+                                                 teacher, student):
     pair = TokenizerPair(real_tokenizers[teacher], real_tokenizers[student])
-    student_tok = real_tokenizers[student]
     end = int(pair.student_table.end_ids[0])
-    student_ids = [ids + [end] for ids in
-                   student_tok(gsm8k_answers, add_special_tokens=False)["input_ids"]]
+    student_ids = [ids + [end] for ids in gsm8k_ids[student]]
     teacher_ids = pair.teacher_ids_for_batch(student_ids)
     alignments = pair.align_batch(teacher_ids, student_ids)
     covered = sum(al.aligned_student_tokens for al in alignments)

@@ -160,17 +160,21 @@ class TokenizerPair:
 
 def _text_encoder(tokenizer: Any):
     """A function ``list[str] -> list[list[int]]`` that encodes without adding special tokens and
-    without turning special-token strings in the text into special ids."""
+    without turning special-token strings in the text into special ids (a response that says
+    "<|im_end|>" is text, not an end of turn)."""
     from ctopd.core.byte_table import _backend
 
     backend = _backend(tokenizer)
-    from tokenizers import Tokenizer
-
-    private = Tokenizer.from_str(backend.to_str())
-    if hasattr(private, "encode_special_tokens"):
-        private.encode_special_tokens = True
 
     def encode(texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in private.encode_batch(texts, add_special_tokens=False)]
+        # Toggled per call and restored, rather than copying a large tokenizer.
+        before = getattr(backend, "encode_special_tokens", None)
+        if before is not None:
+            backend.encode_special_tokens = True
+        try:
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        finally:
+            if before is not None:
+                backend.encode_special_tokens = before
 
     return encode
