@@ -81,9 +81,10 @@ def run_sft(config: TrainConfig) -> dict:
         responses = [e.response for e in examples]
         missing = [i for i, r in enumerate(responses) if r is None]
         if missing:
+            fields = dict.fromkeys([config.sft.response_field, "response",
+                                    config.data.answer_field])
             raise DataError(f"sft.source=data but row {missing[0] + 1} of the data has no "
-                            f"`{config.sft.response_field}`, `response` or "
-                            f"`{config.data.answer_field}` text")
+                            f"response text (looked in {', '.join(fields)})")
     data, skipped, truncated = _encode(config, tokenizer, examples, responses, end_of_turn)
 
     student = load_causal_lm(config.student, side="student")
