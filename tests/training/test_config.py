@@ -133,3 +133,17 @@ def test_validate_names_what_is_missing(tmp_path, tiny):
         config.validate()
     config = load_config(["--student", str(tiny["student"]), "--data", str(tiny["prompts"])])
     config.validate("sft")  # the SFT baseline from data needs no teacher
+
+
+def test_example_configs_parse_and_open_with_their_command():
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    configs = sorted(examples.glob("*.yaml"))
+    assert configs
+    for path in configs:
+        first_lines = path.read_text().splitlines()[:4]
+        assert any(f"--config examples/{path.name}" in line for line in first_lines), path.name
+        config = load_config(["--config", str(path), "--max-steps", "3"])
+        assert config.student.name_or_path and config.teacher.name_or_path
+        assert config.max_steps == 3

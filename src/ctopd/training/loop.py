@@ -70,6 +70,23 @@ class Prompt:
     teacher_ids: list[int]
 
 
+@dataclass
+class Run:
+    """What every micro-step reads: the config, the two models and the tokenizer pair."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    student: torch.nn.Module  # prepared (DDP/FSDP/DeepSpeed wrapper)
+    teacher: torch.nn.Module  # frozen, on this rank's device
+    pair: TokenizerPair
+    student_pad_id: int
+    teacher_pad_id: int
+
+    @property
+    def student_end_ids(self) -> list[int]:
+        return self.pair.student_table.end_ids.tolist()
+
+
 def train(config: TrainConfig) -> dict:
     """Distil the teacher into the student on-policy; see the module docstring for one step.
 
@@ -101,7 +118,7 @@ def train(config: TrainConfig) -> dict:
     if config.objective.name == "opd" and not pair.identical:
         raise ConfigError("objective opd (same-tokenizer OPD) needs identical tokenizers; "
                           "use simct, dpca, shared_only or uld for a cross-tokenizer pair")
-    shared_vocab = pair.shared_vocab
+    _ = pair.shared_vocab  # built once here, not inside the first step's timings
     student_end_ids = pair.student_table.end_ids.tolist()
     student = load_causal_lm(config.student, side="student")
     teacher = freeze(load_causal_lm(config.teacher, side="teacher"))
@@ -119,9 +136,15 @@ def train(config: TrainConfig) -> dict:
     # AdamW + warm-up + cosine decay (ALGORITHMS §8). The scheduler is stepped once per
     # optimiser step by hand (accelerate would step it once per process).
     optimizer, scheduler = build_optimizer(config, student, total_steps)
-    student, optimizer = accelerator.prepare(student, optimizer)
+    student, optimizer = prepare(accelerator, student, optimizer, config)
     accelerator.register_for_checkpointing(scheduler)
     teacher.to(accelerator.device)
+    accelerator.print(
+        f"ctopd train: {config.teacher.name_or_path} -> {config.student.name_or_path}, objective "
+        f"{config.objective.name}, {len(prompts)} prompts ({skipped} too long, skipped), "
+        f"{total_steps} steps of {global_batch * config.gradient_accumulation_steps} prompts x "
+        f"{config.rollout.samples_per_prompt} samples on {accelerator.num_processes} process(es); "
+        f"resolved config in {output_dir / 'config.yaml'}")
 
     # Resume: weights, optimiser, scheduler, every rank's RNG, step and data position.
     state = {"step": 0, "epoch": 0, "position": 0, "samples": 0}
@@ -136,10 +159,8 @@ def train(config: TrainConfig) -> dict:
                            reporters=config.reporters, run_name=config.run_name,
                            config=config.to_dict(),
                            resume_step=state["step"] if checkpoint else None)
-    step_kwargs = dict(accelerator=accelerator, student=student, teacher=teacher, pair=pair,
-                       shared_vocab=shared_vocab, student_end_ids=student_end_ids,
-                       student_pad_id=student_tokenizer.pad_token_id,
-                       teacher_pad_id=teacher_tokenizer.pad_token_id, config=config)
+    run = Run(config, accelerator, student, teacher, pair, student_tokenizer.pad_token_id,
+              teacher_tokenizer.pad_token_id)
     progress = tqdm(total=total_steps, initial=state["step"], desc="ctopd train", dynamic_ncols=True,
                     disable=not (config.progress and accelerator.is_main_process))
     last_eval = None
@@ -154,7 +175,7 @@ def train(config: TrainConfig) -> dict:
             mine = indices[accelerator.process_index * config.per_device_batch_size:][
                 : config.per_device_batch_size]
             with accelerator.accumulate(student):
-                figures.add(_micro_step([prompts[i] for i in mine], timer=timer, **step_kwargs,
+                figures.add(_micro_step(run, [prompts[i] for i in mine], timer,
                                         step=state["step"] + 1, last_saved=saved_step))
         with timer("optimizer"):
             grad_norm = clip_gradients(accelerator, student, config.optim.max_grad_norm)
@@ -205,20 +226,24 @@ def train(config: TrainConfig) -> dict:
     return summary
 
 
-def _micro_step(prompts: list[Prompt], *, accelerator, student, teacher, pair: TokenizerPair,
-                shared_vocab, student_end_ids, student_pad_id, teacher_pad_id,
-                config: TrainConfig, timer: Timer, step: int, last_saved) -> dict[str, float]:
-    """Rollout → teacher → alignment → objective → backward for this rank's prompts."""
+def _micro_step(run: Run, prompts: list[Prompt], timer: Timer, *, step: int,
+                last_saved: int | None) -> dict[str, float]:
+    """Rollout → teacher → alignment → objective → backward for this rank's prompts.
+
+    Returns:
+        The objective's figures plus response counts (python floats).
+    """
+    config, accelerator, pair = run.config, run.accelerator, run.pair
     samples = config.rollout.samples_per_prompt
     student_prompts = [p.student_ids for p in prompts for _ in range(samples)]
     teacher_prompts = [p.teacher_ids for p in prompts for _ in range(samples)]
     device = accelerator.device
 
     # 1. Rollout: the student samples; these exact ids are what it trains on.
-    with timer("rollout"), _generation_model(accelerator, student) as generator:
+    with timer("rollout"), _generation_model(accelerator, run.student) as generator:
         student_responses = sample_responses(
-            generator, [p.student_ids for p in prompts], end_ids=student_end_ids,
-            pad_id=student_pad_id, max_new_tokens=config.rollout.max_new_tokens,
+            generator, [p.student_ids for p in prompts], end_ids=run.student_end_ids,
+            pad_id=run.student_pad_id, max_new_tokens=config.rollout.max_new_tokens,
             temperature=config.rollout.temperature, top_p=config.rollout.top_p,
             top_k=config.rollout.top_k, samples_per_prompt=samples, device=device)
 
@@ -233,12 +258,12 @@ def _micro_step(prompts: list[Prompt], *, accelerator, student, teacher, pair: T
         teacher_scores = None
         if needs:
             with torch.no_grad():
-                logits = response_logits(teacher, teacher_prompts, teacher_responses,
-                                         pad_id=teacher_pad_id, device=device)
+                logits = response_logits(run.teacher, teacher_prompts, teacher_responses,
+                                         pad_id=run.teacher_pad_id, device=device)
                 teacher_scores = teacher_outputs(
-                    logits, teacher_ids, shared_vocab, needs,
+                    logits, teacher_ids, pair.shared_vocab, needs,
                     slice_size=config.objective.slice_size, top_k=config.objective.top_k)
-            del logits
+                del logits  # [B, n, V_T]: the step's largest tensor
 
     # 3. Alignment: minimal aligned chunks of the two tokenisations.
     with timer("alignment"):
@@ -247,13 +272,15 @@ def _micro_step(prompts: list[Prompt], *, accelerator, student, teacher, pair: T
     # 4. Objective: a student forward over prompt + sampled ids, then the loss.
     with timer("student_forward"):
         student_ids, _ = pad_responses(student_responses, device=device)
-        student_logits = response_logits(student, student_prompts, student_responses,
-                                         pad_id=student_pad_id, device=device)
+        student_logits = response_logits(run.student, student_prompts, student_responses,
+                                         pad_id=run.student_pad_id, device=device)
+    # No student_old_logprobs: one update per rollout, so DPCA's π_old is the current policy
+    # detached (ratio 1), which the objective uses when given None.
     with timer("loss"):
         try:
             loss, metrics = compute_objective(
                 config.objective.name, student_logits=student_logits, student_ids=student_ids,
-                alignments=alignments, shared_vocab=shared_vocab, teacher=teacher_scores,
+                alignments=alignments, shared_vocab=pair.shared_vocab, teacher=teacher_scores,
                 **_objective_options(config))
             problem = None if torch.isfinite(loss.detach()).all() else f"loss {loss.item()}"
         except ValueError as err:  # the objectives refuse NaN/inf logits
@@ -330,6 +357,15 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module, total_steps: in
     return optimizer, scheduler
 
 
+def prepare(accelerator: Accelerator, model, optimizer, config: TrainConfig):
+    """``accelerator.prepare`` for a loop without a DataLoader: DeepSpeed is told the
+    micro-batch size it would otherwise read from one."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.per_device_batch_size
+    return accelerator.prepare(model, optimizer)
+
+
 def lr_schedule(config: TrainConfig, total_steps: int):
     """Multiplier of ``optim.lr`` at each step: linear warm-up, then cosine / linear decay to
     ``optim.min_lr`` (or constant)."""
@@ -352,7 +388,8 @@ def lr_schedule(config: TrainConfig, total_steps: int):
 def clip_gradients(accelerator: Accelerator, model, max_norm: float) -> float:
     """Clip the gradient norm (when asked) and return it (pre-clipping)."""
     if max_norm > 0:
-        return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        return float(norm) if norm is not None else float("nan")  # DeepSpeed clips internally
     grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0
 

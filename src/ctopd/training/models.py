@@ -81,7 +81,6 @@ def prepare_student(model: torch.nn.Module, *, gradient_checkpointing: bool,
         else:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     if lora.enabled:
         if gradient_checkpointing:
             model.enable_input_require_grads()

@@ -41,6 +41,7 @@ from ctopd.training.loop import (
     evaluate_during_training,
     next_indices,
     param_checksum,
+    prepare,
 )
 from ctopd.training.metrics import MetricsLogger, StepMetrics, Timer, mean_of_last, read_metrics
 from ctopd.training.models import (
@@ -95,7 +96,7 @@ def run_sft(config: TrainConfig) -> dict:
     steps_per_epoch = math.ceil(len(data) / (global_batch * config.gradient_accumulation_steps))
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     optimizer, scheduler = build_optimizer(config, student, total_steps)
-    student, optimizer = accelerator.prepare(student, optimizer)
+    student, optimizer = prepare(accelerator, student, optimizer, config)
     accelerator.register_for_checkpointing(scheduler)
 
     state = {"step": 0, "epoch": 0, "position": 0, "samples": 0}
