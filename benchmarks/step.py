@@ -16,7 +16,9 @@ model's cost, not the objective's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -60,7 +62,8 @@ def run(objective: str, paths: dict[str, Path], out: Path, args) -> dict[str, fl
         "--rollout.max-new-tokens", str(args.max_new_tokens), "--rollout.temperature", "1.0",
         "--optim.lr", "1e-4", "--progress", "false", "--log-every", str(10**6),
     ])
-    train(config)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        train(config)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
     mean = {p: sum(r[f"time_{p}"] for r in rows) / len(rows) for p in PHASES}
     mean["step"] = sum(r["time_step"] for r in rows) / len(rows)

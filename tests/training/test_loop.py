@@ -151,3 +151,10 @@ def test_lora_and_gradient_checkpointing(tiny, tmp_path):
     changed = [k for k in initial if not torch.equal(initial[k], merged[k])]
     assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
     AutoModelForCausalLM.from_pretrained(final)
+
+
+def test_bf16_autocast_after_a_float32_run_in_one_process(tiny, tmp_path):
+    _run(tiny, tmp_path / "fp32", "--max-steps", "1")
+    summary, _ = _run(tiny, tmp_path / "bf16", "--max-steps", "1", "--mixed-precision", "bf16",
+                      "--teacher.dtype", "bfloat16")
+    assert math.isfinite(summary["final_metrics"]["loss"])

@@ -105,9 +105,7 @@ def train(config: TrainConfig) -> dict:
     config.validate("train")
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision,
-                              gradient_accumulation_steps=config.gradient_accumulation_steps)
-    check_launch(accelerator)
+    accelerator = make_accelerator(config)
     # Different ranks must sample different responses; DDP copies rank 0's weights at wrap time.
     set_seed(config.seed, device_specific=True)
 
@@ -422,6 +420,21 @@ def evaluate_during_training(accelerator, student, tokenizer, config: TrainConfi
                               batch_size=config.per_device_batch_size, limit=config.eval_limit,
                               data_config=config.data, device=accelerator.device)
     return gather_object([result])[0]
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """The run's ``Accelerator``. In a single, unlaunched process (a notebook, the demo, tests)
+    accelerate's process-wide state is reset first so runs with different mixed precision can
+    follow each other; launched processes keep theirs."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.gradient_accumulation_steps)
+    check_launch(accelerator)
+    return accelerator
 
 
 def check_launch(accelerator: Accelerator) -> None:

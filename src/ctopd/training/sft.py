@@ -35,10 +35,10 @@ from ctopd.training.config import ConfigError, TrainConfig
 from ctopd.training.data import DataError, Example, encode_prompts, load_examples
 from ctopd.training.loop import (
     build_optimizer,
-    check_launch,
     clip_gradients,
     console_line,
     evaluate_during_training,
+    make_accelerator,
     next_indices,
     param_checksum,
     prepare,
@@ -64,9 +64,7 @@ def run_sft(config: TrainConfig) -> dict:
     config.validate("sft")
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision,
-                              gradient_accumulation_steps=config.gradient_accumulation_steps)
-    check_launch(accelerator)
+    accelerator = make_accelerator(config)
     set_seed(config.seed, device_specific=True)
     tokenizer = load_model_tokenizer(config.student, side="student")
     end_ids = end_of_turn_ids(tokenizer)
