@@ -42,6 +42,10 @@ def test_defaults_follow_algorithms_section_8():
     assert config.optim.warmup_ratio == 0.05
     assert config.rollout.temperature == 0.6
     assert config.objective.divergence == "reverse_kl" and config.objective.temperature == 1.0
+    # float32 master weights for the student, the checkpoint's dtype for the frozen teacher
+    assert config.student.dtype == "float32" and config.teacher.dtype == "auto"
+    assert load_config(["--student", "s"]).student.dtype == "float32"
+    assert load_config(["--student.dtype", "bfloat16"]).student.dtype == "bfloat16"
 
 
 def test_yaml_then_flags_override(tmp_path):

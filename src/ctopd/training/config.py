@@ -17,7 +17,9 @@ starts (:meth:`TrainConfig.validate`: required fields, files that must exist). B
 
 Defaults follow ALGORITHMS §8 (the SimCT paper's settings): AdamW lr 5e-7, betas (0.9, 0.98),
 cosine decay to 1e-8 after a 5% warm-up, sampling temperature 0.6, reverse KL, τ = 1, one sample per
-prompt. The paper used 64 prompts per step and 4096 new tokens; the defaults here (8 prompts per
+prompt. The student's weights load in float32 (its AdamW updates at lr 5e-7 would vanish in
+bfloat16 weights; use ``mixed_precision: bf16`` for bf16 compute), the teacher's in the checkpoint's
+dtype. The paper used 64 prompts per step and 4096 new tokens; the defaults here (8 prompts per
 device, 512 new tokens) are sized for one GPU and are raised in ``examples/``.
 """
 
@@ -206,7 +208,9 @@ class SftConfig:
 class TrainConfig:
     """A whole run. Sections are flat dataclasses; the rest are top-level fields."""
 
-    student: ModelConfig = field(default_factory=ModelConfig)
+    # The student keeps float32 master weights by default: AdamW steps of lr 5e-7 vanish in
+    # bfloat16 weights. Compute can still run in bf16 (mixed_precision).
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(dtype="float32"))
     teacher: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -321,6 +325,9 @@ _SECTIONS: dict[str, type] = {
     "lora": LoraConfig, "sft": SftConfig,
 }
 
+# Section defaults that differ from the dataclass's own (see TrainConfig.student).
+_SECTION_DEFAULTS: dict[str, dict] = {"student": {"dtype": "float32"}}
+
 # Short flags for the fields users set most.
 ALIASES: dict[str, str] = {
     "--student": "student.name_or_path",
@@ -381,7 +388,8 @@ def _build_section(cls: type, values: dict, prefix: str) -> Any:
         if not prefix and name in _SECTIONS:
             if isinstance(value, str) and _SECTIONS[name] is ModelConfig:
                 value = {"name_or_path": value}  # `student: path` shorthand
-            kwargs[name] = _build_section(_SECTIONS[name], value or {}, name)
+            value = {**_SECTION_DEFAULTS.get(name, {}), **(value or {})}
+            kwargs[name] = _build_section(_SECTIONS[name], value, name)
         else:
             kwargs[name] = coerce(value, types_[name], f"{where}{name}")
     try:
