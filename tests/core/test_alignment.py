@@ -241,3 +241,13 @@ def test_batch_of_many_sizes_is_consistent(families):
                                 teacher_ids, student_ids):
         check_partition(al, len(t_ids), len(s_ids))
         check_against_reference(pair, t_ids, s_ids, al)
+
+
+def test_identical_tokenizers_score_the_sampled_ids_as_they_are(byte_level_tokenizer):
+    pair = TokenizerPair(byte_level_tokenizer, byte_level_tokenizer)
+    vocab = byte_level_tokenizer.get_vocab()
+    # A non-canonical sample: "ab" spelled as two single-byte tokens.
+    sampled = [vocab["a"], vocab["b"], vocab["<|im_end|>"]]
+    assert pair.teacher_ids_for(sampled) == sampled
+    al = pair.align(sampled, sampled)
+    assert al.one_to_one.all() and al.num_chunks == 3

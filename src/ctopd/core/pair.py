@@ -134,11 +134,18 @@ class TokenizerPair:
         """The teacher's tokenisation of a student response (ALGORITHMS §1.3): the teacher
         encodes the response's text with no special tokens added and special-token strings
         treated as plain text, then its end-of-turn id is appended if the student ended its
-        turn."""
+        turn. With identical tokenizers: the student's ids themselves."""
         return self.teacher_ids_for_batch([student_ids])[0]
 
     def teacher_ids_for_batch(self, student_ids: list) -> list[list[int]]:
-        """:meth:`teacher_ids_for` over a batch, with one batched encode call."""
+        """:meth:`teacher_ids_for` over a batch, with one batched encode call.
+
+        With identical tokenizers the student's sampled ids are returned as they are: standard
+        same-tokenizer OPD scores exactly the sampled ids, and re-encoding would split a
+        non-canonical sample differently.
+        """
+        if self.identical:
+            return [np.asarray(ids, dtype=np.int64).reshape(-1).tolist() for ids in student_ids]
         responses, ended = response_bytes_batch(self.student_table, student_ids)
         texts = [b.decode("utf-8", errors="replace") for b in responses]
         if self.teacher_table.prefix_only_if_no_space:

@@ -6,8 +6,8 @@ One optimiser step is ``gradient_accumulation_steps`` micro-steps; each micro-st
    padding, stop at its end-of-turn ids). We keep the sampled ids and train on exactly them.
 2. **teacher** — the teacher tokenises the response text its own way (plus its end-of-turn id when
    the student ended its turn), reads it after *its own* chat-template prompt, and is scored in one
-   no-grad forward pass. With identical tokenizers it reads the student's sampled ids as they are
-   (re-encoding would split a non-canonical sample differently; standard OPD scores the same ids). Only what the objective needs is kept (``TEACHER_NEEDS``).
+   no-grad forward pass. With identical tokenizers ``TokenizerPair`` hands it the student's sampled
+   ids as they are (re-encoding would split a non-canonical sample differently). Only what the objective needs is kept (``TEACHER_NEEDS``).
 3. **alignment** — minimal aligned chunks between the two tokenisations (``TokenizerPair``).
 4. **objective** — a student forward pass over prompt + sampled ids (response positions only),
    then the chosen objective (SimCT, DPCA, shared-only, ULD, same-tokenizer OPD).
@@ -248,10 +248,8 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer, *, step: int,
     # 2. Teacher: its tokenisation of the response text, after its own prompt, no grad.
     needs = TEACHER_NEEDS[config.objective.name]
     with timer("teacher"):
-        if pair.identical:  # same tokenizer: the teacher reads the sampled ids (standard OPD)
-            teacher_responses = [list(r) for r in student_responses]
-        else:
-            teacher_responses = pair.teacher_ids_for_batch(student_responses)
+        # With identical tokenizers this is the sampled ids themselves (standard OPD).
+        teacher_responses = pair.teacher_ids_for_batch(student_responses)
         teacher_ids, _ = pad_responses(teacher_responses, pad_id=-1, device=device)
         teacher_scores = None
         if needs:
