@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ctopd.core.alignment import Alignment
 from ctopd.objectives import TEACHER_NEEDS, TeacherOutputs, compute_objective, teacher_outputs
@@ -39,6 +41,7 @@ def class_teacher(batch):
 
 CASES = [
     {},
+    {"temperature": 0.6, "slice_size": 2},
     {"divergence": "forward_kl", "temperature": 0.7},
     {"divergence": "jsd", "beta": 0.3, "weight_by_tokens": True},
     {"divergence": "tv", "temperature": 1.5, "slice_size": 1},
@@ -58,6 +61,36 @@ def test_matches_per_chunk_reference(name, case, seed):
     ref_loss, ref_grad = run_reference(name, batch, teacher, **reference)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), batch_size=st.integers(1, 4),
+       name=st.sampled_from(["simct", "shared_only"]),
+       divergence=st.sampled_from(["reverse_kl", "forward_kl", "jsd", "tv"]),
+       temperature=st.sampled_from([0.5, 1.0, 2.0]), weight_by_tokens=st.booleans(),
+       slice_size=st.integers(1, 8))
+def test_matches_reference_on_generated_batches(seed, batch_size, name, divergence, temperature,
+                                                weight_by_tokens, slice_size):
+    batch = random_batch(seed, batch=batch_size)
+    teacher = class_teacher(batch)
+    options = {"divergence": divergence, "temperature": temperature,
+               "weight_by_tokens": weight_by_tokens}
+    loss, _, grad = run(name, batch, teacher, slice_size=slice_size, **options)
+    ref_loss, ref_grad = run_reference(name, batch, teacher, **options)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_backward_twice_with_retain_graph():
+    batch = random_batch(12, batch=3)
+    teacher = class_teacher(batch)
+    loss, _ = compute_objective("simct", student_logits=batch.student_logits,
+                                student_ids=batch.student_ids, alignments=batch.alignments,
+                                shared_vocab=batch.shared_vocab, teacher=teacher)
+    (2.0 * loss).backward(retain_graph=True)
+    first = batch.student_logits.grad.clone()
+    loss.backward()  # the gradient buffer was handed over; it is recomputed
+    torch.testing.assert_close(batch.student_logits.grad, 1.5 * first)
 
 
 def test_hand_worked_multi_token_chunk():

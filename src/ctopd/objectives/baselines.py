@@ -22,6 +22,7 @@ from ctopd.core.shared_vocab import SharedVocab
 from ctopd.objectives.checks import check_options, check_student, check_teacher
 from ctopd.objectives.metrics import batch_metrics, finish_metrics
 from ctopd.objectives.plan import ChunkPlan, RowSlice, build_plan, flatten_chunks, range_sums
+from ctopd.objectives.scores import row_scores
 from ctopd.objectives.sliced import compute_dtype, sliced_loss
 from ctopd.objectives.teacher import TeacherOutputs
 
@@ -51,10 +52,10 @@ def sft(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignme
                       slice_size=slice_size)
     aligned = torch.as_tensor(flat.usable[plan.index], device=student_logits.device)
     sums: dict[str, float] = {}
-    total = sliced_loss(student_logits, plan.slices,
-                        lambda rows, sl: _sft_slice(aligned, rows, sl), sums)
     student_tokens = int(flat.student_lengths.sum())
-    loss = total / max(student_tokens, 1)
+    loss = sliced_loss(student_logits, plan.slices,
+                       lambda rows, sl: _sft_slice(aligned, rows, sl), sums,
+                       scale=1.0 / max(student_tokens, 1))
     token_logprobs = None
     if teacher is not None:
         check_teacher(teacher, ["token_logprobs"], alignments, student_logits.shape[0], "sft")
@@ -66,7 +67,7 @@ def sft(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignme
 
 
 def _sft_slice(aligned: Tensor, rows: Tensor, row_slice: RowSlice):
-    logprobs = rows.gather(1, row_slice.ids[:, None])[:, 0] - torch.logsumexp(rows, dim=-1)
+    _, logprobs = row_scores(rows, row_slice.ids)
     in_aligned = aligned[row_slice.k0:row_slice.k1][row_slice.chunk]
     return -logprobs.sum(), {"aligned_student": logprobs.detach()[in_aligned].sum()}
 
@@ -124,16 +125,16 @@ def uld(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignme
                          "probabilities per position; raise teacher_outputs(top_k=...)")
     flat = flatten_chunks(alignments, student_ids, None)
     plan = build_plan(flat, flat.usable, student_ids, all_tokens=False, slice_size=slice_size)
-    setup = _UldSetup(plan=plan, teacher_topk=teacher.topk_probs.detach(),
+    setup = _UldSetup(plan=plan,
+                      teacher_topk=teacher.topk_probs.detach().to(student_logits.device),
                       top_k=min(k, student_logits.shape[-1]),
                       one_to_one=torch.as_tensor(flat.one_to_one[plan.index],
                                                  device=student_logits.device))
     sums: dict[str, float] = {}
-    total = sliced_loss(student_logits, plan.slices, lambda rows, sl: _uld_slice(setup, rows, sl),
-                        sums)
-    loss = total / max(int(flat.student_lengths.sum()), 1)
+    loss = sliced_loss(student_logits, plan.slices, lambda rows, sl: _uld_slice(setup, rows, sl),
+                       sums, scale=1.0 / max(int(flat.student_lengths.sum()), 1))
     one_to_one = int(flat.one_to_one.sum())
-    device = student_logits.device
+    device = teacher.token_logprobs.device
     teacher_sum = float(teacher.token_logprobs[
         torch.as_tensor(flat.batch[flat.one_to_one], device=device),
         torch.as_tensor(flat.teacher_start[flat.one_to_one], device=device)].sum())
@@ -149,6 +150,8 @@ def _uld_slice(setup: _UldSetup, rows: Tensor, row_slice: RowSlice):
     teacher_top = setup.teacher_topk[setup.plan.batch[k0:k1], setup.plan.teacher_start[k0:k1]]
     teacher_top = teacher_top[:, : setup.top_k].to(rows.dtype)
     loss = (student_top - teacher_top).abs().sum()
-    logprobs = rows.gather(1, row_slice.ids[:, None])[:, 0] - torch.logsumexp(rows, dim=-1)
-    one_to_one = setup.one_to_one[k0:k1]
-    return loss, {"one_to_one_student": logprobs.detach()[one_to_one].sum()}
+    with torch.no_grad():  # for the kl metric only
+        first = rows.detach()[setup.one_to_one[k0:k1]]
+        ids = row_slice.ids[setup.one_to_one[k0:k1]]
+        student = (first.gather(1, ids[:, None])[:, 0] - torch.logsumexp(first, dim=-1)).sum()
+    return loss, {"one_to_one_student": student}

@@ -35,6 +35,7 @@ from ctopd.objectives.plan import (
     range_sums,
     segment_sum,
 )
+from ctopd.objectives.scores import row_scores
 from ctopd.objectives.sliced import compute_dtype, sliced_loss
 from ctopd.objectives.teacher import TeacherOutputs
 
@@ -86,7 +87,7 @@ def dpca_advantages(student_old_logprobs: Tensor, teacher_token_logprobs: Tensor
     device = student_old_logprobs.device
     batch = torch.as_tensor(flat.batch[kept][owner], device=device)
     pos = torch.as_tensor(pos, device=device)
-    teacher_sums = range_sums(teacher_token_logprobs.detach(), flat.batch[kept],
+    teacher_sums = range_sums(teacher_token_logprobs.detach().to(device), flat.batch[kept],
                               flat.teacher_start[kept], flat.teacher_end[kept])
     values = chunk_advantages(student_old_logprobs[batch, pos],
                               torch.as_tensor(owner, device=device), teacher_sums,
@@ -144,15 +145,15 @@ def dpca(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignm
     kept = plan.index
     setup = _DpcaSetup(
         plan=plan,
-        teacher_sums=range_sums(teacher.token_logprobs.detach().to(dtype), flat.batch[kept],
-                                flat.teacher_start[kept], flat.teacher_end[kept]),
+        teacher_sums=range_sums(
+            teacher.token_logprobs.detach().to(student_logits.device, dtype), flat.batch[kept],
+            flat.teacher_start[kept], flat.teacher_end[kept]),
         old_logprobs=None if student_old_logprobs is None else student_old_logprobs.detach(),
         advantage_clip=advantage_clip, epsilon=epsilon, clip_low=clip_low, clip_high=clip_high,
     )
     sums: dict[str, float] = {}
-    total = sliced_loss(student_logits, plan.slices, lambda rows, sl: _slice_loss(setup, rows, sl),
-                        sums)
-    loss = total / max(int(flat.student_lengths.sum()), 1)
+    loss = sliced_loss(student_logits, plan.slices, lambda rows, sl: _slice_loss(setup, rows, sl),
+                       sums, scale=1.0 / max(int(flat.student_lengths.sum()), 1))
     supervised = int(flat.student_sizes[kept].sum())
     kl = (sums.get("student", 0.0) - float(setup.teacher_sums.sum())) / max(supervised, 1)
     return loss, finish_metrics(
@@ -173,7 +174,7 @@ def _check_old(old: Tensor, student_ids: Tensor, alignments: list[Alignment]) ->
 def _slice_loss(setup: _DpcaSetup, rows: Tensor,
                 row_slice: RowSlice) -> tuple[Tensor, dict[str, Tensor]]:
     """Surrogate summed over one slice's tokens; rows ``[S, V_S]``."""
-    logprobs = rows.gather(1, row_slice.ids[:, None])[:, 0] - torch.logsumexp(rows, dim=-1)
+    _, logprobs = row_scores(rows, row_slice.ids)
     if setup.old_logprobs is None:
         old = logprobs.detach()
     else:

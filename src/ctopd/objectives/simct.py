@@ -40,9 +40,9 @@ from torch import Tensor
 from ctopd.core.alignment import Alignment
 from ctopd.core.shared_vocab import SharedVocab
 from ctopd.objectives.checks import check_options, check_student, check_teacher
-from ctopd.objectives.classes import ClassMembers, class_logprobs, class_members
-from ctopd.objectives.divergences import ABSENT, divergence, reverse_kl
+from ctopd.objectives.classes import ClassMembers, class_members
 from ctopd.objectives.metrics import batch_metrics, finish_metrics
+from ctopd.objectives.omega import omega_divergence
 from ctopd.objectives.plan import (
     ChunkPlan,
     FlatChunks,
@@ -52,6 +52,7 @@ from ctopd.objectives.plan import (
     range_sums,
     segment_sum,
 )
+from ctopd.objectives.scores import row_scores
 from ctopd.objectives.sliced import compute_dtype, sliced_loss
 from ctopd.objectives.teacher import TeacherOutputs
 
@@ -190,20 +191,21 @@ def _distribution_objective(student_logits, student_ids, flat, teacher, keep, un
     if unit[plan.index].any():
         kept = plan.index
         has_unit = torch.as_tensor(unit[kept], device=device)
-        sums = range_sums(teacher.token_logprobs.detach().to(dtype), flat.batch[kept],
+        sums = range_sums(teacher.token_logprobs.detach().to(device, dtype), flat.batch[kept],
                           flat.teacher_start[kept], flat.teacher_end[kept])
         teacher_unit = sums / torch.as_tensor(flat.teacher_sizes[kept], device=device)
     sizes = plan.student_sizes.to(dtype)
     setup = _DistributionSetup(
-        plan=plan, teacher_rows=teacher_rows.detach(), members=members, has_unit=has_unit,
+        plan=plan, teacher_rows=teacher_rows.detach().to(device), members=members,
+        has_unit=has_unit,
         teacher_unit=teacher_unit, weights=sizes if weight_by_tokens else torch.ones_like(sizes),
         kind=kind, beta=beta, temperature=temperature,
     )
     sums: dict[str, float] = {}
-    total = sliced_loss(student_logits, plan.slices, lambda rows, sl: _slice_loss(setup, rows, sl),
-                        sums)
     student_tokens = int(flat.student_lengths.sum())
-    loss = total / max(student_tokens, 1)
+    loss = sliced_loss(student_logits, plan.slices,
+                       lambda rows, sl: _slice_loss(setup, rows, sl), sums,
+                       scale=1.0 / max(student_tokens, 1))
     kept_chunks = plan.index.size
     return loss, finish_metrics(
         batch_metrics(flat, teacher.token_logprobs), loss=loss,
@@ -217,36 +219,17 @@ def _slice_loss(setup: _DistributionSetup, rows: Tensor,
                 row_slice: RowSlice) -> tuple[Tensor, dict[str, Tensor]]:
     """Weighted divergence summed over one slice's chunks; rows ``[S, V_S]``."""
     k0, k1, count = row_slice.k0, row_slice.k1, row_slice.num_chunks
-    normaliser = torch.logsumexp(rows, dim=-1)  # [S]
-    first = rows[:count]
-    if setup.members is None:
-        student_scores = first - normaliser[:count, None]
-    else:
-        # Class log-sum-exp on raw logits, then normalise: no [count, V] log-softmax copy.
-        student_scores = class_logprobs(first, setup.members) - normaliser[:count, None]
+    student_scores, token_logprobs = row_scores(rows, row_slice.ids, count, setup.members)
     plan = setup.plan
     teacher_scores = setup.teacher_rows[plan.batch[k0:k1], plan.teacher_start[k0:k1]]
     teacher_scores = teacher_scores.to(student_scores.dtype)
     student_unit = teacher_unit = has_unit = None
     if setup.has_unit is not None:
-        token_logprobs = rows.gather(1, row_slice.ids[:, None])[:, 0] - normaliser
         counts = plan.student_sizes[k0:k1].to(rows.dtype)
         student_unit = segment_sum(token_logprobs, row_slice.chunk, count) / counts
         teacher_unit, has_unit = setup.teacher_unit[k0:k1], setup.has_unit[k0:k1]
-    student_logp = _omega_logprobs(student_scores, student_unit, has_unit, setup.temperature)
-    teacher_logp = _omega_logprobs(teacher_scores, teacher_unit, has_unit, setup.temperature)
-    per_chunk = divergence(student_logp, teacher_logp, kind=setup.kind, beta=setup.beta)
-    kl = per_chunk if setup.kind == "reverse_kl" else reverse_kl(student_logp, teacher_logp)
-    return (per_chunk * setup.weights[k0:k1]).sum(), {"kl": kl.detach().sum()}
+    per_chunk, kl = omega_divergence(student_scores, teacher_scores, student_unit, teacher_unit,
+                                     has_unit, kind=setup.kind, beta=setup.beta,
+                                     temperature=setup.temperature)
+    return (per_chunk * setup.weights[k0:k1]).sum(), {"kl": kl.sum()}
 
-
-def _omega_logprobs(scores: Tensor, unit: Tensor | None, has_unit: Tensor | None,
-                    temperature: float) -> Tensor:
-    """``log softmax(ℓ / τ)`` over ``Ω_k``: ``[K, C]`` class scores plus, when given, a unit
-    column (``ABSENT`` for chunks without one) -> ``[K, C]`` or ``[K, C + 1]``."""
-    if temperature != 1.0:
-        scores = scores / temperature
-    if unit is not None:
-        column = torch.where(has_unit, unit / temperature, torch.full_like(unit, ABSENT))
-        scores = torch.cat([scores, column[:, None]], dim=1)
-    return torch.log_softmax(scores, dim=-1)

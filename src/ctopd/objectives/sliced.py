@@ -34,30 +34,36 @@ def compute_dtype(logits: Tensor) -> torch.dtype:
 
 class _SlicedLoss(torch.autograd.Function):
     """``forward(logits, run, needs_grad)``: ``run(logits, buffer)`` returns the loss and fills
-    ``buffer`` with its gradient; ``backward`` returns the buffer times the incoming grad."""
+    ``buffer`` with its gradient; ``backward`` hands the buffer over."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, run: Callable, needs_grad: bool) -> Tensor:
         buffer = torch.zeros_like(logits, memory_format=torch.contiguous_format) if needs_grad \
             else None
         loss = run(logits, buffer)
-        ctx.buffer = buffer
+        ctx.save_for_backward(logits)
+        ctx.run, ctx.buffer = run, buffer
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor):
-        buffer = ctx.buffer
-        if bool(grad_loss == 1):
-            # The common case: hand the buffer over instead of allocating a scaled copy.
-            # Autograd does not accumulate into it in place while ctx still holds it.
-            return buffer, None, None
-        return buffer * grad_loss.to(buffer.dtype), None, None
+        # Give the buffer away (no copy, and autograd may keep it as .grad without cloning).
+        # A second backward through the same graph (retain_graph=True) recomputes it.
+        buffer, ctx.buffer = ctx.buffer, None
+        if buffer is None:
+            (logits,) = ctx.saved_tensors
+            buffer = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+            ctx.run(logits.detach(), buffer)
+        if not bool(grad_loss == 1):
+            buffer.mul_(grad_loss.to(buffer.dtype))
+        return buffer, None, None
 
 
 def sliced_loss(student_logits: Tensor, slices: Sequence[RowSlice], slice_loss: SliceLoss,
-                metrics: dict[str, float]) -> Tensor:
-    """Sum of ``slice_loss`` over ``slices``, differentiable with respect to the logits.
+                metrics: dict[str, float], *, scale: float = 1.0) -> Tensor:
+    """``scale`` times the sum of ``slice_loss`` over ``slices``, differentiable with respect to
+    the logits.
 
     Args:
         student_logits: float ``[B, m, V]`` (any float dtype; rows are computed in float32, or
@@ -65,7 +71,9 @@ def sliced_loss(student_logits: Tensor, slices: Sequence[RowSlice], slice_loss: 
         slices: the row slices (see :func:`~ctopd.objectives.plan.build_plan`).
         slice_loss: maps a slice's gathered rows ``[S, V]`` (a leaf that requires grad when a
             gradient is needed) and the slice to ``(loss_sum, metric_sums)``.
-        metrics: filled with the summed metric values, as floats.
+        metrics: filled with the summed metric values (not scaled), as floats.
+        scale: applied inside, so that the usual ``loss.backward()`` hands the gradient buffer
+            over instead of scaling a copy of it.
 
     Returns:
         A 0-dim tensor (float32 or float64) connected to ``student_logits``.
@@ -77,7 +85,7 @@ def sliced_loss(student_logits: Tensor, slices: Sequence[RowSlice], slice_loss: 
         total = torch.zeros((), dtype=dtype, device=logits.device)
         sums: dict[str, Tensor] = {}
         for row_slice in slices:
-            loss, parts = _run_slice(logits, buffer, row_slice, slice_loss, dtype)
+            loss, parts = _run_slice(logits, buffer, row_slice, slice_loss, dtype, scale)
             total += loss
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value.detach()
@@ -88,13 +96,16 @@ def sliced_loss(student_logits: Tensor, slices: Sequence[RowSlice], slice_loss: 
 
 
 def _run_slice(logits: Tensor, buffer: Tensor | None, row_slice: RowSlice,
-               slice_loss: SliceLoss, dtype: torch.dtype) -> tuple[Tensor, dict[str, Tensor]]:
+               slice_loss: SliceLoss, dtype: torch.dtype,
+               scale: float) -> tuple[Tensor, dict[str, Tensor]]:
     rows = logits[row_slice.batch, row_slice.pos].to(dtype)
     if buffer is None:
-        return slice_loss(rows, row_slice)
+        loss, parts = slice_loss(rows, row_slice)
+        return loss * scale, parts
     rows.requires_grad_(True)
     with torch.enable_grad():
         loss, parts = slice_loss(rows, row_slice)
+        loss = loss * scale
     if loss.requires_grad:
         (grad,) = torch.autograd.grad(loss, rows)
         buffer[row_slice.batch, row_slice.pos] = grad.to(buffer.dtype)
