@@ -23,13 +23,14 @@ def results_markdown(results: dict) -> str:
     seeds = results["seeds"]
     accuracy = "accuracy (mean ± std)" if seeds > 1 else "accuracy"
     lines = [
-        f"| method | held-out {accuracy} | per seed | coverage | KL (nats/token) "
-        f"| objective's own KL | seconds per run |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        f"| teacher | {results['teacher_accuracy']:.3f} | | | | | "
+        f"| method | held-out {accuracy} | per seed | coverage | coverage of aligned tokens "
+        f"| KL (nats/token) | non-canonical samples | objective's own KL | seconds per run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| teacher | {results['teacher_accuracy']:.3f} | | | | | | | "
         f"{results['teacher_seconds']:.0f} |",
-        f"| student after warm-up | {results['student_start_accuracy']:.3f} | | | "
-        f"{results['student_start_kl']:.3f} | | {results['student_seconds']:.0f} |",
+        f"| student after warm-up | {results['student_start_accuracy']:.3f} | | | | "
+        f"{results['student_start_kl']:.3f} | {_fmt(results.get('student_start_noncanonical'))} "
+        f"| | {results['student_seconds']:.0f} |",
     ]
     for method, row in results["methods"].items():
         mean = f"{row['accuracy_mean']:.3f}"
@@ -37,7 +38,9 @@ def results_markdown(results: dict) -> str:
             mean += f" ± {row['accuracy_std']:.3f}"
         per_seed = " ".join(f"{r['accuracy']:.3f}" for r in row["runs"])
         lines.append(f"| {LABELS.get(method, method)} | {mean} | {per_seed} | "
-                     f"{_fmt(row['coverage'])} | {_fmt(row['kl'])} | {_fmt(row['train_kl'])} | "
+                     f"{_fmt(row['coverage'])} | {_fmt(row.get('aligned_coverage'))} | "
+                     f"{_fmt(row['kl'])} | {_fmt(row.get('noncanonical'))} | "
+                     f"{_fmt(row['train_kl'])} | "
                      f"{row['seconds']:.0f} |")
     settings = results["settings"]
     lines += [
@@ -45,11 +48,13 @@ def results_markdown(results: dict) -> str:
         f"{seeds} seed(s); every method starts from the same warmed-up student and runs "
         f"{settings['method_steps']} steps x {settings['method_batch']} prompts. Accuracy: "
         f"greedy, exact final answer, {settings['num_test']} held-out problems. Coverage: share "
-        "of the student's sampled tokens that get supervision (SFT trains on teacher text, so "
-        "it has none). KL: the student's reverse KL to the teacher per student token on "
+        "of the student's sampled tokens that get supervision over all steps (SFT trains on "
+        "teacher text, so it has none); of aligned tokens: the same share among tokens outside "
+        "unaligned chunks (bytes that differ, e.g. invalid UTF-8 the student sampled). KL: the student's reverse KL to the teacher per student token on "
         f"{settings['kl_prompts']} held-out prompts, measured the same way for every method; "
-        "the objective's own KL is over its own supervision space and not comparable across "
-        "methods.",
+        "non-canonical samples: the share of those samples whose token ids differ from the "
+        "student tokenizer's own encoding of their text; the objective's own KL is over its own "
+        "supervision space and not comparable across methods.",
     ]
     return "\n".join(lines)
 

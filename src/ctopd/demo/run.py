@@ -58,17 +58,17 @@ class DemoSettings:
     teacher_batch: int = 64
     teacher_lr: float = 5e-3
     # Student: smaller, warmed up with SFT on teacher samples.
-    student_hidden: int = 48
+    student_hidden: int = 64
     student_layers: int = 2
-    warmup_steps: int = 100
+    warmup_steps: int = 1000
     warmup_batch: int = 32
     warmup_lr: float = 3e-3
     # Methods: equal budgets from the warmed-up student.
-    method_steps: int = 40
+    method_steps: int = 150
     method_batch: int = 32
-    method_lr: float = 1e-3
+    method_lr: float = 2e-4
     temperature: float = 1.0
-    eval_every: int = 10
+    eval_every: int = 25
     max_new_tokens: int = 96
     # Held-out prompts for the sequence-level KL estimate.
     kl_prompts: int = 64
@@ -250,8 +250,10 @@ def build_student(out: Path, settings: DemoSettings, *, force: bool,
     _replace(out / "runs" / "warmup" / "final", folder)
     shutil.rmtree(init, ignore_errors=True)
     accuracy = _accuracy(folder, out / "test.jsonl", settings)
-    kl = sequence_kl(folder, out / "teacher", out / "test.jsonl", settings)
-    result = {"accuracy": accuracy, "kl": kl, "seconds": time.perf_counter() - started}
+    samples = sequence_kl(folder, out / "teacher", out / "test.jsonl", settings)
+    kl = samples["kl"]
+    result = {"accuracy": accuracy, "kl": kl, "noncanonical": samples["noncanonical"],
+              "seconds": time.perf_counter() - started}
     _write_stamp(folder, stamp, result)
     log(f"[demo] student after warm-up: held-out accuracy {accuracy:.3f}, KL {kl:.3f} "
         f"({result['seconds']:.0f} s)")
@@ -297,21 +299,36 @@ def run_method(job: dict) -> dict:
     evals = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
     final = summary["final_metrics"]
     final_dir = run_dir / "final"
-    kl = sequence_kl(final_dir, out / "teacher", out / "test.jsonl", settings)
+    samples = sequence_kl(final_dir, out / "teacher", out / "test.jsonl", settings)
     shutil.rmtree(final_dir, ignore_errors=True)  # the report keeps the numbers, not the weights
     for checkpoint in run_dir.glob("checkpoint-*"):
         shutil.rmtree(checkpoint, ignore_errors=True)
+    coverage, aligned_coverage, unaligned_share = _coverage(rows) if method != "sft" else (None,) * 3
     return {
         "method": method, "seed": seed,
         "accuracy": summary["eval"]["accuracy"],
-        "coverage": final.get("coverage") if method != "sft" else None,
-        "unaligned_share": final.get("unaligned_share") if method != "sft" else None,
+        "coverage": coverage, "aligned_coverage": aligned_coverage,
+        "unaligned_share": unaligned_share,
         "train_kl": final.get("kl") if method != "sft" else None,
-        "kl": kl, "seconds": summary["seconds"], "steps": summary["steps"],
+        "kl": samples["kl"], "noncanonical": samples["noncanonical"],
+        "seconds": summary["seconds"], "steps": summary["steps"],
         "curve": {"step": [s for s, _ in evals], "accuracy": [a for _, a in evals],
                   "train_kl_step": [r["step"] for r in rows if "kl" in r],
                   "train_kl": [r["kl"] for r in rows if "kl" in r]},
     }
+
+
+def _coverage(rows: list[dict]) -> tuple[float, float, float]:
+    """Over every step of a run: supervised student tokens / sampled student tokens, supervised
+    / aligned student tokens (those outside unaligned chunks), and the unaligned share."""
+    sampled = sum(r["student_tokens"] for r in rows if "student_tokens" in r)
+    supervised = sum(r["supervised_tokens"] for r in rows if "supervised_tokens" in r)
+    unaligned = sum(r["student_tokens"] * r["unaligned_share"] for r in rows
+                    if "unaligned_share" in r)
+    aligned = sampled - unaligned
+    return (supervised / sampled if sampled else 0.0,
+            supervised / aligned if aligned > 0 else 0.0,
+            unaligned / sampled if sampled else 0.0)
 
 
 def summarize(teacher: dict, student: dict, runs: list[dict], settings: DemoSettings, *,
@@ -328,8 +345,10 @@ def summarize(teacher: dict, student: dict, runs: list[dict], settings: DemoSett
             "accuracy_mean": statistics.fmean(accuracies),
             "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
             "coverage": _mean([r["coverage"] for r in mine]),
+            "aligned_coverage": _mean([r["aligned_coverage"] for r in mine]),
             "unaligned_share": _mean([r["unaligned_share"] for r in mine]),
             "kl": _mean([r["kl"] for r in mine]),
+            "noncanonical": _mean([r["noncanonical"] for r in mine]),
             "train_kl": _mean([r["train_kl"] for r in mine]),
             "seconds": statistics.fmean(r["seconds"] for r in mine),
             "steps": mine[0]["steps"],
@@ -339,6 +358,7 @@ def summarize(teacher: dict, student: dict, runs: list[dict], settings: DemoSett
         "teacher_accuracy": teacher["accuracy"],
         "student_start_accuracy": student["accuracy"],
         "student_start_kl": student["kl"],
+        "student_start_noncanonical": student.get("noncanonical"),
         "methods": methods,
         "seeds": seeds,
         "quick": quick,
@@ -350,15 +370,21 @@ def summarize(teacher: dict, student: dict, runs: list[dict], settings: DemoSett
 
 
 def sequence_kl(student_dir: Path, teacher_dir: Path, data_path: Path,
-                settings: DemoSettings) -> float:
-    """Reverse KL per student token, measured the same way for every method.
+                settings: DemoSettings) -> dict:
+    """Reverse KL per student token, measured the same way for every method, and how often the
+    student spells its text with other tokens than its tokenizer would.
 
     The objectives each report their own ``kl`` over their own supervision space (SimCT over
     ``V∩`` plus units, shared-only over ``V∩``, DPCA per chunk), which are not comparable. This
     estimate is: the student samples a response ``y`` (temperature 1) to each of the first
     ``settings.kl_prompts`` held-out prompts; ``log π(y)`` is the sum of its token log-probs and
     ``log q(y)`` the teacher's log-prob of the same text under its own tokenisation (end of turn
-    included). Returns ``Σ (log π(y) - log q(y)) / Σ |y|`` (nats per student token).
+    included).
+
+    Returns:
+        ``kl``: ``Σ (log π(y) - log q(y)) / Σ |y|`` (nats per student token); ``noncanonical``:
+        the share of responses whose ids differ from the student tokenizer's encoding of their
+        own text (a student that learned to spell numbers digit by digit, say).
     """
     import torch
 
@@ -378,7 +404,7 @@ def sequence_kl(student_dir: Path, teacher_dir: Path, data_path: Path,
     examples = load_examples(DataConfig(path=str(data_path), limit=settings.kl_prompts))
     student_prompts = encode_prompts(student_tokenizer, examples, side="student")
     teacher_prompts = encode_prompts(teacher_tokenizer, examples, side="teacher")
-    total, tokens = 0.0, 0
+    total, tokens, noncanonical = 0.0, 0, 0
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(0)
         batch = settings.method_batch
@@ -400,7 +426,12 @@ def sequence_kl(student_dir: Path, teacher_dir: Path, data_path: Path,
                 mask = torch.arange(targets.shape[1]) < lengths.unsqueeze(1)
                 total += sign * float((logprobs * mask).sum())
             tokens += sum(len(r) for r in responses)
-    return total / max(tokens, 1)
+            for ids in responses:
+                body = ids[:-1] if pair.ended_turn(ids) else ids
+                canonical = student_tokenizer.encode(pair.student_text(body),
+                                                     add_special_tokens=False)
+                noncanonical += int(list(body) != canonical)
+    return {"kl": total / max(tokens, 1), "noncanonical": noncanonical / max(len(examples), 1)}
 
 
 def _config(settings: DemoSettings, output_dir: Path, *, student: Path, teacher: Path | None,
@@ -472,9 +503,13 @@ def _write_stamp(folder: Path, stamp: dict, result: dict) -> None:
 
 
 def _one_thread() -> None:
+    """One torch thread, and no per-load progress bars from transformers (the demo logs its own
+    progress lines)."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()
 
 
 def _params(model) -> str:
