@@ -323,8 +323,8 @@ def _coverage(rows: list[dict]) -> tuple[float, float, float]:
     / aligned student tokens (those outside unaligned chunks), and the unaligned share."""
     sampled = sum(r["student_tokens"] for r in rows if "student_tokens" in r)
     supervised = sum(r["supervised_tokens"] for r in rows if "supervised_tokens" in r)
-    unaligned = sum(r["student_tokens"] * r["unaligned_share"] for r in rows
-                    if "unaligned_share" in r)
+    unaligned = sum(round(r["student_tokens"] * r["unaligned_share"]) for r in rows
+                    if "unaligned_share" in r)  # integer counts, stored as shares
     aligned = sampled - unaligned
     return (supervised / sampled if sampled else 0.0,
             supervised / aligned if aligned > 0 else 0.0,
