@@ -59,30 +59,24 @@ def _fail(message: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ctopd.training.data import DataError
+    from ctopd.training.loop import train
 
-    try:
-        config = config_from_args(args)
-        from ctopd.training.loop import train
-
-        summary = train(config)
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        return _fail(str(err))
-    except FloatingPointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    _print_summary(summary)
-    return 0
+    return _run(args, train)
 
 
 def _sft(args: argparse.Namespace) -> int:
+    from ctopd.training.sft import run_sft
+
+    return _run(args, run_sft)
+
+
+def _run(args: argparse.Namespace, run) -> int:
+    """Build the config from ``args``, call ``run(config)``, print its summary; exit codes:
+    2 for bad input (config, data, a missing file), 1 for a non-finite loss."""
     from ctopd.training.data import DataError
 
     try:
-        config = config_from_args(args)
-        from ctopd.training.sft import run_sft
-
-        summary = run_sft(config)
+        summary = run(config_from_args(args))
     except (ConfigError, DataError, FileNotFoundError) as err:
         return _fail(str(err))
     except FloatingPointError as err:
