@@ -213,7 +213,7 @@ def build_student(out: Path, settings: DemoSettings, *, force: bool,
     """Warm up the student with SFT on teacher samples (or reuse ``student/``); evaluate it.
 
     Returns:
-        ``{"accuracy", "kl", "seconds"}``.
+        ``{"accuracy", "kl", "noncanonical", "seconds"}`` (see :func:`sequence_kl`).
     """
     stamp = settings.student_stamp()
     folder = out / "student"
@@ -267,9 +267,10 @@ def run_method(job: dict) -> dict:
         job: ``method``, ``seed``, ``out`` (the demo folder) and ``settings`` (a dict).
 
     Returns:
-        ``method``, ``seed``, ``accuracy`` (held-out, after the last step), ``coverage`` and
-        ``train_kl`` (the objective's own figures, mean of the last steps; ``None`` for SFT),
-        ``kl`` (sequence-level, :func:`sequence_kl`), ``seconds`` (the run's wall time, its
+        ``method``, ``seed``, ``accuracy`` (held-out, after the last step), ``coverage``,
+        ``aligned_coverage`` and ``unaligned_share`` (over all steps, :func:`_coverage`) and
+        ``train_kl`` (the objective's own, mean of the last steps); all ``None`` for SFT;
+        ``kl`` and ``noncanonical`` (held-out samples, :func:`sequence_kl`), ``seconds`` (the run's wall time, its
         evaluations included) and ``curve`` (``step``, ``accuracy``, ``train_kl`` lists).
     """
     _one_thread()
