@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from ctopd import TokenizerPair
 from ctopd.core.alignment import align_ids_batch
 
+from .oracles import byte_matcher_alignment, content_pieces, same_length_substitute
 from .strategies import texts
 
 
@@ -44,14 +45,6 @@ def reference_chunks(teacher_pieces: list[bytes], student_pieces: list[bytes]) -
         chunks[0][0] = chunks[0][2] = 0
         chunks[-1][1], chunks[-1][3] = len(teacher_pieces), len(student_pieces)
     return [tuple(c) for c in chunks]
-
-
-def content_pieces(table, ids: list[int]) -> list[bytes]:
-    """Per-token bytes with the dummy-prefix space dropped from the first token."""
-    pieces = [table.token_bytes(i) for i in ids]
-    if table.dummy_prefix and pieces and pieces[0][:1] == b" ":
-        pieces[0] = pieces[0][1:]
-    return pieces
 
 
 def check_partition(al, n: int, m: int) -> None:
@@ -109,7 +102,10 @@ def test_chunks_partition_match_bytes_and_are_minimal(pairs, text, pair_index, e
     expected = text
     if pair.student_table.prefix_only_if_no_space and text.startswith(" "):
         expected = text[1:]  # such a tokenizer cannot spell a leading space; its decoder agrees
-    assert pair.student_text(student_ids) == expected or "\u2581" in text
+    # A Unigram model can segment text like "<s>" into its control piece, which spells nothing.
+    segmented_into_special = pair.student_table.special[student_ids[: len(student_ids) - ended]]
+    assert (pair.student_text(student_ids) == expected or "\u2581" in text
+            or segmented_into_special.any())
     teacher_ids = pair.teacher_ids_for(student_ids)
     al = pair.align(teacher_ids, student_ids)
     check_partition(al, len(teacher_ids), len(student_ids))
@@ -251,3 +247,77 @@ def test_identical_tokenizers_score_the_sampled_ids_as_they_are(byte_level_token
     assert pair.teacher_ids_for(sampled) == sampled
     al = pair.align(sampled, sampled)
     assert al.one_to_one.all() and al.num_chunks == 3
+
+
+LONG_WORDS = ["internationalization", " extraordinary", " 1234567890123", "😀😀😀", "東京東京",
+              " counterrevolutionaries", "\n\n\n\n\n\n\n\n\n\n", "e\u0301e\u0301e\u0301e\u0301"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(texts, st.lists(st.sampled_from(LONG_WORDS), min_size=1, max_size=6)
+                      .map("".join)),
+       pair_index=st.integers(0, 15), mutate=st.sampled_from(["teacher", "student", "both"]),
+       position=st.integers(0, 10**6), choice=st.integers(0, 10**6), ended=st.booleans(),
+       in_long_chunk=st.booleans())
+def test_batched_byte_check_catches_equal_length_differences(pairs, text, pair_index, mutate,
+                                                             position, choice, ended,
+                                                             in_long_chunk):
+    """A token swapped for another of the same byte length keeps every offset in place, so
+    only the byte comparison (packed words for chunks of up to 8 bytes, bytes beyond) can tell
+    the texts apart. The batched result must equal the byte matcher's, sequence by sequence,
+    with an untouched copy in the same batch aligned in full."""
+    pair = pairs[sorted(pairs)[pair_index]]
+    student_ids = pair.student_tokenizer.encode(text, add_special_tokens=False)
+    if ended:
+        student_ids = student_ids + [pair.student_tokenizer.eos_token_id]
+    teacher_ids = pair.teacher_ids_for(student_ids)
+    t_position = s_position = position
+    if in_long_chunk:  # aim at a chunk of more than 8 bytes (compared byte by byte)
+        t_offsets = np.cumsum([0] + [len(p) for p in content_pieces(pair.teacher_table,
+                                                                    teacher_ids)])
+        al = pair.align(teacher_ids, student_ids)
+        long = [c for c in al.chunks[~al.is_end] if t_offsets[c[1]] - t_offsets[c[0]] > 8]
+        if long:
+            ta, tb, sa, sb = long[position % len(long)]
+            t_position, s_position = ta + position % (tb - ta), sa + position % (sb - sa)
+    t_mutated, s_mutated = teacher_ids, student_ids
+    if mutate in ("teacher", "both"):
+        t_mutated = same_length_substitute(pair.teacher_table, teacher_ids, t_position, choice)
+    if mutate in ("student", "both"):
+        s_mutated = same_length_substitute(pair.student_table, student_ids, s_position,
+                                           choice // 7)
+    batch = pair.align_batch([teacher_ids, t_mutated, teacher_ids],
+                             [student_ids, s_mutated, student_ids])
+    for t_ids, s_ids, al in zip([teacher_ids, t_mutated, teacher_ids],
+                                [student_ids, s_mutated, student_ids], batch):
+        expected = byte_matcher_alignment(pair, t_ids, s_ids)
+        assert np.array_equal(al.chunks, expected.chunks)
+        assert np.array_equal(al.aligned, expected.aligned)
+        assert np.array_equal(al.is_end, expected.is_end)
+        assert al.unaligned_bytes == expected.unaligned_bytes
+        check_partition(al, len(t_ids), len(s_ids))
+    t_bytes = b"".join(content_pieces(pair.teacher_table, t_mutated))
+    s_bytes = b"".join(content_pieces(pair.student_table, s_mutated))
+    if t_bytes != s_bytes:
+        assert not batch[1].aligned.all()
+    if "\u2581" not in text and pair.student_text(student_ids):
+        assert batch[0].aligned.all() and batch[2].aligned.all()
+
+
+def test_blocks_of_a_large_batch_give_the_same_alignments(families, monkeypatch):
+    from ctopd.core import alignment as core
+
+    pair = TokenizerPair(families["sentencepiece_bpe"], families["byte_level"])
+    words = ["alpha", " 12", "😀", "\n", " beta", "345", "中文", "  ", " extraordinary"]
+    rng = np.random.default_rng(1)
+    batch = ["".join(rng.choice(words, size=rng.integers(0, 20))) for _ in range(120)]
+    student_ids = [families["byte_level"].encode(t, add_special_tokens=False) for t in batch]
+    teacher_ids = pair.teacher_ids_for_batch(student_ids)
+    whole = pair.align_batch(teacher_ids, student_ids)
+    monkeypatch.setattr(core, "BLOCK_TOKENS", 7)
+    blocked = pair.align_batch(teacher_ids, student_ids)
+    assert len(blocked) == len(whole) == len(batch)
+    for a, b in zip(whole, blocked):
+        assert np.array_equal(a.chunks, b.chunks) and np.array_equal(a.aligned, b.aligned)
+        assert np.array_equal(a.is_end, b.is_end)
+        assert (a.teacher_length, a.student_length) == (b.teacher_length, b.student_length)

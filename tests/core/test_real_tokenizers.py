@@ -11,6 +11,8 @@ import pytest
 from ctopd import TokenizerPair, load_tokenizer
 from tests.conftest import REAL_TOKENIZERS
 
+from .oracles import byte_matcher_alignment, content_pieces, same_length_substitute
+
 
 @pytest.fixture(scope="module")
 def real_tokenizers(real_tokenizers_dir):
@@ -70,3 +72,45 @@ def test_per_token_decode_loses_llama_spaces(real_tokenizers):
     assert "".join(tok.decode([i]) for i in ids) != "sold 48 clips"
     table = TokenizerPair(real_tokenizers["gpt-2"], tok).student_table
     assert np.all(table.lengths[ids] > 0)
+
+
+@pytest.mark.parametrize("teacher,student", [("qwen2", "llama-spm"), ("llama-spm", "gpt-2"),
+                                             ("gpt-2", "qwen2"), ("phi-3", "qwen2")])
+def test_batched_byte_check_on_real_pairs(real_tokenizers, gsm8k_ids, teacher, student):
+    """Real vocabularies have long tokens, so many chunks exceed 8 bytes (compared byte by byte)
+    and many are multi-token (compared as packed words). In each of 150 answers one token, on
+    the teacher's or the student's side, is swapped for another of the same byte length; every
+    sequence of the batch, the untouched ones interleaved, must come out as the byte matcher
+    aligns it."""
+    pair = TokenizerPair(real_tokenizers[teacher], real_tokenizers[student])
+    end = int(pair.student_table.end_ids[0])
+    rng = np.random.default_rng(0)
+    student_ids = [ids + [end] for ids in gsm8k_ids[student][:150]]
+    teacher_ids = pair.teacher_ids_for_batch(student_ids)
+    batch_t, batch_s, long_hits = [], [], 0
+    for k, (t_ids, s_ids, al) in enumerate(zip(teacher_ids, student_ids,
+                                               pair.align_batch(teacher_ids, student_ids))):
+        offsets = np.cumsum([0] + [len(p) for p in content_pieces(pair.teacher_table, t_ids)])
+        content = al.chunks[~al.is_end]
+        sizes = offsets[content[:, 1]] - offsets[content[:, 0]]
+        # Every other answer: aim at a chunk of more than 8 bytes when there is one.
+        pool = content[sizes > 8] if k % 2 == 0 and (sizes > 8).any() else content
+        ta, tb, sa, sb = pool[rng.integers(len(pool))]
+        long_hits += bool(offsets[tb] - offsets[ta] > 8)
+        if k % 3 == 0:
+            s_ids = same_length_substitute(pair.student_table, s_ids, int(rng.integers(sa, sb)),
+                                           int(rng.integers(10**6)))
+        else:
+            t_ids = same_length_substitute(pair.teacher_table, t_ids, int(rng.integers(ta, tb)),
+                                           int(rng.integers(10**6)))
+        batch_t += [teacher_ids[k], t_ids]
+        batch_s += [student_ids[k], s_ids]
+    assert long_hits >= 40
+    differing = 0
+    for t_ids, s_ids, al in zip(batch_t, batch_s, pair.align_batch(batch_t, batch_s)):
+        expected = byte_matcher_alignment(pair, t_ids, s_ids)
+        assert np.array_equal(al.chunks, expected.chunks)
+        assert np.array_equal(al.aligned, expected.aligned)
+        assert al.unaligned_bytes == expected.unaligned_bytes
+        differing += not al.aligned.all()
+    assert differing >= 140  # nearly every mutated answer (a few tokens have no same-length twin)

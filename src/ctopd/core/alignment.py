@@ -23,17 +23,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctopd.core.byte_table import ByteTable, check_ids_in_range
+from ctopd.core.byte_table import SPECIAL_PLACEHOLDER, ByteTable, check_ids_in_range
 
-# Specials inside a response have no text. They are given one placeholder byte so they occupy a
-# position, and any chunk containing one is unaligned.
-_SPECIAL_PLACEHOLDER = 0xFF
 # Above this many differing bytes in the middle of a pair, the byte matcher (quadratic in the
 # worst case) is skipped and the whole differing middle is one unaligned region.
 MAX_MATCHED_MIDDLE_BYTES = 20_000
+# A large batch is aligned in blocks of about this many student tokens.
+BLOCK_TOKENS = 65_536
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Alignment:
     """The chunks of one response.
 
@@ -84,25 +83,81 @@ class Alignment:
 class _Side:
     """One side of a batch as flat arrays over all tokens of all sequences.
 
-    ``content`` is False only for each sequence's trailing end token; ``lengths`` and ``starts``
-    already account for specials (one placeholder byte) and the dummy-prefix space.
+    Token byte lengths count a special id as one placeholder byte and leave out a leading
+    dummy-prefix space (ALGORITHMS §2); a trailing end id is part of ``ids`` and ``lengths`` but
+    not of the sequence's content.
     """
 
+    table: ByteTable
     ids: np.ndarray  # int64 [N]
     seq_start: np.ndarray  # int64 [B + 1], first token of each sequence in the flat arrays
-    has_end: np.ndarray  # bool [B]
-    content_count: np.ndarray  # int64 [B], tokens before the trailing end token
-    content: np.ndarray  # bool [N]
-    special: np.ndarray  # bool [N]
+    has_end: np.ndarray  # bool [B], the sequence's last token is an end id
+    content_count: np.ndarray  # int64 [B], tokens before the trailing end id
     lengths: np.ndarray  # int64 [N], bytes per token
-    starts: np.ndarray  # int64 [N], start in table.flat_bytes (-1 for specials)
-    seq_of_token: np.ndarray  # int64 [N]
+    byte_offsets: np.ndarray  # int64 [N + 1], cumulative ``lengths`` (0 first)
+    stripped: np.ndarray  # int64 [S], sorted tokens whose dummy-prefix space was left out
+    content_specials: np.ndarray  # int64 [B], special ids among each sequence's content
+
+    @property
+    def counts(self) -> np.ndarray:
+        """int64 ``[B]``: tokens per sequence, trailing end id included."""
+        return np.diff(self.seq_start)
+
+    def content_bytes(self) -> np.ndarray:
+        """int64 ``[B]``: bytes of each sequence's content."""
+        first = self.seq_start[:-1]
+        return self.byte_offsets[first + self.content_count] - self.byte_offsets[first]
+
+    def starts(self, index: np.ndarray) -> np.ndarray:
+        """int64: where the bytes of tokens ``index`` begin in ``table.flat_bytes`` (-1 for
+        specials), after any left-out dummy-prefix space."""
+        ids = self.ids[index]
+        out = np.where(self.table.special[ids], -1, self.table.starts[ids])
+        if self.stripped.size:
+            pos = np.minimum(np.searchsorted(self.stripped, index), self.stripped.size - 1)
+            out += self.stripped[pos] == index
+        return out
+
+    def special(self, index) -> np.ndarray:
+        """bool: whether tokens ``index`` are special ids."""
+        return self.table.special[self.ids[index]]
+
+    def words(self) -> np.ndarray:
+        """uint64 ``[N]``: each token's first 8 bytes, packed (see ``ByteTable.words``)."""
+        words = self.table.words[self.ids]
+        if self.stripped.size:
+            # Without its leading space a token's word loses its low byte and, when it is longer
+            # than 8 bytes, gains its 9th byte at the top.
+            ids = self.ids[self.stripped]
+            ninth = self.table.flat_bytes[np.minimum(self.table.starts[ids] + 8,
+                                                     self.table.flat_bytes.size - 1)]
+            ninth = np.where(self.table.lengths[ids] > 8, ninth, 0).astype(np.uint64)
+            words[self.stripped] = (words[self.stripped] >> np.uint64(8)) | (ninth << np.uint64(56))
+        return words
+
+    def select(self, keep: np.ndarray) -> _Side:
+        """The same side restricted to the sequences where ``keep`` (bool ``[B]``) is True."""
+        counts = self.counts
+        token_keep = np.repeat(keep, counts)
+        new_index = np.cumsum(token_keep) - 1
+        lengths = self.lengths[token_keep]
+        return _Side(
+            table=self.table,
+            ids=self.ids[token_keep],
+            seq_start=np.concatenate([[0], np.cumsum(counts[keep])]),
+            has_end=self.has_end[keep],
+            content_count=self.content_count[keep],
+            lengths=lengths,
+            byte_offsets=np.concatenate([[0], np.cumsum(lengths)]),
+            stripped=new_index[self.stripped[token_keep[self.stripped]]],
+            content_specials=self.content_specials[keep],
+        )
 
 
 def _flatten(ids_list: list) -> tuple[np.ndarray, np.ndarray]:
     counts = np.fromiter((len(x) for x in ids_list), np.int64, len(ids_list))
-    if all(isinstance(x, np.ndarray) for x in ids_list) and ids_list:
-        flat = np.concatenate([x.reshape(-1) for x in ids_list]).astype(np.int64, copy=False)
+    if ids_list and all(isinstance(x, np.ndarray) and x.ndim == 1 for x in ids_list):
+        flat = np.concatenate(ids_list).astype(np.int64, copy=False)
     else:
         flat = np.fromiter(itertools.chain.from_iterable(
             x.tolist() if hasattr(x, "tolist") else x for x in ids_list), np.int64, int(counts.sum()))
@@ -116,23 +171,24 @@ def _prepare_side(table: ByteTable, ids_list: list, label: str) -> _Side:
     last = seq_start[1:] - 1
     has_end = np.zeros(counts.size, dtype=bool)
     nonempty = counts > 0
-    has_end[nonempty] = np.isin(ids[last[nonempty]], table.end_ids)
-    content = np.ones(ids.size, dtype=bool)
-    content[last[has_end]] = False
-    special = table.special[ids]
-    lengths = np.where(special, 1, table.lengths[ids])
-    starts = np.where(special, -1, table.starts[ids])
+    has_end[nonempty] = table.is_end[ids[last[nonempty]]]
     content_count = counts - has_end
+    lengths = table.placeholder_lengths[ids]
+    content_specials = np.zeros(counts.size, dtype=np.int64)
+    special_at = np.flatnonzero(table.special[ids])
+    if special_at.size:
+        seq = np.searchsorted(seq_start, special_at, side="right") - 1
+        in_content = special_at < seq_start[seq] + content_count[seq]
+        content_specials = np.bincount(seq[in_content], minlength=counts.size)
+    stripped = np.zeros(0, dtype=np.int64)
     if table.dummy_prefix:
         # The dummy-prefix space is the tokenizer's artefact, not content (ALGORITHMS §2).
         first = seq_start[:-1][content_count > 0]
-        first = first[~special[first] & (lengths[first] > 0)]
-        first = first[table.flat_bytes[starts[first]] == 0x20]
-        lengths[first] -= 1
-        starts[first] += 1
-    seq_of_token = np.repeat(np.arange(counts.size), counts)
-    return _Side(ids, seq_start, has_end, content_count, content, special, lengths, starts,
-                 seq_of_token)
+        first = first[~table.special[ids[first]] & (lengths[first] > 0)]
+        stripped = first[table.flat_bytes[table.starts[ids[first]]] == 0x20]
+        lengths[stripped] -= 1
+    return _Side(table, ids, seq_start, has_end, content_count, lengths,
+                 np.concatenate([[0], np.cumsum(lengths)]), stripped, content_specials)
 
 
 def _sequence_bytes(table: ByteTable, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -146,7 +202,7 @@ def _sequence_bytes(table: ByteTable, starts: np.ndarray, lengths: np.ndarray) -
     index = np.repeat(shift, lengths) + np.arange(total, dtype=np.int32)
     out = table.flat_bytes[np.maximum(index, 0)]
     if (starts < 0).any():
-        out[np.repeat(starts < 0, lengths)] = _SPECIAL_PLACEHOLDER
+        out[np.repeat(starts < 0, lengths)] = SPECIAL_PLACEHOLDER
     return out
 
 
@@ -185,17 +241,13 @@ def _matching_blocks(a: np.ndarray, b: np.ndarray) -> list[tuple[int, int, int]]
     return blocks
 
 
-def _content_slice(side: _Side, k: int) -> slice:
-    return slice(side.seq_start[k], side.seq_start[k] + side.content_count[k])
-
-
-def _align_one_slow(teacher: ByteTable, student: ByteTable, t_side: _Side, s_side: _Side,
-                    k: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _align_one_slow(t_side: _Side, s_side: _Side, k: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Chunks and aligned flags of the content of sequence ``k``, whose bytes may differ."""
-    t_slice, s_slice = _content_slice(t_side, k), _content_slice(s_side, k)
-    t_len, s_len = t_side.lengths[t_slice], s_side.lengths[s_slice]
-    a = _sequence_bytes(teacher, t_side.starts[t_slice], t_len)
-    b = _sequence_bytes(student, s_side.starts[s_slice], s_len)
+    t_index = np.arange(t_side.seq_start[k], t_side.seq_start[k] + t_side.content_count[k])
+    s_index = np.arange(s_side.seq_start[k], s_side.seq_start[k] + s_side.content_count[k])
+    t_len, s_len = t_side.lengths[t_index], s_side.lengths[s_index]
+    a = _sequence_bytes(t_side.table, t_side.starts(t_index), t_len)
+    b = _sequence_bytes(s_side.table, s_side.starts(s_index), s_len)
     t_offsets = np.concatenate([[0], np.cumsum(t_len)]).astype(np.int64)
     s_offsets = np.concatenate([[0], np.cumsum(s_len)]).astype(np.int64)
     # Common offsets lie on one matching block's diagonal; remember which block.
@@ -220,7 +272,7 @@ def _align_one_slow(teacher: ByteTable, student: ByteTable, t_side: _Side, s_sid
     chunks = np.stack([t[:-1], t[1:], s[:-1], s[1:]], axis=1).astype(np.int64)
     aligned = (blocks[:-1] == blocks[1:]) & (blocks[:-1] >= 0)
     aligned &= (np.diff(cuts[:, 0]) > 0) & (np.diff(cuts[:, 1]) > 0)
-    aligned &= ~_chunk_has_special(chunks, t_side.special[t_slice], s_side.special[s_slice])
+    aligned &= ~_chunk_has_special(chunks, t_side.special(t_index), s_side.special(s_index))
     unaligned_bytes = int(np.diff(cuts[:, 1])[~aligned].sum())
     return chunks, aligned, unaligned_bytes
 
@@ -235,78 +287,117 @@ def _chunk_has_special(chunks: np.ndarray, t_special: np.ndarray, s_special: np.
     )
 
 
-def _per_seq_sum(side: _Side, mask: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
-    return np.bincount(side.seq_of_token[mask], weights=values[mask], minlength=size).astype(
-        np.int64)
+def _fast_candidates(t_side: _Side, s_side: _Side) -> np.ndarray:
+    """bool ``[B]``: sequences the batched path can align: content of equal byte length (> 0) on
+    both sides, no special id inside it, an end id on both sides or neither, and no token that
+    spells zero bytes except a sequence's first. Their bytes are still compared chunk by chunk."""
+    t_bytes, s_bytes = t_side.content_bytes(), s_side.content_bytes()
+    ok = ((t_bytes == s_bytes) & (t_bytes > 0) & (t_side.has_end == s_side.has_end)
+          & (t_side.content_specials == 0) & (s_side.content_specials == 0))
+    for side in (t_side, s_side):
+        empty = np.flatnonzero(side.lengths == 0)
+        if empty.size:
+            seq = np.searchsorted(side.seq_start, empty, side="right") - 1
+            ok[seq[empty != side.seq_start[seq]]] = False
+    return ok
 
 
-def _equal_bytes(teacher: ByteTable, student: ByteTable, t_side: _Side, s_side: _Side
-                 ) -> np.ndarray:
-    """bool ``[B]``: sequences with no specials, content on both sides, identical bytes."""
-    size = t_side.has_end.size
-    t_total = _per_seq_sum(t_side, t_side.content, t_side.lengths, size)
-    s_total = _per_seq_sum(s_side, s_side.content, s_side.lengths, size)
-    t_specials = _per_seq_sum(t_side, t_side.content, t_side.special, size)
-    s_specials = _per_seq_sum(s_side, s_side.content, s_side.special, size)
-    good = ((t_total == s_total) & (t_side.content_count > 0) & (s_side.content_count > 0)
-            & (t_specials == 0) & (s_specials == 0))
-    t_sel = t_side.content & good[t_side.seq_of_token]
-    s_sel = s_side.content & good[s_side.seq_of_token]
-    a = _sequence_bytes(teacher, t_side.starts[t_sel], t_side.lengths[t_sel])
-    b = _sequence_bytes(student, s_side.starts[s_sel], s_side.lengths[s_sel])
-    differ = np.flatnonzero(a != b)
-    if differ.size:  # rare: find which sequences the differing bytes belong to
-        byte_ends = np.cumsum(t_side.lengths[t_sel])
-        token = np.searchsorted(byte_ends, differ, side="right")
-        good[np.unique(t_side.seq_of_token[t_sel][token])] = False
-    return good
+def _token_runs(first: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """Token indices of the ranges ``[first, stop)``, back to back."""
+    sizes = stop - first
+    return np.arange(int(sizes.sum())) + np.repeat(first - (np.cumsum(sizes) - sizes), sizes)
 
 
-def _align_fast(t_side: _Side, s_side: _Side, good: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Chunks of the sequences marked ``good`` (bytes known equal), computed in one pass.
+def _packed_prefix(side: _Side, first: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """uint64 ``[K + 1]``: running sums (mod 2**64) of the chunks' packed bytes, so that
+    ``diff`` gives each chunk of at most 8 bytes its bytes packed little-endian.
 
-    Returns:
-        ``(chunks [K, 4] with sequence-local token indices, chunk counts [G])`` in order of the
-        good sequences.
+    A token's word is shifted by 8 bits per byte it starts into its chunk; tokens of a chunk of
+    at most 8 bytes occupy disjoint bits, so their sum is the chunk's packed bytes. Longer
+    chunks give meaningless sums (shifts of 64 bits and more are 0) and are compared byte by
+    byte instead.
     """
-    if not good.any():
-        return np.zeros((0, 4), dtype=np.int64), np.zeros(0, dtype=np.int64)
-    t_sel = t_side.content & good[t_side.seq_of_token]
-    s_sel = s_side.content & good[s_side.seq_of_token]
-    t_len, s_len = t_side.lengths[t_sel], s_side.lengths[s_sel]
-    t_starts = np.cumsum(t_len) - t_len  # global byte offset where each token starts
-    s_starts = np.cumsum(s_len) - s_len
-    t_ends, s_ends = t_starts + t_len, s_starts + s_len
-    # Student tokens ending at each byte offset, counted over the whole batch (O(bytes)); the
-    # teacher's end offsets that some student token also ends at are the common offsets, and
-    # the student tokens ending before an offset give the student token index there.
-    ends_at = np.bincount(s_ends, minlength=int(t_ends[-1]) + 1)
-    on_both = ends_at[t_ends] > 0
-    pos = np.cumsum(ends_at)[t_ends] - ends_at[t_ends]
-    # A common offset x closes teacher token i and student token pos[i]; the next chunk starts at
-    # the token after each. Where zero-length tokens repeat an offset, keep its first closing
-    # token, so the zero-length one opens the next chunk. Sequence ends are common offsets too.
-    first_time = np.concatenate([[True], np.diff(t_ends[on_both]) != 0])
-    cuts = np.concatenate([[0], t_ends[on_both][first_time]])
-    t_cut = np.concatenate([[0], np.flatnonzero(on_both)[first_time] + 1])
-    s_cut = np.concatenate([[0], pos[on_both][first_time] + 1])
-    if cuts.size > 1 and cuts[1] == 0:  # a zero-length first token: offset 0 listed twice
-        cuts, t_cut, s_cut = cuts[1:], t_cut[1:], s_cut[1:]
-        t_cut[0] = s_cut[0] = 0
-    t_counts, s_counts = t_side.content_count[good], s_side.content_count[good]
-    t_first = np.concatenate([[0], np.cumsum(t_counts)])
-    s_first = np.concatenate([[0], np.cumsum(s_counts)])
-    seq_of_token = np.repeat(np.arange(t_counts.size), t_counts)
-    bases = np.concatenate([[0], np.cumsum(
-        np.bincount(seq_of_token, weights=t_len, minlength=t_counts.size).astype(np.int64))])
-    cut_of_base = np.searchsorted(cuts, bases)
-    t_cut[cut_of_base] = t_first  # each sequence's first chunk starts at its first token
-    s_cut[cut_of_base] = s_first
-    seq_of_chunk = np.repeat(np.arange(t_counts.size), np.diff(cut_of_base))
-    chunks = np.stack([t_cut[:-1] - t_first[seq_of_chunk], t_cut[1:] - t_first[seq_of_chunk],
-                       s_cut[:-1] - s_first[seq_of_chunk], s_cut[1:] - s_first[seq_of_chunk]],
-                      axis=1)
-    return chunks, np.diff(cut_of_base)
+    shifts = (side.byte_offsets[:-1]
+              - np.repeat(side.byte_offsets[first], stop - first)).view(np.uint64)
+    shifts <<= np.uint64(3)
+    running = np.zeros(side.ids.size + 1, dtype=np.uint64)
+    np.cumsum(side.words() << shifts, out=running[1:])
+    return running[np.append(first, side.ids.size)]
+
+
+def _differing_chunks(t_side: _Side, s_side: _Side, t_first: np.ndarray, s_first: np.ndarray,
+                      t_stop: np.ndarray, s_stop: np.ndarray, chunk_bytes: np.ndarray
+                      ) -> np.ndarray:
+    """bool ``[K]``: chunks whose bytes differ between the sides (their lengths are equal).
+
+    Exact, and linear in tokens rather than bytes: a chunk of at most 8 bytes is compared as
+    one packed 64-bit word per side, a longer one byte by byte.
+    """
+    # Chunk k's packed bytes are equal iff the difference of the two running sums is the same
+    # before and after it.
+    gap = _packed_prefix(t_side, t_first, t_stop) - _packed_prefix(s_side, s_first, s_stop)
+    differ = (np.diff(gap) != 0) & (chunk_bytes <= 8)
+    long = np.flatnonzero(chunk_bytes > 8)
+    if long.size:
+        t_index = _token_runs(t_first[long], t_stop[long])
+        s_index = _token_runs(s_first[long], s_stop[long])
+        a = _sequence_bytes(t_side.table, t_side.starts(t_index), t_side.lengths[t_index])
+        b = _sequence_bytes(s_side.table, s_side.starts(s_index), s_side.lengths[s_index])
+        where = np.flatnonzero(a != b)
+        if where.size:
+            differ[long[np.searchsorted(np.cumsum(chunk_bytes[long]), where, side="right")]] = True
+    return differ
+
+
+def _align_fast(t_side: _Side, s_side: _Side) -> list[Alignment | None]:
+    """Alignments of sequences that :func:`_fast_candidates` accepted, all in one pass; ``None``
+    for a sequence whose bytes turn out to differ.
+
+    The sequences are laid end to end. Each token starts at a byte offset of that stream; a
+    chunk starts wherever a teacher token and a student token start at the same offset, so
+    chunk boundaries come from marking offsets (linear in bytes, no search). A trailing end id
+    counts as one placeholder byte on each side, which makes it a chunk of its own.
+    """
+    t_offsets, s_offsets = t_side.byte_offsets[:-1], s_side.byte_offsets[:-1]
+    total = int(t_side.byte_offsets[-1])
+    # 1 = a teacher token starts here, 2 = a student token does, 3 = both.
+    marks = np.zeros(total + 1, dtype=np.uint8)
+    marks[t_offsets] = 1
+    marks[s_offsets] += 2
+    t_opens, s_opens = marks[t_offsets] == 3, marks[s_offsets] == 3
+    # A zero-length token (only ever a sequence's first) shares its offset with the next one;
+    # it opens the chunk and the next token joins it.
+    for side, opens in ((t_side, t_opens), (s_side, s_opens)):
+        opens[np.flatnonzero(side.lengths == 0) + 1] = False
+    t_first, s_first = np.flatnonzero(t_opens), np.flatnonzero(s_opens)
+    t_stop = np.append(t_first[1:], t_side.ids.size)
+    s_stop = np.append(s_first[1:], s_side.ids.size)
+    chunk_bytes = np.diff(np.append(t_offsets[t_first], total))
+    first_chunk = np.searchsorted(t_first, t_side.seq_start[:-1])
+    chunks_per_seq = np.diff(np.append(first_chunk, t_first.size))
+
+    differ = np.flatnonzero(_differing_chunks(t_side, s_side, t_first, s_first, t_stop, s_stop,
+                                              chunk_bytes))
+    bad = np.zeros(first_chunk.size, dtype=bool)
+    bad[np.searchsorted(first_chunk, differ, side="right") - 1] = True
+
+    t_base = np.repeat(t_side.seq_start[:-1], chunks_per_seq)
+    s_base = np.repeat(s_side.seq_start[:-1], chunks_per_seq)
+    chunks = np.empty((t_first.size, 4), dtype=np.int64)
+    chunks[:, 0] = t_first - t_base
+    chunks[:, 1] = t_stop - t_base
+    chunks[:, 2] = s_first - s_base
+    chunks[:, 3] = s_stop - s_base
+    aligned = np.ones(t_first.size, dtype=bool)
+    is_end = np.zeros(t_first.size, dtype=bool)
+    is_end[(first_chunk + chunks_per_seq - 1)[t_side.has_end]] = True
+    bounds = np.append(first_chunk, t_first.size).tolist()
+    t_lengths, s_lengths = t_side.counts.tolist(), s_side.counts.tolist()
+    return [
+        None if is_bad else Alignment(chunks[lo:hi], aligned[lo:hi], is_end[lo:hi], n, m)
+        for is_bad, lo, hi, n, m in zip(bad.tolist(), bounds[:-1], bounds[1:], t_lengths,
+                                        s_lengths)
+    ]
 
 
 def align_ids_batch(
@@ -339,44 +430,35 @@ def align_ids_batch(
         )
     if not teacher_ids:
         return []
-    t_side = _prepare_side(teacher, teacher_ids, "teacher")
-    s_side = _prepare_side(student, student_ids, "student")
-    good = _equal_bytes(teacher, student, t_side, s_side)
-    fast = _fast_alignments(t_side, s_side, good)
-    results = []
-    for k in range(len(teacher_ids)):
-        if good[k]:
-            results.append(fast[k])
-        else:
-            chunks, aligned, unaligned_bytes = _align_one_slow(teacher, student, t_side, s_side, k)
-            results.append(_with_end_chunk(chunks, aligned, unaligned_bytes, t_side, s_side, k))
+    # Blocks of about BLOCK_TOKENS tokens keep every temporary array in cache; a batch of any
+    # size costs the same per token.
+    sizes = np.fromiter((len(x) for x in student_ids), np.int64, len(student_ids))
+    block_of_seq = (np.cumsum(sizes) - sizes) // BLOCK_TOKENS
+    cuts = np.flatnonzero(np.diff(block_of_seq)) + 1
+    bounds = [0, *cuts.tolist(), len(student_ids)]
+    results: list[Alignment] = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        results.extend(_align_block(teacher, student, teacher_ids[lo:hi], student_ids[lo:hi]))
     return results
 
 
-def _fast_alignments(t_side: _Side, s_side: _Side, good: np.ndarray) -> dict[int, Alignment]:
-    """Alignments of the sequences with equal bytes, end chunks appended for all at once; each
-    holds views of three batch-wide arrays."""
-    chunks, counts = _align_fast(t_side, s_side, good)
-    if not counts.size:
-        return {}
-    t_end, s_end = t_side.has_end[good], s_side.has_end[good]
-    t_n, s_m = t_side.content_count[good], s_side.content_count[good]
-    with_end = t_end | s_end
-    end_rows = np.stack([t_n, t_n + t_end, s_m, s_m + s_end], axis=1)[with_end]
-    insert_at = np.cumsum(counts)[with_end]
-    chunks = np.insert(chunks, insert_at, end_rows, axis=0)
-    end_index = insert_at + np.arange(insert_at.size)
-    aligned = np.ones(chunks.shape[0], dtype=bool)
-    aligned[end_index] = (t_end & s_end)[with_end]
-    is_end = np.zeros(chunks.shape[0], dtype=bool)
-    is_end[end_index] = aligned[end_index]
-    bounds = np.concatenate([[0], np.cumsum(counts + with_end)]).tolist()
-    t_len, s_len = (t_n + t_end).tolist(), (s_m + s_end).tolist()
-    return {
-        k: Alignment(chunks[lo:hi], aligned[lo:hi], is_end[lo:hi], t_len[g], s_len[g])
-        for g, (k, lo, hi) in enumerate(zip(np.flatnonzero(good).tolist(), bounds[:-1],
-                                            bounds[1:]))
-    }
+def _align_block(teacher: ByteTable, student: ByteTable, teacher_ids: list, student_ids: list
+                 ) -> list[Alignment]:
+    t_side = _prepare_side(teacher, teacher_ids, "teacher")
+    s_side = _prepare_side(student, student_ids, "student")
+    candidate = _fast_candidates(t_side, s_side)
+    results: list[Alignment | None] = [None] * len(teacher_ids)
+    if candidate.any():
+        everyone = bool(candidate.all())
+        fast = _align_fast(t_side if everyone else t_side.select(candidate),
+                           s_side if everyone else s_side.select(candidate))
+        for k, alignment in zip(np.flatnonzero(candidate).tolist(), fast):
+            results[k] = alignment
+    for k, alignment in enumerate(results):
+        if alignment is None:
+            chunks, aligned, unaligned_bytes = _align_one_slow(t_side, s_side, k)
+            results[k] = _with_end_chunk(chunks, aligned, unaligned_bytes, t_side, s_side, k)
+    return results
 
 
 def _with_end_chunk(chunks, aligned, unaligned_bytes, t_side: _Side, s_side: _Side, k: int):
@@ -410,11 +492,12 @@ def response_bytes_batch(table: ByteTable, ids_list: list) -> tuple[list[bytes],
     if not ids_list:
         return [], np.zeros(0, dtype=bool)
     side = _prepare_side(table, ids_list, "student")
-    keep = side.content & ~side.special
-    data = _sequence_bytes(table, side.starts[keep], side.lengths[keep]).tobytes()
-    per_seq = np.bincount(side.seq_of_token[keep], weights=side.lengths[keep],
-                          minlength=side.has_end.size).astype(np.int64)
-    bounds = np.concatenate([[0], np.cumsum(per_seq)]).tolist()
+    keep = ~table.special[side.ids]
+    keep[side.seq_start[1:][side.has_end] - 1] = False
+    index = np.flatnonzero(keep)
+    data = _sequence_bytes(table, side.starts(index), side.lengths[index]).tobytes()
+    kept_before = np.concatenate([[0], np.cumsum(keep)])[side.seq_start]
+    bounds = np.concatenate([[0], np.cumsum(side.lengths[index])])[kept_before].tolist()
     return [data[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])], side.has_end
 
 

@@ -17,10 +17,11 @@ cannot be represented exactly and raises :class:`UnsupportedTokenizerError` sayi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,10 @@ METASPACE = "\u2581"
 _BYTE_FALLBACK_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 # Lower-case ASCII: unchanged by every normaliser that keeps the tokenizer usable (NFC, Lowercase).
 _PROBE_TEXTS = ("ab", "hello world", "the cat sat.", "x")
+
+
+# A special id has no text. In an alignment it occupies one position holding this byte.
+SPECIAL_PLACEHOLDER = 0xFF
 
 
 class UnsupportedTokenizerError(ValueError):
@@ -90,6 +95,29 @@ class ByteTable:
     def vocab_size(self) -> int:
         return int(self.lengths.shape[0])
 
+    @cached_property
+    def placeholder_lengths(self) -> np.ndarray:
+        """int64 ``[vocab_size]``: bytes each id occupies in an alignment: its byte length, and
+        one placeholder byte for a special id (it has no text but takes a position)."""
+        return np.where(self.special, 1, self.lengths).astype(np.int64)
+
+    @cached_property
+    def is_end(self) -> np.ndarray:
+        """bool ``[vocab_size]``: True for the ids in ``end_ids``."""
+        flags = np.zeros(self.vocab_size, dtype=bool)
+        flags[self.end_ids] = True
+        return flags
+
+    @cached_property
+    def words(self) -> np.ndarray:
+        """uint64 ``[vocab_size]``: each id's first (up to) 8 bytes packed little-endian, byte
+        ``j`` in bits ``8j..8j+7``, zero above its length; a special id holds the placeholder
+        byte ``0xFF``. Two byte strings of at most 8 bytes are equal iff their lengths and
+        words are."""
+        words = pack_words(self.flat_bytes, self.starts, self.lengths)
+        words[self.special] = SPECIAL_PLACEHOLDER
+        return words
+
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes of one id (empty for special ids)."""
         start = int(self.starts[token_id])
@@ -111,6 +139,18 @@ def check_ids_in_range(ids: np.ndarray, vocab_size: int, name: str) -> None:
             f"token id {int(bad)} is out of range for tokenizer {name} "
             f"(vocabulary size {vocab_size}); were these ids produced by the other model?"
         )
+
+
+def pack_words(flat_bytes: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """uint64 ``[n]``: the first ``min(length, 8)`` bytes of each ``flat_bytes[start:start +
+    length]`` packed little-endian (see :attr:`ByteTable.words`)."""
+    padded = np.concatenate([flat_bytes, np.zeros(8, dtype=np.uint8)])
+    words = np.zeros(starts.shape[0], dtype=np.uint64)
+    safe_starts = np.clip(starts, 0, flat_bytes.shape[0])
+    for j in range(8):
+        byte = np.where(lengths > j, padded[safe_starts + j], 0).astype(np.uint64)
+        words |= byte << np.uint64(8 * j)
+    return words
 
 
 def gather_bytes(table: ByteTable, ids: np.ndarray) -> np.ndarray:
@@ -347,5 +387,5 @@ def _with_probed_prefix(table: ByteTable, backend) -> ByteTable:
     if prefixed[0]:
         ids = np.asarray(backend.encode(" ab", add_special_tokens=False).ids, dtype=np.int64)
         prefix_only_if_no_space = gather_bytes(table, ids).tobytes() == b" ab"
-    return ByteTable(**{**table.__dict__, "dummy_prefix": prefixed[0],
-                        "prefix_only_if_no_space": prefix_only_if_no_space})
+    return dataclasses.replace(table, dummy_prefix=prefixed[0],
+                               prefix_only_if_no_space=prefix_only_if_no_space)
