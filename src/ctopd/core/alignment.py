@@ -155,12 +155,18 @@ class _Side:
 
 
 def _flatten(ids_list: list) -> tuple[np.ndarray, np.ndarray]:
-    counts = np.fromiter((len(x) for x in ids_list), np.int64, len(ids_list))
-    if ids_list and all(isinstance(x, np.ndarray) and x.ndim == 1 for x in ids_list):
-        flat = np.concatenate(ids_list).astype(np.int64, copy=False)
-    else:
-        flat = np.fromiter(itertools.chain.from_iterable(
-            x.tolist() if hasattr(x, "tolist") else x for x in ids_list), np.int64, int(counts.sum()))
+    """``(int64 [N] all ids back to back, int64 [B] ids per sequence)``."""
+    counts = np.fromiter(map(len, ids_list), np.int64, len(ids_list))
+    if isinstance(ids_list[0], np.ndarray):  # 1-D int arrays (the trainer's): one concatenate
+        try:
+            flat = np.concatenate(ids_list)
+        except ValueError:
+            flat = None
+        if flat is not None and flat.ndim == 1 and flat.dtype.kind in "iu" and (
+                flat.size == counts.sum()):
+            return flat.astype(np.int64, copy=False), counts
+    flat = np.fromiter(itertools.chain.from_iterable(
+        x.tolist() if hasattr(x, "tolist") else x for x in ids_list), np.int64, int(counts.sum()))
     return flat, counts
 
 
@@ -432,7 +438,7 @@ def align_ids_batch(
         return []
     # Blocks of about BLOCK_TOKENS tokens keep every temporary array in cache; a batch of any
     # size costs the same per token.
-    sizes = np.fromiter((len(x) for x in student_ids), np.int64, len(student_ids))
+    sizes = np.fromiter(map(len, student_ids), np.int64, len(student_ids))
     block_of_seq = (np.cumsum(sizes) - sizes) // BLOCK_TOKENS
     cuts = np.flatnonzero(np.diff(block_of_seq)) + 1
     bounds = [0, *cuts.tolist(), len(student_ids)]
