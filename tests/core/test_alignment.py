@@ -267,7 +267,8 @@ def test_batched_byte_check_catches_equal_length_differences(pairs, text, pair_i
     the texts apart. The batched result must equal the byte matcher's, sequence by sequence,
     with an untouched copy in the same batch aligned in full."""
     pair = pairs[sorted(pairs)[pair_index]]
-    student_ids = pair.student_tokenizer.encode(text, add_special_tokens=False)
+    student_ids = pair.student_tokenizer(text, add_special_tokens=False,
+                                         split_special_tokens=True)["input_ids"]
     if ended:
         student_ids = student_ids + [pair.student_tokenizer.eos_token_id]
     teacher_ids = pair.teacher_ids_for(student_ids)
@@ -300,7 +301,8 @@ def test_batched_byte_check_catches_equal_length_differences(pairs, text, pair_i
     s_bytes = b"".join(content_pieces(pair.student_table, s_mutated))
     if t_bytes != s_bytes:
         assert not batch[1].aligned.all()
-    if "\u2581" not in text and pair.student_text(student_ids):
+    has_special = pair.student_table.special[student_ids[: len(student_ids) - ended]].any()
+    if "\u2581" not in text and pair.student_text(student_ids) and not has_special:
         assert batch[0].aligned.all() and batch[2].aligned.all()
 
 

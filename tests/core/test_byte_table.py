@@ -27,10 +27,12 @@ def test_tables_spell_encoded_text_exactly(families, text):
     for name, tokenizer in families.items():
         table = build_byte_table(tokenizer) if name not in _TABLES else _TABLES[name]
         _TABLES[name] = table
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         expected = text.encode()
         if "\u2581" in text and table.kind == "metaspace":
             continue  # SentencePiece reads a literal ▁ as a space
+        if table.special[ids].any():
+            continue  # a Unigram model can segment "<s>" into its control piece (spells nothing)
         if table.prefix_only_if_no_space and text.startswith(" "):
             expected = expected[1:]
         assert spelled(table, ids) == expected, name
