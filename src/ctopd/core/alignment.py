@@ -193,8 +193,10 @@ def _prepare_side(table: ByteTable, ids_list: list, label: str) -> _Side:
         first = first[~table.special[ids[first]] & (lengths[first] > 0)]
         stripped = first[table.flat_bytes[table.starts[ids[first]]] == 0x20]
         lengths[stripped] -= 1
-    return _Side(table, ids, seq_start, has_end, content_count, lengths,
-                 np.concatenate([[0], np.cumsum(lengths)]), stripped, content_specials)
+    byte_offsets = np.zeros(ids.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=byte_offsets[1:])
+    return _Side(table, ids, seq_start, has_end, content_count, lengths, byte_offsets, stripped,
+                 content_specials)
 
 
 def _sequence_bytes(table: ByteTable, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -366,11 +368,13 @@ def _align_fast(t_side: _Side, s_side: _Side) -> list[Alignment | None]:
     """
     t_offsets, s_offsets = t_side.byte_offsets[:-1], s_side.byte_offsets[:-1]
     total = int(t_side.byte_offsets[-1])
-    # 1 = a teacher token starts here, 2 = a student token does, 3 = both.
-    marks = np.zeros(total + 1, dtype=np.uint8)
-    marks[t_offsets] = 1
-    marks[s_offsets] += 2
-    t_opens, s_opens = marks[t_offsets] == 3, marks[s_offsets] == 3
+    # A token opens a chunk when a token of the other side starts at the same offset.
+    starts_here = np.zeros(total + 1, dtype=bool)
+    starts_here[s_offsets] = True
+    t_opens = starts_here[t_offsets]
+    starts_here[:] = False
+    starts_here[t_offsets] = True
+    s_opens = starts_here[s_offsets]
     # A zero-length token (only ever a sequence's first) shares its offset with the next one;
     # it opens the chunk and the next token joins it.
     for side, opens in ((t_side, t_opens), (s_side, s_opens)):
