@@ -323,3 +323,21 @@ def test_blocks_of_a_large_batch_give_the_same_alignments(families, monkeypatch)
         assert np.array_equal(a.chunks, b.chunks) and np.array_equal(a.aligned, b.aligned)
         assert np.array_equal(a.is_end, b.is_end)
         assert (a.teacher_length, a.student_length) == (b.teacher_length, b.student_length)
+
+
+def test_id_sequences_as_arrays_tensors_and_lists_agree(byte_level_tokenizer,
+                                                        sentencepiece_tokenizer):
+    import torch
+
+    pair = TokenizerPair(byte_level_tokenizer, sentencepiece_tokenizer)
+    texts_ = ["The total is 1234 apples.", "", "😀 中文"]
+    student_ids = [sentencepiece_tokenizer.encode(t, add_special_tokens=False) for t in texts_]
+    teacher_ids = pair.teacher_ids_for_batch(student_ids)
+    expected = pair.align_batch(teacher_ids, student_ids)
+    for convert in (lambda x: np.asarray(x, dtype=np.int32), lambda x: torch.tensor(x)):
+        got = pair.align_batch([convert(x) for x in teacher_ids],
+                               [convert(x) for x in student_ids])
+        for a, b in zip(expected, got):
+            assert np.array_equal(a.chunks, b.chunks) and np.array_equal(a.aligned, b.aligned)
+    with pytest.raises(ValueError, match="must be 1-D"):
+        pair.align_batch([np.asarray([teacher_ids[0]])], [np.asarray([student_ids[0]])])

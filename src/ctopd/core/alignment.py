@@ -167,6 +167,12 @@ def _flatten(ids_list: list) -> tuple[np.ndarray, np.ndarray]:
         if flat is not None and flat.ndim == 1 and flat.dtype.kind in "iu" and (
                 flat.size == counts.sum()):
             return flat.astype(np.int64, copy=False), counts
+    for x in ids_list:
+        if getattr(x, "ndim", 1) != 1:
+            raise ValueError(
+                f"each id sequence must be 1-D; got one of shape {tuple(x.shape)} (pass a list "
+                "of sequences, e.g. list(batch) for a [B, n] tensor without its padding)"
+            )
     flat = np.fromiter(itertools.chain.from_iterable(
         x.tolist() if hasattr(x, "tolist") else x for x in ids_list), np.int64, int(counts.sum()))
     return flat, counts
