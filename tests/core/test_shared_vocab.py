@@ -60,3 +60,16 @@ def test_whitespace_and_non_ascii_tokens_are_shared(real_tokenizers_dir):
     # A string-replacement mapping (Ġ -> ▁) misses all of these.
     for piece in (b"\n", b"\t", b" the", b"\xc3\xa9", b" "):
         assert piece in shared, piece
+
+
+def test_first_position_labels_mismatch_only_across_dummy_prefix_kinds(families):
+    from ctopd import TokenizerPair
+
+    def mislabelled(teacher, student):
+        return TokenizerPair(families[teacher], families[student]).shared_vocab \
+            .first_position_mislabelled
+
+    assert mislabelled("byte_level", "sentencepiece_bpe")
+    assert mislabelled("unigram", "byte_level")
+    assert not mislabelled("byte_level", "byte_level_whole_numbers")
+    assert not mislabelled("sentencepiece_bpe", "unigram")

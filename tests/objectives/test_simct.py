@@ -284,3 +284,32 @@ def test_opd_rejects_different_vocabularies_and_missing_fields():
         run("opd", batch, teacher)
     with pytest.raises(ValueError, match=r"needs teacher\.class_logprobs"):
         run("simct", batch, TeacherOutputs(token_logprobs=teacher.token_logprobs))
+
+
+@pytest.mark.parametrize("name", ["simct", "shared_only"])
+@pytest.mark.parametrize("seed", range(4))
+def test_mismatched_first_position_labels_leave_the_first_chunk_out(name, seed):
+    """When exactly one tokenizer adds a dummy-prefix space, a response's first chunk gets no
+    loss: the result equals the plain objective on alignments whose first chunk is unaligned."""
+    import dataclasses
+
+    batch = random_batch(300 + seed, batch=3)
+    teacher = class_teacher(batch)
+    plain_loss, _, plain_grad = run(name, batch, teacher)
+    batch.shared_vocab = dataclasses.replace(batch.shared_vocab, first_position_mislabelled=True)
+    loss, metrics, grad = run(name, batch, teacher)
+    first_out = []
+    for al in batch.alignments:
+        aligned = al.aligned.copy()
+        if al.num_chunks and not al.is_end[0]:
+            aligned[0] = False
+        first_out.append(dataclasses.replace(al, aligned=aligned))
+    batch.shared_vocab = dataclasses.replace(batch.shared_vocab, first_position_mislabelled=False)
+    batch.alignments = first_out
+    expected_loss, _, expected_grad = run(name, batch, teacher)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-14)
+    left_out = [b for b, al in enumerate(first_out) if al.num_chunks and not al.is_end[0]]
+    assert grad[left_out, 0].abs().sum() == 0
+    if plain_grad[left_out, 0].abs().sum() > 0:
+        assert not torch.equal(grad, plain_grad)

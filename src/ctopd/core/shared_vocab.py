@@ -33,6 +33,12 @@ class SharedVocab:
         student_member_ids: int64 ``[R_S, C]``: the same for the student.
         teacher_id_to_class: int64 ``[V_T]``: class of each teacher id, ``-1`` if not shared.
         student_id_to_class: int64 ``[V_S]``: class of each student id, ``-1`` if not shared.
+        first_position_mislabelled: exactly one of the two tokenizers adds a dummy-prefix space.
+            At a response's first position its ids then mean other text than their classes
+            say: the student's ``▁Sure`` is the text ``"Sure"`` there (the aligner drops the
+            artefact space), yet its class is ``" Sure"``, which the teacher's ``Ġ Sure``
+            shares, while the teacher spells the text ``"Sure"`` without a space. Objectives
+            that compare distributions over classes skip a response's first chunk then.
     """
 
     class_bytes: list[bytes]
@@ -40,6 +46,7 @@ class SharedVocab:
     student_member_ids: np.ndarray
     teacher_id_to_class: np.ndarray
     student_id_to_class: np.ndarray
+    first_position_mislabelled: bool = False
 
     @property
     def size(self) -> int:
@@ -110,4 +117,5 @@ def build_shared_vocab(teacher: ByteTable, student: ByteTable) -> SharedVocab:
         student_member_ids=_member_matrix(student_members),
         teacher_id_to_class=id_to_class(teacher_members, teacher.vocab_size),
         student_id_to_class=id_to_class(student_members, student.vocab_size),
+        first_position_mislabelled=teacher.dummy_prefix != student.dummy_prefix,
     )

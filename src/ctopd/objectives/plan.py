@@ -59,6 +59,11 @@ class FlatChunks:
         return self.aligned & (self.student_sizes > 0) & (self.teacher_sizes > 0)
 
     @property
+    def first_in_response(self) -> np.ndarray:
+        """bool ``[K]``: each response's first chunk, unless it is the end chunk."""
+        return (self.student_start == 0) & (self.teacher_start == 0) & ~self.is_end
+
+    @property
     def one_to_one(self) -> np.ndarray:
         """bool ``[K]``: aligned chunks with one token on each side."""
         return self.aligned & (self.student_sizes == 1) & (self.teacher_sizes == 1)

@@ -24,6 +24,11 @@ Which chunks are kept and which get a unit column:
   ``full_logprobs`` row against the student's full log-softmax. Pass the student's own ids as the
   teacher ids so that every chunk is 1:1.
 
+When exactly one tokenizer adds a dummy-prefix space, the class labels of the two models'
+first-position distributions do not match (``SharedVocab.first_position_mislabelled``), so
+``simct`` and ``shared_only`` leave each response's first chunk out: one chunk per response
+gets no loss rather than a wrong target.
+
 Choices written down here: a unit column is an extra entry even if its bytes happen to equal a
 shared class (as in the paper); the unit and the class of the unit's first token overlap in
 meaning, which the paper accepts.
@@ -97,7 +102,7 @@ def simct(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Align
     """
     flat = _prepare(student_logits, student_ids, alignments, shared_vocab, teacher, "simct",
                     divergence, beta, temperature, weight_by_tokens, slice_size)
-    keep = flat.usable
+    keep = flat.usable & ~_mislabelled(flat, shared_vocab)
     unit = keep & ~flat.is_end & (~flat.one_to_one | (flat.student_class < 0))
     return _distribution_objective(
         student_logits, student_ids, flat, teacher, keep, unit,
@@ -116,7 +121,7 @@ def shared_only(*, student_logits: Tensor, student_ids: Tensor, alignments: list
     ``V∩``; every other position is discarded. Arguments and returns as :func:`simct`."""
     flat = _prepare(student_logits, student_ids, alignments, shared_vocab, teacher,
                     "shared_only", divergence, beta, temperature, weight_by_tokens, slice_size)
-    keep = flat.one_to_one & (flat.student_class >= 0)
+    keep = flat.one_to_one & (flat.student_class >= 0) & ~_mislabelled(flat, shared_vocab)
     return _distribution_objective(
         student_logits, student_ids, flat, teacher, keep, np.zeros_like(keep),
         teacher.class_logprobs, class_members(shared_vocab.student_member_ids,
@@ -151,6 +156,14 @@ def opd(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignme
         student_logits, student_ids, flat, teacher, keep, np.zeros_like(keep),
         teacher.full_logprobs, None, divergence, beta, temperature, False, slice_size,
     )
+
+
+def _mislabelled(flat: FlatChunks, shared_vocab: SharedVocab) -> np.ndarray:
+    """bool ``[K]``: chunks whose first-position distributions carry mismatched class labels
+    (see ``SharedVocab.first_position_mislabelled``); they get no loss."""
+    if shared_vocab.first_position_mislabelled:
+        return flat.first_in_response
+    return np.zeros_like(flat.is_end)
 
 
 def _prepare(student_logits, student_ids, alignments, shared_vocab, teacher, name, kind, beta,
