@@ -4,11 +4,12 @@ One optimiser step is ``gradient_accumulation_steps`` micro-steps; each micro-st
 
 1. **rollout** — the student samples responses to its own prompts (its chat template, left
    padding, stop at its end-of-turn ids). We keep the sampled ids and train on exactly them.
-2. **teacher** — the teacher tokenises the response text its own way (plus its end-of-turn id when
-   the student ended its turn), reads it after *its own* chat-template prompt, and is scored in one
-   no-grad forward pass. With identical tokenizers ``TokenizerPair`` hands it the student's sampled
-   ids as they are (re-encoding would split a non-canonical sample differently). Only what the objective needs is kept (``TEACHER_NEEDS``).
-3. **alignment** — minimal aligned chunks between the two tokenisations (``TokenizerPair``).
+2. **alignment** — the teacher's tokenisation of the response text (plus its end-of-turn id when
+   the student ended its turn; with identical tokenizers ``TokenizerPair`` hands it the student's
+   sampled ids as they are, since re-encoding would split a non-canonical sample differently),
+   then the minimal aligned chunks between the two tokenisations.
+3. **teacher** — reads its tokens after *its own* chat-template prompt in one no-grad forward
+   pass; only what the objective needs is kept (``TEACHER_NEEDS``).
 4. **objective** — a student forward pass over prompt + sampled ids (response positions only),
    then the chosen objective (SimCT, DPCA, shared-only, ULD, same-tokenizer OPD).
 5. **backward** — through ``accelerator`` (DDP / FSDP / DeepSpeed, gradient accumulation).
@@ -226,7 +227,7 @@ def train(config: TrainConfig) -> dict:
 
 def _micro_step(run: Run, prompts: list[Prompt], timer: Timer, *, step: int,
                 last_saved: int | None) -> dict[str, float]:
-    """Rollout → teacher → alignment → objective → backward for this rank's prompts.
+    """Rollout → alignment → teacher → objective → backward for this rank's prompts.
 
     Returns:
         The objective's figures plus response counts (python floats).
@@ -245,11 +246,15 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer, *, step: int,
             temperature=config.rollout.temperature, top_p=config.rollout.top_p,
             top_k=config.rollout.top_k, samples_per_prompt=samples, device=device)
 
-    # 2. Teacher: its tokenisation of the response text, after its own prompt, no grad.
+    # 2. Alignment: the teacher's tokenisation of the response text (with identical tokenizers
+    # the sampled ids themselves, standard OPD) and the minimal aligned chunks of the two.
+    with timer("alignment"):
+        teacher_responses = pair.teacher_ids_for_batch(student_responses)
+        alignments = pair.align_batch(teacher_responses, student_responses)
+
+    # 3. Teacher: scores its own tokenisation after its own prompt, no grad.
     needs = TEACHER_NEEDS[config.objective.name]
     with timer("teacher"):
-        # With identical tokenizers this is the sampled ids themselves (standard OPD).
-        teacher_responses = pair.teacher_ids_for_batch(student_responses)
         teacher_ids, _ = pad_responses(teacher_responses, pad_id=-1, device=device)
         teacher_scores = None
         if needs:
@@ -260,10 +265,6 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer, *, step: int,
                     logits, teacher_ids, pair.shared_vocab, needs,
                     slice_size=config.objective.slice_size, top_k=config.objective.top_k)
                 del logits  # [B, n, V_T]: the step's largest tensor
-
-    # 3. Alignment: minimal aligned chunks of the two tokenisations.
-    with timer("alignment"):
-        alignments = pair.align_batch(teacher_responses, student_responses)
 
     # 4. Objective: a student forward over prompt + sampled ids, then the loss.
     with timer("student_forward"):
