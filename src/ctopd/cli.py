@@ -15,6 +15,7 @@ import sys
 SUBCOMMAND_MODULES = [
     "ctopd.commands.align",
     "ctopd.commands.train",
+    "ctopd.commands.serve_teacher",
     "ctopd.commands.demo",
 ]
 

@@ -72,14 +72,16 @@ def _sft(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, run) -> int:
     """Build the config from ``args``, call ``run(config)``, print its summary; exit codes:
-    2 for bad input (config, data, a missing file), 1 for a non-finite loss."""
+    2 for bad input (config, data, a missing file), 1 for a non-finite loss or a served teacher
+    that failed (unreachable past its retries, or a reply that does not match the request)."""
     from ctopd.training.data import DataError
+    from ctopd.training.teachers import TeacherServerError
 
     try:
         summary = run(config_from_args(args))
     except (ConfigError, DataError, FileNotFoundError) as err:
         return _fail(str(err))
-    except FloatingPointError as err:
+    except (FloatingPointError, TeacherServerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     _print_summary(summary)

@@ -3,13 +3,14 @@
 One parser (TRL style) serves ``ctopd train``, ``ctopd sft`` and :func:`load_config`:
 
 * ``--config run.yaml`` is read first; its sections mirror the dataclasses below
-  (``student:``, ``teacher:``, ``data:``, ``objective:``, ``rollout:``, ``optim:``, ``lora:``,
-  ``sft:``) plus top-level fields (``max_steps``, ``output_dir``, ...).
+  (``student:``, ``teacher:``, ``teacher_server:``, ``data:``, ``objective:``, ``rollout:``,
+  ``optim:``, ``lora:``, ``sft:``) plus top-level fields (``max_steps``, ``output_dir``, ...).
 * every field is also a flag: ``--rollout.temperature 0.7``, ``--optim.lr 1e-6``,
   ``--max-steps 20`` (dashes and underscores both work);
 * short aliases: ``--student``, ``--teacher``, ``--data``, ``--objective``, ``--chat-template``
-  (the student's), ``--teacher-chat-template``, ``--output-dir``, ``--max-steps``, ``--seed``,
-  ``--resume`` (alone: the latest checkpoint in the output dir).
+  (the student's), ``--teacher-chat-template``, ``--teacher-url`` (a served teacher),
+  ``--output-dir``, ``--max-steps``, ``--seed``, ``--resume`` (alone: the latest checkpoint in the
+  output dir).
 
 Values are checked when a section is built (``__post_init__``: choices and ranges) and when a run
 starts (:meth:`TrainConfig.validate`: required fields, files that must exist). Both raise
@@ -82,6 +83,44 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model", "dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class TeacherServerConfig:
+    """A served teacher: an OpenAI-compatible completions server (vLLM, ``ctopd serve-teacher``)
+    scores instead of a model in this process. The teacher's tokenizer and chat template still
+    come from ``teacher.name_or_path``, so the tokenisation and the alignment stay ours; the
+    server only reads token ids (``ctopd.training.served_teacher``)."""
+
+    url: str | None = _help("base URL of the server's OpenAI API, e.g. http://host:8000/v1 "
+                            "(unset: the teacher runs in this process)", None)
+    model: str | None = _help("served model name sent with each request (unset: the server's "
+                              "default model)", None)
+    api_key_env: str = _help("environment variable that holds the server's API key (the key "
+                             "itself is never written to config.yaml)", "CTOPD_TEACHER_API_KEY")
+    top_k: int = _help("log-probs per position asked for (vLLM prompt_logprobs; -1 = the whole "
+                       "vocabulary); the mass outside them is spread evenly over the other ids",
+                       20)
+    sequences_per_request: int = _help("sequences sent in one HTTP request", 8)
+    max_concurrency: int = _help("HTTP requests in flight at once (per process)", 4)
+    timeout_seconds: float = _help("seconds to wait for one reply", 300.0)
+    retries: int = _help("retries of a request after a connection error, a timeout or a 5xx",
+                         8)
+    backoff_seconds: float = _help("wait before the first retry; doubles with each retry, at "
+                                   "most 60 s", 1.0)
+    overlap: bool = _help("keep the request in flight while the student runs its forward", True)
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"teacher_server.url must start with http:// or https://; got "
+                              f"{self.url!r}")
+        if self.top_k < -1:
+            raise ConfigError(f"teacher_server.top_k must be >= 0 or -1 (all); got {self.top_k!r}")
+        _positive("teacher_server", "sequences_per_request", self.sequences_per_request)
+        _positive("teacher_server", "max_concurrency", self.max_concurrency)
+        _positive("teacher_server", "timeout_seconds", self.timeout_seconds)
+        _positive("teacher_server", "retries", self.retries, allow_zero=True)
+        _positive("teacher_server", "backoff_seconds", self.backoff_seconds, allow_zero=True)
 
 
 @dataclass
@@ -212,6 +251,7 @@ class TrainConfig:
     # bfloat16 weights. Compute can still run in bf16 (mixed_precision).
     student: ModelConfig = field(default_factory=lambda: ModelConfig(dtype="float32"))
     teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher_server: TeacherServerConfig = field(default_factory=TeacherServerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -303,6 +343,9 @@ class TrainConfig:
                 raise ConfigError("no teacher model: pass --teacher PATH_OR_HUB_ID "
                                   "(or teacher.name_or_path in the YAML)")
             _check_model_location("teacher", self.teacher.name_or_path)
+        if mode == "sft" and self.sft.source == "teacher" and self.teacher_server.url:
+            raise ConfigError("teacher_server.url serves scores only; `ctopd sft --sft.source "
+                              "teacher` samples from the teacher, which needs it in process")
         if not self.data.path and not self.data.dataset:
             raise ConfigError("no prompts: pass --data FILE.jsonl (or data.dataset NAME)")
         if self.data.path and not Path(self.data.path).is_file():
@@ -320,7 +363,8 @@ class TrainConfig:
 
 
 _SECTIONS: dict[str, type] = {
-    "student": ModelConfig, "teacher": ModelConfig, "data": DataConfig,
+    "student": ModelConfig, "teacher": ModelConfig, "teacher_server": TeacherServerConfig,
+    "data": DataConfig,
     "objective": ObjectiveConfig, "rollout": RolloutConfig, "optim": OptimConfig,
     "lora": LoraConfig, "sft": SftConfig,
 }
@@ -337,6 +381,7 @@ ALIASES: dict[str, str] = {
     "--chat-template": "student.chat_template",
     "--student-chat-template": "student.chat_template",
     "--teacher-chat-template": "teacher.chat_template",
+    "--teacher-url": "teacher_server.url",
 }
 
 

@@ -9,7 +9,9 @@ One optimiser step is ``gradient_accumulation_steps`` micro-steps; each micro-st
    sampled ids as they are, since re-encoding would split a non-canonical sample differently),
    then the minimal aligned chunks between the two tokenisations.
 3. **teacher** — reads its tokens after *its own* chat-template prompt in one no-grad forward
-   pass; only what the objective needs is kept (``TEACHER_NEEDS``).
+   pass, in this process or on a server (``ctopd.training.teachers``; a served teacher's request
+   stays in flight while the student runs step 4's forward); only what the objective needs is
+   kept (``TEACHER_NEEDS``).
 4. **objective** — a student forward pass over prompt + sampled ids (response positions only),
    then the chosen objective (SimCT, DPCA, shared-only, ULD, same-tokenizer OPD).
 5. **backward** — through ``accelerator`` (DDP / FSDP / DeepSpeed, gradient accumulation).
@@ -55,12 +57,12 @@ from ctopd.training.evaluate import evaluate
 from ctopd.training.metrics import MetricsLogger, StepMetrics, Timer, mean_of_last
 from ctopd.training.models import (
     check_vocab,
-    freeze,
     load_causal_lm,
     load_model_tokenizer,
     prepare_student,
 )
 from ctopd.training.rollout import pad_responses, response_logits, sample_responses
+from ctopd.training.teachers import Teacher, load_teacher, receive_scores
 
 
 @dataclass
@@ -78,7 +80,7 @@ class Run:
     config: TrainConfig
     accelerator: Accelerator
     student: torch.nn.Module  # prepared (DDP/FSDP/DeepSpeed wrapper)
-    teacher: torch.nn.Module  # frozen, on this rank's device
+    teacher: Teacher  # a frozen model on this rank's device, or a server's client
     pair: TokenizerPair
     student_pad_id: int
     teacher_pad_id: int
@@ -120,9 +122,8 @@ def train(config: TrainConfig) -> dict:
     _ = pair.shared_vocab  # built once here, not inside the first step's timings
     student_end_ids = pair.student_table.end_ids.tolist()
     student = load_causal_lm(config.student, side="student")
-    teacher = freeze(load_causal_lm(config.teacher, side="teacher"))
+    teacher = load_teacher(config, teacher_tokenizer)  # in process, or teacher_server.url
     check_vocab(student, student_tokenizer, "student")
-    check_vocab(teacher, teacher_tokenizer, "teacher")
     student = prepare_student(student, gradient_checkpointing=config.gradient_checkpointing,
                               lora=config.lora)
 
@@ -252,25 +253,30 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer, *, step: int,
         teacher_responses = pair.teacher_ids_for_batch(student_responses)
         alignments = pair.align_batch(teacher_responses, student_responses)
 
-    # 3. Teacher: scores its own tokenisation after its own prompt, no grad.
+    # 3. Teacher: scores its own tokenisation after its own prompt, no grad, in process or on a
+    # server. A served teacher's scores may still be on their way: they are read after the
+    # student's forward (which runs meanwhile); an in-process teacher's are read at once.
     needs = TEACHER_NEEDS[config.objective.name]
+
+    def read_teacher():
+        logits = receive_scores(pending, step=step, last_saved=last_saved)  # [B, n, V_T]
+        return teacher_outputs(
+            logits, teacher_ids, pair.shared_vocab, needs,
+            slice_size=config.objective.slice_size, top_k=config.objective.top_k)
+
     with timer("teacher"):
         teacher_ids, _ = pad_responses(teacher_responses, pad_id=-1, device=device)
-        teacher_scores = None
-        if needs:
-            with torch.no_grad():
-                logits = response_logits(run.teacher, teacher_prompts, teacher_responses,
-                                         pad_id=run.teacher_pad_id, device=device)
-                teacher_scores = teacher_outputs(
-                    logits, teacher_ids, pair.shared_vocab, needs,
-                    slice_size=config.objective.slice_size, top_k=config.objective.top_k)
-                del logits  # [B, n, V_T]: the step's largest tensor
+        pending = run.teacher.submit(teacher_prompts, teacher_responses) if needs else None
+        teacher_scores = read_teacher() if pending is not None and pending.done() else None
 
     # 4. Objective: a student forward over prompt + sampled ids, then the loss.
     with timer("student_forward"):
         student_ids, _ = pad_responses(student_responses, device=device)
         student_logits = response_logits(run.student, student_prompts, student_responses,
                                          pad_id=run.student_pad_id, device=device)
+    if pending is not None and teacher_scores is None:
+        with timer("teacher"):  # the wait the student's forward did not hide
+            teacher_scores = read_teacher()
     # No student_old_logprobs: one update per rollout, so DPCA's π_old is the current policy
     # detached (ratio 1), which the objective uses when given None.
     with timer("loss"):

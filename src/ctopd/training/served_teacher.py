@@ -1,0 +1,411 @@
+"""A served teacher: the client of an OpenAI-compatible completions endpoint as vLLM serves it.
+
+**Protocol** (vLLM's ``/v1/completions`` with its ``prompt_logprobs`` extension; ``ctopd
+serve-teacher`` answers the same subset). Each sequence goes as token ids, the teacher's own
+chat-template prompt followed by the teacher's tokenisation of the response::
+
+    POST {url}/completions
+    {"prompt": [[ids of sequence 1], [ids of sequence 2], ...], "max_tokens": 1,
+     "temperature": 1.0, "prompt_logprobs": K, "return_token_ids": true, ["model": NAME]}
+
+vLLM answers one choice per prompt, in order (``index``). ``choices[i].prompt_logprobs`` has one
+entry per token of sequence ``i``: entry 0 is ``null`` (the first token has no context); entry
+``p`` maps token ids (JSON object keys, so strings) to ``{"logprob", "rank", "decoded_token"}`` for
+the ``K`` most likely next tokens given tokens ``< p`` *plus the realised token* ``p`` (one entry
+more, ranked after the top K, when it is not among them). ``-inf`` arrives clamped to ``-9999``.
+``K = -1`` asks for the whole vocabulary (newer vLLM; the server needs ``--max-logprobs`` at least
+``K``, or ``-1``). Response token ``j`` of a sequence with a ``P``-token prompt is read from entry
+``P + j``. When the reply carries ``prompt_token_ids`` they must be the ids sent.
+
+**What we keep.** At each response position the realised token's log-prob (exact: all ``dpca``
+needs) and the returned top-K log-probs. The loop expects dense scores ``[B, n, V_T]``, so they
+are rebuilt: returned ids get their log-probs; the **remainder** ``R = 1 - Σ_returned p`` is spread
+**evenly over the ids not returned**, each getting ``log(R / (V_T - #returned))``. Among all
+distributions that agree with what the server returned this is the one of largest entropy (and it
+keeps every unreturned id below the smallest returned top-K probability whenever the server's
+numbers are consistent). ``R`` is floored at ``1e-12`` so no id gets ``-inf``. With ``K = V_T``
+nothing is left to spread and the rebuilt scores equal the teacher's log-softmax. Measured error
+of the objectives for several ``K``: ``benchmarks/served_teacher.py``.
+
+**Faults.** At most ``max_concurrency`` requests are in flight (``sequences_per_request`` sequences
+each, split in a fixed order, so a retried request is the same request). Connection errors,
+timeouts, 408, 429 and 5xx are retried ``retries`` times with a doubling back-off; anything else,
+or a reply that does not match the request, raises :class:`TeacherServerError` naming the field.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ctopd.training.config import ConfigError, ModelConfig, TeacherServerConfig
+from ctopd.training.teachers import TeacherServerError
+
+logger = logging.getLogger(__name__)
+
+# Retried: the server is busy, restarting or gone for a moment.
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+MAX_BACKOFF_SECONDS = 60.0
+# The least remainder mass spread over the unreturned ids (no id gets -inf).
+REMAINDER_FLOOR = 1e-12
+# vLLM writes -inf log-probs as -9999; anything below is read as that.
+LOGPROB_FLOOR = -9999.0
+# Returned probabilities may add up to a little over 1 in float32.
+MASS_TOLERANCE = 1e-3
+# Text the server's tokenizer must encode exactly as ours does (digits, spaces, newlines, tabs,
+# punctuation, non-ASCII).
+PROBE_TEXT = "Sam has 12 apples and gets 345 more.\n\tHow many now? 357 = 12 + 345; ça va — 好"
+
+
+class ServedScores:
+    """Scores on their way from the server: one background request per chunk of sequences."""
+
+    def __init__(self, chunks: list[tuple[list[int], Future]], shape: tuple[int, int],
+                 vocab_size: int, device: torch.device) -> None:
+        self.chunks, self.shape, self.vocab_size, self.device = chunks, shape, vocab_size, device
+
+    def done(self) -> bool:
+        return all(future.done() for _, future in self.chunks)
+
+    def result(self) -> Tensor:
+        """Log-probabilities ``[B, n, V_T]`` float32 (padding rows uniform), rebuilt as the
+        module docstring says."""
+        batch, width = self.shape
+        rows: list[Tensor] = []
+        ids: list[Tensor] = []
+        logprobs: list[Tensor] = []
+        for rows_of_chunk, future in self.chunks:
+            for b, (position_ids, position_logprobs, counts) in zip(rows_of_chunk,
+                                                                    future.result()):
+                offsets = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+                rows.append(b * width + offsets)
+                ids.append(torch.tensor(position_ids, dtype=torch.long))
+                logprobs.append(torch.tensor(position_logprobs, dtype=torch.float64))
+        empty = (torch.zeros(0, dtype=torch.long),) * 2 + (torch.zeros(0, dtype=torch.float64),)
+        flat = [torch.cat(parts) if parts else e for parts, e in zip((rows, ids, logprobs), empty)]
+        dense = dense_logprobs(*(t.to(self.device) for t in flat), rows_total=batch * width,
+                               vocab_size=self.vocab_size)
+        return dense.view(batch, width, self.vocab_size)
+
+
+def dense_logprobs(rows: Tensor, ids: Tensor, logprobs: Tensor, *, rows_total: int,
+                   vocab_size: int) -> Tensor:
+    """Dense log-probabilities from sparse ``(row, id, log-prob)`` entries.
+
+    Each row's returned ids keep their log-probs; the rest of the row shares the remainder
+    ``max(1 - Σ exp(returned), 1e-12)`` evenly. A row with no entries is uniform.
+
+    Args:
+        rows: int64 ``[E]`` row of each entry (``0 <= row < rows_total``).
+        ids: int64 ``[E]`` token id of each entry (unique within a row, ``< vocab_size``).
+        logprobs: float64 ``[E]`` log-probabilities.
+        rows_total: number of rows.
+        vocab_size: ``V_T``.
+
+    Returns:
+        float32 ``[rows_total, vocab_size]`` on ``rows``' device.
+    """
+    device = rows.device
+    mass = torch.zeros(rows_total, dtype=torch.float64, device=device)
+    mass.index_add_(0, rows, logprobs.exp())
+    returned = torch.bincount(rows, minlength=rows_total).to(torch.float64)
+    rest = vocab_size - returned
+    remainder = (1.0 - mass).clamp(min=REMAINDER_FLOOR)
+    fill = (remainder.log() - rest.clamp(min=1.0).log()).float()
+    dense = fill[:, None].expand(rows_total, vocab_size).clone()
+    dense[rows, ids] = logprobs.float()
+    return dense
+
+
+def parse_prompt_logprobs(
+    choice: Any,
+    sequence: Sequence[int],
+    prompt_length: int,
+    *,
+    where: str,
+    vocab_size: int,
+    top_k: int,
+) -> tuple[list[int], list[float], list[int]]:
+    """The response positions of one choice: flat ``(ids, log-probs)`` and entries per position.
+
+    Args:
+        choice: ``choices[i]`` of the reply (a JSON object).
+        sequence: the ids sent (prompt + response).
+        prompt_length: ``P``; response token ``j`` is read from ``prompt_logprobs[P + j]``.
+        where: how the error messages name the choice, e.g. ``choices[3]``.
+        vocab_size: ``V_T``; ids at or above it belong to another vocabulary.
+        top_k: the ``prompt_logprobs`` asked for (``-1`` = all).
+
+    Raises:
+        TeacherServerError: naming the field that does not match the request.
+    """
+    if not isinstance(choice, dict):
+        raise TeacherServerError(f"reply field {where} is not an object")
+    sent = choice.get("prompt_token_ids")
+    if sent is not None and list(sent) != list(sequence):
+        raise TeacherServerError(f"reply field {where}.prompt_token_ids differs from the "
+                                 f"{len(sequence)} ids sent")
+    entries = choice.get("prompt_logprobs")
+    if not isinstance(entries, list):
+        raise TeacherServerError(
+            f"reply field {where}.prompt_logprobs is missing: the server returned no prompt "
+            "log-probabilities (it must support vLLM's prompt_logprobs extension)")
+    if len(entries) != len(sequence):
+        raise TeacherServerError(f"reply field {where}.prompt_logprobs has {len(entries)} "
+                                 f"positions for a {len(sequence)}-token sequence")
+    least = max(1, min(vocab_size if top_k < 0 else top_k, vocab_size))
+    ids: list[int] = []
+    logprobs: list[float] = []
+    counts: list[int] = []
+    for position in range(prompt_length, len(sequence)):
+        field = f"{where}.prompt_logprobs[{position}]"
+        entry = entries[position]
+        if not isinstance(entry, dict):
+            raise TeacherServerError(f"reply field {field} is {json.dumps(entry)[:40]}, not the "
+                                     "log-probs of a response position")
+        if len(entry) < least:
+            raise TeacherServerError(f"reply field {field} has {len(entry)} log-probs; asked for "
+                                     f"the top {least}")
+        realised = sequence[position]
+        if str(realised) not in entry:
+            raise TeacherServerError(f"reply field {field} has no entry for the realised token "
+                                     f"{realised}")
+        mass = 0.0
+        for key, value in entry.items():
+            token, logprob = _entry(key, value, field=field, vocab_size=vocab_size)
+            ids.append(token)
+            logprobs.append(logprob)
+            mass += math.exp(logprob)
+        if mass > 1.0 + MASS_TOLERANCE:
+            raise TeacherServerError(f"reply field {field}: the returned probabilities add up to "
+                                     f"{mass:.4f} > 1")
+        counts.append(len(entry))
+    return ids, logprobs, counts
+
+
+def _entry(key: str, value: Any, *, field: str, vocab_size: int) -> tuple[int, float]:
+    """One ``"id": {"logprob": x, ...}`` entry (a bare number is accepted too)."""
+    try:
+        token = int(key)
+    except ValueError:
+        raise TeacherServerError(f"reply field {field} has key {key!r}, not a token id") from None
+    if not 0 <= token < vocab_size:
+        raise TeacherServerError(
+            f"reply field {field} has token id {token}, outside the teacher tokenizer's "
+            f"{vocab_size} ids: the server runs a model with another vocabulary")
+    logprob = value.get("logprob") if isinstance(value, dict) else value
+    if isinstance(logprob, bool) or not isinstance(logprob, (int, float)):
+        raise TeacherServerError(f"reply field {field}[{key!r}].logprob is missing or not a "
+                                 f"number: {json.dumps(value)[:60]}")
+    logprob = float(logprob)
+    if math.isnan(logprob) or logprob > MASS_TOLERANCE:
+        raise TeacherServerError(f"reply field {field}[{key!r}].logprob is {logprob}, not a "
+                                 "log-probability")
+    return token, max(logprob, LOGPROB_FLOOR)
+
+
+class ServedTeacher:
+    """The teacher behind ``config.url`` (see the module docstring).
+
+    Args:
+        config: the ``teacher_server`` section.
+        tokenizer: the teacher's tokenizer (checked against the server's in :meth:`check`).
+        vocab_size: ``V_T``, the width of the scores (:func:`teacher_vocab_size`).
+    """
+
+    def __init__(self, config: TeacherServerConfig, tokenizer: Any, *, vocab_size: int) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.device = torch.device("cpu")
+        self.url = config.url.rstrip("/")
+        self.root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
+        self.api_key = os.environ.get(config.api_key_env) or None
+        self.slots = threading.BoundedSemaphore(config.max_concurrency)
+        self.retried = 0  # requests sent again after a failure (all calls together)
+        # Direct connections: a proxy from the environment has no business between a trainer
+        # and its teacher.
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def to(self, device: torch.device | str) -> ServedTeacher:
+        self.device = torch.device(device)
+        return self
+
+    def submit(self, prompt_ids: Sequence[Sequence[int]],
+               response_ids: Sequence[Sequence[int]]) -> ServedScores:
+        """Send the sequences; with ``config.overlap`` off, return once the replies are in."""
+        if any(len(p) == 0 for p in prompt_ids):
+            raise TeacherServerError("a teacher prompt is empty: its first response token would "
+                                     "have no prediction (prompt_logprobs[0] is null)")
+        width = max(1, max((len(r) for r in response_ids), default=0))
+        scored = [b for b, r in enumerate(response_ids) if len(r)]
+        step = self.config.sequences_per_request
+        chunks = []
+        for lo in range(0, len(scored), step):
+            rows = scored[lo : lo + step]
+            sequences = [list(prompt_ids[b]) + list(response_ids[b]) for b in rows]
+            lengths = [len(prompt_ids[b]) for b in rows]
+            chunks.append((rows, _in_background(self._score, sequences, lengths)))
+        pending = ServedScores(chunks, (len(response_ids), width), self.vocab_size, self.device)
+        if not self.config.overlap:
+            wait_futures([future for _, future in chunks])
+        return pending
+
+    def _score(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list:
+        """One request: per sequence, ``(ids, log-probs, entries per position)``."""
+        body: dict[str, Any] = {"prompt": sequences, "max_tokens": 1, "temperature": 1.0,
+                                "prompt_logprobs": self.config.top_k, "return_token_ids": True}
+        if self.config.model:
+            body["model"] = self.config.model
+        reply = self._request(f"{self.url}/completions", body)
+        choices = reply.get("choices") if isinstance(reply, dict) else None
+        if not isinstance(choices, list) or len(choices) != len(sequences):
+            count = len(choices) if isinstance(choices, list) else "no"
+            raise TeacherServerError(f"reply field choices has {count} entries for "
+                                     f"{len(sequences)} prompts")
+        if all(isinstance(c, dict) and isinstance(c.get("index"), int) for c in choices):
+            choices = sorted(choices, key=lambda c: c["index"])
+            if [c["index"] for c in choices] != list(range(len(sequences))):
+                raise TeacherServerError("reply field choices[].index is not 0..N-1")
+        return [parse_prompt_logprobs(choice, sequence, length, where=f"choices[{i}]",
+                                      vocab_size=self.vocab_size, top_k=self.config.top_k)
+                for i, (choice, sequence, length) in enumerate(zip(choices, sequences,
+                                                                   prompt_lengths))]
+
+    def check(self) -> None:
+        """Reach the server (within the retry budget), find the model, and check that the
+        server's tokenizer encodes a probe text as ours does (skipped, with a warning, where the
+        server has no ``/tokenize``).
+
+        Raises:
+            TeacherServerError: unreachable, or an HTTP error.
+            ConfigError: the model name is not served, or the server's tokenizer differs.
+        """
+        reply = self._request(f"{self.url}/models", None)
+        served = [m.get("id") for m in reply.get("data", []) if isinstance(m, dict)]
+        if self.config.model and self.config.model not in served:
+            raise ConfigError(f"teacher_server.model {self.config.model!r} is not served at "
+                              f"{self.url}; it serves {served}")
+        body: dict[str, Any] = {"prompt": PROBE_TEXT, "add_special_tokens": False}
+        if self.config.model:
+            body["model"] = self.config.model
+        try:
+            tokens = self._request(f"{self.root}/tokenize", body).get("tokens")
+        except TeacherServerError as err:
+            if "answered 404" not in str(err):
+                raise
+            logger.warning("teacher server %s has no /tokenize; its tokenizer is not checked "
+                           "against the teacher's", self.root)
+            return
+        ours = self.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        if tokens != ours:
+            raise ConfigError(
+                f"the server at {self.url} tokenizes a probe text as {tokens} but the teacher "
+                f"tokenizer ({self.tokenizer.name_or_path}) as {ours}: it serves another model, "
+                "or --teacher names another tokenizer")
+
+    def _request(self, url: str, body: dict | None) -> Any:
+        """GET (``body`` None) or POST JSON; retries as the module docstring says."""
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        retries, waited = self.config.retries, 0.0
+        for attempt in range(retries + 1):
+            try:
+                with self.slots:
+                    request = urllib.request.Request(url, data=data, headers=headers)
+                    with self.opener.open(request, timeout=self.config.timeout_seconds) as reply:
+                        payload = reply.read()
+                break
+            except urllib.error.HTTPError as err:
+                message = _error_message(err)
+                if err.code not in RETRY_STATUS:
+                    hint = " (set the key in $" + self.config.api_key_env + ")" if (
+                        err.code == 401) else ""
+                    raise TeacherServerError(f"{url} answered {err.code}: {message}{hint}") from None
+                reason = f"HTTP {err.code} {message}"
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+                reason = _reason(err)
+            if attempt == retries:
+                raise TeacherServerError(f"{url} unreachable after {retries} retries over "
+                                         f"{waited:.1f} s: {reason}") from None
+            wait = min(self.config.backoff_seconds * 2**attempt, MAX_BACKOFF_SECONDS)
+            logger.warning("teacher server %s: %s; retry %d/%d in %.1f s", url, reason,
+                           attempt + 1, retries, wait)
+            self.retried += 1
+            waited += wait
+            time.sleep(wait)
+        try:
+            return json.loads(payload)
+        except ValueError:
+            raise TeacherServerError(f"{url} sent a reply that is not JSON: "
+                                     f"{payload[:80]!r}") from None
+
+
+def teacher_vocab_size(config: ModelConfig, tokenizer: Any) -> int:
+    """``V_T``: the model config's ``vocab_size`` beside the tokenizer when there is one (output
+    rows may outnumber the tokenizer's ids), else the tokenizer's length."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(config.name_or_path, revision=config.revision,
+                                                  trust_remote_code=config.trust_remote_code)
+        text_config = getattr(model_config, "get_text_config", lambda: model_config)()
+        rows = int(getattr(text_config, "vocab_size", 0) or 0)
+    except (OSError, ValueError, TypeError):
+        rows = 0
+    return max(len(tokenizer), rows)
+
+
+def _in_background(fn: Callable, *args: Any) -> Future:
+    """Run ``fn(*args)`` on a daemon thread (a dead server must not keep the process alive at
+    exit); the future holds its result or exception."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # handed to whoever waits on the future
+            future.set_exception(err)
+
+    threading.Thread(target=run, name="ctopd-teacher-request", daemon=True).start()
+    return future
+
+
+def _error_message(err: urllib.error.HTTPError) -> str:
+    """The message of an OpenAI / vLLM error body (``{"error": {"message": ...}}`` or
+    ``{"message": ...}``), else the body's start."""
+    try:
+        body = err.read().decode("utf-8", "replace")
+    except OSError:
+        return err.reason or ""
+    try:
+        parsed = json.loads(body)
+        inner = parsed.get("error", parsed) if isinstance(parsed, dict) else {}
+        return str(inner.get("message", body) if isinstance(inner, dict) else inner)[:300]
+    except ValueError:
+        return body[:300]
+
+
+def _reason(err: BaseException) -> str:
+    inner = getattr(err, "reason", None)
+    if isinstance(inner, (socket.timeout, TimeoutError)) or isinstance(err, (socket.timeout,
+                                                                            TimeoutError)):
+        return "timed out"
+    return f"{type(inner or err).__name__}: {inner or err}"

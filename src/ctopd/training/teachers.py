@@ -1,0 +1,133 @@
+"""The teacher as the loop sees it: one small interface, a model in this process or a server.
+
+The loop asks a teacher for one thing (ALGORITHMS §1.4): given each sequence's teacher prompt ids
+(the teacher's own chat template) and the teacher's tokenisation of the response, the teacher's
+next-token scores at every response position, as a dense float tensor ``[B, n, V_T]`` whose
+log-softmax over the last dimension is the teacher's distribution. Row ``j`` predicts response
+token ``j``. The loop turns that tensor into what the objective needs with
+``ctopd.objectives.teacher_outputs`` (the same call for both kinds of teacher), so every objective
+works with either.
+
+* :class:`LocalTeacher` — a frozen ``transformers`` model on this rank's device; it returns its
+  logits, computed when asked.
+* :class:`~ctopd.training.served_teacher.ServedTeacher` — a client of an OpenAI-compatible
+  completions server (vLLM, ``ctopd serve-teacher``); it returns log-probabilities rebuilt from the
+  server's top-k prompt log-probs, and keeps its request in flight in the background so the
+  student's forward runs meanwhile.
+
+Both hand back a :class:`PendingScores` at once: ``done()`` says whether the scores are ready,
+``result()`` waits for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ctopd.training.config import TrainConfig
+from ctopd.training.models import check_vocab, freeze, load_causal_lm
+from ctopd.training.rollout import response_logits
+
+
+class TeacherServerError(RuntimeError):
+    """A served teacher could not be reached within its retry budget, refused the request, or
+    sent a reply that does not match the request (the message names the field)."""
+
+
+class PendingScores(Protocol):
+    """A teacher's scores that may still be on their way."""
+
+    def done(self) -> bool:
+        """True when :meth:`result` returns without waiting."""
+
+    def result(self) -> Tensor:
+        """The scores ``[B, n, V_T]`` on the teacher's device (waits for them).
+
+        Raises:
+            TeacherServerError: a served teacher failed.
+        """
+
+
+class Teacher(Protocol):
+    """What the loop needs from a teacher (see the module docstring)."""
+
+    def submit(self, prompt_ids: Sequence[Sequence[int]],
+               response_ids: Sequence[Sequence[int]]) -> PendingScores:
+        """Ask for the scores of ``B`` teacher prompts followed by their responses."""
+
+    def to(self, device: torch.device | str) -> Teacher:
+        """Put the returned scores (and a local model) on ``device``."""
+
+
+class Ready:
+    """Scores that are already computed."""
+
+    def __init__(self, scores: Tensor) -> None:
+        self.scores = scores
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> Tensor:
+        return self.scores
+
+
+class LocalTeacher:
+    """A frozen causal LM in this process: one no-grad forward over prompt + response.
+
+    Args:
+        model: the teacher (``freeze``-d: eval mode, no gradients).
+        pad_id: id written at padded positions (masked out).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, pad_id: int) -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> LocalTeacher:
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    def submit(self, prompt_ids: Sequence[Sequence[int]],
+               response_ids: Sequence[Sequence[int]]) -> Ready:
+        """The teacher's logits ``[B, n, V_T]`` (model dtype), computed now."""
+        with torch.no_grad():
+            return Ready(response_logits(self.model, prompt_ids, response_ids, pad_id=self.pad_id,
+                                         device=self.device))
+
+
+def load_teacher(config: TrainConfig, tokenizer: Any) -> LocalTeacher | Teacher:
+    """The run's teacher: a client of ``teacher_server.url`` when it is set (the connection and
+    the server's tokenizer are checked now), else ``teacher.name_or_path`` loaded in process.
+
+    Raises:
+        ConfigError: a model that does not match its tokenizer, a server that runs another
+            tokenizer.
+        TeacherServerError: a server that cannot be reached within the retry budget.
+    """
+    if config.teacher_server.url:
+        from ctopd.training.served_teacher import ServedTeacher, teacher_vocab_size
+
+        teacher = ServedTeacher(config.teacher_server, tokenizer,
+                                vocab_size=teacher_vocab_size(config.teacher, tokenizer))
+        teacher.check()
+        return teacher
+    model = freeze(load_causal_lm(config.teacher, side="teacher"))
+    check_vocab(model, tokenizer, "teacher")
+    return LocalTeacher(model, pad_id=tokenizer.pad_token_id)
+
+
+def receive_scores(pending: PendingScores, *, step: int, last_saved: int | None) -> Tensor:
+    """``pending.result()``; a served teacher's failure is re-raised naming the step and the
+    checkpoint that stays on disk."""
+    try:
+        return pending.result()
+    except TeacherServerError as err:
+        where = f"checkpoint of step {last_saved} kept" if last_saved else "no checkpoint yet"
+        raise TeacherServerError(f"teacher failed at step {step}: {err}; stopping, {where} "
+                                 "(--resume continues from it)") from err
