@@ -346,7 +346,7 @@ class ServedTeacher:
                 raise TeacherServerError(f"{url} unreachable after {retries} retries over "
                                          f"{waited:.1f} s: {reason}") from None
             wait = min(self.config.backoff_seconds * 2**attempt, MAX_BACKOFF_SECONDS)
-            logger.warning("teacher server %s: %s; retry %d/%d in %.1f s", url, reason,
+            logger.warning("teacher server %s: %s; retry %d/%d in %.2f s", url, reason,
                            attempt + 1, retries, wait)
             self.retried += 1
             waited += wait
