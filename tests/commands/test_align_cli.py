@@ -8,8 +8,11 @@ import sys
 
 import pytest
 
+from ctopd import TokenizerPair, load_tokenizer
 from ctopd.cli import main
 from ctopd.demo.tokenizers import train_byte_level_bpe, train_sentencepiece_bpe
+from tests.core.oracles import check_against_reference, check_partition
+from tests.core.variants import with_prepend_scheme
 
 TEXTS = ["Natalia sold 48/2 = 24 clips in May.", "Weng earns $12 an hour. 😀", "",
          "中文 and e\u0301 \n\n  spaces\ttab", "#### 72"]
@@ -20,7 +23,9 @@ def tokenizer_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("toks")
     corpus = TEXTS * 30 + ["The answer is 1234 apples and 567 pears."] * 30
     train_byte_level_bpe(corpus, 300).save_pretrained(root / "teacher")
-    train_sentencepiece_bpe(corpus, 320).save_pretrained(root / "student")
+    sentencepiece = train_sentencepiece_bpe(corpus, 320)
+    sentencepiece.save_pretrained(root / "student")
+    with_prepend_scheme(sentencepiece, "prepend").save_pretrained(root / "student_prepend")
     data = root / "texts.jsonl"
     data.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(TEXTS)))
     return root
@@ -81,3 +86,37 @@ def test_bad_input_gets_a_clear_error(tokenizer_folders, tmp_path, capsys):
     assert main(["align", "--teacher", str(tmp_path / "nope"), "--student",
                  str(tokenizer_folders / "student"), "--text", "x"]) == 2
     assert "tokenizer folder" in capsys.readouterr().err
+
+
+WHITESPACE_TEXTS = [" ", "  ", "   ", " x", "  x", "   sold 12 clips", "\n", "\nx", " \n x",
+                    "x ", "x   ", "\t12 ", "\u02a4 ok", " \u02a4", "\u00a0x", "  \u3000 "]
+
+
+@pytest.mark.parametrize("teacher,student", [("teacher", "student"), ("student", "teacher"),
+                                             ("student_prepend", "student"),
+                                             ("student", "student_prepend")])
+def test_align_reports_each_tokenizers_own_ids_of_texts_with_leading_spaces(
+        tokenizer_folders, tmp_path, teacher, student):
+    """Metaspace "first" (a dummy prefix only before a text without a leading space), the
+    legacy Prepend normaliser (before every text) and byte-level, each way round."""
+    data = tmp_path / "spaces.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in WHITESPACE_TEXTS))
+    out = tmp_path / "chunks.jsonl"
+    assert main(["align", "--teacher", str(tokenizer_folders / teacher), "--student",
+                 str(tokenizer_folders / student), "--input", str(data), "--output", str(out),
+                 "--no-progress"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    pair = TokenizerPair(load_tokenizer(str(tokenizer_folders / teacher)),
+                         load_tokenizer(str(tokenizer_folders / student)))
+    assert len(rows) == len(WHITESPACE_TEXTS)
+    for text, row in zip(WHITESPACE_TEXTS, rows):
+        assert row["teacher_ids"] == pair.teacher_tokenizer(
+            text, add_special_tokens=False)["input_ids"], text
+        assert row["student_ids"] == pair.student_tokenizer(
+            text, add_special_tokens=False)["input_ids"], text
+        al = pair.align(row["teacher_ids"], row["student_ids"], text=text)
+        assert row["chunks"] == al.chunks.tolist() and row["aligned"] == al.aligned.tolist()
+        check_partition(al, len(row["teacher_ids"]), len(row["student_ids"]))
+        spelled = check_against_reference(pair, row["teacher_ids"], row["student_ids"], al,
+                                          text=text)
+        assert spelled == text.encode() and all(row["aligned"]), text

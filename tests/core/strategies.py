@@ -11,3 +11,9 @@ TRICKY_PIECES = [
 texts = st.lists(
     st.one_of(st.sampled_from(TRICKY_PIECES), st.text(max_size=6)), max_size=24
 ).map("".join)
+
+# Runs of whitespace at either end of a text: where a dummy-prefix space and a real space meet.
+WHITESPACE_PIECES = [" ", " ", "  ", "   ", "\n", "\n\n", "\t", "\r\n", " \n", "\u00a0", "\u3000"]
+whitespace_runs = st.lists(st.sampled_from(WHITESPACE_PIECES), max_size=4).map("".join)
+texts_with_whitespace_ends = st.builds(lambda head, body, tail: head + body + tail,
+                                       whitespace_runs, texts, whitespace_runs)

@@ -4,19 +4,38 @@ is covered by aligned chunks, for every ordered pair of tokenizer families."""
 from __future__ import annotations
 
 import itertools
+import unicodedata
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ctopd import TokenizerPair, load_tokenizer
+from ctopd.commands.align import align_records
 from tests.conftest import REAL_TOKENIZERS
 
-from .oracles import byte_matcher_alignment, content_pieces, same_length_substitute
+from .oracles import (
+    byte_matcher_alignment,
+    check_against_reference,
+    check_partition,
+    content_pieces,
+    same_length_substitute,
+    sides_prefixed,
+)
+from .strategies import texts, texts_with_whitespace_ends
 
 
 @pytest.fixture(scope="module")
 def real_tokenizers(real_tokenizers_dir):
     return {name: load_tokenizer(str(real_tokenizers_dir / name)) for name in REAL_TOKENIZERS}
+
+
+@pytest.fixture(scope="module")
+def real_pairs(real_tokenizers):
+    """Every ordered pair of real tokenizers, identical ones included."""
+    return {(t, s): TokenizerPair(real_tokenizers[t], real_tokenizers[s])
+            for t in REAL_TOKENIZERS for s in REAL_TOKENIZERS}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +109,9 @@ def test_batched_byte_check_on_real_pairs(real_tokenizers, gsm8k_ids, teacher, s
     batch_t, batch_s, long_hits = [], [], 0
     for k, (t_ids, s_ids, al) in enumerate(zip(teacher_ids, student_ids,
                                                pair.align_batch(teacher_ids, student_ids))):
-        offsets = np.cumsum([0] + [len(p) for p in content_pieces(pair.teacher_table, t_ids)])
+        t_pre = sides_prefixed(pair, s_ids)[0]
+        offsets = np.cumsum([0] + [len(p) for p in content_pieces(pair.teacher_table, t_ids,
+                                                                  t_pre)])
         content = al.chunks[~al.is_end]
         sizes = offsets[content[:, 1]] - offsets[content[:, 0]]
         # Every other answer: aim at a chunk of more than 8 bytes when there is one.
@@ -114,3 +135,60 @@ def test_batched_byte_check_on_real_pairs(real_tokenizers, gsm8k_ids, teacher, s
         assert al.unaligned_bytes == expected.unaligned_bytes
         differing += not al.aligned.all()
     assert differing >= 140  # nearly every mutated answer (a few tokens have no same-length twin)
+
+
+def rewritten(table, text: str) -> bool:
+    """Whether the tokenizer's normaliser changes ``text`` (Qwen2's NFC)."""
+    return "NFC" in table.rewrites_text and unicodedata.normalize("NFC", text) != text
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(texts_with_whitespace_ends, texts),
+       pair_index=st.integers(0, len(REAL_TOKENIZERS) ** 2 - 1))
+def test_real_text_input_gives_own_ids_and_exact_chunks(real_pairs, text, pair_index):
+    """``ctopd align`` on real vocabularies (Llama-2's Metaspace "first", Phi-3's Prepend
+    normaliser, byte-level GPT-2 and Qwen2): each side's own ids, chunks exact over the text."""
+    key = sorted(real_pairs)[pair_index]
+    pair = real_pairs[key]
+    [record] = align_records(pair, [text])
+    teacher_ids, student_ids = record["teacher_ids"], record["student_ids"]
+    assert teacher_ids == pair.teacher_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert student_ids == pair.student_tokenizer(text, add_special_tokens=False)["input_ids"]
+    al = pair.align(teacher_ids, student_ids, text=text)
+    assert al.chunks.tolist() == record["chunks"]
+    check_partition(al, len(teacher_ids), len(student_ids))
+    student_bytes = check_against_reference(pair, teacher_ids, student_ids, al, text=text)
+    special = (pair.teacher_table.special[teacher_ids].any()
+               or pair.student_table.special[student_ids].any())
+    if (text and "\u2581" not in text and not special
+            and not rewritten(pair.teacher_table, text)
+            and not rewritten(pair.student_table, text)):
+        assert student_bytes == text.encode(), key
+        assert al.aligned.all(), (key, text)
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(texts_with_whitespace_ends, texts),
+       pair_index=st.integers(0, len(REAL_TOKENIZERS) ** 2 - 1), extra=st.integers(0, 3))
+def test_real_sampled_response_text_is_what_the_student_decodes(real_pairs, text, pair_index,
+                                                                extra):
+    """Sampled ids, opened by up to three extra space pieces: the response text is the student
+    tokenizer's decoding, the teacher's ids its own ids of that text."""
+    pair = real_pairs[sorted(real_pairs)[pair_index]]
+    tok = pair.student_tokenizer
+    space = [i for i in tok.encode(" ", add_special_tokens=False)][-1:]
+    sampled = space * extra + tok(text, add_special_tokens=False)["input_ids"]
+    decoded = tok.decode(sampled, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert pair.student_text(sampled) == decoded
+    teacher_ids = pair.teacher_ids_for(sampled)
+    if not pair.identical:
+        assert teacher_ids == pair.teacher_tokenizer(
+            decoded, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    al = pair.align(teacher_ids, sampled)
+    check_partition(al, len(teacher_ids), len(sampled))
+    check_against_reference(pair, teacher_ids, sampled, al)
+    if (decoded and "\u2581" not in text and not pair.student_table.special[sampled].any()
+            and not rewritten(pair.teacher_table, decoded)):
+        assert al.aligned.all(), text

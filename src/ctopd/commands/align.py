@@ -4,9 +4,11 @@
     ctopd align --teacher T --student S --text "Natalia sold 48/2 = 24 clips."
     ctopd coverage --teacher T --student S --input texts.jsonl [--field text] [--json]
 
-T and S are tokenizer folders or hub ids. Each text is the student's tokenisation of the text
-(no special tokens added) and the teacher's tokenisation of the student's bytes, exactly as in
-on-policy distillation.
+T and S are tokenizer folders or hub ids. Each text gets each tokenizer's own ids,
+``tokenizer(text, add_special_tokens=False)["input_ids"]`` (a special-token string in the text
+becomes that special id, as the tokenizer would have it), and the chunks are exact over the
+text's bytes: a leading ``▁`` counts as the tokenizer's dummy prefix exactly where its own rules
+put one before that text.
 """
 
 from __future__ import annotations
@@ -82,9 +84,8 @@ def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
 
 
 def _tokenise(pair, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-    student_ids = pair.student_tokenizer(texts, add_special_tokens=False,
-                                         split_special_tokens=True)["input_ids"]
-    return pair.teacher_ids_for_batch(student_ids), student_ids
+    """Each tokenizer's own ids of each text (teacher's, student's)."""
+    return pair.encode_batch(texts)
 
 
 def _count_lines(path: Path) -> int:
@@ -109,23 +110,34 @@ def run_align(args: argparse.Namespace) -> int:
     pair = _load_pair(args)
     if args.text is not None:
         teacher_ids, student_ids = _tokenise(pair, [args.text])
-        show_chunks(pair, teacher_ids[0], student_ids[0])
+        show_chunks(pair, teacher_ids[0], student_ids[0], text=args.text)
         return 0
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
     try:
         with _progress(args, args.input) as bar:
             for texts in _batches(read_texts(args.input, args.field), BATCH_LINES):
-                teacher_ids, student_ids = _tokenise(pair, texts)
-                for t_ids, s_ids, al in zip(teacher_ids, student_ids,
-                                            pair.align_batch(teacher_ids, student_ids)):
-                    out.write(json.dumps({"teacher_ids": t_ids, "student_ids": s_ids,
-                                          "chunks": al.chunks.tolist(),
-                                          "aligned": al.aligned.tolist()}) + "\n")
+                for record in align_records(pair, texts):
+                    out.write(json.dumps(record) + "\n")
                 bar.update(len(texts))
     finally:
         if args.output:
             out.close()
     return 0
+
+
+def align_records(pair, texts: list[str]) -> list[dict]:
+    """One output record per text: each tokenizer's own ids and the chunks between them.
+
+    Returns:
+        Dicts with ``teacher_ids`` and ``student_ids`` (``tokenizer(text,
+        add_special_tokens=False)["input_ids"]`` of each side), ``chunks`` (``[K, 4]`` token
+        ranges, see ``Alignment``) and ``aligned`` (``[K]``).
+    """
+    teacher_ids, student_ids = _tokenise(pair, texts)
+    return [{"teacher_ids": t_ids, "student_ids": s_ids, "chunks": al.chunks.tolist(),
+             "aligned": al.aligned.tolist()}
+            for t_ids, s_ids, al in zip(teacher_ids, student_ids,
+                                        pair.align_batch(teacher_ids, student_ids, texts=texts))]
 
 
 def run_coverage(args: argparse.Namespace) -> int:
@@ -141,8 +153,8 @@ def run_coverage(args: argparse.Namespace) -> int:
     bar = _progress(args, args.input) if args.input else None
     for batch in _batches(texts, BATCH_LINES):
         teacher_ids, student_ids = _tokenise(pair, batch)
-        counts = coverage_counts(pair.align_batch(teacher_ids, student_ids), student_ids,
-                                 pair.shared_vocab)
+        counts = coverage_counts(pair.align_batch(teacher_ids, student_ids, texts=batch),
+                                 student_ids, pair.shared_vocab)
         totals = {k: totals.get(k, 0) + v for k, v in counts.items()}
         if bar:
             bar.update(len(batch))
@@ -180,23 +192,31 @@ def _print_coverage(summary: dict, teacher: str, student: str) -> None:
         f"vocabulary {summary['shared_vocab_size']:,} classes")
 
 
-def show_chunks(pair, teacher_ids: list[int], student_ids: list[int]) -> None:
-    """Print a text coloured chunk by chunk, then each chunk's teacher and student pieces."""
+def show_chunks(pair, teacher_ids: list[int], student_ids: list[int], *,
+                text: str | None = None) -> None:
+    """Print a text coloured chunk by chunk, then each chunk's teacher and student pieces.
+
+    With ``text`` both id lists are the tokenizers' own ids of it; without, the student ids are
+    a sampled response and the teacher ids its teacher tokenisation."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    al = pair.align(teacher_ids, student_ids)
+    from ctopd.core.byte_table import adds_dummy_prefix, first_bytes_of
+
+    al = pair.align(teacher_ids, student_ids, text=text)
     t_table, s_table = pair.teacher_table, pair.student_table
 
     def pieces(table, ids, lo, hi):
         return [table.token_bytes(i).decode("utf-8", "backslashreplace") if not table.special[i]
                 else f"<special {i}>" for i in ids[lo:hi]]
 
-    # Byte offset of each student token in the response (dummy-prefix space dropped).
+    # Byte offset of each student token in the text (a dummy-prefix space left out).
     lengths = [0 if s_table.special[i] else int(s_table.lengths[i]) for i in student_ids]
     response = b"".join(s_table.token_bytes(i) for i in student_ids)
-    if s_table.dummy_prefix and response[:1] == b" " and lengths and lengths[0]:
+    prefixed = (s_table.decoder_strips_space if text is None
+                else bool(adds_dummy_prefix(s_table, first_bytes_of([text]))[0]))
+    if prefixed and response[:1] == b" " and lengths and lengths[0]:
         response, lengths[0] = response[1:], lengths[0] - 1
     byte_offsets = [0, *itertools.accumulate(lengths)]
     colours = ["on blue", "on dark_green"]

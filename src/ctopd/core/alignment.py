@@ -25,7 +25,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctopd.core.byte_table import SPECIAL_PLACEHOLDER, ByteTable, check_ids_in_range
+from ctopd.core.byte_table import (
+    SPECIAL_PLACEHOLDER,
+    ByteTable,
+    adds_dummy_prefix,
+    check_ids_in_range,
+    first_bytes_of,
+)
 
 # Above this many differing bytes in the middle of a pair, the byte matcher (quadratic in the
 # worst case) is skipped and the whole differing middle is one unaligned region.
@@ -47,6 +53,9 @@ class Alignment:
         teacher_length: number of teacher response tokens ``n``.
         student_length: number of student response tokens ``m``.
         unaligned_bytes: student response bytes that fall in unaligned chunks.
+        teacher_dummy_space: the first teacher token's leading space is a dummy prefix, left out
+            of the text (its bytes there are its table bytes less that space).
+        student_dummy_space: the same for the first student token.
     """
 
     chunks: np.ndarray
@@ -55,6 +64,8 @@ class Alignment:
     teacher_length: int
     student_length: int
     unaligned_bytes: int = 0
+    teacher_dummy_space: bool = False
+    student_dummy_space: bool = False
 
     @property
     def num_chunks(self) -> int:
@@ -104,6 +115,12 @@ class _Side:
     def counts(self) -> np.ndarray:
         """int64 ``[B]``: tokens per sequence, trailing end id included."""
         return np.diff(self.seq_start)
+
+    def dummy_spaces(self) -> np.ndarray:
+        """bool ``[B]``: sequences whose first token's dummy-prefix space was left out."""
+        out = np.zeros(self.counts.size, dtype=bool)
+        out[np.searchsorted(self.seq_start, self.stripped, side="right") - 1] = True
+        return out
 
     def content_bytes(self) -> np.ndarray:
         """int64 ``[B]``: bytes of each sequence's content."""
@@ -178,7 +195,16 @@ def _flatten(ids_list: list) -> tuple[np.ndarray, np.ndarray]:
     return flat, counts
 
 
-def _prepare_side(table: ByteTable, ids_list: list, label: str) -> _Side:
+def _prepare_side(table: ByteTable, ids_list: list, label: str,
+                  prefixed: np.ndarray | None = None) -> _Side:
+    """Flat arrays of one side of a batch.
+
+    Args:
+        prefixed: bool ``[B]``: whether each sequence's first token carries a dummy-prefix space
+            that is not content; ``None``: the tokenizer's decoding rule (``decoder_strips_space``,
+            the reading of sampled ids). A space is left out only from a first token that is not
+            special and starts with one.
+    """
     ids, counts = _flatten(ids_list)
     check_ids_in_range(ids, table.vocab_size, f"{label} {table.name}")
     seq_start = np.concatenate([[0], np.cumsum(counts)])
@@ -195,9 +221,10 @@ def _prepare_side(table: ByteTable, ids_list: list, label: str) -> _Side:
         in_content = special_at < seq_start[seq] + content_count[seq]
         content_specials = np.bincount(seq[in_content], minlength=counts.size)
     stripped = np.zeros(0, dtype=np.int64)
-    if table.dummy_prefix:
+    strip = (content_count > 0) & (table.decoder_strips_space if prefixed is None else prefixed)
+    if strip.any():
         # The dummy-prefix space is the tokenizer's artefact, not content (ALGORITHMS §2).
-        first = seq_start[:-1][content_count > 0]
+        first = seq_start[:-1][strip]
         first = first[~table.special[ids[first]] & (lengths[first] > 0)]
         stripped = first[table.flat_bytes[table.starts[ids[first]]] == 0x20]
         lengths[stripped] -= 1
@@ -205,6 +232,33 @@ def _prepare_side(table: ByteTable, ids_list: list, label: str) -> _Side:
     np.cumsum(lengths, out=byte_offsets[1:])
     return _Side(table, ids, seq_start, has_end, content_count, lengths, byte_offsets, stripped,
                  content_specials)
+
+
+def _prefixed_for_text_of(table: ByteTable, side: _Side) -> np.ndarray:
+    """bool ``[B]``: whether ``table``'s tokenizer puts a dummy prefix before the text of each
+    of ``side``'s sequences (only the rule "unless_space" needs the text's first byte)."""
+    if table.prefix_rule == "unless_space":
+        return adds_dummy_prefix(table, _first_text_bytes(side))
+    return np.full(side.counts.size, table.prefix_rule == "always")
+
+
+def _first_text_bytes(side: _Side) -> np.ndarray:
+    """int64 ``[B]``: the first byte of each sequence's text (its content without specials,
+    dummy-prefix space left out), ``-1`` where the text is empty."""
+    out = np.full(side.counts.size, -1, dtype=np.int64)
+    seqs = np.flatnonzero(side.content_count > 0)
+    first = side.seq_start[:-1][seqs]
+    readable = ~side.special(first) & (side.lengths[first] > 0)
+    out[seqs[readable]] = side.table.flat_bytes[side.starts(first[readable])]
+    rest = seqs[~readable]  # rare: a response that opens with a special or a lone "▁"
+    candidates = np.flatnonzero(~side.table.special[side.ids] & (side.lengths > 0))
+    if rest.size and candidates.size:
+        pos = np.minimum(np.searchsorted(candidates, side.seq_start[rest]), candidates.size - 1)
+        token = candidates[pos]
+        inside = ((token >= side.seq_start[rest])
+                  & (token < side.seq_start[rest] + side.content_count[rest]))
+        out[rest[inside]] = side.table.flat_bytes[side.starts(token[inside])]
+    return out
 
 
 def _sequence_bytes(table: ByteTable, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -411,10 +465,12 @@ def _align_fast(t_side: _Side, s_side: _Side) -> list[Alignment | None]:
     is_end[(first_chunk + chunks_per_seq - 1)[t_side.has_end]] = True
     bounds = np.append(first_chunk, t_first.size).tolist()
     t_lengths, s_lengths = t_side.counts.tolist(), s_side.counts.tolist()
+    t_spaces, s_spaces = t_side.dummy_spaces().tolist(), s_side.dummy_spaces().tolist()
     return [
-        None if is_bad else Alignment(chunks[lo:hi], aligned[lo:hi], is_end[lo:hi], n, m)
-        for is_bad, lo, hi, n, m in zip(bad.tolist(), bounds[:-1], bounds[1:], t_lengths,
-                                        s_lengths)
+        None if is_bad else Alignment(chunks[lo:hi], aligned[lo:hi], is_end[lo:hi], n, m, 0,
+                                      t_space, s_space)
+        for is_bad, lo, hi, n, m, t_space, s_space in zip(
+            bad.tolist(), bounds[:-1], bounds[1:], t_lengths, s_lengths, t_spaces, s_spaces)
     ]
 
 
@@ -423,17 +479,34 @@ def align_ids_batch(
     student: ByteTable,
     teacher_ids: list,
     student_ids: list,
+    *,
+    texts: list[str] | None = None,
+    teacher_sampled: bool = False,
 ) -> list[Alignment]:
     """Align many responses; see :func:`align_ids` for one.
 
     Sequences whose bytes are equal on both sides (the common case) are aligned together in one
     vectorised pass; the others go through the byte matcher one by one.
 
+    How a first token's leading space is read (a dummy-prefix space is the tokenizer's
+    artefact, not content, ALGORITHMS §2; which one it is depends on the text):
+
+    * ``texts`` given: each side's ids are its tokenizer's own encoding of ``texts[b]``, and a
+      side's first token loses one space exactly where its tokenizer's prefix rule puts one
+      before that text (:func:`~ctopd.core.byte_table.adds_dummy_prefix`).
+    * otherwise the student ids are a sampled response, read by the student's decoding rule
+      (:func:`response_bytes_batch`), and the teacher ids are the teacher's encoding of that
+      response's text (``TokenizerPair.teacher_ids_for``): the teacher's prefix rule is applied
+      to that text. With ``teacher_sampled`` the teacher ids are read by the teacher's decoding
+      rule instead (identical tokenizers, where the teacher scores the sampled ids themselves).
+
     Args:
         teacher: byte table of the teacher tokenizer.
         student: byte table of the student tokenizer.
         teacher_ids: ``B`` sequences of teacher response ids (lists or int arrays).
         student_ids: ``B`` sequences of student response ids.
+        texts: ``B`` texts both sides encoded, or ``None`` for sampled responses.
+        teacher_sampled: read the teacher ids like sampled ones (only without ``texts``).
 
     Returns:
         ``B`` :class:`Alignment` objects.
@@ -441,13 +514,16 @@ def align_ids_batch(
     Raises:
         ValueError: the batch sizes differ or an id is out of a tokenizer's range.
     """
-    if len(teacher_ids) != len(student_ids):
+    if len(teacher_ids) != len(student_ids) or (texts is not None
+                                               and len(texts) != len(student_ids)):
         raise ValueError(
             f"align_batch got {len(teacher_ids)} teacher sequences and {len(student_ids)} "
-            "student sequences; pass one teacher sequence per student sequence"
+            "student sequences" + ("" if texts is None else f" for {len(texts)} texts")
+            + "; pass one teacher sequence per student sequence (and per text)"
         )
     if not teacher_ids:
         return []
+    first_bytes = None if texts is None else first_bytes_of(texts)
     # Blocks of about BLOCK_TOKENS tokens keep every temporary array in cache; a batch of any
     # size costs the same per token.
     sizes = np.fromiter(map(len, student_ids), np.int64, len(student_ids))
@@ -456,16 +532,21 @@ def align_ids_batch(
     bounds = [0, *cuts.tolist(), len(student_ids)]
     results: list[Alignment] = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        results.extend(_align_block(teacher, student, teacher_ids[lo:hi], student_ids[lo:hi]))
+        if first_bytes is None:
+            s_side = _prepare_side(student, student_ids[lo:hi], "student")
+            t_prefixed = None if teacher_sampled else _prefixed_for_text_of(teacher, s_side)
+        else:
+            s_side = _prepare_side(student, student_ids[lo:hi], "student",
+                                   adds_dummy_prefix(student, first_bytes[lo:hi]))
+            t_prefixed = adds_dummy_prefix(teacher, first_bytes[lo:hi])
+        t_side = _prepare_side(teacher, teacher_ids[lo:hi], "teacher", t_prefixed)
+        results.extend(_align_block(t_side, s_side))
     return results
 
 
-def _align_block(teacher: ByteTable, student: ByteTable, teacher_ids: list, student_ids: list
-                 ) -> list[Alignment]:
-    t_side = _prepare_side(teacher, teacher_ids, "teacher")
-    s_side = _prepare_side(student, student_ids, "student")
+def _align_block(t_side: _Side, s_side: _Side) -> list[Alignment]:
     candidate = _fast_candidates(t_side, s_side)
-    results: list[Alignment | None] = [None] * len(teacher_ids)
+    results: list[Alignment | None] = [None] * int(candidate.size)
     if candidate.any():
         everyone = bool(candidate.all())
         fast = _align_fast(t_side if everyone else t_side.select(candidate),
@@ -495,14 +576,25 @@ def _with_end_chunk(chunks, aligned, unaligned_bytes, t_side: _Side, s_side: _Si
         teacher_length=n_content + t_end,
         student_length=m_content + s_end,
         unaligned_bytes=unaligned_bytes,
+        teacher_dummy_space=bool(n_content and np.isin(t_side.seq_start[k], t_side.stripped)),
+        student_dummy_space=bool(m_content and np.isin(s_side.seq_start[k], s_side.stripped)),
     )
 
 
 def response_bytes_batch(table: ByteTable, ids_list: list) -> tuple[list[bytes], np.ndarray]:
-    """The response bytes of many id sequences at once.
+    """The text bytes of many sampled responses at once.
 
-    Each response's bytes are its tokens' bytes back to back, without a trailing end token,
-    without specials and without a dummy-prefix space.
+    The rule: a sampled response's text is what the student's tokenizer decodes its ids to as
+    the opening of the assistant's turn, the context it was sampled in, i.e.
+    ``tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)`` with
+    a trailing end id left out. In bytes: the tokens' bytes back to back (exact also where a
+    token holds part of a UTF-8 character, where ``decode`` would give U+FFFD), specials left
+    out, and one leading space less where the tokenizer's decoder drops it
+    (``ByteTable.decoder_strips_space``: a SentencePiece/Metaspace decoder drops the dummy-prefix
+    space of the first token, so ``▁Sure`` opening a response is ``"Sure"``, ``▁``, ``▁Sure``
+    is ``" Sure"``, and a first byte-fallback piece ``<0x20>`` is no text). Byte-level decoders
+    drop nothing. A response that opens with a special token keeps the space of the token after
+    it.
 
     Returns:
         ``(B byte strings, bool [B] whether each sequence ended with an end id)``.

@@ -29,7 +29,8 @@ import numpy as np
 METASPACE = "\u2581"
 _BYTE_FALLBACK_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 # Lower-case ASCII: unchanged by every normaliser that keeps the tokenizer usable (NFC, Lowercase).
-_PROBE_TEXTS = ("ab", "hello world", "the cat sat.", "x")
+# Digits and punctuation catch a prefix space added to every pre-token, not once per text.
+_PROBE_TEXTS = ("ab", "hello world", "the cat sat.", "x", "a1 b22.c")
 
 
 # A special id has no text. In an alignment it occupies one position holding this byte.
@@ -70,14 +71,21 @@ class ByteTable:
         lengths: int64 ``[vocab_size]``, each id's byte length (0 for special ids).
         special: bool ``[vocab_size]``, True for special (control) ids; their bytes are not text.
         end_ids: int64 ``[E]``, ids that end the assistant's turn (EOS, end-of-turn marker).
-        dummy_prefix: True when encoding prepends a space that is not in the text (SentencePiece
-            ``add_dummy_prefix``, Metaspace ``prepend_scheme``, ByteLevel ``add_prefix_space``).
+        dummy_prefix: True when encoding prepends a space that is not in the text to some texts
+            (``prefix_rule != "never"``).
         kind: ``"byte_level"`` or ``"metaspace"``.
-        prefix_only_if_no_space: the dummy prefix is added only when the text does not already
-            start with a space (HF ``Metaspace(prepend_scheme="first")``): such a tokenizer spells
-            ``" x"`` like ``"x"``, so an encoder must add one space to keep a leading space.
         rewrites_text: names of normalizers that can change the text (NFC, Lowercase, ...):
             where they do, chunks come out unaligned.
+        prefix_rule: when encoding a text adds a dummy-prefix space (see :func:`adds_dummy_prefix`):
+            ``"always"``, before every text, even one that starts with a space (a ``Prepend("▁")``
+            normaliser: Phi-3, legacy Llama fast tokenizers); ``"unless_space"``, only before a
+            text that does not already start with a space (HF ``Metaspace`` with
+            ``prepend_scheme`` ``"first"``, and ``"always"`` too, which at the start of a text
+            also skips one that begins with ``▁``; ``ByteLevel(add_prefix_space=True)``), so
+            ``" x"`` and ``"x"`` get the same ids; ``"never"``.
+        decoder_strips_space: the tokenizer's decoder drops one leading space at the start of
+            what it decodes (a ``Strip(" ", 1, 0)`` decoder, a ``Metaspace`` decoder): the rule by
+            which the text of sampled ids is read (see ``alignment.response_bytes_batch``).
     """
 
     name: str
@@ -89,7 +97,13 @@ class ByteTable:
     dummy_prefix: bool
     kind: str
     rewrites_text: tuple[str, ...] = field(default=())
-    prefix_only_if_no_space: bool = False
+    prefix_rule: str = "never"
+    decoder_strips_space: bool = False
+
+    @property
+    def prefix_only_if_no_space(self) -> bool:
+        """The dummy prefix is added only to a text that does not start with a space."""
+        return self.prefix_rule == "unless_space"
 
     @property
     def vocab_size(self) -> int:
@@ -362,13 +376,48 @@ def build_byte_table(tokenizer: Any, *, end_ids: list[int] | None = None) -> Byt
     return _with_probed_prefix(table, backend)
 
 
+def adds_dummy_prefix(table: ByteTable, first_bytes: np.ndarray) -> np.ndarray:
+    """Whether the tokenizer's own encoding of each text puts a dummy-prefix space before it.
+
+    Args:
+        table: the tokenizer's byte table.
+        first_bytes: int ``[B]``: each text's first byte, ``-1`` for an empty text.
+
+    Returns:
+        bool ``[B]``: True where the encoded ids spell one space more than the text at its
+        start; that space is the tokenizer's artefact, not content (ALGORITHMS §2).
+    """
+    first_bytes = np.asarray(first_bytes, dtype=np.int64)
+    if table.prefix_rule == "always":
+        return first_bytes >= 0
+    if table.prefix_rule == "unless_space":
+        return (first_bytes >= 0) & (first_bytes != 0x20)
+    return np.zeros(first_bytes.shape, dtype=bool)
+
+
+def first_bytes_of(texts: list[str]) -> np.ndarray:
+    """int64 ``[B]``: the first UTF-8 byte of each text, ``-1`` for an empty one."""
+    return np.fromiter((t.encode("utf-8")[0] if t else -1 for t in texts), np.int64, len(texts))
+
+
 def _with_probed_prefix(table: ByteTable, backend) -> ByteTable:
-    """Find out by encoding probe texts whether the tokenizer adds a dummy-prefix space, and
-    check that the table spells plain ASCII exactly (a cheap guard against layouts we misread)."""
+    """Learn the tokenizer's dummy-prefix rules by running its own normaliser, pre-tokenizer and
+    decoder on probe texts, and check that the table spells plain ASCII exactly (a cheap guard
+    against layouts we misread).
+
+    Running the tokenizer rather than reading ``tokenizer.json`` catches how the parts combine:
+    HF's ``Metaspace`` with ``prepend_scheme`` ``"always"`` or ``"first"`` skips the prefix for
+    a text that starts with a space, a ``Prepend("▁")`` normaliser does not, and a Strip
+    decoder drops a leading space whichever rule encoded it.
+    """
+
+    def spell(text: str) -> tuple[list[int], bytes]:
+        ids = backend.encode(text, add_special_tokens=False).ids
+        return ids, gather_bytes(table, np.asarray(ids, dtype=np.int64)).tobytes()
+
     prefixed = []
     for text in _PROBE_TEXTS:
-        ids = np.asarray(backend.encode(text, add_special_tokens=False).ids, dtype=np.int64)
-        spelled = gather_bytes(table, ids).tobytes()
+        spelled = spell(text)[1]
         if spelled == text.encode():
             prefixed.append(False)
         elif spelled == b" " + text.encode():
@@ -383,9 +432,21 @@ def _with_probed_prefix(table: ByteTable, backend) -> ByteTable:
             f"tokenizer {table.name} adds a leading space to some texts and not others; "
             "cannot model its dummy prefix exactly"
         )
-    prefix_only_if_no_space = False
-    if prefixed[0]:
-        ids = np.asarray(backend.encode(" ab", add_special_tokens=False).ids, dtype=np.int64)
-        prefix_only_if_no_space = gather_bytes(table, ids).tobytes() == b" ab"
-    return dataclasses.replace(table, dummy_prefix=prefixed[0],
-                               prefix_only_if_no_space=prefix_only_if_no_space)
+    ids, spelled = spell(" ab")
+    if spelled == b" ab":
+        rule = "unless_space" if prefixed[0] else "never"
+    elif prefixed[0] and spelled == b"  ab":
+        rule = "always"
+    else:
+        raise UnsupportedTokenizerError(
+            f"tokenizer {table.name}: the byte table spells ' ab' as {spelled!r}; cannot model "
+            "how its dummy prefix treats a leading space"
+        )
+    decoded = backend.decode(ids, skip_special_tokens=False).encode("utf-8")
+    if decoded not in (spelled, spelled[1:]):
+        raise UnsupportedTokenizerError(
+            f"tokenizer {table.name}: its decoder turns the ids of ' ab' into {decoded!r}, not "
+            "their bytes with or without the leading space; cannot read sampled ids exactly"
+        )
+    return dataclasses.replace(table, dummy_prefix=prefixed[0], prefix_rule=rule,
+                               decoder_strips_space=decoded != spelled)

@@ -104,25 +104,43 @@ class TokenizerPair:
             and np.array_equal(t.lengths, s.lengths)
             and np.array_equal(t.flat_bytes, s.flat_bytes)
             and np.array_equal(t.special, s.special)
-            and t.dummy_prefix == s.dummy_prefix
+            and t.prefix_rule == s.prefix_rule
+            and t.decoder_strips_space == s.decoder_strips_space
         )
 
-    def align(self, teacher_ids, student_ids) -> Alignment:
-        """Minimal aligned chunks of one response (see :class:`Alignment`)."""
-        return align_ids_batch(self.teacher_table, self.student_table, [teacher_ids],
-                               [student_ids])[0]
+    def align(self, teacher_ids, student_ids, *, text: str | None = None) -> Alignment:
+        """Minimal aligned chunks of one response (see :class:`Alignment`); ``text`` as in
+        :meth:`align_batch`."""
+        return self.align_batch([teacher_ids], [student_ids],
+                                texts=None if text is None else [text])[0]
 
-    def align_batch(self, teacher_ids: list, student_ids: list) -> list[Alignment]:
-        """Align ``B`` responses at once (vectorised over the batch)."""
-        return align_ids_batch(self.teacher_table, self.student_table, teacher_ids, student_ids)
+    def align_batch(self, teacher_ids: list, student_ids: list, *,
+                    texts: list[str] | None = None) -> list[Alignment]:
+        """Align ``B`` responses at once (vectorised over the batch).
+
+        Without ``texts`` the student ids are sampled responses (their text is
+        :meth:`student_text`) and the teacher ids come from :meth:`teacher_ids_for_batch`.
+        With ``texts``, both are each tokenizer's own encoding of ``texts[b]``
+        (:meth:`encode_batch`); each side's first token then loses a dummy-prefix space exactly
+        where its tokenizer puts one before that text (see ``align_ids_batch``).
+        """
+        return align_ids_batch(self.teacher_table, self.student_table, teacher_ids, student_ids,
+                               texts=texts, teacher_sampled=texts is None and self.identical)
+
+    def encode_batch(self, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+        """Each tokenizer's own ids of each text, ``tokenizer(text, add_special_tokens=False)``:
+        ``(teacher_ids, student_ids)``, to align with ``align_batch(..., texts=texts)``."""
+        return _own_ids(self.teacher_tokenizer, texts), _own_ids(self.student_tokenizer, texts)
 
     def student_response_bytes(self, student_ids) -> bytes:
-        """The bytes of a student response: its tokens' bytes back to back, without a trailing
-        end token, specials or a dummy-prefix space."""
+        """The bytes of a sampled student response's text: its tokens' bytes back to back,
+        without a trailing end token or specials, less the leading space the student's decoder
+        drops (the rule is written out in ``alignment.response_bytes_batch``)."""
         return response_bytes_batch(self.student_table, [student_ids])[0][0]
 
     def student_text(self, student_ids) -> str:
-        """The student response as text (invalid UTF-8 replaced by U+FFFD)."""
+        """A sampled student response as text: what ``student_tokenizer.decode(ids,
+        skip_special_tokens=True)`` gives for it (invalid UTF-8 replaced by U+FFFD)."""
         return self.student_response_bytes(student_ids).decode("utf-8", errors="replace")
 
     def ended_turn(self, student_ids) -> bool:
@@ -131,10 +149,11 @@ class TokenizerPair:
         return bool(ids.size and np.isin(ids[-1], self.student_table.end_ids))
 
     def teacher_ids_for(self, student_ids) -> list[int]:
-        """The teacher's tokenisation of a student response (ALGORITHMS §1.3): the teacher
-        encodes the response's text with no special tokens added and special-token strings
-        treated as plain text, then its end-of-turn id is appended if the student ended its
-        turn. With identical tokenizers: the student's ids themselves."""
+        """The teacher's tokenisation of a sampled student response (ALGORITHMS §1.3): the
+        teacher encodes the response's text (:meth:`student_text`) with no special tokens
+        added and special-token strings treated as plain text, exactly as it would encode that
+        text itself, then its end-of-turn id is appended if the student ended its turn. With
+        identical tokenizers: the student's ids themselves."""
         return self.teacher_ids_for_batch([student_ids])[0]
 
     def teacher_ids_for_batch(self, student_ids: list) -> list[list[int]]:
@@ -148,9 +167,9 @@ class TokenizerPair:
             return [np.asarray(ids, dtype=np.int64).reshape(-1).tolist() for ids in student_ids]
         responses, ended = response_bytes_batch(self.student_table, student_ids)
         texts = [b.decode("utf-8", errors="replace") for b in responses]
-        if self.teacher_table.prefix_only_if_no_space:
-            # Such a teacher spells " x" like "x"; one more space keeps the leading one.
-            texts = [" " + t if t.startswith(" ") else t for t in texts]
+        # The teacher's own ids of the text. A teacher whose dummy prefix skips a text that
+        # starts with a space gives " x" and "x" the same ids; align_batch reads its first
+        # space as content or as the prefix from the text's first byte.
         encoded = self._teacher_encoder(texts)
         end_id = self.teacher_end_of_turn_id
         return [ids + [end_id] if end else ids for ids, end in zip(encoded, ended.tolist())]
@@ -163,6 +182,18 @@ class TokenizerPair:
         eos = getattr(self.teacher_tokenizer, "eos_token_id", None)
         others = [i for i in end_ids if i != eos]
         return others[0] if others else end_ids[0]
+
+
+def _own_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """``tokenizer(texts, add_special_tokens=False)["input_ids"]``, also for a raw
+    ``tokenizers.Tokenizer``."""
+    if not texts:
+        return []
+    if hasattr(tokenizer, "backend_tokenizer"):
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    from ctopd.core.byte_table import _backend
+
+    return [e.ids for e in _backend(tokenizer).encode_batch(texts, add_special_tokens=False)]
 
 
 def _text_encoder(tokenizer: Any):
