@@ -1,10 +1,7 @@
 """SimCT vs shared-only coverage on a real tokenizer pair (qwen2 teacher, llama-spm student).
 
-Needs the shared tokenizers folder in ``CTOPD_TOKENIZERS`` (e.g. ``../shared/tokenizers``).
+Needs the shared tokenizers folder (the ``real_tokenizers_dir`` fixture of tests/conftest.py).
 """
-
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,12 +21,10 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def pair():
-    folder = os.environ.get("CTOPD_TOKENIZERS")
-    if not folder:
-        pytest.skip("set CTOPD_TOKENIZERS to the shared tokenizers folder (../shared/tokenizers)")
-    folder = Path(folder)
-    return ctopd.TokenizerPair.from_pretrained(str(folder / "qwen2"), str(folder / "llama-spm"))
+def pair(real_tokenizers_dir):
+    # Through the shared fixture: skips with a reason when ../shared is not there.
+    return ctopd.TokenizerPair.from_pretrained(str(real_tokenizers_dir / "qwen2"),
+                                               str(real_tokenizers_dir / "llama-spm"))
 
 
 def test_simct_supervises_every_aligned_student_token(pair):
