@@ -251,8 +251,10 @@ def _first_text_bytes(side: _Side) -> np.ndarray:
     readable = ~side.special(first) & (side.lengths[first] > 0)
     out[seqs[readable]] = side.table.flat_bytes[side.starts(first[readable])]
     rest = seqs[~readable]  # rare: a response that opens with a special or a lone "▁"
+    if not rest.size:
+        return out
     candidates = np.flatnonzero(~side.table.special[side.ids] & (side.lengths > 0))
-    if rest.size and candidates.size:
+    if candidates.size:
         pos = np.minimum(np.searchsorted(candidates, side.seq_start[rest]), candidates.size - 1)
         token = candidates[pos]
         inside = ((token >= side.seq_start[rest])
