@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from ctopd.core.pair import load_tokenizer
 from ctopd.training.config import ConfigError, TeacherServerConfig, load_config
 from ctopd.training.loop import train
-from ctopd.training.served_teacher import ServedTeacher, dense_logprobs
+from ctopd.training.served_teacher import ServedTeacher, dense_logprobs, parse_prompt_logprobs
 from ctopd.training.teacher_server import ScoringModel, TeacherHTTPServer
 from ctopd.training.teachers import LocalTeacher, TeacherServerError
 from tests.training.servers import API_KEY, FakeServer, ServerProcess, kill_after_first_step
@@ -163,14 +163,24 @@ def test_vllm_shaped_reply_and_the_remainder_rule(fake):
     assert torch.allclose(dense.double().exp().sum(-1), torch.ones(1, 2, dtype=torch.float64))
 
 
-def test_dense_logprobs_floors_the_remainder_and_fills_padding_rows():
-    rows = torch.tensor([0, 0])
-    ids = torch.tensor([1, 2])
-    dense = dense_logprobs(rows, ids, torch.tensor([math.log(0.5), math.log(0.5)],
-                                                   dtype=torch.float64),
-                           rows_total=2, vocab_size=4)
+def test_the_cap_is_the_smallest_top_k_log_prob_not_the_realised_token():
+    choice = _vllm_reply()["choices"][0]
+    _, _, counts, caps = parse_prompt_logprobs(choice, SEQUENCE, PROMPT_LENGTH, where="c",
+                                               vocab_size=VOCAB, top_k=2)
+    assert counts == [3, 2]  # the realised token 9 came on top of the top 2; 11 was among them
+    assert caps == [-2.0, -1.6]
+
+
+def test_dense_logprobs_floors_and_caps_the_remainder_and_fills_padding_rows():
+    rows = torch.tensor([0, 0, 1])
+    ids = torch.tensor([1, 2, 0])
+    logprobs = torch.tensor([math.log(0.5), math.log(0.5), math.log(0.9)], dtype=torch.float64)
+    caps = torch.tensor([0.0, math.log(0.01), 0.0], dtype=torch.float64)
+    dense = dense_logprobs(rows, ids, logprobs, rows_total=3, vocab_size=4, caps=caps)
     assert dense[0, 0].item() == pytest.approx(math.log(1e-12 / 2), rel=1e-6)  # nothing left
-    assert torch.allclose(dense[1], torch.full((4,), math.log(0.25)))  # a padding row: uniform
+    # 0.1 left for 3 ids, but none may be likelier than the smallest top-k probability.
+    assert torch.allclose(dense[1, 1:], torch.full((3,), math.log(0.01)))
+    assert torch.allclose(dense[2], torch.full((4,), math.log(0.25)))  # a padding row: uniform
 
 
 def _drop_last_position(reply):

@@ -20,12 +20,15 @@ more, ranked after the top K, when it is not among them). ``-inf`` arrives clamp
 **What we keep.** At each response position the realised token's log-prob (exact: all ``dpca``
 needs) and the returned top-K log-probs. The loop expects dense scores ``[B, n, V_T]``, so they
 are rebuilt: returned ids get their log-probs; the **remainder** ``R = 1 - Σ_returned p`` is spread
-**evenly over the ids not returned**, each getting ``log(R / (V_T - #returned))``. Among all
-distributions that agree with what the server returned this is the one of largest entropy (and it
-keeps every unreturned id below the smallest returned top-K probability whenever the server's
-numbers are consistent). ``R`` is floored at ``1e-12`` so no id gets ``-inf``. With ``K = V_T``
-nothing is left to spread and the rebuilt scores equal the teacher's log-softmax. Measured error
-of the objectives for several ``K``: ``benchmarks/served_teacher.py``.
+**evenly over the ids not returned**, each getting ``log(R / (V_T - #returned))`` but never more
+than the smallest returned top-K log-prob (no unreturned id can be likelier than that). Among the
+distributions that agree with what the server returned this is the one of largest entropy. ``R``
+is floored at ``1e-12`` so no id gets ``-inf``; it is only known to about ``1e-7`` (the server's
+float32 normalisation), so a tail below that is a guess, and the cap is what keeps it sane when
+few ids are left out. With ``K = V_T`` nothing is left to spread and the rebuilt scores equal the
+teacher's log-softmax. ``dpca`` reads only realised tokens, which are always returned: it is exact
+for every ``K`` (``K = 0`` sends least). The objectives' measured error for several ``K`` is in
+``benchmarks/served_teacher.py`` and the README.
 
 **Faults.** At most ``max_concurrency`` requests are in flight (``sequences_per_request`` sequences
 each, split in a fixed order, so a retried request is the same request). Connection errors,
@@ -89,26 +92,30 @@ class ServedScores:
         rows: list[Tensor] = []
         ids: list[Tensor] = []
         logprobs: list[Tensor] = []
+        caps = torch.zeros(batch * width, dtype=torch.float64)
         for rows_of_chunk, future in self.chunks:
-            for b, (position_ids, position_logprobs, counts) in zip(rows_of_chunk,
-                                                                    future.result()):
+            for b, (position_ids, position_logprobs, counts, position_caps) in zip(
+                    rows_of_chunk, future.result()):
                 offsets = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
                 rows.append(b * width + offsets)
                 ids.append(torch.tensor(position_ids, dtype=torch.long))
                 logprobs.append(torch.tensor(position_logprobs, dtype=torch.float64))
+                caps[b * width : b * width + len(counts)] = torch.tensor(position_caps,
+                                                                         dtype=torch.float64)
         empty = (torch.zeros(0, dtype=torch.long),) * 2 + (torch.zeros(0, dtype=torch.float64),)
         flat = [torch.cat(parts) if parts else e for parts, e in zip((rows, ids, logprobs), empty)]
         dense = dense_logprobs(*(t.to(self.device) for t in flat), rows_total=batch * width,
-                               vocab_size=self.vocab_size)
+                               vocab_size=self.vocab_size, caps=caps.to(self.device))
         return dense.view(batch, width, self.vocab_size)
 
 
 def dense_logprobs(rows: Tensor, ids: Tensor, logprobs: Tensor, *, rows_total: int,
-                   vocab_size: int) -> Tensor:
+                   vocab_size: int, caps: Tensor | None = None) -> Tensor:
     """Dense log-probabilities from sparse ``(row, id, log-prob)`` entries.
 
     Each row's returned ids keep their log-probs; the rest of the row shares the remainder
-    ``max(1 - Σ exp(returned), 1e-12)`` evenly. A row with no entries is uniform.
+    ``max(1 - Σ exp(returned), 1e-12)`` evenly, each id at most its row's cap (the smallest
+    top-k log-prob: no unreturned id can be likelier). A row with no entries is uniform.
 
     Args:
         rows: int64 ``[E]`` row of each entry (``0 <= row < rows_total``).
@@ -116,6 +123,8 @@ def dense_logprobs(rows: Tensor, ids: Tensor, logprobs: Tensor, *, rows_total: i
         logprobs: float64 ``[E]`` log-probabilities.
         rows_total: number of rows.
         vocab_size: ``V_T``.
+        caps: float64 ``[rows_total]`` largest log-prob of an unreturned id per row (``0``: no
+            cap), or None.
 
     Returns:
         float32 ``[rows_total, vocab_size]`` on ``rows``' device.
@@ -126,7 +135,8 @@ def dense_logprobs(rows: Tensor, ids: Tensor, logprobs: Tensor, *, rows_total: i
     returned = torch.bincount(rows, minlength=rows_total).to(torch.float64)
     rest = vocab_size - returned
     remainder = (1.0 - mass).clamp(min=REMAINDER_FLOOR)
-    fill = (remainder.log() - rest.clamp(min=1.0).log()).float()
+    fill = remainder.log() - rest.clamp(min=1.0).log()
+    fill = (fill if caps is None else torch.minimum(fill, caps)).float()
     dense = fill[:, None].expand(rows_total, vocab_size).clone()
     dense[rows, ids] = logprobs.float()
     return dense
@@ -140,8 +150,10 @@ def parse_prompt_logprobs(
     where: str,
     vocab_size: int,
     top_k: int,
-) -> tuple[list[int], list[float], list[int]]:
-    """The response positions of one choice: flat ``(ids, log-probs)`` and entries per position.
+) -> tuple[list[int], list[float], list[int], list[float]]:
+    """The response positions of one choice: flat ``(ids, log-probs)``, entries per position,
+    and per position the smallest top-k log-prob (``0`` when no top-k was asked for), which
+    caps the ids not returned.
 
     Args:
         choice: ``choices[i]`` of the reply (a JSON object).
@@ -168,10 +180,12 @@ def parse_prompt_logprobs(
     if len(entries) != len(sequence):
         raise TeacherServerError(f"reply field {where}.prompt_logprobs has {len(entries)} "
                                  f"positions for a {len(sequence)}-token sequence")
-    least = max(1, min(vocab_size if top_k < 0 else top_k, vocab_size))
+    top_count = min(vocab_size if top_k < 0 else top_k, vocab_size)
+    least = max(1, top_count)
     ids: list[int] = []
     logprobs: list[float] = []
     counts: list[int] = []
+    caps: list[float] = []
     for position in range(prompt_length, len(sequence)):
         field = f"{where}.prompt_logprobs[{position}]"
         entry = entries[position]
@@ -185,17 +199,23 @@ def parse_prompt_logprobs(
         if str(realised) not in entry:
             raise TeacherServerError(f"reply field {field} has no entry for the realised token "
                                      f"{realised}")
-        mass = 0.0
+        mass, cap = 0.0, 0.0
+        # With one entry more than the top k, the extra one is the realised token, ranked below
+        # them: it does not bound the ids that were not returned.
+        extra = str(realised) if len(entry) > top_count else None
         for key, value in entry.items():
             token, logprob = _entry(key, value, field=field, vocab_size=vocab_size)
             ids.append(token)
             logprobs.append(logprob)
             mass += math.exp(logprob)
+            if top_count and key != extra:
+                cap = min(cap, logprob)
         if mass > 1.0 + MASS_TOLERANCE:
             raise TeacherServerError(f"reply field {field}: the returned probabilities add up to "
                                      f"{mass:.4f} > 1")
         counts.append(len(entry))
-    return ids, logprobs, counts
+        caps.append(cap)
+    return ids, logprobs, counts, caps
 
 
 def _entry(key: str, value: Any, *, field: str, vocab_size: int) -> tuple[int, float]:
