@@ -75,9 +75,10 @@ def test_served_losses_equal_in_process(tiny, server, served_dpca, tmp_path, api
     for ours, theirs in zip(local, served):
         for key in ("loss", "kl", "coverage", "teacher_logprob_mean", "response_tokens"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
+    # Adam (lr 1e-3) turns float noise in a near-zero gradient into ~1e-6 weight differences.
     expected = final_weights(tmp_path / "local")
     for name, value in final_weights(out).items():
-        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5)
 
 
 def test_server_killed_mid_run_and_restarted(tiny, server, served_dpca, tmp_path, api_key,
