@@ -164,6 +164,26 @@ def test_vllm_shaped_reply_and_the_remainder_rule(fake):
     assert torch.allclose(dense.double().exp().sum(-1), torch.ones(1, 2, dtype=torch.float64))
 
 
+def test_realised_tokens_only_when_that_is_all_the_objective_needs(fake):
+    def answer(body):
+        reply = _vllm_reply()
+        for entry in reply["choices"][0]["prompt_logprobs"][1:]:
+            for key in [k for k in entry if int(k) not in SEQUENCE]:
+                del entry[key]
+        return 200, reply
+
+    server = fake(answer)
+    teacher = _client(server.url, top_k=5)
+    dense = teacher.submit([SEQUENCE[:2]], [SEQUENCE[2:]],
+                           needs=frozenset({"token_logprobs"})).result()
+    assert server.bodies[0]["prompt_logprobs"] == 0  # dpca: no top-k, whatever top_k says
+    assert dense[0, :, [9, 11]].diagonal().tolist() == pytest.approx([-3.0, -1.6])
+    with pytest.raises(TeacherServerError, match="asked for the top 5"):
+        teacher.submit([SEQUENCE[:2]], [SEQUENCE[2:]],
+                       needs=frozenset({"token_logprobs", "class_logprobs"})).result()
+    assert server.bodies[1]["prompt_logprobs"] == 5
+
+
 def test_the_cap_is_the_smallest_top_k_log_prob_not_the_realised_token():
     choice = _vllm_reply()["choices"][0]
     _, _, counts, caps = parse_prompt_logprobs(choice, SEQUENCE, PROMPT_LENGTH, where="c",

@@ -266,7 +266,8 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer, *, step: int,
 
     with timer("teacher"):
         teacher_ids, _ = pad_responses(teacher_responses, pad_id=-1, device=device)
-        pending = run.teacher.submit(teacher_prompts, teacher_responses) if needs else None
+        pending = (run.teacher.submit(teacher_prompts, teacher_responses, needs=needs)
+                   if needs else None)
         teacher_scores = read_teacher() if pending is not None and pending.done() else None
 
     # 4. Objective: a student forward over prompt + sampled ids, then the loss.

@@ -266,30 +266,35 @@ class ServedTeacher:
         self.device = torch.device(device)
         return self
 
-    def submit(self, prompt_ids: Sequence[Sequence[int]],
-               response_ids: Sequence[Sequence[int]]) -> ServedScores:
-        """Send the sequences; with ``config.overlap`` off, return once the replies are in."""
+    def submit(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+               *, needs: frozenset[str] | None = None) -> ServedScores:
+        """Send the sequences; with ``config.overlap`` off, return once the replies are in.
+
+        When ``needs`` holds only ``token_logprobs`` (``dpca``) no top-k is asked for
+        (``prompt_logprobs=0``: the realised tokens' log-probs alone), whatever
+        ``config.top_k`` says."""
         if any(len(p) == 0 for p in prompt_ids):
             raise TeacherServerError("a teacher prompt is empty: its first response token would "
                                      "have no prediction (prompt_logprobs[0] is null)")
         width = max(1, max((len(r) for r in response_ids), default=0))
         scored = [b for b, r in enumerate(response_ids) if len(r)]
+        top_k = 0 if needs is not None and needs <= {"token_logprobs"} else self.config.top_k
         step = self.config.sequences_per_request
         chunks = []
         for lo in range(0, len(scored), step):
             rows = scored[lo : lo + step]
             sequences = [list(prompt_ids[b]) + list(response_ids[b]) for b in rows]
             lengths = [len(prompt_ids[b]) for b in rows]
-            chunks.append((rows, _in_background(self._score, sequences, lengths)))
+            chunks.append((rows, _in_background(self._score, sequences, lengths, top_k)))
         pending = ServedScores(chunks, (len(response_ids), width), self.vocab_size, self.device)
         if not self.config.overlap:
             wait_futures([future for _, future in chunks])
         return pending
 
-    def _score(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list:
+    def _score(self, sequences: list[list[int]], prompt_lengths: list[int], top_k: int) -> list:
         """One request: per sequence, ``(ids, log-probs, entries per position)``."""
         body: dict[str, Any] = {"prompt": sequences, "max_tokens": 1, "temperature": 1.0,
-                                "prompt_logprobs": self.config.top_k, "return_token_ids": True}
+                                "prompt_logprobs": top_k, "return_token_ids": True}
         if self.config.model:
             body["model"] = self.config.model
         reply = self._request(f"{self.url}/completions", body)
@@ -303,7 +308,7 @@ class ServedTeacher:
             if [c["index"] for c in choices] != list(range(len(sequences))):
                 raise TeacherServerError("reply field choices[].index is not 0..N-1")
         return [parse_prompt_logprobs(choice, sequence, length, where=f"choices[{i}]",
-                                      vocab_size=self.vocab_size, top_k=self.config.top_k)
+                                      vocab_size=self.vocab_size, top_k=top_k)
                 for i, (choice, sequence, length) in enumerate(zip(choices, sequences,
                                                                    prompt_lengths))]
 

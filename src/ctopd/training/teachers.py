@@ -54,9 +54,12 @@ class PendingScores(Protocol):
 class Teacher(Protocol):
     """What the loop needs from a teacher (see the module docstring)."""
 
-    def submit(self, prompt_ids: Sequence[Sequence[int]],
-               response_ids: Sequence[Sequence[int]]) -> PendingScores:
-        """Ask for the scores of ``B`` teacher prompts followed by their responses."""
+    def submit(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+               *, needs: frozenset[str] | None = None) -> PendingScores:
+        """Ask for the scores of ``B`` teacher prompts followed by their responses.
+
+        ``needs`` (``TEACHER_NEEDS``-style field names) lets a teacher send less: a served one
+        asks for no top-k at all when only ``token_logprobs`` are needed (``dpca``)."""
 
     def to(self, device: torch.device | str) -> Teacher:
         """Put the returned scores (and a local model) on ``device``."""
@@ -93,9 +96,10 @@ class LocalTeacher:
         self.model.to(self.device)
         return self
 
-    def submit(self, prompt_ids: Sequence[Sequence[int]],
-               response_ids: Sequence[Sequence[int]]) -> Ready:
-        """The teacher's logits ``[B, n, V_T]`` (model dtype), computed now."""
+    def submit(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+               *, needs: frozenset[str] | None = None) -> Ready:
+        """The teacher's logits ``[B, n, V_T]`` (model dtype), computed now (``needs`` is not
+        used: the logits hold everything)."""
         with torch.no_grad():
             return Ready(response_logits(self.model, prompt_ids, response_ids, pad_id=self.pad_id,
                                          device=self.device))
