@@ -9,8 +9,8 @@ a SentencePiece student trained on arithmetic problems, random Llama weights, ``
 × 4 layers and ``--student-hidden`` × 2 layers), no downloads. ``ctopd.training.loop.train`` runs
 ``--steps`` steps of ``dpca`` and of ``simct`` (the first is a warm-up and is not counted) with the
 teacher in process, then against ``ctopd serve-teacher`` started on 127.0.0.1 with the same
-weights, for ``top_k`` 20 and the whole vocabulary, with the request overlapping the student's
-forward and without. Trainer and server use one CPU thread each (on one machine the served
+weights (``dpca``: realised tokens only, ``k=0``; ``simct``: ``top_k`` 20 and the whole
+vocabulary), with the request overlapping the student's forward and without. Trainer and server use one CPU thread each (on one machine the served
 teacher has a core of its own: the point of serving it). The table: mean seconds per step and
 the seconds the loop spent waiting for the teacher (``time_teacher``).
 
@@ -110,16 +110,17 @@ def time_run(paths: dict[str, Path], out: Path, objective: str, extra: list[str]
 
 def step_part(paths: dict[str, Path], tmp: Path, args) -> list[dict]:
     process, url = start_server(paths["teacher"], tmp / "server.log")
-    vocab = 512
-    settings = [("in process", [])]
-    for k in (20, vocab):
-        for overlap in ("true", "false"):
-            name = f"served, top_k {'V' if k == vocab else k}, overlap {overlap}"
-            settings.append((name, ["--teacher-url", url, "--teacher-server.top-k", str(k),
-                                    "--teacher-server.overlap", overlap]))
     results = []
     try:
         for objective in args.objectives.split(","):
+            # dpca needs realised tokens only: the client asks for no top-k whatever top_k says.
+            ks = (0,) if objective == "dpca" else (20, -1)
+            settings = [("in process", [])]
+            for k in ks:
+                for overlap in ("true", "false"):
+                    name = f"served, k={'V' if k < 0 else k}, overlap {overlap}"
+                    settings.append((name, ["--teacher-url", url, "--teacher-server.top-k",
+                                            str(k), "--teacher-server.overlap", overlap]))
             for name, extra in settings:
                 out = tmp / f"{objective}-{len(results)}"
                 results.append({"objective": objective, "setting": name,

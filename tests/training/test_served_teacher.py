@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import threading
 import time
 import urllib.error
@@ -190,6 +191,12 @@ def test_the_cap_is_the_smallest_top_k_log_prob_not_the_realised_token():
                                                vocab_size=VOCAB, top_k=2)
     assert counts == [3, 2]  # the realised token 9 came on top of the top 2; 11 was among them
     assert caps == [-2.0, -1.6]
+
+
+def test_replies_are_read_without_orjson_too(fake, monkeypatch):
+    monkeypatch.setitem(sys.modules, "orjson", None)  # import orjson raises ImportError
+    server = fake(lambda body: (200, _vllm_reply()))
+    assert _score(_client(server.url))[0, 1, 11].item() == pytest.approx(-1.6)
 
 
 def test_dense_logprobs_floors_and_caps_the_remainder_and_fills_padding_rows():

@@ -376,11 +376,26 @@ class ServedTeacher:
             self.retried += 1
             waited += wait
             time.sleep(wait)
-        try:
-            return json.loads(payload)
-        except ValueError:
-            raise TeacherServerError(f"{url} sent a reply that is not JSON: "
-                                     f"{payload[:80]!r}") from None
+        return read_json(payload, url)
+
+
+def read_json(payload: bytes, url: str) -> Any:
+    """Parse a reply, with ``orjson`` when it is installed (replies of top-k log-probs run to
+    megabytes; it reads them 1.5-3x faster). ``json`` reads what orjson refuses (``NaN``), so
+    the checks can name the field."""
+    try:
+        import orjson
+
+        return orjson.loads(payload)
+    except ImportError:
+        pass
+    except ValueError:  # orjson.JSONDecodeError
+        pass
+    try:
+        return json.loads(payload)
+    except ValueError:
+        raise TeacherServerError(f"{url} sent a reply that is not JSON: "
+                                 f"{payload[:80]!r}") from None
 
 
 def teacher_vocab_size(config: ModelConfig, tokenizer: Any) -> int:

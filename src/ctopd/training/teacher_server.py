@@ -211,6 +211,16 @@ class ScoringModel:
                 "decoded_token": self.token_strings[token]}
 
 
+def _dumps(payload: Any) -> bytes:
+    """JSON bytes, with ``orjson`` when it is installed (several times faster on megabytes of
+    log-probs)."""
+    try:
+        import orjson
+    except ImportError:
+        return json.dumps(payload).encode("utf-8")
+    return orjson.dumps(payload)
+
+
 class TeacherHTTPServer(ThreadingHTTPServer):
     """A threaded HTTP server holding the :class:`ScoringModel` and the API key."""
 
@@ -277,7 +287,7 @@ class _Handler(BaseHTTPRequestHandler):
                                       "code": int(status)}})
 
     def _send(self, status: HTTPStatus, payload: Any) -> None:
-        data = b"" if payload is None else json.dumps(payload).encode("utf-8")
+        data = b"" if payload is None else _dumps(payload)
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
