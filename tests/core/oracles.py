@@ -4,6 +4,7 @@ the byte matcher as an oracle, and equal-length token substitutions."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 
@@ -141,3 +142,25 @@ def check_against_reference(pair: TokenizerPair, teacher_ids, student_ids, al,
         assert al.aligned.all()
         assert [tuple(c) for c in content.tolist()] == reference_chunks(t_pieces, s_pieces)
     return b"".join(s_pieces)
+
+
+def declared_rule(tokenizer) -> str:
+    """The prefix rule tokenizer.json declares, read slowly: a Prepend normaliser before every
+    text; Metaspace (prepend_scheme first or always) or ByteLevel(add_prefix_space) only before a
+    text that does not start with a space; nothing otherwise."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+
+    def parts(node, key):
+        if not node:
+            return []
+        return [c for child in node.get(key, []) for c in parts(child, key)] if (
+            node["type"] == "Sequence") else [node]
+
+    if any(n["type"] == "Prepend" for n in parts(spec["normalizer"], "normalizers")):
+        return "always"
+    for pre in parts(spec["pre_tokenizer"], "pretokenizers"):
+        if pre["type"] == "Metaspace" and pre.get("prepend_scheme") in ("first", "always"):
+            return "unless_space"
+        if pre["type"] == "ByteLevel" and pre.get("add_prefix_space"):
+            return "unless_space"
+    return "never"

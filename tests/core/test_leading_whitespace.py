@@ -10,8 +10,6 @@ Two readings of a first token's leading space (``align_ids_batch``):
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +18,13 @@ from hypothesis import strategies as st
 from ctopd import build_byte_table
 from ctopd.commands.align import align_records
 
-from .oracles import check_against_reference, check_partition, content_pieces, prefix_added
+from .oracles import (
+    check_against_reference,
+    check_partition,
+    content_pieces,
+    declared_rule,
+    prefix_added,
+)
 from .strategies import texts, texts_with_whitespace_ends
 from .variants import with_prepend_scheme
 
@@ -36,28 +40,6 @@ EXPECTED_RULES = {
     "unigram_always": ("unless_space", True),
     "unigram_prepend": ("always", True),
 }
-
-
-def declared_rule(tokenizer) -> str:
-    """The prefix rule tokenizer.json declares, read slowly: a Prepend normaliser before every
-    text; Metaspace (prepend_scheme first or always) or ByteLevel(add_prefix_space) only before a
-    text that does not start with a space; nothing otherwise."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-
-    def parts(node, key):
-        if not node:
-            return []
-        return [c for child in node.get(key, []) for c in parts(child, key)] if (
-            node["type"] == "Sequence") else [node]
-
-    if any(n["type"] == "Prepend" for n in parts(spec["normalizer"], "normalizers")):
-        return "always"
-    for pre in parts(spec["pre_tokenizer"], "pretokenizers"):
-        if pre["type"] == "Metaspace" and pre.get("prepend_scheme") in ("first", "always"):
-            return "unless_space"
-        if pre["type"] == "ByteLevel" and pre.get("add_prefix_space"):
-            return "unless_space"
-    return "never"
 
 
 def test_each_layout_gets_its_own_prefix_rules(families, sentencepiece_tokenizer):

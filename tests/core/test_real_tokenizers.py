@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ctopd import TokenizerPair, load_tokenizer
+from ctopd import TokenizerPair, build_byte_table, load_tokenizer
 from ctopd.commands.align import align_records
 from tests.conftest import REAL_TOKENIZERS
 
@@ -20,6 +20,7 @@ from .oracles import (
     check_against_reference,
     check_partition,
     content_pieces,
+    declared_rule,
     same_length_substitute,
     sides_prefixed,
 )
@@ -62,6 +63,16 @@ def test_every_student_token_is_covered_on_gsm8k(real_tokenizers, gsm8k_answers,
     # The student's bytes are the text it would decode to.
     for ids, text in zip(student_ids[:50], gsm8k_answers[:50]):
         assert pair.student_text(ids) == text
+
+
+def test_prefix_rules_of_real_tokenizers(real_tokenizers):
+    """Llama-2's Metaspace "first" and Phi-3's Prepend normaliser, as their own rules say."""
+    expected = {"qwen2": ("never", False), "gpt-2": ("never", False),
+                "llama-spm": ("unless_space", True), "phi-3": ("always", True)}
+    for name, tokenizer in real_tokenizers.items():
+        table = build_byte_table(tokenizer)
+        assert (table.prefix_rule, table.decoder_strips_space) == expected[name], name
+        assert table.prefix_rule == declared_rule(tokenizer), name
 
 
 def test_end_of_turn_ids_of_real_templates(real_tokenizers):
