@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ctopd
-from ctopd.objectives import TEACHER_NEEDS, TeacherOutputs, compute_objective
+from ctopd.objectives import TeacherOutputs, compute_objective, teacher_needs
 
 TEXTS = [
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
@@ -18,6 +18,13 @@ TEXTS = [
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # naïve, O(φ^n) 🚀",
     "Straße, café, 東京: the answer is √2 ≈ 1.41421356.",
 ]
+
+PAPER_NEEDS = teacher_needs("simct", space="paper")
+
+
+def paper_space(name):
+    """These tests build synthetic shared vocabularies without byte tables: the paper space."""
+    return {"space": "paper"} if name in ("simct", "shared_only") else {}
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +51,11 @@ def test_simct_supervises_every_aligned_student_token(pair):
         token_logprobs=-torch.rand(len(student), n, generator=gen),
         class_logprobs=torch.log_softmax(torch.randn(len(student), n, vocab.size, generator=gen),
                                          -1))
-    assert set(TEACHER_NEEDS["simct"]) == {"token_logprobs", "class_logprobs"}
+    assert set(PAPER_NEEDS) == {"token_logprobs", "class_logprobs"}
     results = {}
     for name in ("simct", "shared_only"):
         logits.grad = None
-        loss, metrics = compute_objective(name, student_logits=logits, student_ids=ids,
+        loss, metrics = compute_objective(name, **paper_space(name), student_logits=logits, student_ids=ids,
                                           alignments=alignments, shared_vocab=vocab,
                                           teacher=teacher_out)
         loss.backward()

@@ -11,6 +11,7 @@ from ctopd.objectives import (
     TEACHER_NEEDS,
     compute_objective,
     objective_options,
+    teacher_needs,
     teacher_outputs,
 )
 from ctopd.objectives.teacher import TEACHER_FIELDS
@@ -19,6 +20,13 @@ from .reference import make_shared_vocab, random_batch
 
 METRIC_KEYS = {"loss", "kl", "coverage", "supervised_tokens", "student_tokens",
                "chunks_one_to_one", "chunks_multi", "unaligned_share", "teacher_logprob_mean"}
+
+PAPER_NEEDS = teacher_needs("simct", space="paper")
+
+
+def paper_space(name):
+    """These tests build synthetic shared vocabularies without byte tables: the paper space."""
+    return {"space": "paper"} if name in ("simct", "shared_only") else {}
 
 
 def test_names_and_teacher_needs():
@@ -29,12 +37,17 @@ def test_names_and_teacher_needs():
     assert all(needs <= TEACHER_FIELDS for needs in TEACHER_NEEDS.values())
     assert objective_options("simct") == {"divergence": "reverse_kl", "beta": 0.5,
                                           "temperature": 1.0, "weight_by_tokens": False,
-                                          "slice_size": 256}
+                                          "slice_size": 256, "space": "text",
+                                          "cells": "none"}
+    assert teacher_needs("simct") == frozenset({"token_logprobs", "text_events"})
+    assert teacher_needs("simct", space="paper") == frozenset({"token_logprobs",
+                                                               "class_logprobs"})
+    assert teacher_needs("dpca", space="paper") == TEACHER_NEEDS["dpca"]
     assert objective_options("dpca")["clip_high"] == 0.28
 
 
 def _call(name, batch, teacher, **options):
-    return compute_objective(name, student_logits=batch.student_logits,
+    return compute_objective(name, **paper_space(name), student_logits=batch.student_logits,
                              student_ids=batch.student_ids, alignments=batch.alignments,
                              shared_vocab=batch.shared_vocab, teacher=teacher, **options)
 
@@ -73,7 +86,7 @@ def test_every_objective_keeps_the_contract(name):
     batch.shared_vocab = vocab
     batch.student_ids = batch.student_ids.clamp(max=7)
     teacher = teacher_outputs(batch.teacher_logits, batch.teacher_ids, vocab,
-                              TEACHER_NEEDS[name], top_k=4)
+                              teacher_needs(name, space="paper"), top_k=4)
     loss, metrics = _call(name, batch, None if name == "sft" else teacher)
     assert loss.dim() == 0 and loss.requires_grad
     assert METRIC_KEYS <= set(metrics)
@@ -93,9 +106,9 @@ def test_nothing_to_supervise_still_gives_a_connected_loss(name):
     unaligned = Alignment(np.array([[0, 2, 0, 1]]), np.array([False]), np.array([False]), 2, 1)
     logits = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
     teacher = teacher_outputs(torch.randn(2, 2, 3, dtype=torch.float64),
-                              torch.zeros(2, 2, dtype=torch.long), vocab, TEACHER_FIELDS,
+                              torch.zeros(2, 2, dtype=torch.long), vocab, TEACHER_FIELDS - {"text_events"},
                               top_k=2)
-    loss, metrics = compute_objective(name, student_logits=logits,
+    loss, metrics = compute_objective(name, **paper_space(name), student_logits=logits,
                                       student_ids=torch.zeros(2, 2, dtype=torch.long),
                                       alignments=[empty, unaligned], shared_vocab=vocab,
                                       teacher=teacher)
@@ -110,19 +123,19 @@ def test_nothing_to_supervise_still_gives_a_connected_loss(name):
 def test_shape_mismatches_are_explained():
     batch = random_batch(5, batch=2)
     teacher = teacher_outputs(batch.teacher_logits, batch.teacher_ids, batch.shared_vocab,
-                              TEACHER_NEEDS["simct"])
+                              PAPER_NEEDS)
     with pytest.raises(ValueError, match="student_ids has shape"):
-        compute_objective("simct", student_logits=batch.student_logits,
+        compute_objective("simct", space="paper", student_logits=batch.student_logits,
                           student_ids=batch.student_ids[:, :1], alignments=batch.alignments,
                           shared_vocab=batch.shared_vocab, teacher=teacher)
     with pytest.raises(ValueError, match="got 1 alignments for a batch of 2"):
-        compute_objective("simct", student_logits=batch.student_logits,
+        compute_objective("simct", space="paper", student_logits=batch.student_logits,
                           student_ids=batch.student_ids, alignments=batch.alignments[:1],
                           shared_vocab=batch.shared_vocab, teacher=teacher)
     with pytest.raises(ValueError, match="needs teacher outputs"):
         _call("dpca", batch, None)
     other = make_shared_vocab([[0], [1], [2]], [[0], [1], [2]], 13, 17)
     with pytest.raises(ValueError, match="teacher.class_logprobs has .* classes"):
-        compute_objective("simct", student_logits=batch.student_logits,
+        compute_objective("simct", space="paper", student_logits=batch.student_logits,
                           student_ids=batch.student_ids, alignments=batch.alignments,
                           shared_vocab=other, teacher=teacher)

@@ -10,15 +10,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ctopd.core.alignment import Alignment
-from ctopd.objectives import TEACHER_NEEDS, TeacherOutputs, compute_objective, teacher_outputs
+from ctopd.objectives import (
+    TEACHER_NEEDS,
+    TeacherOutputs,
+    compute_objective,
+    teacher_needs,
+    teacher_outputs,
+)
 
 from .reference import make_shared_vocab, random_batch, ref_chunk_objective
+
+PAPER_NEEDS = teacher_needs("simct", space="paper")
+
+
+def paper_space(name):
+    """These tests build synthetic shared vocabularies without byte tables: the paper space."""
+    return {"space": "paper"} if name in ("simct", "shared_only") else {}
 
 
 def run(name, batch, teacher, **options):
     batch.student_logits.grad = None
-    loss, metrics = compute_objective(
-        name, student_logits=batch.student_logits, student_ids=batch.student_ids,
+    loss, metrics = compute_objective(name, **paper_space(name), student_logits=batch.student_logits, student_ids=batch.student_ids,
         alignments=batch.alignments, shared_vocab=batch.shared_vocab, teacher=teacher, **options)
     loss.backward()
     grad, batch.student_logits.grad = batch.student_logits.grad, None
@@ -36,7 +48,7 @@ def run_reference(name, batch, teacher, **options):
 
 def class_teacher(batch):
     return teacher_outputs(batch.teacher_logits, batch.teacher_ids, batch.shared_vocab,
-                           TEACHER_NEEDS["simct"])
+                           PAPER_NEEDS)
 
 
 CASES = [
@@ -84,7 +96,7 @@ def test_matches_reference_on_generated_batches(seed, batch_size, name, divergen
 def test_backward_twice_with_retain_graph():
     batch = random_batch(12, batch=3)
     teacher = class_teacher(batch)
-    loss, _ = compute_objective("simct", student_logits=batch.student_logits,
+    loss, _ = compute_objective("simct", space="paper", student_logits=batch.student_logits,
                                 student_ids=batch.student_ids, alignments=batch.alignments,
                                 shared_vocab=batch.shared_vocab, teacher=teacher)
     (2.0 * loss).backward(retain_graph=True)
@@ -115,7 +127,7 @@ def test_hand_worked_multi_token_chunk():
     #   divided by the 2 student tokens: 0.0770753...
     expected = math.log(343 / 216) / 3 / 2
     assert expected == pytest.approx(0.0770753, abs=1e-7)
-    loss, metrics = compute_objective("simct", student_logits=logits, student_ids=ids,
+    loss, metrics = compute_objective("simct", space="paper", student_logits=logits, student_ids=ids,
                                       alignments=[alignment], shared_vocab=vocab, teacher=teacher)
     assert loss.item() == pytest.approx(expected, abs=1e-12)
     assert metrics["kl"] == pytest.approx(2 * expected, abs=1e-12)
@@ -124,8 +136,7 @@ def test_hand_worked_multi_token_chunk():
     loss.backward()
     assert (logits.grad[0, 1].abs() > 1e-3).all()
     # shared_only drops the chunk altogether.
-    shared, shared_metrics = compute_objective(
-        "shared_only", student_logits=logits, student_ids=ids, alignments=[alignment],
+    shared, shared_metrics = compute_objective("shared_only", space="paper", student_logits=logits, student_ids=ids, alignments=[alignment],
         shared_vocab=vocab, teacher=teacher)
     assert shared.item() == 0.0 and shared_metrics["coverage"] == 0.0
 
@@ -154,7 +165,7 @@ def identical_batch(seed, vocab_size=11, lengths=(5, 3, 7), ended=(True, False, 
     teacher_logits = 2 * torch.randn(len(lengths), m, vocab_size, generator=gen,
                                      dtype=torch.float64)
     teacher = teacher_outputs(teacher_logits, ids, vocab,
-                              TEACHER_NEEDS["simct"] | TEACHER_NEEDS["opd"])
+                              PAPER_NEEDS | TEACHER_NEEDS["opd"])
     return student, ids, alignments, vocab, teacher
 
 
@@ -170,7 +181,7 @@ def test_identical_tokenizers_equal_full_distribution_opd(temperature):
     expected = total / sum(a.student_length for a in alignments)
     (expected_grad,) = torch.autograd.grad(expected, student)
     for name in ("simct", "shared_only", "opd"):
-        loss, metrics = compute_objective(name, student_logits=student, student_ids=ids,
+        loss, metrics = compute_objective(name, **paper_space(name), student_logits=student, student_ids=ids,
                                           alignments=alignments, shared_vocab=vocab,
                                           teacher=teacher, temperature=temperature)
         (grad,) = torch.autograd.grad(loss, student)
@@ -191,7 +202,7 @@ def test_gradcheck(name):
         teacher = class_teacher(batch)
 
     def loss_of(logits, divergence):
-        return compute_objective(name, student_logits=logits, student_ids=ids,
+        return compute_objective(name, **paper_space(name), student_logits=logits, student_ids=ids,
                                  alignments=alignments, shared_vocab=vocab, teacher=teacher,
                                  divergence=divergence, temperature=0.8, slice_size=2)[0]
 
@@ -263,14 +274,14 @@ def test_low_precision_logits_and_no_grad_mode():
     teacher = class_teacher(batch)
     loss32, _, grad32 = run("simct", batch, teacher)
     half = batch.student_logits.detach().to(torch.bfloat16).requires_grad_()
-    loss16, _ = compute_objective("simct", student_logits=half, student_ids=batch.student_ids,
+    loss16, _ = compute_objective("simct", space="paper", student_logits=half, student_ids=batch.student_ids,
                                   alignments=batch.alignments, shared_vocab=batch.shared_vocab,
                                   teacher=teacher)
     loss16.backward()
     assert loss16.dtype == torch.float32 and half.grad.dtype == torch.bfloat16
     assert loss16.item() == pytest.approx(loss32.item(), rel=2e-2)
     with torch.no_grad():
-        plain, _ = compute_objective("simct", student_logits=batch.student_logits,
+        plain, _ = compute_objective("simct", space="paper", student_logits=batch.student_logits,
                                      student_ids=batch.student_ids, alignments=batch.alignments,
                                      shared_vocab=batch.shared_vocab, teacher=teacher)
     assert not plain.requires_grad and plain.item() == pytest.approx(loss32.item(), rel=1e-6)

@@ -8,6 +8,9 @@ can be saved with ``save_pretrained`` and loaded back like a hub tokenizer.
 Families:
     * :func:`train_byte_level_bpe` — GPT-2 / Qwen2 style byte-level BPE; optionally one digit per
       token like Qwen2; ChatML template ending turns with ``<|im_end|>``.
+    * :func:`train_digit_group_bpe` — Llama-3 style byte-level BPE: numbers cut into groups of
+      up to three digits (``140`` is one token, ``1405`` is ``140`` + ``5``); Llama-3 style
+      header template ending turns with ``<|eot_id|>``.
     * :func:`train_sentencepiece_bpe` — Llama-2 style: Metaspace ``▁`` with a dummy-prefix space,
       byte fallback ``<0xNN>``, multi-digit merges; Gemma-style template ending turns with
       ``<end_of_turn>``.
@@ -35,6 +38,14 @@ TURN_TEMPLATE = (
     "{{ '<start_of_turn>' + role + '\n' + message['content'] + '<end_of_turn>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+HEADER_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content']"
+    " + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
 )
 BYTE_PIECES = [f"<0x{b:02X}>" for b in range(256)]
 
@@ -64,6 +75,35 @@ def train_byte_level_bpe(
     tokenizer.train_from_iterator(list(texts), trainer=trainer)
     return _wrap(tokenizer, CHATML_TEMPLATE, bos=None, eos="<|im_end|>", pad="<|endoftext|>",
                  unk=None)
+
+
+def train_digit_group_bpe(texts: Iterable[str], vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """A Llama-3 style byte-level BPE: digits are pre-split into runs of at most three (the
+    ``\\p{N}{1,3}`` rule of Llama-3's pre-tokenizer), so numbers up to 999 can be one token and
+    a space before a number stays its own token; header-style template ending turns with
+    ``<|eot_id|>``.
+
+    Args:
+        texts: training corpus.
+        vocab_size: target vocabulary size, special tokens included.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(texts), trainer=trainer)
+    return _wrap(tokenizer, HEADER_TEMPLATE, bos="<|begin_of_text|>", eos="<|eot_id|>",
+                 pad="<|end_of_text|>", unk=None)
 
 
 def train_sentencepiece_bpe(texts: Iterable[str], vocab_size: int = 600) -> PreTrainedTokenizerFast:

@@ -7,10 +7,11 @@ from ctopd.objectives.registry import (
     TEACHER_NEEDS,
     compute_objective,
     objective_options,
+    teacher_needs,
 )
 from ctopd.objectives.teacher import TeacherOutputs, teacher_outputs
 
 __all__ = [
     "DIVERGENCES", "OBJECTIVES", "TEACHER_NEEDS", "TeacherOutputs", "compute_objective",
-    "divergence", "dpca_advantages", "objective_options", "teacher_outputs",
+    "divergence", "dpca_advantages", "objective_options", "teacher_needs", "teacher_outputs",
 ]

@@ -23,14 +23,32 @@ OBJECTIVES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
     "opd": opd,
 }
 
+# What each objective needs with its default options (see teacher_needs for the others).
 TEACHER_NEEDS: dict[str, frozenset[str]] = {
-    "simct": frozenset({"token_logprobs", "class_logprobs"}),
+    "simct": frozenset({"token_logprobs", "text_events"}),
     "dpca": frozenset({"token_logprobs"}),
-    "shared_only": frozenset({"token_logprobs", "class_logprobs"}),
+    "shared_only": frozenset({"token_logprobs", "text_events"}),
     "uld": frozenset({"token_logprobs", "topk_probs"}),
     "sft": frozenset(),
     "opd": frozenset({"token_logprobs", "full_logprobs"}),
 }
+
+_PAPER_SPACE_NEEDS = frozenset({"token_logprobs", "class_logprobs"})
+
+
+def teacher_needs(name: str, **options) -> frozenset[str]:
+    """The teacher fields objective ``name`` needs with these options (``space="paper"``
+    reads class log-probabilities instead of text events).
+
+    Raises:
+        ValueError: unknown objective name.
+    """
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
+    if name in ("simct", "shared_only") and options.get("space", "text") == "paper":
+        return _PAPER_SPACE_NEEDS
+    return TEACHER_NEEDS[name]
+
 
 _COMMON_ARGUMENTS = frozenset({
     "student_logits", "student_ids", "alignments", "shared_vocab", "teacher",

@@ -46,6 +46,7 @@ from ctopd.core.alignment import Alignment
 from ctopd.core.shared_vocab import SharedVocab
 from ctopd.objectives.checks import check_options, check_student, check_teacher
 from ctopd.objectives.classes import ClassMembers, class_members
+from ctopd.objectives.divergences import divergence as divergence_of
 from ctopd.objectives.metrics import batch_metrics, finish_metrics
 from ctopd.objectives.omega import omega_divergence
 from ctopd.objectives.plan import (
@@ -60,6 +61,13 @@ from ctopd.objectives.plan import (
 from ctopd.objectives.scores import row_scores
 from ctopd.objectives.sliced import compute_dtype, sliced_loss
 from ctopd.objectives.teacher import TeacherOutputs
+from ctopd.objectives.text_events import (
+    CELLS,
+    build_event_plan,
+    chunk_slices,
+    event_scores,
+    side_rows_in,
+)
 
 
 @dataclass(frozen=True)
@@ -81,8 +89,15 @@ def simct(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Align
           shared_vocab: SharedVocab, teacher: TeacherOutputs | None,
           student_old_logprobs: Tensor | None = None, divergence: str = "reverse_kl",
           beta: float = 0.5, temperature: float = 1.0, weight_by_tokens: bool = False,
-          slice_size: int = 256) -> tuple[Tensor, dict[str, float]]:
-    """SimCT: distributions over ``V∩`` plus one unit column per multi-token chunk.
+          slice_size: int = 256, space: str = "text",
+          cells: str = "none") -> tuple[Tensor, dict[str, float]]:
+    """SimCT over every aligned chunk, in the supervision space ``space``.
+
+    ``space="text"`` (default): the text events and cells of
+    :mod:`ctopd.objectives.text_events`, which partition each model's probability into events
+    that mean the same text to both (zero loss when the models agree on the text).
+    ``space="paper"``: the paper's ``V∩`` plus one unit column per multi-token chunk, scored by
+    the unit's mean log-probability (biased, ALGORITHMS §4.2; kept for comparison).
 
     Args:
         student_logits: float ``[B, m, V_S]``, row ``i`` predicts ``student_ids[:, i]``.
@@ -96,10 +111,25 @@ def simct(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Align
         temperature: ``τ`` in ``softmax(ℓ / τ)``, both sides.
         weight_by_tokens: weight each chunk by its student token count.
         slice_size: student rows processed at once.
+        space: ``"text"`` or ``"paper"`` (see above); ``"text"`` needs
+            ``teacher.text_events``, ``"paper"`` ``teacher.class_logprobs``.
+        cells: with ``space="text"``, which shared classes are whole-token cells at a chunk's
+            first position (:func:`~ctopd.objectives.text_events.cell_eligible`): ``"none"``
+            (default: only the end; chosen by the agreement invariant, see the module
+            docstring), ``"boundary"`` or ``"all"``. Identical tokenizers always use every
+            class. Must match the rule the teacher's ``text_events`` were built with.
 
     Returns:
         ``(loss, metrics)``: a 0-dim loss connected to ``student_logits`` and the metrics.
     """
+    _check_space(space)
+    if space == "text":
+        flat = _prepare_text(student_logits, student_ids, alignments, shared_vocab, teacher,
+                             "simct", divergence, beta, temperature, weight_by_tokens,
+                             slice_size, cells)
+        return text_objective(student_logits, student_ids, flat, teacher, flat.usable,
+                              kind=divergence, beta=beta, temperature=temperature,
+                              weight_by_tokens=weight_by_tokens, slice_size=slice_size)
     flat = _prepare(student_logits, student_ids, alignments, shared_vocab, teacher, "simct",
                     divergence, beta, temperature, weight_by_tokens, slice_size)
     keep = flat.usable & ~_mislabelled(flat, shared_vocab)
@@ -116,9 +146,22 @@ def shared_only(*, student_logits: Tensor, student_ids: Tensor, alignments: list
                 shared_vocab: SharedVocab, teacher: TeacherOutputs | None,
                 student_old_logprobs: Tensor | None = None, divergence: str = "reverse_kl",
                 beta: float = 0.5, temperature: float = 1.0, weight_by_tokens: bool = False,
-                slice_size: int = 256) -> tuple[Tensor, dict[str, float]]:
-    """Shared-vocabulary-only OPD: aligned 1:1 chunks whose token is a shared class, over
-    ``V∩``; every other position is discarded. Arguments and returns as :func:`simct`."""
+                slice_size: int = 256, space: str = "text",
+                cells: str = "none") -> tuple[Tensor, dict[str, float]]:
+    """Shared-vocabulary-only OPD: aligned 1:1 chunks whose token is a shared class; every
+    other position is discarded. With ``space="text"`` (default) those chunks are compared over
+    the same text events and cells as :func:`simct` (so a shared class is compared only where
+    it means the same text to both models); with ``space="paper"`` over ``V∩`` renormalised.
+    Arguments and returns as :func:`simct`."""
+    _check_space(space)
+    if space == "text":
+        flat = _prepare_text(student_logits, student_ids, alignments, shared_vocab, teacher,
+                             "shared_only", divergence, beta, temperature, weight_by_tokens,
+                             slice_size, cells)
+        keep = flat.one_to_one & (flat.student_class >= 0)
+        return text_objective(student_logits, student_ids, flat, teacher, keep,
+                              kind=divergence, beta=beta, temperature=temperature,
+                              weight_by_tokens=weight_by_tokens, slice_size=slice_size)
     flat = _prepare(student_logits, student_ids, alignments, shared_vocab, teacher,
                     "shared_only", divergence, beta, temperature, weight_by_tokens, slice_size)
     keep = flat.one_to_one & (flat.student_class >= 0) & ~_mislabelled(flat, shared_vocab)
@@ -156,6 +199,46 @@ def opd(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignme
         student_logits, student_ids, flat, teacher, keep, np.zeros_like(keep),
         teacher.full_logprobs, None, divergence, beta, temperature, False, slice_size,
     )
+
+
+SPACES = ("text", "paper")
+
+
+def _check_space(space: str) -> None:
+    if space not in SPACES:
+        raise ValueError(f"unknown supervision space {space!r}; valid: {', '.join(SPACES)}")
+
+
+def _prepare_text(student_logits, student_ids, alignments, shared_vocab, teacher, name, kind,
+                  beta, temperature, weight_by_tokens, slice_size, cells) -> FlatChunks:
+    """Validate the arguments of a text-event objective and flatten the chunks."""
+    check_options(divergence=kind, beta=beta, temperature=temperature,
+                  weight_by_tokens=weight_by_tokens, slice_size=slice_size)
+    check_student(student_logits, student_ids, alignments)
+    check_teacher(teacher, ["token_logprobs"], alignments, student_logits.shape[0], name)
+    events = teacher.text_events
+    if events is None:
+        raise ValueError(
+            f"objective {name!r} with space='text' needs teacher.text_events; compute it with "
+            f"teacher_outputs(..., needs=teacher_needs({name!r}), alignments=..., "
+            "student_ids=..., text_tables=...)")
+    if not torch.isfinite(events.scores).all():
+        raise ValueError("teacher.text_events.scores holds NaN or inf")
+    if events.tables.shared_vocab is not shared_vocab:
+        raise ValueError(f"{name}: teacher.text_events were built for another shared vocabulary")
+    if cells not in CELLS:
+        raise ValueError(f"unknown cells rule {cells!r}; valid: {', '.join(CELLS)}")
+    if events.tables.cells != cells and not events.tables.identical:
+        raise ValueError(
+            f"{name}: cells={cells!r} but the teacher's text_events were built with "
+            f"cells={events.tables.cells!r}; build text_tables(..., cells={cells!r})")
+    largest = int(shared_vocab.student_member_ids.max())
+    if largest >= student_logits.shape[-1]:
+        raise ValueError(
+            f"the shared vocabulary uses student id {largest} but student_logits has only "
+            f"{student_logits.shape[-1]} columns; was the pair built from another student "
+            "tokenizer?")
+    return flatten_chunks(alignments, student_ids, shared_vocab)
 
 
 def _mislabelled(flat: FlatChunks, shared_vocab: SharedVocab) -> np.ndarray:
@@ -246,3 +329,56 @@ def _slice_loss(setup: _DistributionSetup, rows: Tensor,
                                      temperature=setup.temperature)
     return (per_chunk * setup.weights[k0:k1]).sum(), {"kl": kl.sum()}
 
+
+
+def text_objective(student_logits: Tensor, student_ids: Tensor, flat: FlatChunks,
+                   teacher: TeacherOutputs, keep: np.ndarray, *, kind: str, beta: float,
+                   temperature: float, weight_by_tokens: bool,
+                   slice_size: int) -> tuple[Tensor, dict[str, float]]:
+    """``Σ_k w_k D(P_S,k ‖ P_T,k) / (student response tokens)`` over the text events and cells
+    of the kept chunks (:mod:`ctopd.objectives.text_events`); ``P = softmax(log P / τ)``."""
+    events = teacher.text_events
+    tables = events.tables
+    device, dtype = student_logits.device, compute_dtype(student_logits)
+    student = student_ids.detach().cpu().numpy().astype(np.int64)
+    plan = build_event_plan(flat, keep, np.maximum(events.teacher_ids, 0), student, tables)
+    at = np.searchsorted(events.plan.index, plan.index)
+    if plan.num_chunks and (at.max() >= events.plan.index.size
+                            or not np.array_equal(events.plan.index[at], plan.index)):
+        raise ValueError("teacher.text_events were computed for other alignments")
+    columns = tables.shared_vocab.size + plan.width
+    teacher_scores = events.scores[torch.as_tensor(at, device=events.scores.device)]
+    teacher_scores = teacher_scores[:, :columns].to(device, dtype)
+    sizes = torch.as_tensor(flat.student_sizes[plan.index], device=device, dtype=dtype)
+    weights = sizes if weight_by_tokens else torch.ones_like(sizes)
+    rows = plan.student
+    slices = []
+    for k0, k1 in chunk_slices(rows, plan.num_chunks, max(1, slice_size // 2)):
+        r0, r1 = side_rows_in(rows, k0, k1)
+        batch = torch.as_tensor(rows.batch[r0:r1], device=device)
+        pos = torch.as_tensor(rows.pos[r0:r1], device=device)
+        slices.append(RowSlice(batch=batch, pos=pos, ids=torch.as_tensor(rows.ids[r0:r1]),
+                               chunk=torch.as_tensor(rows.chunk[r0:r1] - k0), k0=k0, k1=k1))
+
+    def slice_loss(logit_rows: Tensor, row_slice: RowSlice):
+        k0, k1 = row_slice.k0, row_slice.k1
+        scores = event_scores(logit_rows, plan, "student", tables, k0, k1)
+        teacher_part = teacher_scores[k0:k1]
+        student_logp = torch.log_softmax(scores / temperature, dim=-1)
+        teacher_logp = torch.log_softmax(teacher_part / temperature, dim=-1)
+        per_chunk = divergence_of(student_logp, teacher_logp, kind=kind, beta=beta)
+        with torch.no_grad():
+            kl = divergence_of(student_logp, teacher_logp, kind="reverse_kl")
+        return (per_chunk * weights[k0:k1]).sum(), {"kl": kl.sum()}
+
+    sums: dict[str, float] = {}
+    student_tokens = int(flat.student_lengths.sum())
+    loss = sliced_loss(student_logits, slices, slice_loss, sums,
+                       scale=1.0 / max(student_tokens, 1))
+    kept = plan.num_chunks
+    return loss, finish_metrics(
+        batch_metrics(flat, teacher.token_logprobs), loss=loss,
+        kl=sums.get("kl", 0.0) / kept if kept else 0.0,
+        supervised_tokens=int(flat.student_sizes[plan.index].sum()),
+        chunks_supervised=kept,
+    )

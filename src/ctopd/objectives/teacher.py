@@ -9,13 +9,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from ctopd.core.alignment import Alignment
 from ctopd.core.shared_vocab import SharedVocab
 from ctopd.objectives.classes import ClassMembers, class_logprobs, class_members
+from ctopd.objectives.plan import flatten_chunks
+from ctopd.objectives.text_events import (
+    EventPlan,
+    TextTables,
+    build_event_plan,
+    chunk_slices,
+    event_scores,
+    side_rows_in,
+)
 
-TEACHER_FIELDS = frozenset({"token_logprobs", "class_logprobs", "full_logprobs", "topk_probs"})
+TEACHER_FIELDS = frozenset({"token_logprobs", "class_logprobs", "full_logprobs", "topk_probs",
+                            "text_events"})
+
+
+@dataclass
+class TeacherTextEvents:
+    """The teacher's side of the text-event space (``simct``/``shared_only`` with
+    ``space="text"``) for every usable chunk of the batch.
+
+    Attributes:
+        plan: the events of the batch's usable chunks (:func:`build_event_plan`).
+        scores: float ``[K, C + plan.width]``: the teacher's log-probability of each cell and
+            event of each planned chunk (:func:`event_scores`).
+        teacher_ids: int64 ``[B, n]`` response ids the plan was built from (``-1`` padding).
+        tables: the pair's tables.
+    """
+
+    plan: EventPlan
+    scores: Tensor
+    teacher_ids: np.ndarray
+    tables: TextTables
 
 
 @dataclass
@@ -31,12 +62,15 @@ class TeacherOutputs:
         full_logprobs: float ``[B, n, V_T]``: the full log-softmax; only for ``opd``.
         topk_probs: float ``[B, n, k]``: the teacher's largest probabilities, sorted
             descending; only for ``uld``.
+        text_events: the teacher's text-event scores; for ``simct`` and ``shared_only`` with
+            ``space="text"``.
     """
 
     token_logprobs: Tensor
     class_logprobs: Tensor | None = None
     full_logprobs: Tensor | None = None
     topk_probs: Tensor | None = None
+    text_events: TeacherTextEvents | None = None
 
 
 def teacher_outputs(
@@ -48,6 +82,9 @@ def teacher_outputs(
     temperature: float = 1.0,
     slice_size: int = 256,
     top_k: int = 256,
+    alignments: list[Alignment] | None = None,
+    student_ids: Tensor | list | None = None,
+    text_tables: TextTables | None = None,
 ) -> TeacherOutputs:
     """Compute the fields named in ``needs`` from the teacher's logits.
 
@@ -66,6 +103,9 @@ def teacher_outputs(
             have their own ``temperature`` (applied to both sides' scores); use one of the two.
         slice_size: positions per slice.
         top_k: number of probabilities kept for ``topk_probs`` (capped at ``V_T``).
+        alignments, student_ids, text_tables: the batch's alignments, the student's response
+            ids (``[B, m]`` tensor or ``B`` lists) and the pair's tables
+            (:func:`~ctopd.objectives.text_events.text_tables`); needed for ``text_events``.
 
     Returns:
         The :class:`TeacherOutputs`, fields not in ``needs`` left ``None``.
@@ -99,6 +139,49 @@ def teacher_outputs(
                 hi = min(lo + slice_size, length)
                 logp = torch.log_softmax(teacher_logits[b, lo:hi].to(dtype) / temperature, -1)
                 _fill_slice(out, logp, teacher_ids[b, lo:hi], members, b, slice(lo, hi))
+        if "text_events" in needs:
+            out.text_events = _text_events(teacher_logits, teacher_ids, shared_vocab, dtype,
+                                           temperature, slice_size, alignments, student_ids,
+                                           text_tables)
+    return out
+
+
+def _text_events(teacher_logits: Tensor, teacher_ids: Tensor, shared_vocab: SharedVocab,
+                 dtype: torch.dtype, temperature: float, slice_size: int,
+                 alignments: list[Alignment] | None, student_ids, text_tables: TextTables | None
+                 ) -> TeacherTextEvents:
+    """Score the text events of every usable chunk with the teacher (no grad)."""
+    if alignments is None or student_ids is None or text_tables is None:
+        raise ValueError("the teacher's text_events need alignments, student_ids and "
+                         "text_tables (ctopd.objectives.text_events.text_tables(pair...))")
+    if text_tables.shared_vocab is not shared_vocab:
+        raise ValueError("text_tables were built for another shared vocabulary")
+    student = padded_ids(student_ids)
+    teacher = teacher_ids.detach().cpu().numpy().astype(np.int64)
+    flat = flatten_chunks(alignments, torch.as_tensor(np.maximum(student, 0)), shared_vocab)
+    plan = build_event_plan(flat, flat.usable, np.maximum(teacher, 0), np.maximum(student, 0),
+                            text_tables)
+    width = shared_vocab.size + plan.width
+    scores = torch.empty(plan.num_chunks, width, dtype=dtype, device=teacher_logits.device)
+    # Each row holds a cumulative sum over the vocabulary in float64: smaller slices.
+    for k0, k1 in chunk_slices(plan.teacher, plan.num_chunks, max(1, slice_size // 4)):
+        r0, r1 = side_rows_in(plan.teacher, k0, k1)
+        device = teacher_logits.device
+        rows = teacher_logits[torch.as_tensor(plan.teacher.batch[r0:r1], device=device),
+                              torch.as_tensor(plan.teacher.pos[r0:r1], device=device)]
+        scores[k0:k1] = event_scores(rows.to(dtype) / temperature, plan, "teacher",
+                                     text_tables, k0, k1)
+    return TeacherTextEvents(plan=plan, scores=scores, teacher_ids=teacher, tables=text_tables)
+
+
+def padded_ids(ids: Tensor | list) -> np.ndarray:
+    """int64 ``[B, m]`` numpy ids from a tensor or from ``B`` lists (``-1`` padding)."""
+    if isinstance(ids, Tensor):
+        return ids.detach().cpu().numpy().astype(np.int64)
+    rows = [np.asarray(r, dtype=np.int64).reshape(-1) for r in ids]
+    out = np.full((len(rows), max((r.size for r in rows), default=0)), -1, dtype=np.int64)
+    for b, row in enumerate(rows):
+        out[b, : row.size] = row
     return out
 
 

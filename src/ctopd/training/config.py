@@ -161,9 +161,15 @@ class ObjectiveConfig:
     epsilon: float = _help("DPCA: spread the chunk budget evenly when |L_S| < epsilon", 1e-6)
     top_k: int = _help("ULD: the teacher's largest probabilities compared", 256)
     slice_size: int = _help("positions log-softmaxed at once, teacher and student (memory)", 256)
+    space: str = _help("simct/shared_only supervision space: text (events that mean the same "
+                       "text to both models) or paper (V∩ plus mean-scored units)", "text")
+    cells: str = _help("space=text: shared classes compared as whole tokens at a chunk's first "
+                       "position: none (only the end), boundary or all", "none")
 
     def __post_init__(self) -> None:
         _choice("objective", "name", self.name, OBJECTIVE_NAMES)
+        _choice("objective", "space", self.space, ("text", "paper"))
+        _choice("objective", "cells", self.cells, ("none", "boundary", "all"))
         _choice("objective", "divergence", self.divergence, DIVERGENCES)
         _positive("objective", "temperature", self.temperature)
         _positive("objective", "top_k", self.top_k)

@@ -11,7 +11,7 @@ One optimiser step is ``gradient_accumulation_steps`` micro-steps; each micro-st
 3. **teacher** — reads its tokens after *its own* chat-template prompt in one no-grad forward
    pass, in this process or on a server (``ctopd.training.teachers``; a served teacher's request
    stays in flight while the student runs step 4's forward); only what the objective needs is
-   kept (``TEACHER_NEEDS``).
+   kept (``teacher_needs``).
 4. **objective** — a student forward pass over prompt + sampled ids (response positions only),
    then the chosen objective (SimCT, DPCA, shared-only, ULD, same-tokenizer OPD).
 5. **backward** — through ``accelerator`` (DDP / FSDP / DeepSpeed, gradient accumulation).
@@ -40,11 +40,12 @@ from tqdm.auto import tqdm
 
 from ctopd.core.pair import TokenizerPair
 from ctopd.objectives import (
-    TEACHER_NEEDS,
     compute_objective,
     objective_options,
+    teacher_needs,
     teacher_outputs,
 )
+from ctopd.objectives.text_events import TextTables, text_tables
 from ctopd.training.checkpoint import (
     export_student,
     load_checkpoint,
@@ -88,6 +89,13 @@ class Run:
     @property
     def student_end_ids(self) -> list[int]:
         return self.pair.student_table.end_ids.tolist()
+
+    @property
+    def text_tables(self) -> TextTables:
+        """The pair's sorted tables for the text-event space (built on first use)."""
+        pair = self.pair
+        return text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab,
+                           cells=self.config.objective.cells)
 
 
 def train(config: TrainConfig) -> dict:
@@ -256,13 +264,15 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer, *, step: int,
     # 3. Teacher: scores its own tokenisation after its own prompt, no grad, in process or on a
     # server. A served teacher's scores may still be on their way: they are read after the
     # student's forward (which runs meanwhile); an in-process teacher's are read at once.
-    needs = TEACHER_NEEDS[config.objective.name]
+    needs = teacher_needs(config.objective.name, **_objective_options(config))
 
     def read_teacher():
         logits = receive_scores(pending, step=step, last_saved=last_saved)  # [B, n, V_T]
         return teacher_outputs(
             logits, teacher_ids, pair.shared_vocab, needs,
-            slice_size=config.objective.slice_size, top_k=config.objective.top_k)
+            slice_size=config.objective.slice_size, top_k=config.objective.top_k,
+            alignments=alignments, student_ids=student_responses,
+            text_tables=run.text_tables if "text_events" in needs else None)
 
     with timer("teacher"):
         teacher_ids, _ = pad_responses(teacher_responses, pad_id=-1, device=device)
@@ -313,7 +323,7 @@ def _objective_options(config: TrainConfig) -> dict:
     values = dict(divergence=o.divergence, beta=o.beta, temperature=o.temperature,
                   weight_by_tokens=o.weight_by_tokens, advantage_clip=o.advantage_clip,
                   clip_low=o.clip_low, clip_high=o.clip_high, epsilon=o.epsilon, top_k=o.top_k,
-                  slice_size=o.slice_size)
+                  slice_size=o.slice_size, space=o.space, cells=o.cells)
     accepted = objective_options(o.name)
     return {key: value for key, value in values.items() if key in accepted}
 
