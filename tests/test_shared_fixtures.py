@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GSM8K_ENV, REAL_TOKENIZERS, TOKENIZERS_ENV, find_gsm8k, find_real_tokenizers
+from tests.conftest import (
+    GSM8K_ENV,
+    REAL_TOKENIZERS,
+    TOKENIZERS_ENV,
+    find_gsm8k,
+    find_real_tokenizers,
+)
 
 
 def test_unset_empty_missing_and_incomplete_folders_give_reasons(tmp_path, monkeypatch):

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -97,6 +98,10 @@ class TextTables:
 
 CELLS = ("all", "boundary", "none")
 _CACHE: dict[tuple[int, str], tuple[weakref.ref, TextTables]] = {}
+
+
+def _forget(cache: dict, key: tuple[int, str], _ref: weakref.ref) -> None:
+    cache.pop(key, None)
 
 
 def cell_eligible(shared_vocab: SharedVocab, cells: str) -> np.ndarray:
@@ -148,7 +153,9 @@ def text_tables(teacher: ByteTable, student: ByteTable, shared_vocab: SharedVoca
                         classes=build_sorted_classes(shared_vocab),
                         cell_classes=cell_eligible(shared_vocab, "all" if identical else cells),
                         cells=cells, identical=identical)
-    _CACHE[key] = (weakref.ref(shared_vocab, lambda _: _CACHE.pop(key, None)), tables)
+    # The callback holds the dict itself: at interpreter exit the module's globals may already
+    # be None when the last SharedVocab is collected.
+    _CACHE[key] = (weakref.ref(shared_vocab, partial(_forget, _CACHE, key)), tables)
     return tables
 
 
