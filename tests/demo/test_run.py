@@ -7,6 +7,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ctopd.cli import main
 from ctopd.core.pair import TokenizerPair
 from ctopd.demo.run import METHODS
+from ctopd.demo.settings import QUICK
+
+COMMON_FIELDS = ("accuracy", "accuracy_mean", "accuracy_std", "gap_closed", "kl", "coverage",
+                 "aligned_coverage", "noncanonical", "seconds", "lr", "runs")
 
 
 def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_path, capsys):
@@ -20,43 +24,93 @@ def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_pat
     assert 0.0 <= results["student_start_accuracy"] <= 1.0
     assert set(results["methods"]) == set(METHODS)
     for name, row in results["methods"].items():
+        assert set(COMMON_FIELDS) <= set(row)
         assert 0.0 <= row["accuracy"] <= 1.0 and row["seconds"] > 0
         assert row["accuracy_mean"] == sum(r["accuracy"] for r in row["runs"]) / 2
         assert row["accuracy_std"] >= 0.0
+        assert row["lr"] == QUICK.lr(name)
         assert [r["seed"] for r in row["runs"]] == [0, 1]
         if name == "sft":
             assert row["coverage"] is None
         else:
             assert 0.0 < row["coverage"] <= 1.0
-    # SimCT supervises every aligned student token but each response's first chunk (the demo's
-    # student adds a dummy-prefix space, its teacher does not); shared-only also drops the
-    # multi-token chunks. DPCA supervises them all.
+        # The common KL curve: step 0 (the warmed-up student) and every checkpoint.
+        steps = row["runs"][0]["curve"]["step"]
+        assert steps == list(range(0, QUICK.method_steps + 1, QUICK.eval_every))
+        assert row["runs"][0]["curve"]["kl"][0] == results["student_start_kl"]
+    # SimCT's text events supervise every aligned student token, the first position included
+    # (the demo's student adds a dummy-prefix space, its teacher does not); shared-only drops
+    # the multi-token chunks. DPCA supervises them all.
     simct, shared = (results["methods"][m]["aligned_coverage"] for m in ("simct", "shared_only"))
-    assert shared < simct < 1.0
+    assert shared < simct == 1.0
     assert results["methods"]["dpca"]["aligned_coverage"] == 1.0
+
+    # The same-tokenizer control: its own start, OPD and continued SFT with the same fields.
+    controls = results["controls"]
+    assert 0.0 <= controls["student_start_accuracy"] <= 1.0
+    for name in ("opd", "sft"):
+        assert set(COMMON_FIELDS) <= set(controls[name])
+        assert [r["student"] for r in controls[name]["runs"]] == ["control", "control"]
+        assert controls[name]["runs"][0]["curve"]["kl"][0] == controls["student_start_kl"]
+    assert controls["opd"]["aligned_coverage"] == 1.0  # identical tokenizers: every token
+    assert set(results["stages"]) == {"teacher", "samples", "students", "methods"}
+    assert "| same-tokenizer OPD |" in printed
     assert (out / "curves.png").stat().st_size > 10_000
     assert "| DPCA OPD |" in (out / "results.md").read_text()
 
-    # teacher/ and student/ are plain from_pretrained folders with different tokenizer families.
+    # teacher/, student/ and control/ are plain from_pretrained folders; the control speaks the
+    # teacher's tokenizer, the student another family.
     teacher_tok = AutoTokenizer.from_pretrained(out / "teacher")
     student_tok = AutoTokenizer.from_pretrained(out / "student")
+    control_tok = AutoTokenizer.from_pretrained(out / "control")
     assert teacher_tok.chat_template and student_tok.chat_template
     assert not TokenizerPair(teacher_tok, student_tok).identical
-    for folder, tokenizer in (("teacher", teacher_tok), ("student", student_tok)):
+    assert TokenizerPair(teacher_tok, control_tok).identical
+    for folder, tokenizer in (("teacher", teacher_tok), ("student", student_tok),
+                              ("control", control_tok)):
         model = AutoModelForCausalLM.from_pretrained(out / folder)
         assert model.config.vocab_size >= len(tokenizer)
+    student_model = AutoModelForCausalLM.from_pretrained(out / "student")
+    control_model = AutoModelForCausalLM.from_pretrained(out / "control")
+    assert student_model.config.num_hidden_layers == control_model.config.num_hidden_layers
+    assert student_model.config.hidden_size == control_model.config.hidden_size
     rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     assert rows[0]["messages"][0]["role"] == "user" and "####" in rows[0]["answer"]
     assert (out / "test.jsonl").read_text().count("\n") == results["settings"]["num_test"]
 
-    # A second run reuses the cached teacher and student instead of training them again.
-    assert main(["demo", "--quick", "--seeds", "1", "--output-dir", str(out)]) == 0
+    # A second run reuses the cached teacher, samples and students; --methods runs a subset.
+    assert main(["demo", "--quick", "--seeds", "1", "--methods", "dpca,control_opd",
+                 "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "reusing the teacher" in printed and "reusing the student" in printed
-    assert "training the teacher" not in printed
+    assert "reusing the teacher" in printed and "reusing the cross-tokenizer student" in printed
+    assert "reusing the same-tokenizer control" in printed
+    assert "training the teacher" not in printed and "sampling the teacher" not in printed
     again = json.loads((out / "results.json").read_text())
     assert again["teacher_accuracy"] == results["teacher_accuracy"]
+    assert again["student_start_accuracy"] == results["student_start_accuracy"]
     assert again["seeds"] == 1
+    assert set(again["methods"]) == {"dpca"} and "opd" in again["controls"]
+    assert "sft" not in again["controls"]
+
+    # The sweep: every learning rate of each grid, scored on the validation split.
+    assert main(["demo", "--quick", "--sweep", "--methods", "sft,control_opd",
+                 "--output-dir", str(out)]) == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["split"] == "validation"
+    assert sweep["command"] == "ctopd demo --sweep --quick --methods sft,control_opd"
+    tried = {(r["name"], r["lr"]) for r in sweep["rows"]}
+    assert tried == {(n, lr) for n in ("sft", "control_opd") for lr in QUICK.sweep_grid(n)}
+    for name, lr in sweep["best"].items():
+        best = max(r["accuracy"] for r in sweep["rows"] if r["name"] == name)
+        assert lr in QUICK.sweep_grid(name)
+        assert best == next(r["accuracy"] for r in sweep["rows"]
+                            if r["name"] == name and r["lr"] == lr)
+    assert "validation accuracy" in (out / "sweep.md").read_text()
+
+
+def test_demo_rejects_unknown_methods(tmp_path, capsys):
+    assert main(["demo", "--quick", "--methods", "simct,opd", "--output-dir", str(tmp_path)]) == 2
+    assert "unknown method opd" in capsys.readouterr().out
 
 
 def test_demo_rejects_zero_seeds(tmp_path, capsys):

@@ -9,6 +9,7 @@ from ctopd.demo.task import (
     generate_problem,
     generate_problems,
     make_split,
+    make_splits,
     worked_step,
     write_jsonl,
 )
@@ -65,6 +66,29 @@ def test_split_is_fixed_and_disjoint():
     assert len(train) == 300 and len(test) == 50
     assert not {p.question for p in train} & {p.question for p in test}
     assert make_split(300, 50, seed=0) == (train, test)
+
+
+def test_validation_test_and_training_splits_share_no_question():
+    splits = make_splits(400, 60, 70, seed=0)
+    questions = [{p.question for p in part} for part in splits]
+    assert [len(q) for q in questions] == [400, 70, 60]  # train, validation, test; no repeats
+    assert not questions[0] & questions[1] and not questions[0] & questions[2]
+    assert not questions[1] & questions[2]
+    # Adding a validation split leaves the training and test problems as they were.
+    assert make_split(400, 60, seed=0) == (splits.train, splits.test)
+
+
+def test_demo_folders_hold_disjoint_splits(tmp_path):
+    from ctopd.demo.settings import QUICK
+    from ctopd.demo.stages import prepare_data
+
+    prepare_data(tmp_path, QUICK)
+    rows = {name: [json.loads(line)["messages"][0]["content"]
+                   for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+            for name in ("train", "validation", "test")}
+    assert [len(rows[n]) for n in rows] == [QUICK.num_train, QUICK.num_validation, QUICK.num_test]
+    assert not set(rows["validation"]) & set(rows["test"])
+    assert not (set(rows["validation"]) | set(rows["test"])) & set(rows["train"])
 
 
 def test_jsonl_is_the_trainer_format(tmp_path):

@@ -1,9 +1,11 @@
 """``ctopd demo``: the built-in experiment (see :mod:`ctopd.demo.run`).
 
 Examples:
-    ctopd demo                      # full run, 3 seeds, into ./ctopd-demo
-    ctopd demo --quick --seeds 1    # CI-sized, a couple of minutes
-    ctopd demo --force              # retrain the cached teacher and student
+    ctopd demo                              # full run, 3 seeds, into ./ctopd-demo
+    ctopd demo --quick --seeds 1            # CI-sized, about a minute
+    ctopd demo --methods simct,control_opd  # a subset of the runs
+    ctopd demo --sweep                      # choose learning rates on the validation split
+    ctopd demo --force                      # retrain the cached teacher, samples and students
 """
 
 from __future__ import annotations
@@ -12,30 +14,48 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    text = ("train a teacher and a student with different tokenizers on a synthetic arithmetic "
-            "task, then compare SimCT, DPCA, shared-only OPD and continued SFT")
+    from ctopd.demo.settings import RUNS
+
+    text = ("train a teacher and two students (one with another tokenizer, one with the "
+            "teacher's) on a synthetic arithmetic task, then compare SimCT, DPCA, shared-only "
+            "OPD and continued SFT against same-tokenizer OPD and SFT")
     parser = subparsers.add_parser("demo", help="the built-in cross-tokenizer OPD experiment",
                                    description=text)
     parser.add_argument("--output-dir", default="ctopd-demo",
                         help="folder for data, models, runs and the report (default: ctopd-demo)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny models and budgets: checks every stage in a few minutes")
+                        help="tiny models and budgets: checks every stage in a minute or two")
     parser.add_argument("--seeds", type=int, default=None,
                         help="runs per method (default: 3, or 1 with --quick)")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated runs (default: all of {','.join(RUNS)})")
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead of the demo, sweep each run's learning rate on the "
+                             "validation split (writes sweep.json and sweep.md)")
     parser.add_argument("--force", action="store_true",
-                        help="rebuild the teacher and the student even when cached")
+                        help="rebuild the teacher, its samples and the students even when cached")
     parser.add_argument("--workers", type=int, default=None,
-                        help="method runs side by side (default: CPU cores, at most 2)")
+                        help="processes side by side (default: CPU cores, at most 2)")
     parser.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ctopd.demo.run import run_demo
+    from ctopd.demo.run import parse_runs, run_demo
+    from ctopd.demo.sweep import run_sweep
 
+    try:
+        methods = parse_runs(args.methods)
+    except ValueError as err:
+        print(f"error: --methods: {err}")
+        return 2
+    if args.sweep:
+        run_sweep(args.output_dir, quick=args.quick, methods=methods, force=args.force,
+                  workers=args.workers)
+        return 0
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     if seeds < 1:
         print("error: --seeds must be at least 1")
         return 2
-    run_demo(args.output_dir, quick=args.quick, seeds=seeds, force=args.force,
+    run_demo(args.output_dir, quick=args.quick, seeds=seeds, methods=methods, force=args.force,
              workers=args.workers)
     return 0

@@ -1,4 +1,5 @@
-"""The demo's report: ``results.json``, a Markdown table and a PNG of the curves."""
+"""The demo's report: ``results.json``, a Markdown table and a PNG of the curves (both students);
+and the sweep's table."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import json
 from pathlib import Path
 
 LABELS = {"simct": "SimCT OPD", "dpca": "DPCA OPD", "shared_only": "shared-only OPD",
-          "sft": "continued SFT"}
+          "sft": "continued SFT", "control_opd": "same-tokenizer OPD",
+          "control_sft": "same-tokenizer continued SFT"}
 COLORS = {"simct": "tab:blue", "dpca": "tab:orange", "shared_only": "tab:green",
-          "sft": "tab:gray"}
+          "sft": "tab:gray", "opd": "tab:red"}
+COLUMNS = ("method", "lr", "held-out accuracy", "per seed", "gap closed",
+           "held-out KL (nats/token)", "coverage", "coverage of aligned tokens",
+           "non-canonical samples", "seconds per run")
 
 
 def write_results(out: Path, results: dict) -> Path:
@@ -19,72 +24,94 @@ def write_results(out: Path, results: dict) -> Path:
 
 
 def results_markdown(results: dict) -> str:
-    """The results as a Markdown table (also readable as plain text)."""
-    seeds = results["seeds"]
-    accuracy = "accuracy (mean ± std)" if seeds > 1 else "accuracy"
-    lines = [
-        f"| method | held-out {accuracy} | per seed | coverage | coverage of aligned tokens "
-        f"| KL (nats/token) | non-canonical samples | objective's own KL | seconds per run |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| teacher | {results['teacher_accuracy']:.3f} | | | | | | | "
-        f"{results['teacher_seconds']:.0f} |",
-        f"| student after warm-up | {results['student_start_accuracy']:.3f} | | | | "
-        f"{results['student_start_kl']:.3f} | {_fmt(results.get('student_start_noncanonical'))} "
-        f"| | {results['student_seconds']:.0f} |",
-    ]
-    for method, row in results["methods"].items():
-        mean = f"{row['accuracy_mean']:.3f}"
-        if seeds > 1:
-            mean += f" ± {row['accuracy_std']:.3f}"
-        per_seed = " ".join(f"{r['accuracy']:.3f}" for r in row["runs"])
-        lines.append(f"| {LABELS.get(method, method)} | {mean} | {per_seed} | "
-                     f"{_fmt(row['coverage'])} | {_fmt(row.get('aligned_coverage'))} | "
-                     f"{_fmt(row['kl'])} | {_fmt(row.get('noncanonical'))} | "
-                     f"{_fmt(row['train_kl'])} | "
-                     f"{row['seconds']:.0f} |")
-    settings = results["settings"]
+    """The results as a Markdown table (also readable as plain text): the teacher, the
+    cross-tokenizer student's methods, then the same-tokenizer control's."""
+    seeds, settings, controls = results["seeds"], results["settings"], results["controls"]
+    accuracy = "held-out accuracy (mean ± std)" if seeds > 1 else "held-out accuracy"
+    header = [accuracy if c == "held-out accuracy" else c for c in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(COLUMNS),
+             _row("teacher", f"{results['teacher_accuracy']:.3f}",
+                  seconds=results["teacher_seconds"])]
+    lines.append(_start_row("student after warm-up", results["student_start_accuracy"],
+                            results["student_start_kl"], results.get("student_start_noncanonical"),
+                            results["student_seconds"]))
+    lines += [_method_row(LABELS.get(m, m), row, seeds) for m, row in results["methods"].items()]
+    lines.append(_start_row("same-tokenizer control after warm-up",
+                            controls["student_start_accuracy"], controls["student_start_kl"],
+                            controls.get("student_start_noncanonical"),
+                            results.get("control_seconds")))
+    lines += [_method_row(LABELS[f"control_{m}"], row, seeds)
+              for m, row in _control_rows(results).items()]
     lines += [
         "",
-        f"{seeds} seed(s); every method starts from the same warmed-up student and runs "
-        f"{settings['method_steps']} steps x {settings['method_batch']} prompts. Accuracy: "
-        f"greedy, exact final answer, {settings['num_test']} held-out problems. Coverage: share "
-        "of the student's sampled tokens that get supervision over all steps (SFT trains on "
+        f"{seeds} seed(s); every method starts from its warmed-up student (cross-tokenizer: "
+        "the student's digit-group tokenizer; same-tokenizer control: the teacher's tokenizer, "
+        f"same architecture, warm-up and teacher samples) and runs {settings['method_steps']} "
+        f"steps x {settings['method_batch']} prompts at its lr. Accuracy: greedy, exact final "
+        f"answer, {settings['num_test']} held-out problems. Gap closed: (accuracy - start) / "
+        "(teacher - start), the start being that student's after warm-up. Held-out KL: the "
+        "student's reverse KL to the teacher per student token on "
+        f"{settings['kl_prompts']} held-out prompts, log π(y) - log q(y) of the same sampled "
+        "text, measured the same way for every method and both students. Coverage: share of "
+        "the student's sampled tokens that get supervision over all steps (SFT trains on "
         "teacher text, so it has none); of aligned tokens: the same share among tokens outside "
-        "unaligned chunks (bytes that differ, e.g. invalid UTF-8 the student sampled). KL: the student's reverse KL to the teacher per student token on "
-        f"{settings['kl_prompts']} held-out prompts, measured the same way for every method; "
-        "non-canonical samples: the share of those samples whose token ids differ from the "
-        "student tokenizer's own encoding of their text; the objective's own KL is over its own "
-        "supervision space and not comparable across methods.",
+        "unaligned chunks. Non-canonical samples: the share of the KL samples whose token ids "
+        "differ from the student tokenizer's own encoding of their text.",
     ]
     return "\n".join(lines)
 
 
+def _row(label: str, accuracy: str, *, lr: str = "", per_seed: str = "", gap: str = "",
+         kl: str = "", coverage: str = "", aligned: str = "", noncanonical: str = "",
+         seconds: float | None = None) -> str:
+    cells = [label, lr, accuracy, per_seed, gap, kl, coverage, aligned, noncanonical,
+             "" if seconds is None else f"{seconds:.0f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _start_row(label: str, accuracy: float, kl: float, noncanonical, seconds) -> str:
+    return _row(label, f"{accuracy:.3f}", kl=f"{kl:.3f}", noncanonical=_fmt(noncanonical),
+                seconds=seconds)
+
+
+def _method_row(label: str, row: dict, seeds: int) -> str:
+    mean = f"{row['accuracy_mean']:.3f}"
+    if seeds > 1:
+        mean += f" ± {row['accuracy_std']:.3f}"
+    return _row(label, mean, lr=f"{row['lr']:.0e}",
+                per_seed=" ".join(f"{r['accuracy']:.3f}" for r in row["runs"]),
+                gap=_fmt(row["gap_closed"]), kl=_fmt(row["kl"]), coverage=_fmt(row["coverage"]),
+                aligned=_fmt(row.get("aligned_coverage")), noncanonical=_fmt(row["noncanonical"]),
+                seconds=row["seconds"])
+
+
 def plot_curves(results: dict, path: Path) -> Path:
-    """Held-out accuracy and the objectives' KL over steps, mean over seeds (band: min-max)."""
+    """For each student (rows): held-out accuracy and the common held-out KL over steps, mean
+    over seeds (band: min-max), the warmed-up student at step 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    start = results["student_start_accuracy"]
-    for method, row in results["methods"].items():
-        color, label = COLORS.get(method), LABELS.get(method, method)
-        steps, values = _mean_curve(row["runs"], "step", "accuracy")
-        if steps:
-            steps, values = [0, *steps], [[start] * len(values[0]), *values]
-            _band(left, steps, values, color, label)
-        steps, values = _mean_curve(row["runs"], "train_kl_step", "train_kl")
-        if steps:
-            _band(right, steps, values, color, label)
-    left.axhline(results["teacher_accuracy"], color="black", linestyle="--", linewidth=1,
-                 label="teacher")
-    left.set(xlabel="step", ylabel="held-out accuracy", title="accuracy")
-    right.set(xlabel="step", ylabel="KL (objective's own estimate)",
-              title="KL over the supervised tokens")
-    for axis in (left, right):
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    panels = (("cross-tokenizer student", results["methods"], ""),
+              ("same-tokenizer control", _control_rows(results), "control_"))
+    for (title, rows, prefix), (left, right) in zip(panels, axes):
+        for method, row in rows.items():
+            color, label = COLORS.get(method), LABELS[prefix + method]
+            for axis, key in ((left, "accuracy"), (right, "kl")):
+                steps, values = _mean_curve(row["runs"], key)
+                if steps:
+                    _band(axis, steps, values, color, label)
+        left.axhline(results["teacher_accuracy"], color="black", linestyle="--", linewidth=1,
+                     label="teacher")
+        left.set(ylabel="held-out accuracy", title=f"{title}: accuracy")
+        right.set(ylabel="held-out KL (nats / student token)", title=f"{title}: common KL")
+    for axis in axes.flat:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+    for axis in axes[1]:
+        axis.set_xlabel("step")
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=110)
@@ -92,9 +119,36 @@ def plot_curves(results: dict, path: Path) -> Path:
     return path
 
 
-def _mean_curve(runs: list[dict], step_key: str, value_key: str):
-    """Steps every run logged and, per step, the runs' values."""
-    curves = [dict(zip(r["curve"][step_key], r["curve"][value_key])) for r in runs]
+def sweep_markdown(sweep: dict) -> str:
+    """The sweep as a Markdown table: one row per run name and learning rate, the chosen one
+    in bold, then the command that reproduces it."""
+    lines = ["| method | lr | validation accuracy | validation KL (nats/token) | seconds | chosen |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in sweep["rows"]:
+        chosen = sweep["best"][row["name"]] == row["lr"]
+        accuracy = f"**{row['accuracy']:.3f}**" if chosen else f"{row['accuracy']:.3f}"
+        lines.append(f"| {LABELS.get(row['name'], row['name'])} | {row['lr']:.0e} | {accuracy} "
+                     f"| {row['kl']:.3f} | {row['seconds']:.0f} | {'yes' if chosen else ''} |")
+    commit = f" at commit `{sweep['commit']}`" if sweep.get("commit") else ""
+    lines += [
+        "",
+        f"One seed, {sweep['steps']} steps x {sweep['batch']} prompts per run from the "
+        f"warmed-up students; accuracy (greedy, exact final answer) and KL on the "
+        f"{sweep['num_validation']} validation problems, disjoint from the training and test "
+        "sets. Chosen: the highest validation accuracy (ties: the lower KL). Reproduce with "
+        f"`{sweep['command']}`{commit}.",
+    ]
+    return "\n".join(lines)
+
+
+def _control_rows(results: dict) -> dict:
+    """The control's method entries (``opd``, ``sft``) without its start figures."""
+    return {k: v for k, v in results["controls"].items() if isinstance(v, dict)}
+
+
+def _mean_curve(runs: list[dict], key: str):
+    """Steps every run measured and, per step, the runs' values."""
+    curves = [dict(zip(r["curve"]["step"], r["curve"][key])) for r in runs]
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
     return steps, [[c[s] for c in curves] for s in steps]
 

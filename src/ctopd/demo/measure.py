@@ -1,0 +1,108 @@
+"""What the demo measures on a model folder: held-out accuracy, the common sequence-level KL and
+how often the student spells its text non-canonically; and a run's coverage from its metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ctopd.demo.settings import DemoSettings
+
+
+def accuracy(model_dir: Path, data_path: Path, settings: DemoSettings) -> float:
+    """Greedy exact-final-answer accuracy on every row of ``data_path``, ``eval_batch`` prompts
+    per ``generate`` call."""
+    from ctopd.training.evaluate import evaluate
+
+    result = evaluate(str(model_dir), None, data_path, max_new_tokens=settings.max_new_tokens,
+                      batch_size=settings.eval_batch)
+    return result["accuracy"]
+
+
+def sequence_kl(student_dir: Path, teacher_dir: Path, data_path: Path,
+                settings: DemoSettings) -> dict:
+    """Reverse KL per student token, measured the same way for every method and either
+    student, and how often the student spells its text with other tokens than its tokenizer
+    would.
+
+    The objectives each report their own ``kl`` over their own supervision space (SimCT over
+    its text events, shared-only over ``V∩``, DPCA per chunk), which are not comparable. This
+    estimate is: the student samples a response ``y`` (temperature 1) to each of the first
+    ``settings.kl_prompts`` prompts of ``data_path``; ``log π(y)`` is the sum of its token
+    log-probs and ``log q(y)`` the teacher's log-prob of the same text under its own
+    tokenisation (end of turn included; with identical tokenizers, of the sampled ids). Both are
+    probabilities of the same text, so the estimate compares students with different tokenizers.
+
+    Returns:
+        ``kl``: ``Σ (log π(y) - log q(y)) / Σ |y|`` (nats per student token); ``noncanonical``:
+        the share of responses whose ids differ from the student tokenizer's encoding of their
+        own text (a student that learned to spell numbers digit by digit, say).
+    """
+    import torch
+
+    from ctopd.core.pair import TokenizerPair
+    from ctopd.training.config import DataConfig, ModelConfig
+    from ctopd.training.data import encode_prompts, load_examples
+    from ctopd.training.models import load_causal_lm, load_model_tokenizer
+    from ctopd.training.rollout import sample_responses
+
+    student_config = ModelConfig(name_or_path=str(student_dir))
+    teacher_config = ModelConfig(name_or_path=str(teacher_dir))
+    student_tokenizer = load_model_tokenizer(student_config, side="student")
+    teacher_tokenizer = load_model_tokenizer(teacher_config, side="teacher")
+    pair = TokenizerPair(teacher_tokenizer, student_tokenizer)
+    student = load_causal_lm(student_config, side="student").eval()
+    teacher = load_causal_lm(teacher_config, side="teacher").eval()
+    examples = load_examples(DataConfig(path=str(data_path), limit=settings.kl_prompts))
+    student_prompts = encode_prompts(student_tokenizer, examples, side="student")
+    teacher_prompts = encode_prompts(teacher_tokenizer, examples, side="teacher")
+    total, tokens, noncanonical = 0.0, 0, 0
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        batch = settings.eval_batch
+        for lo in range(0, len(examples), batch):
+            s_prompts, t_prompts = student_prompts[lo:lo + batch], teacher_prompts[lo:lo + batch]
+            responses = sample_responses(
+                student, s_prompts, end_ids=pair.student_table.end_ids.tolist(),
+                pad_id=student_tokenizer.pad_token_id, max_new_tokens=settings.max_new_tokens,
+                temperature=1.0)
+            teacher_responses = pair.teacher_ids_for_batch(responses)
+            total += _logprob_sum(student, s_prompts, responses, student_tokenizer.pad_token_id)
+            total -= _logprob_sum(teacher, t_prompts, teacher_responses,
+                                  teacher_tokenizer.pad_token_id)
+            tokens += sum(len(r) for r in responses)
+            noncanonical += sum(_noncanonical(pair, student_tokenizer, ids) for ids in responses)
+    return {"kl": total / max(tokens, 1), "noncanonical": noncanonical / max(len(examples), 1)}
+
+
+def _logprob_sum(model, prompts: list, responses: list, pad_id: int) -> float:
+    """``Σ_b log p(responses[b] | prompts[b])`` under ``model``."""
+    import torch
+
+    from ctopd.training.rollout import pad_responses, response_logits
+
+    logits = response_logits(model, prompts, responses, pad_id=pad_id, device="cpu")
+    targets, lengths = pad_responses(responses)
+    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    mask = torch.arange(targets.shape[1]) < lengths.unsqueeze(1)
+    return float((logprobs * mask).sum())
+
+
+def _noncanonical(pair, tokenizer, ids) -> bool:
+    """Whether a sampled response's ids (end of turn aside) differ from the tokenizer's own
+    encoding of its text."""
+    body = ids[:-1] if pair.ended_turn(ids) else ids
+    return list(body) != tokenizer.encode(pair.student_text(body), add_special_tokens=False)
+
+
+def coverage(rows: list[dict]) -> tuple[float, float, float]:
+    """Over every step of a run (``metrics.jsonl`` rows): supervised student tokens / sampled
+    student tokens, supervised / aligned student tokens (those outside unaligned chunks), and
+    the unaligned share."""
+    sampled = sum(r["student_tokens"] for r in rows if "student_tokens" in r)
+    supervised = sum(r["supervised_tokens"] for r in rows if "supervised_tokens" in r)
+    unaligned = sum(round(r["student_tokens"] * r["unaligned_share"]) for r in rows
+                    if "unaligned_share" in r)  # integer counts, stored as shares
+    aligned = sampled - unaligned
+    return (supervised / sampled if sampled else 0.0,
+            supervised / aligned if aligned > 0 else 0.0,
+            unaligned / sampled if sampled else 0.0)

@@ -1,0 +1,171 @@
+"""One demo run (a method, a seed, from a warmed-up student) and the per-method summary.
+
+A run trains for ``steps`` steps of ``method_batch`` prompts (its learning rate warmed up, then
+decayed to 0 by a cosine) and
+saves a checkpoint every ``eval_every`` steps (and at the end); afterwards every checkpoint is
+evaluated with the same two measurements, in big batches: greedy accuracy on the held-out split
+and the common sequence-level KL (:mod:`ctopd.demo.measure`). The checkpoints are deleted once
+measured: the report keeps the numbers, not the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from ctopd.demo.settings import RUN_SPECS, DemoSettings
+
+
+def method_job(name: str, seed: int, out: Path, settings: DemoSettings, *, lr: float | None = None,
+               steps: int | None = None, split: str = "test", curve: bool = True,
+               run_dir: Path | None = None) -> dict:
+    """The job :func:`run_method` runs: the demo's defaults unless the sweep overrides them."""
+    return dict(name=name, seed=seed, out=str(out), settings=settings,
+                lr=settings.lr(name) if lr is None else lr,
+                steps=settings.method_steps if steps is None else steps, split=split,
+                curve=curve, run_dir=str(run_dir or out / "runs" / f"{name}-seed{seed}"))
+
+
+def run_method(job: dict) -> dict:
+    """One run from its warmed-up student (runs in a worker process).
+
+    Args:
+        job: from :func:`method_job`: ``name`` (a run name, :data:`RUN_SPECS`), ``seed``,
+            ``out`` (the demo folder), ``settings``, ``lr``, ``steps``, ``split`` (the data the
+            models are measured on: ``test`` or ``validation``), ``curve`` (measure every
+            checkpoint, or only the final model) and ``run_dir``.
+
+    Returns:
+        ``name``, ``student`` (``student`` or ``control``), ``method`` (the objective, or
+        ``sft``), ``seed``, ``lr``, ``steps``; ``accuracy``, ``kl`` and ``noncanonical`` of the
+        final model on ``split``; ``coverage``, ``aligned_coverage``, ``unaligned_share``
+        (over all steps, :func:`ctopd.demo.measure.coverage`) and ``train_kl`` (the
+        objective's own, mean of the last steps), all ``None`` for SFT; ``seconds`` (training
+        wall time), ``eval_seconds`` (the measurements after it) and ``curve`` (``step``,
+        ``accuracy``, ``kl`` at step 0 and at each checkpoint; ``train_kl_step``, ``train_kl``
+        per step).
+    """
+    from ctopd.demo.measure import coverage
+    from ctopd.demo.stages import STUDENT_FOLDERS, one_thread
+    from ctopd.training.metrics import read_metrics
+
+    one_thread()
+    out, run_dir = Path(job["out"]), Path(job["run_dir"])
+    kind, objective = RUN_SPECS[job["name"]]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    summary = _train(job, out / STUDENT_FOLDERS[kind], objective, run_dir)
+    started = time.perf_counter()
+    rows = read_metrics(run_dir)
+    points = _measure(job, out / STUDENT_FOLDERS[kind], run_dir)
+    shutil.rmtree(run_dir / "final", ignore_errors=True)
+    for checkpoint in run_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    final = points[-1]
+    sft = objective == "sft"
+    shares = (None,) * 3 if sft else coverage(rows)
+    return {
+        "name": job["name"], "student": kind, "method": objective, "seed": job["seed"],
+        "lr": job["lr"], "steps": summary["steps"],
+        "accuracy": final["accuracy"], "kl": final["kl"], "noncanonical": final["noncanonical"],
+        "coverage": shares[0], "aligned_coverage": shares[1], "unaligned_share": shares[2],
+        "train_kl": None if sft else summary["final_metrics"].get("kl"),
+        "seconds": summary["seconds"], "eval_seconds": time.perf_counter() - started,
+        "curve": {"step": [p["step"] for p in points],
+                  "accuracy": [p["accuracy"] for p in points], "kl": [p["kl"] for p in points],
+                  "train_kl_step": [r["step"] for r in rows if "kl" in r],
+                  "train_kl": [r["kl"] for r in rows if "kl" in r]},
+    }
+
+
+def _train(job: dict, student_dir: Path, objective: str, run_dir: Path) -> dict:
+    """Train one run: on-policy distillation (``train``) or continued SFT on its slice of the
+    teacher samples (``run_sft``, the same texts for both students at a seed)."""
+    from ctopd.demo.samples import sft_slice, write_sft_data
+    from ctopd.demo.stages import stage_config
+    from ctopd.training.loop import train
+    from ctopd.training.sft import run_sft
+
+    settings, out, steps = job["settings"], Path(job["out"]), job["steps"]
+    every = settings.eval_every if job["curve"] else steps
+    data = out / "train.jsonl"
+    if objective == "sft":
+        data = write_sft_data(out, run_dir / "data.jsonl",
+                              *sft_slice(settings, job["seed"], steps=steps))
+    # Warm-up then cosine decay to 0 over the run, like the warm-up the students come from: a
+    # run at a constant rate ends un-annealed, and greedy accuracy then drops for every method
+    # alike (measured: continued SFT at a constant 1e-3 took the cross-tokenizer student from
+    # 0.195 to 0.125). A checkpoint at every measuring point, all kept until they are measured.
+    config = stage_config(settings, run_dir, data=data, student=student_dir,
+                          teacher=out / "teacher", steps=steps, batch=settings.method_batch,
+                          lr=job["lr"], seed=job["seed"], schedule="cosine",
+                          warmup_ratio=settings.method_warmup_ratio,
+                          save_every=every, keep_checkpoints=math.ceil(steps / every) + 1)
+    if objective == "sft":
+        config.sft.source, config.sft.response_field = "data", "response"
+        return run_sft(config)
+    config.objective.name = objective
+    return train(config)
+
+
+def _measure(job: dict, student_dir: Path, run_dir: Path) -> list[dict]:
+    """Accuracy, KL and non-canonical share at step 0 (the warmed-up student's stamped figures,
+    measured the same way when it was built) and at every checkpoint, on the job's split."""
+    from ctopd.demo.measure import accuracy, sequence_kl
+    from ctopd.demo.stages import STAMP
+    from ctopd.training.checkpoint import list_checkpoints
+
+    settings, out = job["settings"], Path(job["out"])
+    data = out / f"{job['split']}.jsonl"
+    points = []
+    if job["curve"] and job["split"] == "test":
+        start = json.loads((student_dir / STAMP).read_text(encoding="utf-8"))["result"]
+        points.append({"step": 0, "accuracy": start["accuracy"], "kl": start["kl"],
+                       "noncanonical": start["noncanonical"]})
+    checkpoints = list_checkpoints(run_dir) if job["curve"] else list_checkpoints(run_dir)[-1:]
+    for checkpoint in checkpoints:
+        model = checkpoint / "student"
+        samples = sequence_kl(model, out / "teacher", data, settings)
+        points.append({"step": int(checkpoint.name.split("-")[-1]),
+                       "accuracy": accuracy(model, data, settings), **samples})
+    return points
+
+
+def gap_closed(accuracy: float | None, start: float, teacher: float) -> float | None:
+    """``(accuracy - start) / (teacher - start)``: the share of the student → teacher gap a run
+    closed (``None`` when there is no gap)."""
+    if accuracy is None or abs(teacher - start) < 1e-12:
+        return None
+    return (accuracy - start) / (teacher - start)
+
+
+def summarize_method(runs: list[dict], *, start: float, teacher: float) -> dict:
+    """One method over its seeds: means (and the accuracy's std), ``gap_closed`` and each
+    seed's run (with its own ``gap_closed``)."""
+    runs = sorted(runs, key=lambda r: r["seed"])
+    runs = [{**r, "gap_closed": gap_closed(r["accuracy"], start, teacher)} for r in runs]
+    accuracies = [r["accuracy"] for r in runs]
+    mean = statistics.fmean(accuracies)
+    return {
+        "accuracy": mean, "accuracy_mean": mean,
+        "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+        "gap_closed": gap_closed(mean, start, teacher),
+        "kl": _mean([r["kl"] for r in runs]),
+        "coverage": _mean([r["coverage"] for r in runs]),
+        "aligned_coverage": _mean([r["aligned_coverage"] for r in runs]),
+        "unaligned_share": _mean([r["unaligned_share"] for r in runs]),
+        "noncanonical": _mean([r["noncanonical"] for r in runs]),
+        "train_kl": _mean([r["train_kl"] for r in runs]),
+        "seconds": statistics.fmean(r["seconds"] for r in runs),
+        "eval_seconds": statistics.fmean(r["eval_seconds"] for r in runs),
+        "steps": runs[0]["steps"], "lr": runs[0]["lr"],
+        "runs": runs,
+    }
+
+
+def _mean(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None

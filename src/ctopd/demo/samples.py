@@ -1,0 +1,180 @@
+"""The teacher's samples, drawn once and shared by every SFT stage of the demo.
+
+Both warm-ups and every continued-SFT run train on teacher samples. Sampling them inside each
+stage (``sft.source=teacher``) would sample the same teacher again and again, in small batches;
+instead the demo samples a *pool* once, in large batches (hundreds of prompts per ``generate``
+call are several times faster per sample on a CPU than 32), caches it in
+``OUT/teacher_samples.jsonl`` and hands each stage a slice of it as ``sft.source=data``:
+
+* the warm-up (both students, the same texts): pool positions ``[0, W)``,
+  ``W = warmup_steps * warmup_batch``;
+* continued SFT of seed ``s`` (both students, the same texts): ``[W + s B, W + (s + 1) B)``,
+  ``B = method_steps * method_batch``, so no sample is trained on twice.
+
+Pool position ``p`` holds one sample for prompt ``order[p]``, where ``order`` runs through the
+training prompts in one seeded permutation after another (:func:`pool_order`). While positions
+stay within the first permutation every slice has its own prompts, so the SFT runs see prompts
+the warm-up did not; past it (more samples needed than there are training prompts) a prompt gets
+a second, independent sample in a later slice.
+
+Batch ``j`` (positions ``[j S, (j + 1) S)``, ``S = sample_batch``) is sampled with its own seed,
+so a pool is a prefix of any longer pool of the same settings: asking for more seeds extends the
+cache instead of redrawing it, and the warm-up slice never changes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ctopd.demo.settings import DemoSettings
+
+SAMPLES = "teacher_samples.jsonl"
+SAMPLES_STAMP = "teacher_samples.json"
+
+
+def warmup_slice(settings: DemoSettings) -> tuple[int, int]:
+    """``(start, count)`` of the warm-up's samples in the pool."""
+    return 0, settings.warmup_steps * settings.warmup_batch
+
+
+def sft_slice(settings: DemoSettings, seed: int, *, steps: int | None = None) -> tuple[int, int]:
+    """``(start, count)`` of the samples of a continued-SFT run with ``seed`` (``steps``:
+    shorter runs, such as the sweep's, take the head of that slice)."""
+    budget = settings.method_steps * settings.method_batch
+    count = (steps if steps is not None else settings.method_steps) * settings.method_batch
+    return settings.warmup_steps * settings.warmup_batch + seed * budget, count
+
+
+def samples_needed(settings: DemoSettings, *, seeds: int, warmup: bool, sft: bool) -> int:
+    """Pool size for a demo: the warm-up slice when a student is built, and the SFT slices of
+    ``seeds`` seeds when an SFT run is asked for."""
+    if sft:
+        start, count = sft_slice(settings, seeds - 1)
+        return start + count
+    return warmup_slice(settings)[1] if warmup else 0
+
+
+def pool_order(num_prompts: int, count: int, *, seed: int) -> list[int]:
+    """The training prompt of each of the pool's first ``count`` positions: seeded permutations
+    of ``range(num_prompts)`` one after another."""
+    order: list[int] = []
+    rounds = 0
+    while len(order) < count:
+        order += random.Random(seed * 1_000_003 + rounds).sample(range(num_prompts), num_prompts)
+        rounds += 1
+    return order[:count]
+
+
+def ensure_samples(out: Path, settings: DemoSettings, count: int, *, pool, workers: int,
+                   force: bool, log: Callable[[str], None]) -> dict:
+    """Make ``OUT/teacher_samples.jsonl`` hold at least ``count`` samples: reuse a cached pool
+    of the same settings, extend it, or sample it anew (``force``).
+
+    Args:
+        pool: a process pool whose workers run :func:`sample_batches`.
+        workers: jobs to split the batches into (one per worker).
+
+    Returns:
+        ``{"count", "seconds", "sampled"}`` (``sampled``: samples drawn by this call).
+    """
+    started = time.perf_counter()
+    stamp, path, size = settings.samples_stamp(), out / SAMPLES, settings.sample_batch
+    have = 0 if force else _cached_count(out, stamp)
+    if have >= count:
+        if count:
+            log(f"[demo] reusing {have} teacher samples in {path}")
+        return {"count": have, "seconds": 0.0, "sampled": 0}
+    have -= have % size  # whole batches only: a batch's samples depend on the whole batch
+    kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:have] if have else []
+    batches = list(range(have // size, math.ceil(count / size)))
+    log(f"[demo] sampling the teacher: {len(batches) * size} samples of training prompts "
+        f"({len(batches)} batches of {size}, temperature {settings.temperature}, "
+        f"{workers} at a time)")
+    groups = [batches[i::workers] for i in range(workers) if batches[i::workers]]
+    jobs = [dict(out=str(out), settings=settings, batches=group) for group in groups]
+    rows = sorted((row for part in pool.map(sample_batches, jobs) for row in part),
+                  key=lambda r: r["position"])
+    path.write_text("".join(kept) + "".join(json.dumps(row) + "\n" for row in rows),
+                    encoding="utf-8")
+    total = have + len(rows)
+    seconds = time.perf_counter() - started
+    (out / SAMPLES_STAMP).write_text(
+        json.dumps({"settings": stamp, "result": {"count": total}}, indent=2), encoding="utf-8")
+    log(f"[demo] {total} teacher samples in {path} ({seconds:.0f} s)")
+    return {"count": total, "seconds": seconds, "sampled": len(rows)}
+
+
+def _cached_count(out: Path, stamp: dict) -> int:
+    """Samples in a cached pool drawn with exactly ``stamp`` (0: none, or other settings)."""
+    path = out / SAMPLES_STAMP
+    if not path.is_file() or not (out / SAMPLES).is_file():
+        return 0
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved.get("settings") != stamp:
+        return 0
+    lines = (out / SAMPLES).read_text(encoding="utf-8").count("\n")
+    return min(saved["result"]["count"], lines)
+
+
+def sample_batches(job: dict) -> list[dict]:
+    """Sample the teacher on the pool batches ``job["batches"]`` (runs in a worker process).
+
+    Returns:
+        One row per sample: ``position`` in the pool, ``index`` of the training prompt,
+        ``response`` (the decoded text, special tokens removed).
+    """
+    import torch
+
+    from ctopd.core.byte_table import end_of_turn_ids
+    from ctopd.demo.stages import one_thread
+    from ctopd.training.config import DataConfig, ModelConfig
+    from ctopd.training.data import encode_prompts, load_examples
+    from ctopd.training.models import freeze, load_causal_lm, load_model_tokenizer
+    from ctopd.training.rollout import sample_responses
+
+    one_thread()
+    out, settings = Path(job["out"]), job["settings"]
+    size = settings.sample_batch
+    folder = ModelConfig(name_or_path=str(out / "teacher"))
+    tokenizer = load_model_tokenizer(folder, side="teacher")
+    teacher = freeze(load_causal_lm(folder, side="teacher"))
+    examples = load_examples(DataConfig(path=str(out / "train.jsonl")))
+    order = pool_order(len(examples), (max(job["batches"]) + 1) * size, seed=settings.task_seed)
+    end_ids = end_of_turn_ids(tokenizer)
+    rows = []
+    for batch in job["batches"]:
+        positions = range(batch * size, (batch + 1) * size)
+        prompts = encode_prompts(tokenizer, [examples[order[p]] for p in positions],
+                                 side="teacher")
+        torch.manual_seed(settings.task_seed * 100_003 + batch)
+        responses = sample_responses(teacher, prompts, end_ids=end_ids,
+                                     pad_id=tokenizer.pad_token_id,
+                                     max_new_tokens=settings.max_new_tokens,
+                                     temperature=settings.temperature)
+        rows += [{"position": p, "index": order[p],
+                  "response": tokenizer.decode(r, skip_special_tokens=True)}
+                 for p, r in zip(positions, responses)]
+    return rows
+
+
+def write_sft_data(out: Path, target: Path, start: int, count: int) -> Path:
+    """Pool positions ``[start, start + count)`` as SFT data: each row is its training prompt's
+    row (``messages``, the reference ``answer``) plus the teacher's sample as ``response``
+    (what ``sft.source=data`` trains on, ``sft.response_field``)."""
+    train = (out / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    with (out / SAMPLES).open(encoding="utf-8") as handle:
+        samples = [json.loads(line) for _, line in zip(range(start + count), handle)][start:]
+    if len(samples) < count:
+        raise RuntimeError(f"{out / SAMPLES} holds {start + len(samples)} samples; "
+                           f"positions up to {start + count} were asked for")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("w", encoding="utf-8") as handle:
+        for sample in samples:
+            row = json.loads(train[sample["index"]])
+            handle.write(json.dumps({**row, "response": sample["response"]}) + "\n")
+    return target

@@ -1,0 +1,157 @@
+"""The demo's sizes, budgets and learning rates: one frozen dataclass, two configurations.
+
+:data:`FULL` is what ``ctopd demo`` runs (under 20 minutes on two CPU cores); :data:`QUICK` is
+``--quick`` (CI: every stage runs, nothing is learned, well under 3 minutes). Learning rates are
+chosen by ``ctopd demo --sweep`` on the validation split and copied into :attr:`method_lrs` by
+hand; the demo never reads the sweep and nothing is selected on the test set.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+# The runs, each from a warmed-up student: the cross-tokenizer student's on-policy methods and
+# continued SFT, then the same-tokenizer control's OPD and continued SFT.
+CROSS_METHODS = ("simct", "dpca", "shared_only", "sft")
+CONTROL_METHODS = ("control_opd", "control_sft")
+RUNS = CROSS_METHODS + CONTROL_METHODS
+# Which warmed-up student a run starts from, and what trains it ("sft": run_sft).
+RUN_SPECS = {
+    "simct": ("student", "simct"), "dpca": ("student", "dpca"),
+    "shared_only": ("student", "shared_only"), "sft": ("student", "sft"),
+    "control_opd": ("control", "opd"), "control_sft": ("control", "sft"),
+}
+# Bump when a change of code (not of settings) makes the cached models stale.
+CACHE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes and budgets of one demo configuration (see :data:`FULL` and :data:`QUICK`)."""
+
+    # Task (ctopd.demo.task): problem counts, number ranges and steps per problem.
+    num_train: int
+    num_test: int
+    num_validation: int = 200
+    task_seed: int = 0
+    min_value: int = 10
+    max_value: int = 199
+    min_amount: int = 10
+    max_amount: int = 99
+    task_steps: tuple[int, ...] = (2, 3)
+    # Tokenizers: vocabulary sizes, special tokens included.
+    teacher_vocab: int = 512
+    student_vocab: int = 600
+    # Teacher: trained from scratch on the reference solutions.
+    teacher_hidden: int = 64
+    teacher_layers: int = 3
+    teacher_heads: int = 4
+    teacher_steps: int = 1000
+    teacher_batch: int = 64
+    teacher_lr: float = 5e-3
+    # Teacher samples, drawn once (temperature below) in batches of this many prompts.
+    sample_batch: int = 256
+    # Students (cross-tokenizer and same-tokenizer control: the same architecture and init
+    # seed), warmed up alike with SFT on the same teacher samples.
+    student_hidden: int = 64
+    student_layers: int = 3
+    student_heads: int = 4
+    warmup_steps: int = 1200
+    warmup_batch: int = 32
+    warmup_lr: float = 3e-3
+    # Methods: equal budgets (steps x prompts per step) from the warmed-up students.
+    method_steps: int = 100
+    method_batch: int = 32
+    method_warmup_ratio: float = 0.1
+    # Peak learning rate per run name (RUNS), as the sweep on the validation split chose it
+    # (docs/demo/sweep.md).
+    method_lrs: tuple[tuple[str, float], ...] = (
+        ("simct", 3e-4), ("dpca", 1e-4), ("shared_only", 3e-4), ("sft", 3e-4),
+        ("control_opd", 3e-4), ("control_sft", 3e-4),
+    )
+    # The sweep (--sweep): learning rates tried per run name, one seed, sweep_steps steps,
+    # scored on the validation split. An explicit grid, so the sweep's command reproduces it
+    # after method_lrs changed.
+    sweep_lrs: tuple[tuple[str, tuple[float, ...]], ...] = (
+        ("simct", (1e-4, 3e-4, 1e-3)), ("dpca", (3e-5, 1e-4, 3e-4)),
+        ("shared_only", (1e-4, 3e-4, 1e-3)), ("sft", (1e-4, 3e-4, 1e-3)),
+        ("control_opd", (1e-4, 3e-4, 1e-3)), ("control_sft", (1e-4, 3e-4, 1e-3)),
+    )
+    sweep_steps: int = 50
+    # Sampling temperature of the teacher samples and of the students' rollouts.
+    temperature: float = 1.0
+    max_new_tokens: int = 96
+    # Held-out accuracy and KL are measured at steps 0, eval_every, 2 * eval_every, ..., end.
+    eval_every: int = 25
+    eval_batch: int = 200
+    # Held-out prompts for the common sequence-level KL estimate.
+    kl_prompts: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("method_lrs", "sweep_lrs"):
+            keys = [key for key, _ in getattr(self, name)]
+            if sorted(keys) != sorted(RUNS):
+                raise ValueError(f"DemoSettings.{name} must name each of {', '.join(RUNS)} "
+                                 f"once; got {', '.join(keys)}")
+        if self.eval_every < 1:
+            raise ValueError("DemoSettings.eval_every must be at least 1")
+
+    def lr(self, run: str) -> float:
+        """The learning rate of a run name (:data:`RUNS`)."""
+        return dict(self.method_lrs)[run]
+
+    def sweep_grid(self, run: str) -> tuple[float, ...]:
+        """The learning rates the sweep tries for a run name."""
+        return tuple(dict(self.sweep_lrs)[run])
+
+    def task_ranges(self) -> dict:
+        """Keyword arguments of :func:`ctopd.demo.task.make_splits` beyond the counts."""
+        return {"min_value": self.min_value, "max_value": self.max_value,
+                "min_amount": self.min_amount, "max_amount": self.max_amount,
+                "steps": self.task_steps}
+
+    def teacher_stamp(self) -> dict:
+        """The settings the data, both tokenizers and the teacher depend on (a cached teacher
+        is reused when they match)."""
+        keys = ("num_train", "num_test", "num_validation", "task_seed", "min_value",
+                "max_value", "min_amount", "max_amount", "task_steps", "teacher_vocab",
+                "student_vocab", "teacher_hidden", "teacher_layers", "teacher_heads",
+                "teacher_steps", "teacher_batch", "teacher_lr")
+        return _jsonable({"version": CACHE_VERSION, **self._pick(keys)})
+
+    def samples_stamp(self) -> dict:
+        """The settings the teacher samples depend on (the teacher's included)."""
+        keys = ("sample_batch", "temperature", "max_new_tokens")
+        return {**self.teacher_stamp(), **_jsonable(self._pick(keys))}
+
+    def student_stamp(self, kind: str) -> dict:
+        """The settings a warmed-up student (``kind``: student or control) depends on."""
+        keys = ("student_hidden", "student_layers", "student_heads", "warmup_steps",
+                "warmup_batch", "warmup_lr", "kl_prompts", "eval_batch")
+        return {**self.samples_stamp(), "kind": kind, **_jsonable(self._pick(keys))}
+
+    def _pick(self, keys: tuple[str, ...]) -> dict:
+        return {key: getattr(self, key) for key in keys}
+
+
+def _jsonable(values: dict) -> dict:
+    """Tuples as lists, as a stamp read back from JSON holds them."""
+    return json.loads(json.dumps(values))
+
+
+def settings_dict(settings: DemoSettings) -> dict:
+    """The settings as JSON-ready values (for ``results.json`` and ``sweep.json``)."""
+    return _jsonable(asdict(settings))
+
+
+# The full run: under 20 minutes on two CPU cores.
+FULL = DemoSettings(num_train=20000, num_test=200)
+# CI: every stage runs, nothing is learned.
+QUICK = DemoSettings(
+    num_train=400, num_test=16, num_validation=16, teacher_hidden=32, teacher_layers=1,
+    teacher_steps=20, teacher_batch=16, sample_batch=16, student_hidden=32, student_layers=1,
+    warmup_steps=4, warmup_batch=8, method_steps=4, method_batch=4, sweep_steps=2,
+    eval_every=2, eval_batch=16, max_new_tokens=48, kl_prompts=8,
+    sweep_lrs=tuple((name, (1e-4, 3e-4)) for name in RUNS),
+)

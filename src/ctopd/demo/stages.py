@@ -1,0 +1,220 @@
+"""The demo's build stages: data, tokenizers and teacher, the two warmed-up students; and the
+helpers every stage shares (a stage's ``TrainConfig``, cache stamps, one torch thread).
+
+The tokenizers, both trained on the task's text: the teacher's is a Qwen2-style byte-level BPE
+with one token per digit (``train_byte_level_bpe(split_digits=True)``), the cross-tokenizer
+student's a Llama-3-style byte-level BPE with digit groups of up to three
+(``train_digit_group_bpe``). We chose Llama-3-style groups because they are the realistic
+multi-digit case (distilling Qwen2.5 into Llama-3.2 meets exactly this pair of rules), and
+because the mismatch then falls where the answer is decided: every number of a worked solution
+is one student token against two or three teacher tokens. The same-tokenizer control uses the
+teacher's tokenizer and chat template, so ``opd`` applies to it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ctopd.demo.settings import DemoSettings
+
+STAMP = "demo.json"
+# Where each warmed-up student lives in the demo folder, and whose tokenizer it uses.
+STUDENT_FOLDERS = {"student": "student", "control": "control"}
+STUDENT_TOKENIZERS = {"student": "student", "control": "teacher"}
+
+
+def prepare_data(out: Path, settings: DemoSettings) -> None:
+    """``train.jsonl``, ``validation.jsonl`` and ``test.jsonl`` (regenerated each run: cheap
+    and deterministic); the three share no question."""
+    from ctopd.demo.task import make_splits, write_jsonl
+
+    splits = make_splits(settings.num_train, settings.num_test, settings.num_validation,
+                         seed=settings.task_seed, **settings.task_ranges())
+    for name, problems in splits._asdict().items():
+        write_jsonl(problems, out / f"{name}.jsonl")
+
+
+def build_teacher(out: Path, settings: DemoSettings, *, force: bool,
+                  log: Callable[[str], None]) -> dict:
+    """Train both tokenizers and the teacher (or reuse ``teacher/``); evaluate it.
+
+    Returns:
+        ``{"accuracy", "seconds", "rebuilt"}``.
+    """
+    stamp = settings.teacher_stamp()
+    folder = out / "teacher"
+    cached = None if force else read_stamp(folder, stamp)
+    if cached is not None and all((out / "tokenizers" / n).is_dir() for n in ("teacher", "student")):
+        log(f"[demo] reusing the teacher in {folder} (accuracy {cached['accuracy']:.3f})")
+        return {**cached, "rebuilt": False}
+
+    from ctopd.demo.measure import accuracy
+    from ctopd.demo.models import tiny_causal_lm
+    from ctopd.demo.task import corpus, make_splits
+    from ctopd.demo.tokenizers import train_byte_level_bpe, train_digit_group_bpe
+    from ctopd.training.sft import run_sft
+
+    started = time.perf_counter()
+    train = make_splits(settings.num_train, settings.num_test, settings.num_validation,
+                        seed=settings.task_seed, **settings.task_ranges()).train
+    texts = corpus(train[:4000])  # enough text for every merge either tokenizer makes
+    teacher_tokenizer = train_byte_level_bpe(texts, settings.teacher_vocab, split_digits=True)
+    train_digit_group_bpe(texts, settings.student_vocab).save_pretrained(
+        out / "tokenizers" / "student")
+    teacher_tokenizer.save_pretrained(out / "tokenizers" / "teacher")
+
+    init = out / "runs" / "teacher-init"
+    model = tiny_causal_lm(teacher_tokenizer, hidden_size=settings.teacher_hidden,
+                           num_layers=settings.teacher_layers, num_heads=settings.teacher_heads,
+                           max_positions=512, seed=settings.task_seed)
+    save_model(model, teacher_tokenizer, init)
+    log(f"[demo] training the teacher ({count_params(model)} parameters, "
+        f"{settings.teacher_steps} steps) on reference solutions")
+    config = stage_config(settings, out / "runs" / "teacher", data=out / "train.jsonl",
+                          student=init, teacher=None, steps=settings.teacher_steps,
+                          batch=settings.teacher_batch, lr=settings.teacher_lr,
+                          seed=settings.task_seed, schedule="cosine", warmup_ratio=0.03)
+    config.sft.source = "data"
+    config.sft.response_field = "answer"  # the reference solution
+    run_sft(config)
+    replace_folder(out / "runs" / "teacher" / "final", folder)
+    for leftover in (init, *(out / "runs" / "teacher").glob("checkpoint-*"),
+                     out / "runs" / "teacher" / "final"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    result = {"accuracy": accuracy(folder, out / "test.jsonl", settings),
+              "seconds": time.perf_counter() - started}
+    write_stamp(folder, stamp, result)
+    log(f"[demo] teacher: held-out accuracy {result['accuracy']:.3f} ({result['seconds']:.0f} s)")
+    return {**result, "rebuilt": True}
+
+
+def cached_student(out: Path, settings: DemoSettings, kind: str) -> dict | None:
+    """A warmed-up student's stamped result when ``OUT/<kind>/`` was built with these
+    settings, else ``None``."""
+    return read_stamp(out / STUDENT_FOLDERS[kind], settings.student_stamp(kind))
+
+
+def build_student(job: dict) -> dict:
+    """Warm one student up with SFT on the pool's warm-up slice of teacher samples, then
+    evaluate it (runs in a worker process).
+
+    Both students are the same architecture with the same initialisation seed, trained with the
+    same steps, batch, learning rate, data order and teacher texts; only the tokenizer (and so
+    the chat template and the vocabulary rows) differs.
+
+    Args:
+        job: ``kind`` (``student``: the cross-tokenizer student, ``control``: the teacher's
+            tokenizer), ``out`` (the demo folder) and ``settings``.
+
+    Returns:
+        ``{"kind", "accuracy", "kl", "noncanonical", "seconds"}`` (see
+        :func:`ctopd.demo.measure.sequence_kl`).
+    """
+    one_thread()
+    from ctopd.demo.measure import accuracy, sequence_kl
+    from ctopd.demo.models import tiny_causal_lm
+    from ctopd.demo.samples import warmup_slice, write_sft_data
+    from ctopd.training.config import ModelConfig
+    from ctopd.training.models import load_model_tokenizer
+    from ctopd.training.sft import run_sft
+
+    started = time.perf_counter()
+    out, settings, kind = Path(job["out"]), job["settings"], job["kind"]
+    folder, runs = out / STUDENT_FOLDERS[kind], out / "runs" / f"warmup-{kind}"
+    shutil.rmtree(runs, ignore_errors=True)
+    tokenizer = load_model_tokenizer(
+        ModelConfig(name_or_path=str(out / "tokenizers" / STUDENT_TOKENIZERS[kind])),
+        side="student")
+    model = tiny_causal_lm(tokenizer, hidden_size=settings.student_hidden,
+                           num_layers=settings.student_layers, num_heads=settings.student_heads,
+                           max_positions=512, seed=settings.task_seed + 1)
+    save_model(model, tokenizer, runs / "init")
+    data = write_sft_data(out, runs / "data.jsonl", *warmup_slice(settings))
+    config = stage_config(settings, runs / "train", data=data, student=runs / "init",
+                          teacher=None, steps=settings.warmup_steps,
+                          batch=settings.warmup_batch, lr=settings.warmup_lr,
+                          seed=settings.task_seed, schedule="cosine", warmup_ratio=0.05)
+    config.sft.source, config.sft.response_field = "data", "response"  # the teacher's sample
+    run_sft(config)
+    replace_folder(runs / "train" / "final", folder)
+    shutil.rmtree(runs, ignore_errors=True)
+    samples = sequence_kl(folder, out / "teacher", out / "test.jsonl", settings)
+    result = {"kind": kind, "accuracy": accuracy(folder, out / "test.jsonl", settings),
+              "kl": samples["kl"], "noncanonical": samples["noncanonical"],
+              "seconds": time.perf_counter() - started}
+    write_stamp(folder, settings.student_stamp(kind), result)
+    return result
+
+
+def stage_config(settings: DemoSettings, output_dir: Path, *, data: Path, student: Path,
+                 teacher: Path | None, steps: int, batch: int, lr: float, seed: int,
+                 schedule: str, warmup_ratio: float = 0.0, save_every: int = 0,
+                 keep_checkpoints: int = 1):
+    """A :class:`TrainConfig` for one stage; everything the demo does not set is the default.
+
+    No evaluation inside the loop: the demo evaluates saved models afterwards, in big batches
+    (``save_every`` writes the checkpoints it evaluates).
+    """
+    from ctopd.training.config import TrainConfig
+
+    values = {
+        "student": {"name_or_path": str(student), "dtype": "float32"},
+        "teacher": {"name_or_path": str(teacher) if teacher else "", "dtype": "float32"},
+        "data": {"path": str(data), "shuffle": True},
+        "rollout": {"temperature": settings.temperature,
+                    "max_new_tokens": settings.max_new_tokens},
+        "optim": {"lr": lr, "min_lr": 0.0, "schedule": schedule, "warmup_ratio": warmup_ratio,
+                  "weight_decay": 0.0},
+        "output_dir": str(output_dir), "seed": seed, "max_steps": steps,
+        "per_device_batch_size": batch, "progress": False, "log_every": 10 ** 9,
+        "save_every": save_every, "keep_checkpoints": keep_checkpoints,
+    }
+    return TrainConfig.from_dict(values)
+
+
+def read_stamp(folder: Path, stamp: dict) -> dict | None:
+    """The cached result when ``folder`` was built with exactly ``stamp``, else ``None``."""
+    path = folder / STAMP
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return saved.get("result") if saved.get("settings") == stamp else None
+
+
+def write_stamp(folder: Path, stamp: dict, result: dict) -> None:
+    (folder / STAMP).write_text(json.dumps({"settings": stamp, "result": result}, indent=2),
+                                encoding="utf-8")
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def replace_folder(source: Path, target: Path) -> None:
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+
+
+def one_thread() -> None:
+    """One torch thread, and no per-load progress bars from transformers (the demo logs its own
+    progress lines).
+
+    On two shared cores a two-thread step waits for whichever core is busy, and two one-thread
+    processes side by side finish sooner than two two-thread ones in a row.
+    """
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()
+
+
+def count_params(model) -> str:
+    count = sum(p.numel() for p in model.parameters())
+    return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.0f}k"
