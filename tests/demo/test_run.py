@@ -2,12 +2,13 @@
 
 import json
 
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ctopd.cli import main
 from ctopd.core.pair import TokenizerPair
 from ctopd.demo.run import METHODS
-from ctopd.demo.settings import QUICK
+from ctopd.demo.settings import QUICK, SIMCT_SPACES
 
 COMMON_FIELDS = ("accuracy", "accuracy_mean", "accuracy_std", "gap_closed", "kl", "coverage",
                  "aligned_coverage", "noncanonical", "seconds", "lr", "runs")
@@ -106,6 +107,18 @@ def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_pat
         assert best == next(r["accuracy"] for r in sweep["rows"]
                             if r["name"] == name and r["lr"] == lr)
     assert "validation accuracy" in (out / "sweep.md").read_text()
+
+    # The ablation: each SimCT space trained as its options say, scored on validation.
+    assert main(["demo", "--quick", "--ablation", "--output-dir", str(out)]) == 0
+    ablation = json.loads((out / "ablation.json").read_text())
+    assert list(ablation["spaces"]) == [label for label, _ in SIMCT_SPACES]
+    assert ablation["split"] == "validation" and ablation["best"] in ablation["spaces"]
+    for index, (_, options) in enumerate(SIMCT_SPACES):
+        config = yaml.safe_load((out / "runs" / "ablation" / f"{index}-seed0" /
+                                 "config.yaml").read_text())
+        assert {k: config["objective"][k] for k in options} == options
+    # The paper space leaves the first chunk out (mislabelled first position), text does not.
+    assert ablation["spaces"]["paper"]["coverage"] < ablation["spaces"]["text, cells none"]["coverage"]
 
 
 def test_demo_rejects_unknown_methods(tmp_path, capsys):

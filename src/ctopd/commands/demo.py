@@ -5,6 +5,7 @@ Examples:
     ctopd demo --quick --seeds 1            # CI-sized, about a minute
     ctopd demo --methods simct,control_opd  # a subset of the runs
     ctopd demo --sweep                      # choose learning rates on the validation split
+    ctopd demo --ablation                   # SimCT's supervision spaces on the validation split
     ctopd demo --force                      # retrain the cached teacher, samples and students
 """
 
@@ -32,6 +33,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="instead of the demo, sweep each run's learning rate on the "
                              "validation split (writes sweep.json and sweep.md)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="instead of the demo, compare SimCT's supervision spaces on the "
+                             "validation split (writes ablation.json and ablation.md)")
     parser.add_argument("--force", action="store_true",
                         help="rebuild the teacher, its samples and the students even when cached")
     parser.add_argument("--workers", type=int, default=None,
@@ -41,13 +45,19 @@ def add_parser(subparsers) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from ctopd.demo.run import parse_runs, run_demo
-    from ctopd.demo.sweep import run_sweep
+    from ctopd.demo.sweep import run_ablation, run_sweep
 
     try:
         methods = parse_runs(args.methods)
     except ValueError as err:
         print(f"error: --methods: {err}")
         return 2
+    if args.sweep and args.ablation:
+        print("error: --sweep and --ablation are separate runs; choose one")
+        return 2
+    if args.ablation:
+        run_ablation(args.output_dir, quick=args.quick, force=args.force, workers=args.workers)
+        return 0
     if args.sweep:
         run_sweep(args.output_dir, quick=args.quick, methods=methods, force=args.force,
                   workers=args.workers)

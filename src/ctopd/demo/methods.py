@@ -10,6 +10,7 @@ measured: the report keeps the numbers, not the weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -22,12 +23,14 @@ from ctopd.demo.settings import RUN_SPECS, DemoSettings
 
 def method_job(name: str, seed: int, out: Path, settings: DemoSettings, *, lr: float | None = None,
                steps: int | None = None, split: str = "test", curve: bool = True,
-               run_dir: Path | None = None) -> dict:
-    """The job :func:`run_method` runs: the demo's defaults unless the sweep overrides them."""
+               run_dir: Path | None = None, objective_options: dict | None = None) -> dict:
+    """The job :func:`run_method` runs: the demo's defaults unless the sweep or the ablation
+    overrides them (``objective_options``: ``objective`` config fields, e.g. ``space``)."""
     return dict(name=name, seed=seed, out=str(out), settings=settings,
                 lr=settings.lr(name) if lr is None else lr,
                 steps=settings.method_steps if steps is None else steps, split=split,
-                curve=curve, run_dir=str(run_dir or out / "runs" / f"{name}-seed{seed}"))
+                curve=curve, run_dir=str(run_dir or out / "runs" / f"{name}-seed{seed}"),
+                objective_options=dict(objective_options or {}))
 
 
 def run_method(job: dict) -> dict:
@@ -107,7 +110,9 @@ def _train(job: dict, student_dir: Path, objective: str, run_dir: Path) -> dict:
     if objective == "sft":
         config.sft.source, config.sft.response_field = "data", "response"
         return run_sft(config)
-    config.objective.name = objective
+    # Checked like a config file's values (dataclasses.replace runs __post_init__).
+    config.objective = dataclasses.replace(config.objective, name=objective,
+                                           **job.get("objective_options", {}))
     return train(config)
 
 

@@ -141,6 +141,30 @@ def sweep_markdown(sweep: dict) -> str:
     return "\n".join(lines)
 
 
+def ablation_markdown(ablation: dict) -> str:
+    """SimCT's supervision spaces on the validation split: one row per space (mean ± std over
+    seeds, per seed, KL, coverage), the best in bold, then the command that reproduces it."""
+    lines = ["| SimCT space | validation accuracy (mean ± std) | per seed | validation KL "
+             "(nats/token) | coverage |", "| --- | --- | --- | --- | --- |"]
+    for label, space in ablation["spaces"].items():
+        mean = f"{space['accuracy_mean']:.3f} ± {space['accuracy_std']:.3f}"
+        if label == ablation["best"]:
+            mean = f"**{mean}**"
+        seeds = " ".join(f"{r['accuracy']:.3f}" for r in ablation["rows"] if r["space"] == label)
+        lines.append(f"| {label} | {mean} | {seeds} | {space['kl']:.3f} "
+                     f"| {space['coverage']:.3f} |")
+    commit = f" at commit `{ablation['commit']}`" if ablation.get("commit") else ""
+    lines += [
+        "",
+        f"{ablation['seeds']} seed(s), {ablation['steps']} steps x {ablation['batch']} prompts "
+        f"per run from the warmed-up cross-tokenizer student (validation accuracy "
+        f"{ablation['student_start_accuracy']:.3f} before training), lr "
+        f"{ablation['lr']:g}; {ablation['num_validation']} validation problems. Reproduce with "
+        f"`{ablation['command']}`{commit}.",
+    ]
+    return "\n".join(lines)
+
+
 def _control_rows(results: dict) -> dict:
     """The control's method entries (``opd``, ``sft``) without its start figures."""
     return {k: v for k, v in results["controls"].items() if isinstance(v, dict)}

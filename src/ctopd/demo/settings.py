@@ -22,6 +22,13 @@ RUN_SPECS = {
     "shared_only": ("student", "shared_only"), "sft": ("student", "sft"),
     "control_opd": ("control", "opd"), "control_sft": ("control", "sft"),
 }
+# The supervision spaces the ablation compares: (label, objective options of simct).
+SIMCT_SPACES = (
+    ("paper", {"space": "paper"}),
+    ("text, cells none", {"space": "text", "cells": "none"}),
+    ("text, cells boundary", {"space": "text", "cells": "boundary"}),
+    ("text, cells all", {"space": "text", "cells": "all"}),
+)
 # Bump when a change of code (not of settings) makes the cached models stale.
 CACHE_VERSION = 2
 
@@ -79,6 +86,9 @@ class DemoSettings:
         ("control_opd", (1e-4, 3e-4, 1e-3)), ("control_sft", (1e-4, 3e-4, 1e-3)),
     )
     sweep_steps: int = 50
+    # The SimCT space ablation (--ablation): these seeds, method_steps steps at simct's lr,
+    # scored on the validation split.
+    ablation_seeds: int = 2
     # Sampling temperature of the teacher samples and of the students' rollouts.
     temperature: float = 1.0
     max_new_tokens: int = 96
@@ -152,6 +162,6 @@ QUICK = DemoSettings(
     num_train=400, num_test=16, num_validation=16, teacher_hidden=32, teacher_layers=1,
     teacher_steps=20, teacher_batch=16, sample_batch=16, student_hidden=32, student_layers=1,
     warmup_steps=4, warmup_batch=8, method_steps=4, method_batch=4, sweep_steps=2,
-    eval_every=2, eval_batch=16, max_new_tokens=48, kl_prompts=8,
+    eval_every=2, eval_batch=16, max_new_tokens=48, kl_prompts=8, ablation_seeds=1,
     sweep_lrs=tuple((name, (1e-4, 3e-4)) for name in RUNS),
 )

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ctopd.demo.settings import FULL, QUICK, RUNS, settings_dict
+from ctopd.demo.settings import FULL, QUICK, RUNS, SIMCT_SPACES, settings_dict
 
 
 def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
@@ -77,6 +77,80 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
     log(f"[demo] wrote {out / 'sweep.json'} and {out / 'sweep.md'} in {sweep['seconds']:.0f} s; "
         "copy the chosen values into DemoSettings.method_lrs (src/ctopd/demo/settings.py)")
     return sweep
+
+
+def run_ablation(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
+                 force: bool = False, workers: int | None = None,
+                 log: Callable[[str], None] = print) -> dict:
+    """``ctopd demo --ablation``: SimCT's supervision spaces (:data:`SIMCT_SPACES`) side by side
+    on the validation split; writes ``ablation.json`` and ``ablation.md`` into ``output_dir``.
+
+    Each space: ``ablation_seeds`` seeds of ``method_steps`` steps from the warmed-up
+    cross-tokenizer student at simct's learning rate (``DemoSettings.method_lrs``), then greedy
+    accuracy and the common KL on ``validation.jsonl``. The space with the best mean validation
+    accuracy is what the evidence picks for the default; nothing here looks at the test set.
+
+    Returns:
+        The ``ablation.json`` content: ``rows`` (``space``, ``seed``, ``accuracy``, ``kl``,
+        ``coverage``, ``seconds``), ``spaces`` (per label: the options and the means), ``best``.
+    """
+    import statistics
+
+    from ctopd.demo.methods import method_job, run_method
+    from ctopd.demo.report import ablation_markdown
+    from ctopd.demo.run import build_models, demo_pool
+
+    started = time.perf_counter()
+    settings = QUICK if quick else FULL
+    out = Path(output_dir)
+    with demo_pool(workers) as (pool, size):
+        build_models(out, settings, seeds=1, sft=False, pool=pool, workers=size, force=force,
+                     log=log)
+        jobs, labels = [], []
+        for index, (label, options) in enumerate(SIMCT_SPACES):
+            for seed in range(settings.ablation_seeds):
+                jobs.append(method_job("simct", seed, out, settings, split="validation",
+                                       curve=False, objective_options=options,
+                                       run_dir=out / "runs" / "ablation" / f"{index}-seed{seed}"))
+                labels.append(label)
+        log(f"[demo] ablation: {len(SIMCT_SPACES)} SimCT spaces x {settings.ablation_seeds} "
+            f"seeds, {settings.method_steps} steps x {settings.method_batch} prompts at lr "
+            f"{settings.lr('simct'):g}, scored on validation.jsonl")
+        rows = []
+        for label, run in zip(labels, pool.map(run_method, jobs)):
+            rows.append({"space": label, **{k: run[k] for k in
+                                            ("seed", "accuracy", "kl", "coverage", "seconds")}})
+            log(f"[demo] ablation {label:<22} seed {run['seed']}: validation accuracy "
+                f"{run['accuracy']:.3f}, KL {run['kl']:.3f}")
+    from ctopd.demo.measure import accuracy
+
+    start = accuracy(out / "student", out / "validation.jsonl", settings)
+    spaces = {}
+    for label, options in SIMCT_SPACES:
+        mine = [r for r in rows if r["space"] == label]
+        accuracies = [r["accuracy"] for r in mine]
+        spaces[label] = {
+            "options": options, "accuracy_mean": statistics.fmean(accuracies),
+            "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "kl": statistics.fmean(r["kl"] for r in mine),
+            "coverage": statistics.fmean(r["coverage"] for r in mine)}
+    ablation = {
+        "split": "validation", "num_validation": settings.num_validation,
+        "seeds": settings.ablation_seeds, "steps": settings.method_steps,
+        "batch": settings.method_batch, "lr": settings.lr("simct"),
+        "student_start_accuracy": start,
+        "command": "ctopd demo --ablation" + (" --quick" if quick else ""),
+        "commit": _commit(), "rows": rows, "spaces": spaces,
+        "best": max(spaces, key=lambda k: (spaces[k]["accuracy_mean"], -spaces[k]["kl"])),
+        "quick": quick, "seconds": time.perf_counter() - started,
+    }
+    (out / "ablation.json").write_text(json.dumps(ablation, indent=2) + "\n", encoding="utf-8")
+    table = ablation_markdown(ablation)
+    (out / "ablation.md").write_text(table + "\n", encoding="utf-8")
+    log("\n" + table + "\n")
+    log(f"[demo] wrote {out / 'ablation.json'} and {out / 'ablation.md'} in "
+        f"{ablation['seconds']:.0f} s")
+    return ablation
 
 
 def choose(rows: list[dict]) -> dict[str, float]:
