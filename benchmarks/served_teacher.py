@@ -1,6 +1,6 @@
 """A served teacher: step time in process vs served, and the objectives' error from top-k.
 
-    python benchmarks/served_teacher.py [--part step|topk|all] [--steps 6] [--json]
+    python benchmarks/served_teacher.py [--part step|topk|all] [--steps 6] [--repeats 3] [--json]
     python benchmarks/served_teacher.py --part topk --teacher DEMO/teacher --student S \\
         --prompts DEMO/test.jsonl
 
@@ -32,6 +32,7 @@ import math
 import os
 import queue
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,10 +122,17 @@ def step_part(paths: dict[str, Path], tmp: Path, args) -> list[dict]:
                     name = f"served, k={'V' if k < 0 else k}, overlap {overlap}"
                     settings.append((name, ["--teacher-url", url, "--teacher-server.top-k",
                                             str(k), "--teacher-server.overlap", overlap]))
-            for name, extra in settings:
-                out = tmp / f"{objective}-{len(results)}"
+            # Repeats go round the settings in turn, so a slow spell of a shared machine does
+            # not land on one setting only; the median of the repeats is reported.
+            runs: dict[str, list[dict]] = {name: [] for name, _ in settings}
+            for repeat in range(args.repeats):
+                for index, (name, extra) in enumerate(settings):
+                    out = tmp / f"{objective}-{repeat}-{index}"
+                    runs[name].append(time_run(paths, out, objective, extra, args))
+            for name, measured in runs.items():
                 results.append({"objective": objective, "setting": name,
-                                **time_run(paths, out, objective, extra, args)})
+                                **{key: statistics.median(m[key] for m in measured)
+                                   for key in measured[0]}})
     finally:
         process.kill()
         process.wait()
@@ -196,13 +204,20 @@ def served_view(teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, k: int, r
 
 def objective_at(data: dict, objective: str, teacher_logp: torch.Tensor):
     """Loss and gradient wrt the student's logits; ``objective`` is a name, or ``name:divergence``
-    (e.g. ``simct:forward_kl``)."""
-    from ctopd.objectives import TEACHER_NEEDS, compute_objective, teacher_outputs
+    (e.g. ``simct:forward_kl``). ``simct`` and ``shared_only`` run in their default space (text
+    events, cells ``none``), as ``ctopd train`` runs them."""
+    from ctopd.objectives import compute_objective, teacher_needs, teacher_outputs
+    from ctopd.objectives.text_events import text_tables
 
     name, _, divergence = objective.partition(":")
     options = {"divergence": divergence} if divergence else {}
-    scores = teacher_outputs(teacher_logp, data["teacher_ids"], data["pair"].shared_vocab,
-                             TEACHER_NEEDS[name])
+    pair = data["pair"]
+    needs = teacher_needs(name, **options)
+    tables = (text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab)
+              if "text_events" in needs else None)
+    scores = teacher_outputs(teacher_logp, data["teacher_ids"], pair.shared_vocab, needs,
+                             alignments=data["alignments"], student_ids=data["student_ids"],
+                             text_tables=tables)
     logits = data["student_logits"].clone().requires_grad_(True)
     loss, _ = compute_objective(name, student_logits=logits, student_ids=data["student_ids"],
                                 alignments=data["alignments"],
@@ -243,6 +258,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("step", "topk", "all"), default="all")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3, help="step: runs per setting (median)")
     parser.add_argument("--objectives", default="dpca,simct")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -276,9 +292,9 @@ def main() -> int:
         print(json.dumps(output, indent=2))
         return 0
     if "step" in output:
-        print(f"seconds per step ({args.steps - 1} after a warm-up; batch {args.batch_size}, "
-              f"{args.max_new_tokens} new tokens, one thread for the trainer and one for the "
-              "server)")
+        print(f"seconds per step (median of {args.repeats} runs of {args.steps - 1} steps after a "
+              f"warm-up; batch {args.batch_size}, {args.max_new_tokens} new tokens, one thread "
+              "for the trainer and one for the server)")
         print(f"{'objective':<10}{'teacher':<34}{'step':>8}{'teacher':>9}{'student fwd':>12}"
               f"{'rollout':>9}")
         for row in output["step"]:
