@@ -154,7 +154,10 @@ def test_event_scores_match_the_per_token_reference(families, teacher_name, stud
             expected = reference_events(logits[b, positions].detach(),
                                         [ids[b][p] for p in positions], positions, table,
                                         tables, chunk_bytes, int(plan.limit[k]))
-            width = classes + 1 + len(chunk_bytes)
+            # Only the classes that may be cells have columns; the others are never cells.
+            assert (expected[:classes][~tables.cell_classes] == -1e30).all()
+            expected = torch.cat([expected[:classes][tables.cell_index], expected[classes:]])
+            width = tables.cell_index.size + 1 + len(chunk_bytes)
             torch.testing.assert_close(got[:width], expected, rtol=1e-9, atol=1e-9)
             assert (got[width:] == -1e30).all()
             # A distribution: the cells and events partition the model's probability.

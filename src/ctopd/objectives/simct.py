@@ -346,7 +346,7 @@ def text_objective(student_logits: Tensor, student_ids: Tensor, flat: FlatChunks
     if plan.num_chunks and (at.max() >= events.plan.index.size
                             or not np.array_equal(events.plan.index[at], plan.index)):
         raise ValueError("teacher.text_events were computed for other alignments")
-    columns = tables.shared_vocab.size + plan.width
+    columns = tables.cell_index.size + plan.width
     teacher_scores = events.scores[torch.as_tensor(at, device=events.scores.device)]
     teacher_scores = teacher_scores[:, :columns].to(device, dtype)
     sizes = torch.as_tensor(flat.student_sizes[plan.index], device=device, dtype=dtype)

@@ -37,7 +37,7 @@ class TeacherTextEvents:
 
     Attributes:
         plan: the events of the batch's usable chunks (:func:`build_event_plan`).
-        scores: float ``[K, C + plan.width]``: the teacher's log-probability of each cell and
+        scores: float ``[K, C' + plan.width]``: the teacher's log-probability of each cell and
             event of each planned chunk (:func:`event_scores`).
         teacher_ids: int64 ``[B, n]`` response ids the plan was built from (``-1`` padding).
         tables: the pair's tables.
@@ -161,7 +161,7 @@ def _text_events(teacher_logits: Tensor, teacher_ids: Tensor, shared_vocab: Shar
     flat = flatten_chunks(alignments, torch.as_tensor(np.maximum(student, 0)), shared_vocab)
     plan = build_event_plan(flat, flat.usable, np.maximum(teacher, 0), np.maximum(student, 0),
                             text_tables)
-    width = shared_vocab.size + plan.width
+    width = text_tables.cell_index.size + plan.width
     scores = torch.empty(plan.num_chunks, width, dtype=dtype, device=teacher_logits.device)
     # Each row holds a cumulative sum over the vocabulary in float64: smaller slices.
     for k0, k1 in chunk_slices(plan.teacher, plan.num_chunks, max(1, slice_size // 4)):

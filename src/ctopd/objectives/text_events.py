@@ -95,6 +95,43 @@ class TextTables:
     cells: str  # the rule that chose them (cell_eligible)
     identical: bool  # identical tokenizers: every class is a cell whatever the rule
 
+    # Only the classes that may be cells get a column (C' of them, the end class last): with
+    # cells="none" that is the end class alone, and no [K, C] buffer is ever built.
+    @property
+    def cell_index(self) -> np.ndarray:
+        """int64 ``[C']``: the classes that may be cells, ascending (their columns)."""
+        return self._cell_columns()[0]
+
+    @property
+    def cell_column(self) -> np.ndarray:
+        """int64 ``[C + 1]``: each class's column, ``C'`` for classes that are never cells and
+        for the ``C``-th entry (tokens owned by no class)."""
+        return self._cell_columns()[1]
+
+    @property
+    def cell_order(self) -> np.ndarray:
+        """int64 ``[C' - 1]``: the columns of the non-end cell classes, by class bytes."""
+        return self._cell_columns()[2]
+
+    @property
+    def cell_ranks(self) -> np.ndarray:
+        """int64 ``[C' - 1]``: the sorted-class rank of each entry of :attr:`cell_order`
+        (ascending)."""
+        return self._cell_columns()[3]
+
+    def _cell_columns(self):
+        cached = self.__dict__.get("_columns")
+        if cached is None:
+            index = np.flatnonzero(self.cell_classes).astype(np.int64)
+            column = np.full(self.cell_classes.size + 1, index.size, dtype=np.int64)
+            column[index] = np.arange(index.size)
+            rank = self.classes.rank[index]
+            by_rank = np.argsort(np.where(rank < 0, np.iinfo(np.int64).max, rank), kind="stable")
+            by_rank = by_rank[rank[by_rank] >= 0]
+            cached = (index, column, by_rank.astype(np.int64), rank[by_rank].astype(np.int64))
+            object.__setattr__(self, "_columns", cached)
+        return cached
+
 
 CELLS = ("all", "boundary", "none")
 _CACHE: dict[tuple[int, str], tuple[weakref.ref, TextTables]] = {}
@@ -361,8 +398,9 @@ def event_scores(logits: Tensor, plan: EventPlan, side: str, tables: TextTables,
         k0, k1: the planned chunks of this slice.
 
     Returns:
-        float ``[k1 - k0, C + width]``: columns ``0..C-1`` the shared classes as cells
-        (:data:`ABSENT` where a class is not a cell of that chunk), then ``E_U`` and
+        float ``[k1 - k0, C' + width]``: columns ``0..C'-1`` the classes that may be cells
+        (``tables.cell_index``; :data:`ABSENT` where one is not a cell of that chunk), then
+        ``E_U`` and
         ``E_0..E_{width-2}`` (:data:`ABSENT` beyond each chunk's bytes). Each row is a
         distribution (log-sum-exp 0 up to float error and the floor).
     """
@@ -371,7 +409,6 @@ def event_scores(logits: Tensor, plan: EventPlan, side: str, tables: TextTables,
     r0, r1 = side_rows_in(rows, k0, k1)
     device, dtype = logits.device, logits.dtype
     count, width = k1 - k0, plan.width
-    classes = tables.shared_vocab.size
 
     def t(array):  # numpy slice -> tensor on the logits' device
         return torch.as_tensor(np.ascontiguousarray(array), device=device)
@@ -418,9 +455,8 @@ def event_scores(logits: Tensor, plan: EventPlan, side: str, tables: TextTables,
     events = events.view(count, width)
 
     cells = _cell_masses(probs[first_row], first_table[rows.row_start[k0:k1] - r0],
-                         side_tables, classes, device)
-    cells = cells * torch.as_tensor(tables.cell_classes, device=device)
-    events = events - _cell_sums(cells, plan, tables.classes, k0, k1, width)
+                         side_tables, tables, device)
+    events = events - _cell_sums(cells, plan, tables, k0, k1, width)
     cell_scores = _cell_scores(cells, plan, tables, k0, k1)
     size = t(plan.size[k0:k1])
     columns = torch.arange(width, device=device)
@@ -460,47 +496,67 @@ def _range_masses(probs: Tensor, rows: SideRows, r0: int, r1: int, first_table: 
             continue
         order = torch.as_tensor(table.order, device=device)
         picked = probs[torch.as_tensor(chosen, device=device)].index_select(1, order)
-        cumulative = torch.nn.functional.pad(torch.cumsum(picked.to(torch.float64), 1), (1, 0))
+        # Inclusive sums: the range [lo, hi) is cumulative[hi - 1] - cumulative[lo - 1], with
+        # an empty prefix (lo = 0) or range (hi = lo) read as 0, so no padded copy is made.
+        cumulative = torch.cumsum(picked, 1, dtype=torch.float64)
         q_local = torch.as_tensor(local[q_row[queries]], device=device)
-        upper = cumulative[q_local, torch.as_tensor(hi[queries], device=device)]
-        lower = cumulative[q_local, torch.as_tensor(lo[queries], device=device)]
-        out[torch.as_tensor(queries, device=device)] = upper - lower
+        q_lo, q_hi = lo[queries], hi[queries]
+        upper = cumulative[q_local, torch.as_tensor(np.maximum(q_hi - 1, 0), device=device)]
+        lower = cumulative[q_local, torch.as_tensor(np.maximum(q_lo - 1, 0), device=device)]
+        mass = torch.where(torch.as_tensor(q_hi > q_lo, device=device),
+                           upper - torch.where(torch.as_tensor(q_lo > 0, device=device), lower,
+                                               0.0), 0.0)
+        out[torch.as_tensor(queries, device=device)] = mass
     return out
 
 
 def _cell_masses(first_probs: Tensor, first_table: np.ndarray, side_tables: SideTables,
-                 classes: int, device) -> Tensor:
-    """float64 ``[K, C]``: each chunk's first-position probability by owner class."""
-    out = torch.zeros(first_probs.shape[0], classes + 1, dtype=torch.float64, device=device)
+                 tables: TextTables, device) -> Tensor:
+    """float64 ``[K, C']``: each chunk's first-position probability by owner class, for the
+    classes that may be cells (``tables.cell_index``); only tokens owned by one are read."""
+    columns = tables.cell_index.size
+    out = torch.zeros(first_probs.shape[0], columns, dtype=torch.float64, device=device)
+    classes = tables.shared_vocab.size
     for use_first in (False, True):
         table = side_tables.first if use_first else side_tables.sorted
         chosen = np.flatnonzero(first_table == use_first)
         if not chosen.size:
             continue
-        owner = torch.as_tensor(np.where(table.owner < 0, classes, table.owner), device=device)
+        column = tables.cell_column[np.where(table.owner < 0, classes, table.owner)]
+        tokens = np.flatnonzero(column < columns)
+        if not tokens.size:
+            continue
         index = torch.as_tensor(chosen, device=device)
-        part = torch.zeros(chosen.size, classes + 1, dtype=torch.float64, device=device)
-        part = part.index_add(1, owner, first_probs[index].to(torch.float64))
+        picked = first_probs[index][:, torch.as_tensor(tokens, device=device)]
+        part = torch.zeros(chosen.size, columns, dtype=torch.float64, device=device)
+        part = part.index_add(1, torch.as_tensor(column[tokens], device=device),
+                              picked.to(torch.float64))
         out = out.index_copy(0, index, part)
-    return out[:, :classes]
+    return out
 
 
-def _cell_sums(cells: Tensor, plan: EventPlan, classes: SortedClasses, k0: int, k1: int,
+def _cell_sums(cells: Tensor, plan: EventPlan, tables: TextTables, k0: int, k1: int,
                width: int) -> Tensor:
     """float64 ``[K, width]``: the cells' mass by the event it is carved out of."""
     device = cells.device
     count = k1 - k0
-    ordered = cells.index_select(1, torch.as_tensor(classes.order, device=device))
+    ordered = cells.index_select(1, torch.as_tensor(tables.cell_order, device=device))
     cumulative = torch.nn.functional.pad(torch.cumsum(ordered, 1), (1, 0))
     q0, q1 = np.searchsorted(plan.class_chunk, [k0, k1])
     chunk = plan.class_chunk[q0:q1] - k0
     length = plan.class_length[q0:q1]
-    lo, hi, exact = plan.class_lo[q0:q1], plan.class_hi[q0:q1], plan.class_exact[q0:q1]
+    # Class-rank ranges as ranges over the cell columns sorted by rank.
+    lo = np.searchsorted(tables.cell_ranks, plan.class_lo[q0:q1])
+    hi = np.searchsorted(tables.cell_ranks, plan.class_hi[q0:q1])
+    exact = plan.class_exact[q0:q1]
+    exact = np.where(exact >= 0, tables.cell_column[np.maximum(exact, 0)], cells.shape[1])
+    is_cell = exact < cells.shape[1]
     chunk_t = torch.as_tensor(chunk, device=device)
     starting = cumulative[chunk_t, torch.as_tensor(hi, device=device)] \
         - cumulative[chunk_t, torch.as_tensor(lo, device=device)]
-    equal = torch.where(torch.as_tensor(exact >= 0, device=device),
-                        cells[chunk_t, torch.as_tensor(np.maximum(exact, 0), device=device)],
+    equal = torch.where(torch.as_tensor(is_cell, device=device),
+                        cells[chunk_t, torch.as_tensor(np.where(is_cell, exact, 0),
+                                                       device=device)],
                         torch.zeros_like(starting))
     size = plan.size[k0:k1][chunk]
     limit = plan.limit[k0:k1][chunk]
@@ -515,22 +571,24 @@ def _cell_sums(cells: Tensor, plan: EventPlan, classes: SortedClasses, k0: int, 
     out = out.view(count, width)
     # The end class is the text ending at the chunk's start: E_0, or E_U for the end chunk.
     end_column = np.where(plan.size[k0:k1] > 0, 1, 0) + np.arange(count) * width
-    out.view(-1).index_add_(0, torch.as_tensor(end_column, device=device), cells[:, -1])
+    end = int(tables.cell_column[tables.shared_vocab.end_class])
+    out.view(-1).index_add_(0, torch.as_tensor(end_column, device=device), cells[:, end])
     return out
 
 
 def _cell_scores(cells: Tensor, plan: EventPlan, tables: TextTables, k0: int,
                  k1: int) -> Tensor:
-    """float64 ``[K, C]``: log-probability of each cell, :data:`ABSENT` for non-cells."""
+    """float64 ``[K, C']``: log-probability of each cell, :data:`ABSENT` for non-cells."""
     device = cells.device
-    rank = torch.as_tensor(tables.classes.rank, device=device)
+    rank = torch.as_tensor(tables.classes.rank[tables.cell_index], device=device)
     lo = torch.as_tensor(plan.noncell_lo[k0:k1], device=device)
     hi = torch.as_tensor(plan.noncell_hi[k0:k1], device=device)
     noncell = (rank[None, :] >= lo[:, None]) & (rank[None, :] < hi[:, None])
     p0, p1 = np.searchsorted(plan.prefix_chunk, [k0, k1])
-    if p1 > p0:
-        noncell[torch.as_tensor(plan.prefix_chunk[p0:p1] - k0, device=device),
-                torch.as_tensor(plan.prefix_class[p0:p1], device=device)] = True
-    noncell |= ~torch.as_tensor(tables.cell_classes, device=device)[None, :]
+    column = tables.cell_column[plan.prefix_class[p0:p1]]
+    listed = column < cells.shape[1]
+    if listed.any():
+        noncell[torch.as_tensor(plan.prefix_chunk[p0:p1][listed] - k0, device=device),
+                torch.as_tensor(column[listed], device=device)] = True
     scores = cells.clamp(min=EVENT_FLOOR).log()
     return scores.masked_fill(noncell, ABSENT)
