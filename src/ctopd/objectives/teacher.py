@@ -169,8 +169,10 @@ def _text_events(teacher_logits: Tensor, teacher_ids: Tensor, shared_vocab: Shar
         device = teacher_logits.device
         rows = teacher_logits[torch.as_tensor(plan.teacher.batch[r0:r1], device=device),
                               torch.as_tensor(plan.teacher.pos[r0:r1], device=device)]
-        scores[k0:k1] = event_scores(rows.to(dtype) / temperature, plan, "teacher",
-                                     text_tables, k0, k1)
+        rows = rows.to(dtype)
+        if temperature != 1.0:  # x / 1 == x: skip a dense pass
+            rows = rows / temperature
+        scores[k0:k1] = event_scores(rows, plan, "teacher", text_tables, k0, k1)
     return TeacherTextEvents(plan=plan, scores=scores, teacher_ids=teacher, tables=text_tables)
 
 

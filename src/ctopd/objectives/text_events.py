@@ -41,8 +41,12 @@ counted as leaving at their position.
 
 Cost: every grouping is a range of a vocabulary sorted by bytes (``ctopd.core.prefix_table``),
 read off one cumulative sum per row (float64, so small events stay exact); the cells are one
-``index_add`` of each chunk's first-position probabilities by owner. No per-chunk Python loop:
-the plan is built with numpy over the whole batch, the scores slice by slice.
+``index_add`` of each chunk's first-position probabilities by owner. Both, and the realised
+tokens' log-probabilities, come from one ``softmax_sums`` call
+(:mod:`ctopd.objectives.softmax_sums`), whose hand-written backward makes five dense passes in
+the logits' dtype where autograd made a dozen, most of them in float64; the rest works on
+``[Q]`` and ``[K, width]`` tensors. No per-chunk Python loop: the plan is built with numpy over
+the whole batch, the scores slice by slice.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ from ctopd.core.prefix_table import (
 from ctopd.core.shared_vocab import SharedVocab
 from ctopd.objectives.divergences import ABSENT
 from ctopd.objectives.plan import FlatChunks, expand_ranges
+from ctopd.objectives.softmax_sums import SortedRanges, TokenGroups, softmax_sums, sorted_ranges
 
 # Events with less probability than this are read as this (both sides): their share of the
 # divergence is below float precision, and log(0) must not reach a gradient.
@@ -414,21 +419,23 @@ def event_scores(logits: Tensor, plan: EventPlan, side: str, tables: TextTables,
         return torch.as_tensor(np.ascontiguousarray(array), device=device)
 
     chunk = t(rows.chunk[r0:r1] - k0)
-    log_norm = torch.logsumexp(logits, dim=-1)
-    token_logp = logits.gather(1, t(rows.ids[r0:r1])[:, None])[:, 0] - log_norm
+    first_row = rows.row_start[k0:k1] - r0
+    first_table = rows.first_table[r0:r1]
+    q0, q1 = np.searchsorted(rows.query_row, [r0, r1])
+    token_logp, masses, cells = softmax_sums(
+        logits, t(rows.ids[r0:r1]), _sorted_ranges(rows, r0, r1, q0, q1, first_table,
+                                                   side_tables, logits.shape[1], device),
+        int(q1 - q0), _cell_groups(first_table[first_row], side_tables, tables, first_row,
+                                   device),
+        (count, tables.cell_index.size))
     # Path prefix P(x_<j): exclusive cumulative sum of the realised log-probs within the chunk.
     inclusive = torch.cumsum(token_logp, 0)
     exclusive = inclusive - token_logp
-    first_row = t(rows.row_start[k0:k1] - r0)
-    path_logp = exclusive - exclusive[first_row][chunk]
+    first_row_t = t(first_row)
+    path_logp = exclusive - exclusive[first_row_t][chunk]
     weight = path_logp.exp()
 
-    probs = (logits - log_norm[:, None]).exp()
-    first_table = rows.first_table[r0:r1]
-    masses = _range_masses(probs, rows, r0, r1, first_table, side_tables, device)
-
     events = torch.zeros(count * width, dtype=torch.float64, device=device)
-    q0, q1 = np.searchsorted(rows.query_row, [r0, r1])
     q_row = rows.query_row[q0:q1] - r0
     q_len = rows.query_length[q0:q1]
     q_row_t = t(q_row)
@@ -454,8 +461,6 @@ def event_scores(logits: Tensor, plan: EventPlan, side: str, tables: TextTables,
         events.index_add_(0, t(at), -(w64 * token_logp.to(torch.float64).exp())[t(going_on)])
     events = events.view(count, width)
 
-    cells = _cell_masses(probs[first_row], first_table[rows.row_start[k0:k1] - r0],
-                         side_tables, tables, device)
     events = events - _cell_sums(cells, plan, tables, k0, k1, width)
     cell_scores = _cell_scores(cells, plan, tables, k0, k1)
     size = t(plan.size[k0:k1])
@@ -474,49 +479,47 @@ def _not_last(rows: SideRows, r0: int, r1: int) -> np.ndarray:
     return out
 
 
-def _range_masses(probs: Tensor, rows: SideRows, r0: int, r1: int, first_table: np.ndarray,
-                  side_tables: SideTables, device) -> Tensor:
-    """float64 ``[Q]``: probability of each query's token range, rows ``[r0, r1)``."""
-    q0, q1 = np.searchsorted(rows.query_row, [r0, r1])
-    out = torch.zeros(q1 - q0, dtype=torch.float64, device=device)
-    if q1 == q0:
-        return out
+def _sorted_ranges(rows: SideRows, r0: int, r1: int, q0: int, q1: int,
+                   first_table: np.ndarray, side_tables: SideTables, vocab: int,
+                   device) -> list[SortedRanges]:
+    """The range queries ``[q0, q1)`` of rows ``[r0, r1)``, one :class:`SortedRanges` per
+    sorted vocabulary the rows are read with (``vocab`` logit columns)."""
     q_row = rows.query_row[q0:q1] - r0
     lo, hi = rows.query_lo[q0:q1], rows.query_hi[q0:q1]
+    out = []
     for use_first in (False, True):
         table = side_tables.first if use_first else side_tables.sorted
         row_mask = first_table == use_first
         if not row_mask.any():
             continue
-        local = np.full(r1 - r0, -1, dtype=np.int64)
-        chosen = np.flatnonzero(row_mask)
-        local[chosen] = np.arange(chosen.size)
         queries = np.flatnonzero(row_mask[q_row])
         if not queries.size:
             continue
-        order = torch.as_tensor(table.order, device=device)
-        picked = probs[torch.as_tensor(chosen, device=device)].index_select(1, order)
-        # Inclusive sums: the range [lo, hi) is cumulative[hi - 1] - cumulative[lo - 1], with
-        # an empty prefix (lo = 0) or range (hi = lo) read as 0, so no padded copy is made.
-        cumulative = torch.cumsum(picked, 1, dtype=torch.float64)
-        q_local = torch.as_tensor(local[q_row[queries]], device=device)
-        q_lo, q_hi = lo[queries], hi[queries]
-        upper = cumulative[q_local, torch.as_tensor(np.maximum(q_hi - 1, 0), device=device)]
-        lower = cumulative[q_local, torch.as_tensor(np.maximum(q_lo - 1, 0), device=device)]
-        mass = torch.where(torch.as_tensor(q_hi > q_lo, device=device),
-                           upper - torch.where(torch.as_tensor(q_lo > 0, device=device), lower,
-                                               0.0), 0.0)
-        out[torch.as_tensor(queries, device=device)] = mass
+        if row_mask.all():
+            chosen, local = None, q_row[queries]
+        else:
+            chosen = np.flatnonzero(row_mask)
+            position = np.full(r1 - r0, -1, dtype=np.int64)
+            position[chosen] = np.arange(chosen.size)
+            local = position[q_row[queries]]
+        out.append(sorted_ranges(chosen, table.order, vocab, queries, local, lo[queries],
+                                 hi[queries], device))
     return out
 
 
-def _cell_masses(first_probs: Tensor, first_table: np.ndarray, side_tables: SideTables,
-                 tables: TextTables, device) -> Tensor:
-    """float64 ``[K, C']``: each chunk's first-position probability by owner class, for the
-    classes that may be cells (``tables.cell_index``); only tokens owned by one are read."""
+def _cell_groups(first_table: np.ndarray, side_tables: SideTables, tables: TextTables,
+                 first_row: np.ndarray, device) -> list[TokenGroups]:
+    """The cells of ``K`` chunks as token groups: each chunk's first-position probability by
+    owner class, for the classes that may be cells (``tables.cell_index``, the columns); only
+    tokens owned by one are read.
+
+    Args:
+        first_table: bool ``[K]``: the chunk's first row is read with the first-position table.
+        first_row: int64 ``[K]``: each chunk's first row in the slice.
+    """
     columns = tables.cell_index.size
-    out = torch.zeros(first_probs.shape[0], columns, dtype=torch.float64, device=device)
     classes = tables.shared_vocab.size
+    out = []
     for use_first in (False, True):
         table = side_tables.first if use_first else side_tables.sorted
         chosen = np.flatnonzero(first_table == use_first)
@@ -526,12 +529,11 @@ def _cell_masses(first_probs: Tensor, first_table: np.ndarray, side_tables: Side
         tokens = np.flatnonzero(column < columns)
         if not tokens.size:
             continue
-        index = torch.as_tensor(chosen, device=device)
-        picked = first_probs[index][:, torch.as_tensor(tokens, device=device)]
-        part = torch.zeros(chosen.size, columns, dtype=torch.float64, device=device)
-        part = part.index_add(1, torch.as_tensor(column[tokens], device=device),
-                              picked.to(torch.float64))
-        out = out.index_copy(0, index, part)
+        out.append(TokenGroups(
+            target=torch.as_tensor(chosen, device=device),
+            rows=torch.as_tensor(first_row[chosen], device=device),
+            tokens=torch.as_tensor(tokens, device=device),
+            columns=torch.as_tensor(column[tokens], device=device)))
     return out
 
 

@@ -1,0 +1,206 @@
+"""Softmax probability summed over ranges of a sorted vocabulary, with a hand-written backward.
+
+The text-event space (:mod:`ctopd.objectives.text_events`) reads, from each logit row ``z``
+``[V]`` with ``p = softmax(z)``:
+
+* the realised token's log-probability ``log p_x``;
+* *range masses* ``Σ_{i ∈ [lo, hi)} p_{order[i]}``: the probability of the tokens at sorted
+  positions ``[lo, hi)`` of a vocabulary sorted by bytes, read off one float64 cumulative sum
+  per row (a difference of two partial sums, exact to about ``1e-16`` of the row's probability,
+  so small ranges keep their log-probability);
+* *token groups* ``Σ_{t: column[t] = c} p_{token[t]}``: a few chosen tokens' probabilities
+  summed by column (the cells).
+
+Plain autograd through that chain (log-sum-exp, exp, a column permutation, a float64 cumsum and
+two gathers per query) makes a dozen dense ``[S, V]`` passes in backward, most of them in
+float64. Every output here has the form ``m = Σ_{j ∈ A} p_j`` (``A`` a set of tokens), whose
+gradient is ``∂m/∂z_j = p_j ([j ∈ A] - m)``, and ``∂ log p_x / ∂z_j = [j = x] - p_j``. So
+
+``∂L/∂z_j = p_j (H_j - c) + g_x [j = x]``, ``H_j = Σ_{outputs m ∋ j} g_m``,
+``c = g_x + Σ_m g_m m``,
+
+where ``g`` are the incoming gradients. ``c`` is a per-row scalar from the small outputs, and
+``H`` over a row's ranges is one difference array in sorted space (``+g`` at ``lo``, ``-g`` at
+``hi``), one cumulative sum and one gather back to token order. Backward is then five dense
+passes in the logits' dtype (a zeroed difference array, its cumulative sum, the gather, the
+subtraction of ``c`` and the product with the saved probabilities), none of them in float64.
+
+The forward pass is the arithmetic of the autograd version it replaces (``p = exp(z -
+logsumexp z)`` in the logits' dtype, the sums in float64), so its values are bitwise the
+same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+
+@dataclass(frozen=True)
+class SortedRanges:
+    """Range queries over one sorted vocabulary, for some rows of a slice.
+
+    Attributes:
+        rows: int64 ``[S_g]``: the slice rows read with this order; ``None`` for all rows.
+        order: int64 ``[N]``: token ids sorted by bytes (``N <= V``).
+        inverse: int64 ``[V]``: each id's position in ``order``, ``N`` for ids not in it.
+        query: int64 ``[Q_g]``: where each query's mass goes in the output ``[Q]``.
+        row: int64 ``[Q_g]``: each query's row, as a position in ``rows`` (``0..S_g-1``).
+        lo, hi: int64 ``[Q_g]``: the sorted positions ``[lo, hi)`` summed (``lo <= hi <= N``).
+    """
+
+    rows: Tensor | None
+    order: Tensor
+    inverse: Tensor
+    query: Tensor
+    row: Tensor
+    lo: Tensor
+    hi: Tensor
+
+
+@dataclass(frozen=True)
+class TokenGroups:
+    """Chosen tokens' probabilities summed by column: ``out[target_k, columns[t]] += p[rows_k,
+    tokens[t]]`` for every ``k`` and ``t``.
+
+    Attributes:
+        target: int64 ``[K_g]``: output rows.
+        rows: int64 ``[K_g]``: the slice row read for each.
+        tokens, columns: int64 ``[T]``: the tokens summed and their output columns.
+    """
+
+    target: Tensor
+    rows: Tensor
+    tokens: Tensor
+    columns: Tensor
+
+
+def sorted_ranges(rows: np.ndarray | None, order: np.ndarray, vocab: int, query: np.ndarray,
+                  row: np.ndarray, lo: np.ndarray, hi: np.ndarray, device) -> SortedRanges:
+    """A :class:`SortedRanges` from numpy arrays (``inverse`` built here, over ``vocab``
+    columns)."""
+    inverse = np.full(vocab, order.size, dtype=np.int64)
+    inverse[order] = np.arange(order.size)
+
+    def t(array):
+        return torch.as_tensor(np.ascontiguousarray(array, dtype=np.int64), device=device)
+
+    return SortedRanges(rows=None if rows is None else t(rows), order=t(order), inverse=t(inverse),
+                        query=t(query), row=t(row), lo=t(lo), hi=t(hi))
+
+
+class _SoftmaxSums(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, ids: Tensor, ranges: Sequence[SortedRanges],
+                num_queries: int, groups: Sequence[TokenGroups], cell_shape: tuple[int, int]):
+        ctx.set_materialize_grads(False)
+        log_norm = torch.logsumexp(logits, dim=-1)
+        probs = (logits - log_norm[:, None]).exp_()  # [S, V], kept for backward
+        tokens = logits.gather(1, ids[:, None])[:, 0] - log_norm
+        masses = torch.zeros(num_queries, dtype=torch.float64, device=logits.device)
+        for group in ranges:
+            if group.query.numel() == 0:
+                continue
+            part = probs if group.rows is None else probs.index_select(0, group.rows)
+            # Inclusive float64 sums in sorted order: [lo, hi) is cumulative[hi - 1] -
+            # cumulative[lo - 1], an empty prefix (lo = 0) or range (hi = lo) read as 0.
+            cumulative = part.index_select(1, group.order).to(torch.float64).cumsum_(1)
+            flat = cumulative.view(-1)
+            base = group.row * cumulative.shape[1]
+            upper = flat[base + (group.hi - 1).clamp(min=0)]
+            lower = flat[base + (group.lo - 1).clamp(min=0)]
+            masses[group.query] = torch.where(
+                group.hi > group.lo, upper - torch.where(group.lo > 0, lower, 0.0), 0.0)
+        cells = torch.zeros(cell_shape, dtype=torch.float64, device=logits.device)
+        for group in groups:
+            if group.tokens.numel() == 0 or group.rows.numel() == 0:
+                continue
+            picked = probs[group.rows[:, None], group.tokens[None, :]].to(torch.float64)
+            part = torch.zeros(group.rows.numel(), cell_shape[1], dtype=torch.float64,
+                               device=logits.device)
+            cells[group.target] = part.index_add_(1, group.columns, picked)
+        ctx.save_for_backward(probs, ids, masses, cells)
+        ctx.ranges, ctx.groups = ranges, groups
+        return tokens, masses, cells
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_tokens: Tensor | None, grad_masses: Tensor | None,
+                 grad_cells: Tensor | None):
+        probs, ids, masses, cells = ctx.saved_tensors
+        rows_count, vocab = probs.shape
+        dtype, device = probs.dtype, probs.device
+        offset = torch.zeros(rows_count, dtype=torch.float64, device=device)  # c
+        if grad_tokens is not None:
+            offset += grad_tokens.to(torch.float64)
+        grad = None  # H, then the gradient
+        if grad_masses is not None:
+            for group in ctx.ranges:
+                if group.query.numel() == 0:
+                    continue
+                rows = group.row if group.rows is None else group.rows[group.row]
+                g = grad_masses[group.query]
+                offset.index_add_(0, rows, g * masses[group.query])
+                size = group.order.numel()
+                count = rows_count if group.rows is None else group.rows.numel()
+                # H in sorted space: +g at lo, -g at hi, one cumulative sum.
+                difference = torch.zeros(count, size + 1, dtype=dtype, device=device)
+                flat = difference.view(-1)
+                g = g.to(dtype)
+                flat.index_add_(0, group.row * (size + 1) + group.lo, g)
+                flat.index_add_(0, group.row * (size + 1) + group.hi, -g)
+                difference.cumsum_(1)
+                difference[:, size] = 0.0  # ids outside the order (and rounding at the end)
+                part = difference.index_select(1, group.inverse)
+                if group.rows is None and grad is None:
+                    grad = part
+                else:
+                    if grad is None:
+                        grad = torch.zeros(rows_count, vocab, dtype=dtype, device=device)
+                    grad.index_add_(0, torch.arange(rows_count, device=device)
+                                    if group.rows is None else group.rows, part)
+        if grad_cells is not None:
+            for group in ctx.groups:
+                if group.tokens.numel() == 0 or group.rows.numel() == 0:
+                    continue
+                g = grad_cells[group.target]
+                offset.index_add_(0, group.rows, (g * cells[group.target]).sum(dim=1))
+                if grad is None:
+                    grad = torch.zeros(rows_count, vocab, dtype=dtype, device=device)
+                grad.index_put_((group.rows[:, None], group.tokens[None, :]),
+                                g[:, group.columns].to(dtype), accumulate=True)
+        if grad is None:
+            grad = torch.zeros(rows_count, vocab, dtype=dtype, device=device)
+        grad.sub_(offset.to(dtype)[:, None]).mul_(probs)
+        if grad_tokens is not None:
+            grad.view(-1).index_add_(0, torch.arange(rows_count, device=device) * vocab + ids,
+                                     grad_tokens.to(dtype))
+        return grad, None, None, None, None, None
+
+
+def softmax_sums(logits: Tensor, ids: Tensor, ranges: Sequence[SortedRanges],
+                 num_queries: int, groups: Sequence[TokenGroups] = (),
+                 cell_shape: tuple[int, int] = (0, 0)) -> tuple[Tensor, Tensor, Tensor]:
+    """Realised-token log-probabilities, range masses and token-group sums of softmax rows.
+
+    Args:
+        logits: float ``[S, V]`` logit rows (float32 or float64; differentiable).
+        ids: int64 ``[S]``: each row's realised token.
+        ranges: the range queries, one :class:`SortedRanges` per sorted vocabulary used; their
+            ``query`` fields together cover ``0..num_queries-1`` (any not covered reads 0).
+        num_queries: ``Q``.
+        groups: the token groups, one :class:`TokenGroups` per set of tokens.
+        cell_shape: ``(K, C)``, the shape of the token-group output.
+
+    Returns:
+        ``(tokens, masses, cells)``: ``log p_x`` ``[S]`` in the logits' dtype; float64
+        ``[Q]`` probabilities of the ranges; float64 ``[K, C]`` group sums (0 where no group
+        writes). One backward pass through all three (no double backward).
+    """
+    return _SoftmaxSums.apply(logits, ids, tuple(ranges), num_queries, tuple(groups),
+                              tuple(cell_shape))

@@ -1,0 +1,86 @@
+"""softmax_sums: values against plain sums of the softmax, and its hand-written backward against
+finite differences (float64, small sizes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ctopd.objectives.softmax_sums import TokenGroups, softmax_sums, sorted_ranges
+
+ROWS, VOCAB = 5, 11
+
+
+def problem(seed: int, *, subsets: bool):
+    """Random queries over two orders (a strict subset of the ids each), token groups, ids."""
+    rng = np.random.default_rng(seed)
+    orders = [rng.permutation(VOCAB)[: VOCAB - 2], rng.permutation(VOCAB)[: VOCAB - 1]]
+    if subsets:
+        row_sets = [np.array([0, 2, 3]), np.array([1, 4])]
+    else:
+        row_sets = [None]
+        orders = orders[:1]
+    ranges, reference, query = [], [], 0
+    for rows, order in zip(row_sets, orders):
+        count = ROWS if rows is None else rows.size
+        row = np.repeat(np.arange(count), 3)
+        lo = rng.integers(0, order.size + 1, row.size)
+        hi = np.minimum(lo + rng.integers(0, 6, row.size), order.size)
+        lo[0], hi[0] = 0, order.size  # a whole order
+        lo[1] = hi[1]  # an empty range
+        positions = np.arange(query, query + row.size)
+        query += row.size
+        ranges.append(sorted_ranges(rows, order, VOCAB, positions, row, lo, hi, "cpu"))
+        for q, r, a, b in zip(positions, row, lo, hi):
+            slice_row = r if rows is None else rows[r]
+            reference.append((q, int(slice_row), order[a:b]))
+    groups = [TokenGroups(target=torch.tensor([0, 2]), rows=torch.tensor([0, 3]),
+                          tokens=torch.tensor([1, 4, 5, 9]), columns=torch.tensor([0, 2, 0, 1])),
+              TokenGroups(target=torch.tensor([1]), rows=torch.tensor([4]),
+                          tokens=torch.tensor([7]), columns=torch.tensor([2]))]
+    ids = torch.as_tensor(rng.integers(0, VOCAB, ROWS))
+    return ranges, query, reference, groups, ids
+
+
+@pytest.mark.parametrize("subsets", [False, True])
+def test_values_match_plain_softmax_sums(subsets):
+    ranges, count, reference, groups, ids = problem(0, subsets=subsets)
+    logits = torch.randn(ROWS, VOCAB, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(1)) * 4
+    tokens, masses, cells = softmax_sums(logits, ids, ranges, count, groups, (3, 3))
+    p = torch.softmax(logits, -1)
+    torch.testing.assert_close(tokens, torch.log_softmax(logits, -1)[torch.arange(ROWS), ids])
+    expected = torch.zeros(count, dtype=torch.float64)
+    for q, row, tokens_in in reference:
+        expected[q] = p[row, torch.as_tensor(tokens_in, dtype=torch.long)].sum()
+    torch.testing.assert_close(masses, expected, rtol=1e-12, atol=1e-15)
+    assert masses[1] == 0  # the empty range reads 0
+    want = torch.zeros(3, 3, dtype=torch.float64)
+    for group in groups:
+        for target, row in zip(group.target.tolist(), group.rows.tolist()):
+            for token, column in zip(group.tokens.tolist(), group.columns.tolist()):
+                want[target, column] += p[row, token]
+    torch.testing.assert_close(cells, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("subsets", [False, True])
+def test_gradcheck(subsets):
+    ranges, count, _, groups, ids = problem(2, subsets=subsets)
+    logits = torch.randn(ROWS, VOCAB, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(3)).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda z: softmax_sums(z, ids, ranges, count, groups, (3, 3)), (logits,),
+        eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("used", ["tokens", "masses", "cells"])
+def test_gradcheck_one_output(used):
+    """Outputs the loss does not read get no gradient (``None``) in backward."""
+    ranges, count, _, groups, ids = problem(4, subsets=True)
+    logits = torch.randn(ROWS, VOCAB, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(5)).requires_grad_()
+    index = ["tokens", "masses", "cells"].index(used)
+    assert torch.autograd.gradcheck(
+        lambda z: softmax_sums(z, ids, ranges, count, groups, (3, 3))[index], (logits,),
+        eps=1e-6, atol=1e-8)
