@@ -39,7 +39,8 @@ import torch
 
 from ctopd.core.alignment import Alignment
 from ctopd.core.shared_vocab import SharedVocab
-from ctopd.objectives import TEACHER_NEEDS, TeacherOutputs, compute_objective, teacher_outputs
+from ctopd.objectives import TeacherOutputs, compute_objective, teacher_needs, teacher_outputs
+from ctopd.objectives.text_events import text_tables
 
 TEACHER_VOCAB = 151_936
 STUDENT_VOCAB = 32_000
@@ -98,7 +99,7 @@ def real_setup(folder: Path, tokens: int):
     ids = pair.student_tokenizer("\n\n".join(answers), add_special_tokens=False)["input_ids"]
     student_ids = ids[: tokens - 1] + [int(pair.student_table.end_ids[0])]
     teacher_ids = pair.teacher_ids_for(student_ids)
-    return student_ids, teacher_ids, pair.align(teacher_ids, student_ids), pair.shared_vocab
+    return student_ids, teacher_ids, pair.align(teacher_ids, student_ids), pair.shared_vocab, pair
 
 
 def synthetic_setup(tokens: int, seed: int = 0):
@@ -127,7 +128,7 @@ def synthetic_setup(tokens: int, seed: int = 0):
                           int(chunks[-1, 1]), tokens)
     student_ids = s_ids[rng.integers(0, classes, tokens)].tolist()
     teacher_ids = rng.integers(0, TEACHER_VOCAB, alignment.teacher_length).tolist()
-    return student_ids, teacher_ids, alignment, vocab
+    return student_ids, teacher_ids, alignment, vocab, None
 
 
 def rss_mb(field: str) -> float:
@@ -188,13 +189,15 @@ def best_seconds_interleaved(methods: dict, repeats: int) -> dict[str, float]:
     return best
 
 
-def make_methods(student_logits, student_ids, alignments, vocab, teacher):
-    def step(name):
+def make_methods(student_logits, student_ids, alignments, vocab, teacher, text_teacher):
+    def step(name, space="paper"):
         def run():
             student_logits.grad = None
             loss, _ = compute_objective(name, student_logits=student_logits,
                                         student_ids=student_ids, alignments=alignments,
-                                        shared_vocab=vocab, teacher=teacher)
+                                        shared_vocab=vocab,
+                                        teacher=text_teacher if space == "text" else teacher,
+                                        space=space)
             loss.backward()
         return run
 
@@ -205,31 +208,47 @@ def make_methods(student_logits, student_ids, alignments, vocab, teacher):
                        unbind=unbind).backward()
         return run
 
-    return {"shared_only": step("shared_only"), "simct": step("simct"),
-            "loop_unbind": loop(True), "loop": loop(False)}
+    methods = {"shared_only": step("shared_only"), "simct": step("simct")}
+    if text_teacher is not None:  # needs real byte tables
+        methods.update(simct_text=step("simct", "text"),
+                       shared_only_text=step("shared_only", "text"))
+    methods.update(loop_unbind=loop(True), loop=loop(False))
+    return methods
 
 
 def measure(args) -> dict:
     folder = os.environ.get("CTOPD_TOKENIZERS")
     if folder:
-        s_ids, t_ids, alignment, vocab = real_setup(Path(folder), args.tokens)
+        s_ids, t_ids, alignment, vocab, pair = real_setup(Path(folder), args.tokens)
     else:
-        s_ids, t_ids, alignment, vocab = synthetic_setup(args.tokens)
+        s_ids, t_ids, alignment, vocab, pair = synthetic_setup(args.tokens)
     gen = torch.Generator().manual_seed(0)
     teacher_logits = torch.randn(1, len(t_ids), TEACHER_VOCAB, generator=gen)
     start = time.perf_counter()
-    teacher = teacher_outputs(teacher_logits, torch.tensor([t_ids]), vocab, TEACHER_NEEDS["simct"])
+    teacher = teacher_outputs(teacher_logits, torch.tensor([t_ids]), vocab,
+                              teacher_needs("simct", space="paper"))
     teacher_seconds = time.perf_counter() - start
+    text_teacher, text_teacher_seconds = None, None
+    if pair is not None:
+        tables = text_tables(pair.teacher_table, pair.student_table, vocab)  # built once a pair
+        start = time.perf_counter()
+        text_teacher = teacher_outputs(teacher_logits, torch.tensor([t_ids]), vocab,
+                                       teacher_needs("simct"), alignments=[alignment],
+                                       student_ids=[s_ids], text_tables=tables)
+        text_teacher_seconds = time.perf_counter() - start
     del teacher_logits
     teacher = TeacherOutputs(token_logprobs=teacher.token_logprobs,
                              class_logprobs=teacher.class_logprobs)
     student_logits = torch.randn(1, len(s_ids), STUDENT_VOCAB, generator=gen).requires_grad_()
-    methods = make_methods(student_logits, torch.tensor([s_ids]), [alignment], vocab, teacher)
+    methods = make_methods(student_logits, torch.tensor([s_ids]), [alignment], vocab, teacher,
+                           text_teacher)
     out = {"pair": "qwen2 -> llama-spm" if folder else "synthetic", "student_tokens": len(s_ids),
            "teacher_tokens": len(t_ids), "classes": vocab.size,
            "chunks_one_to_one": int(alignment.one_to_one.sum()),
            "chunks_multi": int((alignment.aligned & ~alignment.one_to_one).sum()),
-           "teacher_outputs_seconds": teacher_seconds, "threads": torch.get_num_threads()}
+           "teacher_outputs_seconds": teacher_seconds,
+           "teacher_text_events_seconds": text_teacher_seconds,
+           "threads": torch.get_num_threads()}
     fast = [name for name in methods if name != "loop"]
     keep_freed_memory()
     for name in fast:
@@ -257,7 +276,10 @@ def print_table(r: dict) -> None:
           f"{r['teacher_outputs_seconds']:.2f} s")
     print(f"{'method':<14}{'fwd+bwd s':>11}{'peak MiB':>10}{'time vs shared':>16}"
           f"{'mem vs shared':>15}")
-    for name in ("shared_only", "simct", "loop_unbind", "loop"):
+    if r.get("teacher_text_events_seconds") is not None:
+        print(f"teacher_outputs with text events: {r['teacher_text_events_seconds']:.2f} s")
+    for name in ("shared_only", "simct", "simct_text", "shared_only_text", "loop_unbind",
+                 "loop"):
         if f"{name}_seconds" not in r:
             continue
         t, m = r[f"{name}_seconds"], r[f"{name}_peak_mb"]

@@ -107,6 +107,9 @@ def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_pat
         assert best == next(r["accuracy"] for r in sweep["rows"]
                             if r["name"] == name and r["lr"] == lr)
     assert "validation accuracy" in (out / "sweep.md").read_text()
+    assert set(sweep["starts"]) == {"student", "control"}  # each student's validation start
+    assert all(0.0 <= start["accuracy"] <= 1.0 for start in sweep["starts"].values())
+    assert "same-tokenizer control after warm-up (start)" in (out / "sweep.md").read_text()
 
     # The ablation: each SimCT space trained as its options say, scored on validation.
     assert main(["demo", "--quick", "--ablation", "--output-dir", str(out)]) == 0

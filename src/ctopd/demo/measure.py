@@ -8,6 +8,22 @@ from pathlib import Path
 from ctopd.demo.settings import DemoSettings
 
 
+def measure_model(job: dict) -> dict:
+    """Accuracy, KL and non-canonical share of one model folder on one split (runs in a worker
+    process).
+
+    Args:
+        job: ``model`` (folder), ``teacher`` (folder), ``data`` (a JSONL split) and
+            ``settings``.
+    """
+    from ctopd.demo.stages import one_thread
+
+    one_thread()
+    model, data, settings = Path(job["model"]), Path(job["data"]), job["settings"]
+    return {"accuracy": accuracy(model, data, settings),
+            **sequence_kl(model, Path(job["teacher"]), data, settings)}
+
+
 def accuracy(model_dir: Path, data_path: Path, settings: DemoSettings) -> float:
     """Greedy exact-final-answer accuracy on every row of ``data_path``, ``eval_batch`` prompts
     per ``generate`` call."""

@@ -124,6 +124,10 @@ def sweep_markdown(sweep: dict) -> str:
     in bold, then the command that reproduces it."""
     lines = ["| method | lr | validation accuracy | validation KL (nats/token) | seconds | chosen |",
              "| --- | --- | --- | --- | --- | --- |"]
+    for kind, start in sweep.get("starts", {}).items():
+        label = "same-tokenizer control" if kind == "control" else "cross-tokenizer student"
+        lines.append(f"| {label} after warm-up (start) | | {start['accuracy']:.3f} "
+                     f"| {start['kl']:.3f} | | |")
     for row in sweep["rows"]:
         chosen = sweep["best"][row["name"]] == row["lr"]
         accuracy = f"**{row['accuracy']:.3f}**" if chosen else f"{row['accuracy']:.3f}"

@@ -52,7 +52,7 @@ class DemoSettings:
     student_vocab: int = 600
     # Teacher: trained from scratch on the reference solutions.
     teacher_hidden: int = 64
-    teacher_layers: int = 3
+    teacher_layers: int = 4
     teacher_heads: int = 4
     teacher_steps: int = 1000
     teacher_batch: int = 64
@@ -64,7 +64,7 @@ class DemoSettings:
     student_hidden: int = 64
     student_layers: int = 3
     student_heads: int = 4
-    warmup_steps: int = 1200
+    warmup_steps: int = 1000
     warmup_batch: int = 32
     warmup_lr: float = 3e-3
     # Methods: equal budgets (steps x prompts per step) from the warmed-up students.
@@ -81,9 +81,9 @@ class DemoSettings:
     # scored on the validation split. An explicit grid, so the sweep's command reproduces it
     # after method_lrs changed.
     sweep_lrs: tuple[tuple[str, tuple[float, ...]], ...] = (
-        ("simct", (1e-4, 3e-4, 1e-3)), ("dpca", (3e-5, 1e-4, 3e-4)),
-        ("shared_only", (1e-4, 3e-4, 1e-3)), ("sft", (1e-4, 3e-4, 1e-3)),
-        ("control_opd", (1e-4, 3e-4, 1e-3)), ("control_sft", (1e-4, 3e-4, 1e-3)),
+        ("simct", (3e-5, 1e-4, 3e-4)), ("dpca", (1e-5, 3e-5, 1e-4)),
+        ("shared_only", (3e-5, 1e-4, 3e-4)), ("sft", (3e-5, 1e-4, 3e-4)),
+        ("control_opd", (3e-5, 1e-4, 3e-4)), ("control_sft", (3e-5, 1e-4, 3e-4)),
     )
     sweep_steps: int = 50
     # The SimCT space ablation (--ablation): these seeds, method_steps steps at simct's lr,

@@ -36,11 +36,15 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
 
     Returns:
         The ``sweep.json`` content: ``rows`` (``name``, ``lr``, ``accuracy``, ``kl``,
-        ``seconds`` per run), ``best`` (run name → chosen lr), ``command``, ``steps``, ...
+        ``seconds`` per run), ``best`` (run name → chosen lr), ``starts`` (per student, its
+        validation accuracy and KL before any run), ``command``, ``steps``, ...
     """
+    from ctopd.demo.measure import measure_model
     from ctopd.demo.methods import method_job, run_method
     from ctopd.demo.report import sweep_markdown
     from ctopd.demo.run import build_models, demo_pool, has_sft
+    from ctopd.demo.settings import RUN_SPECS
+    from ctopd.demo.stages import STUDENT_FOLDERS
 
     started = time.perf_counter()
     settings = QUICK if quick else FULL
@@ -48,6 +52,14 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
     with demo_pool(workers) as (pool, size):
         build_models(out, settings, seeds=1, sft=has_sft(methods), pool=pool, workers=size,
                      force=force, log=log)
+        # Where each student starts on the validation split: the reference for every row.
+        kinds = sorted({RUN_SPECS[name][0] for name in methods})
+        starts = dict(zip(kinds, pool.map(measure_model, [
+            dict(model=str(out / STUDENT_FOLDERS[kind]), teacher=str(out / "teacher"),
+                 data=str(out / "validation.jsonl"), settings=settings) for kind in kinds])))
+        for kind, start in starts.items():
+            log(f"[demo] sweep: the warmed-up {kind} on validation.jsonl: accuracy "
+                f"{start['accuracy']:.3f}, KL {start['kl']:.3f}")
         jobs = [method_job(name, 0, out, settings, lr=lr, steps=settings.sweep_steps,
                            split="validation", curve=False,
                            run_dir=out / "runs" / "sweep" / f"{name}-lr{lr:g}")
@@ -65,7 +77,7 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
         "split": "validation", "num_validation": settings.num_validation, "seed": 0,
         "steps": settings.sweep_steps, "batch": settings.method_batch,
         "command": sweep_command(quick=quick, methods=methods), "commit": _commit(),
-        "rows": rows, "best": choose(rows), "quick": quick,
+        "rows": rows, "best": choose(rows), "starts": starts, "quick": quick,
         "settings": settings_dict(settings), "seconds": time.perf_counter() - started,
     }
     (out / "sweep.json").write_text(json.dumps(sweep, indent=2) + "\n", encoding="utf-8")
