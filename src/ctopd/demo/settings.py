@@ -74,8 +74,8 @@ class DemoSettings:
     # Peak learning rate per run name (RUNS), as the sweep on the validation split chose it
     # (docs/demo/sweep.md).
     method_lrs: tuple[tuple[str, float], ...] = (
-        ("simct", 3e-4), ("dpca", 1e-4), ("shared_only", 3e-4), ("sft", 3e-4),
-        ("control_opd", 3e-4), ("control_sft", 3e-4),
+        ("simct", 1e-4), ("dpca", 1e-5), ("shared_only", 3e-5), ("sft", 1e-4),
+        ("control_opd", 3e-5), ("control_sft", 1e-4),
     )
     # The sweep (--sweep): learning rates tried per run name, one seed, sweep_steps steps,
     # scored on the validation split. An explicit grid, so the sweep's command reproduces it
