@@ -67,6 +67,10 @@ class DemoSettings:
     warmup_steps: int = 1000
     warmup_batch: int = 32
     warmup_lr: float = 3e-3
+    # "cosine": the warm-up anneals to 0 and every run re-warms its own rate; "constant": the
+    # warm-up stays at warmup_lr (after a 5% ramp) and each run is the decay phase
+    # (warmup-stable-decay), so no run starts by undoing an annealed optimum.
+    warmup_schedule: str = "cosine"
     # Methods: equal budgets (steps x prompts per step) from the warmed-up students.
     method_steps: int = 100
     method_batch: int = 32
@@ -104,6 +108,8 @@ class DemoSettings:
             if sorted(keys) != sorted(RUNS):
                 raise ValueError(f"DemoSettings.{name} must name each of {', '.join(RUNS)} "
                                  f"once; got {', '.join(keys)}")
+        if self.warmup_schedule not in ("cosine", "constant"):
+            raise ValueError("DemoSettings.warmup_schedule must be cosine or constant")
         if self.eval_every < 1:
             raise ValueError("DemoSettings.eval_every must be at least 1")
 
@@ -138,7 +144,7 @@ class DemoSettings:
     def student_stamp(self, kind: str) -> dict:
         """The settings a warmed-up student (``kind``: student or control) depends on."""
         keys = ("student_hidden", "student_layers", "student_heads", "warmup_steps",
-                "warmup_batch", "warmup_lr", "kl_prompts", "eval_batch")
+                "warmup_batch", "warmup_lr", "warmup_schedule", "kl_prompts", "eval_batch")
         return {**self.samples_stamp(), "kind": kind, **_jsonable(self._pick(keys))}
 
     def _pick(self, keys: tuple[str, ...]) -> dict:

@@ -137,7 +137,8 @@ def build_student(job: dict) -> dict:
     config = stage_config(settings, runs / "train", data=data, student=runs / "init",
                           teacher=None, steps=settings.warmup_steps,
                           batch=settings.warmup_batch, lr=settings.warmup_lr,
-                          seed=settings.task_seed, schedule="cosine", warmup_ratio=0.05)
+                          seed=settings.task_seed, schedule=settings.warmup_schedule,
+                          warmup_ratio=0.05)
     config.sft.source, config.sft.response_field = "data", "response"  # the teacher's sample
     run_sft(config)
     replace_folder(runs / "train" / "final", folder)
