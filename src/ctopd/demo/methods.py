@@ -98,10 +98,12 @@ def _train(job: dict, student_dir: Path, objective: str, run_dir: Path) -> dict:
     if objective == "sft":
         data = write_sft_data(out, run_dir / "data.jsonl",
                               *sft_slice(settings, job["seed"], steps=steps))
-    # Warm-up then cosine decay to 0 over the run, like the warm-up the students come from: a
-    # run at a constant rate ends un-annealed, and greedy accuracy then drops for every method
-    # alike (measured: continued SFT at a constant 1e-3 took the cross-tokenizer student from
-    # 0.195 to 0.125). A checkpoint at every measuring point, all kept until they are measured.
+    # A short ramp, then cosine decay to 0 over the run: each run is the decay phase of a
+    # warmup-stable-decay schedule whose stable phase is the students' constant-rate warm-up
+    # (DemoSettings.warmup_schedule). A run at a constant rate ends un-annealed; a run that
+    # re-warms an annealed student first undoes its optimum (measured: from a cosine warm-up
+    # every method lost accuracy as its rate grew, continued SFT included). A checkpoint at
+    # every measuring point, all kept until they are measured.
     config = stage_config(settings, run_dir, data=data, student=student_dir,
                           teacher=out / "teacher", steps=steps, batch=settings.method_batch,
                           lr=job["lr"], seed=job["seed"], schedule="cosine",

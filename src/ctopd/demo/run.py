@@ -17,7 +17,8 @@ Top to bottom, everything local and seeded:
 4. **students** — two of the same architecture and initialisation: ``student/`` with the
    digit-group tokenizer and its own header-style chat template (cross-tokenizer), ``control/``
    with the teacher's tokenizer and template (same-tokenizer control), warmed up exactly alike
-   on the same teacher samples, side by side;
+   on the same teacher samples, side by side, at a constant learning rate (the stable phase of
+   a warmup-stable-decay schedule; each run below is its decay phase);
 5. **methods** — equal budgets (steps × prompts per step), once per seed, two runs at a time
    (:mod:`ctopd.demo.methods`): from ``student/`` ``simct``, ``dpca`` and ``shared_only``
    on-policy distillation and continued SFT; from ``control/`` same-tokenizer ``opd`` and
