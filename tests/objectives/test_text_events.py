@@ -18,11 +18,13 @@ from ctopd.demo.tokenizers import (
 from ctopd.objectives import compute_objective, teacher_needs, teacher_outputs
 from ctopd.objectives.plan import flatten_chunks
 from ctopd.objectives.text_events import (
+    CELLS,
     build_event_plan,
     event_scores,
     side_rows_in,
     text_tables,
 )
+from ctopd.training.config import ObjectiveConfig
 from ctopd.training.rollout import pad_responses
 
 from .agreement import agreement_batch, markov_texts
@@ -250,12 +252,17 @@ def test_text_space_vanishes_when_models_agree_on_text(agreement_setup, teacher_
                 for a in batch.alignments)
     assert multi >= 10  # the pair really cuts the texts differently
     floor = sampled_path_floor(batch)
-    text = agreement_losses(pair, batch, space="text")
+    # The default space: the config's default cells rule.
+    text = agreement_losses(pair, batch, space="text", cells=ObjectiveConfig().cells)
     paper = agreement_losses(pair, batch, space="paper")
+    others = {cells: agreement_losses(pair, batch, space="text", cells=cells)["simct"][0]
+              for cells in CELLS if cells != ObjectiveConfig().cells}
     with capsys.disabled():
         print(f"\n[agreement {teacher_name}->{student_name}] chunk-gap floor {floor:.4f}; "
-              f"text: simct {text['simct'][0]:.4f} shared_only {text['shared_only'][0]:.4f}; "
-              f"paper: simct {paper['simct'][0]:.4f} shared_only {paper['shared_only'][0]:.4f}")
+              f"text (cells {ObjectiveConfig().cells}): simct {text['simct'][0]:.4f} "
+              f"shared_only {text['shared_only'][0]:.4f}; paper: simct {paper['simct'][0]:.4f} "
+              f"shared_only {paper['shared_only'][0]:.4f}; simct with other cells: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in others.items()))
     for name in ("simct", "shared_only"):
         loss, grad = text[name]
         # Well below the look-ahead residual every position-wise objective carries, and well
