@@ -158,3 +158,40 @@ def test_bf16_autocast_after_a_float32_run_in_one_process(tiny, tmp_path):
     summary, _ = _run(tiny, tmp_path / "bf16", "--max-steps", "1", "--mixed-precision", "bf16",
                       "--teacher.dtype", "bfloat16")
     assert math.isfinite(summary["final_metrics"]["loss"])
+
+
+def test_a_registered_objective_trains_by_name(tiny, tmp_path, monkeypatch):
+    from ctopd.objectives import registry
+    from ctopd.objectives.dpca import dpca
+
+    monkeypatch.setattr(registry, "OBJECTIVES", dict(registry.OBJECTIVES))
+    monkeypatch.setattr(registry, "TEACHER_NEEDS", dict(registry.TEACHER_NEEDS))
+    calls = []
+
+    def halved_dpca(*, student_logits, student_ids, alignments, shared_vocab, teacher,
+                    student_old_logprobs=None, advantage_clip=10.0):
+        calls.append((student_logits.shape[0], teacher.token_logprobs.shape[0], advantage_clip))
+        loss, metrics = dpca(student_logits=student_logits, student_ids=student_ids,
+                             alignments=alignments, shared_vocab=shared_vocab, teacher=teacher,
+                             student_old_logprobs=student_old_logprobs,
+                             advantage_clip=advantage_clip)
+        return 0.5 * loss, metrics
+
+    registry.register_objective("halved_dpca", halved_dpca, {"token_logprobs"})
+    assert registry.teacher_needs("halved_dpca") == frozenset({"token_logprobs"})
+    assert registry.objective_options("halved_dpca") == {"advantage_clip": 10.0}
+    initial = final_weights_of(tiny["student"])
+    summary, config = _run(tiny, tmp_path / "run", "--objective", "halved_dpca")
+    # Two steps of four responses, the config's own option passed through.
+    assert calls == [(4, 4, config.objective.advantage_clip)] * 2
+    assert summary["steps"] == 2
+    changed = final_weights(tmp_path / "run")
+    assert any(not torch.equal(initial[k], changed[k]) for k in initial)
+    with pytest.raises(ValueError, match="built in"):
+        registry.register_objective("dpca", halved_dpca, {"token_logprobs"})
+    with pytest.raises(ValueError, match="unknown teacher field"):
+        registry.register_objective("other", halved_dpca, {"logits"})
+    with pytest.raises(ValueError, match="must accept"):
+        registry.register_objective("other", lambda student_logits: None, set())
+    with pytest.raises(ConfigError, match="objective"):
+        _run(tiny, tmp_path / "bad", "--objective", "not_registered")

@@ -34,6 +34,43 @@ TEACHER_NEEDS: dict[str, frozenset[str]] = {
 }
 
 _PAPER_SPACE_NEEDS = frozenset({"token_logprobs", "class_logprobs"})
+_BUILT_IN = frozenset(OBJECTIVES)
+
+
+def register_objective(name: str, function: Callable[..., tuple[Tensor, dict[str, float]]],
+                       needs: frozenset[str] | set[str]) -> None:
+    """Make ``function`` trainable as ``objective.name: <name>`` (configs, ``ctopd train``).
+
+    Args:
+        name: a new name (the built-in ones cannot be replaced; registering a name again
+            replaces the earlier registration).
+        function: called like the built-in objectives, with the keywords
+            ``student_logits``, ``student_ids``, ``alignments``, ``shared_vocab``, ``teacher``,
+            ``student_old_logprobs`` and any of the config's objective options it names in its
+            signature (``divergence``, ``temperature``, ...); returns ``(loss, metrics)`` like
+            :func:`compute_objective` (``metrics`` needs at least ``loss``, ``kl`` and
+            ``coverage``).
+        needs: the teacher fields it reads (a subset of
+            ``ctopd.objectives.teacher.TEACHER_FIELDS``).
+
+    Raises:
+        ValueError: a built-in name, a function without the common keywords, or an unknown
+            teacher field.
+    """
+    from ctopd.objectives.teacher import TEACHER_FIELDS
+
+    if name in _BUILT_IN:
+        raise ValueError(f"objective {name!r} is built in; register yours under another name")
+    parameters = inspect.signature(function).parameters
+    missing = sorted(_COMMON_ARGUMENTS - set(parameters))
+    if missing and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        raise ValueError(f"objective {name!r} must accept the keyword(s) {', '.join(missing)}")
+    unknown = sorted(set(needs) - TEACHER_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown teacher field(s) {', '.join(unknown)}; valid: "
+                         f"{', '.join(sorted(TEACHER_FIELDS))}")
+    OBJECTIVES[name] = function
+    TEACHER_NEEDS[name] = frozenset(needs)
 
 
 def teacher_needs(name: str, **options) -> frozenset[str]:
@@ -65,7 +102,8 @@ def objective_options(name: str) -> dict[str, object]:
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
     parameters = inspect.signature(OBJECTIVES[name]).parameters.values()
-    return {p.name: p.default for p in parameters if p.name not in _COMMON_ARGUMENTS}
+    return {p.name: p.default for p in parameters if p.name not in _COMMON_ARGUMENTS
+            and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 
 def compute_objective(name: str, *, student_logits: Tensor, student_ids: Tensor,

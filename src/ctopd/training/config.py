@@ -39,6 +39,16 @@ from typing import Any
 import yaml
 
 OBJECTIVE_NAMES = ("simct", "dpca", "shared_only", "uld", "opd", "sft")
+
+
+def objective_names() -> tuple[str, ...]:
+    """The built-in objectives, then any added with
+    :func:`ctopd.objectives.registry.register_objective`."""
+    from ctopd.objectives.registry import OBJECTIVES
+
+    return OBJECTIVE_NAMES + tuple(n for n in OBJECTIVES if n not in OBJECTIVE_NAMES)
+
+
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tv")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -167,7 +177,7 @@ class ObjectiveConfig:
                        "position: none (only the end), boundary or all", "none")
 
     def __post_init__(self) -> None:
-        _choice("objective", "name", self.name, OBJECTIVE_NAMES)
+        _choice("objective", "name", self.name, objective_names())
         _choice("objective", "space", self.space, ("text", "paper"))
         _choice("objective", "cells", self.cells, ("none", "boundary", "all"))
         _choice("objective", "divergence", self.divergence, DIVERGENCES)
