@@ -3,7 +3,7 @@ demo's common KL and throughput, on the same models, prompts, budgets and sampli
 
     pip install -e ".[bench]"          # trl==1.16.0, the version this was checked with
     python benchmarks/gold.py --demo-dir ctopd-demo [--seeds 0,1,2] [--steps 100] [--lrs 3e-4,1e-3]
-        [--variants recommended,teacher_template] [--rerun-ours] [--json]
+        [--variants recommended,teacher_template] [--rerun-ours] [--json] [--output FILE]
 
 Reads a finished ``ctopd demo`` folder (``teacher/``, ``student/``, the three splits,
 ``results.json``) and trains the warmed-up cross-tokenizer student from the teacher with
@@ -42,15 +42,21 @@ share. The learning rate is chosen like the demo's (:mod:`ctopd.demo.sweep`): si
 ``results.json`` (same seeds; its settings are checked equal to the ones used here), or rerun in
 this run with ``--rerun-ours`` (:func:`ctopd.demo.methods.run_method`).
 
-Variants (``--variants``): ``recommended`` is the configuration above. ``teacher_template`` is
-the same with what GOLD 1.16 has no option for with text models: its teacher reads the
+Variants (``--variants``, default: recommended, bayesian, teacher_template_bayesian):
+``recommended`` is the configuration above. ``bayesian`` adds the documented
+``uld_token_merge_strategy="bayesian"``: "the answer-logit slice is shifted one position earlier
+so that probs[k] predicts token_ids[k] (chain rule)"; the default "observed" slice starts at the
+first completion token, so each compared distribution is the one that predicts the token *after*
+it and the first completion token is never supervised. ``teacher_template`` is the
+recommended configuration with what GOLD 1.16 has no option for with text models: its teacher reads the
 *student's* chat template as literal text (``build_teacher_inputs_from_texts`` tokenises the
 decoded student prompt; only the VLM path renders the teacher's own template) and the student's
 end-of-turn token as ten literal characters; the variant gives the teacher its own template and
-drops that text (:class:`MeasuredGOLDTrainer`), to separate GOLD's loss from that plumbing.
-``teacher_template_bayesian`` adds the documented ``uld_token_merge_strategy="bayesian"``
-("probs[k] predicts token_ids[k] (chain rule)"; the default "observed" slice takes the logits
-that predict the token after each one). Each variant gets its own validation sweep.
+drops that text (:class:`MeasuredGOLDTrainer`), to separate GOLD's loss from that plumbing;
+``teacher_template_bayesian`` is both. Each variant gets its own validation sweep. A run that
+GOLD stops with an exception (its ULD loss returns shape ``[1]`` instead of a scalar when no
+completion of a batch has a token besides the end of turn, and ``Trainer`` cannot add that to its
+running loss) is measured as it stood and marked ``crash``.
 
 Throughput: GOLD, ``ctopd train --objective simct`` and ``--objective dpca`` on the same models,
 the first ``steps x 32`` training prompts, the same sampling and ``--threads`` torch threads;
@@ -85,9 +91,11 @@ from pathlib import Path
 # GOLD configurations: (patch the teacher's prompt and end text?, further GOLDConfig options).
 VARIANTS = {
     "recommended": (False, {}),
+    "bayesian": (False, {"uld_token_merge_strategy": "bayesian"}),
     "teacher_template": (True, {}),
     "teacher_template_bayesian": (True, {"uld_token_merge_strategy": "bayesian"}),
 }
+DEFAULT_VARIANTS = ("recommended", "bayesian", "teacher_template_bayesian")
 OURS = ("simct", "dpca")
 
 
@@ -186,6 +194,7 @@ def measured_gold_class():
 
             completion = inputs["input_ids"][inputs["labels"] != -100]
             self.student_tokens += completion.numel()
+            self.completion_lengths = (inputs["labels"] != -100).sum(1).tolist()
             matched = torch.tensor(sorted(self.uld_loss_fn._student_matched_ids))
             self.unmatched_tokens += int((~torch.isin(completion.cpu(), matched)).sum())
             if self.teacher_prompts is not None:
@@ -297,9 +306,15 @@ def gold_run(job: dict) -> dict:
     demo, run_dir = Path(job["demo"]), Path(job["run_dir"])
     shutil.rmtree(run_dir, ignore_errors=True)
     trainer, tokenizer = build_gold(job, read_rows(demo / "train.jsonl"), run_dir / "trainer")
-    started = time.perf_counter()
-    with contextlib.redirect_stdout(open(os.devnull, "w")):
-        trainer.train()
+    started, crash = time.perf_counter(), None
+    try:
+        with contextlib.redirect_stdout(open(os.devnull, "w")):
+            trainer.train()
+    except RuntimeError as err:  # see the module docstring: measured as it stood
+        if "broadcast shape" not in str(err):
+            raise
+        crash = {"step": trainer.state.global_step + 1, "error": str(err),
+                 "longest_completion_tokens": max(trainer.completion_lengths)}
     seconds = time.perf_counter() - started
     model = run_dir / "final"
     export_student(trainer.accelerator, trainer.model, tokenizer, model,
@@ -309,12 +324,16 @@ def gold_run(job: dict) -> dict:
     result = {"accuracy": accuracy(model, data, job["settings"]),
               **sequence_kl(model, demo / "teacher", data, job["settings"])}
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    lengths = [step["tokens"] / job["settings"].method_batch for step in trainer.clock.steps]
     uld = trainer.uld_loss_fn
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"variant": job["variant"], "seed": job["seed"], "lr": job["lr"],
             "steps": trainer.state.global_step, "split": job["split"], **result,
             "seconds": seconds, "eval_seconds": time.perf_counter() - measured_at,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "response_length_first": lengths[0] if lengths else None,
+            "response_length_last": statistics.fmean(lengths[-5:]) if lengths else None,
+            "crash": crash,
             "matched_teacher_ids": len(uld._teacher_matched_ids),
             "teacher_vocab": trainer.teacher_model.config.vocab_size,
             "unmatched_share": trainer.unmatched_tokens / max(1, trainer.student_tokens),
@@ -530,7 +549,10 @@ def _summary(runs: list[dict]) -> dict:
             "seconds": statistics.fmean(r["seconds"] for r in runs), "lr": runs[0]["lr"],
             "unmatched_share": statistics.fmean(r["unmatched_share"] for r in runs),
             "matched_teacher_ids": runs[0]["matched_teacher_ids"],
-            "teacher_vocab": runs[0]["teacher_vocab"], "runs": runs}
+            "teacher_vocab": runs[0]["teacher_vocab"],
+            "response_length_first": statistics.fmean(r["response_length_first"] for r in runs),
+            "response_length_last": statistics.fmean(r["response_length_last"] for r in runs),
+            "crashes": sum(r["crash"] is not None for r in runs), "runs": runs}
 
 
 def _flat_keys(out: dict) -> dict:
@@ -567,8 +589,9 @@ def _version(name: str) -> str | None:
 # --- the table ---------------------------------------------------------------------------------
 
 LABELS = {"recommended": "GOLD, hybrid ULD (TRL's recommended)",
-          "teacher_template": "GOLD + teacher's own template (patched)",
-          "teacher_template_bayesian": "  + uld_token_merge_strategy=bayesian",
+          "bayesian": "GOLD + merge strategy bayesian",
+          "teacher_template": "GOLD + teacher's template (patched)",
+          "teacher_template_bayesian": "GOLD + teacher's template + bayesian",
           "simct": "ctopd simct", "dpca": "ctopd dpca"}
 
 
@@ -576,23 +599,32 @@ def print_table(r: dict) -> None:
     print(f"GOLD (trl {r['trl_version']}) vs ctopd on {r['demo_dir']}: cross-tokenizer student, "
           f"{r['steps']} steps x {r['batch']} prompts, {r['max_new_tokens']} new tokens, "
           f"seeds {','.join(map(str, r['seeds']))}, test split")
-    print(f"{'method':<42}{'lr':>7}{'accuracy':>16}{'per seed':>20}{'KL':>7}{'noncanon':>10}"
-          f"{'s/run':>7}")
+    print(f"{'method':<40}{'lr':>7}{'accuracy':>16}{'per seed':>20}{'KL':>7}{'noncanon':>10}"
+          f"{'s/run':>7}  sampled length, first -> last steps")
     s = r["student_start"]
-    print(f"{'student after warm-up':<42}{'':>7}{s['accuracy']:>16.3f}{'':>20}{s['kl']:>7.3f}")
+    print(f"{'student after warm-up':<40}{'':>7}{s['accuracy']:>16.3f}{'':>20}{s['kl']:>7.3f}")
     rows = [(v, r["gold"][v]) for v in r["gold"]] + [(n, r["ours"][n]) for n in OURS]
     for name, m in rows:
         seeds = " ".join(f"{a:.3f}" for a in m["per_seed"])
         acc = f"{m['accuracy_mean']:.3f} ± {m['accuracy_std']:.3f}"
         nc = "" if m.get("noncanonical") is None else f"{m['noncanonical']:.3f}"
-        print(f"{LABELS[name]:<42}{m['lr']:>7.0e}{acc:>16}{seeds:>20}{m['kl']:>7.3f}{nc:>10}"
-              f"{m['seconds']:>7.0f}")
-    print(f"{'teacher':<42}{'':>7}{r['teacher_accuracy']:>16.3f}")
+        length = (f"  {m['response_length_first']:.1f} -> {m['response_length_last']:.1f}"
+                  if "response_length_first" in m else "")
+        if m.get("crashes"):
+            length += f" ({m['crashes']} crashed)"
+        print(f"{LABELS[name]:<40}{m['lr']:>7.0e}{acc:>16}{seeds:>20}{m['kl']:>7.3f}{nc:>10}"
+              f"{m['seconds']:>7.0f}{length}")
+    print(f"{'teacher':<40}{'':>7}{r['teacher_accuracy']:>16.3f}")
     print(f"(simct / dpca: {r['ours_source']})")
     if r["sweep"]:
-        print(f"\nvalidation sweep (seed 0, {r['sweep_steps']} steps): " + "; ".join(
-            f"{row['variant']} {row['lr']:g}: {row['accuracy']:.3f} (KL {row['kl']:.3f})"
-            for row in r["sweep"]) + f"; chosen {r['chosen_lr']}")
+        print(f"\nvalidation sweep (seed 0, {r['sweep_steps']} steps; sampled length at the "
+              "last steps; chosen: *)")
+        for row in r["sweep"]:
+            mark = "*" if r["chosen_lr"][row["variant"]] == row["lr"] else " "
+            crash = f", crashed at step {row['crash']['step']}" if row["crash"] else ""
+            print(f"  {LABELS[row['variant']]:<40}{row['lr']:>7.0e}{mark} accuracy "
+                  f"{row['accuracy']:.3f}, KL {row['kl']:.3f}, length "
+                  f"{row['response_length_last']:.1f}{crash}")
     tp = r["throughput"]
     print(f"\nthroughput ({r['throughput_note']})")
     print(f"{'tool':<14}{'s/step':>8}{'tokens/s':>10}{'rollout s':>11}{'loss side s':>13}"
@@ -626,7 +658,7 @@ def main() -> int:
     parser.add_argument("--lrs", type=lambda s: tuple(float(x) for x in s.split(",")),
                         help="GOLD's learning-rate grid (default: simct's sweep grid); one "
                         "rate skips the sweep")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         type=lambda s: tuple(s.split(",")),
                         help=f"GOLD configurations, recommended first ({', '.join(VARIANTS)})")
     parser.add_argument("--rerun-ours", action="store_true",
@@ -639,6 +671,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=0,
                         help="training runs side by side (default: CPU cores, at most 2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--output", type=Path, help="also write the JSON object to this file")
     args = parser.parse_args()
     if not set(args.variants) <= set(VARIANTS) or "recommended" not in args.variants:
         parser.error(f"--variants: recommended plus any of {', '.join(VARIANTS)}")
@@ -660,6 +693,8 @@ def main() -> int:
         f"{result['max_new_tokens']} new tokens, {args.threads} torch thread(s), each tool in a "
         f"fresh process, best of {args.throughput_rounds} rounds; peak MiB: rise over the "
         "process after imports")
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     if args.json:
         print(json.dumps(result, default=str))
     else:
