@@ -396,6 +396,81 @@ def train_runs(demo: Path, seeds: list[int], *, steps: int | None = None,
     return rows
 
 
+def build_twin(demo: Path, log=print) -> dict:
+    """The twin teacher in ``demo/twin_teacher`` (reused when its stamp matches): the demo
+    teacher's architecture, initialisation seed, steps, batch and rate, on the student's
+    tokenizer and chat template. Returns ``{"accuracy" (validation), "seconds"}``."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from ctopd.demo.measure import accuracy
+    from ctopd.demo.models import tiny_causal_lm
+    from ctopd.demo.settings import FULL
+    from ctopd.demo.stages import read_stamp, replace_folder, save_model, stage_config, write_stamp
+    from ctopd.training.sft import run_sft
+
+    folder = demo / "twin_teacher"
+    stamp = {**FULL.teacher_stamp(), "tokenizer": "student"}
+    cached = read_stamp(folder, stamp)
+    if cached is not None:
+        return cached
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(demo / "student"))
+    work = demo / "runs" / "limits" / "twin-teacher"
+    model = tiny_causal_lm(tokenizer, hidden_size=FULL.teacher_hidden,
+                           num_layers=FULL.teacher_layers, num_heads=FULL.teacher_heads,
+                           max_positions=512, seed=FULL.task_seed)
+    save_model(model, tokenizer, work / "init")
+    log(f"training the twin teacher ({FULL.teacher_steps} steps) on the student's tokenizer")
+    config = stage_config(FULL, work / "run", data=demo / "train.jsonl", student=work / "init",
+                          teacher=None, steps=FULL.teacher_steps, batch=FULL.teacher_batch,
+                          lr=FULL.teacher_lr, seed=FULL.task_seed, schedule="cosine",
+                          warmup_ratio=0.03)
+    config.sft.source, config.sft.response_field = "data", "answer"
+    run_sft(config)
+    replace_folder(work / "run" / "final", folder)
+    shutil.rmtree(work, ignore_errors=True)
+    result = {"accuracy": accuracy(folder, demo / "validation.jsonl", FULL),
+              "seconds": time.perf_counter() - started}
+    write_stamp(folder, stamp, result)
+    return result
+
+
+def twin_runs(demo: Path, seeds: list[int], *, steps: int | None = None,
+              log=print) -> tuple[dict, list[dict]]:
+    """Same-tokenizer OPD from the twin teacher to the warmed-up cross-tokenizer student, on
+    validation, at the same-tokenizer OPD rate the demo's sweep chose."""
+    from ctopd.demo import settings as demo_settings
+    from ctopd.demo.methods import method_job, run_method
+
+    twin = build_twin(demo, log=log)
+    # A demo folder whose teacher is the twin (the runs read out / "teacher").
+    view = demo / "runs" / "limits" / "twin-view"
+    view.mkdir(parents=True, exist_ok=True)
+    for name in ("student", "train.jsonl", "validation.jsonl"):
+        link = view / name
+        if not link.exists():
+            link.symlink_to((demo / name).resolve())
+    if not (view / "teacher").exists():
+        (view / "teacher").symlink_to((demo / "twin_teacher").resolve())
+    demo_settings.RUN_SPECS["limits_twin_opd"] = ("student", "opd")
+    settings = demo_settings.FULL
+    rows = []
+    for seed in seeds:
+        job = method_job("limits_twin_opd", seed, view, settings, lr=settings.lr("control_opd"),
+                         split="validation", curve=False, steps=steps,
+                         run_dir=view / "runs" / f"twin_opd-seed{seed}")
+        started = time.perf_counter()
+        run = run_method(job)
+        rows.append({"label": "cross: OPD from a teacher on its own tokenizer (twin)",
+                     "objective": "opd", "seed": seed, "lr": job["lr"],
+                     "accuracy": run["accuracy"], "kl": run["kl"],
+                     "seconds": time.perf_counter() - started})
+        log(f"twin OPD seed {seed}: validation accuracy {run['accuracy']:.3f}")
+    return twin, rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-dir", type=Path, default=Path("ctopd-demo"))
@@ -404,6 +479,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None,
                         help="steps per run (default: the demo's method_steps)")
+    parser.add_argument("--twin", action="store_true",
+                        help="also train the twin teacher and run OPD from it (about 6 min)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     for name in ("teacher", "student", "control", "validation.jsonl"):
@@ -418,6 +495,10 @@ def main(argv=None) -> None:
     if args.train:
         result["runs"] = train_runs(args.demo_dir, args.seeds, steps=args.steps,
                                     log=(lambda s: None) if args.json else print)
+    if args.twin:
+        result["twin_teacher"], twin = twin_runs(args.demo_dir, args.seeds, steps=args.steps,
+                                                 log=(lambda s: None) if args.json else print)
+        result.setdefault("runs", []).extend(twin)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -434,10 +515,13 @@ def main(argv=None) -> None:
     cross = result["visible"][0]
     print(f"\nreference offset space {cross['offset']:.5f} vs ctopd simct {cross['simct']:.5f} "
           "nats/token on the same batches")
-    if args.train:
+    if "twin_teacher" in result:
+        print(f"\ntwin teacher (student's tokenizer): validation accuracy "
+              f"{result['twin_teacher']['accuracy']:.3f}")
+    if result.get("runs"):
         print("\n| run | lr | validation accuracy (mean ± std) | per seed | KL |")
         print("| --- | --- | --- | --- | --- |")
-        for label, *_ in RUNS:
+        for label in dict.fromkeys(r["label"] for r in result["runs"]):
             mine = [r for r in result["runs"] if r["label"] == label]
             acc = [r["accuracy"] for r in mine]
             std = statistics.stdev(acc) if len(acc) > 1 else 0.0
