@@ -166,6 +166,9 @@ def reference_objective(pair, resolution: str):
     """
     if resolution not in RESOLUTIONS:
         raise ValueError(f"unknown resolution {resolution!r}; valid: {', '.join(RESOLUTIONS)}")
+    if pair.teacher_table.dummy_prefix or pair.student_table.dummy_prefix:
+        raise ValueError("the brute-force reference does not map a dummy-prefix tokenizer's "
+                         "first response token (use a pair without one)")
     vocabs = (VocabBytes(pair.teacher_table), VocabBytes(pair.student_table))
 
     def objective(*, student_logits, student_ids, alignments, shared_vocab, teacher,
@@ -396,6 +399,45 @@ def train_runs(demo: Path, seeds: list[int], *, steps: int | None = None,
     return rows
 
 
+def agreement() -> list[dict]:
+    """Loss at agreement of ``simct`` and both reference spaces, per tokenizer pair of the
+    invariant tests (the dummy-prefix pair left out: the reference does not map it)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ctopd.core.pair import TokenizerPair
+    from ctopd.demo.tokenizers import train_byte_level_bpe, train_digit_group_bpe
+    from ctopd.objectives.registry import teacher_needs
+    from ctopd.objectives.teacher import teacher_outputs
+    from ctopd.objectives.text_events import text_tables
+    from tests.objectives.agreement import agreement_batch, markov_texts
+    from tests.objectives.test_text_events import agreement_losses, sampled_path_floor
+
+    distribution = markov_texts("ab 12", max_length=6, seed=3)
+    corpus = distribution.sample(3000, seed=1)
+    tokenizers = {"digits": train_byte_level_bpe(corpus, 290, split_digits=True),
+                  "groups": train_digit_group_bpe(corpus, 290),
+                  "bytes": train_byte_level_bpe(corpus, 290, split_digits=False)}
+    texts = [t for t in distribution.sample(400, seed=2) if not t.startswith(" ")][:48]
+    rows = []
+    for teacher_name, student_name in (("digits", "groups"), ("digits", "bytes"),
+                                       ("groups", "digits")):
+        pair = TokenizerPair(tokenizers[teacher_name], tokenizers[student_name])
+        batch = agreement_batch(pair, distribution, texts)
+        tables = text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab)
+        teacher = teacher_outputs(batch.teacher_logits, batch.teacher_ids, pair.shared_vocab,
+                                  teacher_needs("simct") | {"full_logprobs"},
+                                  alignments=batch.alignments,
+                                  student_ids=batch.student_responses, text_tables=tables)
+        row = {"pair": f"{teacher_name} -> {student_name}", "floor": sampled_path_floor(batch),
+               "simct": agreement_losses(pair, batch, space="text")["simct"][0]}
+        for resolution in RESOLUTIONS:
+            loss, _ = reference_objective(pair, resolution)(
+                student_logits=batch.student_logits.detach(), student_ids=batch.student_ids,
+                alignments=batch.alignments, shared_vocab=pair.shared_vocab, teacher=teacher)
+            row[resolution] = float(loss)
+        rows.append(row)
+    return rows
+
+
 def build_twin(demo: Path, log=print) -> dict:
     """The twin teacher in ``demo/twin_teacher`` (reused when its stamp matches): the demo
     teacher's architecture, initialisation seed, steps, batch and rate, on the student's
@@ -479,6 +521,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None,
                         help="steps per run (default: the demo's method_steps)")
+    parser.add_argument("--agreement", action="store_true",
+                        help="also the reference spaces at agreement (run from the repo root)")
     parser.add_argument("--twin", action="store_true",
                         help="also train the twin teacher and run OPD from it (about 6 min)")
     parser.add_argument("--json", action="store_true")
@@ -495,6 +539,8 @@ def main(argv=None) -> None:
     if args.train:
         result["runs"] = train_runs(args.demo_dir, args.seeds, steps=args.steps,
                                     log=(lambda s: None) if args.json else print)
+    if args.agreement:
+        result["agreement"] = agreement()
     if args.twin:
         result["twin_teacher"], twin = twin_runs(args.demo_dir, args.seeds, steps=args.steps,
                                                  log=(lambda s: None) if args.json else print)
@@ -515,6 +561,14 @@ def main(argv=None) -> None:
     cross = result["visible"][0]
     print(f"\nreference offset space {cross['offset']:.5f} vs ctopd simct {cross['simct']:.5f} "
           "nats/token on the same batches")
+    if "agreement" in result:
+        print("\nAt agreement (nats per student token; two models that give every text the same "
+              "probability):")
+        print("| pair | sampled-path floor | simct | reference offset | reference byte |")
+        print("| --- | --- | --- | --- | --- |")
+        for row in result["agreement"]:
+            print(f"| {row['pair']} | {row['floor']:.4f} | {row['simct']:.4f} | "
+                  f"{row['offset']:.4f} | {row['byte']:.4f} |")
     if "twin_teacher" in result:
         print(f"\ntwin teacher (student's tokenizer): validation accuracy "
               f"{result['twin_teacher']['accuracy']:.3f}")
