@@ -23,7 +23,17 @@ Parts (all on the demo's cached folder, ``--demo-dir``):
    demo's way (``ctopd.demo.methods.run_method``): the control with plain OPD, with the offset
    space as if its tokenizers differed, and with DPCA; the cross student with SimCT, the byte
    space and continued SFT. The reference spaces train through
-   :func:`ctopd.objectives.registry.register_objective`.
+   :func:`ctopd.objectives.registry.register_objective`;
+4. ``--agreement``: both reference spaces on the agreement construction of the tests
+   (``tests/objectives``: two canonical models that give every text the same probability,
+   ALGORITHMS §4.3), next to ``simct`` and the sampled-path floor; run from the repository root;
+5. ``--twin``: the ceiling of on-policy distillation *for this student's tokenizer*: a teacher
+   of the demo teacher's size and recipe trained on the student's digit-group tokenizer
+   (``twin_teacher/``, cached), then same-tokenizer OPD (full next-token distributions, nothing
+   lost to alignment) from it to the same warmed-up cross-tokenizer student;
+6. ``--closer``: the cross-tokenizer student warmed up :data:`CLOSER_STEPS` steps longer
+   (``student_closer/``, cached), then SimCT, DPCA, continued SFT and the twin's OPD from it:
+   whether the methods' order depends on how far from the teacher the student starts.
 
 The reference costs ``O(positions x vocabulary)`` Python-side work per step: fine for the demo's
 512/600-token vocabularies, not for real ones.
@@ -31,7 +41,7 @@ The reference costs ``O(positions x vocabulary)`` Python-side work per step: fin
 Usage::
 
     python benchmarks/simct_limits.py --demo-dir ctopd-demo [--prompts 64] [--train]
-        [--seeds 0 1 2] [--json]
+        [--agreement] [--twin] [--closer] [--seeds 0 1 2] [--steps N] [--json]
 """
 
 from __future__ import annotations
@@ -479,38 +489,106 @@ def build_twin(demo: Path, log=print) -> dict:
     return result
 
 
+def _view(demo: Path, name: str, *, teacher: str, student: str) -> Path:
+    """A demo folder of links whose ``teacher/`` and ``student/`` are other folders of
+    ``demo`` (the demo's runs read ``out / "teacher"`` and ``out / "student"``)."""
+    view = demo / "runs" / "limits" / name
+    view.mkdir(parents=True, exist_ok=True)
+    links = {"teacher": teacher, "student": student,
+             **{n: n for n in ("train.jsonl", "validation.jsonl", "teacher_samples.jsonl",
+                               "teacher_samples.json")}}
+    for link, target in links.items():
+        path = view / link
+        if path.is_symlink() or path.exists():
+            path.unlink()
+        path.symlink_to((demo / target).resolve())
+    return view
+
+
+def _runs_from(view: Path, runs: list[tuple[str, str, str]], seeds: list[int],
+               steps: int | None, log) -> list[dict]:
+    """``(label, objective, lr method)`` runs from ``view``'s student, on validation."""
+    from ctopd.demo import settings as demo_settings
+    from ctopd.demo.methods import method_job, run_method
+
+    settings, rows = demo_settings.FULL, []
+    for label, objective, rate_of in runs:
+        name = f"limits_{view.name}_{objective}"
+        demo_settings.RUN_SPECS[name] = ("student", objective)
+        for seed in seeds:
+            job = method_job(name, seed, view, settings, lr=settings.lr(rate_of),
+                             split="validation", curve=False, steps=steps,
+                             run_dir=view / "runs" / f"{objective}-seed{seed}")
+            started = time.perf_counter()
+            run = run_method(job)
+            rows.append({"label": label, "objective": objective, "seed": seed,
+                         "lr": job["lr"], "accuracy": run["accuracy"], "kl": run["kl"],
+                         "seconds": time.perf_counter() - started})
+            log(f"{label:<52} seed {seed}: validation accuracy {run['accuracy']:.3f}")
+    return rows
+
+
 def twin_runs(demo: Path, seeds: list[int], *, steps: int | None = None,
               log=print) -> tuple[dict, list[dict]]:
     """Same-tokenizer OPD from the twin teacher to the warmed-up cross-tokenizer student, on
     validation, at the same-tokenizer OPD rate the demo's sweep chose."""
-    from ctopd.demo import settings as demo_settings
-    from ctopd.demo.methods import method_job, run_method
-
     twin = build_twin(demo, log=log)
-    # A demo folder whose teacher is the twin (the runs read out / "teacher").
-    view = demo / "runs" / "limits" / "twin-view"
-    view.mkdir(parents=True, exist_ok=True)
-    for name in ("student", "train.jsonl", "validation.jsonl"):
-        link = view / name
-        if not link.exists():
-            link.symlink_to((demo / name).resolve())
-    if not (view / "teacher").exists():
-        (view / "teacher").symlink_to((demo / "twin_teacher").resolve())
-    demo_settings.RUN_SPECS["limits_twin_opd"] = ("student", "opd")
-    settings = demo_settings.FULL
-    rows = []
-    for seed in seeds:
-        job = method_job("limits_twin_opd", seed, view, settings, lr=settings.lr("control_opd"),
-                         split="validation", curve=False, steps=steps,
-                         run_dir=view / "runs" / f"twin_opd-seed{seed}")
-        started = time.perf_counter()
-        run = run_method(job)
-        rows.append({"label": "cross: OPD from a teacher on its own tokenizer (twin)",
-                     "objective": "opd", "seed": seed, "lr": job["lr"],
-                     "accuracy": run["accuracy"], "kl": run["kl"],
-                     "seconds": time.perf_counter() - started})
-        log(f"twin OPD seed {seed}: validation accuracy {run['accuracy']:.3f}")
-    return twin, rows
+    view = _view(demo, "twin-view", teacher="twin_teacher", student="student")
+    return twin, _runs_from(view, [("cross: OPD from a teacher on its own tokenizer (twin)",
+                                    "opd", "control_opd")], seeds, steps, log)
+
+
+CLOSER_STEPS = 1000
+
+
+def build_closer(demo: Path, log=print) -> dict:
+    """``demo/student_closer``: the warmed-up cross-tokenizer student after
+    :data:`CLOSER_STEPS` more SFT steps at the warm-up's batch and constant rate, on the
+    reference solutions (the teacher, at 1.000, writes the same texts). Reused when stamped.
+    Returns ``{"accuracy" (validation), "seconds"}``."""
+    import shutil
+
+    from ctopd.demo.measure import accuracy
+    from ctopd.demo.settings import FULL
+    from ctopd.demo.stages import read_stamp, replace_folder, stage_config, write_stamp
+    from ctopd.training.sft import run_sft
+
+    folder = demo / "student_closer"
+    stamp = {**FULL.student_stamp("student"), "extra_steps": CLOSER_STEPS}
+    cached = read_stamp(folder, stamp)
+    if cached is not None:
+        return cached
+    started = time.perf_counter()
+    work = demo / "runs" / "limits" / "closer-warmup"
+    log(f"warming the cross-tokenizer student up for {CLOSER_STEPS} more steps")
+    config = stage_config(FULL, work, data=demo / "train.jsonl", student=demo / "student",
+                          teacher=None, steps=CLOSER_STEPS, batch=FULL.warmup_batch,
+                          lr=FULL.warmup_lr, seed=FULL.task_seed + 7, schedule="constant",
+                          warmup_ratio=0.0)
+    config.sft.source, config.sft.response_field = "data", "answer"
+    run_sft(config)
+    replace_folder(work / "final", folder)
+    shutil.rmtree(work, ignore_errors=True)
+    result = {"accuracy": accuracy(folder, demo / "validation.jsonl", FULL),
+              "seconds": time.perf_counter() - started}
+    write_stamp(folder, stamp, result)
+    return result
+
+
+def closer_runs(demo: Path, seeds: list[int], *, steps: int | None = None,
+                log=print) -> tuple[dict, list[dict]]:
+    """The cross-tokenizer methods, continued SFT and (when the twin teacher is built) the
+    twin's OPD from :func:`build_closer`'s student, on validation, at the demo's rates."""
+    closer = build_closer(demo, log=log)
+    view = _view(demo, "closer-view", teacher="teacher", student="student_closer")
+    rows = _runs_from(view, [("closer start: SimCT", "simct", "simct"),
+                             ("closer start: DPCA", "dpca", "dpca"),
+                             ("closer start: continued SFT", "sft", "sft")], seeds, steps, log)
+    if (demo / "twin_teacher").is_dir():
+        view = _view(demo, "closer-twin-view", teacher="twin_teacher", student="student_closer")
+        rows += _runs_from(view, [("closer start: OPD from the twin teacher", "opd",
+                                   "control_opd")], seeds, steps, log)
+    return closer, rows
 
 
 def main(argv=None) -> None:
@@ -525,6 +603,8 @@ def main(argv=None) -> None:
                         help="also the reference spaces at agreement (run from the repo root)")
     parser.add_argument("--twin", action="store_true",
                         help="also train the twin teacher and run OPD from it (about 6 min)")
+    parser.add_argument("--closer", action="store_true",
+                        help=f"also the runs from a student warmed up {CLOSER_STEPS} steps longer")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     for name in ("teacher", "student", "control", "validation.jsonl"):
@@ -545,6 +625,11 @@ def main(argv=None) -> None:
         result["twin_teacher"], twin = twin_runs(args.demo_dir, args.seeds, steps=args.steps,
                                                  log=(lambda s: None) if args.json else print)
         result.setdefault("runs", []).extend(twin)
+    if args.closer:
+        result["closer_student"], closer = closer_runs(
+            args.demo_dir, args.seeds, steps=args.steps,
+            log=(lambda s: None) if args.json else print)
+        result.setdefault("runs", []).extend(closer)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -572,6 +657,9 @@ def main(argv=None) -> None:
     if "twin_teacher" in result:
         print(f"\ntwin teacher (student's tokenizer): validation accuracy "
               f"{result['twin_teacher']['accuracy']:.3f}")
+    if "closer_student" in result:
+        print(f"closer start (cross-tokenizer student, {CLOSER_STEPS} more warm-up steps): "
+              f"validation accuracy {result['closer_student']['accuracy']:.3f}")
     if result.get("runs"):
         print("\n| run | lr | validation accuracy (mean ± std) | per seed | KL |")
         print("| --- | --- | --- | --- | --- |")
