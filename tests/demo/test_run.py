@@ -131,3 +131,24 @@ def test_demo_rejects_unknown_methods(tmp_path, capsys):
 def test_demo_rejects_zero_seeds(tmp_path, capsys):
     assert main(["demo", "--quick", "--seeds", "0", "--output-dir", str(tmp_path)]) == 2
     assert "--seeds" in capsys.readouterr().out
+
+
+def test_quick_matched_start_stops_each_warm_up_at_its_first_checkpoint_at_target(tmp_path):
+    from ctopd.demo.run import run_demo
+    from ctopd.demo.settings import demo_settings
+
+    settings = demo_settings(quick=True, matched=True)
+    out = tmp_path / "matched"
+    results = run_demo(out, quick=True, matched=True, seeds=1,
+                       methods=("simct", "control_opd"), log=lambda line: None)
+    # Target 0 in quick mode: the first checkpoint reaches it, for both students.
+    first = settings.warmup_check_every
+    assert results["warmup_steps"] == {"student": first, "control": first}
+    for kind in ("student", "control"):
+        (step, accuracy), = results["warmup_curves"][kind]
+        assert step == first and 0.0 <= accuracy <= 1.0
+        stamp = json.loads((out / kind / "demo.json").read_text())
+        assert stamp["settings"]["warmup_target"] == 0.0
+        assert stamp["result"]["warmup_steps"] == first
+    assert results["settings"]["warmup_target"] == 0.0
+    assert "Matched start" in (out / "results.md").read_text()

@@ -60,3 +60,22 @@ def test_parse_runs():
 def test_full_settings_are_a_valid_demo():
     assert isinstance(FULL, DemoSettings) and FULL.num_validation > 0
     assert FULL.method_steps % FULL.eval_every == 0  # a measured point at the end
+
+
+def test_matched_start_settings_and_stamps():
+    from ctopd.demo.settings import MATCHED, demo_settings
+
+    assert demo_settings() is FULL and demo_settings(quick=True) is QUICK
+    matched = demo_settings(matched=True)
+    assert matched.warmup_target == MATCHED["warmup_target"]
+    assert matched.warmup_steps == MATCHED["warmup_steps"] > FULL.warmup_steps
+    # Without a target the stamp is what it was (cached students stay valid); with one it
+    # names the target, so a matched student never passes for a fixed-budget one.
+    assert "warmup_target" not in FULL.student_stamp("student")
+    assert matched.student_stamp("student")["warmup_target"] == MATCHED["warmup_target"]
+    assert demo_settings(quick=True, matched=True).warmup_target == 0.0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="warmup_target"):
+            dataclasses.replace(FULL, warmup_target=bad)
+    with pytest.raises(ValueError, match="warmup_check_every"):
+        dataclasses.replace(FULL, warmup_check_every=0)

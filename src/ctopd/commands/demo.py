@@ -7,6 +7,7 @@ Examples:
     ctopd demo --sweep                      # choose learning rates on the validation split
     ctopd demo --ablation                   # SimCT's supervision spaces on the validation split
     ctopd demo --force                      # retrain the cached teacher, samples and students
+    ctopd demo --matched-start --output-dir ctopd-demo-matched  # students warmed up to 0.45
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--ablation", action="store_true",
                         help="instead of the demo, compare SimCT's supervision spaces on the "
                              "validation split (writes ablation.json and ablation.md)")
+    parser.add_argument("--matched-start", action="store_true",
+                        help="warm each student up until it reaches the same validation "
+                             "accuracy (0.45, at most 2,000 steps) instead of 1,000 steps each; "
+                             "use its own --output-dir")
     parser.add_argument("--force", action="store_true",
                         help="rebuild the teacher, its samples and the students even when cached")
     parser.add_argument("--workers", type=int, default=None,
@@ -56,16 +61,17 @@ def _demo(args: argparse.Namespace) -> int:
         print("error: --sweep and --ablation are separate runs; choose one")
         return 2
     if args.ablation:
-        run_ablation(args.output_dir, quick=args.quick, force=args.force, workers=args.workers)
+        run_ablation(args.output_dir, quick=args.quick, force=args.force, workers=args.workers,
+                     matched=args.matched_start)
         return 0
     if args.sweep:
         run_sweep(args.output_dir, quick=args.quick, methods=methods, force=args.force,
-                  workers=args.workers)
+                  workers=args.workers, matched=args.matched_start)
         return 0
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     if seeds < 1:
         print("error: --seeds must be at least 1")
         return 2
     run_demo(args.output_dir, quick=args.quick, seeds=seeds, methods=methods, force=args.force,
-             workers=args.workers)
+             workers=args.workers, matched=args.matched_start)
     return 0

@@ -58,6 +58,13 @@ def results_markdown(results: dict) -> str:
         "unaligned chunks. Non-canonical samples: the share of the KL samples whose token ids "
         "differ from the student tokenizer's own encoding of their text.",
     ]
+    if settings.get("warmup_target") is not None:
+        steps = results.get("warmup_steps", {})
+        lines.append(
+            f"\nMatched start: each student's warm-up stopped at its first checkpoint (every "
+            f"{settings['warmup_check_every']} steps, up to {settings['warmup_steps']}) with "
+            f"validation accuracy >= {settings['warmup_target']:g}: the cross-tokenizer student "
+            f"after {steps.get('student')} steps, the control after {steps.get('control')}.")
     return "\n".join(lines)
 
 

@@ -51,6 +51,7 @@ from ctopd.demo.settings import (
     QUICK,
     RUNS,
     DemoSettings,
+    demo_settings,
     settings_dict,
 )
 
@@ -78,7 +79,7 @@ def parse_runs(text: str | None) -> tuple[str, ...]:
 
 def run_demo(output_dir: str | Path = "ctopd-demo", *, quick: bool = False, seeds: int = 3,
              methods: tuple[str, ...] = RUNS, force: bool = False, workers: int | None = None,
-             log: Callable[[str], None] = print) -> dict:
+             matched: bool = False, log: Callable[[str], None] = print) -> dict:
     """Run the whole experiment and write its report into ``output_dir``.
 
     Args:
@@ -88,6 +89,8 @@ def run_demo(output_dir: str | Path = "ctopd-demo", *, quick: bool = False, seed
         methods: run names to run (:data:`RUNS`, see :func:`parse_runs`).
         force: rebuild the teacher, its samples and the students even when cached ones match.
         workers: processes side by side (default: CPU cores, at most 2).
+        matched: the matched start (:data:`ctopd.demo.settings.MATCHED`): each student warmed
+            up until it reaches the same validation accuracy.
         log: where progress lines go.
 
     Returns:
@@ -97,7 +100,7 @@ def run_demo(output_dir: str | Path = "ctopd-demo", *, quick: bool = False, seed
     from ctopd.demo.report import plot_curves, results_markdown, write_results
 
     started = time.perf_counter()
-    settings = QUICK if quick else FULL
+    settings = demo_settings(quick=quick, matched=matched)
     out = Path(output_dir)
     with demo_pool(workers) as (pool, size):
         base = build_models(out, settings, seeds=seeds, sft=has_sft(methods), pool=pool,
@@ -183,12 +186,16 @@ def build_models(out: Path, settings: DemoSettings, *, seeds: int, sft: bool, po
     if missing:
         log(f"[demo] warming up the {' and the '.join(_KIND[k] for k in missing)} "
             f"({settings.student_layers} layers x {settings.student_hidden}, "
-            f"{settings.warmup_steps} SFT steps x {settings.warmup_batch} teacher samples)")
+            f"{settings.warmup_steps} SFT steps x {settings.warmup_batch} teacher samples"
+            + (f", each stopped at its first checkpoint with validation accuracy >= "
+               f"{settings.warmup_target:g}" if settings.warmup_target is not None else "")
+            + ")")
     jobs = [dict(kind=kind, out=str(out), settings=settings) for kind in missing]
     for result in pool.map(build_student, jobs):
         students[result["kind"]] = result
-        log(f"[demo] {_KIND[result['kind']]} after warm-up: held-out accuracy "
-            f"{result['accuracy']:.3f}, KL {result['kl']:.3f} ({result['seconds']:.0f} s)")
+        log(f"[demo] {_KIND[result['kind']]} after {result['warmup_steps']} warm-up steps: "
+            f"held-out accuracy {result['accuracy']:.3f}, KL {result['kl']:.3f} "
+            f"({result['seconds']:.0f} s)")
     stages["students"] = _lap(log, "students", started)
     return {"teacher": teacher, "students": students, "stages": stages}
 
@@ -218,6 +225,11 @@ def summarize(base: dict, runs: list[dict], settings: DemoSettings, *, seeds: in
         "student_start_accuracy": student["accuracy"],
         "student_start_kl": student["kl"],
         "student_start_noncanonical": student.get("noncanonical"),
+        "warmup_steps": {kind: base["students"][kind].get("warmup_steps",
+                                                          settings.warmup_steps)
+                         for kind in ("student", "control")},
+        "warmup_curves": {kind: base["students"][kind].get("warmup_curve", [])
+                          for kind in ("student", "control")},
         "methods": methods,
         "controls": controls,
         "seeds": seeds,

@@ -134,21 +134,52 @@ def build_student(job: dict) -> dict:
                            max_positions=512, seed=settings.task_seed + 1)
     save_model(model, tokenizer, runs / "init")
     data = write_sft_data(out, runs / "data.jsonl", *warmup_slice(settings))
+    matched = settings.warmup_target is not None
+    every = settings.warmup_check_every if matched else settings.warmup_steps
     config = stage_config(settings, runs / "train", data=data, student=runs / "init",
                           teacher=None, steps=settings.warmup_steps,
                           batch=settings.warmup_batch, lr=settings.warmup_lr,
                           seed=settings.task_seed, schedule=settings.warmup_schedule,
-                          warmup_ratio=0.05)
+                          warmup_ratio=0.05, save_every=every if matched else 0,
+                          keep_checkpoints=settings.warmup_steps // every + 1)
     config.sft.source, config.sft.response_field = "data", "response"  # the teacher's sample
     run_sft(config)
-    replace_folder(runs / "train" / "final", folder)
+    chosen, steps, curve = runs / "train" / "final", settings.warmup_steps, []
+    if matched:
+        chosen, steps, curve = _first_at_target(runs / "train", out, settings)
+    replace_folder(chosen, folder)
     shutil.rmtree(runs, ignore_errors=True)
     samples = sequence_kl(folder, out / "teacher", out / "test.jsonl", settings)
     result = {"kind": kind, "accuracy": accuracy(folder, out / "test.jsonl", settings),
               "kl": samples["kl"], "noncanonical": samples["noncanonical"],
+              "warmup_steps": steps, "warmup_curve": curve,
               "seconds": time.perf_counter() - started}
     write_stamp(folder, settings.student_stamp(kind), result)
     return result
+
+
+def _first_at_target(run_dir: Path, out: Path, settings: DemoSettings
+                     ) -> tuple[Path, int, list[list[float]]]:
+    """The matched start: the warm-up's first checkpoint whose validation accuracy reaches
+    ``settings.warmup_target`` (the last one when none does).
+
+    Returns:
+        The checkpoint's model folder, its step and ``[step, validation accuracy]`` of every
+        checkpoint measured.
+    """
+    from ctopd.demo.measure import accuracy
+    from ctopd.training.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise RuntimeError(f"the warm-up in {run_dir} saved no checkpoint")
+    curve = []
+    for checkpoint in checkpoints:
+        step = int(checkpoint.name.split("-")[-1])
+        curve.append([step, accuracy(checkpoint / "student", out / "validation.jsonl", settings)])
+        if curve[-1][1] >= settings.warmup_target:
+            break
+    return checkpoint / "student", step, curve
 
 
 def stage_config(settings: DemoSettings, output_dir: Path, *, data: Path, student: Path,

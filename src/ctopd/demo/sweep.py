@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ctopd.demo.settings import FULL, QUICK, RUNS, SIMCT_SPACES, settings_dict
+from ctopd.demo.settings import RUNS, SIMCT_SPACES, demo_settings, settings_dict
 
 
 def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
               methods: tuple[str, ...] = RUNS, force: bool = False, workers: int | None = None,
-              log: Callable[[str], None] = print) -> dict:
+              matched: bool = False, log: Callable[[str], None] = print) -> dict:
     """Sweep the learning rates and write ``sweep.json`` and ``sweep.md`` into ``output_dir``.
 
     Args:
@@ -32,6 +32,7 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
         methods: the run names to sweep.
         force: rebuild the cached models first.
         workers: runs side by side (default: CPU cores, at most 2).
+        matched: the matched start's students (:func:`ctopd.demo.settings.demo_settings`).
         log: where progress lines go.
 
     Returns:
@@ -47,7 +48,7 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
     from ctopd.demo.stages import STUDENT_FOLDERS
 
     started = time.perf_counter()
-    settings = QUICK if quick else FULL
+    settings = demo_settings(quick=quick, matched=matched)
     out = Path(output_dir)
     with demo_pool(workers) as (pool, size):
         build_models(out, settings, seeds=1, sft=has_sft(methods), pool=pool, workers=size,
@@ -76,7 +77,8 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
     sweep = {
         "split": "validation", "num_validation": settings.num_validation, "seed": 0,
         "steps": settings.sweep_steps, "batch": settings.method_batch,
-        "command": sweep_command(quick=quick, methods=methods), "commit": _commit(),
+        "command": sweep_command(quick=quick, methods=methods, matched=matched),
+        "commit": _commit(),
         "rows": rows, "best": choose(rows), "starts": starts, "quick": quick,
         "settings": settings_dict(settings), "seconds": time.perf_counter() - started,
     }
@@ -92,7 +94,7 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
 
 
 def run_ablation(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
-                 force: bool = False, workers: int | None = None,
+                 force: bool = False, workers: int | None = None, matched: bool = False,
                  log: Callable[[str], None] = print) -> dict:
     """``ctopd demo --ablation``: SimCT's supervision spaces (:data:`SIMCT_SPACES`) side by side
     on the validation split; writes ``ablation.json`` and ``ablation.md`` into ``output_dir``.
@@ -113,7 +115,7 @@ def run_ablation(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
     from ctopd.demo.run import build_models, demo_pool
 
     started = time.perf_counter()
-    settings = QUICK if quick else FULL
+    settings = demo_settings(quick=quick, matched=matched)
     out = Path(output_dir)
     with demo_pool(workers) as (pool, size):
         build_models(out, settings, seeds=1, sft=False, pool=pool, workers=size, force=force,
@@ -151,7 +153,8 @@ def run_ablation(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
         "seeds": settings.ablation_seeds, "steps": settings.method_steps,
         "batch": settings.method_batch, "lr": settings.lr("simct"),
         "student_start_accuracy": start,
-        "command": "ctopd demo --ablation" + (" --quick" if quick else ""),
+        "command": "ctopd demo --ablation" + (" --quick" if quick else "")
+        + (" --matched-start" if matched else ""),
         "commit": _commit(), "rows": rows, "spaces": spaces,
         "best": max(spaces, key=lambda k: (spaces[k]["accuracy_mean"], -spaces[k]["kl"])),
         "quick": quick, "seconds": time.perf_counter() - started,
@@ -176,11 +179,13 @@ def choose(rows: list[dict]) -> dict[str, float]:
     return {name: entry["lr"] for name, entry in best.items()}
 
 
-def sweep_command(*, quick: bool, methods: tuple[str, ...]) -> str:
+def sweep_command(*, quick: bool, methods: tuple[str, ...], matched: bool = False) -> str:
     """The command line that reruns this sweep."""
     parts = ["ctopd demo --sweep"]
     if quick:
         parts.append("--quick")
+    if matched:
+        parts.append("--matched-start")
     if tuple(methods) != RUNS:
         parts.append("--methods " + ",".join(methods))
     return " ".join(parts)
