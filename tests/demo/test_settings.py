@@ -74,6 +74,9 @@ def test_matched_start_settings_and_stamps():
     assert "warmup_target" not in FULL.student_stamp("student")
     assert matched.student_stamp("student")["warmup_target"] == MATCHED["warmup_target"]
     assert demo_settings(quick=True, matched=True).warmup_target == 0.0
+    # Its own sweep chose its rates, from the same grids.
+    for name in RUNS:
+        assert matched.lr(name) in matched.sweep_grid(name)
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="warmup_target"):
             dataclasses.replace(FULL, warmup_target=bad)

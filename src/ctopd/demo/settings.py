@@ -188,7 +188,11 @@ QUICK = DemoSettings(
 # cross-tokenizer student at 0.29, far from its teacher, where even OPD from a teacher on its own
 # tokenizer stays below continued SFT; benchmarks/simct_limits.py). Its learning rates come from
 # its own sweep (`ctopd demo --matched-start --sweep`, docs/demo-matched/sweep.md).
-MATCHED = {"warmup_steps": 2000, "warmup_target": 0.45}
+MATCHED = {
+    "warmup_steps": 2000, "warmup_target": 0.45,
+    "method_lrs": (("simct", 1e-3), ("dpca", 3e-4), ("shared_only", 3e-4), ("sft", 1e-3),
+                   ("control_opd", 3e-4), ("control_sft", 1e-3)),
+}
 QUICK_MATCHED = {"warmup_target": 0.0, "warmup_check_every": 2}
 
 
