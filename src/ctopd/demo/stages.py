@@ -134,14 +134,15 @@ def build_student(job: dict) -> dict:
                            max_positions=512, seed=settings.task_seed + 1)
     save_model(model, tokenizer, runs / "init")
     data = write_sft_data(out, runs / "data.jsonl", *warmup_slice(settings))
+    # The matched start keeps a checkpoint every warmup_check_every steps to choose from.
     matched = settings.warmup_target is not None
-    every = settings.warmup_check_every if matched else settings.warmup_steps
+    every = settings.warmup_check_every if matched else 0
     config = stage_config(settings, runs / "train", data=data, student=runs / "init",
                           teacher=None, steps=settings.warmup_steps,
                           batch=settings.warmup_batch, lr=settings.warmup_lr,
                           seed=settings.task_seed, schedule=settings.warmup_schedule,
-                          warmup_ratio=0.05, save_every=every if matched else 0,
-                          keep_checkpoints=settings.warmup_steps // every + 1)
+                          warmup_ratio=0.05, save_every=every,
+                          keep_checkpoints=settings.warmup_steps // every + 1 if matched else 1)
     config.sft.source, config.sft.response_field = "data", "response"  # the teacher's sample
     run_sft(config)
     chosen, steps, curve = runs / "train" / "final", settings.warmup_steps, []
