@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,6 +55,30 @@ def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_pat
         assert [r["student"] for r in controls[name]["runs"]] == ["control", "control"]
         assert controls[name]["runs"][0]["curve"]["kl"][0] == controls["student_start_kl"]
     assert controls["opd"]["aligned_coverage"] == 1.0  # identical tokenizers: every token
+
+    # Every final model and every start is also scored, problem by problem, on the extra test
+    # split; the report compares runs there, paired, with intervals.
+    extra = results["extra_test"]
+    assert set(extra) == {"teacher", "student", "control"}
+    for row in extra.values():
+        assert len(row["outcomes"]) == QUICK.num_extra_test
+        assert row["accuracy"] == row["outcomes"].count("1") / QUICK.num_extra_test
+    for row in [*results["methods"].values(), controls["opd"], controls["sft"]]:
+        for run in row["runs"]:
+            assert len(run["extra_outcomes"]) == QUICK.num_extra_test
+            assert run["extra_accuracy"] == run["extra_outcomes"].count("1") / QUICK.num_extra_test
+        assert row["extra_accuracy_mean"] == sum(r["extra_accuracy"] for r in row["runs"]) / 2
+    responses = (out / "runs" / "simct-seed0" / "extra_test_responses.jsonl").read_text()
+    assert responses.count("\n") == QUICK.num_extra_test
+    compared = {(c["kind"], c["a"], c["b"]) for c in results["comparisons"]}
+    assert ("difference", "simct", "sft") in compared
+    assert ("difference", "control_opd", "control_sft") in compared
+    assert ("gap_fraction", "simct", "control_opd") in compared
+    simct_sft = next(c for c in results["comparisons"] if c["a"] == "simct" and c["b"] == "sft")
+    means = {name: row["extra_accuracy_mean"] for name, row in results["methods"].items()}
+    assert simct_sft["value"] == pytest.approx(means["simct"] - means["sft"])
+    assert simct_sft["low"] <= simct_sft["high"]
+    assert "continued SFT (accuracy)" in (out / "results.md").read_text()
     assert set(results["stages"]) == {"teacher", "samples", "students", "methods"}
     assert "| same-tokenizer OPD |" in printed
     assert (out / "curves.png").stat().st_size > 10_000

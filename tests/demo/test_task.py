@@ -69,13 +69,19 @@ def test_split_is_fixed_and_disjoint():
 
 
 def test_validation_test_and_training_splits_share_no_question():
-    splits = make_splits(400, 60, 70, seed=0)
+    splits = make_splits(400, 60, 70, seed=0, num_extra_test=90)
     questions = [{p.question for p in part} for part in splits]
-    assert [len(q) for q in questions] == [400, 70, 60]  # train, validation, test; no repeats
-    assert not questions[0] & questions[1] and not questions[0] & questions[2]
-    assert not questions[1] & questions[2]
-    # Adding a validation split leaves the training and test problems as they were.
+    # train, validation, test, extra test; no repeats within or across them
+    assert [len(q) for q in questions] == [400, 70, 60, 90]
+    for i, first in enumerate(questions):
+        for second in questions[i + 1:]:
+            assert not first & second
+    # Adding a validation split leaves the training and test problems as they were; adding
+    # extra test problems leaves all three as they were.
     assert make_split(400, 60, seed=0) == (splits.train, splits.test)
+    without = make_splits(400, 60, 70, seed=0)
+    assert without.extra_test == []
+    assert (without.train, without.validation, without.test) == splits[:3]
 
 
 def test_demo_folders_hold_disjoint_splits(tmp_path):
@@ -85,10 +91,10 @@ def test_demo_folders_hold_disjoint_splits(tmp_path):
     prepare_data(tmp_path, QUICK)
     rows = {name: [json.loads(line)["messages"][0]["content"]
                    for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
-            for name in ("train", "validation", "test")}
-    assert [len(rows[n]) for n in rows] == [QUICK.num_train, QUICK.num_validation, QUICK.num_test]
-    assert not set(rows["validation"]) & set(rows["test"])
-    assert not (set(rows["validation"]) | set(rows["test"])) & set(rows["train"])
+            for name in ("train", "validation", "test", "extra_test")}
+    assert [len(rows[n]) for n in rows] == [QUICK.num_train, QUICK.num_validation, QUICK.num_test,
+                                            QUICK.num_extra_test]
+    assert len(set().union(*rows.values())) == sum(len(r) for r in rows.values())  # disjoint
 
 
 def test_jsonl_is_the_trainer_format(tmp_path):

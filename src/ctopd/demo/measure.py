@@ -34,6 +34,29 @@ def accuracy(model_dir: Path, data_path: Path, settings: DemoSettings) -> float:
     return result["accuracy"]
 
 
+def outcomes(model_dir: Path, data_path: Path, settings: DemoSettings,
+             responses_path: Path | None = None) -> str:
+    """Greedy exact-final-answer outcome of every row of ``data_path``, in order, as a string of
+    ``1`` (right) and ``0`` (wrong): compact in ``results.json``, and what paired comparisons
+    between runs need (:mod:`ctopd.demo.compare`). ``responses_path``: where to keep each
+    response (one JSON row per problem, see :func:`ctopd.training.evaluate.evaluate`)."""
+    from ctopd.training.evaluate import evaluate
+
+    result = evaluate(str(model_dir), None, data_path, max_new_tokens=settings.max_new_tokens,
+                      batch_size=settings.eval_batch, output_path=responses_path)
+    return "".join("1" if hit else "0" for hit in result["outcomes"])
+
+
+def measure_outcomes(job: dict) -> dict:
+    """:func:`outcomes` of one model folder (runs in a worker process). ``job``: ``model``,
+    ``data``, ``settings`` and a ``key`` returned with the outcomes."""
+    from ctopd.demo.stages import one_thread
+
+    one_thread()
+    return {"key": job["key"],
+            "outcomes": outcomes(Path(job["model"]), Path(job["data"]), job["settings"])}
+
+
 def sequence_kl(student_dir: Path, teacher_dir: Path, data_path: Path,
                 settings: DemoSettings) -> dict:
     """Reverse KL per student token, measured the same way for every method and either

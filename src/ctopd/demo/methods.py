@@ -48,7 +48,10 @@ def run_method(job: dict) -> dict:
         final model on ``split``; ``coverage``, ``aligned_coverage``, ``unaligned_share``
         (over all steps, :func:`ctopd.demo.measure.coverage`) and ``train_kl`` (the
         objective's own, mean of the last steps), all ``None`` for SFT; ``seconds`` (training
-        wall time), ``eval_seconds`` (the measurements after it) and ``curve`` (``step``,
+        wall time), ``eval_seconds`` (the measurements after it); ``extra_accuracy`` and
+        ``extra_outcomes`` (per problem, :func:`ctopd.demo.measure.outcomes`) of the final model
+        on the extra test split, ``None`` unless ``split`` is ``test`` (its responses stay in
+        ``run_dir/extra_test_responses.jsonl``); and ``curve`` (``step``,
         ``accuracy``, ``kl`` at step 0 and at each checkpoint; ``train_kl_step``, ``train_kl``
         per step).
     """
@@ -64,6 +67,7 @@ def run_method(job: dict) -> dict:
     started = time.perf_counter()
     rows = read_metrics(run_dir)
     points = _measure(job, out / STUDENT_FOLDERS[kind], run_dir)
+    extra = _measure_extra(job, run_dir)
     shutil.rmtree(run_dir / "final", ignore_errors=True)
     for checkpoint in run_dir.glob("checkpoint-*"):
         shutil.rmtree(checkpoint, ignore_errors=True)
@@ -74,6 +78,8 @@ def run_method(job: dict) -> dict:
         "name": job["name"], "student": kind, "method": objective, "seed": job["seed"],
         "lr": job["lr"], "steps": summary["steps"],
         "accuracy": final["accuracy"], "kl": final["kl"], "noncanonical": final["noncanonical"],
+        "extra_accuracy": None if extra is None else extra.count("1") / max(len(extra), 1),
+        "extra_outcomes": extra,
         "coverage": shares[0], "aligned_coverage": shares[1], "unaligned_share": shares[2],
         "train_kl": None if sft else summary["final_metrics"].get("kl"),
         "seconds": summary["seconds"], "eval_seconds": time.perf_counter() - started,
@@ -141,6 +147,20 @@ def _measure(job: dict, student_dir: Path, run_dir: Path) -> list[dict]:
     return points
 
 
+def _measure_extra(job: dict, run_dir: Path) -> str | None:
+    """The final checkpoint's outcomes on ``extra_test.jsonl`` (test runs only; the sweep and
+    the ablation read the validation split alone)."""
+    from ctopd.demo.measure import outcomes
+    from ctopd.training.checkpoint import list_checkpoints
+
+    settings, out = job["settings"], Path(job["out"])
+    if job["split"] != "test" or not settings.num_extra_test:
+        return None
+    final = list_checkpoints(run_dir)[-1] / "student"
+    return outcomes(final, out / "extra_test.jsonl", settings,
+                    responses_path=run_dir / "extra_test_responses.jsonl")
+
+
 def gap_closed(accuracy: float | None, start: float, teacher: float) -> float | None:
     """``(accuracy - start) / (teacher - start)``: the share of the student → teacher gap a run
     closed (``None`` when there is no gap)."""
@@ -149,17 +169,28 @@ def gap_closed(accuracy: float | None, start: float, teacher: float) -> float | 
     return (accuracy - start) / (teacher - start)
 
 
-def summarize_method(runs: list[dict], *, start: float, teacher: float) -> dict:
+def summarize_method(runs: list[dict], *, start: float, teacher: float,
+                     extra_start: float | None = None,
+                     extra_teacher: float | None = None) -> dict:
     """One method over its seeds: means (and the accuracy's std), ``gap_closed`` and each
-    seed's run (with its own ``gap_closed``)."""
+    seed's run (with its own ``gap_closed``); the same on the extra test split
+    (``extra_accuracy_mean``, ``extra_accuracy_std``, ``extra_gap_closed`` from the start's and
+    the teacher's extra accuracies), ``None`` where it was not measured."""
     runs = sorted(runs, key=lambda r: r["seed"])
     runs = [{**r, "gap_closed": gap_closed(r["accuracy"], start, teacher)} for r in runs]
     accuracies = [r["accuracy"] for r in runs]
     mean = statistics.fmean(accuracies)
+    extra = [r.get("extra_accuracy") for r in runs]
+    extra_mean = statistics.fmean(extra) if extra and None not in extra else None
     return {
         "accuracy": mean, "accuracy_mean": mean,
         "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
         "gap_closed": gap_closed(mean, start, teacher),
+        "extra_accuracy_mean": extra_mean,
+        "extra_accuracy_std": (statistics.stdev(extra) if extra_mean is not None
+                               and len(extra) > 1 else None),
+        "extra_gap_closed": (None if extra_mean is None or extra_start is None
+                             else gap_closed(extra_mean, extra_start, extra_teacher)),
         "kl": _mean([r["kl"] for r in runs]),
         "coverage": _mean([r["coverage"] for r in runs]),
         "aligned_coverage": _mean([r["aligned_coverage"] for r in runs]),

@@ -58,6 +58,8 @@ def results_markdown(results: dict) -> str:
         "unaligned chunks. Non-canonical samples: the share of the KL samples whose token ids "
         "differ from the student tokenizer's own encoding of their text.",
     ]
+    if results.get("extra_test") and results.get("comparisons"):
+        lines += ["", extra_markdown(results)]
     if settings.get("warmup_target") is not None:
         steps = results.get("warmup_steps", {})
         lines.append(
@@ -65,6 +67,47 @@ def results_markdown(results: dict) -> str:
             f"{settings['warmup_check_every']} steps, up to {settings['warmup_steps']}) with "
             f"validation accuracy >= {settings['warmup_target']:g}: the cross-tokenizer student "
             f"after {steps.get('student')} steps, the control after {steps.get('control')}.")
+    return "\n".join(lines)
+
+
+def extra_markdown(results: dict) -> str:
+    """The final models on the extra test split: accuracy and gap closed per run, then the
+    paired comparisons (``results["comparisons"]``) with their intervals."""
+    extra, settings = results["extra_test"], results["settings"]
+    lines = [f"On {settings['num_extra_test']} more held-out problems (the final models):",
+             "", "| run | accuracy (mean ± std over seeds) | gap closed |", "| --- | --- | --- |",
+             f"| teacher | {extra['teacher']['accuracy']:.3f} | |",
+             f"| student after warm-up | {extra['student']['accuracy']:.3f} | |"]
+    rows = [(LABELS.get(m, m), row) for m, row in results["methods"].items()]
+    rows.append(("same-tokenizer control after warm-up", None))
+    rows += [(LABELS[f"control_{m}"], row) for m, row in _control_rows(results).items()]
+    for label, row in rows:
+        if row is None:
+            lines.append(f"| {label} | {extra['control']['accuracy']:.3f} | |")
+        elif row.get("extra_accuracy_mean") is not None:
+            std = row.get("extra_accuracy_std")
+            spread = "" if std is None else f" ± {std:.3f}"
+            lines.append(f"| {label} | {row['extra_accuracy_mean']:.3f}{spread} "
+                         f"| {_fmt(row.get('extra_gap_closed'))} |")
+    lines += ["", "| comparison | value | 95% interval | resamples above 0 |",
+              "| --- | --- | --- | --- |"]
+    for row in results["comparisons"]:
+        a, b = LABELS.get(row["a"], row["a"]), LABELS.get(row["b"], row["b"])
+        if row["kind"] == "difference":
+            label = f"{a} − {b} (accuracy)"
+            value, low, high = (None if row[k] is None else f"{row[k]:+.3f}"
+                                for k in ("value", "low", "high"))
+        else:
+            label = f"{a}: gap closed / {b}'s"
+            value, low, high = (None if row[k] is None else f"{row[k]:.2f}"
+                                for k in ("value", "low", "high"))
+        interval = "–" if low is None else f"[{low}, {high}]"
+        lines.append(f"| {label} | {value or '–'} | {interval} | {_fmt(row['above_zero'])} |")
+    draws = results["comparisons"][0]["draws"]
+    lines += ["", f"Intervals: 95%, {draws} bootstrap resamples of the problems (one draw for "
+              "every run, so differences are paired) plus each method's seed-to-seed spread "
+              "(ctopd.demo.compare); resamples above 0: the share of resamples in which the "
+              "value is positive."]
     return "\n".join(lines)
 
 

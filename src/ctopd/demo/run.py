@@ -105,6 +105,7 @@ def run_demo(output_dir: str | Path = "ctopd-demo", *, quick: bool = False, seed
     with demo_pool(workers) as (pool, size):
         base = build_models(out, settings, seeds=seeds, sft=has_sft(methods), pool=pool,
                             workers=size, force=force, log=log)
+        base["extra_test"] = measure_extra_starts(out, settings, pool=pool, log=log)
         stage = time.perf_counter()
         jobs = [method_job(name, seed, out, settings) for seed in range(seeds)
                 for name in methods]
@@ -200,25 +201,56 @@ def build_models(out: Path, settings: DemoSettings, *, seeds: int, sft: bool, po
     return {"teacher": teacher, "students": students, "stages": stages}
 
 
+def measure_extra_starts(out: Path, settings: DemoSettings, *, pool,
+                         log: Callable[[str], None]) -> dict:
+    """Outcomes of the teacher and both warmed-up students on ``extra_test.jsonl`` (a string of
+    0/1 per problem each, :func:`ctopd.demo.measure.outcomes`), and their accuracies; empty
+    when the settings have no extra test problems."""
+    from ctopd.demo.measure import measure_outcomes
+
+    if not settings.num_extra_test:
+        return {}
+    jobs = [dict(key=key, model=str(out / key), data=str(out / "extra_test.jsonl"),
+                 settings=settings) for key in ("teacher", "student", "control")]
+    found = {r["key"]: r["outcomes"] for r in pool.map(measure_outcomes, jobs)}
+    extra = {key: {"accuracy": text.count("1") / len(text), "outcomes": text}
+             for key, text in found.items()}
+    log(f"[demo] on {settings.num_extra_test} extra test problems: "
+        + ", ".join(f"{_NAME[key]} {row['accuracy']:.3f}" for key, row in extra.items()))
+    return extra
+
+
+_NAME = {"teacher": "teacher", "student": "cross-tokenizer student",
+         "control": "same-tokenizer control"}
+
+
 def summarize(base: dict, runs: list[dict], settings: DemoSettings, *, seeds: int, quick: bool,
               seconds: float) -> dict:
     """The ``results.json`` content: per method the mean over seeds and every seed's run;
-    the same-tokenizer control's runs under ``controls``."""
+    the same-tokenizer control's runs under ``controls``; the starts' outcomes on the extra
+    test split under ``extra_test`` and the paired comparisons there under ``comparisons``
+    (:func:`comparisons`)."""
     from ctopd.demo.methods import summarize_method
 
     teacher = base["teacher"]["accuracy"]
     student, control = base["students"]["student"], base["students"]["control"]
+    extra = base.get("extra_test", {})
 
-    def of(name: str, start: float) -> dict:
+    def extra_of(key: str) -> float | None:
+        return extra[key]["accuracy"] if key in extra else None
+
+    def of(name: str, start: float, kind: str) -> dict:
         return summarize_method([r for r in runs if r["name"] == name], start=start,
-                                teacher=teacher)
+                                teacher=teacher, extra_start=extra_of(kind),
+                                extra_teacher=extra_of("teacher"))
 
     ran = {r["name"] for r in runs}
-    methods = {name: of(name, student["accuracy"]) for name in CROSS_METHODS if name in ran}
+    methods = {name: of(name, student["accuracy"], "student") for name in CROSS_METHODS
+               if name in ran}
     controls = {"student_start_accuracy": control["accuracy"],
                 "student_start_kl": control["kl"],
                 "student_start_noncanonical": control.get("noncanonical"),
-                **{name.removeprefix("control_"): of(name, control["accuracy"])
+                **{name.removeprefix("control_"): of(name, control["accuracy"], "control")
                    for name in CONTROL_METHODS if name in ran}}
     return {
         "teacher_accuracy": teacher,
@@ -232,6 +264,8 @@ def summarize(base: dict, runs: list[dict], settings: DemoSettings, *, seeds: in
                           for kind in ("student", "control")},
         "methods": methods,
         "controls": controls,
+        "extra_test": extra,
+        "comparisons": comparisons(extra, runs),
         "seeds": seeds,
         "quick": quick,
         "settings": settings_dict(settings),
@@ -244,6 +278,45 @@ def summarize(base: dict, runs: list[dict], settings: DemoSettings, *, seeds: in
 
 
 _KIND = {"student": "cross-tokenizer student", "control": "same-tokenizer control"}
+
+# The paired comparisons the report makes (run names), where both ran: each cross-tokenizer
+# on-policy method against continued SFT and shared-only OPD (the baselines it must beat), SimCT
+# against DPCA, and the control's OPD against its SFT.
+COMPARISONS = (("simct", "sft"), ("dpca", "sft"), ("simct", "shared_only"),
+               ("dpca", "shared_only"), ("simct", "dpca"), ("control_opd", "control_sft"))
+
+
+def comparisons(extra: dict, runs: list[dict]) -> list[dict]:
+    """Paired comparisons on the extra test split (:mod:`ctopd.demo.compare`): for each pair of
+    :data:`COMPARISONS` that ran, the difference of mean accuracy with its 95% interval; and,
+    for each cross-tokenizer on-policy method, the share of its gap closed as a fraction of
+    the same-tokenizer OPD's (the starts and the teacher resampled with it).
+
+    Returns:
+        rows of ``kind`` (``difference`` or ``gap_fraction``), ``a``, ``b`` (run names),
+        ``value``, ``low``, ``high``, ``above_zero``, ``problems``, ``draws``; empty without
+        extra test outcomes.
+    """
+    from ctopd.demo.compare import difference, gap_fraction_ratio, outcome_matrix
+
+    outcomes = {}
+    for run in sorted(runs, key=lambda r: r["seed"]):
+        if run.get("extra_outcomes"):
+            outcomes.setdefault(run["name"], []).append(run["extra_outcomes"])
+    if not extra or not outcomes:
+        return []
+    matrix = {name: outcome_matrix(texts) for name, texts in outcomes.items()}
+    start = {key: outcome_matrix([row["outcomes"]]) for key, row in extra.items()}
+    rows = [{"kind": "difference", "a": a, "b": b, **difference(matrix[a], matrix[b])}
+            for a, b in COMPARISONS if a in matrix and b in matrix]
+    if "control_opd" in matrix:
+        for name in ("simct", "dpca", "shared_only", "sft"):
+            if name in matrix:
+                rows.append({"kind": "gap_fraction", "a": name, "b": "control_opd",
+                             **gap_fraction_ratio(matrix[name], start["student"],
+                                                  matrix["control_opd"], start["control"],
+                                                  start["teacher"])})
+    return rows
 
 
 def has_sft(names) -> bool:

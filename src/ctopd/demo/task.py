@@ -112,24 +112,29 @@ def generate_problems(count: int, *, seed: int, **ranges) -> list[Problem]:
 
 
 class Splits(NamedTuple):
-    """Training, validation and test problems; no question appears in two of them."""
+    """Training, validation, test and extra test problems; no question appears in two of them."""
 
     train: list[Problem]
     validation: list[Problem]
     test: list[Problem]
+    extra_test: list[Problem] = []
 
 
 def make_splits(
-    num_train: int, num_test: int, num_validation: int, *, seed: int = 0, **kwargs
+    num_train: int, num_test: int, num_validation: int, *, seed: int = 0,
+    num_extra_test: int = 0, **kwargs
 ) -> Splits:
-    """A fixed three-way split of ``num_train + num_test + num_validation`` distinct problems
-    from ``seed``: training first, then test, then validation. The training and test parts are
-    those of :func:`make_split` with the same arguments, whatever ``num_validation`` is, so adding
-    a validation split changes neither."""
-    problems = generate_problems(num_train + num_test + num_validation, seed=seed, **kwargs)
+    """A fixed split of ``num_train + num_test + num_validation + num_extra_test`` distinct
+    problems from ``seed``: training first, then test, then validation, then the extra test
+    problems (a larger held-out set the final models are also scored on). Each part is the same
+    whatever the later parts' sizes are: the training and test parts are those of
+    :func:`make_split` with the same arguments, and adding extra test problems changes none of
+    the other three."""
+    total = num_train + num_test + num_validation
+    problems = generate_problems(total + num_extra_test, seed=seed, **kwargs)
     test_end = num_train + num_test
-    return Splits(train=problems[:num_train], validation=problems[test_end:],
-                  test=problems[num_train:test_end])
+    return Splits(train=problems[:num_train], validation=problems[test_end:total],
+                  test=problems[num_train:test_end], extra_test=problems[total:])
 
 
 def make_split(

@@ -147,7 +147,8 @@ def evaluate(
 
     Returns:
         ``accuracy``, ``num_examples``, ``correct``, ``answered`` (share with an extractable
-        answer), ``response_length_mean`` (tokens), ``seconds``.
+        answer), ``response_length_mean`` (tokens), ``seconds``, ``outcomes`` (per example, in
+        data order: whether its answer was right).
     """
     start = time.perf_counter()
     model, tokenizer = _load(model_path_or_model, tokenizer, chat_template, dtype)
@@ -181,4 +182,4 @@ def evaluate(
     count = max(len(rows), 1)
     return {"accuracy": correct / count, "num_examples": len(rows), "correct": correct,
             "answered": answered / count, "response_length_mean": tokens / count,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "outcomes": [row["correct"] for row in rows]}
