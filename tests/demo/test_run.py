@@ -74,11 +74,20 @@ def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_pat
     assert ("difference", "simct", "sft") in compared
     assert ("difference", "control_opd", "control_sft") in compared
     assert ("gap_fraction", "simct", "control_opd") in compared
-    simct_sft = next(c for c in results["comparisons"] if c["a"] == "simct" and c["b"] == "sft")
+    final = QUICK.method_steps
+    for run in results["methods"]["simct"]["runs"]:  # every checkpoint, the last as above
+        assert run["curve"]["extra_step"] == list(range(QUICK.eval_every, final + 1,
+                                                        QUICK.eval_every))
+        assert run["curve"]["extra_outcomes"][-1] == run["extra_outcomes"]
+    assert {c["step"] for c in results["comparisons"] if c["kind"] == "difference"} == set(
+        run["curve"]["extra_step"])
+    simct_sft = next(c for c in results["comparisons"]
+                     if c["a"] == "simct" and c["b"] == "sft" and c["step"] == final)
     means = {name: row["extra_accuracy_mean"] for name, row in results["methods"].items()}
     assert simct_sft["value"] == pytest.approx(means["simct"] - means["sft"])
     assert simct_sft["low"] <= simct_sft["high"]
-    assert "continued SFT (accuracy)" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert "continued SFT (accuracy)" in report and "Accuracy differences by step" in report
     assert set(results["stages"]) == {"teacher", "samples", "students", "methods"}
     assert "| same-tokenizer OPD |" in printed
     assert (out / "curves.png").stat().st_size > 10_000

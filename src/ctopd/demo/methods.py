@@ -51,7 +51,8 @@ def run_method(job: dict) -> dict:
         wall time), ``eval_seconds`` (the measurements after it); ``extra_accuracy`` and
         ``extra_outcomes`` (per problem, :func:`ctopd.demo.measure.outcomes`) of the final model
         on the extra test split, ``None`` unless ``split`` is ``test`` (its responses stay in
-        ``run_dir/extra_test_responses.jsonl``); and ``curve`` (``step``,
+        ``run_dir/extra_test_responses.jsonl``); and ``curve`` (``extra_step``,
+        ``extra_accuracy``, ``extra_outcomes``: the same at each checkpoint; ``step``,
         ``accuracy``, ``kl`` at step 0 and at each checkpoint; ``train_kl_step``, ``train_kl``
         per step).
     """
@@ -78,15 +79,18 @@ def run_method(job: dict) -> dict:
         "name": job["name"], "student": kind, "method": objective, "seed": job["seed"],
         "lr": job["lr"], "steps": summary["steps"],
         "accuracy": final["accuracy"], "kl": final["kl"], "noncanonical": final["noncanonical"],
-        "extra_accuracy": None if extra is None else extra.count("1") / max(len(extra), 1),
-        "extra_outcomes": extra,
+        "extra_accuracy": _share(extra[max(extra)]) if extra else None,
+        "extra_outcomes": extra[max(extra)] if extra else None,
         "coverage": shares[0], "aligned_coverage": shares[1], "unaligned_share": shares[2],
         "train_kl": None if sft else summary["final_metrics"].get("kl"),
         "seconds": summary["seconds"], "eval_seconds": time.perf_counter() - started,
         "curve": {"step": [p["step"] for p in points],
                   "accuracy": [p["accuracy"] for p in points], "kl": [p["kl"] for p in points],
                   "train_kl_step": [r["step"] for r in rows if "kl" in r],
-                  "train_kl": [r["kl"] for r in rows if "kl" in r]},
+                  "train_kl": [r["kl"] for r in rows if "kl" in r],
+                  "extra_step": sorted(extra),
+                  "extra_accuracy": [_share(extra[step]) for step in sorted(extra)],
+                  "extra_outcomes": [extra[step] for step in sorted(extra)]},
     }
 
 
@@ -147,18 +151,25 @@ def _measure(job: dict, student_dir: Path, run_dir: Path) -> list[dict]:
     return points
 
 
-def _measure_extra(job: dict, run_dir: Path) -> str | None:
-    """The final checkpoint's outcomes on ``extra_test.jsonl`` (test runs only; the sweep and
-    the ablation read the validation split alone)."""
+def _measure_extra(job: dict, run_dir: Path) -> dict[int, str]:
+    """Outcomes on ``extra_test.jsonl`` by step: of every checkpoint when the job measures a
+    curve, else of the final one; the final checkpoint's responses are kept in
+    ``run_dir/extra_test_responses.jsonl``. Test runs only (the sweep and the ablation read
+    the validation split alone): empty otherwise."""
     from ctopd.demo.measure import outcomes
     from ctopd.training.checkpoint import list_checkpoints
 
     settings, out = job["settings"], Path(job["out"])
     if job["split"] != "test" or not settings.num_extra_test:
-        return None
-    final = list_checkpoints(run_dir)[-1] / "student"
-    return outcomes(final, out / "extra_test.jsonl", settings,
-                    responses_path=run_dir / "extra_test_responses.jsonl")
+        return {}
+    checkpoints = list_checkpoints(run_dir)
+    if not job["curve"]:
+        checkpoints = checkpoints[-1:]
+    return {int(c.name.split("-")[-1]): outcomes(
+                c / "student", out / "extra_test.jsonl", settings,
+                responses_path=run_dir / "extra_test_responses.jsonl" if c == checkpoints[-1]
+                else None)
+            for c in checkpoints}
 
 
 def gap_closed(accuracy: float | None, start: float, teacher: float) -> float | None:
@@ -202,6 +213,11 @@ def summarize_method(runs: list[dict], *, start: float, teacher: float,
         "steps": runs[0]["steps"], "lr": runs[0]["lr"],
         "runs": runs,
     }
+
+
+def _share(outcomes: str) -> float:
+    """Accuracy of an outcome string (``1`` right, ``0`` wrong per problem)."""
+    return outcomes.count("1") / max(len(outcomes), 1)
 
 
 def _mean(values: list) -> float | None:

@@ -89,9 +89,13 @@ def extra_markdown(results: dict) -> str:
             spread = "" if std is None else f" ± {std:.3f}"
             lines.append(f"| {label} | {row['extra_accuracy_mean']:.3f}{spread} "
                          f"| {_fmt(row.get('extra_gap_closed'))} |")
-    lines += ["", "| comparison | value | 95% interval | resamples above 0 |",
+    final = max(row["step"] for row in results["comparisons"])
+    lines += ["", f"At the end (step {final}):", "",
+              "| comparison | value | 95% interval | resamples above 0 |",
               "| --- | --- | --- | --- |"]
     for row in results["comparisons"]:
+        if row["step"] != final:
+            continue
         a, b = LABELS.get(row["a"], row["a"]), LABELS.get(row["b"], row["b"])
         if row["kind"] == "difference":
             label = f"{a} − {b} (accuracy)"
@@ -103,12 +107,34 @@ def extra_markdown(results: dict) -> str:
                                 for k in ("value", "low", "high"))
         interval = "–" if low is None else f"[{low}, {high}]"
         lines.append(f"| {label} | {value or '–'} | {interval} | {_fmt(row['above_zero'])} |")
+    lines += ["", *_differences_by_step(results["comparisons"])]
     draws = results["comparisons"][0]["draws"]
     lines += ["", f"Intervals: 95%, {draws} bootstrap resamples of the problems (one draw for "
               "every run, so differences are paired) plus each method's seed-to-seed spread "
               "(ctopd.demo.compare); resamples above 0: the share of resamples in which the "
               "value is positive."]
     return "\n".join(lines)
+
+
+def _differences_by_step(rows: list[dict]) -> list[str]:
+    """The accuracy differences at every measured step: one line per comparison, one column
+    per step, each cell the difference and its interval."""
+    steps = sorted({r["step"] for r in rows if r["kind"] == "difference"})
+    pairs = list(dict.fromkeys((r["a"], r["b"]) for r in rows if r["kind"] == "difference"))
+    if len(steps) < 2:
+        return []
+    cell = {(r["a"], r["b"], r["step"]): r for r in rows if r["kind"] == "difference"}
+    lines = ["Accuracy differences by step:", "",
+             "| comparison | " + " | ".join(f"step {s}" for s in steps) + " |",
+             "| --- |" + " --- |" * len(steps)]
+    for a, b in pairs:
+        cells = []
+        for step in steps:
+            row = cell.get((a, b, step))
+            cells.append("" if row is None or row["value"] is None else
+                         f"{row['value']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]")
+        lines.append(f"| {LABELS.get(a, a)} − {LABELS.get(b, b)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _row(label: str, accuracy: str, *, lr: str = "", per_seed: str = "", gap: str = "",
