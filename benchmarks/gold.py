@@ -5,8 +5,8 @@ demo's common KL and throughput, on the same models, prompts, budgets and sampli
     python benchmarks/gold.py --demo-dir ctopd-demo [--seeds 0,1,2] [--steps 100] [--lrs 3e-4,1e-3]
         [--variants recommended,teacher_template] [--rerun-ours] [--json] [--output FILE]
 
-Reads a finished ``ctopd demo`` folder (``teacher/``, ``student/``, the three splits,
-``results.json``) and trains the warmed-up cross-tokenizer student from the teacher with
+Reads a finished ``ctopd demo --fixed-warmup`` folder (``teacher/``, ``student/``, the
+splits, ``results.json``) and trains the warmed-up cross-tokenizer student from the teacher with
 ``trl.experimental.gold.GOLDTrainer`` in the cross-tokenizer configuration TRL's GOLD page
 recommends (``docs/source/gold_trainer.md``, "Usage tips" and its explicit example):
 
@@ -471,14 +471,15 @@ def teacher_reading_student_template(demo: Path, settings) -> dict:
 
 def run_all(args, log) -> dict:
     from ctopd.demo.methods import method_job, run_method, summarize_method
-    from ctopd.demo.settings import FULL, settings_dict
+    from ctopd.demo.settings import FIXED_WARMUP, settings_dict
     from ctopd.demo.sweep import choose
 
-    started, settings = time.perf_counter(), FULL
+    started, settings = time.perf_counter(), FIXED_WARMUP
     demo_results = json.loads((args.demo_dir / "results.json").read_text(encoding="utf-8"))
     if demo_results.get("settings") != settings_dict(settings):
         raise SystemExit(f"error: {args.demo_dir}/results.json was written with other settings "
-                         "than ctopd.demo.settings.FULL; rerun `ctopd demo` first")
+                         "than ctopd.demo.settings.FIXED_WARMUP; rerun `ctopd demo "
+                         "--fixed-warmup` first")
     steps = args.steps or settings.method_steps
     sweep_steps = args.sweep_steps or settings.sweep_steps
     grid = args.lrs or settings.sweep_grid("simct")
@@ -688,8 +689,8 @@ def main() -> int:
     for name in ("teacher", "student", "train.jsonl", "validation.jsonl", "test.jsonl",
                  "results.json"):
         if not (args.demo_dir / name).exists():
-            print(f"error: {args.demo_dir / name} is missing; run `ctopd demo --output-dir "
-                  f"{args.demo_dir}` first", file=sys.stderr)
+            print(f"error: {args.demo_dir / name} is missing; run `ctopd demo --fixed-warmup "
+                  f"--output-dir {args.demo_dir}` first", file=sys.stderr)
             return 2
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     result = run_all(args, log)

@@ -395,7 +395,7 @@ def train_runs(demo: Path, seeds: list[int], *, steps: int | None = None,
                                {"token_logprobs", "full_logprobs"})
         demo_settings.RUN_SPECS[name] = (folder, objective)
         for seed in seeds:
-            settings = demo_settings.FULL
+            settings = demo_settings.FIXED_WARMUP
             job = method_job(name, seed, demo, settings, lr=settings.lr(rate_of),
                              split="validation", curve=False, steps=steps,
                              run_dir=demo / "runs" / "limits" / f"{name}-seed{seed}")
@@ -458,32 +458,32 @@ def build_twin(demo: Path, log=print) -> dict:
 
     from ctopd.demo.measure import accuracy
     from ctopd.demo.models import tiny_causal_lm
-    from ctopd.demo.settings import FULL
+    from ctopd.demo.settings import FIXED_WARMUP
     from ctopd.demo.stages import read_stamp, replace_folder, save_model, stage_config, write_stamp
     from ctopd.training.sft import run_sft
 
     folder = demo / "twin_teacher"
-    stamp = {**FULL.teacher_stamp(), "tokenizer": "student"}
+    stamp = {**FIXED_WARMUP.teacher_stamp(), "tokenizer": "student"}
     cached = read_stamp(folder, stamp)
     if cached is not None:
         return cached
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(demo / "student"))
     work = demo / "runs" / "limits" / "twin-teacher"
-    model = tiny_causal_lm(tokenizer, hidden_size=FULL.teacher_hidden,
-                           num_layers=FULL.teacher_layers, num_heads=FULL.teacher_heads,
-                           max_positions=512, seed=FULL.task_seed)
+    model = tiny_causal_lm(tokenizer, hidden_size=FIXED_WARMUP.teacher_hidden,
+                           num_layers=FIXED_WARMUP.teacher_layers, num_heads=FIXED_WARMUP.teacher_heads,
+                           max_positions=512, seed=FIXED_WARMUP.task_seed)
     save_model(model, tokenizer, work / "init")
-    log(f"training the twin teacher ({FULL.teacher_steps} steps) on the student's tokenizer")
-    config = stage_config(FULL, work / "run", data=demo / "train.jsonl", student=work / "init",
-                          teacher=None, steps=FULL.teacher_steps, batch=FULL.teacher_batch,
-                          lr=FULL.teacher_lr, seed=FULL.task_seed, schedule="cosine",
+    log(f"training the twin teacher ({FIXED_WARMUP.teacher_steps} steps) on the student's tokenizer")
+    config = stage_config(FIXED_WARMUP, work / "run", data=demo / "train.jsonl", student=work / "init",
+                          teacher=None, steps=FIXED_WARMUP.teacher_steps, batch=FIXED_WARMUP.teacher_batch,
+                          lr=FIXED_WARMUP.teacher_lr, seed=FIXED_WARMUP.task_seed, schedule="cosine",
                           warmup_ratio=0.03)
     config.sft.source, config.sft.response_field = "data", "answer"
     run_sft(config)
     replace_folder(work / "run" / "final", folder)
     shutil.rmtree(work, ignore_errors=True)
-    result = {"accuracy": accuracy(folder, demo / "validation.jsonl", FULL),
+    result = {"accuracy": accuracy(folder, demo / "validation.jsonl", FIXED_WARMUP),
               "seconds": time.perf_counter() - started}
     write_stamp(folder, stamp, result)
     return result
@@ -511,7 +511,7 @@ def _runs_from(view: Path, runs: list[tuple[str, str, str]], seeds: list[int],
     from ctopd.demo import settings as demo_settings
     from ctopd.demo.methods import method_job, run_method
 
-    settings, rows = demo_settings.FULL, []
+    settings, rows = demo_settings.FIXED_WARMUP, []
     for label, objective, rate_of in runs:
         name = f"limits_{view.name}_{objective}"
         demo_settings.RUN_SPECS[name] = ("student", objective)
@@ -549,27 +549,27 @@ def build_closer(demo: Path, log=print) -> dict:
     import shutil
 
     from ctopd.demo.measure import accuracy
-    from ctopd.demo.settings import FULL
+    from ctopd.demo.settings import FIXED_WARMUP
     from ctopd.demo.stages import read_stamp, replace_folder, stage_config, write_stamp
     from ctopd.training.sft import run_sft
 
     folder = demo / "student_closer"
-    stamp = {**FULL.student_stamp("student"), "extra_steps": CLOSER_STEPS}
+    stamp = {**FIXED_WARMUP.student_stamp("student"), "extra_steps": CLOSER_STEPS}
     cached = read_stamp(folder, stamp)
     if cached is not None:
         return cached
     started = time.perf_counter()
     work = demo / "runs" / "limits" / "closer-warmup"
     log(f"warming the cross-tokenizer student up for {CLOSER_STEPS} more steps")
-    config = stage_config(FULL, work, data=demo / "train.jsonl", student=demo / "student",
-                          teacher=None, steps=CLOSER_STEPS, batch=FULL.warmup_batch,
-                          lr=FULL.warmup_lr, seed=FULL.task_seed + 7, schedule="constant",
+    config = stage_config(FIXED_WARMUP, work, data=demo / "train.jsonl", student=demo / "student",
+                          teacher=None, steps=CLOSER_STEPS, batch=FIXED_WARMUP.warmup_batch,
+                          lr=FIXED_WARMUP.warmup_lr, seed=FIXED_WARMUP.task_seed + 7, schedule="constant",
                           warmup_ratio=0.0)
     config.sft.source, config.sft.response_field = "data", "answer"
     run_sft(config)
     replace_folder(work / "final", folder)
     shutil.rmtree(work, ignore_errors=True)
-    result = {"accuracy": accuracy(folder, demo / "validation.jsonl", FULL),
+    result = {"accuracy": accuracy(folder, demo / "validation.jsonl", FIXED_WARMUP),
               "seconds": time.perf_counter() - started}
     write_stamp(folder, stamp, result)
     return result
@@ -609,8 +609,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for name in ("teacher", "student", "control", "validation.jsonl"):
         if not (args.demo_dir / name).exists():
-            sys.exit(f"{args.demo_dir / name} is missing: run `ctopd demo --output-dir "
-                     f"{args.demo_dir}` first (it caches the models this script reads)")
+            sys.exit(f"{args.demo_dir / name} is missing: run `ctopd demo --fixed-warmup "
+                     f"--output-dir {args.demo_dir}` first (it caches the models this script reads)")
     from ctopd.demo.stages import one_thread
 
     one_thread()

@@ -22,6 +22,7 @@ def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_pat
     assert "| SimCT OPD |" in printed and "training the teacher" in printed
 
     results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["warmup_target"] == 0.0  # the matched start is the default
     assert 0.0 <= results["teacher_accuracy"] <= 1.0
     assert 0.0 <= results["student_start_accuracy"] <= 1.0
     assert set(results["methods"]) == set(METHODS)
@@ -128,11 +129,15 @@ def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_pat
     assert "sft" not in again["controls"]
 
     # The sweep: every learning rate of each grid, scored on the validation split.
-    assert main(["demo", "--quick", "--sweep", "--methods", "sft,control_opd",
+    # With the fixed warm-up (the students are rebuilt: their stamps name no target).
+    assert main(["demo", "--quick", "--sweep", "--fixed-warmup", "--methods", "sft,control_opd",
                  "--output-dir", str(out)]) == 0
+    assert "warming up the cross-tokenizer student" in capsys.readouterr().out
     sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["split"] == "validation"
-    assert sweep["command"] == "ctopd demo --sweep --quick --methods sft,control_opd"
+    assert sweep["command"] == "ctopd demo --sweep --quick --fixed-warmup --methods sft,control_opd"
+    assert "warmup_target" not in json.loads((out / "student" / "demo.json").read_text())[
+        "settings"]
     tried = {(r["name"], r["lr"]) for r in sweep["rows"]}
     assert tried == {(n, lr) for n in ("sft", "control_opd") for lr in QUICK.sweep_grid(n)}
     for name, lr in sweep["best"].items():
@@ -160,6 +165,14 @@ def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_pat
 def test_demo_rejects_unknown_methods(tmp_path, capsys):
     assert main(["demo", "--quick", "--methods", "simct,opd", "--output-dir", str(tmp_path)]) == 2
     assert "unknown method opd" in capsys.readouterr().out
+
+
+def test_demo_starts_are_either_matched_or_fixed(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--quick", "--matched-start", "--fixed-warmup",
+              "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_demo_rejects_zero_seeds(tmp_path, capsys):

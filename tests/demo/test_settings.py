@@ -62,18 +62,26 @@ def test_full_settings_are_a_valid_demo():
     assert FULL.method_steps % FULL.eval_every == 0  # a measured point at the end
 
 
-def test_matched_start_settings_and_stamps():
-    from ctopd.demo.settings import MATCHED, demo_settings
+def test_matched_start_is_the_default_and_the_fixed_warmup_stays_selectable():
+    from ctopd.demo.settings import FIXED_WARMUP, MATCHED, demo_settings
+    from ctopd.demo.sweep import sweep_command
 
-    assert demo_settings() is FULL and demo_settings(quick=True) is QUICK
-    matched = demo_settings(matched=True)
-    assert matched.warmup_target == MATCHED["warmup_target"]
-    assert matched.warmup_steps == MATCHED["warmup_steps"] > FULL.warmup_steps
+    matched = demo_settings()
+    assert matched is FULL and matched.warmup_target == MATCHED["warmup_target"]
+    assert demo_settings(matched=False) is FIXED_WARMUP and FIXED_WARMUP.warmup_target is None
+    assert demo_settings(quick=True, matched=False) is QUICK
+    assert demo_settings(quick=True).warmup_target == 0.0
+    assert matched.warmup_steps == MATCHED["warmup_steps"] > FIXED_WARMUP.warmup_steps
+    # Everything else is the fixed warm-up's: the same teacher, samples and budgets.
+    assert matched.samples_stamp() == FIXED_WARMUP.samples_stamp()
+    assert matched.method_steps == FIXED_WARMUP.method_steps
     # Without a target the stamp is what it was (cached students stay valid); with one it
     # names the target, so a matched student never passes for a fixed-budget one.
-    assert "warmup_target" not in FULL.student_stamp("student")
+    assert "warmup_target" not in FIXED_WARMUP.student_stamp("student")
     assert matched.student_stamp("student")["warmup_target"] == MATCHED["warmup_target"]
-    assert demo_settings(quick=True, matched=True).warmup_target == 0.0
+    assert sweep_command(quick=False, methods=RUNS) == "ctopd demo --sweep"
+    assert sweep_command(quick=False, methods=RUNS, matched=False) == (
+        "ctopd demo --sweep --fixed-warmup")
     # Its own sweep chose its rates, from the same grids.
     for name in RUNS:
         assert matched.lr(name) in matched.sweep_grid(name)

@@ -1,13 +1,13 @@
 """``ctopd demo``: the built-in experiment (see :mod:`ctopd.demo.run`).
 
 Examples:
-    ctopd demo                              # full run, 3 seeds, into ./ctopd-demo
+    ctopd demo                              # full run, 3 seeds, into ./ctopd-demo (matched start)
     ctopd demo --quick --seeds 1            # CI-sized, about a minute
     ctopd demo --methods simct,control_opd  # a subset of the runs
     ctopd demo --sweep                      # choose learning rates on the validation split
     ctopd demo --ablation                   # SimCT's supervision spaces on the validation split
     ctopd demo --force                      # retrain the cached teacher, samples and students
-    ctopd demo --matched-start --output-dir ctopd-demo-matched  # students warmed up to 0.45
+    ctopd demo --fixed-warmup --output-dir ctopd-demo-fixed  # both students warmed up 1,000 steps
 """
 
 from __future__ import annotations
@@ -37,10 +37,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--ablation", action="store_true",
                         help="instead of the demo, compare SimCT's supervision spaces on the "
                              "validation split (writes ablation.json and ablation.md)")
-    parser.add_argument("--matched-start", action="store_true",
-                        help="warm each student up until it reaches the same validation "
-                             "accuracy (0.45, at most 2,000 steps) instead of 1,000 steps each; "
-                             "use its own --output-dir")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--matched-start", action="store_true",
+                       help="the default: warm each student up until it reaches the same "
+                            "validation accuracy (0.45, checked every 250 steps, at most 2,000)")
+    start.add_argument("--fixed-warmup", action="store_true",
+                       help="warm both students up 1,000 steps each instead (the earlier "
+                            "default); use its own --output-dir")
     parser.add_argument("--force", action="store_true",
                         help="rebuild the teacher, its samples and the students even when cached")
     parser.add_argument("--workers", type=int, default=None,
@@ -62,16 +65,16 @@ def _demo(args: argparse.Namespace) -> int:
         return 2
     if args.ablation:
         run_ablation(args.output_dir, quick=args.quick, force=args.force, workers=args.workers,
-                     matched=args.matched_start)
+                     matched=not args.fixed_warmup)
         return 0
     if args.sweep:
         run_sweep(args.output_dir, quick=args.quick, methods=methods, force=args.force,
-                  workers=args.workers, matched=args.matched_start)
+                  workers=args.workers, matched=not args.fixed_warmup)
         return 0
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     if seeds < 1:
         print("error: --seeds must be at least 1")
         return 2
     run_demo(args.output_dir, quick=args.quick, seeds=seeds, methods=methods, force=args.force,
-             workers=args.workers, matched=args.matched_start)
+             workers=args.workers, matched=not args.fixed_warmup)
     return 0

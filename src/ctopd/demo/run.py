@@ -16,9 +16,12 @@ Top to bottom, everything local and seeded:
    every SFT stage below trains on a slice of them (:mod:`ctopd.demo.samples`);
 4. **students** — two of the same architecture and initialisation: ``student/`` with the
    digit-group tokenizer and its own header-style chat template (cross-tokenizer), ``control/``
-   with the teacher's tokenizer and template (same-tokenizer control), warmed up exactly alike
-   on the same teacher samples, side by side, at a constant learning rate (the stable phase of
-   a warmup-stable-decay schedule; each run below is its decay phase);
+   with the teacher's tokenizer and template (same-tokenizer control), warmed up alike on the
+   same teacher samples, side by side, at a constant learning rate (the stable phase of a
+   warmup-stable-decay schedule; each run below is its decay phase). By default each warm-up
+   stops at its first checkpoint that reaches the same validation accuracy (the matched start,
+   so that "gap closed" compares like with like); ``--fixed-warmup``: both train the same
+   number of steps;
 5. **methods** — equal budgets (steps × prompts per step), once per seed, two runs at a time
    (:mod:`ctopd.demo.methods`): from ``student/`` ``simct``, ``dpca`` and ``shared_only``
    on-policy distillation and continued SFT; from ``control/`` same-tokenizer ``opd`` and
@@ -82,7 +85,7 @@ def parse_runs(text: str | None) -> tuple[str, ...]:
 
 def run_demo(output_dir: str | Path = "ctopd-demo", *, quick: bool = False, seeds: int = 3,
              methods: tuple[str, ...] = RUNS, force: bool = False, workers: int | None = None,
-             matched: bool = False, log: Callable[[str], None] = print) -> dict:
+             matched: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run the whole experiment and write its report into ``output_dir``.
 
     Args:
@@ -92,8 +95,9 @@ def run_demo(output_dir: str | Path = "ctopd-demo", *, quick: bool = False, seed
         methods: run names to run (:data:`RUNS`, see :func:`parse_runs`).
         force: rebuild the teacher, its samples and the students even when cached ones match.
         workers: processes side by side (default: CPU cores, at most 2).
-        matched: the matched start (:data:`ctopd.demo.settings.MATCHED`): each student warmed
-            up until it reaches the same validation accuracy.
+        matched: the matched start (:data:`ctopd.demo.settings.MATCHED`, the default): each
+            student warmed up until it reaches the same validation accuracy; ``False``
+            (``--fixed-warmup``): both warmed up ``warmup_steps`` steps.
         log: where progress lines go.
 
     Returns:

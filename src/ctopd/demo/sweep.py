@@ -23,7 +23,7 @@ from ctopd.demo.settings import RUNS, SIMCT_SPACES, demo_settings, settings_dict
 
 def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
               methods: tuple[str, ...] = RUNS, force: bool = False, workers: int | None = None,
-              matched: bool = False, log: Callable[[str], None] = print) -> dict:
+              matched: bool = True, log: Callable[[str], None] = print) -> dict:
     """Sweep the learning rates and write ``sweep.json`` and ``sweep.md`` into ``output_dir``.
 
     Args:
@@ -32,7 +32,8 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
         methods: the run names to sweep.
         force: rebuild the cached models first.
         workers: runs side by side (default: CPU cores, at most 2).
-        matched: the matched start's students (:func:`ctopd.demo.settings.demo_settings`).
+        matched: the matched start's students (the default), else the fixed warm-up's
+            (:func:`ctopd.demo.settings.demo_settings`).
         log: where progress lines go.
 
     Returns:
@@ -94,7 +95,7 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
 
 
 def run_ablation(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
-                 force: bool = False, workers: int | None = None, matched: bool = False,
+                 force: bool = False, workers: int | None = None, matched: bool = True,
                  log: Callable[[str], None] = print) -> dict:
     """``ctopd demo --ablation``: SimCT's supervision spaces (:data:`SIMCT_SPACES`) side by side
     on the validation split; writes ``ablation.json`` and ``ablation.md`` into ``output_dir``.
@@ -154,7 +155,7 @@ def run_ablation(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
         "batch": settings.method_batch, "lr": settings.lr("simct"),
         "student_start_accuracy": start,
         "command": "ctopd demo --ablation" + (" --quick" if quick else "")
-        + (" --matched-start" if matched else ""),
+        + ("" if matched else " --fixed-warmup"),
         "commit": _commit(), "rows": rows, "spaces": spaces,
         "best": max(spaces, key=lambda k: (spaces[k]["accuracy_mean"], -spaces[k]["kl"])),
         "quick": quick, "seconds": time.perf_counter() - started,
@@ -179,13 +180,13 @@ def choose(rows: list[dict]) -> dict[str, float]:
     return {name: entry["lr"] for name, entry in best.items()}
 
 
-def sweep_command(*, quick: bool, methods: tuple[str, ...], matched: bool = False) -> str:
+def sweep_command(*, quick: bool, methods: tuple[str, ...], matched: bool = True) -> str:
     """The command line that reruns this sweep."""
     parts = ["ctopd demo --sweep"]
     if quick:
         parts.append("--quick")
-    if matched:
-        parts.append("--matched-start")
+    if not matched:
+        parts.append("--fixed-warmup")
     if tuple(methods) != RUNS:
         parts.append("--methods " + ",".join(methods))
     return " ".join(parts)
