@@ -91,7 +91,7 @@ class DemoSettings:
     method_batch: int = 32
     method_warmup_ratio: float = 0.1
     # Peak learning rate per run name (RUNS), as the sweep on the validation split chose it
-    # (docs/demo/sweep.md).
+    # (docs/demo-fixed-warmup/sweep.md; the matched start overrides them, see MATCHED).
     method_lrs: tuple[tuple[str, float], ...] = (
         ("simct", 3e-4), ("dpca", 3e-4), ("shared_only", 3e-4), ("sft", 1e-3),
         ("control_opd", 1e-3), ("control_sft", 1e-3),
@@ -198,7 +198,7 @@ QUICK = DemoSettings(
 # 0.47 and the cross-tokenizer student at 0.29, far from its teacher, where even OPD from a
 # teacher on its own tokenizer stays below continued SFT; benchmarks/simct_limits.py). "Gap
 # closed" compares the two students only from starts this alike. Its learning rates come from its
-# own sweep (`ctopd demo --sweep`, docs/demo-matched/sweep.md).
+# own sweep (`ctopd demo --sweep`, docs/demo/sweep.md).
 MATCHED = {
     "warmup_steps": 2000, "warmup_target": 0.45,
     "method_lrs": (("simct", 1e-3), ("dpca", 3e-4), ("shared_only", 3e-4), ("sft", 1e-3),
