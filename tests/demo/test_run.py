@@ -175,6 +175,15 @@ def test_demo_starts_are_either_matched_or_fixed(tmp_path, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+def test_calibrate_is_its_own_run_of_the_control_alone(tmp_path, capsys):
+    for extra in (["--sweep"], ["--ablation"], ["--methods", "control_opd"]):
+        assert main(["demo", "--quick", "--calibrate", *extra,
+                     "--output-dir", str(tmp_path)]) == 2
+    printed = capsys.readouterr().out
+    assert "separate runs; choose one" in printed and "drop --methods" in printed
+    assert not (tmp_path / "teacher").exists()  # refused before anything was built
+
+
 def test_demo_rejects_zero_seeds(tmp_path, capsys):
     assert main(["demo", "--quick", "--seeds", "0", "--output-dir", str(tmp_path)]) == 2
     assert "--seeds" in capsys.readouterr().out
@@ -199,3 +208,33 @@ def test_quick_matched_start_stops_each_warm_up_at_its_first_checkpoint_at_targe
         assert stamp["result"]["warmup_steps"] == first
     assert results["settings"]["warmup_target"] == 0.0
     assert "Matched start" in (out / "results.md").read_text()
+
+    # The budget calibration on the same students: the control's OPD and SFT at every budget
+    # and seed, each final model scored problem by problem on the extra validation split.
+    assert main(["demo", "--quick", "--calibrate", "--output-dir", str(out)]) == 0
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["split"] == "extra_validation"
+    assert calibration["command"] == "ctopd demo --calibrate --quick"
+    ran = sorted((r["name"], r["steps"], r["seed"]) for r in calibration["rows"])
+    assert ran == sorted((name, steps, seed) for name in ("control_opd", "control_sft")
+                         for steps in settings.calibration_steps
+                         for seed in range(settings.calibration_seeds))
+    for row in calibration["rows"]:  # each trained its own budget, at the demo's rate
+        config = yaml.safe_load((out / "runs" / "calibration" / f"{row['name']}-{row['steps']}-"
+                                 f"seed{row['seed']}" / "config.yaml").read_text())
+        assert config["max_steps"] == row["steps"]
+        assert row["lr"] == settings.lr(row["name"]) == config["optim"]["lr"]
+        if row["name"] == "control_sft":  # the head of its seed's slice, one budget long
+            data = (out / "runs" / "calibration" / f"control_sft-{row['steps']}-seed"
+                    f"{row['seed']}" / "data.jsonl").read_text().splitlines()
+            assert len(data) == row["steps"] * settings.method_batch
+        assert 0.0 <= row["accuracy"] <= 1.0
+    for steps, entry in calibration["budgets"].items():
+        mine = [r["accuracy"] for r in calibration["rows"]
+                if r["name"] == "control_opd" and r["steps"] == int(steps)]
+        assert entry["opd"]["seeds"] == mine
+        assert entry["difference"]["problems"] == settings.num_extra_validation
+    assert calibration["best"] in settings.calibration_steps
+    assert calibration["separates"] == (
+        calibration["budgets"][str(calibration["best"])]["difference"]["low"] > 0)
+    assert "OPD − SFT" in (out / "calibration.md").read_text()

@@ -36,6 +36,15 @@ def test_pool_slices_do_not_overlap_and_seeds_extend_the_pool():
     assert samples_needed(FULL, seeds=3, warmup=False, sft=False) == 0
     # A sweep's shorter SFT run takes the head of its seed's slice.
     assert sft_slice(FULL, 0, steps=10) == (sft_slice(FULL, 0)[0], 10 * FULL.method_batch)
+    # Each seed's slice holds the longest calibration budget even when the demo's is shorter:
+    # no two seeds share a sample, and the demo's run is the head of the calibration's.
+    short = dataclasses.replace(FULL, method_steps=25, calibration_steps=(25, 50, 100))
+    longest = [sft_slice(short, seed, steps=100) for seed in range(3)]
+    spans = [set(range(start, start + count)) for start, count in longest]
+    assert all(not a & b for i, a in enumerate(spans) for b in spans[i + 1:])
+    assert not spans[0] & set(range(*warm)) and min(spans[0]) >= sum(warm)
+    assert samples_needed(short, seeds=3, warmup=False, sft=True) == max(spans[2]) + 1
+    assert sft_slice(short, 1) == (longest[1][0], 25 * short.method_batch)
     # One permutation of the prompts after another: a longer pool starts with a shorter one.
     assert pool_order(50, 120, seed=0)[:70] == pool_order(50, 70, seed=0)
     assert sorted(pool_order(50, 50, seed=0)) == list(range(50))

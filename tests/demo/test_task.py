@@ -71,8 +71,8 @@ def test_split_is_fixed_and_disjoint():
 def test_validation_test_and_training_splits_share_no_question():
     splits = make_splits(400, 60, 70, seed=0, num_extra_test=90)
     questions = [{p.question for p in part} for part in splits]
-    # train, validation, test, extra test; no repeats within or across them
-    assert [len(q) for q in questions] == [400, 70, 60, 90]
+    # train, validation, test, extra test, extra validation; no repeats within or across them
+    assert [len(q) for q in questions] == [400, 70, 60, 90, 0]  # no extra validation asked
     for i, first in enumerate(questions):
         for second in questions[i + 1:]:
             assert not first & second
@@ -80,8 +80,13 @@ def test_validation_test_and_training_splits_share_no_question():
     # extra test problems leaves all three as they were.
     assert make_split(400, 60, seed=0) == (splits.train, splits.test)
     without = make_splits(400, 60, 70, seed=0)
-    assert without.extra_test == []
+    assert without.extra_test == [] and without.extra_validation == []
     assert (without.train, without.validation, without.test) == splits[:3]
+    # Extra validation problems come last: every other part stays as it was, none shared.
+    more = make_splits(400, 60, 70, seed=0, num_extra_test=90, num_extra_validation=80)
+    assert more[:4] == splits[:4] and len(more.extra_validation) == 80
+    earlier = set().union(*({p.question for p in part} for part in more[:4]))
+    assert len({p.question for p in more.extra_validation} - earlier) == 80
 
 
 def test_demo_folders_hold_disjoint_splits(tmp_path):
@@ -91,9 +96,9 @@ def test_demo_folders_hold_disjoint_splits(tmp_path):
     prepare_data(tmp_path, QUICK)
     rows = {name: [json.loads(line)["messages"][0]["content"]
                    for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
-            for name in ("train", "validation", "test", "extra_test")}
+            for name in ("train", "validation", "test", "extra_test", "extra_validation")}
     assert [len(rows[n]) for n in rows] == [QUICK.num_train, QUICK.num_validation, QUICK.num_test,
-                                            QUICK.num_extra_test]
+                                            QUICK.num_extra_test, QUICK.num_extra_validation]
     assert len(set().union(*rows.values())) == sum(len(r) for r in rows.values())  # disjoint
 
 

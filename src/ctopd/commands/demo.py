@@ -6,6 +6,7 @@ Examples:
     ctopd demo --methods simct,control_opd  # a subset of the runs
     ctopd demo --sweep                      # choose learning rates on the validation split
     ctopd demo --ablation                   # SimCT's supervision spaces on the validation split
+    ctopd demo --calibrate                  # the budget at which same-tokenizer OPD beats SFT
     ctopd demo --force                      # retrain the cached teacher, samples and students
     ctopd demo --fixed-warmup --output-dir ctopd-demo-fixed  # both students warmed up 1,000 steps
 """
@@ -37,6 +38,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--ablation", action="store_true",
                         help="instead of the demo, compare SimCT's supervision spaces on the "
                              "validation split (writes ablation.json and ablation.md)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="instead of the demo, find the budget (steps per run) at which "
+                             "the same-tokenizer control's OPD beats its continued SFT, on the "
+                             "extra validation split (writes calibration.json and "
+                             "calibration.md)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--matched-start", action="store_true",
                        help="the default: warm each student up until it reaches the same "
@@ -53,16 +59,23 @@ def add_parser(subparsers) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from ctopd.demo.run import parse_runs, run_demo
-    from ctopd.demo.sweep import run_ablation, run_sweep
+    from ctopd.demo.sweep import run_ablation, run_calibration, run_sweep
 
     try:
         methods = parse_runs(args.methods)
     except ValueError as err:
         print(f"error: --methods: {err}")
         return 2
-    if args.sweep and args.ablation:
-        print("error: --sweep and --ablation are separate runs; choose one")
+    if sum((args.sweep, args.ablation, args.calibrate)) > 1:
+        print("error: --sweep, --ablation and --calibrate are separate runs; choose one")
         return 2
+    if args.calibrate:
+        if args.methods:
+            print("error: --calibrate runs the same-tokenizer control only; drop --methods")
+            return 2
+        run_calibration(args.output_dir, quick=args.quick, force=args.force,
+                        workers=args.workers, matched=not args.fixed_warmup)
+        return 0
     if args.ablation:
         run_ablation(args.output_dir, quick=args.quick, force=args.force, workers=args.workers,
                      matched=not args.fixed_warmup)

@@ -23,14 +23,20 @@ from ctopd.demo.settings import RUN_SPECS, DemoSettings
 
 def method_job(name: str, seed: int, out: Path, settings: DemoSettings, *, lr: float | None = None,
                steps: int | None = None, split: str = "test", curve: bool = True,
-               run_dir: Path | None = None, objective_options: dict | None = None) -> dict:
-    """The job :func:`run_method` runs: the demo's defaults unless the sweep or the ablation
-    overrides them (``objective_options``: ``objective`` config fields, e.g. ``space``)."""
+               run_dir: Path | None = None, objective_options: dict | None = None,
+               outcomes_split: str | None = None) -> dict:
+    """The job :func:`run_method` runs: the demo's defaults unless the sweep, the ablation or
+    the calibration overrides them (``objective_options``: ``objective`` config fields, e.g.
+    ``space``; ``outcomes_split``: the split scored problem by problem, by default
+    ``extra_test`` for test runs and none otherwise)."""
+    if outcomes_split is None and split == "test":
+        outcomes_split = "extra_test"
     return dict(name=name, seed=seed, out=str(out), settings=settings,
                 lr=settings.lr(name) if lr is None else lr,
                 steps=settings.method_steps if steps is None else steps, split=split,
                 curve=curve, run_dir=str(run_dir or out / "runs" / f"{name}-seed{seed}"),
-                objective_options=dict(objective_options or {}))
+                objective_options=dict(objective_options or {}),
+                outcomes_split=outcomes_split)
 
 
 def run_method(job: dict) -> dict:
@@ -50,8 +56,9 @@ def run_method(job: dict) -> dict:
         objective's own, mean of the last steps), all ``None`` for SFT; ``seconds`` (training
         wall time), ``eval_seconds`` (the measurements after it); ``extra_accuracy`` and
         ``extra_outcomes`` (per problem, :func:`ctopd.demo.measure.outcomes`) of the final model
-        on the extra test split, ``None`` unless ``split`` is ``test`` (its responses stay in
-        ``run_dir/extra_test_responses.jsonl``); and ``curve`` (``extra_step``,
+        on the job's ``outcomes_split`` (the extra test split for test runs; its responses stay
+        in ``run_dir/<split>_responses.jsonl``), ``None`` without one; and ``curve``
+        (``extra_step``,
         ``extra_accuracy``, ``extra_outcomes``: the same at each checkpoint; ``step``,
         ``accuracy``, ``kl`` at step 0 and at each checkpoint; ``train_kl_step``, ``train_kl``
         per step).
@@ -152,22 +159,23 @@ def _measure(job: dict, student_dir: Path, run_dir: Path) -> list[dict]:
 
 
 def _measure_extra(job: dict, run_dir: Path) -> dict[int, str]:
-    """Outcomes on ``extra_test.jsonl`` by step: of every checkpoint when the job measures a
-    curve, else of the final one; the final checkpoint's responses are kept in
-    ``run_dir/extra_test_responses.jsonl``. Test runs only (the sweep and the ablation read
-    the validation split alone): empty otherwise."""
+    """Outcomes on the job's ``outcomes_split`` (``extra_test.jsonl`` for test runs,
+    ``extra_validation.jsonl`` for the calibration) by step: of every checkpoint when the job
+    measures a curve, else of the final one; the final checkpoint's responses are kept in
+    ``run_dir/<split>_responses.jsonl``. Empty without such a split (the sweep and the
+    ablation read the validation split alone) or when the settings hold no problems for it."""
     from ctopd.demo.measure import outcomes
     from ctopd.training.checkpoint import list_checkpoints
 
-    settings, out = job["settings"], Path(job["out"])
-    if job["split"] != "test" or not settings.num_extra_test:
+    settings, out, split = job["settings"], Path(job["out"]), job.get("outcomes_split")
+    if split is None or not getattr(settings, f"num_{split}"):
         return {}
     checkpoints = list_checkpoints(run_dir)
     if not job["curve"]:
         checkpoints = checkpoints[-1:]
     return {int(c.name.split("-")[-1]): outcomes(
-                c / "student", out / "extra_test.jsonl", settings,
-                responses_path=run_dir / "extra_test_responses.jsonl" if c == checkpoints[-1]
+                c / "student", out / f"{split}.jsonl", settings,
+                responses_path=run_dir / f"{split}_responses.jsonl" if c == checkpoints[-1]
                 else None)
             for c in checkpoints}
 

@@ -221,6 +221,41 @@ def sweep_markdown(sweep: dict) -> str:
     return "\n".join(lines)
 
 
+def calibration_markdown(calibration: dict) -> str:
+    """The budget calibration as a Markdown table: one row per budget (the control's OPD and
+    SFT, mean ± std and per seed, and OPD − SFT with its 95% interval), the chosen one in bold,
+    then what it was scored on and the command that reproduces it."""
+    lines = ["| steps | same-tokenizer OPD | per seed | same-tokenizer SFT | per seed "
+             "| OPD − SFT [95% interval] | chosen |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for steps, entry in calibration["budgets"].items():
+        opd, sft, diff = entry["opd"], entry["sft"], entry["difference"]
+        chosen = int(steps) == calibration["best"]
+        gap = f"{diff['value']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]"
+        lines.append(f"| {steps} | {opd['mean']:.3f} ± {opd['std']:.3f} "
+                     f"| {' '.join(f'{a:.3f}' for a in opd['seeds'])} "
+                     f"| {sft['mean']:.3f} ± {sft['std']:.3f} "
+                     f"| {' '.join(f'{a:.3f}' for a in sft['seeds'])} "
+                     f"| {f'**{gap}**' if chosen else gap} | {'yes' if chosen else ''} |")
+    starts = calibration.get("starts", {})
+    commit = f" at commit `{calibration['commit']}`" if calibration.get("commit") else ""
+    lrs = ", ".join(f"{LABELS.get(k, k)} {v:.0e}" for k, v in calibration.get("lrs", {}).items())
+    verdict = ("its interval lies above zero" if calibration["separates"] else
+               "**no budget's interval lies above zero: this testbed cannot rank an on-policy "
+               "method above SFT**")
+    lines += [
+        "",
+        f"The same-tokenizer control only, {calibration['seeds']} seeds per budget, "
+        f"{calibration['batch']} prompts per step ({lrs}), each run's rate decayed to 0 over "
+        f"its budget; greedy exact-answer accuracy on the {calibration['num_extra_validation']} "
+        "extra validation problems, disjoint from the training, validation and test sets"
+        + (f" (the warmed-up control scores {starts['control']:.3f}, the teacher "
+           f"{starts['teacher']:.3f})" if starts else "")
+        + ". Chosen: the budget whose paired interval has the highest lower end (ties: the "
+        f"longer one); {verdict}. Reproduce with `{calibration['command']}`{commit}.",
+    ]
+    return "\n".join(lines)
+
+
 def ablation_markdown(ablation: dict) -> str:
     """SimCT's supervision spaces on the validation split: one row per space (mean ± std over
     seeds, per seed, KL, coverage), the best in bold, then the command that reproduces it."""

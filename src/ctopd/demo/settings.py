@@ -50,6 +50,11 @@ class DemoSettings:
     # starts are also scored on: 200 test problems cannot tell two runs 0.01 apart (a standard
     # error of 0.014 at 0.96 accuracy); these give paired comparisons with intervals.
     num_extra_test: int = 2000
+    # Extra validation problems (drawn after the extra test split): what ``--calibrate`` scores
+    # on, so that a choice which must resolve 0.01 (the budget at which the same-tokenizer
+    # control separates) is made with as many problems as it is later judged on, not on the test
+    # problems. Not in any stamp: adding them changes no cached model.
+    num_extra_validation: int = 2000
     task_seed: int = 0
     min_value: int = 10
     max_value: int = 199
@@ -108,6 +113,13 @@ class DemoSettings:
     # The SimCT space ablation (--ablation): these seeds, method_steps steps at simct's lr,
     # scored on the validation split.
     ablation_seeds: int = 2
+    # The budget calibration (--calibrate): the same-tokenizer control's OPD and continued SFT
+    # at each of these step counts (method_batch prompts per step, their method_lrs),
+    # calibration_seeds seeds each, scored on the extra validation split. The budget at which
+    # OPD's lead over SFT is most surely positive is chosen (ALGORITHMS §9: a testbed where
+    # same-tokenizer OPD does not beat continued SFT cannot judge cross-tokenizer methods).
+    calibration_steps: tuple[int, ...] = (25, 50, 100)
+    calibration_seeds: int = 3
     # Sampling temperature of the teacher samples and of the students' rollouts.
     temperature: float = 1.0
     max_new_tokens: int = 96
@@ -131,6 +143,10 @@ class DemoSettings:
             raise ValueError("DemoSettings.warmup_target must be an accuracy in [0, 1] or None")
         if self.warmup_check_every < 1:
             raise ValueError("DemoSettings.warmup_check_every must be at least 1")
+        if not self.calibration_steps or min(self.calibration_steps) < 1:
+            raise ValueError("DemoSettings.calibration_steps must list step counts of at least 1")
+        if self.calibration_seeds < 1:
+            raise ValueError("DemoSettings.calibration_seeds must be at least 1")
 
     def lr(self, run: str) -> float:
         """The learning rate of a run name (:data:`RUNS`)."""
@@ -186,11 +202,13 @@ def settings_dict(settings: DemoSettings) -> dict:
 FIXED_WARMUP = DemoSettings(num_train=20000, num_test=200)
 # CI: every stage runs, nothing is learned.
 QUICK = DemoSettings(
-    num_train=400, num_test=16, num_validation=16, num_extra_test=24, teacher_hidden=32,
+    num_train=400, num_test=16, num_validation=16, num_extra_test=24, num_extra_validation=24,
+    teacher_hidden=32,
     teacher_layers=1, teacher_steps=20, teacher_batch=16, sample_batch=16, student_hidden=32,
     student_layers=1,
     warmup_steps=4, warmup_batch=8, method_steps=4, method_batch=4, sweep_steps=2,
     eval_every=2, eval_batch=16, max_new_tokens=48, kl_prompts=8, ablation_seeds=1,
+    calibration_steps=(2, 4), calibration_seeds=2,
     sweep_lrs=tuple((name, (1e-4, 3e-4)) for name in RUNS),
 )
 # The matched start (the default): up to twice the warm-up, each student stopped at the first

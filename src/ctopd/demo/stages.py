@@ -28,12 +28,14 @@ STUDENT_TOKENIZERS = {"student": "student", "control": "teacher"}
 
 
 def prepare_data(out: Path, settings: DemoSettings) -> None:
-    """``train.jsonl``, ``validation.jsonl``, ``test.jsonl`` and ``extra_test.jsonl``
-    (regenerated each run: cheap and deterministic); no two share a question."""
+    """``train.jsonl``, ``validation.jsonl``, ``test.jsonl``, ``extra_test.jsonl`` and
+    ``extra_validation.jsonl`` (regenerated each run: cheap and deterministic); no two share a
+    question."""
     from ctopd.demo.task import make_splits, write_jsonl
 
     splits = make_splits(settings.num_train, settings.num_test, settings.num_validation,
                          seed=settings.task_seed, num_extra_test=settings.num_extra_test,
+                         num_extra_validation=settings.num_extra_validation,
                          **settings.task_ranges())
     for name, problems in splits._asdict().items():
         write_jsonl(problems, out / f"{name}.jsonl")

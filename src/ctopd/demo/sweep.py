@@ -1,4 +1,6 @@
-"""``ctopd demo --sweep``: each run name's learning rate, chosen on the validation split.
+"""``ctopd demo --sweep``: each run name's learning rate, chosen on the validation split; and
+``ctopd demo --calibrate``: the methods' budget, chosen on the extra validation split by the
+same-tokenizer control alone (:func:`run_calibration`).
 
 For every run name (``simct``, ``dpca``, ``shared_only``, ``sft``, ``control_opd``,
 ``control_sft``) and every learning rate of its grid (``DemoSettings.sweep_lrs``): one run,
@@ -167,6 +169,126 @@ def run_ablation(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
     log(f"[demo] wrote {out / 'ablation.json'} and {out / 'ablation.md'} in "
         f"{ablation['seconds']:.0f} s")
     return ablation
+
+
+def run_calibration(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
+                    force: bool = False, workers: int | None = None, matched: bool = True,
+                    log: Callable[[str], None] = print) -> dict:
+    """``ctopd demo --calibrate``: the budget (steps per run) at which the same-tokenizer
+    control's OPD most surely beats its continued SFT; writes ``calibration.json`` and
+    ``calibration.md`` into ``output_dir``.
+
+    ALGORITHMS §9: a testbed where same-tokenizer OPD does not beat continued SFT at an equal
+    budget cannot judge cross-tokenizer methods. Whether it does depends on the budget: given
+    enough steps both reach the teacher's ceiling and differ by nothing. So for each budget of
+    ``DemoSettings.calibration_steps``, ``control_opd`` and ``control_sft`` run
+    ``calibration_seeds`` seeds each (``method_batch`` prompts per step, their ``method_lrs``,
+    the rate decayed to 0 over the budget as in the demo), and every final model is scored
+    problem by problem on ``extra_validation.jsonl``. Per budget: OPD − SFT with its paired 95%
+    interval (:func:`ctopd.demo.compare.difference`). Chosen: the budget whose interval's lower
+    end is highest (ties: the longer budget). Only the control is looked at, never a
+    cross-tokenizer method and never the test splits; the chosen budget is copied into
+    ``DemoSettings.method_steps`` by hand, and the demo never reads this file.
+
+    Returns:
+        The ``calibration.json`` content: ``rows`` (``name``, ``steps``, ``seed``,
+        ``accuracy`` on the extra validation split, ``validation_accuracy`` on the 200
+        validation problems, ``kl``, ``seconds``), ``budgets`` (per step count: ``opd`` and
+        ``sft`` mean and std, ``difference``), ``best`` (a step count), ``separates``
+        (whether the best budget's interval lies above zero), ``starts`` (the control's and the
+        teacher's extra validation accuracy), ``command``, ...
+    """
+    import statistics
+
+    from ctopd.demo.compare import difference, outcome_matrix
+    from ctopd.demo.measure import measure_outcomes
+    from ctopd.demo.methods import method_job, run_method
+    from ctopd.demo.report import calibration_markdown
+    from ctopd.demo.run import build_models, demo_pool
+    from ctopd.demo.settings import CONTROL_METHODS
+
+    started = time.perf_counter()
+    settings = demo_settings(quick=quick, matched=matched)
+    out = Path(output_dir)
+    seeds = settings.calibration_seeds
+    with demo_pool(workers) as (pool, size):
+        build_models(out, settings, seeds=seeds, sft=True, pool=pool, workers=size, force=force,
+                     log=log)
+        data = str(out / "extra_validation.jsonl")
+        starts = {r["key"]: _share(r["outcomes"]) for r in pool.map(measure_outcomes, [
+            dict(key=key, model=str(out / key), data=data, settings=settings)
+            for key in ("teacher", "control")])}
+        log(f"[demo] calibration: on {settings.num_extra_validation} extra validation problems "
+            f"the teacher scores {starts['teacher']:.3f}, the warmed-up control "
+            f"{starts['control']:.3f}")
+        jobs = [method_job(name, seed, out, settings, steps=steps, split="validation",
+                           curve=False, outcomes_split="extra_validation",
+                           run_dir=out / "runs" / "calibration" / f"{name}-{steps}-seed{seed}")
+                for steps in settings.calibration_steps for name in CONTROL_METHODS
+                for seed in range(seeds)]
+        log(f"[demo] calibration: {len(jobs)} runs ({', '.join(CONTROL_METHODS)} x {seeds} "
+            f"seeds x budgets of {', '.join(map(str, settings.calibration_steps))} steps of "
+            f"{settings.method_batch} prompts), scored on extra_validation.jsonl")
+        rows, outcomes = [], {}
+        for job, run in zip(jobs, pool.map(run_method, jobs)):
+            rows.append({"name": run["name"], "steps": job["steps"], "seed": run["seed"],
+                         "lr": run["lr"], "accuracy": run["extra_accuracy"],
+                         "validation_accuracy": run["accuracy"], "kl": run["kl"],
+                         "seconds": run["seconds"]})
+            outcomes.setdefault((run["name"], job["steps"]), []).append(run["extra_outcomes"])
+            log(f"[demo] calibration {run['name']:<11} {job['steps']:>4} steps seed "
+                f"{run['seed']}: extra validation accuracy {run['extra_accuracy']:.3f}")
+
+    budgets = {}
+    for steps in settings.calibration_steps:
+        entry = {}
+        for name in CONTROL_METHODS:
+            accuracies = [r["accuracy"] for r in rows if r["name"] == name and r["steps"] == steps]
+            entry[name.removeprefix("control_")] = {
+                "mean": statistics.fmean(accuracies),
+                "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                "seeds": accuracies}
+        entry["difference"] = difference(outcome_matrix(outcomes[("control_opd", steps)]),
+                                         outcome_matrix(outcomes[("control_sft", steps)]))
+        budgets[str(steps)] = entry
+    best = choose_budget(budgets)
+    separates = budgets[str(best)]["difference"]["low"] > 0
+    calibration = {
+        "split": "extra_validation", "num_extra_validation": settings.num_extra_validation,
+        "seeds": seeds, "batch": settings.method_batch, "steps": list(settings.calibration_steps),
+        "lrs": {name: settings.lr(name) for name in CONTROL_METHODS},
+        "command": "ctopd demo --calibrate" + (" --quick" if quick else "")
+        + ("" if matched else " --fixed-warmup"),
+        "commit": _commit(), "starts": starts, "rows": rows, "budgets": budgets, "best": best,
+        "separates": separates, "quick": quick, "settings": settings_dict(settings),
+        "seconds": time.perf_counter() - started,
+    }
+    (out / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n",
+                                          encoding="utf-8")
+    table = calibration_markdown(calibration)
+    (out / "calibration.md").write_text(table + "\n", encoding="utf-8")
+    log("\n" + table + "\n")
+    if separates:
+        log(f"[demo] chosen budget: {best} steps; copy it into DemoSettings.method_steps "
+            "(src/ctopd/demo/settings.py)")
+    else:
+        log(f"[demo] no budget separates the control: at its best ({best} steps) OPD - SFT's "
+            "interval reaches zero, so this testbed cannot rank an on-policy method above SFT "
+            "(ALGORITHMS §9); change the task or the budgets before judging")
+    log(f"[demo] wrote {out / 'calibration.json'} and {out / 'calibration.md'} in "
+        f"{calibration['seconds']:.0f} s")
+    return calibration
+
+
+def choose_budget(budgets: dict[str, dict]) -> int:
+    """The step count (keys of ``budgets``, as strings) whose OPD − SFT interval has the
+    highest lower end; ties: the longer budget."""
+    return max((int(steps) for steps in budgets),
+               key=lambda steps: (budgets[str(steps)]["difference"]["low"], steps))
+
+
+def _share(outcomes: str) -> float:
+    return outcomes.count("1") / max(len(outcomes), 1)
 
 
 def choose(rows: list[dict]) -> dict[str, float]:

@@ -112,29 +112,35 @@ def generate_problems(count: int, *, seed: int, **ranges) -> list[Problem]:
 
 
 class Splits(NamedTuple):
-    """Training, validation, test and extra test problems; no question appears in two of them."""
+    """Training, validation, test, extra test and extra validation problems; no question
+    appears in two of them."""
 
     train: list[Problem]
     validation: list[Problem]
     test: list[Problem]
     extra_test: list[Problem] = []
+    extra_validation: list[Problem] = []
 
 
 def make_splits(
     num_train: int, num_test: int, num_validation: int, *, seed: int = 0,
-    num_extra_test: int = 0, **kwargs
+    num_extra_test: int = 0, num_extra_validation: int = 0, **kwargs
 ) -> Splits:
-    """A fixed split of ``num_train + num_test + num_validation + num_extra_test`` distinct
-    problems from ``seed``: training first, then test, then validation, then the extra test
-    problems (a larger held-out set the final models are also scored on). Each part is the same
-    whatever the later parts' sizes are: the training and test parts are those of
-    :func:`make_split` with the same arguments, and adding extra test problems changes none of
-    the other three."""
+    """A fixed split of ``num_train + num_test + num_validation + num_extra_test +
+    num_extra_validation`` distinct problems from ``seed``: training first, then test, then
+    validation, then the extra test problems (a larger held-out set the final models are also
+    scored on), then the extra validation problems (a larger validation set, for choices that
+    200 problems cannot resolve, such as the budget of ``ctopd demo --calibrate``). Each part is
+    the same whatever the later parts' sizes are: the training and test parts are those of
+    :func:`make_split` with the same arguments, and adding extra test or extra validation
+    problems changes none of the parts before them."""
     total = num_train + num_test + num_validation
-    problems = generate_problems(total + num_extra_test, seed=seed, **kwargs)
+    extra_end = total + num_extra_test
+    problems = generate_problems(extra_end + num_extra_validation, seed=seed, **kwargs)
     test_end = num_train + num_test
     return Splits(train=problems[:num_train], validation=problems[test_end:total],
-                  test=problems[num_train:test_end], extra_test=problems[total:])
+                  test=problems[num_train:test_end], extra_test=problems[total:extra_end],
+                  extra_validation=problems[extra_end:])
 
 
 def make_split(
