@@ -36,3 +36,9 @@ def test_sweep_chooses_the_best_validation_accuracy_then_the_lower_kl():
             {"name": "sft", "lr": 3e-3, "accuracy": 0.8, "kl": 0.05},
             {"name": "dpca", "lr": 1e-4, "accuracy": 0.7, "kl": 0.3}]
     assert choose(rows) == {"sft": 3e-4, "dpca": 1e-4}
+
+
+def test_sweep_prefers_the_extra_validation_accuracy_where_measured():
+    rows = [{"name": "sft", "lr": 1e-3, "accuracy": 0.95, "extra_accuracy": 0.91, "kl": 0.1},
+            {"name": "sft", "lr": 3e-4, "accuracy": 0.94, "extra_accuracy": 0.93, "kl": 0.1}]
+    assert choose(rows) == {"sft": 3e-4}

@@ -46,7 +46,7 @@ def add_parser(subparsers) -> None:
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--matched-start", action="store_true",
                        help="the default: warm each student up until it reaches the same "
-                            "validation accuracy (0.45, checked every 250 steps, at most 2,000)")
+                            "validation accuracy (0.45, checked every 100 steps, at most 2,000)")
     start.add_argument("--fixed-warmup", action="store_true",
                        help="warm both students up 1,000 steps each instead (the earlier "
                             "default); use its own --output-dir")

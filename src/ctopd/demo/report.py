@@ -198,24 +198,39 @@ def plot_curves(results: dict, path: Path) -> Path:
 def sweep_markdown(sweep: dict) -> str:
     """The sweep as a Markdown table: one row per run name and learning rate, the chosen one
     in bold, then the command that reproduces it."""
-    lines = ["| method | lr | validation accuracy | validation KL (nats/token) | seconds | chosen |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    extra = any(row.get("extra_accuracy") is not None for row in sweep["rows"])
+    count = sweep.get("num_extra_validation")
+    lines = ["| method | lr | validation accuracy | "
+             + (f"extra validation accuracy ({count} problems) | " if extra else "")
+             + "validation KL (nats/token) | seconds | chosen |",
+             "| --- | --- | --- | " + ("--- | " if extra else "") + "--- | --- | --- |"]
     for kind, start in sweep.get("starts", {}).items():
         label = "same-tokenizer control" if kind == "control" else "cross-tokenizer student"
         lines.append(f"| {label} after warm-up (start) | | {start['accuracy']:.3f} "
-                     f"| {start['kl']:.3f} | | |")
+                     + ("| " if extra else "") + f"| {start['kl']:.3f} | | |")
     for row in sweep["rows"]:
         chosen = sweep["best"][row["name"]] == row["lr"]
-        accuracy = f"**{row['accuracy']:.3f}**" if chosen else f"{row['accuracy']:.3f}"
-        lines.append(f"| {LABELS.get(row['name'], row['name'])} | {row['lr']:.0e} | {accuracy} "
-                     f"| {row['kl']:.3f} | {row['seconds']:.0f} | {'yes' if chosen else ''} |")
+        cells = [f"{row['accuracy']:.3f}"]
+        if extra:
+            cells.append("-" if row.get("extra_accuracy") is None
+                         else f"{row['extra_accuracy']:.3f}")
+        if chosen:
+            cells[-1] = f"**{cells[-1]}**"
+        lines.append(f"| {LABELS.get(row['name'], row['name'])} | {row['lr']:.0e} | "
+                     + " | ".join(cells)
+                     + f" | {row['kl']:.3f} | {row['seconds']:.0f} | {'yes' if chosen else ''} |")
     commit = f" at commit `{sweep['commit']}`" if sweep.get("commit") else ""
+    scored = (f"accuracy (greedy, exact final answer) and KL on the {sweep['num_validation']} "
+              f"validation problems and accuracy on the {count} extra validation problems, "
+              "disjoint from the training and test sets. Chosen: the highest extra validation "
+              "accuracy" if extra else
+              f"accuracy (greedy, exact final answer) and KL on the {sweep['num_validation']} "
+              "validation problems, disjoint from the training and test sets. Chosen: the "
+              "highest validation accuracy")
     lines += [
         "",
         f"One seed, {sweep['steps']} steps x {sweep['batch']} prompts per run from the "
-        f"warmed-up students; accuracy (greedy, exact final answer) and KL on the "
-        f"{sweep['num_validation']} validation problems, disjoint from the training and test "
-        "sets. Chosen: the highest validation accuracy (ties: the lower KL). Reproduce with "
+        f"warmed-up students; {scored} (ties: the lower KL). Reproduce with "
         f"`{sweep['command']}`{commit}.",
     ]
     return "\n".join(lines)

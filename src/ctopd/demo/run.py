@@ -261,6 +261,8 @@ def summarize(base: dict, runs: list[dict], settings: DemoSettings, *, seeds: in
                    for name in CONTROL_METHODS if name in ran}}
     return {
         "teacher_accuracy": teacher,
+        "teacher_validation_accuracy": base["teacher"].get("validation_accuracy"),
+        "teacher_rounds": base["teacher"].get("rounds", []),
         "student_start_accuracy": student["accuracy"],
         "student_start_kl": student["kl"],
         "student_start_noncanonical": student.get("noncanonical"),

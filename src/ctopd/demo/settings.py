@@ -71,6 +71,11 @@ class DemoSettings:
     teacher_steps: int = 1000
     teacher_batch: int = 64
     teacher_lr: float = 5e-3
+    # The teacher trains in rounds of teacher_steps (each a cosine cycle from the last round's
+    # model) until its validation accuracy reaches teacher_target, at most teacher_rounds;
+    # None: one round.
+    teacher_target: float | None = 0.99
+    teacher_rounds: int = 3
     # Teacher samples, drawn once (temperature below) in batches of this many prompts.
     sample_batch: int = 256
     # Students (cross-tokenizer and same-tokenizer control: the same architecture and init
@@ -145,6 +150,10 @@ class DemoSettings:
             raise ValueError("DemoSettings.warmup_check_every must be at least 1")
         if not self.calibration_steps or min(self.calibration_steps) < 1:
             raise ValueError("DemoSettings.calibration_steps must list step counts of at least 1")
+        if self.teacher_target is not None and not 0.0 <= self.teacher_target <= 1.0:
+            raise ValueError("DemoSettings.teacher_target must be an accuracy in [0, 1] or None")
+        if self.teacher_rounds < 1:
+            raise ValueError("DemoSettings.teacher_rounds must be at least 1")
         if self.calibration_seeds < 1:
             raise ValueError("DemoSettings.calibration_seeds must be at least 1")
 
@@ -168,7 +177,8 @@ class DemoSettings:
         keys = ("num_train", "num_test", "num_validation", "task_seed", "min_value",
                 "max_value", "min_amount", "max_amount", "task_steps", "teacher_vocab",
                 "student_vocab", "teacher_hidden", "teacher_layers", "teacher_heads",
-                "teacher_steps", "teacher_batch", "teacher_lr")
+                "teacher_steps", "teacher_batch", "teacher_lr", "teacher_target",
+                "teacher_rounds")
         return _jsonable({"version": CACHE_VERSION, **self._pick(keys)})
 
     def samples_stamp(self) -> dict:
@@ -203,7 +213,7 @@ FIXED_WARMUP = DemoSettings(num_train=20000, num_test=200)
 # CI: every stage runs, nothing is learned.
 QUICK = DemoSettings(
     num_train=400, num_test=16, num_validation=16, num_extra_test=24, num_extra_validation=24,
-    teacher_hidden=32,
+    teacher_hidden=32, teacher_target=None,
     teacher_layers=1, teacher_steps=20, teacher_batch=16, sample_batch=16, student_hidden=32,
     student_layers=1,
     warmup_steps=4, warmup_batch=8, method_steps=4, method_batch=4, sweep_steps=2,
@@ -218,7 +228,7 @@ QUICK = DemoSettings(
 # closed" compares the two students only from starts this alike. Its learning rates come from its
 # own sweep (`ctopd demo --sweep`, docs/demo/sweep.md).
 MATCHED = {
-    "warmup_steps": 2000, "warmup_target": 0.45,
+    "warmup_steps": 2000, "warmup_target": 0.45, "warmup_check_every": 100,
     "method_lrs": (("simct", 1e-3), ("dpca", 3e-4), ("shared_only", 3e-4), ("sft", 1e-3),
                    ("control_opd", 3e-4), ("control_sft", 1e-3)),
 }
