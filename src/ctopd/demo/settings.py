@@ -222,20 +222,22 @@ QUICK = DemoSettings(
     sweep_lrs=tuple((name, (1e-4, 3e-4)) for name in RUNS),
 )
 # The matched start (the default): up to twice the warm-up, each student stopped at the first
-# checkpoint that reaches 0.45 validation accuracy (measured: after 1,000 steps the control is at
-# 0.47 and the cross-tokenizer student at 0.29, far from its teacher, where even OPD from a
-# teacher on its own tokenizer stays below continued SFT; benchmarks/simct_limits.py). "Gap
-# closed" compares the two students only from starts this alike. Its learning rates come from its
-# own sweep (`ctopd demo --sweep`, docs/demo/sweep.md, scored on the extra validation split).
-# The budget stays 100 steps: `ctopd demo --calibrate` (docs/demo/calibration.md) found no
-# budget of 25, 50 or 100 steps at which the control's OPD beats its SFT.
+# checkpoint that reaches 0.45 validation accuracy (measured on an earlier machine: after 1,000
+# steps the control is at 0.47 and the cross-tokenizer student at 0.29, far from its teacher,
+# where even OPD from a teacher on its own tokenizer stays below continued SFT;
+# benchmarks/simct_limits.py). "Gap closed" compares the two students only from starts this
+# alike. Its learning rates come from its own sweep (`ctopd demo --sweep`, docs/demo/sweep.md,
+# scored on the extra validation split). The budget stays 100 steps: `ctopd demo --calibrate`
+# (docs/demo/calibration.md) found no budget of 25, 50 or 100 steps at which the control's OPD
+# beats its SFT.
 MATCHED = {
     "warmup_steps": 2000, "warmup_target": 0.45, "warmup_check_every": 100,
     "method_lrs": (("simct", 1e-3), ("dpca", 3e-4), ("shared_only", 3e-4), ("sft", 3e-4),
                    ("control_opd", 1e-3), ("control_sft", 1e-3)),
 }
 QUICK_MATCHED = {"warmup_target": 0.0, "warmup_check_every": 2}
-# What ``ctopd demo`` runs: about 28 minutes from scratch on two CPU cores, 10 with cached models.
+# What ``ctopd demo`` runs: about 42 minutes from scratch on two CPU cores (the teacher in two
+# rounds), 14 with cached models.
 FULL = replace(FIXED_WARMUP, **MATCHED)
 
 
