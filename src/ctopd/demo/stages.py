@@ -87,7 +87,7 @@ def build_teacher(out: Path, settings: DemoSettings, *, force: bool,
     # look up the right verb by a fixed step is a matter of floating-point luck.
     rounds, current = [], init
     for index in range(settings.teacher_rounds if settings.teacher_target is not None else 1):
-        run_dir = out / "runs" / ("teacher" if index == 0 else f"teacher-round{index + 1}")
+        run_dir = _teacher_round_dir(out, index)
         config = stage_config(settings, run_dir, data=out / "train.jsonl", student=current,
                               teacher=None, steps=settings.teacher_steps,
                               batch=settings.teacher_batch, lr=settings.teacher_lr,
@@ -109,7 +109,7 @@ def build_teacher(out: Path, settings: DemoSettings, *, force: bool,
             "but every student is distilled from (and every gap measured to) a weaker teacher")
     replace_folder(current, folder)
     for index in range(len(rounds)):
-        run_dir = out / "runs" / ("teacher" if index == 0 else f"teacher-round{index + 1}")
+        run_dir = _teacher_round_dir(out, index)
         for leftover in (*run_dir.glob("checkpoint-*"), run_dir / "final"):
             shutil.rmtree(leftover, ignore_errors=True)
     shutil.rmtree(init, ignore_errors=True)
@@ -120,6 +120,12 @@ def build_teacher(out: Path, settings: DemoSettings, *, force: bool,
     log(f"[demo] teacher: held-out accuracy {result['accuracy']:.3f} after {len(rounds)} "
         f"round(s) ({result['seconds']:.0f} s)")
     return {**result, "rebuilt": True}
+
+
+def _teacher_round_dir(out: Path, index: int) -> Path:
+    """Where the teacher's round ``index`` (from 0) trains: ``runs/teacher`` for the first, as
+    before rounds existed, then ``runs/teacher-round2``, ..."""
+    return out / "runs" / ("teacher" if index == 0 else f"teacher-round{index + 1}")
 
 
 def cached_student(out: Path, settings: DemoSettings, kind: str) -> dict | None:

@@ -210,7 +210,7 @@ def run_calibration(output_dir: str | Path = "ctopd-demo", *, quick: bool = Fals
 
     from ctopd.demo.compare import difference, outcome_matrix
     from ctopd.demo.measure import measure_outcomes
-    from ctopd.demo.methods import method_job, run_method
+    from ctopd.demo.methods import _share, method_job, run_method
     from ctopd.demo.report import calibration_markdown
     from ctopd.demo.run import build_models, demo_pool
     from ctopd.demo.settings import CONTROL_METHODS
@@ -293,10 +293,6 @@ def choose_budget(budgets: dict[str, dict]) -> int:
     highest lower end; ties: the longer budget."""
     return max((int(steps) for steps in budgets),
                key=lambda steps: (budgets[str(steps)]["difference"]["low"], steps))
-
-
-def _share(outcomes: str) -> float:
-    return outcomes.count("1") / max(len(outcomes), 1)
 
 
 def choose(rows: list[dict]) -> dict[str, float]:
