@@ -241,7 +241,8 @@ def calibration_markdown(calibration: dict) -> str:
     SFT, mean ± std and per seed, and OPD − SFT with its 95% interval), the chosen one in bold,
     then what it was scored on and the command that reproduces it."""
     lines = ["| steps | same-tokenizer OPD | per seed | same-tokenizer SFT | per seed "
-             "| OPD − SFT [95% interval] | chosen |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| OPD − SFT [95% interval] | chosen |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for steps, entry in calibration["budgets"].items():
         opd, sft, diff = entry["opd"], entry["sft"], entry["difference"]
         chosen = int(steps) == calibration["best"]

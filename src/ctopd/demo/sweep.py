@@ -9,8 +9,8 @@ and the common KL on ``validation.jsonl`` and greedy accuracy on ``extra_validat
 disjoint from the training and test sets). The best extra validation accuracy is chosen (ties:
 the lower KL): two rates 0.005 apart on 200 problems differ by one problem, on 2,000 by ten.
 ``sweep.json`` and ``sweep.md`` record every run and the command that reproduces them; the
-chosen values are copied into ``DemoSettings.method_lrs`` by hand. The demo never reads the sweep, and nothing here looks at the
-test set.
+chosen values are copied into ``DemoSettings.method_lrs`` by hand. The demo never reads the
+sweep, and nothing here looks at the test set.
 """
 
 from __future__ import annotations
