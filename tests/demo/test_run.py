@@ -184,6 +184,16 @@ def test_calibrate_is_its_own_run_of_the_control_alone(tmp_path, capsys):
     assert not (tmp_path / "teacher").exists()  # refused before anything was built
 
 
+def test_warmup_target_is_a_matched_start_accuracy(tmp_path, capsys):
+    assert main(["demo", "--quick", "--fixed-warmup", "--warmup-target", "0.7",
+                 "--output-dir", str(tmp_path)]) == 2
+    assert main(["demo", "--quick", "--warmup-target", "1.5", "--output-dir", str(tmp_path)]) == 2
+    printed = capsys.readouterr().out
+    assert "drop --fixed-warmup or --warmup-target" in printed
+    assert "--warmup-target must be a validation accuracy in [0, 1]; got 1.5" in printed
+    assert not (tmp_path / "teacher").exists()  # refused before anything was built
+
+
 def test_demo_rejects_zero_seeds(tmp_path, capsys):
     assert main(["demo", "--quick", "--seeds", "0", "--output-dir", str(tmp_path)]) == 2
     assert "--seeds" in capsys.readouterr().out
@@ -238,6 +248,17 @@ def test_quick_matched_start_stops_each_warm_up_at_its_first_checkpoint_at_targe
     assert calibration["separates"] == (
         calibration["budgets"][str(calibration["best"])]["difference"]["low"] > 0)
     assert "OPD − SFT" in (out / "calibration.md").read_text()
+
+    # A target no quick warm-up reaches: both students are rebuilt and train every step, and
+    # the ablation records the command that reproduces it.
+    assert main(["demo", "--quick", "--ablation", "--warmup-target", "1",
+                 "--output-dir", str(out)]) == 0
+    for kind in ("student", "control"):
+        stamp = json.loads((out / kind / "demo.json").read_text())
+        assert stamp["settings"]["warmup_target"] == 1.0
+        assert stamp["result"]["warmup_steps"] == settings.warmup_steps
+    ablation = json.loads((out / "ablation.json").read_text())
+    assert ablation["command"] == "ctopd demo --ablation --quick --warmup-target 1"
 
 
 def test_teacher_trains_in_rounds_until_its_validation_target(tmp_path):

@@ -73,7 +73,7 @@ def test_full_settings_are_a_valid_demo():
 
 def test_matched_start_is_the_default_and_the_fixed_warmup_stays_selectable():
     from ctopd.demo.settings import FIXED_WARMUP, MATCHED, demo_settings
-    from ctopd.demo.sweep import sweep_command
+    from ctopd.demo.sweep import demo_command
 
     matched = demo_settings()
     assert matched is FULL and matched.warmup_target == MATCHED["warmup_target"]
@@ -88,9 +88,11 @@ def test_matched_start_is_the_default_and_the_fixed_warmup_stays_selectable():
     # names the target, so a matched student never passes for a fixed-budget one.
     assert "warmup_target" not in FIXED_WARMUP.student_stamp("student")
     assert matched.student_stamp("student")["warmup_target"] == MATCHED["warmup_target"]
-    assert sweep_command(quick=False, methods=RUNS) == "ctopd demo --sweep"
-    assert sweep_command(quick=False, methods=RUNS, matched=False) == (
+    assert demo_command("--sweep", quick=False, methods=RUNS) == "ctopd demo --sweep"
+    assert demo_command("--sweep", quick=False, methods=RUNS, matched=False) == (
         "ctopd demo --sweep --fixed-warmup")
+    assert demo_command("--calibrate", quick=True, warmup_target=0.7) == (
+        "ctopd demo --calibrate --quick --warmup-target 0.7")
     # Its own sweep chose its rates, from the same grids.
     for name in RUNS:
         assert matched.lr(name) in matched.sweep_grid(name)
@@ -99,3 +101,19 @@ def test_matched_start_is_the_default_and_the_fixed_warmup_stays_selectable():
             dataclasses.replace(FULL, warmup_target=bad)
     with pytest.raises(ValueError, match="warmup_check_every"):
         dataclasses.replace(FULL, warmup_check_every=0)
+
+
+def test_a_warmup_target_moves_only_the_matched_start():
+    from ctopd.demo.settings import demo_settings
+
+    later = demo_settings(warmup_target=0.7)
+    assert later.warmup_target == 0.7
+    assert dataclasses.replace(later, warmup_target=FULL.warmup_target) == FULL
+    # The students are stamped with their target (rebuilt for a new one); nothing before them.
+    assert later.samples_stamp() == FULL.samples_stamp()
+    assert later.student_stamp("control") != FULL.student_stamp("control")
+    assert demo_settings(quick=True, warmup_target=1.0).warmup_target == 1.0
+    with pytest.raises(ValueError, match="drop --fixed-warmup or --warmup-target"):
+        demo_settings(matched=False, warmup_target=0.7)
+    with pytest.raises(ValueError, match="warmup_target"):
+        demo_settings(warmup_target=1.5)

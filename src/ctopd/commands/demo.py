@@ -7,6 +7,7 @@ Examples:
     ctopd demo --sweep                      # choose learning rates on the validation split
     ctopd demo --ablation                   # SimCT's supervision spaces on the validation split
     ctopd demo --calibrate                  # the budget at which same-tokenizer OPD beats SFT
+    ctopd demo --calibrate --warmup-target 0.7 --output-dir ctopd-demo-0.7  # a later start
     ctopd demo --force                      # retrain the cached teacher, samples and students
     ctopd demo --fixed-warmup --output-dir ctopd-demo-fixed  # both students warmed up 1,000 steps
 """
@@ -50,6 +51,10 @@ def add_parser(subparsers) -> None:
     start.add_argument("--fixed-warmup", action="store_true",
                        help="warm both students up 1,000 steps each instead (the earlier "
                             "default); use its own --output-dir")
+    parser.add_argument("--warmup-target", type=float, default=None, metavar="ACCURACY",
+                        help="matched start only: the validation accuracy at which each "
+                             "warm-up stops (default 0.45); the students are rebuilt for it, so "
+                             "give it its own --output-dir")
     parser.add_argument("--force", action="store_true",
                         help="rebuild the teacher, its samples and the students even when cached")
     parser.add_argument("--workers", type=int, default=None,
@@ -69,25 +74,34 @@ def _demo(args: argparse.Namespace) -> int:
     if sum((args.sweep, args.ablation, args.calibrate)) > 1:
         print("error: --sweep, --ablation and --calibrate are separate runs; choose one")
         return 2
+    if args.warmup_target is not None and args.fixed_warmup:
+        print("error: --warmup-target sets where the matched start stops; the fixed warm-up "
+              "has no target: drop --fixed-warmup or --warmup-target")
+        return 2
+    if args.warmup_target is not None and not 0.0 <= args.warmup_target <= 1.0:
+        print(f"error: --warmup-target must be a validation accuracy in [0, 1]; got "
+              f"{args.warmup_target:g}")
+        return 2
+    start = {"matched": not args.fixed_warmup, "warmup_target": args.warmup_target}
     if args.calibrate:
         if args.methods:
             print("error: --calibrate runs the same-tokenizer control only; drop --methods")
             return 2
         run_calibration(args.output_dir, quick=args.quick, force=args.force,
-                        workers=args.workers, matched=not args.fixed_warmup)
+                        workers=args.workers, **start)
         return 0
     if args.ablation:
         run_ablation(args.output_dir, quick=args.quick, force=args.force, workers=args.workers,
-                     matched=not args.fixed_warmup)
+                     **start)
         return 0
     if args.sweep:
         run_sweep(args.output_dir, quick=args.quick, methods=methods, force=args.force,
-                  workers=args.workers, matched=not args.fixed_warmup)
+                  workers=args.workers, **start)
         return 0
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     if seeds < 1:
         print("error: --seeds must be at least 1")
         return 2
     run_demo(args.output_dir, quick=args.quick, seeds=seeds, methods=methods, force=args.force,
-             workers=args.workers, matched=not args.fixed_warmup)
+             workers=args.workers, **start)
     return 0

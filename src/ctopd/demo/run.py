@@ -85,7 +85,8 @@ def parse_runs(text: str | None) -> tuple[str, ...]:
 
 def run_demo(output_dir: str | Path = "ctopd-demo", *, quick: bool = False, seeds: int = 3,
              methods: tuple[str, ...] = RUNS, force: bool = False, workers: int | None = None,
-             matched: bool = True, log: Callable[[str], None] = print) -> dict:
+             matched: bool = True, warmup_target: float | None = None,
+             log: Callable[[str], None] = print) -> dict:
     """Run the whole experiment and write its report into ``output_dir``.
 
     Args:
@@ -98,6 +99,8 @@ def run_demo(output_dir: str | Path = "ctopd-demo", *, quick: bool = False, seed
         matched: the matched start (:data:`ctopd.demo.settings.MATCHED`, the default): each
             student warmed up until it reaches the same validation accuracy; ``False``
             (``--fixed-warmup``): both warmed up ``warmup_steps`` steps.
+        warmup_target: the matched start's validation accuracy target, when not the default
+            (``--warmup-target``; the students are rebuilt for it).
         log: where progress lines go.
 
     Returns:
@@ -107,7 +110,7 @@ def run_demo(output_dir: str | Path = "ctopd-demo", *, quick: bool = False, seed
     from ctopd.demo.report import plot_curves, results_markdown, write_results
 
     started = time.perf_counter()
-    settings = demo_settings(quick=quick, matched=matched)
+    settings = demo_settings(quick=quick, matched=matched, warmup_target=warmup_target)
     out = Path(output_dir)
     with demo_pool(workers) as (pool, size):
         base = build_models(out, settings, seeds=seeds, sft=has_sft(methods), pool=pool,

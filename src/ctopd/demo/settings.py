@@ -241,10 +241,20 @@ QUICK_MATCHED = {"warmup_target": 0.0, "warmup_check_every": 2}
 FULL = replace(FIXED_WARMUP, **MATCHED)
 
 
-def demo_settings(*, quick: bool = False, matched: bool = True) -> DemoSettings:
+def demo_settings(*, quick: bool = False, matched: bool = True,
+                  warmup_target: float | None = None) -> DemoSettings:
     """The settings ``ctopd demo`` runs with: :data:`FULL` (or :data:`QUICK` with
     :data:`QUICK_MATCHED`); with ``matched=False`` (``--fixed-warmup``) :data:`FIXED_WARMUP`
-    (or :data:`QUICK`)."""
+    (or :data:`QUICK`). ``warmup_target`` (``--warmup-target``, matched start only) replaces the
+    validation accuracy at which each warm-up stops.
+
+    Raises:
+        ValueError: a ``warmup_target`` with ``matched=False``, or one outside ``[0, 1]``.
+    """
     if not matched:
+        if warmup_target is not None:
+            raise ValueError("--warmup-target sets where the matched start stops; the fixed "
+                             "warm-up has no target: drop --fixed-warmup or --warmup-target")
         return QUICK if quick else FIXED_WARMUP
-    return replace(QUICK, **QUICK_MATCHED) if quick else FULL
+    settings = replace(QUICK, **QUICK_MATCHED) if quick else FULL
+    return settings if warmup_target is None else replace(settings, warmup_target=warmup_target)

@@ -26,7 +26,8 @@ from ctopd.demo.settings import RUNS, SIMCT_SPACES, demo_settings, settings_dict
 
 def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
               methods: tuple[str, ...] = RUNS, force: bool = False, workers: int | None = None,
-              matched: bool = True, log: Callable[[str], None] = print) -> dict:
+              matched: bool = True, warmup_target: float | None = None,
+              log: Callable[[str], None] = print) -> dict:
     """Sweep the learning rates and write ``sweep.json`` and ``sweep.md`` into ``output_dir``.
 
     Args:
@@ -37,6 +38,8 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
         workers: runs side by side (default: CPU cores, at most 2).
         matched: the matched start's students (the default), else the fixed warm-up's
             (:func:`ctopd.demo.settings.demo_settings`).
+        warmup_target: the matched start's target, when not the default
+            (``--warmup-target``).
         log: where progress lines go.
 
     Returns:
@@ -53,7 +56,7 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
     from ctopd.demo.stages import STUDENT_FOLDERS
 
     started = time.perf_counter()
-    settings = demo_settings(quick=quick, matched=matched)
+    settings = demo_settings(quick=quick, matched=matched, warmup_target=warmup_target)
     out = Path(output_dir)
     with demo_pool(workers) as (pool, size):
         build_models(out, settings, seeds=1, sft=has_sft(methods), pool=pool, workers=size,
@@ -88,7 +91,8 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
         "split": "validation", "num_validation": settings.num_validation,
         "num_extra_validation": settings.num_extra_validation, "seed": 0,
         "steps": settings.sweep_steps, "batch": settings.method_batch,
-        "command": sweep_command(quick=quick, methods=methods, matched=matched),
+        "command": demo_command("--sweep", quick=quick, methods=methods, matched=matched,
+                                warmup_target=warmup_target),
         "commit": _commit(),
         "rows": rows, "best": choose(rows), "starts": starts, "quick": quick,
         "settings": settings_dict(settings), "seconds": time.perf_counter() - started,
@@ -106,6 +110,7 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
 
 def run_ablation(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
                  force: bool = False, workers: int | None = None, matched: bool = True,
+                 warmup_target: float | None = None,
                  log: Callable[[str], None] = print) -> dict:
     """``ctopd demo --ablation``: SimCT's supervision spaces (:data:`SIMCT_SPACES`) side by side
     on the validation split; writes ``ablation.json`` and ``ablation.md`` into ``output_dir``.
@@ -126,7 +131,7 @@ def run_ablation(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
     from ctopd.demo.run import build_models, demo_pool
 
     started = time.perf_counter()
-    settings = demo_settings(quick=quick, matched=matched)
+    settings = demo_settings(quick=quick, matched=matched, warmup_target=warmup_target)
     out = Path(output_dir)
     with demo_pool(workers) as (pool, size):
         build_models(out, settings, seeds=1, sft=False, pool=pool, workers=size, force=force,
@@ -164,8 +169,8 @@ def run_ablation(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
         "seeds": settings.ablation_seeds, "steps": settings.method_steps,
         "batch": settings.method_batch, "lr": settings.lr("simct"),
         "student_start_accuracy": start,
-        "command": "ctopd demo --ablation" + (" --quick" if quick else "")
-        + ("" if matched else " --fixed-warmup"),
+        "command": demo_command("--ablation", quick=quick, matched=matched,
+                                warmup_target=warmup_target),
         "commit": _commit(), "rows": rows, "spaces": spaces,
         "best": max(spaces, key=lambda k: (spaces[k]["accuracy_mean"], -spaces[k]["kl"])),
         "quick": quick, "seconds": time.perf_counter() - started,
@@ -181,6 +186,7 @@ def run_ablation(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
 
 def run_calibration(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
                     force: bool = False, workers: int | None = None, matched: bool = True,
+                    warmup_target: float | None = None,
                     log: Callable[[str], None] = print) -> dict:
     """``ctopd demo --calibrate``: the budget (steps per run) at which the same-tokenizer
     control's OPD most surely beats its continued SFT; writes ``calibration.json`` and
@@ -216,7 +222,7 @@ def run_calibration(output_dir: str | Path = "ctopd-demo", *, quick: bool = Fals
     from ctopd.demo.settings import CONTROL_METHODS
 
     started = time.perf_counter()
-    settings = demo_settings(quick=quick, matched=matched)
+    settings = demo_settings(quick=quick, matched=matched, warmup_target=warmup_target)
     out = Path(output_dir)
     seeds = settings.calibration_seeds
     with demo_pool(workers) as (pool, size):
@@ -265,8 +271,8 @@ def run_calibration(output_dir: str | Path = "ctopd-demo", *, quick: bool = Fals
         "split": "extra_validation", "num_extra_validation": settings.num_extra_validation,
         "seeds": seeds, "batch": settings.method_batch, "steps": list(settings.calibration_steps),
         "lrs": {name: settings.lr(name) for name in CONTROL_METHODS},
-        "command": "ctopd demo --calibrate" + (" --quick" if quick else "")
-        + ("" if matched else " --fixed-warmup"),
+        "command": demo_command("--calibrate", quick=quick, matched=matched,
+                                warmup_target=warmup_target),
         "commit": _commit(), "starts": starts, "rows": rows, "budgets": budgets, "best": best,
         "separates": separates, "quick": quick, "settings": settings_dict(settings),
         "seconds": time.perf_counter() - started,
@@ -307,13 +313,17 @@ def choose(rows: list[dict]) -> dict[str, float]:
     return {name: entry["lr"] for name, entry in best.items()}
 
 
-def sweep_command(*, quick: bool, methods: tuple[str, ...], matched: bool = True) -> str:
-    """The command line that reruns this sweep."""
-    parts = ["ctopd demo --sweep"]
+def demo_command(flag: str, *, quick: bool, matched: bool = True,
+                 methods: tuple[str, ...] = RUNS, warmup_target: float | None = None) -> str:
+    """The command line that reruns a sweep, ablation or calibration (``flag``: ``--sweep``,
+    ``--ablation`` or ``--calibrate``) with these options."""
+    parts = [f"ctopd demo {flag}"]
     if quick:
         parts.append("--quick")
     if not matched:
         parts.append("--fixed-warmup")
+    if warmup_target is not None:
+        parts.append(f"--warmup-target {warmup_target:g}")
     if tuple(methods) != RUNS:
         parts.append("--methods " + ",".join(methods))
     return " ".join(parts)
