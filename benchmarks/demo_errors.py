@@ -63,16 +63,56 @@ def first_error(response: str, reference: str) -> str:
     raise ValueError("the response is the reference solution")
 
 
-def run_errors(responses: list[dict], references: list[str]) -> dict:
+def story_steps(question: str) -> list[tuple[bool, int]]:
+    """``(gain, amount)`` of each step of a demo question, in the story's order."""
+    from ctopd.demo.task import GAIN_VERBS
+
+    story = question.split(". ", 1)[1].split(". How many")[0].split(" ", 1)[1]
+    parts = [part.strip() for part in re.split(r", then |, ", story)]
+    return [(part.rsplit(" ", 1)[0] in GAIN_VERBS, int(part.rsplit(" ", 1)[1]))
+            for part in parts]
+
+
+def reference_in_order(response: str, question: str) -> str:
+    """The right worked solution that follows ``response``'s order of the steps (the free-order
+    task, where every order is right): each of its lines that applies a step not yet used is
+    worked from the true value; at the first line that applies none, the story's next unused
+    step (so :func:`first_error` files that line under ``operand``); then ``#### answer``."""
+    from ctopd.demo.task import worked_step
+
+    left = story_steps(question)
+    value = int(re.search(r"has (\d+)", question).group(1))
+    lines = []
+    for line in response.strip().splitlines():
+        found = EQUATION.match(line.strip())
+        step = (found.group(2) == "+", int(found.group(3))) if found else None
+        if step not in left:
+            break
+        left.remove(step)
+        lines.append(worked_step(value, step[1], gain=step[0]))
+        value += step[1] if step[0] else -step[1]
+    for gain, amount in left:
+        lines.append(worked_step(value, amount, gain=gain))
+        value += amount if gain else -amount
+    return "\n".join(lines + [f"#### {value}"])
+
+
+def run_errors(responses: list[dict], references: list[str], *, free_order: bool = False
+               ) -> dict:
     """``{"wrong": [problem indices], "categories": Counter}`` of one run's responses
-    (``extra_test_responses.jsonl`` rows, in problem order) against the reference solutions."""
+    (``extra_test_responses.jsonl`` rows, in problem order) against the reference solutions;
+    ``free_order``: against the right solution in the response's own order of the steps
+    (:func:`reference_in_order`)."""
     wrong, categories = [], Counter()
     for row in responses:
         if row["correct"]:
             continue
         wrong.append(row["index"])
+        reference = references[row["index"]]
+        if free_order:
+            reference = reference_in_order(row["response"], row["messages"][0]["content"])
         try:
-            categories[first_error(row["response"], references[row["index"]])] += 1
+            categories[first_error(row["response"], reference)] += 1
         except ValueError:  # the worked solution is right but the answer did not parse
             categories["format"] += 1
     return {"wrong": wrong, "categories": categories}
@@ -82,11 +122,16 @@ def collect(demo_dir: Path) -> dict:
     """Per run name, per seed: :func:`run_errors` of every run folder with responses."""
     references = [json.loads(line)["answer"] for line in
                   (demo_dir / "extra_test.jsonl").read_text(encoding="utf-8").splitlines()]
+    results = demo_dir / "results.json"
+    settings = json.loads(results.read_text(encoding="utf-8"))["settings"] \
+        if results.exists() else {}
+    free_order = settings.get("task_order", "fixed") == "free"
     runs: dict[str, dict[int, dict]] = {}
     for path in sorted((demo_dir / "runs").glob("*-seed*/extra_test_responses.jsonl")):
         name, _, seed = path.parent.name.rpartition("-seed")
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        runs.setdefault(name, {})[int(seed)] = run_errors(rows, references)
+        runs.setdefault(name, {})[int(seed)] = run_errors(rows, references,
+                                                          free_order=free_order)
     if not runs:
         raise SystemExit(f"no runs/*-seed*/extra_test_responses.jsonl under {demo_dir}: run "
                          "`ctopd demo` there first (a version that scores the extra test split)")

@@ -117,3 +117,12 @@ def test_a_warmup_target_moves_only_the_matched_start():
         demo_settings(matched=False, warmup_target=0.7)
     with pytest.raises(ValueError, match="warmup_target"):
         demo_settings(warmup_target=1.5)
+
+
+def test_the_free_order_task_is_stamped_and_the_fixed_order_keeps_old_caches():
+    free = dataclasses.replace(FULL, task_order="free")
+    assert free.task_ranges()["order"] == "free" and FULL.task_ranges()["order"] == "fixed"
+    assert free.teacher_stamp()["task_order"] == "free"
+    assert "task_order" not in FULL.teacher_stamp()  # cached fixed-order teachers stay valid
+    with pytest.raises(ValueError, match="task_order must be fixed or free"):
+        dataclasses.replace(FULL, task_order="random")

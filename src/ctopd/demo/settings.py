@@ -61,6 +61,10 @@ class DemoSettings:
     min_amount: int = 10
     max_amount: int = 99
     task_steps: tuple[int, ...] = (2, 3)
+    # "fixed": each solution works the steps in the story's order (one right solution per
+    # problem); "free": the steps commute and each reference works them in a random order
+    # (ctopd.demo.task.generate_problem).
+    task_order: str = "fixed"
     # Tokenizers: vocabulary sizes, special tokens included.
     teacher_vocab: int = 512
     student_vocab: int = 600
@@ -140,6 +144,8 @@ class DemoSettings:
             if sorted(keys) != sorted(RUNS):
                 raise ValueError(f"DemoSettings.{name} must name each of {', '.join(RUNS)} "
                                  f"once; got {', '.join(keys)}")
+        if self.task_order not in ("fixed", "free"):
+            raise ValueError("DemoSettings.task_order must be fixed or free")
         if self.warmup_schedule not in ("cosine", "constant"):
             raise ValueError("DemoSettings.warmup_schedule must be cosine or constant")
         if self.eval_every < 1:
@@ -169,7 +175,7 @@ class DemoSettings:
         """Keyword arguments of :func:`ctopd.demo.task.make_splits` beyond the counts."""
         return {"min_value": self.min_value, "max_value": self.max_value,
                 "min_amount": self.min_amount, "max_amount": self.max_amount,
-                "steps": self.task_steps}
+                "steps": self.task_steps, "order": self.task_order}
 
     def teacher_stamp(self) -> dict:
         """The settings the data, both tokenizers and the teacher depend on (a cached teacher
@@ -179,6 +185,8 @@ class DemoSettings:
                 "student_vocab", "teacher_hidden", "teacher_layers", "teacher_heads",
                 "teacher_steps", "teacher_batch", "teacher_lr", "teacher_target",
                 "teacher_rounds")
+        if self.task_order != "fixed":  # absent otherwise: older caches stay valid
+            keys += ("task_order",)
         return _jsonable({"version": CACHE_VERSION, **self._pick(keys)})
 
     def samples_stamp(self) -> dict:
