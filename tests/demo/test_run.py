@@ -1,6 +1,7 @@
 """``ctopd demo --quick`` end to end: every stage runs and leaves what the README promises."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -192,6 +193,21 @@ def test_warmup_target_is_a_matched_start_accuracy(tmp_path, capsys):
     assert "drop --fixed-warmup or --warmup-target" in printed
     assert "--warmup-target must be a validation accuracy in [0, 1]; got 1.5" in printed
     assert not (tmp_path / "teacher").exists()  # refused before anything was built
+
+
+def test_quick_free_order_demo_builds_its_own_task(tmp_path):
+    out = tmp_path / "free"
+    assert main(["demo", "--quick", "--ablation", "--task-order", "free",
+                 "--output-dir", str(out)]) == 0
+    ablation = json.loads((out / "ablation.json").read_text())
+    assert ablation["command"] == "ctopd demo --ablation --quick --task-order free"
+    teacher = json.loads((out / "teacher" / "demo.json").read_text())
+    assert teacher["settings"]["task_order"] == "free"
+    # The training references work the steps in other orders than the story's.
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    first_amounts = [(int(re.findall(r"\d+", row["messages"][0]["content"])[1]),
+                      int(row["answer"].split(" ")[2])) for row in rows]
+    assert any(story != worked for story, worked in first_amounts)
 
 
 def test_demo_rejects_zero_seeds(tmp_path, capsys):

@@ -126,3 +126,18 @@ def test_the_free_order_task_is_stamped_and_the_fixed_order_keeps_old_caches():
     assert "task_order" not in FULL.teacher_stamp()  # cached fixed-order teachers stay valid
     with pytest.raises(ValueError, match="task_order must be fixed or free"):
         dataclasses.replace(FULL, task_order="random")
+
+
+def test_task_order_free_puts_the_free_order_settings_on_either_start():
+    from ctopd.demo.settings import FIXED_WARMUP, FREE_ORDER, demo_settings
+    from ctopd.demo.sweep import demo_command
+
+    assert demo_settings(task_order="free") == dataclasses.replace(FULL, **FREE_ORDER)
+    assert demo_settings(matched=False, task_order="free") == dataclasses.replace(
+        FIXED_WARMUP, **FREE_ORDER)
+    assert demo_settings(quick=True, task_order="free").task_order == "free"
+    assert demo_settings(task_order="fixed") is FULL
+    with pytest.raises(ValueError, match="--task-order must be fixed or free"):
+        demo_settings(task_order="shuffled")
+    assert demo_command("--calibrate", quick=False, task_order="free") == (
+        "ctopd demo --calibrate --task-order free")

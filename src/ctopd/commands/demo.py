@@ -8,6 +8,7 @@ Examples:
     ctopd demo --ablation                   # SimCT's supervision spaces on the validation split
     ctopd demo --calibrate                  # the budget at which same-tokenizer OPD beats SFT
     ctopd demo --calibrate --warmup-target 0.7 --output-dir ctopd-demo-0.7  # a later start
+    ctopd demo --calibrate --task-order free --output-dir ctopd-demo-free  # steps in any order
     ctopd demo --force                      # retrain the cached teacher, samples and students
     ctopd demo --fixed-warmup --output-dir ctopd-demo-fixed  # both students warmed up 1,000 steps
 """
@@ -55,6 +56,11 @@ def add_parser(subparsers) -> None:
                         help="matched start only: the validation accuracy at which each "
                              "warm-up stops (default 0.45); the students are rebuilt for it, so "
                              "give it its own --output-dir")
+    parser.add_argument("--task-order", choices=("fixed", "free"), default="fixed",
+                        help="fixed (default): solutions work the steps in the story's order; "
+                             "free: steps that commute, each reference in a random order, so "
+                             "a problem has several right solutions (everything is rebuilt: "
+                             "give it its own --output-dir)")
     parser.add_argument("--force", action="store_true",
                         help="rebuild the teacher, its samples and the students even when cached")
     parser.add_argument("--workers", type=int, default=None,
@@ -82,7 +88,8 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"error: --warmup-target must be a validation accuracy in [0, 1]; got "
               f"{args.warmup_target:g}")
         return 2
-    start = {"matched": not args.fixed_warmup, "warmup_target": args.warmup_target}
+    start = {"matched": not args.fixed_warmup, "warmup_target": args.warmup_target,
+             "task_order": args.task_order}
     if args.calibrate:
         if args.methods:
             print("error: --calibrate runs the same-tokenizer control only; drop --methods")

@@ -86,7 +86,7 @@ def parse_runs(text: str | None) -> tuple[str, ...]:
 def run_demo(output_dir: str | Path = "ctopd-demo", *, quick: bool = False, seeds: int = 3,
              methods: tuple[str, ...] = RUNS, force: bool = False, workers: int | None = None,
              matched: bool = True, warmup_target: float | None = None,
-             log: Callable[[str], None] = print) -> dict:
+             task_order: str = "fixed", log: Callable[[str], None] = print) -> dict:
     """Run the whole experiment and write its report into ``output_dir``.
 
     Args:
@@ -101,6 +101,8 @@ def run_demo(output_dir: str | Path = "ctopd-demo", *, quick: bool = False, seed
             (``--fixed-warmup``): both warmed up ``warmup_steps`` steps.
         warmup_target: the matched start's validation accuracy target, when not the default
             (``--warmup-target``; the students are rebuilt for it).
+        task_order: ``fixed`` (the story's order) or ``free`` (``--task-order``: steps that
+            commute, :data:`ctopd.demo.settings.FREE_ORDER`).
         log: where progress lines go.
 
     Returns:
@@ -110,7 +112,8 @@ def run_demo(output_dir: str | Path = "ctopd-demo", *, quick: bool = False, seed
     from ctopd.demo.report import plot_curves, results_markdown, write_results
 
     started = time.perf_counter()
-    settings = demo_settings(quick=quick, matched=matched, warmup_target=warmup_target)
+    settings = demo_settings(quick=quick, matched=matched, warmup_target=warmup_target,
+                             task_order=task_order)
     out = Path(output_dir)
     with demo_pool(workers) as (pool, size):
         base = build_models(out, settings, seeds=seeds, sft=has_sft(methods), pool=pool,

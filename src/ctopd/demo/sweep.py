@@ -27,7 +27,7 @@ from ctopd.demo.settings import RUNS, SIMCT_SPACES, demo_settings, settings_dict
 def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
               methods: tuple[str, ...] = RUNS, force: bool = False, workers: int | None = None,
               matched: bool = True, warmup_target: float | None = None,
-              log: Callable[[str], None] = print) -> dict:
+              task_order: str = "fixed", log: Callable[[str], None] = print) -> dict:
     """Sweep the learning rates and write ``sweep.json`` and ``sweep.md`` into ``output_dir``.
 
     Args:
@@ -40,6 +40,7 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
             (:func:`ctopd.demo.settings.demo_settings`).
         warmup_target: the matched start's target, when not the default
             (``--warmup-target``).
+        task_order: the task's order of steps (``--task-order``, ``fixed`` or ``free``).
         log: where progress lines go.
 
     Returns:
@@ -56,7 +57,8 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
     from ctopd.demo.stages import STUDENT_FOLDERS
 
     started = time.perf_counter()
-    settings = demo_settings(quick=quick, matched=matched, warmup_target=warmup_target)
+    settings = demo_settings(quick=quick, matched=matched, warmup_target=warmup_target,
+                             task_order=task_order)
     out = Path(output_dir)
     with demo_pool(workers) as (pool, size):
         build_models(out, settings, seeds=1, sft=has_sft(methods), pool=pool, workers=size,
@@ -92,7 +94,7 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
         "num_extra_validation": settings.num_extra_validation, "seed": 0,
         "steps": settings.sweep_steps, "batch": settings.method_batch,
         "command": demo_command("--sweep", quick=quick, methods=methods, matched=matched,
-                                warmup_target=warmup_target),
+                                warmup_target=warmup_target, task_order=task_order),
         "commit": _commit(),
         "rows": rows, "best": choose(rows), "starts": starts, "quick": quick,
         "settings": settings_dict(settings), "seconds": time.perf_counter() - started,
@@ -110,7 +112,7 @@ def run_sweep(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
 
 def run_ablation(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
                  force: bool = False, workers: int | None = None, matched: bool = True,
-                 warmup_target: float | None = None,
+                 warmup_target: float | None = None, task_order: str = "fixed",
                  log: Callable[[str], None] = print) -> dict:
     """``ctopd demo --ablation``: SimCT's supervision spaces (:data:`SIMCT_SPACES`) side by side
     on the validation split; writes ``ablation.json`` and ``ablation.md`` into ``output_dir``.
@@ -131,7 +133,8 @@ def run_ablation(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
     from ctopd.demo.run import build_models, demo_pool
 
     started = time.perf_counter()
-    settings = demo_settings(quick=quick, matched=matched, warmup_target=warmup_target)
+    settings = demo_settings(quick=quick, matched=matched, warmup_target=warmup_target,
+                             task_order=task_order)
     out = Path(output_dir)
     with demo_pool(workers) as (pool, size):
         build_models(out, settings, seeds=1, sft=False, pool=pool, workers=size, force=force,
@@ -170,7 +173,7 @@ def run_ablation(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
         "batch": settings.method_batch, "lr": settings.lr("simct"),
         "student_start_accuracy": start,
         "command": demo_command("--ablation", quick=quick, matched=matched,
-                                warmup_target=warmup_target),
+                                warmup_target=warmup_target, task_order=task_order),
         "commit": _commit(), "rows": rows, "spaces": spaces,
         "best": max(spaces, key=lambda k: (spaces[k]["accuracy_mean"], -spaces[k]["kl"])),
         "quick": quick, "seconds": time.perf_counter() - started,
@@ -186,7 +189,7 @@ def run_ablation(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
 
 def run_calibration(output_dir: str | Path = "ctopd-demo", *, quick: bool = False,
                     force: bool = False, workers: int | None = None, matched: bool = True,
-                    warmup_target: float | None = None,
+                    warmup_target: float | None = None, task_order: str = "fixed",
                     log: Callable[[str], None] = print) -> dict:
     """``ctopd demo --calibrate``: the budget (steps per run) at which the same-tokenizer
     control's OPD most surely beats its continued SFT; writes ``calibration.json`` and
@@ -222,7 +225,8 @@ def run_calibration(output_dir: str | Path = "ctopd-demo", *, quick: bool = Fals
     from ctopd.demo.settings import CONTROL_METHODS
 
     started = time.perf_counter()
-    settings = demo_settings(quick=quick, matched=matched, warmup_target=warmup_target)
+    settings = demo_settings(quick=quick, matched=matched, warmup_target=warmup_target,
+                             task_order=task_order)
     out = Path(output_dir)
     seeds = settings.calibration_seeds
     with demo_pool(workers) as (pool, size):
@@ -272,7 +276,7 @@ def run_calibration(output_dir: str | Path = "ctopd-demo", *, quick: bool = Fals
         "seeds": seeds, "batch": settings.method_batch, "steps": list(settings.calibration_steps),
         "lrs": {name: settings.lr(name) for name in CONTROL_METHODS},
         "command": demo_command("--calibrate", quick=quick, matched=matched,
-                                warmup_target=warmup_target),
+                                warmup_target=warmup_target, task_order=task_order),
         "commit": _commit(), "starts": starts, "rows": rows, "budgets": budgets, "best": best,
         "separates": separates, "quick": quick, "settings": settings_dict(settings),
         "seconds": time.perf_counter() - started,
@@ -314,7 +318,8 @@ def choose(rows: list[dict]) -> dict[str, float]:
 
 
 def demo_command(flag: str, *, quick: bool, matched: bool = True,
-                 methods: tuple[str, ...] = RUNS, warmup_target: float | None = None) -> str:
+                 methods: tuple[str, ...] = RUNS, warmup_target: float | None = None,
+                 task_order: str = "fixed") -> str:
     """The command line that reruns a sweep, ablation or calibration (``flag``: ``--sweep``,
     ``--ablation`` or ``--calibrate``) with these options."""
     parts = [f"ctopd demo {flag}"]
@@ -324,6 +329,8 @@ def demo_command(flag: str, *, quick: bool, matched: bool = True,
         parts.append("--fixed-warmup")
     if warmup_target is not None:
         parts.append(f"--warmup-target {warmup_target:g}")
+    if task_order != "fixed":
+        parts.append(f"--task-order {task_order}")
     if tuple(methods) != RUNS:
         parts.append("--methods " + ",".join(methods))
     return " ".join(parts)
