@@ -72,7 +72,8 @@ def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_pat
         assert row["extra_accuracy_mean"] == sum(r["extra_accuracy"] for r in row["runs"]) / 2
     responses = (out / "runs" / "simct-seed0" / "extra_test_responses.jsonl").read_text()
     assert responses.count("\n") == QUICK.num_extra_test
-    compared = {(c["kind"], c["a"], c["b"]) for c in results["comparisons"]}
+    compared = {(c["kind"], c["a"], c["b"]) for c in results["comparisons"]
+                if c["metric"] == "greedy"}
     assert ("difference", "simct", "sft") in compared
     assert ("difference", "control_opd", "control_sft") in compared
     assert ("gap_fraction", "simct", "control_opd") in compared
@@ -81,15 +82,37 @@ def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_pat
         assert run["curve"]["extra_step"] == list(range(QUICK.eval_every, final + 1,
                                                         QUICK.eval_every))
         assert run["curve"]["extra_outcomes"][-1] == run["extra_outcomes"]
-    assert {c["step"] for c in results["comparisons"] if c["kind"] == "difference"} == set(
-        run["curve"]["extra_step"])
-    simct_sft = next(c for c in results["comparisons"]
-                     if c["a"] == "simct" and c["b"] == "sft" and c["step"] == final)
+    assert {c["step"] for c in results["comparisons"] if c["kind"] == "difference"
+            and c["metric"] == "greedy"} == set(run["curve"]["extra_step"])
+    simct_sft = next(c for c in results["comparisons"] if c["a"] == "simct" and c["b"] == "sft"
+                     and c["step"] == final and c["metric"] == "greedy")
     means = {name: row["extra_accuracy_mean"] for name, row in results["methods"].items()}
     assert simct_sft["value"] == pytest.approx(means["simct"] - means["sft"])
     assert simct_sft["low"] <= simct_sft["high"]
     report = (out / "results.md").read_text()
     assert "continued SFT (accuracy)" in report and "Accuracy differences by step" in report
+
+    # Sampled accuracy beside the greedy one: one response per problem at temperature 1 for
+    # every start and final model, the same paired comparisons at the last step.
+    for row in extra.values():
+        assert len(row["sampled_outcomes"]) == QUICK.num_extra_test
+        assert row["sampled_accuracy"] == row["sampled_outcomes"].count("1") / QUICK.num_extra_test
+    for row in [*results["methods"].values(), controls["opd"], controls["sft"]]:
+        for run in row["runs"]:
+            assert len(run["extra_sampled_outcomes"]) == QUICK.num_extra_test
+        assert row["extra_sampled_accuracy_mean"] == pytest.approx(
+            sum(r["extra_sampled_accuracy"] for r in row["runs"]) / 2)
+    sampled_rows = [c for c in results["comparisons"] if c["metric"] == "sampled"]
+    assert {(c["kind"], c["a"], c["b"]) for c in sampled_rows} == compared
+    assert {c["step"] for c in sampled_rows} == {final}
+    sampled_means = {name: row["extra_sampled_accuracy_mean"]
+                     for name, row in results["methods"].items()}
+    simct_sft_sampled = next(c for c in sampled_rows
+                             if c["kind"] == "difference" and (c["a"], c["b"]) == ("simct", "sft"))
+    assert simct_sft_sampled["value"] == pytest.approx(sampled_means["simct"] - sampled_means["sft"])
+    sampled_responses = (out / "runs" / "simct-seed0" / "extra_test_sampled_responses.jsonl")
+    assert sampled_responses.read_text().count("\n") == QUICK.num_extra_test
+    assert "sampled accuracy (T = 1)" in report and "(sampled accuracy)" in report
     assert set(results["stages"]) == {"teacher", "samples", "students", "methods"}
     assert "| same-tokenizer OPD |" in printed
     assert (out / "curves.png").stat().st_size > 10_000
@@ -302,3 +325,37 @@ def test_teacher_trains_in_rounds_until_its_validation_target(tmp_path):
     result = build_teacher(tmp_path / "reached", reached, force=False, log=lines.append)
     assert [r["round"] for r in result["rounds"]] == [1]
     assert not (tmp_path / "reached" / "runs" / "teacher-round2").exists()
+
+
+def test_sampled_outcomes_are_seeded_and_need_a_temperature(tmp_path):
+    """One sampled response per problem: the same seed gives the same outcomes, and a model
+    that is unsure of its tokens samples other responses than its greedy ones."""
+    import dataclasses
+
+    from ctopd.demo.measure import outcomes
+    from ctopd.demo.models import tiny_causal_lm
+    from ctopd.demo.task import make_split, write_jsonl
+    from ctopd.demo.tokenizers import train_byte_level_bpe
+
+    train, test = make_split(200, 12, seed=0)
+    texts = [t for p in train for t in (p.question, p.solution)]
+    tokenizer = train_byte_level_bpe(texts, 300, split_digits=True)
+    model = tiny_causal_lm(tokenizer, hidden_size=16, num_layers=1, num_heads=2,
+                           max_positions=256, seed=0)  # untrained: near-uniform next tokens
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = write_jsonl(test, tmp_path / "test.jsonl")
+    settings = dataclasses.replace(QUICK, max_new_tokens=12)
+    first = outcomes(tmp_path / "model", data, settings, tmp_path / "a.jsonl", sampled=True)
+    again = outcomes(tmp_path / "model", data, settings, tmp_path / "b.jsonl", sampled=True)
+    outcomes(tmp_path / "model", data, settings, tmp_path / "greedy.jsonl")
+    assert first == again and len(first) == 12
+    read = [[json.loads(line)["response"] for line in (tmp_path / name).open()]
+            for name in ("a.jsonl", "b.jsonl", "greedy.jsonl")]
+    assert read[0] == read[1] and read[0] != read[2]
+    reseeded = dataclasses.replace(settings, sampled_seed=1)
+    outcomes(tmp_path / "model", data, reseeded, tmp_path / "c.jsonl", sampled=True)
+    assert [json.loads(line)["response"] for line in (tmp_path / "c.jsonl").open()] != read[0]
+    with pytest.raises(ValueError, match="sampled_temperature"):
+        outcomes(tmp_path / "model", data, dataclasses.replace(settings, sampled_temperature=None),
+                 sampled=True)

@@ -141,3 +141,12 @@ def test_task_order_free_puts_the_free_order_settings_on_either_start():
         demo_settings(task_order="shuffled")
     assert demo_command("--calibrate", quick=False, task_order="free") == (
         "ctopd demo --calibrate --task-order free")
+
+
+def test_sampled_accuracy_settings_are_checked_and_change_no_cached_model():
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="sampled_temperature must be above 0"):
+            dataclasses.replace(FULL, sampled_temperature=bad)
+    greedy_only = dataclasses.replace(FULL, sampled_temperature=None, sampled_seed=3)
+    assert greedy_only.student_stamp("control") == FULL.student_stamp("control")
+    assert greedy_only.samples_stamp() == FULL.samples_stamp()

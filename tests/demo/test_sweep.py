@@ -42,3 +42,27 @@ def test_sweep_prefers_the_extra_validation_accuracy_where_measured():
     rows = [{"name": "sft", "lr": 1e-3, "accuracy": 0.95, "extra_accuracy": 0.91, "kl": 0.1},
             {"name": "sft", "lr": 3e-4, "accuracy": 0.94, "extra_accuracy": 0.93, "kl": 0.1}]
     assert choose(rows) == {"sft": 3e-4}
+
+
+def test_calibration_reads_sampled_accuracy_as_its_own_table():
+    budgets = {"25": _budget(-0.01, -0.03, 0.01), "50": _budget(-0.02, -0.04, 0.0)}
+    budgets["25"]["sampled_difference"] = {"value": 0.05, "low": 0.03, "high": 0.07}
+    budgets["50"]["sampled_difference"] = {"value": 0.06, "low": 0.01, "high": 0.11}
+    for entry in budgets.values():
+        entry["sampled_opd"] = {"mean": 0.7, "std": 0.01, "seeds": [0.7, 0.7]}
+        entry["sampled_sft"] = {"mean": 0.65, "std": 0.01, "seeds": [0.64, 0.66]}
+    # Each accuracy chooses its own budget by its own intervals.
+    assert choose_budget(budgets) == 25
+    assert choose_budget(budgets, "sampled_difference") == 25
+    budgets["50"]["sampled_difference"]["low"] = 0.04
+    assert choose_budget(budgets, "sampled_difference") == 50
+    table = calibration_markdown({
+        "budgets": budgets, "best": 25, "separates": False, "best_sampled": 50,
+        "separates_sampled": True, "sampled_temperature": 1.0, "seeds": 2, "batch": 32,
+        "num_extra_validation": 10, "command": "c",
+        "sampled_starts": {"control": 0.37, "teacher": 0.99}})
+    greedy, sampled = table.split("Sampled accuracy")
+    assert "cannot rank an on-policy method above SFT" in greedy
+    assert "**+0.060 [+0.040, +0.110]**" in sampled and "interval lies above zero" in sampled
+    assert "0.700 ± 0.010 | 0.700 0.700 | 0.650 ± 0.010 | 0.640 0.660" in sampled
+    assert "temperature 1" in sampled and "0.370 sampled" in sampled

@@ -35,26 +35,43 @@ def accuracy(model_dir: Path, data_path: Path, settings: DemoSettings) -> float:
 
 
 def outcomes(model_dir: Path, data_path: Path, settings: DemoSettings,
-             responses_path: Path | None = None) -> str:
-    """Greedy exact-final-answer outcome of every row of ``data_path``, in order, as a string of
+             responses_path: Path | None = None, *, sampled: bool = False) -> str:
+    """Exact-final-answer outcome of every row of ``data_path``, in order, as a string of
     ``1`` (right) and ``0`` (wrong): compact in ``results.json``, and what paired comparisons
     between runs need (:mod:`ctopd.demo.compare`). ``responses_path``: where to keep each
-    response (one JSON row per problem, see :func:`ctopd.training.evaluate.evaluate`)."""
+    response (one JSON row per problem, see :func:`ctopd.training.evaluate.evaluate`).
+
+    ``sampled``: one response per problem sampled at ``settings.sampled_temperature`` with the
+    sampling seed ``settings.sampled_seed`` (the same for every model, so that two similar
+    models draw similar samples and their paired difference is less noisy), instead of the
+    greedy response. Greedy accuracy asks whether a model's most likely path is right; sampled
+    accuracy also asks how much probability it leaves on wrong tokens, which is what the
+    reverse KL of on-policy distillation penalises and continued SFT barely does (a student
+    token the teacher rules out, with student probability ``q`` and teacher log-probability
+    ``log p``, gets a reverse-KL logit gradient of ``q (log q - log p - KL)``, about
+    ``q log(1/p)``, against cross-entropy's ``q``)."""
     from ctopd.training.evaluate import evaluate
 
+    if sampled and settings.sampled_temperature is None:
+        raise ValueError("sampled outcomes need DemoSettings.sampled_temperature")
     result = evaluate(str(model_dir), None, data_path, max_new_tokens=settings.max_new_tokens,
-                      batch_size=settings.eval_batch, output_path=responses_path)
+                      batch_size=settings.eval_batch, output_path=responses_path,
+                      temperature=settings.sampled_temperature if sampled else 0.0,
+                      seed=settings.sampled_seed)
     return "".join("1" if hit else "0" for hit in result["outcomes"])
 
 
 def measure_outcomes(job: dict) -> dict:
     """:func:`outcomes` of one model folder (runs in a worker process). ``job``: ``model``,
-    ``data``, ``settings`` and a ``key`` returned with the outcomes."""
+    ``data``, ``settings`` and a ``key`` returned with the outcomes; ``sampled`` (optional):
+    sampled instead of greedy outcomes, returned with the job's ``sampled`` flag."""
     from ctopd.demo.stages import one_thread
 
     one_thread()
-    return {"key": job["key"],
-            "outcomes": outcomes(Path(job["model"]), Path(job["data"]), job["settings"])}
+    sampled = bool(job.get("sampled", False))
+    return {"key": job["key"], "sampled": sampled,
+            "outcomes": outcomes(Path(job["model"]), Path(job["data"]), job["settings"],
+                                 sampled=sampled)}
 
 
 def sequence_kl(student_dir: Path, teacher_dir: Path, data_path: Path,

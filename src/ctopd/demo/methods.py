@@ -57,8 +57,11 @@ def run_method(job: dict) -> dict:
         wall time), ``eval_seconds`` (the measurements after it); ``extra_accuracy`` and
         ``extra_outcomes`` (per problem, :func:`ctopd.demo.measure.outcomes`) of the final model
         on the job's ``outcomes_split`` (the extra test split for test runs; its responses stay
-        in ``run_dir/<split>_responses.jsonl``), ``None`` without one; and ``curve``
-        (``extra_step``,
+        in ``run_dir/<split>_responses.jsonl``), ``None`` without one;
+        ``extra_sampled_accuracy`` and ``extra_sampled_outcomes``: the same for one sampled
+        response per problem (``DemoSettings.sampled_temperature``; its responses in
+        ``run_dir/<split>_sampled_responses.jsonl``), ``None`` without the split or the
+        temperature; and ``curve`` (``extra_step``,
         ``extra_accuracy``, ``extra_outcomes``: the same at each checkpoint; ``step``,
         ``accuracy``, ``kl`` at step 0 and at each checkpoint; ``train_kl_step``, ``train_kl``
         per step).
@@ -76,6 +79,7 @@ def run_method(job: dict) -> dict:
     rows = read_metrics(run_dir)
     points = _measure(job, out / STUDENT_FOLDERS[kind], run_dir)
     extra = _measure_extra(job, run_dir)
+    sampled = _measure_extra_sampled(job, run_dir)
     shutil.rmtree(run_dir / "final", ignore_errors=True)
     for checkpoint in run_dir.glob("checkpoint-*"):
         shutil.rmtree(checkpoint, ignore_errors=True)
@@ -88,6 +92,8 @@ def run_method(job: dict) -> dict:
         "accuracy": final["accuracy"], "kl": final["kl"], "noncanonical": final["noncanonical"],
         "extra_accuracy": _share(extra[max(extra)]) if extra else None,
         "extra_outcomes": extra[max(extra)] if extra else None,
+        "extra_sampled_accuracy": None if sampled is None else _share(sampled),
+        "extra_sampled_outcomes": sampled,
         "coverage": shares[0], "aligned_coverage": shares[1], "unaligned_share": shares[2],
         "train_kl": None if sft else summary["final_metrics"].get("kl"),
         "seconds": summary["seconds"], "eval_seconds": time.perf_counter() - started,
@@ -180,6 +186,23 @@ def _measure_extra(job: dict, run_dir: Path) -> dict[int, str]:
             for c in checkpoints}
 
 
+def _measure_extra_sampled(job: dict, run_dir: Path) -> str | None:
+    """Sampled outcomes of the final checkpoint on the job's ``outcomes_split``
+    (:func:`ctopd.demo.measure.outcomes` with ``sampled=True``); ``None`` without the split or
+    without ``DemoSettings.sampled_temperature``. Only the final model: a sampled score per
+    checkpoint would double the demo's measuring time."""
+    from ctopd.demo.measure import outcomes
+    from ctopd.training.checkpoint import list_checkpoints
+
+    settings, out, split = job["settings"], Path(job["out"]), job.get("outcomes_split")
+    if (split is None or not getattr(settings, f"num_{split}")
+            or settings.sampled_temperature is None):
+        return None
+    final = list_checkpoints(run_dir)[-1]
+    return outcomes(final / "student", out / f"{split}.jsonl", settings,
+                    responses_path=run_dir / f"{split}_sampled_responses.jsonl", sampled=True)
+
+
 def gap_closed(accuracy: float | None, start: float, teacher: float) -> float | None:
     """``(accuracy - start) / (teacher - start)``: the share of the student → teacher gap a run
     closed (``None`` when there is no gap)."""
@@ -190,17 +213,23 @@ def gap_closed(accuracy: float | None, start: float, teacher: float) -> float | 
 
 def summarize_method(runs: list[dict], *, start: float, teacher: float,
                      extra_start: float | None = None,
-                     extra_teacher: float | None = None) -> dict:
+                     extra_teacher: float | None = None,
+                     extra_sampled_start: float | None = None,
+                     extra_sampled_teacher: float | None = None) -> dict:
     """One method over its seeds: means (and the accuracy's std), ``gap_closed`` and each
     seed's run (with its own ``gap_closed``); the same on the extra test split
     (``extra_accuracy_mean``, ``extra_accuracy_std``, ``extra_gap_closed`` from the start's and
-    the teacher's extra accuracies), ``None`` where it was not measured."""
+    the teacher's extra accuracies) and for its sampled accuracy there
+    (``extra_sampled_accuracy_mean``, ``..._std``, ``extra_sampled_gap_closed``), ``None``
+    where it was not measured."""
     runs = sorted(runs, key=lambda r: r["seed"])
     runs = [{**r, "gap_closed": gap_closed(r["accuracy"], start, teacher)} for r in runs]
     accuracies = [r["accuracy"] for r in runs]
     mean = statistics.fmean(accuracies)
     extra = [r.get("extra_accuracy") for r in runs]
     extra_mean = statistics.fmean(extra) if extra and None not in extra else None
+    sampled = [r.get("extra_sampled_accuracy") for r in runs]
+    sampled_mean = statistics.fmean(sampled) if sampled and None not in sampled else None
     return {
         "accuracy": mean, "accuracy_mean": mean,
         "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
@@ -210,6 +239,12 @@ def summarize_method(runs: list[dict], *, start: float, teacher: float,
                                and len(extra) > 1 else None),
         "extra_gap_closed": (None if extra_mean is None or extra_start is None
                              else gap_closed(extra_mean, extra_start, extra_teacher)),
+        "extra_sampled_accuracy_mean": sampled_mean,
+        "extra_sampled_accuracy_std": (statistics.stdev(sampled) if sampled_mean is not None
+                                       and len(sampled) > 1 else None),
+        "extra_sampled_gap_closed": (
+            None if sampled_mean is None or extra_sampled_start is None
+            else gap_closed(sampled_mean, extra_sampled_start, extra_sampled_teacher)),
         "kl": _mean([r["kl"] for r in runs]),
         "coverage": _mean([r["coverage"] for r in runs]),
         "aligned_coverage": _mean([r["aligned_coverage"] for r in runs]),

@@ -74,21 +74,30 @@ def extra_markdown(results: dict) -> str:
     """The final models on the extra test split: accuracy and gap closed per run, then the
     paired comparisons (``results["comparisons"]``) with their intervals."""
     extra, settings = results["extra_test"], results["settings"]
+    sampled = "sampled_accuracy" in extra.get("teacher", {})
+    temperature = settings.get("sampled_temperature")
+    header = "| run | accuracy (mean ± std over seeds) | gap closed |"
+    if sampled:
+        header += f" sampled accuracy (T = {temperature:g}) | gap closed (sampled) |"
     lines = [f"On {settings['num_extra_test']} more held-out problems (the final models):",
-             "", "| run | accuracy (mean ± std over seeds) | gap closed |", "| --- | --- | --- |",
-             f"| teacher | {extra['teacher']['accuracy']:.3f} | |",
-             f"| student after warm-up | {extra['student']['accuracy']:.3f} | |"]
-    rows = [(LABELS.get(m, m), row) for m, row in results["methods"].items()]
-    rows.append(("same-tokenizer control after warm-up", None))
+             "", header, "|" + " --- |" * header.count(" | ") + " --- |"]
+    rows = [("teacher", extra["teacher"]), ("student after warm-up", extra["student"])]
+    rows += [(LABELS.get(m, m), row) for m, row in results["methods"].items()]
+    rows.append(("same-tokenizer control after warm-up", extra["control"]))
     rows += [(LABELS[f"control_{m}"], row) for m, row in _control_rows(results).items()]
     for label, row in rows:
-        if row is None:
-            lines.append(f"| {label} | {extra['control']['accuracy']:.3f} | |")
+        if "outcomes" in row:  # a single model: the teacher or a start
+            cells = [f"{row['accuracy']:.3f}", ""]
+            if sampled:
+                cells += [_fmt(row.get("sampled_accuracy")), ""]
         elif row.get("extra_accuracy_mean") is not None:
-            std = row.get("extra_accuracy_std")
-            spread = "" if std is None else f" ± {std:.3f}"
-            lines.append(f"| {label} | {row['extra_accuracy_mean']:.3f}{spread} "
-                         f"| {_fmt(row.get('extra_gap_closed'))} |")
+            cells = [_mean_std(row, "extra_accuracy"), _fmt(row.get("extra_gap_closed"))]
+            if sampled:
+                cells += [_mean_std(row, "extra_sampled_accuracy"),
+                          _fmt(row.get("extra_sampled_gap_closed"))]
+        else:
+            continue
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     final = max(row["step"] for row in results["comparisons"])
     lines += ["", f"At the end (step {final}):", "",
               "| comparison | value | 95% interval | resamples above 0 |",
@@ -97,12 +106,13 @@ def extra_markdown(results: dict) -> str:
         if row["step"] != final:
             continue
         a, b = LABELS.get(row["a"], row["a"]), LABELS.get(row["b"], row["b"])
+        metric = row.get("metric", "greedy")
         if row["kind"] == "difference":
-            label = f"{a} − {b} (accuracy)"
+            label = f"{a} − {b} ({'sampled ' if metric == 'sampled' else ''}accuracy)"
             value, low, high = (None if row[k] is None else f"{row[k]:+.3f}"
                                 for k in ("value", "low", "high"))
         else:
-            label = f"{a}: gap closed / {b}'s"
+            label = f"{a}: gap closed / {b}'s" + (" (sampled)" if metric == "sampled" else "")
             value, low, high = (None if row[k] is None else f"{row[k]:.2f}"
                                 for k in ("value", "low", "high"))
         interval = "–" if low is None else f"[{low}, {high}]"
@@ -113,12 +123,27 @@ def extra_markdown(results: dict) -> str:
               "every run, so differences are paired) plus each method's seed-to-seed spread "
               "(ctopd.demo.compare); resamples above 0: the share of resamples in which the "
               "value is positive."]
+    if sampled:
+        lines[-1] += (f" Accuracy: greedy. Sampled accuracy: one response per problem at "
+                      f"temperature {temperature:g}, the same sampling seed for every model; it "
+                      "also counts the probability a model leaves on wrong tokens, which "
+                      "on-policy reverse KL penalises and SFT barely does "
+                      "(ctopd.demo.measure.outcomes).")
     return "\n".join(lines)
+
+
+def _mean_std(row: dict, key: str) -> str:
+    """``mean ± std`` of a method's ``<key>_mean`` and ``<key>_std`` (``–`` when absent)."""
+    if row.get(f"{key}_mean") is None:
+        return "–"
+    std = row.get(f"{key}_std")
+    return f"{row[f'{key}_mean']:.3f}" + ("" if std is None else f" ± {std:.3f}")
 
 
 def _differences_by_step(rows: list[dict]) -> list[str]:
     """The accuracy differences at every measured step: one line per comparison, one column
     per step, each cell the difference and its interval."""
+    rows = [r for r in rows if r.get("metric", "greedy") == "greedy"]
     steps = sorted({r["step"] for r in rows if r["kind"] == "difference"})
     pairs = list(dict.fromkeys((r["a"], r["b"]) for r in rows if r["kind"] == "difference"))
     if len(steps) < 2:
@@ -240,24 +265,10 @@ def calibration_markdown(calibration: dict) -> str:
     """The budget calibration as a Markdown table: one row per budget (the control's OPD and
     SFT, mean ± std and per seed, and OPD − SFT with its 95% interval), the chosen one in bold,
     then what it was scored on and the command that reproduces it."""
-    lines = ["| steps | same-tokenizer OPD | per seed | same-tokenizer SFT | per seed "
-             "| OPD − SFT [95% interval] | chosen |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for steps, entry in calibration["budgets"].items():
-        opd, sft, diff = entry["opd"], entry["sft"], entry["difference"]
-        chosen = int(steps) == calibration["best"]
-        gap = f"{diff['value']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]"
-        lines.append(f"| {steps} | {opd['mean']:.3f} ± {opd['std']:.3f} "
-                     f"| {' '.join(f'{a:.3f}' for a in opd['seeds'])} "
-                     f"| {sft['mean']:.3f} ± {sft['std']:.3f} "
-                     f"| {' '.join(f'{a:.3f}' for a in sft['seeds'])} "
-                     f"| {f'**{gap}**' if chosen else gap} | {'yes' if chosen else ''} |")
+    lines = _calibration_table(calibration, "", calibration["best"])
     starts = calibration.get("starts", {})
     commit = f" at commit `{calibration['commit']}`" if calibration.get("commit") else ""
     lrs = ", ".join(f"{LABELS.get(k, k)} {v:.0e}" for k, v in calibration.get("lrs", {}).items())
-    verdict = ("its interval lies above zero" if calibration["separates"] else
-               "**no budget's interval lies above zero: this testbed cannot rank an on-policy "
-               "method above SFT**")
     lines += [
         "",
         f"The same-tokenizer control only, {calibration['seeds']} seeds per budget, "
@@ -267,9 +278,44 @@ def calibration_markdown(calibration: dict) -> str:
         + (f" (the warmed-up control scores {starts['control']:.3f}, the teacher "
            f"{starts['teacher']:.3f})" if starts else "")
         + ". Chosen: the budget whose paired interval has the highest lower end (ties: the "
-        f"longer one); {verdict}. Reproduce with `{calibration['command']}`{commit}.",
+        f"longer one); {_verdict(calibration['separates'])}.",
     ]
+    if calibration.get("best_sampled") is not None:
+        starts = calibration.get("sampled_starts", {})
+        lines += ["", f"Sampled accuracy (one response per problem at temperature "
+                  f"{calibration['sampled_temperature']:g}, the same sampling seed for every "
+                  "model), the same runs:", "",
+                  *_calibration_table(calibration, "sampled_", calibration["best_sampled"]), "",
+                  "The warmed-up control scores "
+                  f"{starts.get('control', float('nan')):.3f} sampled, the teacher "
+                  f"{starts.get('teacher', float('nan')):.3f}; chosen as above; "
+                  f"{_verdict(calibration['separates_sampled'])}."]
+    lines += ["", f"Reproduce with `{calibration['command']}`{commit}."]
     return "\n".join(lines)
+
+
+def _calibration_table(calibration: dict, prefix: str, best: int) -> list[str]:
+    """The calibration's rows for one accuracy (``prefix``: ``""`` greedy, ``"sampled_"``)."""
+    lines = ["| steps | same-tokenizer OPD | per seed | same-tokenizer SFT | per seed "
+             "| OPD − SFT [95% interval] | chosen |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for steps, entry in calibration["budgets"].items():
+        opd, sft = entry[prefix + "opd"], entry[prefix + "sft"]
+        diff = entry[prefix + "difference"]
+        chosen = int(steps) == best
+        gap = f"{diff['value']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]"
+        lines.append(f"| {steps} | {opd['mean']:.3f} ± {opd['std']:.3f} "
+                     f"| {' '.join(f'{a:.3f}' for a in opd['seeds'])} "
+                     f"| {sft['mean']:.3f} ± {sft['std']:.3f} "
+                     f"| {' '.join(f'{a:.3f}' for a in sft['seeds'])} "
+                     f"| {f'**{gap}**' if chosen else gap} | {'yes' if chosen else ''} |")
+    return lines
+
+
+def _verdict(separates: bool) -> str:
+    return ("its interval lies above zero" if separates else
+            "**no budget's interval lies above zero: this testbed cannot rank an on-policy "
+            "method above SFT**")
 
 
 def ablation_markdown(ablation: dict) -> str:

@@ -215,21 +215,29 @@ def build_models(out: Path, settings: DemoSettings, *, seeds: int, sft: bool, po
 
 
 def measure_extra_starts(out: Path, settings: DemoSettings, *, pool,
-                         log: Callable[[str], None]) -> dict:
-    """Outcomes of the teacher and both warmed-up students on ``extra_test.jsonl`` (a string of
-    0/1 per problem each, :func:`ctopd.demo.measure.outcomes`), and their accuracies; empty
-    when the settings have no extra test problems."""
+                         log: Callable[[str], None], split: str = "extra_test",
+                         keys: tuple[str, ...] = ("teacher", "student", "control")) -> dict:
+    """Outcomes of the teacher and both warmed-up students (``keys``) on ``<split>.jsonl`` (a
+    string of 0/1 per problem each, :func:`ctopd.demo.measure.outcomes`) and their
+    accuracies, greedy (``outcomes``, ``accuracy``) and, with
+    ``DemoSettings.sampled_temperature``, sampled (``sampled_outcomes``,
+    ``sampled_accuracy``); empty when the settings have no problems in that split."""
     from ctopd.demo.measure import measure_outcomes
 
-    if not settings.num_extra_test:
+    if not getattr(settings, f"num_{split}"):
         return {}
-    jobs = [dict(key=key, model=str(out / key), data=str(out / "extra_test.jsonl"),
-                 settings=settings) for key in ("teacher", "student", "control")]
-    found = {r["key"]: r["outcomes"] for r in pool.map(measure_outcomes, jobs)}
-    extra = {key: {"accuracy": text.count("1") / len(text), "outcomes": text}
-             for key, text in found.items()}
-    log(f"[demo] on {settings.num_extra_test} extra test problems: "
-        + ", ".join(f"{_NAME[key]} {row['accuracy']:.3f}" for key, row in extra.items()))
+    modes = (False, True) if settings.sampled_temperature is not None else (False,)
+    jobs = [dict(key=key, model=str(out / key), data=str(out / f"{split}.jsonl"),
+                 settings=settings, sampled=sampled) for key in keys for sampled in modes]
+    extra: dict[str, dict] = {key: {} for key in keys}
+    for r in pool.map(measure_outcomes, jobs):
+        prefix = "sampled_" if r["sampled"] else ""
+        extra[r["key"]][f"{prefix}accuracy"] = r["outcomes"].count("1") / len(r["outcomes"])
+        extra[r["key"]][f"{prefix}outcomes"] = r["outcomes"]
+    log(f"[demo] on {getattr(settings, f'num_{split}')} {split.replace('_', ' ')} problems: "
+        + ", ".join(f"{_NAME[key]} {row['accuracy']:.3f}"
+                    + (f" (sampled {row['sampled_accuracy']:.3f})" if "sampled_accuracy" in row
+                       else "") for key, row in extra.items()))
     return extra
 
 
@@ -249,13 +257,15 @@ def summarize(base: dict, runs: list[dict], settings: DemoSettings, *, seeds: in
     student, control = base["students"]["student"], base["students"]["control"]
     extra = base.get("extra_test", {})
 
-    def extra_of(key: str) -> float | None:
-        return extra[key]["accuracy"] if key in extra else None
+    def extra_of(key: str, field: str = "accuracy") -> float | None:
+        return extra.get(key, {}).get(field)
 
     def of(name: str, start: float, kind: str) -> dict:
         return summarize_method([r for r in runs if r["name"] == name], start=start,
                                 teacher=teacher, extra_start=extra_of(kind),
-                                extra_teacher=extra_of("teacher"))
+                                extra_teacher=extra_of("teacher"),
+                                extra_sampled_start=extra_of(kind, "sampled_accuracy"),
+                                extra_sampled_teacher=extra_of("teacher", "sampled_accuracy"))
 
     ran = {r["name"] for r in runs}
     methods = {name: of(name, student["accuracy"], "student") for name in CROSS_METHODS
@@ -303,41 +313,57 @@ COMPARISONS = (("simct", "sft"), ("dpca", "sft"), ("simct", "shared_only"),
 
 def comparisons(extra: dict, runs: list[dict]) -> list[dict]:
     """Paired comparisons on the extra test split (:mod:`ctopd.demo.compare`): for each pair of
-    :data:`COMPARISONS` that ran, the difference of mean accuracy with its 95% interval at every
-    step both measured; and, at the last step, for each cross-tokenizer run, the share of its
-    gap closed as a fraction of the same-tokenizer OPD's (the starts and the teacher
-    resampled with it).
+    :data:`COMPARISONS` that ran, the difference of mean greedy accuracy with its 95% interval
+    at every step both measured; and, at the last step, for each cross-tokenizer run, the share
+    of its gap closed as a fraction of the same-tokenizer OPD's (the starts and the teacher
+    resampled with it). Then the same two kinds at the last step for the sampled accuracy,
+    where the runs and the starts have sampled outcomes.
 
     Returns:
-        rows of ``kind`` (``difference`` or ``gap_fraction``), ``a``, ``b`` (run names),
-        ``step``, ``value``, ``low``, ``high``, ``above_zero``, ``problems``, ``draws``; empty
-        without extra test outcomes.
+        rows of ``kind`` (``difference`` or ``gap_fraction``), ``metric`` (``greedy`` or
+        ``sampled``), ``a``, ``b`` (run names), ``step``, ``value``, ``low``, ``high``,
+        ``above_zero``, ``problems``, ``draws``; empty without extra test outcomes.
     """
-    from ctopd.demo.compare import difference, gap_fraction_ratio, outcome_matrix
-
     by_step: dict[str, dict[int, list[str]]] = {}
+    sampled: dict[str, dict[int, list[str]]] = {}
     for run in sorted(runs, key=lambda r: r["seed"]):
         curve = run.get("curve", {})
         for step, text in zip(curve.get("extra_step", []), curve.get("extra_outcomes", [])):
             by_step.setdefault(run["name"], {}).setdefault(step, []).append(text)
+        if run.get("extra_sampled_outcomes") and curve.get("extra_step"):
+            sampled.setdefault(run["name"], {}).setdefault(
+                max(curve["extra_step"]), []).append(run["extra_sampled_outcomes"])
     if not extra or not by_step:
         return []
+    rows = _comparison_rows(by_step, {k: row["outcomes"] for k, row in extra.items()}, "greedy")
+    if sampled and all("sampled_outcomes" in row for row in extra.values()):
+        rows += _comparison_rows(sampled, {k: row["sampled_outcomes"] for k, row in extra.items()},
+                                 "sampled")
+    return rows
+
+
+def _comparison_rows(by_step: dict[str, dict[int, list[str]]], starts: dict[str, str],
+                     metric: str) -> list[dict]:
+    """:func:`comparisons`' rows for one metric: ``by_step`` maps a run name to its seeds'
+    outcome strings at each step, ``starts`` the teacher's and the students' to theirs."""
+    from ctopd.demo.compare import difference, gap_fraction_ratio, outcome_matrix
+
     matrix = {name: {step: outcome_matrix(texts) for step, texts in steps.items()}
               for name, steps in by_step.items()}
-    start = {key: outcome_matrix([row["outcomes"]]) for key, row in extra.items()}
+    start = {key: outcome_matrix([text]) for key, text in starts.items()}
     rows = []
     for a, b in COMPARISONS:
         if a in matrix and b in matrix:
             for step in sorted(set(matrix[a]) & set(matrix[b])):
-                rows.append({"kind": "difference", "a": a, "b": b, "step": step,
-                             **difference(matrix[a][step], matrix[b][step])})
+                rows.append({"kind": "difference", "metric": metric, "a": a, "b": b,
+                             "step": step, **difference(matrix[a][step], matrix[b][step])})
     if "control_opd" in matrix:
         control_step = max(matrix["control_opd"])
         for name in ("simct", "dpca", "shared_only", "sft"):
             if name in matrix:
                 step = max(matrix[name])
-                rows.append({"kind": "gap_fraction", "a": name, "b": "control_opd",
-                             "step": step,
+                rows.append({"kind": "gap_fraction", "metric": metric, "a": name,
+                             "b": "control_opd", "step": step,
                              **gap_fraction_ratio(matrix[name][step], start["student"],
                                                   matrix["control_opd"][control_step],
                                                   start["control"], start["teacher"])})

@@ -131,6 +131,11 @@ class DemoSettings:
     calibration_seeds: int = 3
     # Sampling temperature of the teacher samples and of the students' rollouts.
     temperature: float = 1.0
+    # Sampled accuracy, scored beside the greedy one on the extra splits (final models, starts
+    # and teacher): one response per problem at this temperature, every model with the same
+    # sampling seed (ctopd.demo.measure.outcomes). None: greedy only. Not in any stamp.
+    sampled_temperature: float | None = 1.0
+    sampled_seed: int = 0
     max_new_tokens: int = 96
     # Held-out accuracy and KL are measured at steps 0, eval_every, 2 * eval_every, ..., end.
     eval_every: int = 25
@@ -160,6 +165,9 @@ class DemoSettings:
             raise ValueError("DemoSettings.teacher_target must be an accuracy in [0, 1] or None")
         if self.teacher_rounds < 1:
             raise ValueError("DemoSettings.teacher_rounds must be at least 1")
+        if self.sampled_temperature is not None and not self.sampled_temperature > 0:
+            raise ValueError("DemoSettings.sampled_temperature must be above 0, or None for "
+                             "greedy accuracy only")
         if self.calibration_seeds < 1:
             raise ValueError("DemoSettings.calibration_seeds must be at least 1")
 

@@ -201,27 +201,32 @@ def run_calibration(output_dir: str | Path = "ctopd-demo", *, quick: bool = Fals
     ``DemoSettings.calibration_steps``, ``control_opd`` and ``control_sft`` run
     ``calibration_seeds`` seeds each (``method_batch`` prompts per step, their ``method_lrs``,
     the rate decayed to 0 over the budget as in the demo), and every final model is scored
-    problem by problem on ``extra_validation.jsonl``. Per budget: OPD − SFT with its paired 95%
-    interval (:func:`ctopd.demo.compare.difference`). Chosen: the budget whose interval's lower
+    problem by problem on ``extra_validation.jsonl``, greedy and (with
+    ``DemoSettings.sampled_temperature``) by one sampled response per problem. Per budget:
+    OPD − SFT with its paired 95% interval (:func:`ctopd.demo.compare.difference`), for each
+    of the two accuracies. Chosen: the budget whose interval's lower
     end is highest (ties: the longer budget). Only the control is looked at, never a
     cross-tokenizer method and never the test splits; the chosen budget is copied into
     ``DemoSettings.method_steps`` by hand, and the demo never reads this file.
 
     Returns:
         The ``calibration.json`` content: ``rows`` (``name``, ``steps``, ``seed``,
-        ``accuracy`` on the extra validation split, ``validation_accuracy`` on the 200
-        validation problems, ``kl``, ``seconds``), ``budgets`` (per step count: ``opd`` and
-        ``sft`` mean and std, ``difference``), ``best`` (a step count), ``separates``
-        (whether the best budget's interval lies above zero), ``starts`` (the control's and the
-        teacher's extra validation accuracy), ``command``, ...
+        ``accuracy`` and ``sampled_accuracy`` on the extra validation split,
+        ``validation_accuracy`` on the 200 validation problems, ``kl``, ``seconds``),
+        ``budgets`` (per step count: ``opd`` and ``sft`` mean and std, ``difference``; the
+        same for sampled accuracy as ``sampled_opd``, ``sampled_sft``,
+        ``sampled_difference``), ``best`` (a step count, by greedy accuracy), ``separates``
+        (whether the best budget's interval lies above zero), ``best_sampled`` and
+        ``separates_sampled`` (the same by sampled accuracy; ``None`` without it),
+        ``starts`` and ``sampled_starts`` (the control's and the teacher's extra validation
+        accuracies), ``command``, ...
     """
     import statistics
 
     from ctopd.demo.compare import difference, outcome_matrix
-    from ctopd.demo.measure import measure_outcomes
-    from ctopd.demo.methods import _share, method_job, run_method
+    from ctopd.demo.methods import method_job, run_method
     from ctopd.demo.report import calibration_markdown
-    from ctopd.demo.run import build_models, demo_pool
+    from ctopd.demo.run import build_models, demo_pool, measure_extra_starts
     from ctopd.demo.settings import CONTROL_METHODS
 
     started = time.perf_counter()
@@ -232,13 +237,11 @@ def run_calibration(output_dir: str | Path = "ctopd-demo", *, quick: bool = Fals
     with demo_pool(workers) as (pool, size):
         build_models(out, settings, seeds=seeds, sft=True, pool=pool, workers=size, force=force,
                      log=log)
-        data = str(out / "extra_validation.jsonl")
-        starts = {r["key"]: _share(r["outcomes"]) for r in pool.map(measure_outcomes, [
-            dict(key=key, model=str(out / key), data=data, settings=settings)
-            for key in ("teacher", "control")])}
-        log(f"[demo] calibration: on {settings.num_extra_validation} extra validation problems "
-            f"the teacher scores {starts['teacher']:.3f}, the warmed-up control "
-            f"{starts['control']:.3f}")
+        found = measure_extra_starts(out, settings, pool=pool, log=log,
+                                     split="extra_validation", keys=("teacher", "control"))
+        starts = {key: row["accuracy"] for key, row in found.items()}
+        sampled_starts = {key: row["sampled_accuracy"] for key, row in found.items()
+                          if "sampled_accuracy" in row}
         jobs = [method_job(name, seed, out, settings, steps=steps, split="validation",
                            curve=False, outcomes_split="extra_validation",
                            run_dir=out / "runs" / "calibration" / f"{name}-{steps}-seed{seed}")
@@ -247,38 +250,55 @@ def run_calibration(output_dir: str | Path = "ctopd-demo", *, quick: bool = Fals
         log(f"[demo] calibration: {len(jobs)} runs ({', '.join(CONTROL_METHODS)} x {seeds} "
             f"seeds x budgets of {', '.join(map(str, settings.calibration_steps))} steps of "
             f"{settings.method_batch} prompts), scored on extra_validation.jsonl")
-        rows, outcomes = [], {}
+        rows, outcomes, sampled = [], {}, {}
         for job, run in zip(jobs, pool.map(run_method, jobs)):
             rows.append({"name": run["name"], "steps": job["steps"], "seed": run["seed"],
                          "lr": run["lr"], "accuracy": run["extra_accuracy"],
+                         "sampled_accuracy": run["extra_sampled_accuracy"],
                          "validation_accuracy": run["accuracy"], "kl": run["kl"],
                          "seconds": run["seconds"]})
             outcomes.setdefault((run["name"], job["steps"]), []).append(run["extra_outcomes"])
+            if run["extra_sampled_outcomes"] is not None:
+                sampled.setdefault((run["name"], job["steps"]), []).append(
+                    run["extra_sampled_outcomes"])
             log(f"[demo] calibration {run['name']:<11} {job['steps']:>4} steps seed "
-                f"{run['seed']}: extra validation accuracy {run['extra_accuracy']:.3f}")
+                f"{run['seed']}: extra validation accuracy {run['extra_accuracy']:.3f}"
+                + ("" if run["extra_sampled_accuracy"] is None else
+                   f" (sampled {run['extra_sampled_accuracy']:.3f})"))
 
     budgets = {}
     for steps in settings.calibration_steps:
         entry = {}
-        for name in CONTROL_METHODS:
-            accuracies = [r["accuracy"] for r in rows if r["name"] == name and r["steps"] == steps]
-            entry[name.removeprefix("control_")] = {
-                "mean": statistics.fmean(accuracies),
-                "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-                "seeds": accuracies}
-        entry["difference"] = difference(outcome_matrix(outcomes[("control_opd", steps)]),
-                                         outcome_matrix(outcomes[("control_sft", steps)]))
+        for prefix, field in (("", "accuracy"), ("sampled_", "sampled_accuracy")):
+            if prefix and not sampled:
+                continue
+            for name in CONTROL_METHODS:
+                accuracies = [r[field] for r in rows
+                              if r["name"] == name and r["steps"] == steps]
+                entry[prefix + name.removeprefix("control_")] = {
+                    "mean": statistics.fmean(accuracies),
+                    "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                    "seeds": accuracies}
+            found = sampled if prefix else outcomes
+            entry[prefix + "difference"] = difference(
+                outcome_matrix(found[("control_opd", steps)]),
+                outcome_matrix(found[("control_sft", steps)]))
         budgets[str(steps)] = entry
     best = choose_budget(budgets)
     separates = budgets[str(best)]["difference"]["low"] > 0
+    best_sampled = choose_budget(budgets, "sampled_difference") if sampled else None
+    separates_sampled = (None if best_sampled is None
+                         else budgets[str(best_sampled)]["sampled_difference"]["low"] > 0)
     calibration = {
         "split": "extra_validation", "num_extra_validation": settings.num_extra_validation,
         "seeds": seeds, "batch": settings.method_batch, "steps": list(settings.calibration_steps),
         "lrs": {name: settings.lr(name) for name in CONTROL_METHODS},
         "command": demo_command("--calibrate", quick=quick, matched=matched,
                                 warmup_target=warmup_target, task_order=task_order),
-        "commit": _commit(), "starts": starts, "rows": rows, "budgets": budgets, "best": best,
-        "separates": separates, "quick": quick, "settings": settings_dict(settings),
+        "commit": _commit(), "starts": starts, "sampled_starts": sampled_starts, "rows": rows,
+        "budgets": budgets, "best": best, "separates": separates,
+        "best_sampled": best_sampled, "separates_sampled": separates_sampled,
+        "sampled_temperature": settings.sampled_temperature if sampled else None, "quick": quick, "settings": settings_dict(settings),
         "seconds": time.perf_counter() - started,
     }
     (out / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n",
@@ -293,16 +313,21 @@ def run_calibration(output_dir: str | Path = "ctopd-demo", *, quick: bool = Fals
         log(f"[demo] no budget separates the control: at its best ({best} steps) OPD - SFT's "
             "interval reaches zero, so this testbed cannot rank an on-policy method above SFT "
             "(ALGORITHMS §9); change the task or the budgets before judging")
+    if separates_sampled is not None:
+        log(f"[demo] by sampled accuracy: at {best_sampled} steps OPD - SFT is "
+            f"{budgets[str(best_sampled)]['sampled_difference']['value']:+.3f}, its interval "
+            + ("above zero" if separates_sampled else "reaching zero"))
     log(f"[demo] wrote {out / 'calibration.json'} and {out / 'calibration.md'} in "
         f"{calibration['seconds']:.0f} s")
     return calibration
 
 
-def choose_budget(budgets: dict[str, dict]) -> int:
-    """The step count (keys of ``budgets``, as strings) whose OPD − SFT interval has the
-    highest lower end; ties: the longer budget."""
+def choose_budget(budgets: dict[str, dict], key: str = "difference") -> int:
+    """The step count (keys of ``budgets``, as strings) whose OPD − SFT interval (``key``:
+    ``difference`` for greedy accuracy, ``sampled_difference`` for sampled) has the highest
+    lower end; ties: the longer budget."""
     return max((int(steps) for steps in budgets),
-               key=lambda steps: (budgets[str(steps)]["difference"]["low"], steps))
+               key=lambda steps: (budgets[str(steps)][key]["low"], steps))
 
 
 def choose(rows: list[dict]) -> dict[str, float]:
