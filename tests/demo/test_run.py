@@ -70,6 +70,12 @@ def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_pat
             assert len(run["extra_outcomes"]) == QUICK.num_extra_test
             assert run["extra_accuracy"] == run["extra_outcomes"].count("1") / QUICK.num_extra_test
         assert row["extra_accuracy_mean"] == sum(r["extra_accuracy"] for r in row["runs"]) / 2
+    # Each demo run keeps its final model, loadable as it is, and none of its checkpoints.
+    for run in ("simct-seed0", "control_opd-seed1", "sft-seed0"):
+        kept = out / "runs" / run / "final"
+        assert AutoModelForCausalLM.from_pretrained(kept).config.vocab_size >= len(
+            AutoTokenizer.from_pretrained(kept))
+        assert not list((out / "runs" / run).glob("checkpoint-*"))
     responses = (out / "runs" / "simct-seed0" / "extra_test_responses.jsonl").read_text()
     assert responses.count("\n") == QUICK.num_extra_test
     compared = {(c["kind"], c["a"], c["b"]) for c in results["comparisons"]

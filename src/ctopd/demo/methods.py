@@ -5,7 +5,9 @@ decayed to 0 by a cosine) and
 saves a checkpoint every ``eval_every`` steps (and at the end); afterwards every checkpoint is
 evaluated with the same two measurements, in big batches: greedy accuracy on the held-out split
 and the common sequence-level KL (:mod:`ctopd.demo.measure`). The checkpoints are deleted once
-measured: the report keeps the numbers, not the weights.
+measured; a demo run (measured on the test split) keeps its final model in
+``runs/<run>-seed<k>/final/`` (a ``from_pretrained`` folder, about 1 MB), the sweep's,
+ablation's and calibration's runs keep only their numbers.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def run_method(job: dict) -> dict:
     points = _measure(job, out / STUDENT_FOLDERS[kind], run_dir)
     extra = _measure_extra(job, run_dir)
     sampled = _measure_extra_sampled(job, run_dir)
-    shutil.rmtree(run_dir / "final", ignore_errors=True)
+    if job["split"] != "test":  # the demo's own runs keep their final model
+        shutil.rmtree(run_dir / "final", ignore_errors=True)
     for checkpoint in run_dir.glob("checkpoint-*"):
         shutil.rmtree(checkpoint, ignore_errors=True)
     final = points[-1]
