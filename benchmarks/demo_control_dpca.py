@@ -1,19 +1,26 @@
-"""DPCA with identical tokenizers: is its deficit against SFT its estimator or its chunks?
+"""DPCA with identical tokenizers: is its deficit against SFT its estimator or its chunks? And
+does a larger batch close it?
 
 With identical tokenizers every DPCA chunk is one token, so nothing cross-tokenizer is left:
 DPCA's per-chunk credit becomes the realised-token estimator of reverse KL (the teacher's and
 the student's log-probability of the token the student sampled), against the full-distribution
 reverse KL of same-tokenizer ``opd``. This script trains DPCA from the demo's warmed-up control
-(the demo's budget, batch and schedule; each learning rate of ``--lrs``, ``--seeds`` seeds),
-scores each final model greedy and sampled on the extra test problems exactly as the demo does
+(the demo's budget and schedule; each learning rate of ``--lrs``, ``--seeds`` seeds), scores
+each final model greedy and sampled on the extra test problems exactly as the demo does
 (:func:`ctopd.demo.measure.outcomes`), and compares it, paired and with the demo's intervals
 (:mod:`ctopd.demo.compare`), with the control's OPD and SFT runs of the demo's
 ``results.json``.
 
+``--batch`` trains with that many prompts per step instead of the demo's (same steps, so
+``batch / method_batch`` times the rollouts): the test of whether DPCA's deficit is the noise
+of its gradient (``benchmarks/demo_gradient_noise.py``). ``--student student`` trains the
+cross-tokenizer student's DPCA instead and compares it with the demo's ``simct``, ``dpca`` and
+continued SFT.
+
 Usage (from the repository root, after ``ctopd demo --output-dir ctopd-demo``)::
 
     python benchmarks/demo_control_dpca.py --demo-dir ctopd-demo [--lrs 3e-4,1e-3]
-        [--seeds 3] [--json control_dpca.json]
+        [--seeds 3] [--batch 128] [--student control|student] [--json control_dpca.json]
 """
 
 from __future__ import annotations
@@ -41,22 +48,26 @@ def settings_from_results(values: dict) -> DemoSettings:
 
 
 def train_and_score(job: dict) -> dict:
-    """One same-tokenizer DPCA run from ``control/`` (runs in a worker process)."""
+    """One DPCA run from ``control/`` or ``student/`` (runs in a worker process)."""
     from ctopd.demo.measure import outcomes
     from ctopd.demo.methods import _train, method_job
     from ctopd.demo.stages import one_thread
 
     one_thread()
     out, settings = Path(job["out"]), job["settings"]
-    run_dir = out / "runs" / "control_dpca" / f"lr{job['lr']:g}-seed{job['seed']}"
+    kind = job["student"]
+    run_dir = (out / "runs" / f"{kind}_dpca"
+               / f"lr{job['lr']:g}-batch{settings.method_batch}-seed{job['seed']}")
     shutil.rmtree(run_dir, ignore_errors=True)
-    run = method_job("control_opd", job["seed"], out, settings, lr=job["lr"], run_dir=run_dir,
+    name = "control_opd" if kind == "control" else "dpca"
+    run = method_job(name, job["seed"], out, settings, lr=job["lr"], run_dir=run_dir,
                      curve=False)
-    _train(run, out / "control", "dpca", run_dir)
+    _train(run, out / kind, "dpca", run_dir)
     data = out / "extra_test.jsonl"
-    return {"lr": job["lr"], "seed": job["seed"],
-            "greedy": outcomes(run_dir / "final", data, settings),
-            "sampled": outcomes(run_dir / "final", data, settings, sampled=True)}
+    scores = {"lr": job["lr"], "seed": job["seed"],
+              "greedy": outcomes(run_dir / "final", data, settings),
+              "sampled": outcomes(run_dir / "final", data, settings, sampled=True)}
+    return scores
 
 
 def share(text: str) -> float:
@@ -68,6 +79,11 @@ def main() -> None:
     parser.add_argument("--demo-dir", type=Path, required=True)
     parser.add_argument("--lrs", default="3e-4,1e-3")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=None,
+                        help="prompts per step (default: the demo's method_batch)")
+    parser.add_argument("--student", choices=("control", "student"), default="control",
+                        help="train the same-tokenizer control (default) or the "
+                             "cross-tokenizer student")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     results_path = args.demo_dir / "results.json"
@@ -75,8 +91,16 @@ def main() -> None:
         parser.error(f"{results_path} not found: run ctopd demo --output-dir {args.demo_dir}")
     results = json.loads(results_path.read_text(encoding="utf-8"))
     settings = settings_from_results(results["settings"])
-    controls = {name: [run for run in results["controls"][name]["runs"]]
-                for name in ("opd", "sft")}
+    if args.batch is not None:
+        if args.batch < 1:
+            parser.error(f"--batch must be a positive number of prompts; got {args.batch}")
+        settings = dataclasses.replace(settings, method_batch=args.batch)
+    if args.student == "control":
+        controls = {f"same-tokenizer {name.upper()}": results["controls"][name]["runs"]
+                    for name in ("opd", "sft")}
+    else:
+        labels = {"simct": "SimCT", "dpca": "DPCA", "sft": "continued SFT"}
+        controls = {f"{label}": results["methods"][name]["runs"] for name, label in labels.items()}
     if any(run.get("extra_sampled_outcomes") is None for runs in controls.values()
            for run in runs):
         parser.error("the demo's results.json has no sampled outcomes: rerun ctopd demo")
@@ -84,37 +108,44 @@ def main() -> None:
         lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
     except ValueError:
         parser.error(f"--lrs takes numbers separated by commas; got {args.lrs!r}")
-    jobs = [{"out": str(args.demo_dir), "settings": settings, "lr": lr, "seed": seed}
+    jobs = [{"out": str(args.demo_dir), "settings": settings, "lr": lr, "seed": seed,
+             "student": args.student}
             for lr in lrs for seed in range(args.seeds)]
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
         rows = list(pool.map(train_and_score, jobs))
 
     field = {"greedy": "extra_outcomes", "sampled": "extra_sampled_outcomes"}
-    print("Same-tokenizer runs from the demo's control, 2,000 extra test problems "
-          f"({settings.method_steps} steps x {settings.method_batch} prompts):\n")
-    print("| run | lr | greedy accuracy | sampled accuracy | − OPD, greedy [95%] "
-          "| − SFT, greedy [95%] | − OPD, sampled [95%] | − SFT, sampled [95%] |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name in ("opd", "sft"):
-        runs = controls[name]
-        print(f"| same-tokenizer {name.upper()} (the demo's) | {runs[0]['lr']:.0e} | "
+    who = ("Same-tokenizer runs from the demo's control" if args.student == "control"
+           else "Runs from the demo's cross-tokenizer student")
+    demo_batch = results["settings"]["method_batch"]
+    print(f"{who}, 2,000 extra test problems ({settings.method_steps} steps; the demo's runs "
+          f"at {demo_batch} prompts per step, DPCA here at {settings.method_batch}):\n")
+    heads = [f"− {name.split()[-1]}, {metric} [95%]" for metric in ("greedy", "sampled")
+             for name in controls]
+    print("| run | prompts per step | lr | greedy accuracy | sampled accuracy | "
+          + " | ".join(heads) + " |")
+    print("|" + " --- |" * (5 + len(heads)))
+    for name, runs in controls.items():
+        print(f"| {name} (the demo's) | {demo_batch} | {runs[0]['lr']:.0e} | "
               f"{sum(share(r['extra_outcomes']) for r in runs) / len(runs):.3f} | "
               f"{sum(share(r['extra_sampled_outcomes']) for r in runs) / len(runs):.3f} "
-              "| | | | |")
+              + "| " * len(heads) + "|")
     summary = []
     for lr in lrs:
         mine = [r for r in rows if r["lr"] == lr]
-        cells, entry = [], {"lr": lr, "seeds": mine}
+        cells = []
+        entry = {"lr": lr, "batch": settings.method_batch, "student": args.student,
+                 "seeds": mine}
         for metric in ("greedy", "sampled"):
             dpca = outcome_matrix([r[metric] for r in mine])
-            for name in ("opd", "sft"):
-                other = outcome_matrix([r[field[metric]] for r in controls[name]])
-                found = difference(dpca, other)
+            for name, runs in controls.items():
+                found = difference(dpca, outcome_matrix([r[field[metric]] for r in runs]))
                 entry[f"{metric}_minus_{name}"] = found
                 cells.append(f"{found['value']:+.3f} [{found['low']:+.3f}, {found['high']:+.3f}]")
         greedy = sum(share(r["greedy"]) for r in mine) / len(mine)
         sampled = sum(share(r["sampled"]) for r in mine) / len(mine)
-        print(f"| same-tokenizer DPCA | {lr:.0e} | {greedy:.3f} | {sampled:.3f} | "
+        label = "same-tokenizer DPCA" if args.student == "control" else "DPCA"
+        print(f"| {label} | {settings.method_batch} | {lr:.0e} | {greedy:.3f} | {sampled:.3f} | "
               + " | ".join(cells) + " |")
         summary.append({**entry, "greedy": greedy, "sampled": sampled})
     if args.json:

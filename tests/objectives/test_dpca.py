@@ -82,6 +82,58 @@ def test_identical_tokenizers_give_per_token_opd_advantages():
     assert metrics["kl"] == pytest.approx(-expected[mask].mean().item(), abs=1e-9)
 
 
+def _one_position_gradients(seed, vocab_size=9, **options):
+    """Identical tokenizers, one response position: DPCA's gradient on the student's logits for
+    each token the student could sample there, the student's probabilities of those tokens, and
+    full-distribution OPD's gradient at the same position (the end id gets no mass on either
+    side)."""
+    members = [[i] for i in range(vocab_size)]
+    vocab = make_shared_vocab(members, members, vocab_size, vocab_size)
+    gen = torch.Generator().manual_seed(seed)
+    student = 2 * torch.randn(1, 2, vocab_size, generator=gen, dtype=torch.float64)
+    teacher_logits = 2 * torch.randn(1, 2, vocab_size, generator=gen, dtype=torch.float64)
+    student[..., -1] = teacher_logits[..., -1] = -60.0
+    alignment = [Alignment(chunks=np.array([[0, 1, 0, 1]]), aligned=np.ones(1, bool),
+                           is_end=np.zeros(1, bool), teacher_length=1, student_length=1)]
+    grads = {}
+    for token in range(vocab_size - 1):
+        ids = torch.tensor([[token, 0]])
+        teacher = make_teacher(teacher_logits, ids, vocab, TEACHER_NEEDS["opd"])
+        for name in ("dpca", "opd"):
+            logits = student.clone().requires_grad_()
+            loss, _ = compute_objective(name, student_logits=logits, student_ids=ids,
+                                        alignments=alignment, shared_vocab=vocab,
+                                        teacher=teacher, **(options if name == "dpca" else {}))
+            (grads[name, token],) = torch.autograd.grad(loss, logits)
+    probs = torch.softmax(student[0, 0], -1)
+    advantages = (torch.log_softmax(teacher_logits[0, 0], -1)
+                  - torch.log_softmax(student[0, 0], -1))[:-1]
+    sampled = sum(probs[t] * grads["dpca", t] for t in range(vocab_size - 1))
+    return sampled, grads["opd", 0], [grads["dpca", t] for t in range(vocab_size - 1)], \
+        probs[:-1], advantages
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_identical_tokenizers_dpca_gradient_is_opd_gradient_in_expectation(seed):
+    """DPCA sees only the sampled token; averaged over what the student samples, its gradient
+    is full-distribution OPD's at that position. They differ in variance, not in direction
+    (the figure ``benchmarks/demo_gradient_noise.py`` measures on the demo)."""
+    expected, opd_grad, per_token, probs, advantages = _one_position_gradients(seed)
+    assert advantages.abs().max().item() < 10.0  # inside the clamp
+    assert (expected - opd_grad).abs().max().item() < 1e-12
+    # One sample is not the expectation: at these random logits its variance is larger than
+    # the squared norm of the gradient it estimates (3.7x to 17x over the seeds).
+    spread = sum(p * (g - expected).pow(2).sum() for p, g in zip(probs, per_token))
+    assert spread.item() > opd_grad.pow(2).sum().item()
+
+
+def test_clamping_the_advantage_biases_the_expected_gradient():
+    _, opd_grad, *_ = _one_position_gradients(0)
+    expected, _, _, _, advantages = _one_position_gradients(0, advantage_clip=0.5)
+    assert advantages.abs().max().item() > 0.5
+    assert (expected - opd_grad).abs().max().item() > 1e-3
+
+
 def test_hand_worked_chunk_spreads_the_teacher_budget():
     # One chunk: teacher log q = ln 0.125 = -3 ln 2 (one token); student tokens with
     # log π_old = -ln 2 and -3 ln 2, so L_S = -4 ln 2.
