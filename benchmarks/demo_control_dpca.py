@@ -17,10 +17,23 @@ of its gradient (``benchmarks/demo_gradient_noise.py``). ``--student student`` t
 cross-tokenizer student's DPCA instead and compares it with the demo's ``simct``, ``dpca`` and
 continued SFT.
 
+``--objective simct`` or ``sft`` trains that method instead of DPCA (the cross-tokenizer
+student's ``simct``, or continued SFT on the teacher samples; with ``--batch`` each SFT seed
+takes ``batch × steps`` samples of the pool, drawn first if the pool is shorter), so that the
+methods can be compared at a batch other than the demo's.
+
+``--sweep`` chooses the learning rate first, as ``ctopd demo --sweep`` does but at this
+script's batch: seed 0, ``sweep_steps`` steps at each rate of ``--lrs``, greedy accuracy on the
+2,000 extra validation problems (sampled accuracy printed beside it; ties: the lower rate). The
+test runs then use the chosen rate only. A rate chosen at the demo's batch, where a DPCA step
+is mostly noise, need not suit a batch four times larger.
+
 Usage (from the repository root, after ``ctopd demo --output-dir ctopd-demo``)::
 
     python benchmarks/demo_control_dpca.py --demo-dir ctopd-demo [--lrs 3e-4,1e-3]
-        [--seeds 3] [--batch 128] [--student control|student] [--json control_dpca.json]
+        [--seeds 3] [--batch 128] [--student control|student] [--objective dpca|simct|sft]
+        [--sweep]
+        [--json control_dpca.json]
 """
 
 from __future__ import annotations
@@ -48,22 +61,26 @@ def settings_from_results(values: dict) -> DemoSettings:
 
 
 def train_and_score(job: dict) -> dict:
-    """One DPCA run from ``control/`` or ``student/`` (runs in a worker process)."""
+    """One run (``job["objective"]``, DPCA by default) from ``control/`` or ``student/`` (runs
+    in a worker process)."""
     from ctopd.demo.measure import outcomes
     from ctopd.demo.methods import _train, method_job
     from ctopd.demo.stages import one_thread
 
     one_thread()
     out, settings = Path(job["out"]), job["settings"]
-    kind = job["student"]
-    run_dir = (out / "runs" / f"{kind}_dpca"
+    kind, split = job["student"], job.get("split", "test")
+    objective = job.get("objective", "dpca")
+    folder = f"{kind}_{objective}" + ("" if split == "test" else "_sweep")
+    run_dir = (out / "runs" / folder
                / f"lr{job['lr']:g}-batch{settings.method_batch}-seed{job['seed']}")
     shutil.rmtree(run_dir, ignore_errors=True)
     name = "control_opd" if kind == "control" else "dpca"
+    steps = settings.method_steps if split == "test" else settings.sweep_steps
     run = method_job(name, job["seed"], out, settings, lr=job["lr"], run_dir=run_dir,
-                     curve=False)
-    _train(run, out / kind, "dpca", run_dir)
-    data = out / "extra_test.jsonl"
+                     steps=steps, split=split, curve=False)
+    _train(run, out / kind, objective, run_dir)
+    data = out / f"extra_{split}.jsonl"
     scores = {"lr": job["lr"], "seed": job["seed"],
               "greedy": outcomes(run_dir / "final", data, settings),
               "sampled": outcomes(run_dir / "final", data, settings, sampled=True)}
@@ -84,6 +101,11 @@ def main() -> None:
     parser.add_argument("--student", choices=("control", "student"), default="control",
                         help="train the same-tokenizer control (default) or the "
                              "cross-tokenizer student")
+    parser.add_argument("--objective", choices=("dpca", "simct", "sft"), default="dpca",
+                        help="the method to train (simct: cross-tokenizer student only)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="choose the rate among --lrs on the extra validation problems "
+                             "first (seed 0, the demo's sweep_steps), then test that rate only")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     results_path = args.demo_dir / "results.json"
@@ -95,6 +117,10 @@ def main() -> None:
         if args.batch < 1:
             parser.error(f"--batch must be a positive number of prompts; got {args.batch}")
         settings = dataclasses.replace(settings, method_batch=args.batch)
+    if args.objective == "simct" and args.student == "control":
+        parser.error("--objective simct trains the cross-tokenizer student: add "
+                     "--student student (the control's full-distribution method is the demo's "
+                     "same-tokenizer OPD)")
     if args.student == "control":
         controls = {f"same-tokenizer {name.upper()}": results["controls"][name]["runs"]
                     for name in ("opd", "sft")}
@@ -108,18 +134,42 @@ def main() -> None:
         lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
     except ValueError:
         parser.error(f"--lrs takes numbers separated by commas; got {args.lrs!r}")
-    jobs = [{"out": str(args.demo_dir), "settings": settings, "lr": lr, "seed": seed,
-             "student": args.student}
-            for lr in lrs for seed in range(args.seeds)]
+    sweep = None
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
+        if args.objective == "sft":
+            from ctopd.demo.samples import ensure_samples, samples_needed
+            needed = samples_needed(settings, seeds=args.seeds, warmup=False, sft=True)
+            ensure_samples(args.demo_dir, settings, needed, pool=pool, workers=2, force=False,
+                           log=print)
+        if args.sweep:
+            sweep = list(pool.map(train_and_score, [
+                {"out": str(args.demo_dir), "settings": settings, "lr": lr, "seed": 0,
+                 "student": args.student, "split": "validation", "objective": args.objective}
+                for lr in lrs]))
+            print(f"Learning rate sweep at {settings.method_batch} prompts per step (seed 0, "
+                  f"{settings.sweep_steps} steps, 2,000 extra validation problems):\n")
+            print("| lr | greedy accuracy | sampled accuracy | chosen |")
+            print("| --- | --- | --- | --- |")
+            best = max(sweep, key=lambda r: (share(r["greedy"]), -r["lr"]))
+            for r in sweep:
+                print(f"| {r['lr']:.0e} | {share(r['greedy']):.3f} | {share(r['sampled']):.3f} "
+                      f"| {'yes' if r is best else ''} |")
+            print()
+            lrs = [best["lr"]]
+        jobs = [{"out": str(args.demo_dir), "settings": settings, "lr": lr, "seed": seed,
+                 "student": args.student, "objective": args.objective}
+                for lr in lrs for seed in range(args.seeds)]
         rows = list(pool.map(train_and_score, jobs))
 
     field = {"greedy": "extra_outcomes", "sampled": "extra_sampled_outcomes"}
     who = ("Same-tokenizer runs from the demo's control" if args.student == "control"
            else "Runs from the demo's cross-tokenizer student")
     demo_batch = results["settings"]["method_batch"]
+    label = {"dpca": "DPCA", "simct": "SimCT", "sft": "continued SFT"}[args.objective]
+    if args.student == "control":
+        label = f"same-tokenizer {label}"
     print(f"{who}, 2,000 extra test problems ({settings.method_steps} steps; the demo's runs "
-          f"at {demo_batch} prompts per step, DPCA here at {settings.method_batch}):\n")
+          f"at {demo_batch} prompts per step, {label} here at {settings.method_batch}):\n")
     heads = [f"− {name.split()[-1]}, {metric} [95%]" for metric in ("greedy", "sampled")
              for name in controls]
     print("| run | prompts per step | lr | greedy accuracy | sampled accuracy | "
@@ -135,7 +185,7 @@ def main() -> None:
         mine = [r for r in rows if r["lr"] == lr]
         cells = []
         entry = {"lr": lr, "batch": settings.method_batch, "student": args.student,
-                 "seeds": mine}
+                 "objective": args.objective, "seeds": mine}
         for metric in ("greedy", "sampled"):
             dpca = outcome_matrix([r[metric] for r in mine])
             for name, runs in controls.items():
@@ -144,11 +194,14 @@ def main() -> None:
                 cells.append(f"{found['value']:+.3f} [{found['low']:+.3f}, {found['high']:+.3f}]")
         greedy = sum(share(r["greedy"]) for r in mine) / len(mine)
         sampled = sum(share(r["sampled"]) for r in mine) / len(mine)
-        label = "same-tokenizer DPCA" if args.student == "control" else "DPCA"
         print(f"| {label} | {settings.method_batch} | {lr:.0e} | {greedy:.3f} | {sampled:.3f} | "
               + " | ".join(cells) + " |")
         summary.append({**entry, "greedy": greedy, "sampled": sampled})
     if args.json:
+        if sweep is not None:
+            summary = {"sweep": [{"lr": r["lr"], "greedy": share(r["greedy"]),
+                                  "sampled": share(r["sampled"])} for r in sweep],
+                       "runs": summary}
         args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 

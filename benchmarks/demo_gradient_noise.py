@@ -30,6 +30,14 @@ With ``h_r`` the gradient of rollout ``r`` over the mean tokens per rollout, it 
 * the cosine between the expected gradients of two objectives (from pairs ``r ≠ r'``), against
   DPCA's and SFT's: for the control DPCA against OPD should be about 1.
 
+``--variants`` adds, for the cross-tokenizer student, two variants of DPCA that isolate its
+two departures from a plain chunk-level policy gradient: DPCA without the advantage clamp
+(``C`` = ∞), and chunk-level REINFORCE, where every student token of an aligned chunk gets the
+chunk's whole ``L_T - L_S`` instead of DPCA's proportional share of it. Their expected-gradient
+cosines with DPCA and SimCT say how much of the angle between DPCA and SimCT each departure
+explains. It also reports the share of student tokens in aligned chunks that are not 1:1, in
+aligned chunks of more than one student token (where alone the split acts), and at the clamp.
+
 Expected figures describe the point of measurement (the start); during a run they change.
 """
 
@@ -45,12 +53,32 @@ import numpy as np
 import torch
 
 
-def per_rollout_gradients(demo: Path, kind: str, rollouts: int, seed: int) -> dict:
-    """``{objective: (h [N, P] float32, tokens [N])}`` for one student."""
+def chunk_reinforce_loss(logits: torch.Tensor, response: list[int],
+                         teacher_logprobs: torch.Tensor, alignment) -> torch.Tensor:
+    """Chunk-level REINFORCE for one rollout: ``-sum_i (L_T - L_S)_{chunk(i)} log π(s_i)`` over
+    the student tokens of aligned chunks, per student response token (``logits`` ``[1, m, V]``,
+    ``teacher_logprobs`` ``[n]``)."""
+    logprobs = torch.log_softmax(logits[0], -1).gather(1, torch.tensor(response)[:, None])[:, 0]
+    old = logprobs.detach()
+    advantages = torch.zeros_like(old)
+    used = torch.zeros(len(response), dtype=torch.bool)
+    for (t0, t1, s0, s1), aligned in zip(alignment.chunks.tolist(), alignment.aligned.tolist()):
+        if aligned:
+            advantages[s0:s1] = teacher_logprobs[t0:t1].sum() - old[s0:s1].sum()
+            used[s0:s1] = True
+    return -(advantages * logprobs)[used].sum() / len(response)
+
+
+def per_rollout_gradients(demo: Path, kind: str, rollouts: int, seed: int,
+                          variants: bool = False) -> dict:
+    """``{objective: (h [N, P] float32, tokens [N])}`` for one student, and with ``variants``
+    (cross-tokenizer only) ``dpca_unclamped`` and ``chunk_reinforce`` too, plus a
+    ``"_counts"`` entry: student tokens in aligned multi-token chunks, at the clamp, in all."""
     import torch.nn.functional as F
 
     from ctopd.core.pair import TokenizerPair
     from ctopd.objectives import compute_objective, teacher_needs, teacher_outputs
+    from ctopd.objectives.dpca import dpca_advantages
     from ctopd.objectives.text_events import text_tables
     from ctopd.training.config import ModelConfig
     from ctopd.training.data import Example, encode_prompts
@@ -89,10 +117,12 @@ def per_rollout_gradients(demo: Path, kind: str, rollouts: int, seed: int) -> di
 
     objectives = ["dpca", "opd"] if pair.identical else ["dpca", "simct", "shared_only"]
     needs = frozenset().union(*(teacher_needs(name) for name in objectives))
+    extra = ["dpca_unclamped", "chunk_reinforce"] if variants and not pair.identical else []
+    counts = {"multi": 0, "split": 0, "clamped": 0, "tokens": 0}
     tables = text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab)
     params = [p for p in student.parameters() if p.requires_grad]
-    grads = {name: [] for name in objectives + ["sft"]}
-    tokens = {name: [] for name in objectives + ["sft"]}
+    grads = {name: [] for name in objectives + extra + ["sft"]}
+    tokens = {name: [] for name in objectives + extra + ["sft"]}
     student.train()
     for r, response in enumerate(responses):
         t_response = pair.teacher_ids_for_batch([response])
@@ -113,6 +143,31 @@ def per_rollout_gradients(demo: Path, kind: str, rollouts: int, seed: int) -> di
                                         teacher=teacher_out)
             grads[name].append(_flat_grad(loss * len(response), params))
             tokens[name].append(len(response))
+        if extra:
+            logits = response_logits(student, s_prompts[r:r + 1], [response],
+                                     pad_id=s_tok.pad_token_id, device="cpu").float()
+            loss, _ = compute_objective("dpca", student_logits=logits, student_ids=student_ids,
+                                        alignments=alignments, shared_vocab=pair.shared_vocab,
+                                        teacher=teacher_out, advantage_clip=1e9)
+            grads["dpca_unclamped"].append(_flat_grad(loss * len(response), params))
+            logits = response_logits(student, s_prompts[r:r + 1], [response],
+                                     pad_id=s_tok.pad_token_id, device="cpu").float()
+            loss = chunk_reinforce_loss(logits, response, teacher_out.token_logprobs[0],
+                                        alignments[0])
+            grads["chunk_reinforce"].append(_flat_grad(loss * len(response), params))
+            for name in extra:
+                tokens[name].append(len(response))
+            old = torch.log_softmax(logits[0].detach(), -1).gather(
+                1, torch.tensor(response)[:, None])[:, 0]
+            advantages, mask = dpca_advantages(old[None], teacher_out.token_logprobs,
+                                               alignments)
+            chunks, aligned = alignments[0].chunks, alignments[0].aligned
+            one_to_one = (chunks[:, 1] - chunks[:, 0] == 1) & (chunks[:, 3] - chunks[:, 2] == 1)
+            sizes = chunks[:, 3] - chunks[:, 2]
+            counts["multi"] += int(sizes[aligned & ~one_to_one].sum())
+            counts["split"] += int(sizes[aligned & (sizes > 1)].sum())
+            counts["clamped"] += int((advantages.abs() >= 10.0 - 1e-9)[mask].sum())
+            counts["tokens"] += len(response)
         logits = response_logits(student, s_prompts[r:r + 1], sft_targets[r:r + 1],
                                  pad_id=s_tok.pad_token_id, device="cpu").float()
         target = torch.tensor(sft_targets[r])
@@ -123,6 +178,8 @@ def per_rollout_gradients(demo: Path, kind: str, rollouts: int, seed: int) -> di
     for name in grads:
         n = np.asarray(tokens[name], dtype=np.float64)
         out[name] = (np.stack(grads[name]) / n.mean()).astype(np.float32), n
+    if extra:
+        out["_counts"] = counts
     return out
 
 
@@ -158,18 +215,26 @@ def expected_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return ab / math.sqrt(aa * bb) if aa > 0 and bb > 0 else float("nan")
 
 
-def measure(demo: Path, kind: str, rollouts: int, seed: int, batch: int) -> dict:
-    grads = per_rollout_gradients(demo, kind, rollouts, seed)
+def measure(demo: Path, kind: str, rollouts: int, seed: int, batch: int,
+            variants: bool = False) -> dict:
+    grads = per_rollout_gradients(demo, kind, rollouts, seed, variants)
+    counts = grads.pop("_counts", None)
     rows = {}
     for name, (h, n) in grads.items():
         rows[name] = {**noise_figures(h, batch), "mean_tokens": float(n.mean())}
     pairs = {}
+    against = ("dpca", "sft") + (("simct",) if "simct" in grads else ())
     for a in grads:
-        for b in ("dpca", "sft"):
+        for b in against:
             if a != b and f"{b}~{a}" not in pairs:
                 pairs[f"{a}~{b}"] = expected_cosine(grads[a][0], grads[b][0])
-    return {"kind": kind, "rollouts": rollouts, "batch": batch, "objectives": rows,
-            "expected_cosines": pairs}
+    result = {"kind": kind, "rollouts": rollouts, "batch": batch, "objectives": rows,
+              "expected_cosines": pairs}
+    if counts is not None:
+        result["multi_token_share"] = counts["multi"] / max(counts["tokens"], 1)
+        result["split_share"] = counts["split"] / max(counts["tokens"], 1)
+        result["clamped_share"] = counts["clamped"] / max(counts["tokens"], 1)
+    return result
 
 
 def _settings(demo: Path):
@@ -184,7 +249,9 @@ def _settings(demo: Path):
 
 def print_table(results: list[dict]) -> None:
     names = {"dpca": "DPCA", "opd": "same-tokenizer OPD", "simct": "SimCT",
-             "shared_only": "shared-only OPD", "sft": "continued SFT"}
+             "shared_only": "shared-only OPD", "sft": "continued SFT",
+             "dpca_unclamped": "DPCA without the clamp",
+             "chunk_reinforce": "chunk-level REINFORCE"}
     for r in results:
         title = "same-tokenizer control" if r["kind"] == "control" else "cross-tokenizer student"
         print(f"\n{title} at its start, {r['rollouts']} rollouts of training prompts:\n")
@@ -198,6 +265,12 @@ def print_table(results: list[dict]) -> None:
         cosines = ", ".join(f"{' vs '.join(names[n] for n in key.split('~'))} {value:.2f}"
                             for key, value in r["expected_cosines"].items())
         print(f"\ncosine between expected gradients: {cosines}")
+        if "multi_token_share" in r:
+            print(f"\nshare of student tokens in aligned chunks that are not 1:1: "
+                  f"{r['multi_token_share']:.3f}; in aligned chunks of more than one student "
+                  f"token (the only ones where DPCA's proportional split differs from "
+                  f"chunk-level REINFORCE): {r['split_share']:.4f}; DPCA advantages at the "
+                  f"clamp: {r['clamped_share']:.4f}")
 
 
 def main() -> int:
@@ -207,6 +280,11 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=None,
                         help="prompts per step to read the cosine at (default: the demo's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", action="store_true",
+                        help="add DPCA without its clamp and chunk-level REINFORCE for the "
+                             "cross-tokenizer student")
+    parser.add_argument("--kinds", default="student,control",
+                        help="which students to measure (comma-separated: student, control)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     for name in ("teacher", "student", "control", "train.jsonl", "teacher_samples.jsonl"):
@@ -218,8 +296,11 @@ def main() -> int:
         parser.error("--rollouts must be at least 2")
     torch.set_num_threads(2)
     batch = args.batch or _settings(args.demo_dir).method_batch
-    results = [measure(args.demo_dir, kind, args.rollouts, args.seed, batch)
-               for kind in ("student", "control")]
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not kinds or set(kinds) - {"student", "control"}:
+        parser.error(f"--kinds takes student and/or control; got {args.kinds!r}")
+    results = [measure(args.demo_dir, kind, args.rollouts, args.seed, batch, args.variants)
+               for kind in kinds]
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

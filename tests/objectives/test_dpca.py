@@ -163,6 +163,17 @@ def test_hand_worked_chunk_spreads_the_teacher_budget():
     assert metrics["kl"] == pytest.approx((-4 * ln2 + 3 * ln2) / 2, abs=1e-12)
 
 
+def test_one_student_token_per_chunk_gets_the_whole_chunk_log_ratio():
+    # Where the student merges what the teacher splits (student ▁140 against teacher 1 4 0),
+    # each chunk has one student token, the proportional split has nothing to split, and DPCA is
+    # chunk-level REINFORCE: A = L_T - L_S of the chunk, clamped.
+    old = torch.tensor([-0.5, -2.0, -0.01], dtype=torch.float64)
+    teacher_sums = torch.tensor([-1.7, -0.1, -30.0], dtype=torch.float64)
+    adv = chunk_advantages(old, torch.tensor([0, 1, 2]), teacher_sums, advantage_clip=10.0)
+    torch.testing.assert_close(adv, (teacher_sums - old).clamp(-10.0, 10.0))
+    assert adv[2].item() == -10.0
+
+
 def test_clipped_surrogate_stops_gradient_outside_the_trust_region():
     batch = random_batch(300, batch=2)
     teacher = make_teacher(batch.teacher_logits, batch.teacher_ids, batch.shared_vocab,
