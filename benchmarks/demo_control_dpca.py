@@ -17,8 +17,9 @@ of its gradient (``benchmarks/demo_gradient_noise.py``). ``--student student`` t
 cross-tokenizer student's DPCA instead and compares it with the demo's ``simct``, ``dpca`` and
 continued SFT.
 
-``--objective simct`` or ``sft`` trains that method instead of DPCA (the cross-tokenizer
-student's ``simct``, or continued SFT on the teacher samples; with ``--batch`` each SFT seed
+``--objective simct``, ``opd`` or ``sft`` trains that method instead of DPCA (the
+cross-tokenizer student's ``simct``, the control's same-tokenizer ``opd``, or continued SFT on
+the teacher samples; with ``--batch`` each SFT seed
 takes ``batch × steps`` samples of the pool, drawn first if the pool is shorter), so that the
 methods can be compared at a batch other than the demo's.
 
@@ -28,12 +29,20 @@ script's batch: seed 0, ``sweep_steps`` steps at each rate of ``--lrs``, greedy 
 test runs then use the chosen rate only. A rate chosen at the demo's batch, where a DPCA step
 is mostly noise, need not suit a batch four times larger.
 
+``--compare A.json B.json ...`` trains nothing: it reads runs this script saved with
+``--json`` (one rate each) and prints their paired differences, row minus column, greedy and
+sampled, e.g. the three methods at 128 prompts per step against one another. With
+``--demo-dir`` and a control ``opd`` file among them, it also prints the fraction of its gap
+each cross-tokenizer run closes as a fraction of the one the control's OPD closes (ALGORITHMS
+§9), from the starts and the teacher of the demo's ``results.json``.
+
 Usage (from the repository root, after ``ctopd demo --output-dir ctopd-demo``)::
 
     python benchmarks/demo_control_dpca.py --demo-dir ctopd-demo [--lrs 3e-4,1e-3]
-        [--seeds 3] [--batch 128] [--student control|student] [--objective dpca|simct|sft]
-        [--sweep]
-        [--json control_dpca.json]
+        [--seeds 3] [--batch 128] [--student control|student] [--objective dpca|simct|opd|sft]
+        [--sweep] [--json control_dpca.json]
+    python benchmarks/demo_control_dpca.py --compare simct.json dpca.json sft.json
+        [--demo-dir ctopd-demo]
 """
 
 from __future__ import annotations
@@ -91,9 +100,68 @@ def share(text: str) -> float:
     return text.count("1") / len(text)
 
 
+def compare_saved(paths: list[Path], demo_dir: Path | None = None) -> None:
+    """Print the paired differences (row − column) of runs saved with ``--json``, and with
+    ``demo_dir`` the gap fractions against a control OPD run among them."""
+    names = {"dpca": "DPCA", "simct": "SimCT", "sft": "continued SFT", "opd": "OPD"}
+    kinds = {"control": "same-tokenizer ", "student": ""}
+    runs = []
+    for path in paths:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        entries = data["runs"] if isinstance(data, dict) else data
+        if len(entries) != 1:
+            raise SystemExit(f"error: {path} holds {len(entries)} rates; --compare takes files "
+                             f"of one rate each (rerun with one --lrs value)")
+        entry = entries[0]
+        label = (f"{kinds[entry.get('student', 'student')]}"
+                 f"{names[entry.get('objective', 'dpca')]} "
+                 f"({entry['batch']} prompts, lr {entry['lr']:.0e})")
+        runs.append((label, entry))
+    for metric in ("greedy", "sampled"):
+        print(f"\n{metric.capitalize()} accuracy, row − column [95%], paired over seeds and "
+              f"problems:\n")
+        print("| run | accuracy | " + " | ".join(f"− {label}" for label, _ in runs) + " |")
+        print("|" + " --- |" * (2 + len(runs)))
+        for label, entry in runs:
+            mine = outcome_matrix([r[metric] for r in entry["seeds"]])
+            cells = []
+            for _, other in runs:
+                if other is entry:
+                    cells.append("")
+                    continue
+                found = difference(mine, outcome_matrix([r[metric] for r in other["seeds"]]))
+                cells.append(f"{found['value']:+.3f} [{found['low']:+.3f}, {found['high']:+.3f}]")
+            print(f"| {label} | {entry[metric]:.3f} | " + " | ".join(cells) + " |")
+    control = [entry for _, entry in runs
+               if entry.get("student") == "control" and entry.get("objective") == "opd"]
+    if demo_dir is None or not control:
+        return
+    from ctopd.demo.compare import gap_fraction_ratio
+    extra = json.loads((demo_dir / "results.json").read_text(encoding="utf-8"))["extra_test"]
+    field = {"greedy": "outcomes", "sampled": "sampled_outcomes"}
+    print("\nGap closed as a fraction of the control OPD's (its own gap, same batch) [95%]:\n")
+    print("| run | greedy | sampled |")
+    print("| --- | --- | --- |")
+    for label, entry in runs:
+        if entry.get("student", "student") != "student":
+            continue
+        cells = []
+        for metric in ("greedy", "sampled"):
+            def start(kind, metric=metric):
+                return outcome_matrix([extra[kind][field[metric]]])
+            found = gap_fraction_ratio(
+                outcome_matrix([r[metric] for r in entry["seeds"]]), start("student"),
+                outcome_matrix([r[metric] for r in control[0]["seeds"]]), start("control"),
+                start("teacher"))
+            cells.append(f"{found['value']:.2f} [{found['low']:.2f}, {found['high']:.2f}]")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--demo-dir", type=Path, required=True)
+    parser.add_argument("--compare", type=Path, nargs="+",
+                        help="print the paired differences of runs saved with --json, and exit")
+    parser.add_argument("--demo-dir", type=Path)
     parser.add_argument("--lrs", default="3e-4,1e-3")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=None,
@@ -101,13 +169,22 @@ def main() -> None:
     parser.add_argument("--student", choices=("control", "student"), default="control",
                         help="train the same-tokenizer control (default) or the "
                              "cross-tokenizer student")
-    parser.add_argument("--objective", choices=("dpca", "simct", "sft"), default="dpca",
-                        help="the method to train (simct: cross-tokenizer student only)")
+    parser.add_argument("--objective", choices=("dpca", "simct", "opd", "sft"), default="dpca",
+                        help="the method to train (simct: the cross-tokenizer student only; "
+                             "opd: the same-tokenizer control only)")
     parser.add_argument("--sweep", action="store_true",
                         help="choose the rate among --lrs on the extra validation problems "
                              "first (seed 0, the demo's sweep_steps), then test that rate only")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.compare:
+        missing = [str(path) for path in args.compare if not path.is_file()]
+        if missing:
+            parser.error(f"--compare: no such file: {', '.join(missing)}")
+        compare_saved(args.compare, args.demo_dir)
+        return
+    if args.demo_dir is None:
+        parser.error("--demo-dir is required (the folder of a finished ctopd demo)")
     results_path = args.demo_dir / "results.json"
     if not results_path.is_file():
         parser.error(f"{results_path} not found: run ctopd demo --output-dir {args.demo_dir}")
@@ -121,6 +198,9 @@ def main() -> None:
         parser.error("--objective simct trains the cross-tokenizer student: add "
                      "--student student (the control's full-distribution method is the demo's "
                      "same-tokenizer OPD)")
+    if args.objective == "opd" and args.student == "student":
+        parser.error("--objective opd needs identical tokenizers: it trains the control "
+                     "(--student control); the cross-tokenizer student's counterpart is simct")
     if args.student == "control":
         controls = {f"same-tokenizer {name.upper()}": results["controls"][name]["runs"]
                     for name in ("opd", "sft")}
@@ -165,7 +245,8 @@ def main() -> None:
     who = ("Same-tokenizer runs from the demo's control" if args.student == "control"
            else "Runs from the demo's cross-tokenizer student")
     demo_batch = results["settings"]["method_batch"]
-    label = {"dpca": "DPCA", "simct": "SimCT", "sft": "continued SFT"}[args.objective]
+    label = {"dpca": "DPCA", "simct": "SimCT", "sft": "continued SFT",
+             "opd": "OPD"}[args.objective]
     if args.student == "control":
         label = f"same-tokenizer {label}"
     print(f"{who}, 2,000 extra test problems ({settings.method_steps} steps; the demo's runs "
