@@ -19,9 +19,9 @@ continued SFT.
 
 ``--objective simct``, ``opd`` or ``sft`` trains that method instead of DPCA (the
 cross-tokenizer student's ``simct``, the control's same-tokenizer ``opd``, or continued SFT on
-the teacher samples; with ``--batch`` each SFT seed
-takes ``batch × steps`` samples of the pool, drawn first if the pool is shorter), so that the
-methods can be compared at a batch other than the demo's.
+the teacher samples; with ``--batch`` each SFT seed takes ``batch × steps`` samples of the
+pool, drawn first if the pool is shorter), so that the methods can be compared at a batch
+other than the demo's.
 
 ``--sweep`` chooses the learning rate first, as ``ctopd demo --sweep`` does but at this
 script's batch: seed 0, ``sweep_steps`` steps at each rate of ``--lrs``, greedy accuracy on the
@@ -96,6 +96,9 @@ def train_and_score(job: dict) -> dict:
     return scores
 
 
+METHOD_NAMES = {"dpca": "DPCA", "simct": "SimCT", "sft": "continued SFT", "opd": "OPD"}
+
+
 def share(text: str) -> float:
     return text.count("1") / len(text)
 
@@ -103,7 +106,6 @@ def share(text: str) -> float:
 def compare_saved(paths: list[Path], demo_dir: Path | None = None) -> None:
     """Print the paired differences (row − column) of runs saved with ``--json``, and with
     ``demo_dir`` the gap fractions against a control OPD run among them."""
-    names = {"dpca": "DPCA", "simct": "SimCT", "sft": "continued SFT", "opd": "OPD"}
     kinds = {"control": "same-tokenizer ", "student": ""}
     runs = []
     for path in paths:
@@ -114,7 +116,7 @@ def compare_saved(paths: list[Path], demo_dir: Path | None = None) -> None:
                              f"of one rate each (rerun with one --lrs value)")
         entry = entries[0]
         label = (f"{kinds[entry.get('student', 'student')]}"
-                 f"{names[entry.get('objective', 'dpca')]} "
+                 f"{METHOD_NAMES[entry.get('objective', 'dpca')]} "
                  f"({entry['batch']} prompts, lr {entry['lr']:.0e})")
         runs.append((label, entry))
     for metric in ("greedy", "sampled"):
@@ -245,8 +247,7 @@ def main() -> None:
     who = ("Same-tokenizer runs from the demo's control" if args.student == "control"
            else "Runs from the demo's cross-tokenizer student")
     demo_batch = results["settings"]["method_batch"]
-    label = {"dpca": "DPCA", "simct": "SimCT", "sft": "continued SFT",
-             "opd": "OPD"}[args.objective]
+    label = METHOD_NAMES[args.objective]
     if args.student == "control":
         label = f"same-tokenizer {label}"
     print(f"{who}, 2,000 extra test problems ({settings.method_steps} steps; the demo's runs "
