@@ -16,6 +16,8 @@ import pytest
 
 TOKENIZERS_ENV = "CTOPD_TOKENIZERS"
 GSM8K_ENV = "CTOPD_GSM8K"
+REAL_MODELS_ENV = "CTOPD_REAL_MODELS"
+REAL_MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
 REAL_TOKENIZERS = ("qwen2", "llama-spm", "phi-3", "gpt-2")
 
 
@@ -68,3 +70,28 @@ def gsm8k_answers() -> list[str]:
         pytest.skip(reason)
     with path.open(encoding="utf-8") as handle:
         return [json.loads(line)["answer"] for line in handle if line.strip()]
+
+
+def find_real_models() -> tuple[Path | None, str]:
+    """``(folder, "")`` when ``$CTOPD_REAL_MODELS`` holds the real pretrained pair that
+    ``examples/real_pair/fetch_models.py`` makes, else ``(None, why not)``."""
+    value = os.environ.get(REAL_MODELS_ENV, "")
+    if not value.strip():
+        return None, (f"{REAL_MODELS_ENV} is not set (run examples/real_pair/fetch_models.py "
+                      f"--cache DIR and point {REAL_MODELS_ENV} at DIR to run this)")
+    folder = Path(value)
+    missing = [m for m in REAL_MODELS if not (folder / m / "model.safetensors").is_file()]
+    if missing:
+        return None, (f"{REAL_MODELS_ENV}={value} lacks {', '.join(missing)} (run "
+                      "examples/real_pair/fetch_models.py --cache there)")
+    return folder, ""
+
+
+@pytest.fixture(scope="session")
+def real_models_dir() -> Path:
+    """Folder of the real pretrained pair (``$CTOPD_REAL_MODELS``); skips the test, saying why,
+    when it is unset or incomplete."""
+    folder, reason = find_real_models()
+    if folder is None:
+        pytest.skip(reason)
+    return folder

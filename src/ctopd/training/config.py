@@ -82,7 +82,12 @@ def _positive(section: str, name: str, value: float, *, allow_zero: bool = False
 class ModelConfig:
     """One model: the student (trained) or the teacher (frozen)."""
 
-    name_or_path: str = _help("local folder or hub id of the model (and its tokenizer)", "")
+    name_or_path: str = _help("local folder or hub id of the model (and its tokenizer), or a "
+                              ".gguf file", "")
+    gguf_file: str | None = _help(
+        "a GGUF checkpoint inside name_or_path (transformers' GGUF loading, dequantised to "
+        "float; needs `pip install 'ctopd[gguf]'`); a name_or_path ending in .gguf sets it", None
+    )
     dtype: str = _help("weight dtype: auto, float32, bfloat16 or float16", "auto")
     trust_remote_code: bool = _help("allow model code from the hub (off unless you ask)", False)
     chat_template: str | None = _help(
@@ -93,6 +98,18 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model", "dtype", self.dtype, DTYPES)
+        if self.gguf_file is not None and not str(self.gguf_file).endswith(".gguf"):
+            raise ConfigError(f"model.gguf_file must name a .gguf file; got {self.gguf_file!r}")
+
+    def location(self) -> tuple[str, str | None]:
+        """``(folder or hub id, GGUF file name or None)``: where ``from_pretrained`` reads the
+        model and its tokenizer (a ``name_or_path`` that is a ``.gguf`` file is split)."""
+        if self.gguf_file:
+            return self.name_or_path, self.gguf_file
+        if self.name_or_path.endswith(".gguf"):
+            path = Path(self.name_or_path).expanduser()
+            return str(path.parent), path.name
+        return self.name_or_path, None
 
 
 @dataclass
@@ -350,7 +367,7 @@ class TrainConfig:
         if not self.student.name_or_path:
             raise ConfigError("no student model: pass --student PATH_OR_HUB_ID "
                               "(or student.name_or_path in the YAML)")
-        _check_model_location("student", self.student.name_or_path)
+        _check_model_location("student", self.student)
         needs_teacher = mode == "train" or self.sft.source == "teacher"
         if mode == "train" and self.objective.name == "sft":
             raise ConfigError("objective sft is the SFT baseline; run `ctopd sft` instead")
@@ -358,7 +375,7 @@ class TrainConfig:
             if not self.teacher.name_or_path:
                 raise ConfigError("no teacher model: pass --teacher PATH_OR_HUB_ID "
                                   "(or teacher.name_or_path in the YAML)")
-            _check_model_location("teacher", self.teacher.name_or_path)
+            _check_model_location("teacher", self.teacher)
         if mode == "sft" and self.sft.source == "teacher" and self.teacher_server.url:
             raise ConfigError("teacher_server.url serves scores only; `ctopd sft --sft.source "
                               "teacher` samples from the teacher, which needs it in process")
@@ -401,8 +418,15 @@ ALIASES: dict[str, str] = {
 }
 
 
-def _check_model_location(side: str, name: str) -> None:
-    """A path that looks local must exist; anything else is taken for a hub id."""
+def _check_model_location(side: str, model: ModelConfig) -> None:
+    """A path that looks local must exist; anything else is taken for a hub id. A GGUF
+    checkpoint must be a local file."""
+    name, gguf_file = model.location()
+    if gguf_file is not None:
+        path = Path(name).expanduser() / gguf_file
+        if not path.is_file():
+            raise ConfigError(f"{side} GGUF checkpoint {str(path)!r} does not exist")
+        return
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name[:1]
     if Path(name).expanduser().exists():
         if not Path(name).expanduser().is_dir():

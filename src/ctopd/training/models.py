@@ -1,4 +1,8 @@
-"""Loading the student and the teacher: weights, tokenizer, chat template, LoRA."""
+"""Loading the student and the teacher: weights, tokenizer, chat template, LoRA.
+
+A model is a ``from_pretrained`` folder (or hub id), or a GGUF file read by transformers' own GGUF
+loader: dequantised to float on load, trained in float, and saved as a plain ``from_pretrained``
+folder (:func:`drop_gguf_quantization`)."""
 
 from __future__ import annotations
 
@@ -19,8 +23,15 @@ def load_model_tokenizer(config: ModelConfig, *, side: str) -> Any:
     Raises:
         ConfigError: no tokenizer.json, or no usable chat template.
     """
+    source, gguf_file = config.location()
     try:
-        tokenizer = load_tokenizer(config.name_or_path, trust_remote_code=config.trust_remote_code)
+        if gguf_file is not None:
+            from transformers import AutoTokenizer
+
+            _check_gguf_installed(config)
+            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        else:
+            tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load the {side} tokenizer from {config.name_or_path!r}: "
                           f"{err}") from err
@@ -32,20 +43,47 @@ def load_model_tokenizer(config: ModelConfig, *, side: str) -> Any:
 
 
 def load_causal_lm(config: ModelConfig, *, side: str) -> torch.nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` with the config's dtype and options."""
+    """``AutoModelForCausalLM.from_pretrained`` with the config's dtype and options; a GGUF
+    checkpoint comes back dequantised, as a plain float model."""
     from transformers import AutoModelForCausalLM
 
+    source, gguf_file = config.location()
     kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
+    if gguf_file is not None:
+        _check_gguf_installed(config)
+        kwargs["gguf_file"] = gguf_file
     kwargs["dtype"] = "auto" if config.dtype == "auto" else DTYPES[config.dtype]
     if config.revision:
         kwargs["revision"] = config.revision
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
     try:
-        return AutoModelForCausalLM.from_pretrained(config.name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load the {side} model from {config.name_or_path!r}: "
                           f"{err}") from err
+    return drop_gguf_quantization(model) if gguf_file is not None else model
+
+
+def drop_gguf_quantization(model: torch.nn.Module) -> torch.nn.Module:
+    """Forget that ``model`` was read from a GGUF file. transformers dequantises GGUF weights to
+    float when it loads them but keeps a GGUF quantisation config, and then refuses
+    ``save_pretrained``; the weights are plain float tensors, so the config is dropped and the
+    model saves (checkpoints, the exported student) as an ordinary ``from_pretrained`` folder."""
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def _check_gguf_installed(config: ModelConfig) -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"{config.name_or_path!r} is a GGUF checkpoint, which transformers reads "
+                          "with the gguf package: `pip install 'ctopd[gguf]'`") from err
 
 
 def check_vocab(model: torch.nn.Module, tokenizer: Any, side: str) -> None:
