@@ -130,6 +130,39 @@ def heldout_figures(student_config, teacher_config, heldout: Path, *, max_new_to
             "aligned_coverage": counts["aligned_tokens"] / max(counts["student_tokens"], 1)}
 
 
+def greedy_quality(model_config: ModelConfig, heldout: Path, *, max_new_tokens: int,
+                   batch: int) -> dict:
+    """One model alone on the held-out prompts, greedy: GSM8K accuracy (final answer after
+    ``####``, or the last number), share of responses that end their turn, mean length."""
+    import torch
+
+    from ctopd.core.byte_table import end_of_turn_ids
+    from ctopd.training.config import DataConfig
+    from ctopd.training.data import encode_prompts, load_examples
+    from ctopd.training.evaluate import answers_match, extract_answer
+    from ctopd.training.models import load_causal_lm, load_model_tokenizer
+    from ctopd.training.rollout import count_token_ids, sample_responses
+
+    tokenizer = load_model_tokenizer(model_config, side="model")
+    model = load_causal_lm(model_config, side="model").eval()
+    examples = load_examples(DataConfig(path=str(heldout), prompt_field="question"))
+    prompts = encode_prompts(tokenizer, examples, side="model")
+    end_ids = end_of_turn_ids(tokenizer)
+    correct = ended = tokens = 0
+    with torch.no_grad():
+        for lo in range(0, len(examples), batch):
+            responses = sample_responses(
+                model, prompts[lo:lo + batch], end_ids=end_ids, pad_id=tokenizer.pad_token_id,
+                max_new_tokens=max_new_tokens, temperature=0.0, num_ids=count_token_ids(tokenizer))
+            for example, ids in zip(examples[lo:lo + batch], responses):
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                correct += answers_match(extract_answer(text), extract_answer(example.answer))
+                ended += bool(ids) and ids[-1] in end_ids
+                tokens += len(ids)
+    count = len(examples)
+    return {"accuracy": correct / count, "ended": ended / count, "length": tokens / count}
+
+
 def reference_coverage(student_config, teacher_config, heldout: Path) -> dict:
     """Coverage of the held-out reference answers (each tokenizer's own encoding)."""
     from ctopd.commands.align import read_texts
@@ -194,12 +227,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--heldout", type=int, default=48, help="held-out prompts")
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--quality-tokens", type=int, default=256,
+                        help="response budget of the greedy teacher/student comparison")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/real-pair"))
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 steps, 8 held-out")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--report", type=Path,
+                        help="print the table of a finished run's result.json and stop")
     args = parser.parse_args(argv)
+    if args.report:
+        result = json.loads(args.report.read_text(encoding="utf-8"))
+        methods = list(dict.fromkeys(r["method"] for r in result["runs"]))
+        print(format_table(result, methods))
+        return 0
     if args.quick:
         args.seeds, args.steps, args.heldout, args.max_new_tokens = 1, 2, 8, 32
+        args.quality_tokens = 32
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.models = args.models.resolve()
     out = args.output_dir.resolve()
@@ -215,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"direction": args.direction, "settings": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     result["coverage_reference"] = reference_coverage(student, teacher, heldout_file)
+    # Which model teaches: each one alone, greedy, on the held-out prompts.
+    for role, config in (("teacher", teacher), ("student", student)):
+        result[f"{role}_greedy"] = greedy_quality(config, heldout_file, batch=8,
+                                                  max_new_tokens=args.quality_tokens)
+        say(f"{role} alone, greedy, {args.quality_tokens} tokens: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in result[f"{role}_greedy"].items()))
     start = heldout_figures(student, teacher, heldout_file, **measure)
     result["start"] = start
     result["kl_start"] = start["kl"]
@@ -246,7 +295,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_table(result: dict, methods: list[str]) -> str:
     start = result["start"]
-    lines = [f"direction {result['direction']}; held-out KL at the start {start['kl']:.4f} "
+    quality = "; ".join(
+        f"{role} alone (greedy, held-out): accuracy {result[f'{role}_greedy']['accuracy']:.3f}, ended "
+        f"{result[f'{role}_greedy']['ended']:.2f}, length {result[f'{role}_greedy']['length']:.0f}"
+        for role in ("teacher", "student") if f"{role}_greedy" in result)
+    lines = [quality, "", f"direction {result['direction']}; held-out KL at the start {start['kl']:.4f} "
              f"nats/token (length {start['length']:.1f}, ended {start['ended']:.2f})", "",
              "| method | KL per seed | KL mean | Δ vs start | length | ended | step s | "
              + " | ".join(PHASES) + " | peak RSS GB |",

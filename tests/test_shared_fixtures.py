@@ -9,11 +9,26 @@ import pytest
 
 from tests.conftest import (
     GSM8K_ENV,
+    REAL_MODELS,
+    REAL_MODELS_ENV,
     REAL_TOKENIZERS,
     TOKENIZERS_ENV,
     find_gsm8k,
+    find_real_models,
     find_real_tokenizers,
 )
+
+
+def test_real_models_fixture_gives_reasons(tmp_path, monkeypatch):
+    monkeypatch.delenv(REAL_MODELS_ENV, raising=False)
+    assert find_real_models()[0] is None and "is not set" in find_real_models()[1]
+    monkeypatch.setenv(REAL_MODELS_ENV, str(tmp_path))
+    folder, reason = find_real_models()
+    assert folder is None and "lacks smollm2-135m-instruct, gemma-3-270m" in reason
+    for name in REAL_MODELS:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"")
+    assert find_real_models() == (tmp_path, "")
 
 
 def test_unset_empty_missing_and_incomplete_folders_give_reasons(tmp_path, monkeypatch):

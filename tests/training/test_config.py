@@ -151,3 +151,25 @@ def test_example_configs_parse_and_open_with_their_command():
         config = load_config(["--config", str(path), "--max-steps", "3"])
         assert config.student.name_or_path and config.teacher.name_or_path
         assert config.max_steps == 3
+
+
+def test_a_gguf_file_as_a_model_location(tmp_path):
+    from ctopd.training.config import ModelConfig
+
+    assert ModelConfig(name_or_path="org/model").location() == ("org/model", None)
+    assert ModelConfig(name_or_path=str(tmp_path / "m.gguf")).location() == (str(tmp_path),
+                                                                             "m.gguf")
+    assert ModelConfig(name_or_path="folder", gguf_file="w.gguf").location() == ("folder",
+                                                                                 "w.gguf")
+    with pytest.raises(ConfigError, match="must name a .gguf file"):
+        ModelConfig(name_or_path="folder", gguf_file="weights.bin")
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "hi"}\n')
+    config = TrainConfig(student=ModelConfig(name_or_path=str(tmp_path / "missing.gguf")),
+                         teacher=ModelConfig(name_or_path=str(tmp_path)))
+    config.data.path = str(data)
+    with pytest.raises(ConfigError, match="student GGUF checkpoint .*missing.gguf.* does not "
+                                          "exist"):
+        config.validate("train")
+    (tmp_path / "missing.gguf").write_bytes(b"")
+    config.validate("train")  # a file that exists passes; transformers reads it at load time

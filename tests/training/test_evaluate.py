@@ -46,7 +46,7 @@ class _Oracle(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.responses, self.pad_id, self.calls = responses, pad_id, 0
 
-    def generate(self, input_ids, attention_mask, generation_config):
+    def generate(self, input_ids, attention_mask, generation_config, logits_processor=None):
         batch = self.responses[self.calls : self.calls + input_ids.shape[0]]
         self.calls += input_ids.shape[0]
         width = max(len(r) for r in batch)

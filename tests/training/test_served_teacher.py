@@ -206,8 +206,11 @@ def test_dense_logprobs_floors_and_caps_the_remainder_and_fills_padding_rows():
     caps = torch.tensor([0.0, math.log(0.01), 0.0], dtype=torch.float64)
     dense = dense_logprobs(rows, ids, logprobs, rows_total=3, vocab_size=4, caps=caps)
     assert dense[0, 0].item() == pytest.approx(math.log(1e-12 / 2), rel=1e-6)  # nothing left
-    # 0.1 left for 3 ids, but none may be likelier than the smallest top-k probability.
-    assert torch.allclose(dense[1, 1:], torch.full((3,), math.log(0.01)))
+    # 0.1 left for 3 ids, but none may be likelier than the smallest top-k probability; the
+    # row (0.9 + 3 x 0.01) is then renormalised.
+    assert torch.allclose(dense[1, 1:], torch.full((3,), math.log(0.01 / 0.93)))
+    assert dense[1, 0].item() == pytest.approx(math.log(0.9 / 0.93), rel=1e-6)
+    assert torch.allclose(dense.double().exp().sum(-1), torch.ones(3, dtype=torch.float64))
     assert torch.allclose(dense[2], torch.full((4,), math.log(0.25)))  # a padding row: uniform
 
 

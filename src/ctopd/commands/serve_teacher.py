@@ -74,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"ctopd serve-teacher: {scorer.name} on http://{host}:{server.server_port}/v1 "
-          f"({device}, {scorer.vocab_size} ids, batch {args.batch_size}"
+          f"({device}, {scorer.num_ids} ids, batch {args.batch_size}"
           f"{', API key required' if args.api_key else ''})", flush=True)
     try:
         server.serve_forever(poll_interval=0.2)

@@ -47,6 +47,25 @@ def check_student(student_logits: Tensor, student_ids: Tensor,
     check_finite("student_logits", student_logits, lengths)
 
 
+def real_id_columns(logits: Tensor, num_ids: int) -> Tensor:
+    """``logits[..., :num_ids]``: the columns of a tokenizer's ids (a view, no copy).
+
+    A checkpoint's output matrix often has more rows than its tokenizer has ids (Qwen2.5-7B:
+    152,064 rows for 151,665 ids). The rows past the last id are no token, so no softmax over a
+    model's scores may give them mass: every softmax of the objectives runs over the columns this
+    returns. Logits no wider than ``num_ids`` come back unchanged.
+
+    Args:
+        logits: float ``[..., rows]``.
+        num_ids: the tokenizer's id count (``len(shared_vocab.student_id_to_class)`` or
+            ``len(shared_vocab.teacher_id_to_class)``: the byte table's ``vocab_size``).
+
+    Returns:
+        float ``[..., min(rows, num_ids)]``.
+    """
+    return logits[..., :num_ids] if logits.shape[-1] > num_ids else logits
+
+
 def check_finite(name: str, tensor: Tensor, lengths: Iterable[int]) -> None:
     """Raise ``ValueError`` naming ``name`` if ``tensor[b, :lengths[b]]`` holds NaN or inf."""
     for b, length in enumerate(lengths):

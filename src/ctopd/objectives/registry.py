@@ -10,6 +10,7 @@ from torch import Tensor
 from ctopd.core.alignment import Alignment
 from ctopd.core.shared_vocab import SharedVocab
 from ctopd.objectives.baselines import sft, uld
+from ctopd.objectives.checks import real_id_columns
 from ctopd.objectives.dpca import dpca
 from ctopd.objectives.simct import opd, shared_only, simct
 from ctopd.objectives.teacher import TeacherOutputs
@@ -114,8 +115,11 @@ def compute_objective(name: str, *, student_logits: Tensor, student_ids: Tensor,
 
     Args:
         name: one of :data:`OBJECTIVES`.
-        student_logits: float ``[B, m, V_S]`` (requires grad); row ``i`` predicts
-            ``student_ids[:, i]``.
+        student_logits: float ``[B, m, V]`` (requires grad); row ``i`` predicts
+            ``student_ids[:, i]``. Columns past the student tokenizer's ids ``V_S`` (the
+            output rows of a padded embedding matrix, ``V > V_S``) are dropped before the
+            objective sees them (:func:`~ctopd.objectives.checks.real_id_columns`): they carry
+            no probability and get no gradient. ``V_S`` is read from ``shared_vocab``.
         student_ids: int ``[B, m]``; padding beyond ``alignment.student_length`` is arbitrary.
         alignments: ``B`` alignments.
         shared_vocab: the pair's shared vocabulary.
@@ -142,6 +146,8 @@ def compute_objective(name: str, *, student_logits: Tensor, student_ids: Tensor,
             f"unknown option(s) {', '.join(unknown)} for objective {name!r}; valid: "
             f"{', '.join(valid) or 'none'}"
         )
+    if shared_vocab is not None:
+        student_logits = real_id_columns(student_logits, len(shared_vocab.student_id_to_class))
     return OBJECTIVES[name](
         student_logits=student_logits, student_ids=student_ids, alignments=alignments,
         shared_vocab=shared_vocab, teacher=teacher, student_old_logprobs=student_old_logprobs,

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ctopd.core.alignment import Alignment
 from ctopd.core.shared_vocab import SharedVocab
+from ctopd.objectives.checks import real_id_columns
 from ctopd.objectives.classes import ClassMembers, class_logprobs, class_members
 from ctopd.objectives.plan import flatten_chunks
 from ctopd.objectives.text_events import (
@@ -93,8 +94,11 @@ def teacher_outputs(
     ``[slice_size, V_T]`` log-softmax is alive.
 
     Args:
-        teacher_logits: float ``[B, n, V_T]``; row ``j`` predicts ``teacher_ids[:, j]``. Any
-            dtype; results are float32 (float64 when the logits are float64).
+        teacher_logits: float ``[B, n, V]``; row ``j`` predicts ``teacher_ids[:, j]``. Any
+            dtype; results are float32 (float64 when the logits are float64). Columns past the
+            teacher tokenizer's ids ``V_T`` (``len(shared_vocab.teacher_id_to_class)``; a padded
+            embedding matrix has ``V > V_T`` rows) are dropped first: every softmax here is
+            over the real ids, and ``full_logprobs`` has ``V_T`` columns.
         teacher_ids: int ``[B, n]``; negative ids are padding and get log-prob 0.
         shared_vocab: the pair's shared vocabulary (for ``class_logprobs``).
         needs: a subset of ``{"token_logprobs", "class_logprobs", "full_logprobs",
@@ -114,6 +118,7 @@ def teacher_outputs(
         ValueError: unknown field in ``needs``, mismatched shapes, an id ``>= V_T``, or a
             shared vocabulary whose teacher ids do not fit ``V_T``.
     """
+    teacher_logits = real_id_columns(teacher_logits, len(shared_vocab.teacher_id_to_class))
     _check_teacher_args(teacher_logits, teacher_ids, needs, temperature, slice_size, top_k)
     batch, length, vocab = teacher_logits.shape
     dtype = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32

@@ -19,7 +19,7 @@ import torch
 from ctopd.core.byte_table import end_of_turn_ids
 from ctopd.training.config import DataConfig, ModelConfig
 from ctopd.training.data import encode_prompts, load_examples
-from ctopd.training.rollout import sample_responses
+from ctopd.training.rollout import count_token_ids, sample_responses
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -157,6 +157,7 @@ def evaluate(
     examples = load_examples(config)
     device = device or next(model.parameters()).device
     end_ids = end_of_turn_ids(tokenizer)
+    num_ids = count_token_ids(tokenizer)  # output rows past it (padding) are never chosen
     prompts = encode_prompts(tokenizer, examples, side="model")
     torch.manual_seed(seed)
     rows, correct, answered, tokens = [], 0, 0, 0
@@ -164,6 +165,7 @@ def evaluate(
         responses = sample_responses(
             model, prompts[lo : lo + batch_size], end_ids=end_ids, pad_id=tokenizer.pad_token_id,
             max_new_tokens=max_new_tokens, temperature=temperature, device=device,
+            num_ids=num_ids,
         )
         for example, response in zip(examples[lo : lo + batch_size], responses):
             text = tokenizer.decode(response, skip_special_tokens=True)

@@ -20,6 +20,10 @@ then gradient clipping, AdamW and the learning-rate schedule. Prompts are sharde
 (every rank draws the same global batch and keeps its slice), so rollout and teacher work are
 split too; the figures of a step are reduced across ranks before they are logged.
 
+Output rows past a tokenizer's ids (a padded embedding matrix: Qwen2.5-7B has 152,064 rows for
+151,665 ids) are no token, on both sides: the student never samples them and its softmax in the
+objective covers its real ids only; the teacher's scores have a column per real id only.
+
 Run it with ``ctopd train ...`` or ``accelerate launch -m ctopd train ...``; see
 ``ctopd.training.config`` for every option and its default.
 """
@@ -91,6 +95,13 @@ class Run:
         return self.pair.student_table.end_ids.tolist()
 
     @property
+    def student_num_ids(self) -> int:
+        """The student tokenizer's id count (largest id + 1). Output rows past it (a padded
+        embedding matrix: Qwen2.5-7B has 152,064 rows for 151,665 ids) are no token: never
+        sampled, never in a softmax."""
+        return self.pair.student_table.vocab_size
+
+    @property
     def text_tables(self) -> TextTables:
         """The pair's sorted tables for the text-event space (built on first use)."""
         pair = self.pair
@@ -130,7 +141,8 @@ def train(config: TrainConfig) -> dict:
     _ = pair.shared_vocab  # built once here, not inside the first step's timings
     student_end_ids = pair.student_table.end_ids.tolist()
     student = load_causal_lm(config.student, side="student")
-    teacher = load_teacher(config, teacher_tokenizer)  # in process, or teacher_server.url
+    # In process, or teacher_server.url; its scores cover the tokenizer's ids only.
+    teacher = load_teacher(config, teacher_tokenizer, num_ids=pair.teacher_table.vocab_size)
     check_vocab(student, student_tokenizer, "student")
     student = prepare_student(student, gradient_checkpointing=config.gradient_checkpointing,
                               lora=config.lora)
@@ -253,7 +265,8 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer, *, step: int,
             generator, [p.student_ids for p in prompts], end_ids=run.student_end_ids,
             pad_id=run.student_pad_id, max_new_tokens=config.rollout.max_new_tokens,
             temperature=config.rollout.temperature, top_p=config.rollout.top_p,
-            top_k=config.rollout.top_k, samples_per_prompt=samples, device=device)
+            top_k=config.rollout.top_k, samples_per_prompt=samples, device=device,
+            num_ids=run.student_num_ids)
 
     # 2. Alignment: the teacher's tokenisation of the response text (with identical tokenizers
     # the sampled ids themselves, standard OPD) and the minimal aligned chunks of the two.
@@ -285,6 +298,8 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer, *, step: int,
         student_ids, _ = pad_responses(student_responses, device=device)
         student_logits = response_logits(run.student, student_prompts, student_responses,
                                          pad_id=run.student_pad_id, device=device)
+        # Padded output rows are no token: the objective's softmax covers the real ids only.
+        student_logits = student_logits[..., : run.student_num_ids]  # [B, m, V_S]
     if pending is not None and teacher_scores is None:
         with timer("teacher"):  # the wait the student's forward did not hide
             teacher_scores = read_teacher()

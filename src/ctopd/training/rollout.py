@@ -8,10 +8,12 @@ the same positions as it would alone (this is also what ``generate`` does with l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 
 def pack_prompt_response(
@@ -105,6 +107,78 @@ def cut_after_end(sequences: torch.Tensor, end_ids: Sequence[int]) -> list[list[
     return [row[:length] for row, length in zip(rows, first.tolist())]
 
 
+def count_token_ids(tokenizer: Any) -> int:
+    """The number of ids a tokenizer can emit: ``max(len(tokenizer), largest id + 1)``.
+
+    The same count :func:`ctopd.core.byte_table.build_byte_table` covers (``len`` counts tokens,
+    so a vocabulary with holes in its ids needs the largest id). Pass it as ``num_ids`` to
+    :func:`sample_responses`: model output rows past it (padded embedding matrices) are no token.
+    """
+    vocab = tokenizer.get_vocab()  # added tokens included
+    largest = max(vocab.values()) + 1 if vocab else 0
+    return max(len(tokenizer), largest) if hasattr(tokenizer, "__len__") else largest
+
+
+class MaskIdsFrom(LogitsProcessor):
+    """Logit columns ``>= num_ids`` set to ``-inf``: padded output rows are never drawn.
+
+    Args:
+        num_ids: the first id that is no token.
+    """
+
+    def __init__(self, num_ids: int):
+        self.num_ids = num_ids
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """``scores``: float ``[B, V]``; returns a masked copy of the same shape."""
+        padded = torch.arange(scores.shape[-1], device=scores.device) >= self.num_ids
+        return scores.masked_fill(padded, float("-inf"))
+
+
+@contextmanager
+def _without_checkpoint_generation_config(model: torch.nn.Module) -> Iterator[None]:
+    """Give every module holding a ``generation_config`` an empty one for the duration.
+
+    ``generate`` fills each field left ``None`` in the config it is given from
+    ``model.generation_config`` (the checkpoint's ``generation_config.json``, or ``config.json``
+    without one) before its global defaults (transformers 5.x ``_prepare_generation_config``), so
+    a fresh config alone still inherits ``top_p``, ``repetition_penalty``, ``suppress_tokens``,
+    ``min_new_tokens``... Every module is swapped, not only the outer one: a PEFT wrapper copies
+    its (forwarded) config onto the inner model inside its own ``generate``.
+    """
+    holders = [m for m in model.modules()
+               if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    saved = [m.generation_config for m in holders]
+    for holder in holders:
+        holder.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for holder, config in zip(holders, saved):
+            holder.generation_config = config
+
+
+def _policy_generation_config(*, greedy: bool, temperature: float, top_p: float, top_k: int,
+                              max_new_tokens: int, end_ids: Sequence[int], pad_id: int,
+                              samples_per_prompt: int) -> GenerationConfig:
+    """The only settings ``generate`` runs with: plain sampling (or argmax) of the policy.
+
+    Off values are written out, never left ``None``: ``None`` fields are filled from the global
+    defaults, which include ``top_k=50``.
+    """
+    return GenerationConfig(
+        do_sample=not greedy,
+        num_beams=1,
+        temperature=None if greedy else float(temperature),
+        top_p=None if greedy else min(float(top_p), 1.0),
+        top_k=None if greedy else max(int(top_k), 0),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(end_ids),
+        pad_token_id=pad_id,
+        num_return_sequences=samples_per_prompt,
+    )
+
+
 @torch.no_grad()
 def sample_responses(
     model: torch.nn.Module,
@@ -118,9 +192,15 @@ def sample_responses(
     top_k: int = 0,
     samples_per_prompt: int = 1,
     device: torch.device | str = "cpu",
+    num_ids: int | None = None,
 ) -> list[list[int]]:
     """Sample responses for a batch of prompts with left padding; generation stops at any of
     ``end_ids`` and each response is cut after its first end id.
+
+    Each token is drawn from the model's next-token distribution with ``temperature``, ``top_k``
+    and ``top_p`` applied (in that order) and nothing else, whatever the checkpoint's generation
+    config says (no repetition penalty, minimum length, suppressed or forced tokens...);
+    ``temperature=0`` takes the argmax.
 
     Args:
         model: a causal LM with ``generate`` (unwrapped from DDP).
@@ -133,33 +213,34 @@ def sample_responses(
         top_k: top-k filter (0 = off).
         samples_per_prompt: responses per prompt; they come out next to each other.
         device: where the model lives.
+        num_ids: the tokenizer's id count (:func:`count_token_ids`); logit columns from it on
+            (padded output rows) are masked before temperature, top-k and top-p, so the policy is
+            renormalised over real ids. ``None``: every output row can be drawn.
 
     Returns:
         ``B * samples_per_prompt`` response id lists, each ending with an end id unless cut at
         ``max_new_tokens``.
     """
+    if num_ids is not None and num_ids < 1:
+        raise ValueError(f"num_ids must be positive; got {num_ids}")
     input_ids, mask, _, prompt_len, _ = pack_prompt_response(
         prompt_ids, [[] for _ in prompt_ids], pad_id=pad_id, device=device
     )
     input_ids, mask = input_ids[:, :prompt_len], mask[:, :prompt_len]
-    greedy = temperature == 0
-    # A fresh GenerationConfig: no hidden defaults (top_k=50, repetition penalty...) from the
-    # checkpoint's generation_config.json change the sampling distribution.
-    generation_config = GenerationConfig(
-        do_sample=not greedy,
-        temperature=None if greedy else temperature,
-        top_p=None if greedy or top_p >= 1.0 else top_p,
-        top_k=None if greedy or top_k <= 0 else top_k,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=list(end_ids),
-        pad_token_id=pad_id,
-        num_return_sequences=samples_per_prompt,
+    generation_config = _policy_generation_config(
+        greedy=temperature == 0, temperature=temperature, top_p=top_p, top_k=top_k,
+        max_new_tokens=max_new_tokens, end_ids=end_ids, pad_id=pad_id,
+        samples_per_prompt=samples_per_prompt,
     )
+    # Custom processors run before generate's temperature / top-k / top-p warpers.
+    processors = LogitsProcessorList([MaskIdsFrom(num_ids)] if num_ids is not None else [])
     was_training = model.training
     model.eval()
     try:
-        output = model.generate(input_ids=input_ids, attention_mask=mask,
-                                generation_config=generation_config)
+        with _without_checkpoint_generation_config(model):
+            output = model.generate(input_ids=input_ids, attention_mask=mask,
+                                    generation_config=generation_config,
+                                    logits_processor=processors)
     finally:
         model.train(was_training)
     return cut_after_end(output[:, prompt_len:], end_ids)

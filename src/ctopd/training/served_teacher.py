@@ -30,6 +30,19 @@ teacher's log-softmax. ``dpca`` reads only realised tokens, which are always ret
 for every ``K`` (``K = 0`` sends least). The objectives' measured error for several ``K`` is in
 ``benchmarks/served_teacher.py`` and the README.
 
+**Padded output rows.** ``V_T`` is the teacher *tokenizer's* id count. A checkpoint often has more
+output rows (Qwen2.5-7B: 152,064 rows for 151,665 ids), and a server such as vLLM normalises over
+all of them and may return a row past the last id among its top K. Such an entry is dropped from
+the scores, and the distribution is conditioned on the real ids: every real id's probability is
+divided by the real ids' total. The mass the server gave the *returned* padded rows is therefore
+known and removed exactly; the *unreturned* padded rows are taken to hold nothing (the remainder
+is spread over the unreturned real ids only): a padded row is never a training target, so it sits
+at the bottom of the tail, far below the average unreturned id that an even spread over all rows
+would give it. With ``K = -1`` every row is returned and the scores are exactly the teacher's
+log-softmax over its real ids; ``ctopd serve-teacher`` normalises over the real ids itself and
+never returns a padded row. An id at or beyond the model's rows (``model_rows``, read from the
+model's config) belongs to another vocabulary and is refused.
+
 **Faults.** At most ``max_concurrency`` requests are in flight (``sequences_per_request`` sequences
 each, split in a fixed order, so a retried request is the same request). Connection errors,
 timeouts, 408, 429 and 5xx are retried ``retries`` times with a doubling back-off; anything else,
@@ -86,8 +99,8 @@ class ServedScores:
         return all(future.done() for _, future in self.chunks)
 
     def result(self) -> Tensor:
-        """Log-probabilities ``[B, n, V_T]`` float32 (padding rows uniform), rebuilt as the
-        module docstring says."""
+        """Log-probabilities ``[B, n, V_T]`` float32 over the tokenizer's ids, each position
+        normalised (padding rows uniform), rebuilt as the module docstring says."""
         batch, width = self.shape
         rows: list[Tensor] = []
         ids: list[Tensor] = []
@@ -111,34 +124,46 @@ class ServedScores:
 
 def dense_logprobs(rows: Tensor, ids: Tensor, logprobs: Tensor, *, rows_total: int,
                    vocab_size: int, caps: Tensor | None = None) -> Tensor:
-    """Dense log-probabilities from sparse ``(row, id, log-prob)`` entries.
+    """Dense log-probabilities over the real ids from sparse ``(row, id, log-prob)`` entries.
 
-    Each row's returned ids keep their log-probs; the rest of the row shares the remainder
-    ``max(1 - Σ exp(returned), 1e-12)`` evenly, each id at most its row's cap (the smallest
-    top-k log-prob: no unreturned id can be likelier). A row with no entries is uniform.
+    Each row's returned ids keep their log-probs; the real ids not returned share the remainder
+    ``max(1 - Σ exp(returned), 1e-12)`` evenly, each at most its row's cap (the smallest top-k
+    log-prob: no unreturned id can be likelier). Entries with ``id >= vocab_size`` are padded
+    output rows: their mass counts in the remainder (the server normalised over them) but they
+    get no column, and unreturned padded rows get nothing (see the module docstring). Every row
+    is then divided by its total over the real ids, so it is a distribution over them: without
+    padded entries and without a binding cap or floor that total is 1 and nothing changes. A
+    row with no entries is uniform.
 
     Args:
         rows: int64 ``[E]`` row of each entry (``0 <= row < rows_total``).
-        ids: int64 ``[E]`` token id of each entry (unique within a row, ``< vocab_size``).
-        logprobs: float64 ``[E]`` log-probabilities.
+        ids: int64 ``[E]`` token id of each entry (unique within a row; ``>= vocab_size`` for a
+            padded output row).
+        logprobs: float64 ``[E]`` log-probabilities as the server normalised them.
         rows_total: number of rows.
-        vocab_size: ``V_T``.
+        vocab_size: ``V_T``, the tokenizer's id count.
         caps: float64 ``[rows_total]`` largest log-prob of an unreturned id per row (``0``: no
             cap), or None.
 
     Returns:
-        float32 ``[rows_total, vocab_size]`` on ``rows``' device.
+        float32 ``[rows_total, vocab_size]`` on ``rows``' device; each row's log-sum-exp is 0.
     """
     device = rows.device
+    probs = logprobs.exp()
+    real = ids < vocab_size
     mass = torch.zeros(rows_total, dtype=torch.float64, device=device)
-    mass.index_add_(0, rows, logprobs.exp())
-    returned = torch.bincount(rows, minlength=rows_total).to(torch.float64)
+    mass.index_add_(0, rows, probs)  # padded entries included: the server's normalisation
+    real_mass = torch.zeros(rows_total, dtype=torch.float64, device=device)
+    real_mass.index_add_(0, rows[real], probs[real])
+    returned = torch.bincount(rows[real], minlength=rows_total).to(torch.float64)
     rest = vocab_size - returned
     remainder = (1.0 - mass).clamp(min=REMAINDER_FLOOR)
     fill = remainder.log() - rest.clamp(min=1.0).log()
-    fill = (fill if caps is None else torch.minimum(fill, caps)).float()
-    dense = fill[:, None].expand(rows_total, vocab_size).clone()
-    dense[rows, ids] = logprobs.float()
+    fill = fill if caps is None else torch.minimum(fill, caps)
+    log_total = (real_mass + rest * fill.exp()).log()  # the real ids' share of the row
+    dense = (fill - log_total).float()[:, None].expand(rows_total, vocab_size).clone()
+    kept = rows[real]
+    dense[kept, ids[real]] = (logprobs[real] - log_total[kept]).float()
     return dense
 
 
@@ -150,18 +175,22 @@ def parse_prompt_logprobs(
     where: str,
     vocab_size: int,
     top_k: int,
+    model_rows: int | None = None,
 ) -> tuple[list[int], list[float], list[int], list[float]]:
     """The response positions of one choice: flat ``(ids, log-probs)``, entries per position,
     and per position the smallest top-k log-prob (``0`` when no top-k was asked for), which
-    caps the ids not returned.
+    caps the ids not returned. Entries of padded output rows (``vocab_size <= id <
+    model_rows``) are kept: :func:`dense_logprobs` removes their mass.
 
     Args:
         choice: ``choices[i]`` of the reply (a JSON object).
         sequence: the ids sent (prompt + response).
         prompt_length: ``P``; response token ``j`` is read from ``prompt_logprobs[P + j]``.
         where: how the error messages name the choice, e.g. ``choices[3]``.
-        vocab_size: ``V_T``; ids at or above it belong to another vocabulary.
+        vocab_size: ``V_T``, the tokenizer's id count.
         top_k: the ``prompt_logprobs`` asked for (``-1`` = all).
+        model_rows: the model's output rows (``>= vocab_size``); ids at or above it belong to
+            another vocabulary. ``None``: ``vocab_size`` (no padded rows).
 
     Raises:
         TeacherServerError: naming the field that does not match the request.
@@ -180,8 +209,10 @@ def parse_prompt_logprobs(
     if len(entries) != len(sequence):
         raise TeacherServerError(f"reply field {where}.prompt_logprobs has {len(entries)} "
                                  f"positions for a {len(sequence)}-token sequence")
-    top_count = min(vocab_size if top_k < 0 else top_k, vocab_size)
-    least = max(1, top_count)
+    model_rows = max(model_rows or 0, vocab_size)
+    # A server normalising over every row ranks padded rows too; ours returns real ids only.
+    top_count = model_rows if top_k < 0 else min(top_k, model_rows)
+    least = max(1, min(top_count, vocab_size))
     ids: list[int] = []
     logprobs: list[float] = []
     counts: list[int] = []
@@ -204,7 +235,8 @@ def parse_prompt_logprobs(
         # them: it does not bound the ids that were not returned.
         extra = str(realised) if len(entry) > top_count else None
         for key, value in entry.items():
-            token, logprob = _entry(key, value, field=field, vocab_size=vocab_size)
+            token, logprob = _entry(key, value, field=field, vocab_size=vocab_size,
+                                    model_rows=model_rows)
             ids.append(token)
             logprobs.append(logprob)
             mass += math.exp(logprob)
@@ -218,16 +250,18 @@ def parse_prompt_logprobs(
     return ids, logprobs, counts, caps
 
 
-def _entry(key: str, value: Any, *, field: str, vocab_size: int) -> tuple[int, float]:
+def _entry(key: str, value: Any, *, field: str, vocab_size: int,
+           model_rows: int) -> tuple[int, float]:
     """One ``"id": {"logprob": x, ...}`` entry (a bare number is accepted too)."""
     try:
         token = int(key)
     except ValueError:
         raise TeacherServerError(f"reply field {field} has key {key!r}, not a token id") from None
-    if not 0 <= token < vocab_size:
-        raise TeacherServerError(
-            f"reply field {field} has token id {token}, outside the teacher tokenizer's "
-            f"{vocab_size} ids: the server runs a model with another vocabulary")
+    if not 0 <= token < model_rows:
+        limit = (f"the teacher tokenizer's {vocab_size} ids" if model_rows == vocab_size
+                 else f"the teacher model's {model_rows} output rows")
+        raise TeacherServerError(f"reply field {field} has token id {token}, outside {limit}: "
+                                 "the server runs a model with another vocabulary")
     logprob = value.get("logprob") if isinstance(value, dict) else value
     if isinstance(logprob, bool) or not isinstance(logprob, (int, float)):
         raise TeacherServerError(f"reply field {field}[{key!r}].logprob is missing or not a "
@@ -245,13 +279,18 @@ class ServedTeacher:
     Args:
         config: the ``teacher_server`` section.
         tokenizer: the teacher's tokenizer (checked against the server's in :meth:`check`).
-        vocab_size: ``V_T``, the width of the scores (:func:`teacher_vocab_size`).
+        vocab_size: ``V_T``, the width of the scores: the tokenizer's id count.
+        model_rows: the served model's output rows (:func:`teacher_output_rows`); returned ids
+            in ``[vocab_size, model_rows)`` are padded rows and dropped, ids beyond refused.
+            ``None``: no padded rows (every id ``>= vocab_size`` is refused).
     """
 
-    def __init__(self, config: TeacherServerConfig, tokenizer: Any, *, vocab_size: int) -> None:
+    def __init__(self, config: TeacherServerConfig, tokenizer: Any, *, vocab_size: int,
+                 model_rows: int | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.model_rows = max(model_rows or 0, vocab_size)
         self.device = torch.device("cpu")
         self.url = config.url.rstrip("/")
         self.root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
@@ -308,7 +347,8 @@ class ServedTeacher:
             if [c["index"] for c in choices] != list(range(len(sequences))):
                 raise TeacherServerError("reply field choices[].index is not 0..N-1")
         return [parse_prompt_logprobs(choice, sequence, length, where=f"choices[{i}]",
-                                      vocab_size=self.vocab_size, top_k=top_k)
+                                      vocab_size=self.vocab_size, top_k=top_k,
+                                      model_rows=self.model_rows)
                 for i, (choice, sequence, length) in enumerate(zip(choices, sequences,
                                                                    prompt_lengths))]
 
@@ -398,19 +438,23 @@ def read_json(payload: bytes, url: str) -> Any:
                                  f"{payload[:80]!r}") from None
 
 
-def teacher_vocab_size(config: ModelConfig, tokenizer: Any) -> int:
-    """``V_T``: the model config's ``vocab_size`` beside the tokenizer when there is one (output
-    rows may outnumber the tokenizer's ids), else the tokenizer's length."""
+def teacher_output_rows(config: ModelConfig, num_ids: int) -> int | None:
+    """The served model's output rows as its config's ``vocab_size`` says (often more than the
+    tokenizer's ``num_ids``: padded rows), at least ``num_ids``; ``None`` when there is no
+    readable config beside the tokenizer."""
     from transformers import AutoConfig
 
+    source, gguf_file = config.location()
+    options = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        model_config = AutoConfig.from_pretrained(config.name_or_path, revision=config.revision,
-                                                  trust_remote_code=config.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(source, revision=config.revision,
+                                                  trust_remote_code=config.trust_remote_code,
+                                                  **options)
         text_config = getattr(model_config, "get_text_config", lambda: model_config)()
         rows = int(getattr(text_config, "vocab_size", 0) or 0)
     except (OSError, ValueError, TypeError):
-        rows = 0
-    return max(len(tokenizer), rows)
+        return None
+    return max(num_ids, rows) if rows else None
 
 
 def _in_background(fn: Callable, *args: Any) -> Future:

@@ -51,7 +51,12 @@ from ctopd.training.models import (
     load_model_tokenizer,
     prepare_student,
 )
-from ctopd.training.rollout import pad_responses, response_logits, sample_responses
+from ctopd.training.rollout import (
+    count_token_ids,
+    pad_responses,
+    response_logits,
+    sample_responses,
+)
 
 
 def run_sft(config: TrainConfig) -> dict:
@@ -111,6 +116,9 @@ def run_sft(config: TrainConfig) -> dict:
     progress = tqdm(total=total_steps, initial=state["step"], desc="ctopd sft", dynamic_ncols=True,
                     disable=not (config.progress and accelerator.is_main_process))
     pad_id, last_eval = tokenizer.pad_token_id, None
+    # Output rows past the tokenizer's ids (a padded embedding matrix) are no token: the
+    # cross-entropy's softmax runs over the real ids only.
+    student_num_ids = count_token_ids(tokenizer)
 
     while state["step"] < total_steps:
         step_started = time.perf_counter()
@@ -128,8 +136,8 @@ def run_sft(config: TrainConfig) -> dict:
                                              device=accelerator.device)
                 with timer("loss"):
                     ids, _ = pad_responses(targets, pad_id=-100, device=accelerator.device)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(),
-                                           ignore_index=-100)
+                    loss = F.cross_entropy(logits[..., :student_num_ids].float().flatten(0, 1),
+                                           ids.flatten(), ignore_index=-100)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite SFT loss at step {state['step'] + 1}")
                 with timer("backward"):
@@ -234,7 +242,8 @@ def _teacher_responses(config: TrainConfig, examples: list[Example], accelerator
             teacher, [prompts[i] for i in chunk], end_ids=end_ids, pad_id=tokenizer.pad_token_id,
             max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
             top_p=config.rollout.top_p, top_k=config.rollout.top_k,
-            samples_per_prompt=config.rollout.samples_per_prompt, device=accelerator.device)
+            samples_per_prompt=config.rollout.samples_per_prompt, device=accelerator.device,
+            num_ids=count_token_ids(tokenizer))  # the teacher's padded rows are no token
         for n, response in enumerate(responses):
             index = chunk[n // config.rollout.samples_per_prompt]
             text = tokenizer.decode(response, skip_special_tokens=True)

@@ -12,6 +12,11 @@ Endpoints (replies shaped as vLLM shapes them; see ``ctopd.training.served_teach
   "max_model_len"}``.
 * ``GET /v1/models``; ``GET /health`` (never needs the key).
 
+Log-probabilities are over the tokenizer's ids only: output rows past the last id (a padded
+embedding matrix, Qwen2.5-7B's 152,064 rows for 151,665 ids) are no token, so they are left out of
+the log-softmax, never returned and never the greedy next token; ``prompt_logprobs=-1`` returns
+every real id. (vLLM normalises over all rows; the client handles both.)
+
 Batched and deterministic: the sequences of one request are scored in fixed chunks of
 ``batch_size``, in order, and one forward runs at a time; requests are never merged, so a request
 sent twice gets the same numbers (what a retried training step relies on). Binds 127.0.0.1 by
@@ -32,6 +37,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import torch
+
+from ctopd.training.rollout import count_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +71,10 @@ class ScoringModel:
         self.name = name
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        known = tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), self.vocab_size))))
-        self.token_strings = known + [None] * (self.vocab_size - len(known))
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]  # output rows
+        # The tokenizer's ids; rows from here on are padding, never scored.
+        self.num_ids = min(count_token_ids(tokenizer), self.vocab_size)
+        self.token_strings = tokenizer.convert_ids_to_tokens(list(range(self.num_ids)))
         self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
                            if i is not None)
@@ -151,8 +159,8 @@ class ScoringModel:
                     or not all(isinstance(t, int) and not isinstance(t, bool) for t in item)):
                 raise RequestError("each prompt must be a non-empty list of token ids or text",
                                    "prompt")
-            if min(item) < 0 or max(item) >= self.vocab_size:
-                raise RequestError(f"token id out of range [0, {self.vocab_size})", "prompt")
+            if min(item) < 0 or max(item) >= self.num_ids:
+                raise RequestError(f"token id out of range [0, {self.num_ids})", "prompt")
             sequences.append(item)
         return sequences
 
@@ -160,13 +168,13 @@ class ScoringModel:
     def score(self, sequences: list[list[int]], top_k: int | None) -> tuple[list, list[int]]:
         """Prompt log-probs (vLLM's layout: ``None`` first, then ``{id: {"logprob", "rank",
         "decoded_token"}}`` with the realised token first and the top ``top_k`` after) and the
-        greedy next id, per sequence."""
+        greedy next id, per sequence; all over the tokenizer's ids only."""
         entries: list = []
         next_ids: list[int] = []
         for lo in range(0, len(sequences), self.batch_size):
             chunk = sequences[lo : lo + self.batch_size]
             with self.lock:
-                logits = self._forward(chunk)
+                logits = self._forward(chunk)[..., : self.num_ids]  # padded rows: no token
                 for row, sequence in enumerate(chunk):
                     next_ids.append(int(logits[row, len(sequence) - 1].argmax()))
                     entries.append(self._row_entries(logits[row], sequence, top_k))
@@ -174,7 +182,7 @@ class ScoringModel:
         return entries, next_ids
 
     def _forward(self, chunk: list[list[int]]) -> torch.Tensor:
-        """Right-padded batch forward: ``[b, L, V]`` logits."""
+        """Right-padded batch forward: ``[b, L, rows]`` logits (every output row)."""
         width = max(len(s) for s in chunk)
         input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
@@ -189,7 +197,7 @@ class ScoringModel:
         if top_k is None:
             return []
         out: list = [None]
-        k = self.vocab_size if top_k < 0 else min(top_k, self.vocab_size)
+        k = self.num_ids if top_k < 0 else min(top_k, self.num_ids)
         targets = torch.as_tensor(sequence[1:], device=logits.device)
         for lo in range(0, len(sequence) - 1, SLICE_POSITIONS):
             hi = min(lo + SLICE_POSITIONS, len(sequence) - 1)
