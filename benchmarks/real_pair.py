@@ -195,7 +195,7 @@ def train_run(method: str, seed: int, args, paths: dict, output_dir: Path) -> di
                "--rollout.temperature", "1.0", "--optim.lr", str(args.lr),
                "--optim.warmup-ratio", "0", "--optim.schedule", "constant",
                "--output-dir", str(output_dir), "--save-every", "0", "--progress", "false",
-               "--log-every", "1"]
+               "--log-every", "1", "--overwrite"]  # a benchmark run again replaces its runs
     for side, config in (("", student), ("teacher-", teacher)):
         if config.chat_template:
             command += [f"--{side}chat-template", config.chat_template]

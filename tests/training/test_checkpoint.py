@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ctopd.training.checkpoint import list_checkpoints, resolve_resume
+from ctopd.training.checkpoint import CheckpointError, list_checkpoints, resolve_resume
 from ctopd.training.config import load_config
 from ctopd.training.loop import train
 from tests.training.tiny import final_weights, subprocess_env, tiny_args
@@ -38,7 +38,9 @@ def test_checkpoints_are_complete_and_pruned(tiny, tmp_path):
     assert not list(out.glob("*.tmp"))
     assert resolve_resume("latest", out) == last
     assert resolve_resume(None, out) is None
-    assert resolve_resume("latest", tmp_path / "fresh") is None  # nothing yet: a fresh start
+    with pytest.raises(CheckpointError, match="fresh holds no checkpoint to continue from; "
+                                              "drop --resume"):
+        resolve_resume("latest", tmp_path / "fresh")  # never quietly a fresh start
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         resolve_resume(str(tmp_path), out)
 

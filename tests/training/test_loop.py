@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ctopd.training.config import ConfigError, load_config
 from ctopd.training.loop import train
+from ctopd.training.runtime import RunStopped
 from tests.training.tiny import final_weights, tiny_args
 
 # ALGORITHMS §7 figures and the time split every row must carry.
@@ -133,10 +134,13 @@ def test_non_finite_loss_stops_naming_the_step(tiny, tmp_path, monkeypatch):
         return (loss * float("nan") if calls["n"] == 2 else loss), metrics
 
     monkeypatch.setattr(loop, "compute_objective", poisoned)
-    with pytest.raises(FloatingPointError, match="non-finite loss at step 2 .*checkpoint of step "
-                                                 "1 kept"):
+    with pytest.raises(RunStopped, match="stopped at step 2: the loss \\(nan\\) is not finite, so "
+                                         "the step was not applied .*Last checkpoint kept: "
+                                         ".*checkpoint-000001") as stop:
         _run(tiny, tmp_path / "run", "--save-every", "1", "--max-steps", "3")
+    assert stop.value.exit_code == 1
     assert (tmp_path / "run" / "checkpoint-000001" / "student" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / "checkpoint-000002").exists()
 
 
 def test_lora_and_gradient_checkpointing(tiny, tmp_path):

@@ -42,12 +42,17 @@ def test_sft_from_teacher_samples(tiny, tmp_path):
     assert len(cached) == 12 and [r["index"] for r in cached[:4]] == [0, 0, 1, 1]
     assert summary["num_examples"] == 12
     before = final_weights(out)
-    # A second run reuses the cached teacher samples (the teacher path is not needed to exist).
+    # A second run (--overwrite) keeps and reuses the cached teacher samples: edited here, they
+    # are what it trains on.
+    cache = out / "teacher_responses.jsonl"
+    cache.write_text("".join(json.dumps({**row, "response": "Sam has 7 coins. #### 7"}) + "\n"
+                             for row in cached))
     summary = run_sft(load_config(tiny_args(
         tiny, out, "--sft.source", "teacher", "--data.limit", "6", "--rollout.samples-per-prompt",
-        "2", "--max-steps", "2")))
+        "2", "--max-steps", "2", "--overwrite")))
+    assert "#### 7" in cache.read_text() and summary["steps"] == 2
     after = final_weights(out)
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_sft_without_responses_names_the_row(tiny, tmp_path):

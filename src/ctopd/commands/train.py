@@ -72,16 +72,23 @@ def _sft(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, run) -> int:
     """Build the config from ``args``, call ``run(config)``, print its summary; exit codes:
-    2 for bad input (config, data, a missing file), 1 for a non-finite loss or a served teacher
-    that failed (unreachable past its retries, or a reply that does not match the request)."""
+    2 for bad input (config, data, a missing file, a run folder that holds another run),
+    1 for a non-finite loss / gradient norm / weight, a checkpoint that could not be written or
+    a served teacher that failed (unreachable past its retries, or a reply that does not match
+    the request), 143 / 130 after SIGTERM / SIGINT (a checkpoint of the last step is saved)."""
     from ctopd.training.data import DataError
+    from ctopd.training.runtime import RunStopped
     from ctopd.training.teachers import TeacherServerError
 
     try:
         summary = run(config_from_args(args))
     except (ConfigError, DataError, FileNotFoundError) as err:
         return _fail(str(err))
-    except (FloatingPointError, TeacherServerError) as err:
+    except RunStopped as err:  # raised alike on every rank: one line, from the main process
+        if _is_main_process():
+            print(f"error: {err}" if err.exit_code == 1 else str(err), file=sys.stderr)
+        return err.exit_code
+    except TeacherServerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     _print_summary(summary)
@@ -112,17 +119,21 @@ def _plot(args: argparse.Namespace) -> int:
 
     try:
         paths = plot_run(args.run_dir, args.out)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # ValueError: MetricsError, a bad line
         return _fail(str(err))
     for path in paths:
         print(path)
     return 0
 
 
-def _print_summary(summary: dict) -> None:
+def _is_main_process() -> bool:
     from accelerate import PartialState
 
-    if not PartialState().is_main_process:
+    return PartialState().is_main_process
+
+
+def _print_summary(summary: dict) -> None:
+    if not _is_main_process():
         return
     metrics = summary.get("final_metrics", {})
     shown = {k: round(metrics[k], 4) for k in ("loss", "kl", "coverage") if k in metrics}

@@ -241,6 +241,8 @@ def stage_config(settings: DemoSettings, output_dir: Path, *, data: Path, studen
         "output_dir": str(output_dir), "seed": seed, "max_steps": steps,
         "per_device_batch_size": batch, "progress": False, "log_every": 10 ** 9,
         "save_every": save_every, "keep_checkpoints": keep_checkpoints,
+        # Each stage rebuilds its folder: a demo run again replaces what an earlier one left.
+        "overwrite": True,
     }
     return TrainConfig.from_dict(values)
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ctopd.training.config import ConfigError
+
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 
@@ -41,19 +43,63 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+class CheckpointError(ConfigError):
+    """There is no checkpoint to resume from, or the one named is incomplete or damaged."""
+
+
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     """The checkpoint to resume from: ``latest`` (or ``true``) picks the newest in
-    ``output_dir`` (None when there is none: a fresh start); anything else is a folder."""
+    ``output_dir``; anything else is a folder. None when ``resume`` is unset (a new run).
+
+    Raises:
+        CheckpointError: ``resume`` is set but there is nothing to resume (a resumed run never
+            quietly starts afresh).
+        FileNotFoundError: ``resume`` names a folder that is not a checkpoint.
+    """
     if not resume or resume.lower() in ("false", "no", "none"):
         return None
     if resume.lower() in ("latest", "true", "yes", "auto"):
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        if not found:
+            raise CheckpointError(f"--resume: {output_dir} holds no checkpoint to continue "
+                                  "from; drop --resume to start a new run there (--overwrite "
+                                  "if it holds one)")
+        return found[-1]
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"resume: {resume!r} is not a checkpoint folder "
                                 f"(no {STATE_FILE}); use --resume latest")
     return path
+
+
+def check_checkpoint(folder: Path) -> None:
+    """Read the headers of a checkpoint's weight and optimiser files (not the tensors), so a
+    file cut short (a full disk, a copy that stopped) is named before any model loads.
+
+    Raises:
+        CheckpointError: naming the damaged file and the checkpoints to fall back to.
+    """
+    import zipfile
+
+    from safetensors import safe_open
+
+    for path in sorted((folder / "state").rglob("*")) + sorted((folder / "student").rglob("*")):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), "pt"):
+                    pass
+            elif path.suffix in (".bin", ".pt") and path.stat().st_size > 0:
+                zipfile.ZipFile(path).close()  # torch.save files are zip archives
+        except Exception as err:  # safetensors raises its own SafetensorError
+            raise CheckpointError(damaged(folder, path, err)) from None
+
+
+def damaged(folder: Path, path: Path, err: BaseException) -> str:
+    """One line: which file of which checkpoint is damaged, and what to resume from instead."""
+    others = [str(p) for p in list_checkpoints(folder.parent) if p != folder]
+    instead = (f"resume from an earlier one with --resume {others[-1]}" if others else
+               "there is no earlier checkpoint; start over with --overwrite")
+    return f"checkpoint {folder} is damaged: {path.relative_to(folder)}: {err}; {instead}"
 
 
 def export_student(accelerator: Any, model: torch.nn.Module, tokenizer: Any, folder: Path, *,
@@ -121,6 +167,13 @@ def save_checkpoint(accelerator: Any, model: torch.nn.Module, tokenizer: Any,
 
 
 def load_checkpoint(accelerator: Any, folder: Path) -> dict:
-    """Restore model, optimiser, scheduler and RNG states; returns the trainer state."""
-    accelerator.load_state(str(folder / "state"))
-    return json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    """Restore model, optimiser, scheduler and RNG states; returns the trainer state.
+
+    Raises:
+        CheckpointError: a file of the checkpoint cannot be read (the message names it).
+    """
+    try:
+        accelerator.load_state(str(folder / "state"))
+        return json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError) as err:
+        raise CheckpointError(damaged(folder, folder / "state", err)) from err

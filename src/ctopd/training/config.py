@@ -303,7 +303,15 @@ class TrainConfig:
                                          False)
     save_every: int = _help("checkpoint every N steps (0 = only at the end)", 0)
     keep_checkpoints: int = _help("checkpoints kept (older ones are deleted)", 2)
-    resume: str | None = _help("`latest` (or a checkpoint folder) to continue a run", None)
+    resume: str | None = _help("`latest` (or a checkpoint folder) to continue a run; refused "
+                               "when there is no checkpoint or when settings that change what "
+                               "the run computes differ from its config.yaml", None)
+    resume_changed: bool = _help("with resume: continue although settings that change what the "
+                                 "run computes differ from the saved config.yaml (they are "
+                                 "listed; the new ones apply from the next step)", False)
+    overwrite: bool = _help("start a new run in an output_dir that holds one: its config.yaml, "
+                            "metrics.jsonl, summary.json, checkpoints and final/ are removed "
+                            "first (each is listed)", False)
     eval_data: str | None = _help("JSONL test set evaluated during training", None)
     eval_every: int = _help("evaluate every N steps (0 = only at the end when eval_data)", 0)
     eval_max_new_tokens: int = _help("longest evaluation response", 256)
@@ -391,8 +399,27 @@ class TrainConfig:
                 template
             ).is_file():
                 raise ConfigError(f"{side}.chat_template file {template!r} does not exist")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in output_dir and --overwrite removes "
+                              "it; give one of them")
+        if self.resume_changed and not self.resume:
+            raise ConfigError("--resume-changed only applies together with --resume")
+        if self.eval_data:
+            _check_eval_answers(self)
         if self.lora.enabled and self.mixed_precision == "fp16":
             raise ConfigError("LoRA with fp16 mixed precision is not supported; use bf16 or no")
+
+
+def _check_eval_answers(config: TrainConfig) -> None:
+    """eval_data must hold reference answers, or its accuracy would read 0 for a good model."""
+    from ctopd.training.data import read_rows
+
+    rows = read_rows(config.eval_data)
+    field = config.data.answer_field
+    if not any(row.get(field) is not None for row in rows):
+        raise ConfigError(f"eval_data {config.eval_data!r} has no `{field}` field in any row, so "
+                          "its accuracy cannot be scored; add the reference answers or set "
+                          "data.answer_field to the field that holds them")
 
 
 _SECTIONS: dict[str, type] = {
@@ -418,6 +445,36 @@ ALIASES: dict[str, str] = {
 }
 
 
+# Sections that may be given as one plain value in YAML: `student: org/model` and
+# `teacher: org/model` name the model, `objective: dpca` names the objective (its options keep
+# their defaults). Every other plain value is an error that shows the mapping form.
+SHORTHANDS: dict[str, str] = {"student": "name_or_path", "teacher": "name_or_path",
+                              "objective": "name"}
+_EXAMPLE_FIELDS: dict[str, str] = {
+    "student": "name_or_path", "teacher": "name_or_path", "teacher_server": "url",
+    "data": "path", "objective": "name", "rollout": "temperature", "optim": "lr",
+    "lora": "enabled", "sft": "source",
+}
+
+
+def section_mapping(name: str, value: Any) -> dict:
+    """A YAML section as a mapping: ``None`` is empty, the shorthands above are expanded.
+
+    Raises:
+        ConfigError: a plain value (a string, a number, a list) where a mapping is expected,
+            e.g. ``data: train.jsonl``; the message shows the mapping form.
+    """
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    if name in SHORTHANDS and isinstance(value, str):
+        return {SHORTHANDS[name]: value}
+    example = value if isinstance(value, str) and name == "data" else "..."
+    raise ConfigError(f"{name} must be a mapping, e.g. `{name}: {{{_EXAMPLE_FIELDS[name]}: "
+                      f"{example}}}`; got {value!r}")
+
+
 def _check_model_location(side: str, model: ModelConfig) -> None:
     """A path that looks local must exist; anything else is taken for a hub id. A GGUF
     checkpoint must be a local file."""
@@ -434,6 +491,22 @@ def _check_model_location(side: str, model: ModelConfig) -> None:
         return
     if looks_local:
         raise ConfigError(f"{side} model folder {name!r} does not exist")
+    # A bare name (no slash) that is no folder here: transformers would spend a minute on hub
+    # retries offline before failing. Hub ids have the form org/name; the few legacy ones
+    # without an org (gpt2) are accepted when they are already in the local hub cache.
+    if "/" not in name and not _in_hub_cache(name):
+        raise ConfigError(f"{side} model {name!r} is neither a local folder nor a hub id of the "
+                          f"form org/name; pass the folder's path (e.g. ./{name}) or the full "
+                          "hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct)")
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the Hugging Face cache holds a model repository called ``name``."""
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return False
+    return (Path(HF_HUB_CACHE) / f"models--{name}").is_dir()
 
 
 def _read_yaml(path: str | os.PathLike) -> dict:
@@ -471,9 +544,7 @@ def _build_section(cls: type, values: dict, prefix: str) -> Any:
         if name not in types_:
             raise _unknown(name, known, where)
         if not prefix and name in _SECTIONS:
-            if isinstance(value, str) and _SECTIONS[name] is ModelConfig:
-                value = {"name_or_path": value}  # `student: path` shorthand
-            value = {**_SECTION_DEFAULTS.get(name, {}), **(value or {})}
+            value = {**_SECTION_DEFAULTS.get(name, {}), **section_mapping(name, value)}
             kwargs[name] = _build_section(_SECTIONS[name], value, name)
         else:
             kwargs[name] = coerce(value, types_[name], f"{where}{name}")
@@ -573,19 +644,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Merge ``args.config`` (YAML) with the flags given, then build and check the config."""
     values = _read_yaml(args.config) if getattr(args, "config", None) else {}
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    for section, cls in _SECTIONS.items():
-        if isinstance(values.get(section), str) and cls is ModelConfig:
-            values[section] = {"name_or_path": values[section]}
+    for section in _SECTIONS:
+        if section in values:
+            values[section] = dict(section_mapping(section, values[section]))
     section_fields = {name: {f.name for f in dataclasses.fields(cls)}
                       for name, cls in _SECTIONS.items()}
     for dest, value in vars(args).items():
         if "." in dest:
             section, name = dest.split(".", 1)
             if name in section_fields.get(section, ()):
-                values.setdefault(section, {})
-                if values[section] is None:
-                    values[section] = {}
-                values[section][name] = value
+                values.setdefault(section, {})[name] = value
         elif dest in {f.name for f in dataclasses.fields(TrainConfig)} and dest not in _SECTIONS:
             values[dest] = value
     return TrainConfig.from_dict(values)

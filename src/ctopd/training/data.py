@@ -31,23 +31,40 @@ class Example:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file; empty lines are skipped, bad JSON names its line."""
+    """Rows of a JSONL file; empty lines are skipped, bad JSON names its line.
+
+    The file is UTF-8; a byte-order mark (as some Windows editors write) is accepted. Bytes
+    that are not UTF-8 (a latin-1 file) name the line and column.
+    """
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object, got "
-                                f"{type(row).__name__}")
-            rows.append(row)
+    for number, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object, got "
+                            f"{type(row).__name__}")
+        rows.append(row)
     if not rows:
         raise DataError(f"{path} holds no rows")
     return rows
+
+
+def _text_lines(path: str | Path):
+    """``(line number from 1, text)`` of a UTF-8 (or UTF-8 with BOM) file."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}, line {number}: not UTF-8 text (byte "
+                                f"0x{raw[err.start]:02x} at column {err.start + 1}); save the "
+                                "file as UTF-8") from None
 
 
 def row_to_example(row: dict, config: DataConfig, where: str,

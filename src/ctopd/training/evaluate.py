@@ -9,6 +9,7 @@ as strings with spaces removed.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -18,8 +19,10 @@ import torch
 
 from ctopd.core.byte_table import end_of_turn_ids
 from ctopd.training.config import DataConfig, ModelConfig
-from ctopd.training.data import encode_prompts, load_examples
+from ctopd.training.data import DataError, encode_prompts, load_examples
 from ctopd.training.rollout import count_token_ids, sample_responses
+
+logger = logging.getLogger(__name__)
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -151,10 +154,18 @@ def evaluate(
         data order: whether its answer was right).
     """
     start = time.perf_counter()
-    model, tokenizer = _load(model_path_or_model, tokenizer, chat_template, dtype)
     config = DataConfig(**{**(data_config.__dict__ if data_config else {}), "path": str(data_path),
                            "limit": limit or (data_config.limit if data_config else None)})
-    examples = load_examples(config)
+    examples = load_examples(config)  # read before the model loads: a bad file fails at once
+    unanswered = sum(e.answer is None for e in examples)
+    if unanswered == len(examples):
+        raise DataError(f"{data_path} has no `{config.answer_field}` field in any row, so "
+                        "accuracy cannot be scored; add the reference answers or name their "
+                        "field (--answer-field)")
+    if unanswered:
+        logger.warning("%s: %d of %d rows have no `%s` field; they count as wrong", data_path,
+                       unanswered, len(examples), config.answer_field)
+    model, tokenizer = _load(model_path_or_model, tokenizer, chat_template, dtype)
     device = device or next(model.parameters()).device
     end_ids = end_of_turn_ids(tokenizer)
     num_ids = count_token_ids(tokenizer)  # output rows past it (padding) are never chosen

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections import defaultdict
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # Figures that add up over micro-steps and ranks; everything else is averaged.
 COUNT_KEYS = frozenset({
@@ -104,9 +107,9 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            kept = [row for row in read_metrics(output_dir) if row.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept),
+                                 encoding="utf-8")
         elif resume_step is None:
             self.path.write_text("", encoding="utf-8")
         if "tensorboard" in reporters:
@@ -144,13 +147,38 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+class MetricsError(ValueError):
+    """A line of ``metrics.jsonl`` other than the last is not JSON (the file was edited or
+    two runs wrote to it)."""
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The rows of ``RUN_DIR/metrics.jsonl``."""
+    """The rows of ``RUN_DIR/metrics.jsonl``.
+
+    A last line that is not JSON is what a run killed while writing a row leaves: it is skipped
+    with a warning naming the file and the line.
+
+    Raises:
+        FileNotFoundError: no ``metrics.jsonl`` in ``run_dir``.
+        MetricsError: an earlier line is not JSON (the message names the file and line).
+    """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    lines = [(number, line) for number, line in enumerate(
+        path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1) if line.strip()]
+    rows = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if index < len(lines) - 1:
+                raise MetricsError(f"{path}, line {number}: not valid JSON (not the last line, "
+                                   "so not a row cut short by a killed run); fix or remove "
+                                   "it") from None
+            logger.warning("%s, line %d: skipped, not valid JSON (a row cut short when the "
+                           "run was killed while writing it)", path, number)
+    return rows
 
 
 def mean_of_last(rows: list[dict], count: int = 5) -> dict[str, float]:

@@ -361,7 +361,14 @@ class ServedTeacher:
             TeacherServerError: unreachable, or an HTTP error.
             ConfigError: the model name is not served, or the server's tokenizer differs.
         """
-        reply = self._request(f"{self.url}/models", None)
+        try:
+            reply = self._request(f"{self.url}/models", None)
+        except TeacherServerError as err:
+            if "answered 404" in str(err) and not self.url.endswith("/v1"):
+                raise TeacherServerError(
+                    f"{err}; teacher_server.url must be the base of the server's OpenAI API, "
+                    f"which usually ends in /v1: try --teacher-url {self.url}/v1") from None
+            raise
         served = [m.get("id") for m in reply.get("data", []) if isinstance(m, dict)]
         if self.config.model and self.config.model not in served:
             raise ConfigError(f"teacher_server.model {self.config.model!r} is not served at "
