@@ -86,7 +86,7 @@ def _run(args: argparse.Namespace, run) -> int:
         return _fail(str(err))
     except RunStopped as err:  # raised alike on every rank: one line, from the main process
         if _is_main_process():
-            print(f"error: {err}" if err.exit_code == 1 else str(err), file=sys.stderr)
+            print(str(err), file=sys.stderr)  # "ctopd train: stopped ..."
         return err.exit_code
     except TeacherServerError as err:
         print(f"error: {err}", file=sys.stderr)

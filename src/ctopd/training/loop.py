@@ -191,12 +191,19 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer) -> dict[str, floa
 
     # 1. Rollout: the student samples; these exact ids are what it trains on.
     with timer("rollout"), _generation_model(accelerator, run.student) as generator:
-        student_responses = sample_responses(
-            generator, [p.student_ids for p in prompts], end_ids=run.student_end_ids,
-            pad_id=run.student_pad_id, max_new_tokens=config.rollout.max_new_tokens,
-            temperature=config.rollout.temperature, top_p=config.rollout.top_p,
-            top_k=config.rollout.top_k, samples_per_prompt=samples, device=device,
-            num_ids=run.student_num_ids)
+        try:
+            student_responses = sample_responses(
+                generator, [p.student_ids for p in prompts], end_ids=run.student_end_ids,
+                pad_id=run.student_pad_id, max_new_tokens=config.rollout.max_new_tokens,
+                temperature=config.rollout.temperature, top_p=config.rollout.top_p,
+                top_k=config.rollout.top_k, samples_per_prompt=samples, device=device,
+                num_ids=run.student_num_ids)
+            problem = None
+        except RuntimeError as err:  # torch.multinomial refuses NaN / inf probabilities
+            if "probability tensor" not in str(err):
+                raise
+            problem = "the student's sampling probabilities"
+    run.runtime.stop_if_non_finite(problem)  # every rank: one failing alone would hang the rest
 
     # 2. Alignment: the teacher's tokenisation of the response text (with identical tokenizers
     # the sampled ids themselves, standard OPD) and the minimal aligned chunks of the two.
