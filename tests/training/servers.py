@@ -91,13 +91,16 @@ def kill_after_first_step(server: ServerProcess, run_dir: Path, *, restart_after
 
 class FakeServer:
     """A scripted ``/v1/completions``: ``answer(body) -> (status, reply)``; ``/v1/models`` and
-    ``/tokenize`` (404) for the handshake. ``requests`` counts completions calls."""
+    ``/tokenize`` (404) for the handshake, any other route 404. ``requests`` counts completions
+    calls."""
 
     def __init__(self, answer: Callable[[dict], tuple[int, object]]) -> None:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
+                if self.path != "/v1/models":  # as vLLM: the API lives under /v1
+                    return self._reply(404, {"error": {"message": f"no route GET {self.path}"}})
                 self._reply(200, {"object": "list", "data": [{"id": "fake"}]})
 
             def do_POST(self):  # noqa: N802

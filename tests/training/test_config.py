@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import yaml
 
@@ -173,3 +175,63 @@ def test_a_gguf_file_as_a_model_location(tmp_path):
         config.validate("train")
     (tmp_path / "missing.gguf").write_bytes(b"")
     config.validate("train")  # a file that exists passes; transformers reads it at load time
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data: /path/train.jsonl\n",
+     "data must be a mapping, e.g. `data: {path: /path/train.jsonl}`; got '/path/train.jsonl'"),
+    ("optim: 3\n", "optim must be a mapping, e.g. `optim: {lr: ...}`; got 3"),
+    ("rollout: [0.7]\n", "rollout must be a mapping, e.g. `rollout: {temperature: ...}`"),
+    ("student: 7\n", "student must be a mapping, e.g. `student: {name_or_path: ...}`; got 7"),
+])
+def test_a_section_given_as_a_plain_value_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    escaped = message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace(
+        "]", r"\]").replace("{", r"\{").replace("}", r"\}")
+    with pytest.raises(ConfigError, match=escaped):
+        load_config(["--config", str(path)])
+    with pytest.raises(ConfigError, match=escaped):  # flags into that section merge after it
+        load_config(["--config", str(path), "--data.limit", "3", "--optim.lr", "1e-6"])
+    with pytest.raises(ConfigError, match=escaped):
+        TrainConfig.from_yaml(path)
+
+
+def test_objective_and_models_accept_a_name_as_shorthand(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("student: org/s\nteacher: org/t\nobjective: dpca\n")
+    config = load_config(["--config", str(path), "--objective.advantage-clip", "5"])
+    assert (config.student.name_or_path, config.teacher.name_or_path) == ("org/s", "org/t")
+    assert config.objective.name == "dpca" and config.objective.advantage_clip == 5.0
+
+
+def test_a_bare_model_name_fails_at_once(tmp_path, tiny, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no folder called mystudent here
+    config = load_config(["--student", "mystudent", "--data", str(tiny["prompts"])])
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="student model 'mystudent' is neither a local folder "
+                                          "nor a hub id of the form org/name; pass the folder's "
+                                          r"path \(e.g. ./mystudent\) or the full hub id"):
+        config.validate("sft")
+    assert time.perf_counter() - started < 1.0  # no hub retries
+    (tmp_path / "mystudent").mkdir()
+    config.validate("sft")  # a folder of that name is a local model
+
+
+def test_resume_flags_that_contradict_each_other(tiny):
+    base = ["--student", str(tiny["student"]), "--data", str(tiny["prompts"])]
+    with pytest.raises(ConfigError, match="--resume continues the run in output_dir and "
+                                          "--overwrite removes it; give one of them"):
+        load_config([*base, "--resume", "--overwrite"]).validate("sft")
+    with pytest.raises(ConfigError, match="--resume-changed only applies together with --resume"):
+        load_config([*base, "--resume-changed"]).validate("sft")
+
+
+def test_eval_data_without_answers_is_refused_before_training(tiny, tmp_path):
+    data = tmp_path / "questions.jsonl"
+    data.write_text('{"prompt": "What is 2+2?"}\n')
+    config = load_config(["--student", str(tiny["student"]), "--data", str(tiny["prompts"]),
+                          "--eval-data", str(data)])
+    with pytest.raises(ConfigError, match="questions.jsonl' has no `answer` field in any row, so "
+                                          "its accuracy cannot be scored"):
+        config.validate("sft")

@@ -82,3 +82,20 @@ def test_missing_chat_template_error_and_override(tmp_path, tiny):
     with pytest.raises(ConfigError, match="does not render"):
         load_model_tokenizer(ModelConfig(str(folder), chat_template="{{ messages[5]['x'] }"),
                              side="student")
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "Hi"}).encode() + b"\n"
+                     + json.dumps({"prompt": "Ho"}).encode() + b"\n")
+    assert [e.messages[0]["content"] for e in load_examples(DataConfig(path=str(path)))] == \
+        ["Hi", "Ho"]
+
+
+def test_latin_1_bytes_name_the_line_and_column(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"prompt": "fine"}).encode() + b"\n"
+                     + '{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.jsonl, line 2: not UTF-8 text \(byte 0xe9 at "
+                                        r"column 16\); save the file as UTF-8"):
+        load_examples(DataConfig(path=str(path)))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 
 from ctopd.training.config import ModelConfig
+from ctopd.training.data import DataError
 from ctopd.training.evaluate import answers_match, evaluate, extract_answer
 from ctopd.training.models import load_model_tokenizer
 
@@ -81,3 +83,17 @@ def test_evaluate_a_saved_model_by_path(tiny, tmp_path):
                       limit=4, output_path=tmp_path / "o.jsonl")
     assert result["num_examples"] == 4 and 0.0 <= result["accuracy"] <= 1.0
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 4
+
+
+def test_data_without_answers_cannot_be_scored(tiny, tmp_path, caplog):
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text('{"prompt": "What is 2+2?"}\n{"prompt": "And 3+3?"}\n')
+    with pytest.raises(DataError, match="questions.jsonl has no `answer` field in any row, so "
+                                        "accuracy cannot be scored"):
+        evaluate(tiny["student"], data_path=questions)
+    some = tmp_path / "some.jsonl"
+    some.write_text('{"prompt": "What is 2+2?", "answer": "4"}\n{"prompt": "And 3+3?"}\n')
+    with caplog.at_level(logging.WARNING, logger="ctopd.training.evaluate"):
+        result = evaluate(tiny["student"], data_path=some, max_new_tokens=2)
+    assert result["num_examples"] == 2
+    assert "some.jsonl: 1 of 2 rows have no `answer` field; they count as wrong" in caplog.text

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from accelerate import Accelerator
 
-from ctopd.training.metrics import MetricsLogger, StepMetrics, Timer, mean_of_last, read_metrics
+from ctopd.training.metrics import (
+    MetricsError,
+    MetricsLogger,
+    StepMetrics,
+    Timer,
+    mean_of_last,
+    read_metrics,
+)
 from ctopd.training.plot import plot_run
 
 
@@ -53,3 +61,24 @@ def test_plot_writes_pngs(tmp_path):
     assert all((tmp_path / "plots" / name).stat().st_size > 1000 for name in written)
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         plot_run(tmp_path / "empty")
+
+
+def test_a_half_written_last_line_is_skipped_with_a_warning(tmp_path, caplog):
+    rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    path = tmp_path / "metrics.jsonl"
+    # A run killed while writing its fourth row.
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
+    with caplog.at_level(logging.WARNING, logger="ctopd.training.metrics"):
+        assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+        assert {p.name for p in plot_run(tmp_path)} >= {"loss.png"}
+    assert f"{path}, line 4: skipped, not valid JSON" in caplog.text
+    # Resuming from step 2 rewrites the file without the cut row.
+    MetricsLogger(tmp_path, enabled=True, reporters=[], resume_step=2)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_a_bad_line_before_the_last_names_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
+    with pytest.raises(MetricsError, match=f"{path}, line 2: not valid JSON"):
+        read_metrics(tmp_path)

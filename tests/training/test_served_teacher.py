@@ -413,3 +413,14 @@ def test_config_section_and_flags():
         load_config(["--teacher-server.top-k", "-2"])
     with pytest.raises(ConfigError, match="teacher_server.retries must be >= 0"):
         load_config(["--teacher-server.retries", "-1"])
+
+
+def test_a_url_without_v1_gets_the_hint(fake):
+    server = fake(lambda body: (200, _vllm_reply()))
+    root = server.url[: -len("/v1")]
+    with pytest.raises(TeacherServerError, match=f"{root}/models answered 404: no route GET "
+                                                 "/models; teacher_server.url must be the base "
+                                                 "of the server's OpenAI API, which usually ends "
+                                                 f"in /v1: try --teacher-url {server.url}$"):
+        _client(root).check()
+    _client(server.url).check()  # with /v1 the handshake passes

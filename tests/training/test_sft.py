@@ -61,3 +61,14 @@ def test_sft_without_responses_names_the_row(tiny, tmp_path):
     with pytest.raises(DataError, match=r"row 2 of the data has no response text "
                                         r"\(looked in response, answer\)"):
         run_sft(config)
+
+
+def test_sft_warns_when_responses_are_cut(tiny, tmp_path, capsys):
+    out = tmp_path / "sft"
+    summary = run_sft(load_config(tiny_args(tiny, out, "--max-steps", "1",
+                                            "--rollout.max-new-tokens", "12")))
+    cut = summary["truncated_responses"]
+    assert cut > 0
+    assert (f"ctopd sft: warning: {cut} of 40 responses are longer than rollout.max_new_tokens "
+            "(12 tokens) and are cut there, without their end-of-turn token; raise "
+            "--rollout.max-new-tokens to train on them whole") in capsys.readouterr().err
