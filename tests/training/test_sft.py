@@ -66,9 +66,9 @@ def test_sft_without_responses_names_the_row(tiny, tmp_path):
 def test_sft_warns_when_responses_are_cut(tiny, tmp_path, capsys):
     out = tmp_path / "sft"
     summary = run_sft(load_config(tiny_args(tiny, out, "--max-steps", "1",
-                                            "--rollout.max-new-tokens", "12")))
+                                            "--rollout.max-new-tokens", "6")))
     cut = summary["truncated_responses"]
     assert cut > 0
     assert (f"ctopd sft: warning: {cut} of 40 responses are longer than rollout.max_new_tokens "
-            "(12 tokens) and are cut there, without their end-of-turn token; raise "
+            "(6 tokens) and are cut there, without their end-of-turn token; raise "
             "--rollout.max-new-tokens to train on them whole") in capsys.readouterr().err
