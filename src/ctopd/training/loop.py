@@ -48,7 +48,7 @@ from ctopd.objectives import (
 )
 from ctopd.objectives.text_events import TextTables, text_tables
 from ctopd.training.config import ConfigError, TrainConfig
-from ctopd.training.data import encode_prompts, load_examples
+from ctopd.training.data import Example, encode_prompts, load_examples
 from ctopd.training.metrics import StepMetrics, Timer
 from ctopd.training.models import (
     check_vocab,
@@ -126,6 +126,8 @@ def train(config: TrainConfig) -> dict:
         # Different ranks must sample different responses; DDP copies rank 0's weights at wrap.
         set_seed(config.seed, device_specific=True)
 
+        examples = load_examples(config.data)  # a bad row fails before any model loads
+
         # Tokenizers, the pair (byte tables, shared vocabulary) and both models.
         student_tokenizer = load_model_tokenizer(config.student, side="student")
         teacher_tokenizer = load_model_tokenizer(config.teacher, side="teacher")
@@ -142,7 +144,8 @@ def train(config: TrainConfig) -> dict:
                                   lora=config.lora)
 
         # Prompts: both chat templates; too long for either side -> skipped and counted.
-        prompts, skipped = _encode_prompts(config, student_tokenizer, teacher_tokenizer)
+        prompts, skipped = _encode_prompts(config, examples, student_tokenizer,
+                                           teacher_tokenizer)
         global_batch = config.per_device_batch_size * accelerator.num_processes
         per_step = global_batch * config.gradient_accumulation_steps
         total_steps = config.max_steps or max(
@@ -277,10 +280,10 @@ def _objective_options(config: TrainConfig) -> dict:
     return {key: value for key, value in values.items() if key in accepted}
 
 
-def _encode_prompts(config: TrainConfig, student_tokenizer, teacher_tokenizer):
+def _encode_prompts(config: TrainConfig, examples: list[Example], student_tokenizer,
+                    teacher_tokenizer):
     """Both sides' prompt ids; prompts longer than ``data.max_prompt_tokens`` on either side
     are dropped and counted."""
-    examples = load_examples(config.data)
     student_ids = encode_prompts(student_tokenizer, examples, side="student")
     teacher_ids = encode_prompts(teacher_tokenizer, examples, side="teacher")
     limit = config.data.max_prompt_tokens

@@ -61,13 +61,14 @@ def run_sft(config: TrainConfig) -> dict:
     with Runtime(config, "sft") as runtime:  # the run folder is checked and locked here
         accelerator = runtime.accelerator
         set_seed(config.seed, device_specific=True)
+        # The data first: a bad row fails before any model loads.
+        examples = load_examples(config.data, response_field=config.sft.response_field)
         tokenizer = load_model_tokenizer(config.student, side="student")
         end_ids = end_of_turn_ids(tokenizer)
         if not end_ids:
             raise ConfigError("the student tokenizer has no EOS or end-of-turn token")
         end_of_turn = _end_of_turn_id(tokenizer, end_ids)
 
-        examples = load_examples(config.data, response_field=config.sft.response_field)
         if config.sft.source == "teacher":
             responses = _teacher_responses(config, examples, accelerator, runtime.output_dir)
             examples = [e for e in examples for _ in range(config.rollout.samples_per_prompt)]
