@@ -134,8 +134,8 @@ def test_non_finite_loss_stops_naming_the_step(tiny, tmp_path, monkeypatch):
         return (loss * float("nan") if calls["n"] == 2 else loss), metrics
 
     monkeypatch.setattr(loop, "compute_objective", poisoned)
-    with pytest.raises(RunStopped, match="stopped at step 2: the loss \\(nan\\) is not finite, so "
-                                         "the step was not applied .*Last checkpoint kept: "
+    with pytest.raises(RunStopped, match="stopped at step 2: the loss is nan, so the step was "
+                                         "not applied .*Last checkpoint kept: "
                                          ".*checkpoint-000001") as stop:
         _run(tiny, tmp_path / "run", "--save-every", "1", "--max-steps", "3")
     assert stop.value.exit_code == 1

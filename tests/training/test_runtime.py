@@ -158,7 +158,7 @@ def test_a_nan_gradient_norm_is_never_stepped(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "compute_objective", poisoned)
     out = tmp_path / "run"
     with pytest.raises(RunStopped, match=(
-            "ctopd train: stopped at step 2: the gradient norm \\(nan\\) is not finite, so the "
+            "ctopd train: stopped at step 2: the gradient norm is nan, so the "
             "step was not applied and nothing was saved. Likely cause: a learning rate too high "
             "for this model \\(optim.lr 0.001\\); lower it. Last checkpoint kept: "
             f"{re.escape(str(out))}/checkpoint-000001; continue from it with `ctopd train "
@@ -174,8 +174,8 @@ def test_a_nan_gradient_norm_is_never_stepped(tiny, tmp_path, monkeypatch):
 @pytest.mark.parametrize("objective", ["simct", "dpca"])
 def test_lr_1e6_stops_in_one_line_and_every_checkpoint_is_finite(tiny, tmp_path, objective):
     out = tmp_path / "run"
-    with pytest.raises(RunStopped, match="stopped at step 2: the gradient norm \\(nan\\) is not "
-                                         "finite.*optim.lr 1e\\+06"):
+    with pytest.raises(RunStopped, match="stopped at step 2: the gradient norm is nan, so the "
+                                         "step was not applied.*optim.lr 1e\\+06"):
         _run(tiny, out, "--objective", objective, "--optim.lr", "1e6", "--save-every", "1",
              "--max-steps", "4")
     checkpoints = list_checkpoints(out)
@@ -194,10 +194,10 @@ def test_sft_stops_on_a_non_finite_loss_too(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(sft, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
     out = tmp_path / "sft"
-    with pytest.raises(RunStopped, match="ctopd sft: stopped at step 2: the loss \\(nan\\) is not "
-                                         "finite, so the step was not applied.*Last checkpoint "
-                                         "kept: .*checkpoint-000001; continue from it with "
-                                         "`ctopd sft --config"):
+    with pytest.raises(RunStopped, match="ctopd sft: stopped at step 2: the loss is nan, so the "
+                                         "step was not applied.*Last checkpoint kept: "
+                                         ".*checkpoint-000001; continue from it with `ctopd sft "
+                                         "--config"):
         run_sft(load_config(tiny_args(tiny, out, "--save-every", "1", "--max-steps", "3")))
     assert _steps(out) == [1]
 
@@ -343,3 +343,43 @@ def test_a_truncated_checkpoint_is_named_before_models_load(tiny, tmp_path, monk
                 f"{re.escape(str(out))}/checkpoint-000001$")):
             _run(tiny, out, "--max-steps", "3", "--resume")
         path.write_bytes(whole)
+
+
+def test_nan_sampling_probabilities_stop_like_a_nan_loss(tiny, tmp_path, monkeypatch):
+    """``generate`` refuses NaN probabilities (weights blown up by a step); that goes through
+    the same every-rank stop instead of a traceback on one rank."""
+    real, calls = loop.sample_responses, {"n": 0}
+
+    def sample(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "sample_responses", sample)
+    with pytest.raises(RunStopped, match="stopped at step 2: the student's sampling "
+                                         "probabilities are not finite, so the step was not "
+                                         "applied"):
+        _run(tiny, tmp_path / "run", "--max-steps", "3")
+
+
+def test_a_full_disk_while_checkpointing_names_the_checkpoint_kept(tiny, tmp_path, monkeypatch):
+    import errno
+
+    import ctopd.training.runtime as runtime
+
+    real, calls = runtime.save_checkpoint, {"n": 0}
+
+    def save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "save_checkpoint", save)
+    out = tmp_path / "run"
+    with pytest.raises(RunStopped, match=(
+            "^ctopd train: could not write the checkpoint of step 2 \\(No space left on "
+            f"device\\); {re.escape(str(out))}/checkpoint-000001 is kept; free space and "
+            "continue with `ctopd train --config .*config.yaml --resume`$")):
+        _run(tiny, out, "--max-steps", "3", "--save-every", "1")

@@ -205,7 +205,7 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer) -> dict[str, floa
         except RuntimeError as err:  # torch.multinomial refuses NaN / inf probabilities
             if "probability tensor" not in str(err):
                 raise
-            problem = "the student's sampling probabilities"
+            problem = "the student's sampling probabilities are not finite"
     run.runtime.stop_if_non_finite(problem)  # every rank: one failing alone would hang the rest
 
     # 2. Alignment: the teacher's tokenisation of the response text (with identical tokenizers
@@ -252,11 +252,11 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer) -> dict[str, floa
                 alignments=alignments, shared_vocab=pair.shared_vocab, teacher=teacher_scores,
                 **_objective_options(config))
             problem = (None if torch.isfinite(loss.detach()).all() else
-                       f"the loss ({loss.item()})")
+                       f"the loss is {loss.item()}")
         except ValueError as err:  # the objectives refuse NaN/inf logits
             if "NaN" not in str(err):
                 raise
-            problem = f"the student's logits ({err})"
+            problem = f"the student's logits are not finite ({err})"
     run.runtime.stop_if_non_finite(problem)  # every rank, before any backward
 
     # 5. Backward (accelerate scales by the accumulation steps and syncs on the last one).

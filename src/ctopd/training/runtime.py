@@ -218,7 +218,8 @@ class Runtime:
         at the same point, before the figure is used).
 
         Args:
-            problem: what this rank found, e.g. ``"the loss (nan)"``; None when all is finite.
+            problem: what this rank found, as a clause: ``"the loss is nan"``; None when all
+                is finite.
             applied: the step's update is already in the weights (a weight check before a
                 save); otherwise the check runs before it.
 
@@ -250,7 +251,7 @@ class Runtime:
         else:
             kept = ("No checkpoint was saved before it (--save-every N keeps some); start again "
                     "with --overwrite")
-        raise RunStopped(f"ctopd {self.mode}: stopped at step {step}: {problem} is not finite, "
+        raise RunStopped(f"ctopd {self.mode}: stopped at step {step}: {problem}, "
                          f"{what}. Likely cause: {cause}. {kept}", exit_code=NON_FINITE_EXIT)
 
     def optimizer_step(self, timer: Timer) -> None:
@@ -259,7 +260,7 @@ class Runtime:
         with timer("optimizer"):
             norm = clip_gradients(self.accelerator, self.model, self.config.optim.max_grad_norm)
             self.stop_if_non_finite(None if norm is None or math.isfinite(norm)
-                                    else f"the gradient norm ({norm})")
+                                    else f"the gradient norm is {norm}")
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -610,11 +611,12 @@ class StopSignals:
 
 
 def non_finite_weights(model: torch.nn.Module) -> str | None:
-    """``"the weight NAME"`` for the first parameter holding a NaN or an infinity, else None
+    """``"the weight NAME is not finite"`` for the first parameter holding a NaN or an infinity,
+    else None
     (this rank's shard under FSDP / ZeRO-3)."""
     for name, param in model.named_parameters():
         if not torch.isfinite(param.detach()).all():
-            return f"the weight {name}"
+            return f"the weight {name} is not finite"
     return None
 
 

@@ -122,7 +122,7 @@ def run_sft(config: TrainConfig) -> dict:
                     # Every rank, before any backward: one rank alone stopping would leave the
                     # others waiting in DDP's gradient all-reduce.
                     runtime.stop_if_non_finite(
-                        None if torch.isfinite(loss.detach()) else f"the loss ({loss.item()})")
+                        None if torch.isfinite(loss.detach()) else f"the loss is {loss.item()}")
                     with timer("backward"):
                         accelerator.backward(loss)
                 tokens = sum(len(t) for t in targets)
