@@ -105,7 +105,8 @@ def test_help_lists_every_field(capsys):
     text = capsys.readouterr().out
     for flag in ("--student", "--teacher", "--data", "--objective", "--max-steps",
                  "--output-dir", "--rollout.temperature", "--optim.lr", "--resume",
-                 "--chat-template", "--lora.enabled", "--mixed-precision"):
+                 "--chat-template", "--lora.enabled", "--mixed-precision", "--overwrite",
+                 "--resume-changed"):
         assert flag in text, flag
 
 

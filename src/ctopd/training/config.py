@@ -10,7 +10,9 @@ One parser (TRL style) serves ``ctopd train``, ``ctopd sft`` and :func:`load_con
 * short aliases: ``--student``, ``--teacher``, ``--data``, ``--objective``, ``--chat-template``
   (the student's), ``--teacher-chat-template``, ``--teacher-url`` (a served teacher),
   ``--output-dir``, ``--max-steps``, ``--seed``, ``--resume`` (alone: the latest checkpoint in the
-  output dir).
+  output dir), ``--overwrite`` (start over in a folder that holds a run), ``--resume-changed``.
+* a section given as one plain value is an error that shows the mapping form, except the
+  shorthands ``student: org/model``, ``teacher: org/model`` and ``objective: dpca``.
 
 Values are checked when a section is built (``__post_init__``: choices and ranges) and when a run
 starts (:meth:`TrainConfig.validate`: required fields, files that must exist). Both raise
