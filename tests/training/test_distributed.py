@@ -115,6 +115,8 @@ def test_two_processes_stop_together_when_one_rank_s_loss_is_nan(tiny, tmp_path)
         "checkpoint was saved before it (--save-every N keeps some); start again with "
         "--overwrite"], result.stderr[-3000:]
     assert "FloatingPointError" not in result.stderr
+    # torchrun's report: each rank exited 1 by itself; none had to be killed by the launcher.
+    assert result.stderr.count("exitcode  : 1 ") == 2, result.stderr[-3000:]
     assert not (out / "final").exists()
 
 
@@ -130,6 +132,7 @@ def test_two_processes_lr_1e6_stop_before_a_non_finite_step(tiny, tmp_path):
     assert result.returncode != 0
     lines = _our_lines(result.stderr, "ctopd train: stopped")
     assert len(lines) == 1, result.stderr[-3000:]  # the main process speaks for both
+    assert result.stderr.count("exitcode  : 1 ") == 2  # both ranks stopped by themselves
     assert lines[0].startswith("ctopd train: stopped at step 2: the gradient norm is nan, so the "
                                "step was not applied")
     assert f"Last checkpoint kept: {out / 'checkpoint-000001'}" in lines[0]
@@ -163,7 +166,7 @@ def test_two_processes_sigterm_saves_both_ranks_and_resume_finishes(tiny, tmp_pa
     assert lines[0].endswith(f"checkpoint saved: {out / f'checkpoint-{step:06d}'}; continue "
                              "with: accelerate launch --num_processes 2 -m ctopd train --config "
                              f"{out / 'config.yaml'} --resume")
-    state = out / f"checkpoint-{step:06d}" / "state"
+    state = out / f"checkpoint-{step:06d}" / "state"  # each rank wrote its own RNG state
     assert (state / "random_states_0.pkl").is_file() and (state / "random_states_1.pkl").is_file()
 
     resumed = subprocess.run(_launch(["--config", str(out / "config.yaml"), "--resume"]),
