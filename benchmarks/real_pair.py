@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -74,14 +73,23 @@ def model_config(models: Path, which: str, **extra) -> ModelConfig:
 def heldout_figures(student_config, teacher_config, heldout: Path, *, max_new_tokens: int,
                     batch: int, seed: int = 1234) -> dict:
     """Text-level reverse KL to the teacher on the held-out prompts (see the module docstring),
-    with the samples' length, end-of-turn rate and coverage.
+    with the samples' length, end-of-turn rate and coverage, and the KL split by chunk kind.
+
+    The minimal aligned chunks partition both tokenisations of a sample, so the sequence's
+    ``log π(y) − log q(y)`` is the sum over its chunks of ``log π(chunk) − log q(chunk)``. The
+    split puts each chunk in one of two kinds: a 1:1 chunk whose token is in the shared
+    vocabulary (what exact shared-token matching supervises) or any other chunk (multi-token
+    units, and 1:1 chunks of tokens outside ``V∩``: where SimCT and DPCA supervise and
+    ``shared_only`` does not).
 
     Returns:
-        ``kl`` (nats per student token), ``length`` (mean student tokens), ``ended`` (share of
-        samples that ended their turn), ``shared_only_coverage`` and ``aligned_coverage`` (share
-        of the samples' student tokens that exact shared-token matching / minimal aligned units
-        supervise), ``samples``.
+        ``kl`` (nats per student token), ``kl_shared`` and ``kl_other`` (the two kinds' parts of
+        ``kl``, also per student token, so they add up to it), ``length`` (mean student tokens),
+        ``ended`` (share of samples that ended their turn), ``shared_only_coverage`` and
+        ``aligned_coverage`` (share of the samples' student tokens that exact shared-token
+        matching / minimal aligned units supervise), ``samples``.
     """
+    import numpy as np
     import torch
 
     from ctopd.core.coverage import coverage_counts
@@ -100,13 +108,16 @@ def heldout_figures(student_config, teacher_config, heldout: Path, *, max_new_to
     student_prompts = encode_prompts(student_tokenizer, examples, side="student")
     teacher_prompts = encode_prompts(teacher_tokenizer, examples, side="teacher")
 
-    def logprob_sum(model, prompts, responses, pad_id) -> float:
+    def token_logprobs(model, prompts, responses, pad_id, num_ids) -> list[np.ndarray]:
+        """Each response's per-token log-probs (float64 ``[len]``) over the real ids."""
         logits = response_logits(model, prompts, responses, pad_id=pad_id, device="cpu")
-        targets, lengths = pad_responses(responses)
-        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
-        return float((logprobs * (torch.arange(targets.shape[1]) < lengths[:, None])).sum())
+        targets, _ = pad_responses(responses)
+        logprobs = torch.log_softmax(logits[..., :num_ids].double(), -1)
+        picked = logprobs.gather(-1, targets[..., None])[..., 0].numpy()
+        return [picked[b, : len(r)] for b, r in enumerate(responses)]
 
-    kl_sum, tokens, ended, counts = 0.0, 0, 0, {}
+    totals = {"kl": 0.0, "kl_shared": 0.0, "kl_other": 0.0}
+    tokens, ended, counts = 0, 0, {}
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         for lo in range(0, len(examples), batch):
@@ -116,18 +127,33 @@ def heldout_figures(student_config, teacher_config, heldout: Path, *, max_new_to
                 pad_id=student_tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
                 temperature=1.0, num_ids=pair.student_table.vocab_size)
             teacher_responses = pair.teacher_ids_for_batch(responses)
-            kl_sum += logprob_sum(student, s_prompts, responses, student_tokenizer.pad_token_id)
-            kl_sum -= logprob_sum(teacher, t_prompts, teacher_responses,
-                                  teacher_tokenizer.pad_token_id)
+            alignments = pair.align_batch(teacher_responses, responses)
+            student_lp = token_logprobs(student, s_prompts, responses,
+                                        student_tokenizer.pad_token_id,
+                                        pair.student_table.vocab_size)
+            teacher_lp = token_logprobs(teacher, t_prompts, teacher_responses,
+                                        teacher_tokenizer.pad_token_id,
+                                        pair.teacher_table.vocab_size)
+            for al, ids, s_lp, t_lp in zip(alignments, responses, student_lp, teacher_lp):
+                s_cum, t_cum = np.concatenate([[0.0], np.cumsum(s_lp)]), np.concatenate(
+                    [[0.0], np.cumsum(t_lp)])
+                a, b, c, d = al.chunks.T
+                gap = (s_cum[d] - s_cum[c]) - (t_cum[b] - t_cum[a])  # [K] nats per chunk
+                first = np.asarray(ids, dtype=np.int64)[np.minimum(c, len(ids) - 1)]
+                shared = al.one_to_one & (pair.shared_vocab.student_id_to_class[first] >= 0)
+                totals["kl"] += float(s_lp.sum() - t_lp.sum())
+                totals["kl_shared"] += float(gap[shared].sum())
+                totals["kl_other"] += float(s_lp.sum() - t_lp.sum() - gap[shared].sum())
             tokens += sum(len(r) for r in responses)
             ended += sum(pair.ended_turn(r) for r in responses)
-            batch_counts = coverage_counts(pair.align_batch(teacher_responses, responses),
-                                           responses, pair.shared_vocab)
+            batch_counts = coverage_counts(alignments, responses, pair.shared_vocab)
             counts = {k: counts.get(k, 0) + v for k, v in batch_counts.items()}
-    return {"kl": kl_sum / max(tokens, 1), "length": tokens / len(examples),
-            "ended": ended / len(examples), "samples": len(examples),
-            "shared_only_coverage": counts["shared_only_tokens"] / max(counts["student_tokens"], 1),
-            "aligned_coverage": counts["aligned_tokens"] / max(counts["student_tokens"], 1)}
+    student_tokens = max(counts["student_tokens"], 1)
+    return {**{k: v / max(tokens, 1) for k, v in totals.items()},
+            "length": tokens / len(examples), "ended": ended / len(examples),
+            "samples": len(examples),
+            "shared_only_coverage": counts["shared_only_tokens"] / student_tokens,
+            "aligned_coverage": counts["aligned_tokens"] / student_tokens}
 
 
 def greedy_quality(model_config: ModelConfig, heldout: Path, *, max_new_tokens: int,
@@ -221,17 +247,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/gsm8k/train.jsonl")
     parser.add_argument("--direction", choices=DIRECTIONS, default="smollm2-to-gemma3")
     parser.add_argument("--methods", default="simct,dpca,shared_only,sft")
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4, help="prompts per step")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--heldout", type=int, default=48, help="held-out prompts")
+    parser.add_argument("--heldout", type=int, default=64, help="held-out prompts")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--quality-tokens", type=int, default=256,
                         help="response budget of the greedy teacher/student comparison")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/real-pair"))
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 steps, 8 held-out")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the trained models and training figures of an earlier run "
+                             "in --output-dir (same settings); measure them again")
     parser.add_argument("--report", type=Path,
                         help="print the table of a finished run's result.json and stop")
     args = parser.parse_args(argv)
@@ -271,10 +300,20 @@ def main(argv: list[str] | None = None) -> int:
         f"coverage on samples {start['shared_only_coverage']:.3f} shared-only / "
         f"{start['aligned_coverage']:.3f} aligned")
     runs = []
+    # --reuse: the training figures of runs an earlier invocation finished (same folder).
+    earlier = {}
+    if args.reuse and (out / "result.json").is_file():
+        keep = ("seconds", "peak_rss_gb", "step_seconds", "phases", "train_coverage")
+        for run in json.loads((out / "result.json").read_text(encoding="utf-8"))["runs"]:
+            earlier[run["method"], run["seed"]] = {k: run[k] for k in keep}
     for method in methods:
         for seed in range(args.seeds):
             run_dir = out / f"{method}-seed{seed}"
-            info = train_run(method, seed, args, paths, run_dir)
+            info = earlier.get((method, seed))
+            if info is None or not (run_dir / "final" / "config.json").is_file():
+                info = train_run(method, seed, args, paths, run_dir)
+            else:
+                say(f"{method} seed {seed}: trained model reused (--reuse), measured again")
             figures = heldout_figures(ModelConfig(name_or_path=str(run_dir / "final")),
                                       teacher, heldout_file, **measure)
             runs.append({"method": method, "seed": seed, **info, **figures})
@@ -294,36 +333,45 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_table(result: dict, methods: list[str]) -> str:
+    """The benchmark's two tables (held-out KL, then cost) and its coverage and quality lines."""
     start = result["start"]
-    quality = "; ".join(
-        f"{role} alone (greedy, held-out): accuracy {result[f'{role}_greedy']['accuracy']:.3f}, ended "
-        f"{result[f'{role}_greedy']['ended']:.2f}, length {result[f'{role}_greedy']['length']:.0f}"
-        for role in ("teacher", "student") if f"{role}_greedy" in result)
-    lines = [quality, "", f"direction {result['direction']}; held-out KL at the start {start['kl']:.4f} "
-             f"nats/token (length {start['length']:.1f}, ended {start['ended']:.2f})", "",
-             "| method | KL per seed | KL mean | Δ vs start | length | ended | step s | "
-             + " | ".join(PHASES) + " | peak RSS GB |",
-             "| --- " * (9 + len(PHASES)) + "|"]
+    lines = [f"{role} alone (greedy, held-out): accuracy {q['accuracy']:.3f}, ended "
+             f"{q['ended']:.2f}, length {q['length']:.0f} tokens"
+             for role in ("teacher", "student") if (q := result.get(f"{role}_greedy"))]
+    lines += ["", f"Held-out text-level reverse KL to the teacher ({result['direction']}), nats "
+              "per student token; 'shared' and 'other' split it by chunk kind (they add up):", "",
+              "| method | KL per seed | KL mean | Δ vs start | shared | other | length | ended "
+              "| samples' shared-only coverage |", "| --- " * 9 + "|"]
+
+    def row(name: str, runs: list[dict]) -> str:
+        def mean(key: str) -> float:
+            return statistics.mean(r[key] for r in runs if key in r) if any(
+                key in r for r in runs) else float("nan")
+
+        per_seed = " ".join(f"{r['kl']:.4f}" for r in runs)
+        return (f"| {name} | {per_seed} | {mean('kl'):.4f} | {mean('kl') - start['kl']:+.4f} | "
+                f"{mean('kl_shared'):.4f} | {mean('kl_other'):.4f} | {mean('length'):.1f} | "
+                f"{mean('ended'):.2f} | {mean('shared_only_coverage'):.3f} |")
+
+    lines.append(row("start", [start]))
+    lines += [row(m, [r for r in result["runs"] if r["method"] == m]) for m in methods]
+    lines += ["", "Cost per optimiser step (mean seconds by phase) and the training process's "
+              "peak RSS:", "",
+              "| method | step s | " + " | ".join(PHASES) + " | run s | peak RSS GB |",
+              "| --- " * (4 + len(PHASES)) + "|"]
     for method in methods:
         runs = [r for r in result["runs"] if r["method"] == method]
-
-        def mean(key: str, runs: list = runs) -> float:
-            return statistics.mean(r[key] for r in runs)
-
         phases = " | ".join(f"{statistics.mean(r['phases'][p] for r in runs):.1f}"
                             for p in PHASES)
-        per_seed = " ".join(f"{r['kl']:.4f}" for r in runs)
-        lines.append(f"| {method} | {per_seed} | "
-                     f"{mean('kl'):.4f} | {mean('kl') - start['kl']:+.4f} | "
-                     f"{mean('length'):.1f} | {mean('ended'):.2f} | {mean('step_seconds'):.1f} "
-                     f"| {phases} | {mean('peak_rss_gb'):.2f} |")
-    if math.isfinite(start["kl"]):
-        cov = result["coverage_reference"]
-        lines += ["", f"coverage of the held-out reference answers: shared-only "
-                      f"{cov['shared_only_coverage']:.3f}, minimal aligned units "
-                      f"{cov['aligned_coverage']:.3f} ({cov['multi_token_chunks']} multi-token "
-                      f"chunks of {cov['chunks']}); on the start student's samples: "
-                      f"{start['shared_only_coverage']:.3f} / {start['aligned_coverage']:.3f}"]
+        lines.append(f"| {method} | {statistics.mean(r['step_seconds'] for r in runs):.1f} | "
+                     f"{phases} | {statistics.mean(r['seconds'] for r in runs):.0f} | "
+                     f"{statistics.mean(r['peak_rss_gb'] for r in runs):.2f} |")
+    cov = result["coverage_reference"]
+    lines += ["", f"Coverage of the held-out reference answers: shared-only "
+                  f"{cov['shared_only_coverage']:.3f}, minimal aligned units "
+                  f"{cov['aligned_coverage']:.3f} ({cov['multi_token_chunks']} multi-token "
+                  f"chunks of {cov['chunks']}); of the start student's samples: "
+                  f"{start['shared_only_coverage']:.3f} / {start['aligned_coverage']:.3f}."]
     return "\n".join(lines)
 
 
