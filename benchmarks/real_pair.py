@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -233,6 +234,8 @@ def train_run(method: str, seed: int, args, paths: dict, output_dir: Path) -> di
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"{method} seed {seed} failed; see {log.name}")
+    for checkpoint in output_dir.glob("checkpoint-*"):  # ~4 GB each; final/ is what is measured
+        shutil.rmtree(checkpoint)
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     phases = {p: statistics.mean(r.get(f"time_{p}", 0.0) for r in rows) for p in PHASES}
     return {"seconds": time.perf_counter() - started, "peak_rss_gb": usage.ru_maxrss / 2**20,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,15 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 GEMMA_TEMPLATE = REPO / "examples" / "real_pair" / "gemma3_chat_template.jinja"
 SMOLLM2, GEMMA3 = "smollm2-135m-instruct", "gemma-3-270m"
+
+
+@pytest.fixture(autouse=True)
+def remove_runs_after(tmp_path):
+    """A 270M-parameter run leaves ~5 GB (a checkpoint with AdamW's state, the exported
+    student, final/); pytest keeps its last three sessions' folders, so each test removes its
+    own once it is checked."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
