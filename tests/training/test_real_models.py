@@ -115,7 +115,7 @@ def test_sft_on_teacher_samples_then_eval(real_models_dir, prompts, tmp_path):
 def test_a_gguf_file_as_the_model(real_models_dir, prompts, tmp_path):
     """A model section naming a .gguf file trains, and its checkpoints and exported student are
     plain folders; the GGUF loads to exactly the weights of the converted folder."""
-    gguf = real_models_dir / SMOLLM2 / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = real_models_dir / SMOLLM2 / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not gguf.is_file():
         pytest.skip(f"{gguf} not kept (run fetch_models.py with --keep-gguf)")
     from transformers import AutoModelForCausalLM
