@@ -1,7 +1,7 @@
 """Real pretrained models, one pair, every method at an equal rollout budget.
 
     python examples/real_pair/fetch_models.py --cache models/real-pair   # once (~3 min)
-    python benchmarks/real_pair.py --models models/real-pair                  # ~1 hour, 2 cores
+    python benchmarks/real_pair.py --models models/real-pair                  # ~1.5 h, 2 cores
     python benchmarks/real_pair.py --models models/real-pair --quick          # smoke run, minutes
     python benchmarks/real_pair.py ... --json                                 # one JSON object
 
