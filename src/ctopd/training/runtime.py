@@ -32,8 +32,8 @@ The rules it keeps (``docs/faults.md`` lists each fault tried, what happens and 
   128 + the signal number (143, 130), printing the command that resumes. A second SIGINT stops
   at once.
 * **--resume continues the same computation.** Settings that change what the run computes
-  (everything but :data:`ctopd.training.run_folder.RESUMABLE_CHANGES`) are compared with the saved ``config.yaml`` and the
-  number of processes with the checkpoint's; a difference is refused, naming each field as
+  (everything but :data:`ctopd.training.run_folder.RESUMABLE_CHANGES`) are compared with the
+  saved ``config.yaml`` and the number of processes with the checkpoint's; a difference is refused, naming each field as
   old → new, unless ``--resume-changed``. ``--resume`` with no checkpoint is an error, never a
   fresh start.
 """

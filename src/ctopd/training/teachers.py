@@ -5,9 +5,9 @@ The loop asks a teacher for one thing (ALGORITHMS §1.4): given each sequence's 
 next-token scores at every response position, as a dense float tensor ``[B, n, V_T]`` whose
 log-softmax over the last dimension is the teacher's distribution. Row ``j`` predicts response
 token ``j``. ``V_T`` is the teacher *tokenizer's* id count, not the model's output rows: rows past
-the last id (a padded embedding matrix) are no token and carry no mass. The loop turns that tensor into what the objective needs with
-``ctopd.objectives.teacher_outputs`` (the same call for both kinds of teacher), so every objective
-works with either.
+the last id (a padded embedding matrix) are no token and carry no mass. The loop turns that
+tensor into what the objective needs with ``ctopd.objectives.teacher_outputs`` (the same call
+for both kinds of teacher), so every objective works with either.
 
 * :class:`LocalTeacher` — a frozen ``transformers`` model on this rank's device; it returns its
   logits, computed when asked.
