@@ -34,8 +34,8 @@ The rules it keeps (``docs/faults.md`` lists each fault tried, what happens and 
 * **--resume continues the same computation.** Settings that change what the run computes
   (everything but :data:`ctopd.training.run_folder.RESUMABLE_CHANGES`) are compared with the
   saved ``config.yaml`` and the number of processes with the checkpoint's; a difference is
-  refused, naming each field as old → new, unless ``--resume-changed``. ``--resume`` with no checkpoint is an error, never a
-  fresh start.
+  refused, naming each field as old → new, unless ``--resume-changed``. ``--resume`` with no
+  checkpoint is an error, never a fresh start.
 """
 
 from __future__ import annotations
