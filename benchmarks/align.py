@@ -57,7 +57,9 @@ def best_seconds(fn, repeats: int) -> float:
 
 
 def run_pair(folder: Path, teacher: str, student: str, answers: list[str], baseline_n: int):
-    pair = TokenizerPair(load_tokenizer(str(folder / teacher)), load_tokenizer(str(folder / student)))
+    pair = TokenizerPair(
+        load_tokenizer(str(folder / teacher)), load_tokenizer(str(folder / student))
+    )
     student_ids = pair.student_tokenizer(answers, add_special_tokens=False)["input_ids"]
     teacher_ids = pair.teacher_ids_for_batch(student_ids)
     tokens = sum(len(x) for x in student_ids)
@@ -78,8 +80,9 @@ def run_pair(folder: Path, teacher: str, student: str, answers: list[str], basel
     base_covered = 0
     start = time.perf_counter()
     for t_ids, s_ids in zip(sub_t, sub_s):
-        base_covered += greedy_decode_align(pair.teacher_tokenizer, pair.student_tokenizer,
-                                            t_ids, s_ids)
+        base_covered += greedy_decode_align(
+            pair.teacher_tokenizer, pair.student_tokenizer, t_ids, s_ids
+        )
     base_seconds = time.perf_counter() - start
     return {
         "pair": f"{teacher} -> {student}",
@@ -99,13 +102,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="one JSON object per pair")
     parser.add_argument("--limit", type=int, default=0, help="use the first N answers (0 = all)")
-    parser.add_argument("--baseline-limit", type=int, default=500,
-                        help="answers the (slow) baseline runs on")
+    parser.add_argument(
+        "--baseline-limit", type=int, default=500, help="answers the (slow) baseline runs on"
+    )
     args = parser.parse_args()
     folder = os.environ.get("CTOPD_TOKENIZERS")
     if not folder:
-        print("set CTOPD_TOKENIZERS to the shared tokenizers folder (../shared/tokenizers)",
-              file=sys.stderr)
+        print(
+            "set CTOPD_TOKENIZERS to the shared tokenizers folder (../shared/tokenizers)",
+            file=sys.stderr,
+        )
         return 2
     folder = Path(folder)
     data = Path(os.environ.get("CTOPD_GSM8K", folder.parent / "data" / "gsm8k" / "train.jsonl"))
@@ -118,15 +124,19 @@ def main() -> int:
         for row in rows:
             print(json.dumps(row))
         return 0
-    print(f"{'pair':<22}{'student tok/s':>15}{'(from lists)':>14}{'(batches of 64)':>17}"
-          f"{'baseline tok/s':>16}"
-          f"{'speedup':>9}{'coverage':>10}{'baseline cov.':>15}")
+    print(
+        f"{'pair':<22}{'student tok/s':>15}{'(from lists)':>14}{'(batches of 64)':>17}"
+        f"{'baseline tok/s':>16}"
+        f"{'speedup':>9}{'coverage':>10}{'baseline cov.':>15}"
+    )
     for r in rows:
-        print(f"{r['pair']:<22}{r['student_tokens_per_second']:>15,.0f}"
-              f"{r['from_lists_tokens_per_second']:>14,.0f}"
-              f"{r['batch64_tokens_per_second']:>17,.0f}"
-              f"{r['baseline_tokens_per_second']:>16,.0f}{r['speedup']:>8.0f}x"
-              f"{r['coverage']:>10.1%}{r['baseline_coverage']:>15.1%}")
+        print(
+            f"{r['pair']:<22}{r['student_tokens_per_second']:>15,.0f}"
+            f"{r['from_lists_tokens_per_second']:>14,.0f}"
+            f"{r['batch64_tokens_per_second']:>17,.0f}"
+            f"{r['baseline_tokens_per_second']:>16,.0f}{r['speedup']:>8.0f}x"
+            f"{r['coverage']:>10.1%}{r['baseline_coverage']:>15.1%}"
+        )
     return 0
 
 

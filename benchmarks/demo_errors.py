@@ -69,8 +69,7 @@ def story_steps(question: str) -> list[tuple[bool, int]]:
 
     story = question.split(". ", 1)[1].split(". How many")[0].split(" ", 1)[1]
     parts = [part.strip() for part in re.split(r", then |, ", story)]
-    return [(part.rsplit(" ", 1)[0] in GAIN_VERBS, int(part.rsplit(" ", 1)[1]))
-            for part in parts]
+    return [(part.rsplit(" ", 1)[0] in GAIN_VERBS, int(part.rsplit(" ", 1)[1])) for part in parts]
 
 
 def reference_in_order(response: str, question: str) -> str:
@@ -97,8 +96,7 @@ def reference_in_order(response: str, question: str) -> str:
     return "\n".join(lines + [f"#### {value}"])
 
 
-def run_errors(responses: list[dict], references: list[str], *, free_order: bool = False
-               ) -> dict:
+def run_errors(responses: list[dict], references: list[str], *, free_order: bool = False) -> dict:
     """``{"wrong": [problem indices], "categories": Counter}`` of one run's responses
     (``extra_test_responses.jsonl`` rows, in problem order) against the reference solutions;
     ``free_order``: against the right solution in the response's own order of the steps
@@ -120,21 +118,25 @@ def run_errors(responses: list[dict], references: list[str], *, free_order: bool
 
 def collect(demo_dir: Path) -> dict:
     """Per run name, per seed: :func:`run_errors` of every run folder with responses."""
-    references = [json.loads(line)["answer"] for line in
-                  (demo_dir / "extra_test.jsonl").read_text(encoding="utf-8").splitlines()]
+    references = [
+        json.loads(line)["answer"]
+        for line in (demo_dir / "extra_test.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     results = demo_dir / "results.json"
-    settings = json.loads(results.read_text(encoding="utf-8"))["settings"] \
-        if results.exists() else {}
+    settings = (
+        json.loads(results.read_text(encoding="utf-8"))["settings"] if results.exists() else {}
+    )
     free_order = settings.get("task_order", "fixed") == "free"
     runs: dict[str, dict[int, dict]] = {}
     for path in sorted((demo_dir / "runs").glob("*-seed*/extra_test_responses.jsonl")):
         name, _, seed = path.parent.name.rpartition("-seed")
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        runs.setdefault(name, {})[int(seed)] = run_errors(rows, references,
-                                                          free_order=free_order)
+        runs.setdefault(name, {})[int(seed)] = run_errors(rows, references, free_order=free_order)
     if not runs:
-        raise SystemExit(f"no runs/*-seed*/extra_test_responses.jsonl under {demo_dir}: run "
-                         "`ctopd demo` there first (a version that scores the extra test split)")
+        raise SystemExit(
+            f"no runs/*-seed*/extra_test_responses.jsonl under {demo_dir}: run "
+            "`ctopd demo` there first (a version that scores the extra test split)"
+        )
     return {"problems": len(references), "runs": runs}
 
 
@@ -148,20 +150,28 @@ def overlap(first: dict[int, dict], second: dict[int, dict]) -> float:
 
 def table(found: dict, pairs: list[tuple[str, str]]) -> str:
     problems, runs = found["problems"], found["runs"]
-    lines = ["| run | seeds | wrong per 1000 | " + " | ".join(CATEGORIES) + " |",
-             "| --- | --- | --- |" + " --- |" * len(CATEGORIES)]
+    lines = [
+        "| run | seeds | wrong per 1000 | " + " | ".join(CATEGORIES) + " |",
+        "| --- | --- | --- |" + " --- |" * len(CATEGORIES),
+    ]
     for name, seeds in runs.items():
         per = 1000.0 / (problems * len(seeds))
         total = sum(len(run["wrong"]) for run in seeds.values()) * per
         counts = sum((run["categories"] for run in seeds.values()), Counter())
-        lines.append(f"| {name} | {len(seeds)} | {total:.1f} | "
-                     + " | ".join(f"{counts[c] * per:.1f}" for c in CATEGORIES) + " |")
+        lines.append(
+            f"| {name} | {len(seeds)} | {total:.1f} | "
+            + " | ".join(f"{counts[c] * per:.1f}" for c in CATEGORIES)
+            + " |"
+        )
     lines += ["", "| errors of | also wrong (any seed) in | share |", "| --- | --- | --- |"]
     for a, b in pairs:
         if a in runs and b in runs:
             lines.append(f"| {a} | {b} | {overlap(runs[a], runs[b]):.3f} |")
-    lines += ["", f"{problems} extra test problems; each wrong answer counted once, under the "
-              "first part of its worked solution that differs from the reference."]
+    lines += [
+        "",
+        f"{problems} extra test problems; each wrong answer counted once, under the "
+        "first part of its worked solution that differs from the reference.",
+    ]
     return "\n".join(lines)
 
 
@@ -171,16 +181,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the counts here")
     args = parser.parse_args(argv)
     found = collect(args.demo_dir)
-    pairs = [("simct", "sft"), ("sft", "simct"), ("dpca", "sft"), ("simct", "dpca"),
-             ("control_opd", "control_sft"), ("simct", "control_opd")]
+    pairs = [
+        ("simct", "sft"),
+        ("sft", "simct"),
+        ("dpca", "sft"),
+        ("simct", "dpca"),
+        ("control_opd", "control_sft"),
+        ("simct", "control_opd"),
+    ]
     print(table(found, pairs))
     if args.json:
-        payload = {name: {str(seed): {"wrong": run["wrong"],
-                                      "categories": dict(run["categories"])}
-                          for seed, run in seeds.items()}
-                   for name, seeds in found["runs"].items()}
-        args.json.write_text(json.dumps({"problems": found["problems"], "runs": payload},
-                                        indent=1) + "\n", encoding="utf-8")
+        payload = {
+            name: {
+                str(seed): {"wrong": run["wrong"], "categories": dict(run["categories"])}
+                for seed, run in seeds.items()
+            }
+            for name, seeds in found["runs"].items()
+        }
+        args.json.write_text(
+            json.dumps({"problems": found["problems"], "runs": payload}, indent=1) + "\n",
+            encoding="utf-8",
+        )
 
 
 if __name__ == "__main__":

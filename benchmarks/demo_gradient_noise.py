@@ -53,8 +53,9 @@ import numpy as np
 import torch
 
 
-def chunk_reinforce_loss(logits: torch.Tensor, response: list[int],
-                         teacher_logprobs: torch.Tensor, alignment) -> torch.Tensor:
+def chunk_reinforce_loss(
+    logits: torch.Tensor, response: list[int], teacher_logprobs: torch.Tensor, alignment
+) -> torch.Tensor:
     """Chunk-level REINFORCE for one rollout: ``-sum_i (L_T - L_S)_{chunk(i)} log π(s_i)`` over
     the student tokens of aligned chunks, per student response token (``logits`` ``[1, m, V]``,
     ``teacher_logprobs`` ``[n]``)."""
@@ -69,8 +70,9 @@ def chunk_reinforce_loss(logits: torch.Tensor, response: list[int],
     return -(advantages * logprobs)[used].sum() / len(response)
 
 
-def per_rollout_gradients(demo: Path, kind: str, rollouts: int, seed: int,
-                          variants: bool = False) -> dict:
+def per_rollout_gradients(
+    demo: Path, kind: str, rollouts: int, seed: int, variants: bool = False
+) -> dict:
     """``{objective: (h [N, P] float32, tokens [N])}`` for one student, and with ``variants``
     (cross-tokenizer only) ``dpca_unclamped`` and ``chunk_reinforce`` too, plus a
     ``"_counts"`` entry: student tokens in aligned multi-token chunks, at the clamp, in all."""
@@ -107,13 +109,19 @@ def per_rollout_gradients(demo: Path, kind: str, rollouts: int, seed: int,
     with torch.no_grad():
         responses = []
         for start in range(0, len(s_prompts), 64):
-            responses += sample_responses(student.eval(), s_prompts[start:start + 64],
-                                          end_ids=end_ids, pad_id=s_tok.pad_token_id,
-                                          max_new_tokens=settings.max_new_tokens,
-                                          temperature=settings.temperature)
+            responses += sample_responses(
+                student.eval(),
+                s_prompts[start : start + 64],
+                end_ids=end_ids,
+                pad_id=s_tok.pad_token_id,
+                max_new_tokens=settings.max_new_tokens,
+                temperature=settings.temperature,
+            )
     end_of_turn = next((i for i in end_ids if i != s_tok.eos_token_id), end_ids[0])
-    sft_targets = [list(ids) + [end_of_turn] for ids in
-                   s_tok([s["response"] for s in samples], add_special_tokens=False)["input_ids"]]
+    sft_targets = [
+        list(ids) + [end_of_turn]
+        for ids in s_tok([s["response"] for s in samples], add_special_tokens=False)["input_ids"]
+    ]
 
     objectives = ["dpca", "opd"] if pair.identical else ["dpca", "simct", "shared_only"]
     needs = frozenset().union(*(teacher_needs(name) for name in objectives))
@@ -129,38 +137,60 @@ def per_rollout_gradients(demo: Path, kind: str, rollouts: int, seed: int,
         alignments = pair.align_batch(t_response, [response])
         teacher_ids, _ = pad_responses(t_response, pad_id=-1)
         with torch.no_grad():
-            t_logits = response_logits(teacher, t_prompts[r:r + 1], t_response,
-                                       pad_id=t_tok.pad_token_id, device="cpu").float()
-            teacher_out = teacher_outputs(t_logits, teacher_ids, pair.shared_vocab, needs,
-                                          alignments=alignments, student_ids=[response],
-                                          text_tables=tables)
+            t_logits = response_logits(
+                teacher, t_prompts[r : r + 1], t_response, pad_id=t_tok.pad_token_id, device="cpu"
+            ).float()
+            teacher_out = teacher_outputs(
+                t_logits,
+                teacher_ids,
+                pair.shared_vocab,
+                needs,
+                alignments=alignments,
+                student_ids=[response],
+                text_tables=tables,
+            )
         student_ids, _ = pad_responses([response])
         for name in objectives:
-            logits = response_logits(student, s_prompts[r:r + 1], [response],
-                                     pad_id=s_tok.pad_token_id, device="cpu").float()
-            loss, _ = compute_objective(name, student_logits=logits, student_ids=student_ids,
-                                        alignments=alignments, shared_vocab=pair.shared_vocab,
-                                        teacher=teacher_out)
+            logits = response_logits(
+                student, s_prompts[r : r + 1], [response], pad_id=s_tok.pad_token_id, device="cpu"
+            ).float()
+            loss, _ = compute_objective(
+                name,
+                student_logits=logits,
+                student_ids=student_ids,
+                alignments=alignments,
+                shared_vocab=pair.shared_vocab,
+                teacher=teacher_out,
+            )
             grads[name].append(_flat_grad(loss * len(response), params))
             tokens[name].append(len(response))
         if extra:
-            logits = response_logits(student, s_prompts[r:r + 1], [response],
-                                     pad_id=s_tok.pad_token_id, device="cpu").float()
-            loss, _ = compute_objective("dpca", student_logits=logits, student_ids=student_ids,
-                                        alignments=alignments, shared_vocab=pair.shared_vocab,
-                                        teacher=teacher_out, advantage_clip=1e9)
+            logits = response_logits(
+                student, s_prompts[r : r + 1], [response], pad_id=s_tok.pad_token_id, device="cpu"
+            ).float()
+            loss, _ = compute_objective(
+                "dpca",
+                student_logits=logits,
+                student_ids=student_ids,
+                alignments=alignments,
+                shared_vocab=pair.shared_vocab,
+                teacher=teacher_out,
+                advantage_clip=1e9,
+            )
             grads["dpca_unclamped"].append(_flat_grad(loss * len(response), params))
-            logits = response_logits(student, s_prompts[r:r + 1], [response],
-                                     pad_id=s_tok.pad_token_id, device="cpu").float()
-            loss = chunk_reinforce_loss(logits, response, teacher_out.token_logprobs[0],
-                                        alignments[0])
+            logits = response_logits(
+                student, s_prompts[r : r + 1], [response], pad_id=s_tok.pad_token_id, device="cpu"
+            ).float()
+            loss = chunk_reinforce_loss(
+                logits, response, teacher_out.token_logprobs[0], alignments[0]
+            )
             grads["chunk_reinforce"].append(_flat_grad(loss * len(response), params))
             for name in extra:
                 tokens[name].append(len(response))
             old = torch.log_softmax(logits[0].detach(), -1).gather(
-                1, torch.tensor(response)[:, None])[:, 0]
-            advantages, mask = dpca_advantages(old[None], teacher_out.token_logprobs,
-                                               alignments)
+                1, torch.tensor(response)[:, None]
+            )[:, 0]
+            advantages, mask = dpca_advantages(old[None], teacher_out.token_logprobs, alignments)
             chunks, aligned = alignments[0].chunks, alignments[0].aligned
             one_to_one = (chunks[:, 1] - chunks[:, 0] == 1) & (chunks[:, 3] - chunks[:, 2] == 1)
             sizes = chunks[:, 3] - chunks[:, 2]
@@ -168,8 +198,13 @@ def per_rollout_gradients(demo: Path, kind: str, rollouts: int, seed: int,
             counts["split"] += int(sizes[aligned & (sizes > 1)].sum())
             counts["clamped"] += int((advantages.abs() >= 10.0 - 1e-9)[mask].sum())
             counts["tokens"] += len(response)
-        logits = response_logits(student, s_prompts[r:r + 1], sft_targets[r:r + 1],
-                                 pad_id=s_tok.pad_token_id, device="cpu").float()
+        logits = response_logits(
+            student,
+            s_prompts[r : r + 1],
+            sft_targets[r : r + 1],
+            pad_id=s_tok.pad_token_id,
+            device="cpu",
+        ).float()
         target = torch.tensor(sft_targets[r])
         loss = F.cross_entropy(logits[0], target, reduction="sum")
         grads["sft"].append(_flat_grad(loss, params))
@@ -185,8 +220,16 @@ def per_rollout_gradients(demo: Path, kind: str, rollouts: int, seed: int,
 
 def _flat_grad(loss: torch.Tensor, params: list) -> np.ndarray:
     found = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                      for g, p in zip(found, params)]).numpy().astype(np.float32)
+    return (
+        torch.cat(
+            [
+                (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                for g, p in zip(found, params)
+            ]
+        )
+        .numpy()
+        .astype(np.float32)
+    )
 
 
 def noise_figures(h: np.ndarray, batch: int) -> dict:
@@ -199,14 +242,20 @@ def noise_figures(h: np.ndarray, batch: int) -> dict:
     variance = square_sum / count - signal  # E|h|² - |G|²
     scale = variance / signal if signal > 0 else math.inf
     squares = np.sort((h.astype(np.float64) ** 2).sum(1))[::-1]
-    top = squares[:max(1, count // 100)].sum() / squares.sum()
-    return {"signal": signal, "variance": variance, "noise_scale": scale, "top_share": float(top),
-            "cos_at_batch": (1 + scale / batch) ** -0.5 if signal > 0 else 0.0}
+    top = squares[: max(1, count // 100)].sum() / squares.sum()
+    return {
+        "signal": signal,
+        "variance": variance,
+        "noise_scale": scale,
+        "top_share": float(top),
+        "cos_at_batch": (1 + scale / batch) ** -0.5 if signal > 0 else 0.0,
+    }
 
 
 def expected_cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine of the expected gradients of two objectives over the same rollouts, each inner
     product estimated from pairs ``r ≠ r'``."""
+
     def pair_mean(x, y):
         x64, y64 = x.astype(np.float64), y.astype(np.float64)
         return (float(x64.sum(0) @ y64.sum(0)) - float((x64 * y64).sum())) / (len(x) * (len(x) - 1))
@@ -215,8 +264,9 @@ def expected_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return ab / math.sqrt(aa * bb) if aa > 0 and bb > 0 else float("nan")
 
 
-def measure(demo: Path, kind: str, rollouts: int, seed: int, batch: int,
-            variants: bool = False) -> dict:
+def measure(
+    demo: Path, kind: str, rollouts: int, seed: int, batch: int, variants: bool = False
+) -> dict:
     grads = per_rollout_gradients(demo, kind, rollouts, seed, variants)
     counts = grads.pop("_counts", None)
     rows = {}
@@ -228,8 +278,13 @@ def measure(demo: Path, kind: str, rollouts: int, seed: int, batch: int,
         for b in against:
             if a != b and f"{b}~{a}" not in pairs:
                 pairs[f"{a}~{b}"] = expected_cosine(grads[a][0], grads[b][0])
-    result = {"kind": kind, "rollouts": rollouts, "batch": batch, "objectives": rows,
-              "expected_cosines": pairs}
+    result = {
+        "kind": kind,
+        "rollouts": rollouts,
+        "batch": batch,
+        "objectives": rows,
+        "expected_cosines": pairs,
+    }
     if counts is not None:
         result["multi_token_share"] = counts["multi"] / max(counts["tokens"], 1)
         result["split_share"] = counts["split"] / max(counts["tokens"], 1)
@@ -239,58 +294,85 @@ def measure(demo: Path, kind: str, rollouts: int, seed: int, batch: int,
 
 def _settings(demo: Path):
     from ctopd.demo.settings import DemoSettings
+
     path = demo / "results.json"
     if path.is_file():
         sys.path.insert(0, str(Path(__file__).parent))
         from demo_control_dpca import settings_from_results
+
         return settings_from_results(json.loads(path.read_text(encoding="utf-8"))["settings"])
     return DemoSettings()
 
 
 def print_table(results: list[dict]) -> None:
-    names = {"dpca": "DPCA", "opd": "same-tokenizer OPD", "simct": "SimCT",
-             "shared_only": "shared-only OPD", "sft": "continued SFT",
-             "dpca_unclamped": "DPCA without the clamp",
-             "chunk_reinforce": "chunk-level REINFORCE"}
+    names = {
+        "dpca": "DPCA",
+        "opd": "same-tokenizer OPD",
+        "simct": "SimCT",
+        "shared_only": "shared-only OPD",
+        "sft": "continued SFT",
+        "dpca_unclamped": "DPCA without the clamp",
+        "chunk_reinforce": "chunk-level REINFORCE",
+    }
     for r in results:
         title = "same-tokenizer control" if r["kind"] == "control" else "cross-tokenizer student"
         print(f"\n{title} at its start, {r['rollouts']} rollouts of training prompts:\n")
-        print(f"| objective | tokens per rollout | ‖G‖² | tr Σ | B_noise (rollouts) "
-              f"| cos at {r['batch']} prompts | top 1% of rollouts' share of Σ‖h‖² |")
+        print(
+            f"| objective | tokens per rollout | ‖G‖² | tr Σ | B_noise (rollouts) "
+            f"| cos at {r['batch']} prompts | top 1% of rollouts' share of Σ‖h‖² |"
+        )
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for name, row in r["objectives"].items():
-            print(f"| {names[name]} | {row['mean_tokens']:.1f} | {row['signal']:.3g} "
-                  f"| {row['variance']:.3g} | {row['noise_scale']:.0f} "
-                  f"| {row['cos_at_batch']:.2f} | {row['top_share']:.2f} |")
-        cosines = ", ".join(f"{' vs '.join(names[n] for n in key.split('~'))} {value:.2f}"
-                            for key, value in r["expected_cosines"].items())
+            print(
+                f"| {names[name]} | {row['mean_tokens']:.1f} | {row['signal']:.3g} "
+                f"| {row['variance']:.3g} | {row['noise_scale']:.0f} "
+                f"| {row['cos_at_batch']:.2f} | {row['top_share']:.2f} |"
+            )
+        cosines = ", ".join(
+            f"{' vs '.join(names[n] for n in key.split('~'))} {value:.2f}"
+            for key, value in r["expected_cosines"].items()
+        )
         print(f"\ncosine between expected gradients: {cosines}")
         if "multi_token_share" in r:
-            print(f"\nshare of student tokens in aligned chunks that are not 1:1: "
-                  f"{r['multi_token_share']:.3f}; in aligned chunks of more than one student "
-                  f"token (the only ones where DPCA's proportional split differs from "
-                  f"chunk-level REINFORCE): {r['split_share']:.4f}; DPCA advantages at the "
-                  f"clamp: {r['clamped_share']:.4f}")
+            print(
+                f"\nshare of student tokens in aligned chunks that are not 1:1: "
+                f"{r['multi_token_share']:.3f}; in aligned chunks of more than one student "
+                f"token (the only ones where DPCA's proportional split differs from "
+                f"chunk-level REINFORCE): {r['split_share']:.4f}; DPCA advantages at the "
+                f"clamp: {r['clamped_share']:.4f}"
+            )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-dir", default="ctopd-demo", type=Path)
     parser.add_argument("--rollouts", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=None,
-                        help="prompts per step to read the cosine at (default: the demo's)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="prompts per step to read the cosine at (default: the demo's)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", action="store_true",
-                        help="add DPCA without its clamp and chunk-level REINFORCE for the "
-                             "cross-tokenizer student")
-    parser.add_argument("--kinds", default="student,control",
-                        help="which students to measure (comma-separated: student, control)")
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="add DPCA without its clamp and chunk-level REINFORCE for the cross-tokenizer student",
+    )
+    parser.add_argument(
+        "--kinds",
+        default="student,control",
+        help="which students to measure (comma-separated: student, control)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     for name in ("teacher", "student", "control", "train.jsonl", "teacher_samples.jsonl"):
         if not (args.demo_dir / name).exists():
-            print(f"error: {args.demo_dir / name} is missing; run `ctopd demo --output-dir "
-                  f"{args.demo_dir}` first", file=sys.stderr)
+            print(
+                f"error: {args.demo_dir / name} is missing; run `ctopd demo --output-dir "
+                f"{args.demo_dir}` first",
+                file=sys.stderr,
+            )
             return 2
     if args.rollouts < 2:
         parser.error("--rollouts must be at least 2")
@@ -299,8 +381,10 @@ def main() -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds or set(kinds) - {"student", "control"}:
         parser.error(f"--kinds takes student and/or control; got {args.kinds!r}")
-    results = [measure(args.demo_dir, kind, args.rollouts, args.seed, batch, args.variants)
-               for kind in kinds]
+    results = [
+        measure(args.demo_dir, kind, args.rollouts, args.seed, batch, args.variants)
+        for kind in kinds
+    ]
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

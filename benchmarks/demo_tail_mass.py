@@ -54,20 +54,28 @@ from ctopd.training.evaluate import evaluate
 from ctopd.training.rollout import sample_responses
 
 
-def teacher_paths(teacher_dir: Path, records: list[dict], *, max_new_tokens: int,
-                  batch: int = 100) -> list[str]:
+def teacher_paths(
+    teacher_dir: Path, records: list[dict], *, max_new_tokens: int, batch: int = 100
+) -> list[str]:
     """The teacher's greedy response text to each record's prompt."""
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     end_ids = end_of_turn_ids(tokenizer)
-    prompts = [tokenizer(render_template(tokenizer, r["messages"]),
-                         add_special_tokens=False)["input_ids"] for r in records]
+    prompts = [
+        tokenizer(render_template(tokenizer, r["messages"]), add_special_tokens=False)["input_ids"]
+        for r in records
+    ]
     texts = []
     with torch.no_grad():
         for lo in range(0, len(prompts), batch):
-            for ids in sample_responses(model, prompts[lo:lo + batch], end_ids=end_ids,
-                                        pad_id=tokenizer.pad_token_id, temperature=0.0,
-                                        max_new_tokens=max_new_tokens):
+            for ids in sample_responses(
+                model,
+                prompts[lo : lo + batch],
+                end_ids=end_ids,
+                pad_id=tokenizer.pad_token_id,
+                temperature=0.0,
+                max_new_tokens=max_new_tokens,
+            ):
                 texts.append(tokenizer.decode(ids, skip_special_tokens=True))
     return texts
 
@@ -85,32 +93,44 @@ def tail_mass(model_dir: Path, records: list[dict], paths: list[str]) -> dict:
     off, whole = [], []
     with torch.no_grad():
         for record, text in zip(records, paths):
-            prompt = tokenizer(render_template(tokenizer, record["messages"]),
-                               add_special_tokens=False)["input_ids"]
+            prompt = tokenizer(
+                render_template(tokenizer, record["messages"]), add_special_tokens=False
+            )["input_ids"]
             response = tokenizer(text, add_special_tokens=False)["input_ids"]
             ids = torch.tensor([prompt + response])
-            logits = model(ids).logits[0, len(prompt) - 1:-1].double()
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].double()
             logprobs = logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
             off.append(1.0 - logprobs.exp())
             whole.append(float(logprobs.sum()))
     off_path = torch.cat(off)
-    return {"tokens": len(off_path), "off_path": off_path.mean().item(),
-            "above_0.01": (off_path > 0.01).double().mean().item(),
-            "above_0.1": (off_path > 0.1).double().mean().item(),
-            "reproduce": sum(math.exp(v) for v in whole) / len(whole),
-            "mean_logprob": sum(whole) / len(whole)}
+    return {
+        "tokens": len(off_path),
+        "off_path": off_path.mean().item(),
+        "above_0.01": (off_path > 0.01).double().mean().item(),
+        "above_0.1": (off_path > 0.1).double().mean().item(),
+        "reproduce": sum(math.exp(v) for v in whole) / len(whole),
+        "mean_logprob": sum(whole) / len(whole),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-dir", type=Path, required=True)
-    parser.add_argument("--model", action="append", default=[], metavar="LABEL=PATH",
-                        help="a model folder to score (repeatable)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="a model folder to score (repeatable)",
+    )
     parser.add_argument("--split", default="extra_validation")
     parser.add_argument("--problems", type=int, default=500)
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--temperatures", default="",
-                        help="comma-separated sampling temperatures to score accuracy at")
+    parser.add_argument(
+        "--temperatures",
+        default="",
+        help="comma-separated sampling temperatures to score accuracy at",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -119,8 +139,10 @@ def main() -> None:
     data = args.demo_dir / f"{args.split}.jsonl"
     if not data.is_file():
         parser.error(f"{data} not found: run ctopd demo --output-dir {args.demo_dir} first")
-    models = {"cross-tokenizer start": args.demo_dir / "student",
-              "same-tokenizer start": args.demo_dir / "control"}
+    models = {
+        "cross-tokenizer start": args.demo_dir / "student",
+        "same-tokenizer start": args.demo_dir / "control",
+    }
     for item in args.model:
         label, sep, path = item.partition("=")
         if not sep or not Path(path).is_dir():
@@ -129,8 +151,10 @@ def main() -> None:
     if not args.model:
         kept = sorted((args.demo_dir / "runs").glob("*-seed*/final"))
         if not kept:
-            parser.error(f"no kept final model under {args.demo_dir / 'runs'}: run ctopd demo "
-                         "(it keeps runs/<run>-seed<k>/final/), or name models with --model")
+            parser.error(
+                f"no kept final model under {args.demo_dir / 'runs'}: run ctopd demo "
+                "(it keeps runs/<run>-seed<k>/final/), or name models with --model"
+            )
         models.update({path.parent.name: path for path in kept})
     with data.open(encoding="utf-8") as handle:
         records = [json.loads(line) for _, line in zip(range(args.problems), handle)]
@@ -142,30 +166,60 @@ def main() -> None:
     rows = {label: tail_mass(path, records, paths) for label, path in models.items()}
     for label, path in models.items():
         rows[label]["accuracy"] = {
-            f"{t:g}": evaluate(str(path), None, data, max_new_tokens=args.max_new_tokens,
-                               batch_size=200, temperature=t, seed=0,
-                               limit=args.problems)["accuracy"] for t in temperatures}
+            f"{t:g}": evaluate(
+                str(path),
+                None,
+                data,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=200,
+                temperature=t,
+                seed=0,
+                limit=args.problems,
+            )["accuracy"]
+            for t in temperatures
+        }
 
-    print(f"On the teacher's greedy responses to the first {len(records)} problems of "
-          f"{args.split}.jsonl:\n")
-    print("| model | tokens | off-path probability per token | tokens above 0.01 "
-          "| tokens above 0.1 | P(sample = teacher's response) |")
+    print(
+        f"On the teacher's greedy responses to the first {len(records)} problems of "
+        f"{args.split}.jsonl:\n"
+    )
+    print(
+        "| model | tokens | off-path probability per token | tokens above 0.01 "
+        "| tokens above 0.1 | P(sample = teacher's response) |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for label, row in rows.items():
-        print(f"| {label} | {row['tokens']} | {row['off_path']:.4f} | {row['above_0.01']:.3f} "
-              f"| {row['above_0.1']:.3f} | {row['reproduce']:.3f} |")
+        print(
+            f"| {label} | {row['tokens']} | {row['off_path']:.4f} | {row['above_0.01']:.3f} "
+            f"| {row['above_0.1']:.3f} | {row['reproduce']:.3f} |"
+        )
     if temperatures:
-        print(f"\nExact-answer accuracy on the same {len(records)} problems by sampling "
-              "temperature (0: greedy; one response per problem, seed 0):\n")
+        print(
+            f"\nExact-answer accuracy on the same {len(records)} problems by sampling "
+            "temperature (0: greedy; one response per problem, seed 0):\n"
+        )
         print("| model | " + " | ".join(f"T = {t:g}" for t in temperatures) + " |")
         print("| --- |" + " --- |" * len(temperatures))
         for label, row in rows.items():
-            print(f"| {label} | " + " | ".join(f"{row['accuracy'][f'{t:g}']:.3f}"
-                                               for t in temperatures) + " |")
+            print(
+                f"| {label} | "
+                + " | ".join(f"{row['accuracy'][f'{t:g}']:.3f}" for t in temperatures)
+                + " |"
+            )
     if args.json:
-        args.json.write_text(json.dumps({"problems": len(records), "split": args.split,
-                                         "models": {k: str(v) for k, v in models.items()},
-                                         "rows": rows}, indent=2) + "\n", encoding="utf-8")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "problems": len(records),
+                    "split": args.split,
+                    "models": {k: str(v) for k, v in models.items()},
+                    "rows": rows,
+                },
+                indent=2,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
 
 
 if __name__ == "__main__":

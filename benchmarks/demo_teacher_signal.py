@@ -55,53 +55,89 @@ def entropy(logprobs: torch.Tensor) -> torch.Tensor:
     return -(logprobs.exp() * logprobs).sum(-1)
 
 
-def teacher_on_samples(teacher, tokenizer, rows: list[dict], train: list[dict], *,
-                       max_new_tokens: int, batch: int) -> dict:
+def teacher_on_samples(
+    teacher, tokenizer, rows: list[dict], train: list[dict], *, max_new_tokens: int, batch: int
+) -> dict:
     """Entropy and top probability of the teacher on its own samples (``rows`` of
     ``teacher_samples.jsonl``; ``index`` points into ``train``), and how many of them are its
     greedy response to the same prompt."""
     entropies, tops, right, greedy = [], [], 0, 0
     end_ids = end_of_turn_ids(tokenizer)
     records = [train[row["index"]] for row in rows]
-    prompts = [tokenizer(render_template(tokenizer, record["messages"]),
-                         add_special_tokens=False)["input_ids"] for record in records]
+    prompts = [
+        tokenizer(render_template(tokenizer, record["messages"]), add_special_tokens=False)[
+            "input_ids"
+        ]
+        for record in records
+    ]
     for lo in range(0, len(rows), batch):
         greedy_responses = sample_responses(
-            teacher, prompts[lo : lo + batch], end_ids=end_ids, pad_id=tokenizer.pad_token_id,
-            temperature=0.0, max_new_tokens=max_new_tokens)
-        for row, record, prompt, best in zip(rows[lo : lo + batch], records[lo:], prompts[lo:],
-                                             greedy_responses):
+            teacher,
+            prompts[lo : lo + batch],
+            end_ids=end_ids,
+            pad_id=tokenizer.pad_token_id,
+            temperature=0.0,
+            max_new_tokens=max_new_tokens,
+        )
+        for row, record, prompt, best in zip(
+            rows[lo : lo + batch], records[lo:], prompts[lo:], greedy_responses
+        ):
             response = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
             response += [end_ids[0]]
             logprobs = next_token_logprobs(teacher, prompt, response)
             entropies.append(entropy(logprobs))
             tops.append(logprobs.max(-1).values.exp())
-            right += answers_match(extract_answer(row["response"]),
-                                   extract_answer(record["answer"]))
-            greedy += tokenizer.decode(best, skip_special_tokens=True).strip() == \
-                row["response"].strip()
+            right += answers_match(
+                extract_answer(row["response"]), extract_answer(record["answer"])
+            )
+            greedy += (
+                tokenizer.decode(best, skip_special_tokens=True).strip() == row["response"].strip()
+            )
     entropies, tops = torch.cat(entropies), torch.cat(tops)
-    return {"samples": len(rows), "tokens": len(entropies), "right": right / len(rows),
-            "greedy": greedy / len(rows), "entropy": entropies.mean().item(),
-            "top_above_0.99": (tops > 0.99).double().mean().item(),
-            "top_min": tops.min().item()}
+    return {
+        "samples": len(rows),
+        "tokens": len(entropies),
+        "right": right / len(rows),
+        "greedy": greedy / len(rows),
+        "entropy": entropies.mean().item(),
+        "top_above_0.99": (tops > 0.99).double().mean().item(),
+        "top_min": tops.min().item(),
+    }
 
 
-def control_rollouts(student, teacher, tokenizer, records: list[dict], *, temperature: float,
-                     max_new_tokens: int, batch: int, seed: int) -> dict:
+def control_rollouts(
+    student,
+    teacher,
+    tokenizer,
+    records: list[dict],
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    batch: int,
+    seed: int,
+) -> dict:
     """First divergences of the student's sampled rollouts from the teacher's greedy choices,
     and where the full-distribution reverse KL of those rollouts lies (see the module doc)."""
     end_ids = end_of_turn_ids(tokenizer)
-    prompts = [tokenizer(render_template(tokenizer, record["messages"]),
-                         add_special_tokens=False)["input_ids"] for record in records]
+    prompts = [
+        tokenizer(render_template(tokenizer, record["messages"]), add_special_tokens=False)[
+            "input_ids"
+        ]
+        for record in records
+    ]
     torch.manual_seed(seed)
     diverged = diverged_right = kept_right = 0
     kl_before = kl_after = 0.0
     later_entropy, later_tokens = 0.0, 0
     for lo in range(0, len(records), batch):
-        responses = sample_responses(student, prompts[lo : lo + batch], end_ids=end_ids,
-                                     pad_id=tokenizer.pad_token_id, temperature=temperature,
-                                     max_new_tokens=max_new_tokens)
+        responses = sample_responses(
+            student,
+            prompts[lo : lo + batch],
+            end_ids=end_ids,
+            pad_id=tokenizer.pad_token_id,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+        )
         for record, prompt, response in zip(records[lo : lo + batch], prompts[lo:], responses):
             teacher_lp = next_token_logprobs(teacher, prompt, response)
             student_lp = next_token_logprobs(student, prompt, response)
@@ -121,11 +157,14 @@ def control_rollouts(student, teacher, tokenizer, records: list[dict], *, temper
             later_entropy += entropy(teacher_lp[first + 1 :]).sum().item()
             later_tokens += len(response) - first - 1
     count = len(records)
-    return {"rollouts": count, "diverged": diverged / count,
-            "right_after_divergence": diverged_right / max(diverged, 1),
-            "right_without_divergence": kept_right / max(count - diverged, 1),
-            "kl_share_after_divergence": kl_after / max(kl_before + kl_after, 1e-12),
-            "teacher_entropy_after_divergence": later_entropy / max(later_tokens, 1)}
+    return {
+        "rollouts": count,
+        "diverged": diverged / count,
+        "right_after_divergence": diverged_right / max(diverged, 1),
+        "right_without_divergence": kept_right / max(count - diverged, 1),
+        "kl_share_after_divergence": kl_after / max(kl_before + kl_after, 1e-12),
+        "teacher_entropy_after_divergence": later_entropy / max(later_tokens, 1),
+    }
 
 
 def main() -> None:
@@ -150,11 +189,23 @@ def main() -> None:
     prompts = random.Random(args.seed).sample(train, args.rollouts)
     figures = {
         "teacher_on_samples": teacher_on_samples(
-            teacher, tokenizer, rows, train, max_new_tokens=settings.max_new_tokens,
-            batch=settings.method_batch),
+            teacher,
+            tokenizer,
+            rows,
+            train,
+            max_new_tokens=settings.max_new_tokens,
+            batch=settings.method_batch,
+        ),
         "control_rollouts": control_rollouts(
-            control, teacher, tokenizer, prompts, temperature=settings.temperature,
-            max_new_tokens=settings.max_new_tokens, batch=settings.method_batch, seed=args.seed),
+            control,
+            teacher,
+            tokenizer,
+            prompts,
+            temperature=settings.temperature,
+            max_new_tokens=settings.max_new_tokens,
+            batch=settings.method_batch,
+            seed=args.seed,
+        ),
     }
     samples, rollouts = figures["teacher_on_samples"], figures["control_rollouts"]
     print("| measure | value |\n| --- | --- |")
@@ -162,16 +213,22 @@ def main() -> None:
     print(f"| teacher samples with the right answer | {samples['right']:.3f} |")
     print(f"| of them, the teacher's greedy response to the prompt | {samples['greedy']:.3f} |")
     print(f"| teacher entropy on its samples (nats/token) | {samples['entropy']:.4f} |")
-    print(f"| share of those tokens with top probability > 0.99 | {samples['top_above_0.99']:.4f} |")
+    print(
+        f"| share of those tokens with top probability > 0.99 | {samples['top_above_0.99']:.4f} |"
+    )
     print(f"| lowest top probability on them | {samples['top_min']:.3f} |")
     print(f"| control rollouts (temperature {settings.temperature}) | {rollouts['rollouts']} |")
     print(f"| share that leave the teacher's greedy path | {rollouts['diverged']:.3f} |")
     print(f"| of those, right answers | {rollouts['right_after_divergence']:.3f} |")
     print(f"| of the others, right answers | {rollouts['right_without_divergence']:.3f} |")
-    print(f"| teacher entropy after the first divergence (nats/token) | "
-          f"{rollouts['teacher_entropy_after_divergence']:.4f} |")
-    print(f"| share of the reverse KL after the first divergence | "
-          f"{rollouts['kl_share_after_divergence']:.3f} |")
+    print(
+        f"| teacher entropy after the first divergence (nats/token) | "
+        f"{rollouts['teacher_entropy_after_divergence']:.4f} |"
+    )
+    print(
+        f"| share of the reverse KL after the first divergence | "
+        f"{rollouts['kl_share_after_divergence']:.3f} |"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
 

@@ -48,8 +48,10 @@ def diagnose(demo: Path, kind: str, prompts: int, max_new_tokens: int) -> dict:
     from ctopd.training.models import load_causal_lm, load_model_tokenizer
     from ctopd.training.rollout import pad_responses, response_logits, sample_responses
 
-    s_config, t_config = ModelConfig(name_or_path=str(demo / kind)), \
-        ModelConfig(name_or_path=str(demo / "teacher"))
+    s_config, t_config = (
+        ModelConfig(name_or_path=str(demo / kind)),
+        ModelConfig(name_or_path=str(demo / "teacher")),
+    )
     s_tok = load_model_tokenizer(s_config, side="student")
     t_tok = load_model_tokenizer(t_config, side="teacher")
     pair = TokenizerPair(t_tok, s_tok)
@@ -60,34 +62,55 @@ def diagnose(demo: Path, kind: str, prompts: int, max_new_tokens: int) -> dict:
     t_prompts = encode_prompts(t_tok, examples, side="teacher")
     torch.manual_seed(0)
     with torch.no_grad():
-        responses = sample_responses(student.eval(), s_prompts,
-                                     end_ids=pair.student_table.end_ids.tolist(),
-                                     pad_id=s_tok.pad_token_id, max_new_tokens=max_new_tokens,
-                                     temperature=1.0)
+        responses = sample_responses(
+            student.eval(),
+            s_prompts,
+            end_ids=pair.student_table.end_ids.tolist(),
+            pad_id=s_tok.pad_token_id,
+            max_new_tokens=max_new_tokens,
+            temperature=1.0,
+        )
     t_responses = pair.teacher_ids_for_batch(responses)
     alignments = pair.align_batch(t_responses, responses)
-    correct = np.array([extract_answer(pair.student_text(r)) == extract_answer(e.response)
-                        for r, e in zip(responses, examples)])
+    correct = np.array(
+        [
+            extract_answer(pair.student_text(r)) == extract_answer(e.response)
+            for r, e in zip(responses, examples)
+        ]
+    )
     student_ids, lengths = pad_responses(responses, pad_id=-1)
     teacher_ids, _ = pad_responses(t_responses, pad_id=-1)
     with torch.no_grad():
-        t_logits = response_logits(teacher, t_prompts, t_responses, pad_id=t_tok.pad_token_id,
-                                   device="cpu").float()
+        t_logits = response_logits(
+            teacher, t_prompts, t_responses, pad_id=t_tok.pad_token_id, device="cpu"
+        ).float()
         tables = text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab)
         needs = teacher_needs("simct") | teacher_needs("opd") | teacher_needs("dpca")
-        teacher_out = teacher_outputs(t_logits, teacher_ids, pair.shared_vocab, needs,
-                                      alignments=alignments, student_ids=responses,
-                                      text_tables=tables)
-        s_logits = response_logits(student, s_prompts, responses, pad_id=s_tok.pad_token_id,
-                                   device="cpu").float()
-        old = torch.log_softmax(s_logits, -1).gather(
-            -1, student_ids.clamp(min=0)[..., None])[..., 0]
+        teacher_out = teacher_outputs(
+            t_logits,
+            teacher_ids,
+            pair.shared_vocab,
+            needs,
+            alignments=alignments,
+            student_ids=responses,
+            text_tables=tables,
+        )
+        s_logits = response_logits(
+            student, s_prompts, responses, pad_id=s_tok.pad_token_id, device="cpu"
+        ).float()
+        old = torch.log_softmax(s_logits, -1).gather(-1, student_ids.clamp(min=0)[..., None])[
+            ..., 0
+        ]
     old = old.masked_fill(student_ids < 0, 0.0)
     advantages, mask = dpca_advantages(old, teacher_out.token_logprobs, alignments)
 
-    out = {"kind": kind, "samples": len(responses), "correct_samples": int(correct.sum()),
-           "identical_tokenizers": pair.identical,
-           "student_tokens": int(lengths.sum())}
+    out = {
+        "kind": kind,
+        "samples": len(responses),
+        "correct_samples": int(correct.sum()),
+        "identical_tokenizers": pair.identical,
+        "student_tokens": int(lengths.sum()),
+    }
     for label, rows in (("correct", correct), ("wrong", ~correct)):
         token_mask = mask & torch.as_tensor(rows)[:, None]
         values = advantages[token_mask]
@@ -102,15 +125,23 @@ def diagnose(demo: Path, kind: str, prompts: int, max_new_tokens: int) -> dict:
     norms = {}
     for name in objectives:
         student.zero_grad(set_to_none=True)
-        logits = response_logits(student.train(), s_prompts, responses,
-                                 pad_id=s_tok.pad_token_id, device="cpu").float()
+        logits = response_logits(
+            student.train(), s_prompts, responses, pad_id=s_tok.pad_token_id, device="cpu"
+        ).float()
         options = {"student_old_logprobs": old} if name == "dpca" else {}
-        loss, _ = compute_objective(name, student_logits=logits, student_ids=student_ids,
-                                    alignments=alignments, shared_vocab=pair.shared_vocab,
-                                    teacher=teacher_out, **options)
+        loss, _ = compute_objective(
+            name,
+            student_logits=logits,
+            student_ids=student_ids,
+            alignments=alignments,
+            shared_vocab=pair.shared_vocab,
+            teacher=teacher_out,
+            **options,
+        )
         loss.backward()
-        norms[name] = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in student.parameters()
-                                    if p.grad is not None))
+        norms[name] = math.sqrt(
+            sum(float(p.grad.pow(2).sum()) for p in student.parameters() if p.grad is not None)
+        )
     out["grad_norm"] = norms
     return out
 
@@ -122,47 +153,65 @@ def _chunk_gaps(alignments, teacher_logprobs, student_logprobs, rows) -> np.ndar
         alignment = alignments[b]
         for (ts, te, ss, se), aligned in zip(alignment.chunks, alignment.aligned):
             if aligned and te > ts and se > ss:
-                gaps.append(float(teacher_logprobs[b, ts:te].sum() - student_logprobs[b, ss:se].sum()))
+                gaps.append(
+                    float(teacher_logprobs[b, ts:te].sum() - student_logprobs[b, ss:se].sum())
+                )
     return np.asarray(gaps)
 
 
 def _summary(values: torch.Tensor, *, clip: float) -> dict:
     if values.numel() == 0:
         return {"tokens": 0}
-    return {"tokens": int(values.numel()), "mean": float(values.mean()),
-            "below_minus_1": float((values < -1).float().mean()),
-            "clamped_low": float((values <= -clip + 1e-9).float().mean()),
-            "above_plus_1": float((values > 1).float().mean())}
+    return {
+        "tokens": int(values.numel()),
+        "mean": float(values.mean()),
+        "below_minus_1": float((values < -1).float().mean()),
+        "clamped_low": float((values <= -clip + 1e-9).float().mean()),
+        "above_plus_1": float((values > 1).float().mean()),
+    }
 
 
 def _quantiles(values: np.ndarray) -> dict:
     if values.size == 0:
         return {"chunks": 0}
     q = np.quantile(values, [0.05, 0.5, 0.95])
-    return {"chunks": int(values.size), "mean": float(values.mean()), "p5": float(q[0]),
-            "median": float(q[1]), "p95": float(q[2])}
+    return {
+        "chunks": int(values.size),
+        "mean": float(values.mean()),
+        "p5": float(q[0]),
+        "median": float(q[1]),
+        "p95": float(q[2]),
+    }
 
 
 def print_table(results: list[dict]) -> None:
     for r in results:
         title = "same-tokenizer control" if r["kind"] == "control" else "cross-tokenizer student"
-        print(f"\n{title}: {r['samples']} samples of validation prompts, {r['correct_samples']} "
-              f"correct, {r['student_tokens']} student tokens")
-        print(f"{'samples':<9}{'tokens':>8}{'adv mean':>10}{'adv < -1':>10}{'clamped':>9}"
-              f"{'adv > 1':>9}{'chunks':>8}{'gap p5':>9}{'median':>8}{'p95':>8}")
+        print(
+            f"\n{title}: {r['samples']} samples of validation prompts, {r['correct_samples']} "
+            f"correct, {r['student_tokens']} student tokens"
+        )
+        print(
+            f"{'samples':<9}{'tokens':>8}{'adv mean':>10}{'adv < -1':>10}{'clamped':>9}"
+            f"{'adv > 1':>9}{'chunks':>8}{'gap p5':>9}{'median':>8}{'p95':>8}"
+        )
         for label in ("correct", "wrong"):
             a, g = r[f"advantage_{label}"], r[f"chunk_gap_{label}"]
             if not a.get("tokens"):
                 print(f"{label:<9}{0:>8}")
                 continue
-            print(f"{label:<9}{a['tokens']:>8}{a['mean']:>10.3f}{a['below_minus_1']:>10.3f}"
-                  f"{a['clamped_low']:>9.3f}{a['above_plus_1']:>9.3f}{g['chunks']:>8}"
-                  f"{g['p5']:>9.2f}{g['median']:>8.2f}{g['p95']:>8.2f}")
+            print(
+                f"{label:<9}{a['tokens']:>8}{a['mean']:>10.3f}{a['below_minus_1']:>10.3f}"
+                f"{a['clamped_low']:>9.3f}{a['above_plus_1']:>9.3f}{g['chunks']:>8}"
+                f"{g['p5']:>9.2f}{g['median']:>8.2f}{g['p95']:>8.2f}"
+            )
         norms = ", ".join(f"{k} {v:.3f}" for k, v in r["grad_norm"].items())
         print(f"gradient norm on the student's parameters: {norms}")
         if "identical_max_abs_diff" in r:
-            print("identical tokenizers: DPCA advantage vs per-token OPD advantage, largest "
-                  f"difference {r['identical_max_abs_diff']:.2e}")
+            print(
+                "identical tokenizers: DPCA advantage vs per-token OPD advantage, largest "
+                f"difference {r['identical_max_abs_diff']:.2e}"
+            )
 
 
 def main() -> int:
@@ -174,12 +223,17 @@ def main() -> int:
     args = parser.parse_args()
     for name in ("teacher", "student", "control", "validation.jsonl"):
         if not (args.demo_dir / name).exists():
-            print(f"error: {args.demo_dir / name} is missing; run `ctopd demo --output-dir "
-                  f"{args.demo_dir}` first", file=sys.stderr)
+            print(
+                f"error: {args.demo_dir / name} is missing; run `ctopd demo --output-dir "
+                f"{args.demo_dir}` first",
+                file=sys.stderr,
+            )
             return 2
     torch.set_num_threads(1)
-    results = [diagnose(args.demo_dir, kind, args.prompts, args.max_new_tokens)
-               for kind in ("student", "control")]
+    results = [
+        diagnose(args.demo_dir, kind, args.prompts, args.max_new_tokens)
+        for kind in ("student", "control")
+    ]
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -106,6 +106,7 @@ OURS = ("simct", "dpca")
 
 # --- helpers every worker shares --------------------------------------------------------------
 
+
 def start_worker(threads: int) -> None:
     """The same torch thread count in every process, no progress bars, no experimental notice."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -167,6 +168,7 @@ def end_ids(student_dir: Path) -> list[int]:
 
 # --- GOLD ---------------------------------------------------------------------------------------
 
+
 def measured_gold_class():
     """:class:`MeasuredGOLDTrainer` (built on first use: the package and ctopd's own rows never
     import trl)."""
@@ -203,11 +205,16 @@ def measured_gold_class():
             matched = torch.tensor(sorted(self.uld_loss_fn._student_matched_ids))
             self.unmatched_tokens += int((~torch.isin(completion.cpu(), matched)).sum())
             if self.teacher_prompts is not None:
-                inputs = {**inputs, "original_prompt_text": [
-                    self.teacher_prompts[p] for p in inputs["original_prompt_text"]],
+                inputs = {
+                    **inputs,
+                    "original_prompt_text": [
+                        self.teacher_prompts[p] for p in inputs["original_prompt_text"]
+                    ],
                     "original_completion_text": [
                         c.removesuffix(self.student_end_text)
-                        for c in inputs["original_completion_text"]]}
+                        for c in inputs["original_completion_text"]
+                    ],
+                }
             with add_seconds(self.seconds, "loss"):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
@@ -247,23 +254,42 @@ def gold_config(job: dict, output_dir: Path):
 
     settings, demo = job["settings"], Path(job["demo"])
     return GOLDConfig(
-        output_dir=str(output_dir), seed=job["seed"], max_steps=job["steps"],
+        output_dir=str(output_dir),
+        seed=job["seed"],
+        max_steps=job["steps"],
         # Cross-tokenizer GOLD, as TRL's GOLD page recommends it.
-        use_uld_loss=True, uld_use_hybrid_loss=True,
+        use_uld_loss=True,
+        uld_use_hybrid_loss=True,
         teacher_tokenizer_name_or_path=str(demo / "teacher"),
         lmbda=1.0,  # fully on-policy
         # The demo's budget and sampling (runs/<method>-seed<k>/config.yaml).
-        per_device_train_batch_size=settings.method_batch, gradient_accumulation_steps=1,
-        max_completion_length=settings.max_new_tokens, temperature=settings.temperature,
-        top_p=1.0, top_k=0,
+        per_device_train_batch_size=settings.method_batch,
+        gradient_accumulation_steps=1,
+        max_completion_length=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=1.0,
+        top_k=0,
         # The demo's optimizer and schedule.
-        learning_rate=job["lr"], optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.98,
-        adam_epsilon=1e-8, weight_decay=0.0, lr_scheduler_type="cosine",
-        warmup_steps=settings.method_warmup_ratio, max_grad_norm=1.0,
-        gradient_checkpointing=False, use_cpu=True, bf16=False, fp16=False,
+        learning_rate=job["lr"],
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.98,
+        adam_epsilon=1e-8,
+        weight_decay=0.0,
+        lr_scheduler_type="cosine",
+        warmup_steps=settings.method_warmup_ratio,
+        max_grad_norm=1.0,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
         # Plumbing: no saving or reporting inside the run, no progress bars.
-        dataloader_drop_last=True, dataloader_pin_memory=False, save_strategy="no",
-        report_to="none", logging_steps=max(1, job["steps"] // 10), disable_tqdm=True,
+        dataloader_drop_last=True,
+        dataloader_pin_memory=False,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=max(1, job["steps"] // 10),
+        disable_tqdm=True,
         **VARIANTS[job["variant"]][1],
     )
 
@@ -279,15 +305,26 @@ def build_gold(job: dict, rows: list[dict], output_dir: Path):
     student = AutoModelForCausalLM.from_pretrained(demo / "student", dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(demo / "teacher", dtype=torch.float32)
     # GOLD's conversational format: the prompt is everything before the last assistant turn.
-    dataset = Dataset.from_list([{"messages": row["messages"] + [
-        {"role": "assistant", "content": row["answer"]}]} for row in rows])
+    dataset = Dataset.from_list(
+        [
+            {"messages": row["messages"] + [{"role": "assistant", "content": row["answer"]}]}
+            for row in rows
+        ]
+    )
     extra = {}
     if VARIANTS[job["variant"]][0]:
-        extra = {"teacher_prompts": teacher_prompt_texts(rows, tokenizer, demo / "teacher"),
-                 "student_end_text": tokenizer.eos_token}
+        extra = {
+            "teacher_prompts": teacher_prompt_texts(rows, tokenizer, demo / "teacher"),
+            "student_end_text": tokenizer.eos_token,
+        }
     trainer = measured_gold_class()(
-        model=student, teacher_model=teacher, args=gold_config(job, output_dir),
-        processing_class=tokenizer, train_dataset=dataset, **extra)
+        model=student,
+        teacher_model=teacher,
+        args=gold_config(job, output_dir),
+        processing_class=tokenizer,
+        train_dataset=dataset,
+        **extra,
+    )
     return trainer, tokenizer
 
 
@@ -296,10 +333,15 @@ def teacher_prompt_texts(rows: list[dict], student_tokenizer, teacher_dir: Path)
     from transformers import AutoTokenizer
 
     teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    render = lambda tok, m: tok.apply_chat_template(m, tokenize=False,  # noqa: E731
-                                                    add_generation_prompt=True)
-    return {render(student_tokenizer, r["messages"]): render(teacher_tokenizer, r["messages"])
-            for r in rows}
+    render = lambda tok, m: tok.apply_chat_template(
+        m,
+        tokenize=False,  # noqa: E731
+        add_generation_prompt=True,
+    )
+    return {
+        render(student_tokenizer, r["messages"]): render(teacher_tokenizer, r["messages"])
+        for r in rows
+    }
 
 
 def gold_run(job: dict) -> dict:
@@ -318,34 +360,49 @@ def gold_run(job: dict) -> dict:
     except RuntimeError as err:  # see the module docstring: measured as it stood
         if "broadcast shape" not in str(err):
             raise
-        crash = {"step": trainer.state.global_step + 1, "error": str(err),
-                 "longest_completion_tokens": max(trainer.completion_lengths)}
+        crash = {
+            "step": trainer.state.global_step + 1,
+            "error": str(err),
+            "longest_completion_tokens": max(trainer.completion_lengths),
+        }
     seconds = time.perf_counter() - started
     model = run_dir / "final"
-    export_student(trainer.accelerator, trainer.model, tokenizer, model,
-                   end_ids=end_ids(demo / "student"))
+    export_student(
+        trainer.accelerator, trainer.model, tokenizer, model, end_ids=end_ids(demo / "student")
+    )
     data = demo / f"{job['split']}.jsonl"
     measured_at = time.perf_counter()
-    result = {"accuracy": accuracy(model, data, job["settings"]),
-              **sequence_kl(model, demo / "teacher", data, job["settings"])}
+    result = {
+        "accuracy": accuracy(model, data, job["settings"]),
+        **sequence_kl(model, demo / "teacher", data, job["settings"]),
+    }
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     lengths = [step["tokens"] / job["settings"].method_batch for step in trainer.clock.steps]
     uld = trainer.uld_loss_fn
     shutil.rmtree(run_dir, ignore_errors=True)
-    return {"variant": job["variant"], "seed": job["seed"], "lr": job["lr"],
-            "steps": trainer.state.global_step, "split": job["split"], **result,
-            "seconds": seconds, "eval_seconds": time.perf_counter() - measured_at,
-            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "response_length_first": lengths[0] if lengths else None,
-            "response_length_last": statistics.fmean(lengths[-5:]) if lengths else None,
-            "crash": crash,
-            "matched_teacher_ids": len(uld._teacher_matched_ids),
-            "teacher_vocab": trainer.teacher_model.config.vocab_size,
-            "unmatched_share": trainer.unmatched_tokens / max(1, trainer.student_tokens),
-            "threads": __import__("torch").get_num_threads()}
+    return {
+        "variant": job["variant"],
+        "seed": job["seed"],
+        "lr": job["lr"],
+        "steps": trainer.state.global_step,
+        "split": job["split"],
+        **result,
+        "seconds": seconds,
+        "eval_seconds": time.perf_counter() - measured_at,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "response_length_first": lengths[0] if lengths else None,
+        "response_length_last": statistics.fmean(lengths[-5:]) if lengths else None,
+        "crash": crash,
+        "matched_teacher_ids": len(uld._teacher_matched_ids),
+        "teacher_vocab": trainer.teacher_model.config.vocab_size,
+        "unmatched_share": trainer.unmatched_tokens / max(1, trainer.student_tokens),
+        "threads": __import__("torch").get_num_threads(),
+    }
 
 
 # --- throughput -------------------------------------------------------------------------------
+
 
 def gold_throughput(job: dict) -> dict:
     """A few GOLD steps in this fresh process: seconds per step, tokens/s, peak memory."""
@@ -355,19 +412,25 @@ def gold_throughput(job: dict) -> dict:
 
     baseline = reset_peak()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, _ = build_gold({**job, "variant": "recommended"},
-                                read_rows(Path(job["prompts"])), Path(tmp))
+        trainer, _ = build_gold(
+            {**job, "variant": "recommended"}, read_rows(Path(job["prompts"])), Path(tmp)
+        )
         with contextlib.redirect_stdout(open(os.devnull, "w")):
             trainer.train()
     timed = trainer.clock.steps[1:]
     seconds = sum(s["seconds"] for s in timed)
     after, first = trainer.seconds, trainer.clock.after_first
     phase = {k: (after[k] - first[k]) / len(timed) for k in after}
-    return {"tool": "gold", "seconds_per_step": seconds / len(timed),
-            "tokens_per_second": sum(s["tokens"] for s in timed) / seconds,
-            "rollout": phase["rollout"], "loss_side": phase["loss"],
-            "backward": phase["training_step"] - phase["rollout"] - phase["loss"],
-            **peak_since(baseline), "threads": torch.get_num_threads()}
+    return {
+        "tool": "gold",
+        "seconds_per_step": seconds / len(timed),
+        "tokens_per_second": sum(s["tokens"] for s in timed) / seconds,
+        "rollout": phase["rollout"],
+        "loss_side": phase["loss"],
+        "backward": phase["training_step"] - phase["rollout"] - phase["loss"],
+        **peak_since(baseline),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def ctopd_throughput(job: dict) -> dict:
@@ -382,24 +445,35 @@ def ctopd_throughput(job: dict) -> dict:
     baseline = reset_peak()
     demo, settings = Path(job["demo"]), job["settings"]
     with tempfile.TemporaryDirectory() as tmp:
-        config = stage_config(settings, Path(tmp), data=Path(job["prompts"]),
-                              student=demo / "student", teacher=demo / "teacher",
-                              steps=job["steps"], batch=settings.method_batch, lr=job["lr"],
-                              seed=job["seed"], schedule="cosine",
-                              warmup_ratio=settings.method_warmup_ratio)
+        config = stage_config(
+            settings,
+            Path(tmp),
+            data=Path(job["prompts"]),
+            student=demo / "student",
+            teacher=demo / "teacher",
+            steps=job["steps"],
+            batch=settings.method_batch,
+            lr=job["lr"],
+            seed=job["seed"],
+            schedule="cosine",
+            warmup_ratio=settings.method_warmup_ratio,
+        )
         config.objective = dataclasses.replace(config.objective, name=job["tool"])
         with contextlib.redirect_stdout(open(os.devnull, "w")):
             train(config)
         rows = read_metrics(Path(tmp))[1:]
     seconds = sum(r["time_step"] for r in rows)
     mean = lambda *keys: sum(r[k] for r in rows for k in keys) / len(rows)  # noqa: E731
-    return {"tool": job["tool"], "seconds_per_step": seconds / len(rows),
-            "tokens_per_second": sum(r["response_tokens"] for r in rows) / seconds,
-            "rollout": mean("time_rollout"),
-            "loss_side": mean("time_teacher", "time_alignment", "time_student_forward",
-                              "time_loss"),
-            "backward": mean("time_backward"), **peak_since(baseline),
-            "threads": torch.get_num_threads()}
+    return {
+        "tool": job["tool"],
+        "seconds_per_step": seconds / len(rows),
+        "tokens_per_second": sum(r["response_tokens"] for r in rows) / seconds,
+        "rollout": mean("time_rollout"),
+        "loss_side": mean("time_teacher", "time_alignment", "time_student_forward", "time_loss"),
+        "backward": mean("time_backward"),
+        **peak_since(baseline),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def measure_throughput(args, settings, lrs: dict, log) -> dict:
@@ -407,28 +481,42 @@ def measure_throughput(args, settings, lrs: dict, log) -> dict:
     prompts = Path(tempfile.mkdtemp()) / "prompts.jsonl"
     rows = read_rows(args.demo_dir / "train.jsonl", args.throughput_steps * settings.method_batch)
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    base = dict(demo=str(args.demo_dir), settings=settings, threads=args.threads, seed=0,
-                steps=args.throughput_steps, prompts=str(prompts))
-    jobs = {"gold": (gold_throughput, {**base, "lr": lrs["gold"]}),
-            **{name: (ctopd_throughput, {**base, "tool": name, "lr": lrs[name]}) for name in OURS}}
+    base = dict(
+        demo=str(args.demo_dir),
+        settings=settings,
+        threads=args.threads,
+        seed=0,
+        steps=args.throughput_steps,
+        prompts=str(prompts),
+    )
+    jobs = {
+        "gold": (gold_throughput, {**base, "lr": lrs["gold"]}),
+        **{name: (ctopd_throughput, {**base, "tool": name, "lr": lrs[name]}) for name in OURS},
+    }
     rounds: dict[str, list[dict]] = {name: [] for name in jobs}
     for index in range(args.throughput_rounds):
         for name, (fn, job) in jobs.items():
             with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
                 rounds[name].append(pool.submit(fn, job).result())
             r = rounds[name][-1]
-            log(f"[gold] throughput round {index + 1} {name:<5}: {r['seconds_per_step']:.3f} s/step, "
-                f"{r['tokens_per_second']:.0f} tokens/s, peak +{r['peak_mib']:.0f} MiB")
+            log(
+                f"[gold] throughput round {index + 1} {name:<5}: {r['seconds_per_step']:.3f} s/step, "
+                f"{r['tokens_per_second']:.0f} tokens/s, peak +{r['peak_mib']:.0f} MiB"
+            )
     shutil.rmtree(prompts.parent, ignore_errors=True)
     best = {name: min(runs, key=lambda r: r["seconds_per_step"]) for name, runs in rounds.items()}
     for name, runs in rounds.items():  # memory: the smallest over the rounds, like the timing
-        best[name] = {**best[name], "peak_mib": min(r["peak_mib"] for r in runs),
-                      "peak_rss_mib": min(r["peak_rss_mib"] for r in runs),
-                      "rounds_seconds_per_step": [r["seconds_per_step"] for r in runs]}
+        best[name] = {
+            **best[name],
+            "peak_mib": min(r["peak_mib"] for r in runs),
+            "peak_rss_mib": min(r["peak_rss_mib"] for r in runs),
+            "rounds_seconds_per_step": [r["seconds_per_step"] for r in runs],
+        }
     return best
 
 
 # --- diagnostics -------------------------------------------------------------------------------
+
 
 def teacher_reading_student_template(demo: Path, settings) -> dict:
     """What GOLD's teacher sees: its greedy test accuracy, and its mean log-prob per token of the
@@ -445,21 +533,33 @@ def teacher_reading_student_template(demo: Path, settings) -> dict:
     out = {}
     for label, chat_template in (("own", None), ("student", template)):
         out[f"accuracy_{label}_template"] = evaluate(
-            str(demo / "teacher"), None, demo / "test.jsonl", chat_template=chat_template,
-            max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch)["accuracy"]
-    tokenizers = {side: AutoTokenizer.from_pretrained(demo / side) for side in ("student", "teacher")}
+            str(demo / "teacher"),
+            None,
+            demo / "test.jsonl",
+            chat_template=chat_template,
+            max_new_tokens=settings.max_new_tokens,
+            batch_size=settings.eval_batch,
+        )["accuracy"]
+    tokenizers = {
+        side: AutoTokenizer.from_pretrained(demo / side) for side in ("student", "teacher")
+    }
     teacher = load_causal_lm(ModelConfig(name_or_path=str(demo / "teacher")), side="teacher").eval()
     rows = read_rows(demo / "test.jsonl", settings.kl_prompts)
     t_tok = tokenizers["teacher"]
-    answers = [t_tok(r["answer"], add_special_tokens=False)["input_ids"] + [t_tok.eos_token_id]
-               for r in rows]
+    answers = [
+        t_tok(r["answer"], add_special_tokens=False)["input_ids"] + [t_tok.eos_token_id]
+        for r in rows
+    ]
     for label, tok in (("own", t_tok), ("student", tokenizers["student"])):
-        texts = [tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
-                 for r in rows]
+        texts = [
+            tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
+            for r in rows
+        ]
         prompts = [t_tok(text, add_special_tokens=True)["input_ids"] for text in texts]
         with torch.no_grad():
-            logits = response_logits(teacher, prompts, answers, pad_id=t_tok.pad_token_id,
-                                     device="cpu")
+            logits = response_logits(
+                teacher, prompts, answers, pad_id=t_tok.pad_token_id, device="cpu"
+            )
         targets, lengths = pad_responses(answers)
         logprobs = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
         mask = torch.arange(targets.shape[1]) < lengths[:, None]
@@ -469,6 +569,7 @@ def teacher_reading_student_template(demo: Path, settings) -> dict:
 
 # --- the run ------------------------------------------------------------------------------------
 
+
 def run_all(args, log) -> dict:
     from ctopd.demo.methods import method_job, run_method, summarize_method
     from ctopd.demo.settings import FIXED_WARMUP, settings_dict
@@ -477,48 +578,100 @@ def run_all(args, log) -> dict:
     started, settings = time.perf_counter(), FIXED_WARMUP
     demo_results = json.loads((args.demo_dir / "results.json").read_text(encoding="utf-8"))
     if demo_results.get("settings") != settings_dict(settings):
-        raise SystemExit(f"error: {args.demo_dir}/results.json was written with other settings "
-                         "than ctopd.demo.settings.FIXED_WARMUP; rerun `ctopd demo "
-                         "--fixed-warmup` first")
+        raise SystemExit(
+            f"error: {args.demo_dir}/results.json was written with other settings "
+            "than ctopd.demo.settings.FIXED_WARMUP; rerun `ctopd demo "
+            "--fixed-warmup` first"
+        )
     steps = args.steps or settings.method_steps
     sweep_steps = args.sweep_steps or settings.sweep_steps
     grid = args.lrs or settings.sweep_grid("simct")
     work = Path(tempfile.mkdtemp(prefix="gold-bench-"))
     base = dict(demo=str(args.demo_dir), settings=settings, threads=args.threads)
-    out = {"trl_version": _version("trl"), "demo_dir": str(args.demo_dir), "seeds": args.seeds,
-           "steps": steps, "sweep_steps": sweep_steps, "grid": list(grid),
-           "batch": settings.method_batch, "max_new_tokens": settings.max_new_tokens,
-           "threads": args.threads, "variants": list(args.variants)}
+    out = {
+        "trl_version": _version("trl"),
+        "demo_dir": str(args.demo_dir),
+        "seeds": args.seeds,
+        "steps": steps,
+        "sweep_steps": sweep_steps,
+        "grid": list(grid),
+        "batch": settings.method_batch,
+        "max_new_tokens": settings.max_new_tokens,
+        "threads": args.threads,
+        "variants": list(args.variants),
+    }
     workers = args.workers or max(1, min(2, os.cpu_count() or 1))
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         chosen, sweep_rows = {}, []
         if len(grid) > 1:
-            jobs = [{**base, "variant": v, "seed": 0, "lr": lr, "steps": sweep_steps,
-                     "split": "validation", "run_dir": str(work / f"sweep-{v}-{lr:g}")}
-                    for v in args.variants for lr in grid]
-            log(f"[gold] sweep: {len(jobs)} GOLD runs ({', '.join(args.variants)} x lr "
+            jobs = [
+                {
+                    **base,
+                    "variant": v,
+                    "seed": 0,
+                    "lr": lr,
+                    "steps": sweep_steps,
+                    "split": "validation",
+                    "run_dir": str(work / f"sweep-{v}-{lr:g}"),
+                }
+                for v in args.variants
+                for lr in grid
+            ]
+            log(
+                f"[gold] sweep: {len(jobs)} GOLD runs ({', '.join(args.variants)} x lr "
                 f"{', '.join(f'{lr:g}' for lr in grid)}), {sweep_steps} steps x "
-                f"{settings.method_batch} prompts, seed 0, scored on validation.jsonl")
+                f"{settings.method_batch} prompts, seed 0, scored on validation.jsonl"
+            )
             for row in pool.map(gold_run, jobs):
                 sweep_rows.append({**row, "name": row["variant"]})
-                log(f"[gold] sweep {row['variant']:<16} lr {row['lr']:.0e}: validation accuracy "
-                    f"{row['accuracy']:.3f}, KL {row['kl']:.3f} ({row['seconds']:.0f} s)")
+                log(
+                    f"[gold] sweep {row['variant']:<16} lr {row['lr']:.0e}: validation accuracy "
+                    f"{row['accuracy']:.3f}, KL {row['kl']:.3f} ({row['seconds']:.0f} s)"
+                )
             chosen = choose(sweep_rows)
         chosen = {v: chosen.get(v, grid[0]) for v in args.variants}
-        jobs = [{**base, "variant": v, "seed": seed, "lr": chosen[v], "steps": steps,
-                 "split": "test", "run_dir": str(work / f"{v}-seed{seed}")}
-                for v in args.variants for seed in args.seeds]
-        log(f"[gold] test: {len(jobs)} GOLD runs, {steps} steps x {settings.method_batch} "
-            f"prompts at the chosen rates ({chosen}), seeds {args.seeds}")
-        ours_jobs = [method_job(name, seed, args.demo_dir, settings, steps=steps, curve=False,
-                                run_dir=work / f"{name}-seed{seed}")
-                     for name in OURS for seed in args.seeds] if args.rerun_ours else []
+        jobs = [
+            {
+                **base,
+                "variant": v,
+                "seed": seed,
+                "lr": chosen[v],
+                "steps": steps,
+                "split": "test",
+                "run_dir": str(work / f"{v}-seed{seed}"),
+            }
+            for v in args.variants
+            for seed in args.seeds
+        ]
+        log(
+            f"[gold] test: {len(jobs)} GOLD runs, {steps} steps x {settings.method_batch} "
+            f"prompts at the chosen rates ({chosen}), seeds {args.seeds}"
+        )
+        ours_jobs = (
+            [
+                method_job(
+                    name,
+                    seed,
+                    args.demo_dir,
+                    settings,
+                    steps=steps,
+                    curve=False,
+                    run_dir=work / f"{name}-seed{seed}",
+                )
+                for name in OURS
+                for seed in args.seeds
+            ]
+            if args.rerun_ours
+            else []
+        )
         gold_futures = [pool.submit(gold_run, job) for job in jobs]
         ours_runs = list(pool.map(run_method, ours_jobs))
         gold_runs = [f.result() for f in gold_futures]
     for row in gold_runs:
-        log(f"[gold] test {row['variant']:<16} seed {row['seed']}: accuracy {row['accuracy']:.3f}"
-            f", KL {row['kl']:.3f} ({row['seconds']:.0f} s)")
+        log(
+            f"[gold] test {row['variant']:<16} seed {row['seed']}: accuracy {row['accuracy']:.3f}"
+            f", KL {row['kl']:.3f} ({row['seconds']:.0f} s)"
+        )
     out["sweep"] = sweep_rows
     out["chosen_lr"] = chosen
     out["gold"] = {v: _summary([r for r in gold_runs if r["variant"] == v]) for v in args.variants}
@@ -526,16 +679,26 @@ def run_all(args, log) -> dict:
     start, teacher = demo_results["student_start_accuracy"], demo_results["teacher_accuracy"]
     out["ours"] = {}
     for name in OURS:
-        runs = ([r for r in ours_runs if r["name"] == name] if args.rerun_ours else
-                [r for r in demo_results["methods"][name]["runs"] if r["seed"] in args.seeds])
-        out["ours"][name] = {**summarize_method(runs, start=start, teacher=teacher),
-                             "per_seed": [r["accuracy"] for r in sorted(runs, key=lambda r: r["seed"])]}
-    out["student_start"] = {"accuracy": start, "kl": demo_results["student_start_kl"],
-                            "noncanonical": demo_results.get("student_start_noncanonical")}
+        runs = (
+            [r for r in ours_runs if r["name"] == name]
+            if args.rerun_ours
+            else [r for r in demo_results["methods"][name]["runs"] if r["seed"] in args.seeds]
+        )
+        out["ours"][name] = {
+            **summarize_method(runs, start=start, teacher=teacher),
+            "per_seed": [r["accuracy"] for r in sorted(runs, key=lambda r: r["seed"])],
+        }
+    out["student_start"] = {
+        "accuracy": start,
+        "kl": demo_results["student_start_kl"],
+        "noncanonical": demo_results.get("student_start_noncanonical"),
+    }
     out["teacher_accuracy"] = teacher
     log("[gold] throughput: GOLD, ctopd simct, ctopd dpca, each in a fresh process")
-    lrs = {"gold": chosen["recommended"] if "recommended" in chosen else grid[0],
-           **{name: settings.lr(name) for name in OURS}}
+    lrs = {
+        "gold": chosen["recommended"] if "recommended" in chosen else grid[0],
+        **{name: settings.lr(name) for name in OURS},
+    }
     out["throughput"] = measure_throughput(args, settings, lrs, log)
     log("[gold] diagnostics: the teacher reading the student's chat template")
     start_worker(args.threads)
@@ -548,35 +711,48 @@ def run_all(args, log) -> dict:
 def _summary(runs: list[dict]) -> dict:
     runs = sorted(runs, key=lambda r: r["seed"])
     accuracies = [r["accuracy"] for r in runs]
-    return {"accuracy_mean": statistics.fmean(accuracies),
-            "accuracy_std": statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
-            "per_seed": accuracies, "kl": statistics.fmean(r["kl"] for r in runs),
-            "noncanonical": statistics.fmean(r["noncanonical"] for r in runs),
-            "seconds": statistics.fmean(r["seconds"] for r in runs), "lr": runs[0]["lr"],
-            "unmatched_share": statistics.fmean(r["unmatched_share"] for r in runs),
-            "matched_teacher_ids": runs[0]["matched_teacher_ids"],
-            "teacher_vocab": runs[0]["teacher_vocab"],
-            "response_length_first": statistics.fmean(r["response_length_first"] for r in runs),
-            "response_length_last": statistics.fmean(r["response_length_last"] for r in runs),
-            "crashes": sum(r["crash"] is not None for r in runs), "runs": runs}
+    return {
+        "accuracy_mean": statistics.fmean(accuracies),
+        "accuracy_std": statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
+        "per_seed": accuracies,
+        "kl": statistics.fmean(r["kl"] for r in runs),
+        "noncanonical": statistics.fmean(r["noncanonical"] for r in runs),
+        "seconds": statistics.fmean(r["seconds"] for r in runs),
+        "lr": runs[0]["lr"],
+        "unmatched_share": statistics.fmean(r["unmatched_share"] for r in runs),
+        "matched_teacher_ids": runs[0]["matched_teacher_ids"],
+        "teacher_vocab": runs[0]["teacher_vocab"],
+        "response_length_first": statistics.fmean(r["response_length_first"] for r in runs),
+        "response_length_last": statistics.fmean(r["response_length_last"] for r in runs),
+        "crashes": sum(r["crash"] is not None for r in runs),
+        "runs": runs,
+    }
 
 
 def _flat_keys(out: dict) -> dict:
     """The headline figures as top-level keys (``--json`` readers)."""
     gold = out["gold"].get("recommended") or next(iter(out["gold"].values()))
     tp = out["throughput"]
-    flat = {"gold_accuracy_mean": gold["accuracy_mean"], "gold_accuracy_std": gold["accuracy_std"],
-            "gold_kl": gold["kl"], "gold_lr": gold["lr"],
-            "gold_seconds_per_step": tp["gold"]["seconds_per_step"],
-            "gold_tokens_per_second": tp["gold"]["tokens_per_second"],
-            "gold_peak_mib": tp["gold"]["peak_mib"]}
+    flat = {
+        "gold_accuracy_mean": gold["accuracy_mean"],
+        "gold_accuracy_std": gold["accuracy_std"],
+        "gold_kl": gold["kl"],
+        "gold_lr": gold["lr"],
+        "gold_seconds_per_step": tp["gold"]["seconds_per_step"],
+        "gold_tokens_per_second": tp["gold"]["tokens_per_second"],
+        "gold_peak_mib": tp["gold"]["peak_mib"],
+    }
     for name in OURS:
-        flat.update({f"{name}_accuracy_mean": out["ours"][name]["accuracy_mean"],
-                     f"{name}_accuracy_std": out["ours"][name]["accuracy_std"],
-                     f"{name}_kl": out["ours"][name]["kl"],
-                     f"ctopd_{name}_seconds_per_step": tp[name]["seconds_per_step"],
-                     f"ctopd_{name}_tokens_per_second": tp[name]["tokens_per_second"],
-                     f"ctopd_{name}_peak_mib": tp[name]["peak_mib"]})
+        flat.update(
+            {
+                f"{name}_accuracy_mean": out["ours"][name]["accuracy_mean"],
+                f"{name}_accuracy_std": out["ours"][name]["accuracy_std"],
+                f"{name}_kl": out["ours"][name]["kl"],
+                f"ctopd_{name}_seconds_per_step": tp[name]["seconds_per_step"],
+                f"ctopd_{name}_tokens_per_second": tp[name]["tokens_per_second"],
+                f"ctopd_{name}_peak_mib": tp[name]["peak_mib"],
+            }
+        )
     for variant, summary in out["gold"].items():
         if variant != "recommended":
             flat[f"gold_{variant}_accuracy_mean"] = summary["accuracy_mean"]
@@ -594,19 +770,26 @@ def _version(name: str) -> str | None:
 
 # --- the table ---------------------------------------------------------------------------------
 
-LABELS = {"recommended": "GOLD, hybrid ULD (TRL's recommended)",
-          "bayesian": "GOLD + merge strategy bayesian",
-          "teacher_template": "GOLD + teacher's template (patched)",
-          "teacher_template_bayesian": "GOLD + teacher's template + bayesian",
-          "simct": "ctopd simct", "dpca": "ctopd dpca"}
+LABELS = {
+    "recommended": "GOLD, hybrid ULD (TRL's recommended)",
+    "bayesian": "GOLD + merge strategy bayesian",
+    "teacher_template": "GOLD + teacher's template (patched)",
+    "teacher_template_bayesian": "GOLD + teacher's template + bayesian",
+    "simct": "ctopd simct",
+    "dpca": "ctopd dpca",
+}
 
 
 def print_table(r: dict) -> None:
-    print(f"GOLD (trl {r['trl_version']}) vs ctopd on {r['demo_dir']}: cross-tokenizer student, "
-          f"{r['steps']} steps x {r['batch']} prompts, {r['max_new_tokens']} new tokens, "
-          f"seeds {','.join(map(str, r['seeds']))}, test split")
-    print(f"{'method':<40}{'lr':>7}{'accuracy':>16}{'per seed':>20}{'KL':>7}{'noncanon':>10}"
-          f"{'s/run':>7}  sampled length, first -> last steps")
+    print(
+        f"GOLD (trl {r['trl_version']}) vs ctopd on {r['demo_dir']}: cross-tokenizer student, "
+        f"{r['steps']} steps x {r['batch']} prompts, {r['max_new_tokens']} new tokens, "
+        f"seeds {','.join(map(str, r['seeds']))}, test split"
+    )
+    print(
+        f"{'method':<40}{'lr':>7}{'accuracy':>16}{'per seed':>20}{'KL':>7}{'noncanon':>10}"
+        f"{'s/run':>7}  sampled length, first -> last steps"
+    )
     s = r["student_start"]
     print(f"{'student after warm-up':<40}{'':>7}{s['accuracy']:>16.3f}{'':>20}{s['kl']:>7.3f}")
     rows = [(v, r["gold"][v]) for v in r["gold"]] + [(n, r["ours"][n]) for n in OURS]
@@ -614,42 +797,59 @@ def print_table(r: dict) -> None:
         seeds = " ".join(f"{a:.3f}" for a in m["per_seed"])
         acc = f"{m['accuracy_mean']:.3f} ± {m['accuracy_std']:.3f}"
         nc = "" if m.get("noncanonical") is None else f"{m['noncanonical']:.3f}"
-        length = (f"  {m['response_length_first']:.1f} -> {m['response_length_last']:.1f}"
-                  if "response_length_first" in m else "")
+        length = (
+            f"  {m['response_length_first']:.1f} -> {m['response_length_last']:.1f}"
+            if "response_length_first" in m
+            else ""
+        )
         if m.get("crashes"):
             length += f" ({m['crashes']} crashed)"
-        print(f"{LABELS[name]:<40}{m['lr']:>7.0e}{acc:>16}{seeds:>20}{m['kl']:>7.3f}{nc:>10}"
-              f"{m['seconds']:>7.0f}{length}")
+        print(
+            f"{LABELS[name]:<40}{m['lr']:>7.0e}{acc:>16}{seeds:>20}{m['kl']:>7.3f}{nc:>10}"
+            f"{m['seconds']:>7.0f}{length}"
+        )
     print(f"{'teacher':<40}{'':>7}{r['teacher_accuracy']:>16.3f}")
     print(f"(simct / dpca: {r['ours_source']})")
     if r["sweep"]:
-        print(f"\nvalidation sweep (seed 0, {r['sweep_steps']} steps; sampled length at the "
-              "last steps; chosen: *)")
+        print(
+            f"\nvalidation sweep (seed 0, {r['sweep_steps']} steps; sampled length at the "
+            "last steps; chosen: *)"
+        )
         for row in r["sweep"]:
             mark = "*" if r["chosen_lr"][row["variant"]] == row["lr"] else " "
             crash = f", crashed at step {row['crash']['step']}" if row["crash"] else ""
-            print(f"  {LABELS[row['variant']]:<40}{row['lr']:>7.0e}{mark} accuracy "
-                  f"{row['accuracy']:.3f}, KL {row['kl']:.3f}, length "
-                  f"{row['response_length_last']:.1f}{crash}")
+            print(
+                f"  {LABELS[row['variant']]:<40}{row['lr']:>7.0e}{mark} accuracy "
+                f"{row['accuracy']:.3f}, KL {row['kl']:.3f}, length "
+                f"{row['response_length_last']:.1f}{crash}"
+            )
     tp = r["throughput"]
     print(f"\nthroughput ({r['throughput_note']})")
-    print(f"{'tool':<14}{'s/step':>8}{'tokens/s':>10}{'rollout s':>11}{'loss side s':>13}"
-          f"{'backward s':>12}{'peak MiB':>10}{'process MiB':>13}")
+    print(
+        f"{'tool':<14}{'s/step':>8}{'tokens/s':>10}{'rollout s':>11}{'loss side s':>13}"
+        f"{'backward s':>12}{'peak MiB':>10}{'process MiB':>13}"
+    )
     for name in ("gold", *OURS):
         t = tp[name]
-        print(f"{('GOLD' if name == 'gold' else 'ctopd ' + name):<14}{t['seconds_per_step']:>8.3f}"
-              f"{t['tokens_per_second']:>10.0f}{t['rollout']:>11.3f}{t['loss_side']:>13.3f}"
-              f"{t['backward']:>12.3f}{t['peak_mib']:>10.0f}{t['peak_rss_mib']:>13.0f}")
+        print(
+            f"{('GOLD' if name == 'gold' else 'ctopd ' + name):<14}{t['seconds_per_step']:>8.3f}"
+            f"{t['tokens_per_second']:>10.0f}{t['rollout']:>11.3f}{t['loss_side']:>13.3f}"
+            f"{t['backward']:>12.3f}{t['peak_mib']:>10.0f}{t['peak_rss_mib']:>13.0f}"
+        )
     g, d = r["gold"].get("recommended") or next(iter(r["gold"].values())), r["teacher_diagnostics"]
     weight = g["matched_teacher_ids"] / g["teacher_vocab"]
-    print(f"\nGOLD's hybrid split: {g['matched_teacher_ids']} of {g['teacher_vocab']} teacher ids "
-          f"match a student token string (adaptive weights {weight:.3f} matched / "
-          f"{1 - weight:.3f} unmatched); {g['unmatched_share']:.1%} of the student's sampled "
-          "tokens (mean over the runs) are unmatched (only in the sorted-L1 part)")
-    print(f"GOLD's teacher reads the student's chat template: teacher test accuracy "
-          f"{d['accuracy_own_template']:.3f} with its own, {d['accuracy_student_template']:.3f} "
-          f"with the student's; mean log-prob per reference-answer token "
-          f"{d['answer_logprob_own_template']:.3f} vs {d['answer_logprob_student_template']:.3f}")
+    print(
+        f"\nGOLD's hybrid split: {g['matched_teacher_ids']} of {g['teacher_vocab']} teacher ids "
+        f"match a student token string (adaptive weights {weight:.3f} matched / "
+        f"{1 - weight:.3f} unmatched); {g['unmatched_share']:.1%} of the student's sampled "
+        "tokens (mean over the runs) are unmatched (only in the sorted-L1 part)"
+    )
+    print(
+        f"GOLD's teacher reads the student's chat template: teacher test accuracy "
+        f"{d['accuracy_own_template']:.3f} with its own, {d['accuracy_student_template']:.3f} "
+        f"with the student's; mean log-prob per reference-answer token "
+        f"{d['answer_logprob_own_template']:.3f} vs {d['answer_logprob_student_template']:.3f}"
+    )
     print(f"whole run: {r['seconds']:.0f} s")
 
 
@@ -657,25 +857,47 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-dir", default="ctopd-demo", type=Path)
     parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--steps", type=int, default=0,
-                        help="optimizer steps per test run (default: the demo's, 100)")
-    parser.add_argument("--sweep-steps", type=int, default=0,
-                        help="steps per sweep run (default: the demo's, 50)")
-    parser.add_argument("--lrs", type=lambda s: tuple(float(x) for x in s.split(",")),
-                        help="GOLD's learning-rate grid (default: simct's sweep grid); one "
-                        "rate skips the sweep")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        type=lambda s: tuple(s.split(",")),
-                        help=f"GOLD configurations, recommended first ({', '.join(VARIANTS)})")
-    parser.add_argument("--rerun-ours", action="store_true",
-                        help="rerun simct and dpca here instead of reading results.json")
-    parser.add_argument("--throughput-steps", type=int, default=6,
-                        help="steps per throughput measurement (the first is not counted)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="optimizer steps per test run (default: the demo's, 100)",
+    )
+    parser.add_argument(
+        "--sweep-steps", type=int, default=0, help="steps per sweep run (default: the demo's, 50)"
+    )
+    parser.add_argument(
+        "--lrs",
+        type=lambda s: tuple(float(x) for x in s.split(",")),
+        help="GOLD's learning-rate grid (default: simct's sweep grid); one rate skips the sweep",
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        type=lambda s: tuple(s.split(",")),
+        help=f"GOLD configurations, recommended first ({', '.join(VARIANTS)})",
+    )
+    parser.add_argument(
+        "--rerun-ours",
+        action="store_true",
+        help="rerun simct and dpca here instead of reading results.json",
+    )
+    parser.add_argument(
+        "--throughput-steps",
+        type=int,
+        default=6,
+        help="steps per throughput measurement (the first is not counted)",
+    )
     parser.add_argument("--throughput-rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in every process (the demo's: 1)")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="training runs side by side (default: CPU cores, at most 2)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads in every process (the demo's: 1)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="training runs side by side (default: CPU cores, at most 2)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--output", type=Path, help="also write the JSON object to this file")
     args = parser.parse_args()
@@ -686,11 +908,20 @@ def main() -> int:
     if _version("trl") is None:
         print('error: trl is not installed; pip install -e ".[bench]"', file=sys.stderr)
         return 2
-    for name in ("teacher", "student", "train.jsonl", "validation.jsonl", "test.jsonl",
-                 "results.json"):
+    for name in (
+        "teacher",
+        "student",
+        "train.jsonl",
+        "validation.jsonl",
+        "test.jsonl",
+        "results.json",
+    ):
         if not (args.demo_dir / name).exists():
-            print(f"error: {args.demo_dir / name} is missing; run `ctopd demo --fixed-warmup "
-                  f"--output-dir {args.demo_dir}` first", file=sys.stderr)
+            print(
+                f"error: {args.demo_dir / name} is missing; run `ctopd demo --fixed-warmup "
+                f"--output-dir {args.demo_dir}` first",
+                file=sys.stderr,
+            )
             return 2
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     result = run_all(args, log)
@@ -698,7 +929,8 @@ def main() -> int:
         f"{args.throughput_steps - 1} steps after a warm-up step, {result['batch']} prompts x "
         f"{result['max_new_tokens']} new tokens, {args.threads} torch thread(s), each tool in a "
         f"fresh process, best of {args.throughput_rounds} rounds; peak MiB: rise over the "
-        "process after imports")
+        "process after imports"
+    )
     if args.output:
         args.output.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     if args.json:

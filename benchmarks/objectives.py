@@ -46,8 +46,9 @@ TEACHER_VOCAB = 151_936
 STUDENT_VOCAB = 32_000
 
 
-def loop_simct(student_logits, student_ids, alignments, shared_vocab, teacher, *,
-               unbind: bool = False):
+def loop_simct(
+    student_logits, student_ids, alignments, shared_vocab, teacher, *, unbind: bool = False
+):
     """Baseline: SimCT (reverse KL, τ = 1) written as a per-chunk Python loop over plain autograd.
 
     The same math as ``compute_objective("simct")``: per aligned chunk, the student's class
@@ -114,18 +115,21 @@ def synthetic_setup(tokens: int, seed: int = 0):
     s_to_class[s_members[0]] = np.arange(classes + 1)
     t_to_class = np.full(TEACHER_VOCAB, -1, np.int64)
     t_to_class[t_members[0]] = np.arange(classes + 1)
-    vocab = SharedVocab([b"x%d" % i for i in range(classes)] + [b""], t_members, s_members,
-                        t_to_class, s_to_class)
+    vocab = SharedVocab(
+        [b"x%d" % i for i in range(classes)] + [b""], t_members, s_members, t_to_class, s_to_class
+    )
     sizes = []
     while sum(s for _, s in sizes) < tokens:
-        sizes.append((int(rng.integers(1, 3)), int(rng.integers(2, 4))) if rng.random() < 0.06
-                     else (1, 1))
+        sizes.append(
+            (int(rng.integers(1, 3)), int(rng.integers(2, 4))) if rng.random() < 0.06 else (1, 1)
+        )
     t = np.cumsum([0] + [a for a, _ in sizes])
     s = np.minimum(np.cumsum([0] + [b for _, b in sizes]), tokens)
     chunks = np.stack([t[:-1], t[1:], s[:-1], s[1:]], 1).astype(np.int64)
     chunks = chunks[chunks[:, 3] > chunks[:, 2]]
-    alignment = Alignment(chunks, np.ones(len(chunks), bool), np.zeros(len(chunks), bool),
-                          int(chunks[-1, 1]), tokens)
+    alignment = Alignment(
+        chunks, np.ones(len(chunks), bool), np.zeros(len(chunks), bool), int(chunks[-1, 1]), tokens
+    )
     student_ids = s_ids[rng.integers(0, classes, tokens)].tolist()
     teacher_ids = rng.integers(0, TEACHER_VOCAB, alignment.teacher_length).tolist()
     return student_ids, teacher_ids, alignment, vocab, None
@@ -193,25 +197,33 @@ def make_methods(student_logits, student_ids, alignments, vocab, teacher, text_t
     def step(name, space="paper"):
         def run():
             student_logits.grad = None
-            loss, _ = compute_objective(name, student_logits=student_logits,
-                                        student_ids=student_ids, alignments=alignments,
-                                        shared_vocab=vocab,
-                                        teacher=text_teacher if space == "text" else teacher,
-                                        space=space)
+            loss, _ = compute_objective(
+                name,
+                student_logits=student_logits,
+                student_ids=student_ids,
+                alignments=alignments,
+                shared_vocab=vocab,
+                teacher=text_teacher if space == "text" else teacher,
+                space=space,
+            )
             loss.backward()
+
         return run
 
     def loop(unbind):
         def run():
             student_logits.grad = None
-            loop_simct(student_logits, student_ids, alignments, vocab, teacher,
-                       unbind=unbind).backward()
+            loop_simct(
+                student_logits, student_ids, alignments, vocab, teacher, unbind=unbind
+            ).backward()
+
         return run
 
     methods = {"shared_only": step("shared_only"), "simct": step("simct")}
     if text_teacher is not None:  # needs real byte tables
-        methods.update(simct_text=step("simct", "text"),
-                       shared_only_text=step("shared_only", "text"))
+        methods.update(
+            simct_text=step("simct", "text"), shared_only_text=step("shared_only", "text")
+        )
     methods.update(loop_unbind=loop(True), loop=loop(False))
     return methods
 
@@ -225,37 +237,51 @@ def measure(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     teacher_logits = torch.randn(1, len(t_ids), TEACHER_VOCAB, generator=gen)
     start = time.perf_counter()
-    teacher = teacher_outputs(teacher_logits, torch.tensor([t_ids]), vocab,
-                              teacher_needs("simct", space="paper"))
+    teacher = teacher_outputs(
+        teacher_logits, torch.tensor([t_ids]), vocab, teacher_needs("simct", space="paper")
+    )
     teacher_seconds = time.perf_counter() - start
     text_teacher, text_teacher_seconds = None, None
     if pair is not None:
         tables = text_tables(pair.teacher_table, pair.student_table, vocab)  # built once a pair
         start = time.perf_counter()
-        text_teacher = teacher_outputs(teacher_logits, torch.tensor([t_ids]), vocab,
-                                       teacher_needs("simct"), alignments=[alignment],
-                                       student_ids=[s_ids], text_tables=tables)
+        text_teacher = teacher_outputs(
+            teacher_logits,
+            torch.tensor([t_ids]),
+            vocab,
+            teacher_needs("simct"),
+            alignments=[alignment],
+            student_ids=[s_ids],
+            text_tables=tables,
+        )
         text_teacher_seconds = time.perf_counter() - start
     del teacher_logits
-    teacher = TeacherOutputs(token_logprobs=teacher.token_logprobs,
-                             class_logprobs=teacher.class_logprobs)
+    teacher = TeacherOutputs(
+        token_logprobs=teacher.token_logprobs, class_logprobs=teacher.class_logprobs
+    )
     student_logits = torch.randn(1, len(s_ids), STUDENT_VOCAB, generator=gen).requires_grad_()
-    methods = make_methods(student_logits, torch.tensor([s_ids]), [alignment], vocab, teacher,
-                           text_teacher)
-    out = {"pair": "qwen2 -> llama-spm" if folder else "synthetic", "student_tokens": len(s_ids),
-           "teacher_tokens": len(t_ids), "classes": vocab.size,
-           "chunks_one_to_one": int(alignment.one_to_one.sum()),
-           "chunks_multi": int((alignment.aligned & ~alignment.one_to_one).sum()),
-           "teacher_outputs_seconds": teacher_seconds,
-           "teacher_text_events_seconds": text_teacher_seconds,
-           "threads": torch.get_num_threads()}
+    methods = make_methods(
+        student_logits, torch.tensor([s_ids]), [alignment], vocab, teacher, text_teacher
+    )
+    out = {
+        "pair": "qwen2 -> llama-spm" if folder else "synthetic",
+        "student_tokens": len(s_ids),
+        "teacher_tokens": len(t_ids),
+        "classes": vocab.size,
+        "chunks_one_to_one": int(alignment.one_to_one.sum()),
+        "chunks_multi": int((alignment.aligned & ~alignment.one_to_one).sum()),
+        "teacher_outputs_seconds": teacher_seconds,
+        "teacher_text_events_seconds": text_teacher_seconds,
+        "threads": torch.get_num_threads(),
+    }
     fast = [name for name in methods if name != "loop"]
     keep_freed_memory()
     for name in fast:
         methods[name]()  # warm-up
     # Rounds that run every method once, best per method: a busy machine slows all alike.
-    for name, seconds in best_seconds_interleaved({n: methods[n] for n in fast},
-                                                  args.repeats).items():
+    for name, seconds in best_seconds_interleaved(
+        {n: methods[n] for n in fast}, args.repeats
+    ).items():
         out[f"{name}_seconds"] = seconds
     # Memory after timing: the allocator setting that makes RSS exact also slows allocation.
     use_mmap_for_large_blocks()
@@ -269,25 +295,34 @@ def measure(args) -> dict:
 
 
 def print_table(r: dict) -> None:
-    print(f"pair {r['pair']}: {r['student_tokens']} student / {r['teacher_tokens']} teacher "
-          f"tokens, {r['classes']} classes, {r['chunks_one_to_one']} 1:1 + {r['chunks_multi']} "
-          f"multi-token chunks, {r['threads']} threads")
-    print(f"teacher_outputs (151,936-vocab log-softmax, class log-sum-exp): "
-          f"{r['teacher_outputs_seconds']:.2f} s")
-    print(f"{'method':<14}{'fwd+bwd s':>11}{'peak MiB':>10}{'time vs shared':>16}"
-          f"{'mem vs shared':>15}")
+    print(
+        f"pair {r['pair']}: {r['student_tokens']} student / {r['teacher_tokens']} teacher "
+        f"tokens, {r['classes']} classes, {r['chunks_one_to_one']} 1:1 + {r['chunks_multi']} "
+        f"multi-token chunks, {r['threads']} threads"
+    )
+    print(
+        f"teacher_outputs (151,936-vocab log-softmax, class log-sum-exp): "
+        f"{r['teacher_outputs_seconds']:.2f} s"
+    )
+    print(
+        f"{'method':<14}{'fwd+bwd s':>11}{'peak MiB':>10}{'time vs shared':>16}"
+        f"{'mem vs shared':>15}"
+    )
     if r.get("teacher_text_events_seconds") is not None:
         print(f"teacher_outputs with text events: {r['teacher_text_events_seconds']:.2f} s")
-    for name in ("shared_only", "simct", "simct_text", "shared_only_text", "loop_unbind",
-                 "loop"):
+    for name in ("shared_only", "simct", "simct_text", "shared_only_text", "loop_unbind", "loop"):
         if f"{name}_seconds" not in r:
             continue
         t, m = r[f"{name}_seconds"], r[f"{name}_peak_mb"]
-        print(f"{name:<14}{t:>11.3f}{m:>10.0f}{t / r['shared_only_seconds']:>15.2f}x"
-              f"{m / r['shared_only_peak_mb']:>14.2f}x")
+        print(
+            f"{name:<14}{t:>11.3f}{m:>10.0f}{t / r['shared_only_seconds']:>15.2f}x"
+            f"{m / r['shared_only_peak_mb']:>14.2f}x"
+        )
     if "loop_seconds" in r:
-        print(f"simct is {r['loop_seconds'] / r['simct_seconds']:.0f}x faster than the loop, "
-              f"{r['loop_unbind_seconds'] / r['simct_seconds']:.1f}x than the unbind loop")
+        print(
+            f"simct is {r['loop_seconds'] / r['simct_seconds']:.0f}x faster than the loop, "
+            f"{r['loop_unbind_seconds'] / r['simct_seconds']:.1f}x than the unbind loop"
+        )
 
 
 def main() -> int:
@@ -296,9 +331,13 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=1024, help="student response tokens")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (best is kept)")
     parser.add_argument("--skip-loop", action="store_true", help="skip the slow baseline")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1, as in benchmarks/align.py: on a shared "
-                        "machine every multi-threaded op can wait at a barrier)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1, as in benchmarks/align.py: on a shared "
+        "machine every multi-threaded op can wait at a barrier)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     result = measure(args)

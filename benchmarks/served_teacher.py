@@ -52,15 +52,26 @@ def build(folder: Path, teacher_hidden: int, student_hidden: int) -> dict[str, P
     rows = []
     for i in range(64):
         a, b = 3 + (7 * i) % 90, 2 + (5 * i) % 60
-        rows.append({"prompt": f"Ann has {a} shells and finds {b} more. How many now?",
-                     "answer": f"Ann has {a} + {b} = {a + b} shells.\n#### {a + b}"})
+        rows.append(
+            {
+                "prompt": f"Ann has {a} shells and finds {b} more. How many now?",
+                "answer": f"Ann has {a} + {b} = {a + b} shells.\n#### {a + b}",
+            }
+        )
     corpus = [r["prompt"] for r in rows] + [r["answer"] for r in rows]
     paths = {}
     for name, tokenizer, hidden, layers in (
-            ("teacher", train_byte_level_bpe(corpus, 512), teacher_hidden, 4),
-            ("student", train_sentencepiece_bpe(corpus, 400), student_hidden, 2)):
-        model = tiny_causal_lm(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=4,
-                               max_positions=512, seed=len(name))
+        ("teacher", train_byte_level_bpe(corpus, 512), teacher_hidden, 4),
+        ("student", train_sentencepiece_bpe(corpus, 400), student_hidden, 2),
+    ):
+        model = tiny_causal_lm(
+            tokenizer,
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=4,
+            max_positions=512,
+            seed=len(name),
+        )
         paths[name] = folder / name
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
@@ -74,12 +85,15 @@ def build(folder: Path, teacher_hidden: int, student_hidden: int) -> dict[str, P
 
 def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
     """``ctopd serve-teacher`` on a free port, one thread; returns ``(process, url)``."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     with open(log, "a") as err:
-        process = subprocess.Popen([sys.executable, "-m", "ctopd", "serve-teacher", "--model",
-                                    str(model), "--port", "0"], stdout=subprocess.PIPE,
-                                   stderr=err, env=env, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ctopd", "serve-teacher", "--model", str(model), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=env,
+            text=True,
+        )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: lines.put(process.stdout.readline()), daemon=True).start()
     match = re.search(r"on (http://\S+/v1)", lines.get(timeout=300))
@@ -93,13 +107,35 @@ def time_run(paths: dict[str, Path], out: Path, objective: str, extra: list[str]
     from ctopd.training.config import load_config
     from ctopd.training.loop import train
 
-    config = load_config([
-        "--student", str(paths["student"]), "--teacher", str(paths["teacher"]),
-        "--data", str(paths["prompts"]), "--objective", objective, "--output-dir", str(out),
-        "--max-steps", str(args.steps), "--per-device-batch-size", str(args.batch_size),
-        "--rollout.max-new-tokens", str(args.max_new_tokens), "--rollout.temperature", "1.0",
-        "--optim.lr", "1e-4", "--progress", "false", "--log-every", str(10**6), *extra,
-    ])
+    config = load_config(
+        [
+            "--student",
+            str(paths["student"]),
+            "--teacher",
+            str(paths["teacher"]),
+            "--data",
+            str(paths["prompts"]),
+            "--objective",
+            objective,
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            str(args.steps),
+            "--per-device-batch-size",
+            str(args.batch_size),
+            "--rollout.max-new-tokens",
+            str(args.max_new_tokens),
+            "--rollout.temperature",
+            "1.0",
+            "--optim.lr",
+            "1e-4",
+            "--progress",
+            "false",
+            "--log-every",
+            str(10**6),
+            *extra,
+        ]
+    )
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         train(config)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
@@ -120,8 +156,19 @@ def step_part(paths: dict[str, Path], tmp: Path, args) -> list[dict]:
             for k in ks:
                 for overlap in ("true", "false"):
                     name = f"served, k={'V' if k < 0 else k}, overlap {overlap}"
-                    settings.append((name, ["--teacher-url", url, "--teacher-server.top-k",
-                                            str(k), "--teacher-server.overlap", overlap]))
+                    settings.append(
+                        (
+                            name,
+                            [
+                                "--teacher-url",
+                                url,
+                                "--teacher-server.top-k",
+                                str(k),
+                                "--teacher-server.overlap",
+                                overlap,
+                            ],
+                        )
+                    )
             # Repeats go round the settings in turn, so a slow spell of a shared machine does
             # not land on one setting only; the median of the repeats is reported.
             runs: dict[str, list[dict]] = {name: [] for name, _ in settings}
@@ -130,9 +177,13 @@ def step_part(paths: dict[str, Path], tmp: Path, args) -> list[dict]:
                     out = tmp / f"{objective}-{repeat}-{index}"
                     runs[name].append(time_run(paths, out, objective, extra, args))
             for name, measured in runs.items():
-                results.append({"objective": objective, "setting": name,
-                                **{key: statistics.median(m[key] for m in measured)
-                                   for key in measured[0]}})
+                results.append(
+                    {
+                        "objective": objective,
+                        "setting": name,
+                        **{key: statistics.median(m[key] for m in measured) for key in measured[0]},
+                    }
+                )
     finally:
         process.kill()
         process.wait()
@@ -161,21 +212,42 @@ def rollouts(teacher_dir: Path, student_dir: Path, prompts: Path, args):
     teacher_prompts = encode_prompts(teacher_tokenizer, examples, side="teacher")
     torch.manual_seed(0)
     student_responses = sample_responses(
-        student, student_prompts, end_ids=pair.student_table.end_ids.tolist(),
-        pad_id=student_tokenizer.pad_token_id, max_new_tokens=args.topk_new_tokens,
-        temperature=1.0)
+        student,
+        student_prompts,
+        end_ids=pair.student_table.end_ids.tolist(),
+        pad_id=student_tokenizer.pad_token_id,
+        max_new_tokens=args.topk_new_tokens,
+        temperature=1.0,
+    )
     teacher_responses = pair.teacher_ids_for_batch(student_responses)
     alignments = pair.align_batch(teacher_responses, student_responses)
     with torch.no_grad():
-        teacher_logp = torch.log_softmax(response_logits(
-            teacher, teacher_prompts, teacher_responses, pad_id=teacher_tokenizer.pad_token_id,
-            device="cpu").float(), -1)
-    student_logits = response_logits(student, student_prompts, student_responses,
-                                     pad_id=student_tokenizer.pad_token_id, device="cpu").detach()
-    return dict(pair=pair, alignments=alignments, teacher_logp=teacher_logp,
-                teacher_ids=pad_responses(teacher_responses, pad_id=-1)[0],
-                student_ids=pad_responses(student_responses)[0], student_logits=student_logits,
-                lengths=[len(t) for t in teacher_responses])
+        teacher_logp = torch.log_softmax(
+            response_logits(
+                teacher,
+                teacher_prompts,
+                teacher_responses,
+                pad_id=teacher_tokenizer.pad_token_id,
+                device="cpu",
+            ).float(),
+            -1,
+        )
+    student_logits = response_logits(
+        student,
+        student_prompts,
+        student_responses,
+        pad_id=student_tokenizer.pad_token_id,
+        device="cpu",
+    ).detach()
+    return dict(
+        pair=pair,
+        alignments=alignments,
+        teacher_logp=teacher_logp,
+        teacher_ids=pad_responses(teacher_responses, pad_id=-1)[0],
+        student_ids=pad_responses(student_responses)[0],
+        student_logits=student_logits,
+        lengths=[len(t) for t in teacher_responses],
+    )
 
 
 def served_view(teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, k: int, rule: str):
@@ -190,16 +262,20 @@ def served_view(teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, k: int, r
     keep[torch.arange(len(flat)), teacher_ids.reshape(-1).clamp(min=0)] = True
     rows, ids = keep.nonzero(as_tuple=True)
     values = flat[rows, ids]
-    caps = flat.topk(k, dim=-1).values[:, -1] if 0 < k < vocab else torch.zeros(len(flat),
-                                                                              dtype=flat.dtype)
+    caps = (
+        flat.topk(k, dim=-1).values[:, -1]
+        if 0 < k < vocab
+        else torch.zeros(len(flat), dtype=flat.dtype)
+    )
     if rule == "renormalised":  # the top k scaled to sum to 1, nothing left for the rest
         mass = torch.zeros(len(flat), dtype=torch.float64).index_add_(0, rows, values.exp())
         values = values - mass[rows].log()
         dense = torch.full_like(flat, math.log(REMAINDER_FLOOR / vocab)).float()
         dense[rows, ids] = values.float()
         return dense.view(batch, width, vocab)
-    return dense_logprobs(rows, ids, values, rows_total=len(flat), vocab_size=vocab,
-                          caps=caps).view(batch, width, vocab)
+    return dense_logprobs(
+        rows, ids, values, rows_total=len(flat), vocab_size=vocab, caps=caps
+    ).view(batch, width, vocab)
 
 
 def objective_at(data: dict, objective: str, teacher_logp: torch.Tensor):
@@ -213,15 +289,30 @@ def objective_at(data: dict, objective: str, teacher_logp: torch.Tensor):
     options = {"divergence": divergence} if divergence else {}
     pair = data["pair"]
     needs = teacher_needs(name, **options)
-    tables = (text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab)
-              if "text_events" in needs else None)
-    scores = teacher_outputs(teacher_logp, data["teacher_ids"], pair.shared_vocab, needs,
-                             alignments=data["alignments"], student_ids=data["student_ids"],
-                             text_tables=tables)
+    tables = (
+        text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab)
+        if "text_events" in needs
+        else None
+    )
+    scores = teacher_outputs(
+        teacher_logp,
+        data["teacher_ids"],
+        pair.shared_vocab,
+        needs,
+        alignments=data["alignments"],
+        student_ids=data["student_ids"],
+        text_tables=tables,
+    )
     logits = data["student_logits"].clone().requires_grad_(True)
-    loss, _ = compute_objective(name, student_logits=logits, student_ids=data["student_ids"],
-                                alignments=data["alignments"],
-                                shared_vocab=data["pair"].shared_vocab, teacher=scores, **options)
+    loss, _ = compute_objective(
+        name,
+        student_logits=logits,
+        student_ids=data["student_ids"],
+        alignments=data["alignments"],
+        shared_vocab=data["pair"].shared_vocab,
+        teacher=scores,
+        **options,
+    )
     loss.backward()
     return loss.item(), logits.grad
 
@@ -237,16 +328,21 @@ def topk_part(teacher: Path, student: Path, prompts: Path, args) -> list[dict]:
         # guess; and how often the realised token is among them.
         top = data["teacher_logp"].topk(min(k, vocab), dim=-1).values
         smallest = top[..., -1] if k else torch.full_like(realised, math.inf)
-        row = {"k": k, "top_k_mass": top.exp().sum(-1)[mask].mean().item(),
-               "realised_in_top_k": (realised >= smallest)[mask].float().mean().item()}
+        row = {
+            "k": k,
+            "top_k_mass": top.exp().sum(-1)[mask].mean().item(),
+            "realised_in_top_k": (realised >= smallest)[mask].float().mean().item(),
+        }
         for name in args.topk_objectives.split(","):
             full_loss, full_grad = objective_at(data, name, data["teacher_logp"])
             for rule in ("even", "renormalised"):
-                loss, grad = objective_at(data, name, served_view(
-                    data["teacher_logp"], data["teacher_ids"], k, rule))
+                loss, grad = objective_at(
+                    data, name, served_view(data["teacher_logp"], data["teacher_ids"], k, rule)
+                )
                 row[f"{name}/{rule}/loss"] = abs(loss - full_loss) / max(abs(full_loss), 1e-12)
-                row[f"{name}/{rule}/grad"] = ((grad - full_grad).norm() /
-                                              full_grad.norm().clamp(min=1e-30)).item()
+                row[f"{name}/{rule}/grad"] = (
+                    (grad - full_grad).norm() / full_grad.norm().clamp(min=1e-30)
+                ).item()
         results.append(row)
     return results
 
@@ -268,8 +364,11 @@ def main() -> int:
     parser.add_argument("--student", type=Path, default=None, help="topk: its student")
     parser.add_argument("--prompts", type=Path, default=None, help="topk: JSONL prompts")
     parser.add_argument("--ks", default="1,5,20,100")
-    parser.add_argument("--topk-objectives", default="dpca,simct,shared_only,simct:forward_kl",
-                        help="names, or name:divergence")
+    parser.add_argument(
+        "--topk-objectives",
+        default="dpca,simct,shared_only,simct:forward_kl",
+        help="names, or name:divergence",
+    )
     parser.add_argument("--topk-prompts", type=int, default=32)
     parser.add_argument("--topk-new-tokens", type=int, default=96)
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -285,30 +384,43 @@ def main() -> int:
         if args.part in ("step", "all"):
             output["step"] = step_part(paths, tmp, args)
         if args.part in ("topk", "all"):
-            output["topk"] = topk_part(args.teacher or paths["teacher"],
-                                       args.student or paths["student"],
-                                       args.prompts or paths["prompts"], args)
+            output["topk"] = topk_part(
+                args.teacher or paths["teacher"],
+                args.student or paths["student"],
+                args.prompts or paths["prompts"],
+                args,
+            )
     if args.json:
         print(json.dumps(output, indent=2))
         return 0
     if "step" in output:
-        print(f"seconds per step (median of {args.repeats} runs of {args.steps - 1} steps after a "
-              f"warm-up; batch {args.batch_size}, {args.max_new_tokens} new tokens, one thread "
-              "for the trainer and one for the server)")
-        print(f"{'objective':<10}{'teacher':<34}{'step':>8}{'teacher':>9}{'student fwd':>12}"
-              f"{'rollout':>9}")
+        print(
+            f"seconds per step (median of {args.repeats} runs of {args.steps - 1} steps after a "
+            f"warm-up; batch {args.batch_size}, {args.max_new_tokens} new tokens, one thread "
+            "for the trainer and one for the server)"
+        )
+        print(
+            f"{'objective':<10}{'teacher':<34}{'step':>8}{'teacher':>9}{'student fwd':>12}"
+            f"{'rollout':>9}"
+        )
         for row in output["step"]:
-            print(f"{row['objective']:<10}{row['setting']:<34}{row['step']:>8.3f}"
-                  f"{row['teacher']:>9.3f}{row['student_forward']:>12.3f}{row['rollout']:>9.3f}")
+            print(
+                f"{row['objective']:<10}{row['setting']:<34}{row['step']:>8.3f}"
+                f"{row['teacher']:>9.3f}{row['student_forward']:>12.3f}{row['rollout']:>9.3f}"
+            )
     if "topk" in output:
         names = args.topk_objectives.split(",")
-        print("relative error against the full teacher distribution (loss | gradient), "
-              "remainder spread evenly [renormalised top k]")
+        print(
+            "relative error against the full teacher distribution (loss | gradient), "
+            "remainder spread evenly [renormalised top k]"
+        )
         print(f"{'k':>6}{'top-k mass':>11}" + "".join(f"{n:>31}" for n in names))
         for row in output["topk"]:
             cells = "".join(
                 f"{row[f'{n}/even/loss']:>10.1e} |{row[f'{n}/even/grad']:>8.1e} "
-                f"[{row[f'{n}/renormalised/grad']:>8.1e}]" for n in names)
+                f"[{row[f'{n}/renormalised/grad']:>8.1e}]"
+                for n in names
+            )
             print(f"{row['k']:>6}{row['top_k_mass']:>11.4f}{cells}")
     return 0
 

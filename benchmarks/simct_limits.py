@@ -81,7 +81,7 @@ class VocabBytes:
         self.matrix = np.full((vocab, max(int(self.length.max()), 1)), 256, dtype=np.int16)
         for v, data in enumerate(self.tokens):
             if data:
-                self.matrix[v, :len(data)] = np.frombuffer(data, dtype=np.uint8)
+                self.matrix[v, : len(data)] = np.frombuffer(data, dtype=np.uint8)
         extended = {data[:n] for data in self.tokens if data for n in range(2, len(data) + 1)}
         self.follow = np.ones((vocab, 256), dtype=bool)
         for v, data in enumerate(self.tokens):
@@ -134,8 +134,13 @@ def chunk_events(sides, chunk: bytes, resolution: str, previous, is_end: bool):
         ``(ids, width)``: per side a list of int64 ``[V]`` arrays (``-1``: not an event), and
         the number of event ids the chunk uses.
     """
-    classified = [[_classify(vocab, chunk[offset:], offset, token, i == len(rows) - 1, i == 0)
-                   for i, (token, offset) in enumerate(rows)] for vocab, rows in sides]
+    classified = [
+        [
+            _classify(vocab, chunk[offset:], offset, token, i == len(rows) - 1, i == 0)
+            for i, (token, offset) in enumerate(rows)
+        ]
+        for vocab, rows in sides
+    ]
     size = len(chunk)
     blocked = np.zeros((size + 1, 256), dtype=bool)
     if resolution == "byte":
@@ -177,14 +182,17 @@ def reference_objective(pair, resolution: str):
     if resolution not in RESOLUTIONS:
         raise ValueError(f"unknown resolution {resolution!r}; valid: {', '.join(RESOLUTIONS)}")
     if pair.teacher_table.dummy_prefix or pair.student_table.dummy_prefix:
-        raise ValueError("the brute-force reference does not map a dummy-prefix tokenizer's "
-                         "first response token (use a pair without one)")
+        raise ValueError(
+            "the brute-force reference does not map a dummy-prefix tokenizer's "
+            "first response token (use a pair without one)"
+        )
     vocabs = (VocabBytes(pair.teacher_table), VocabBytes(pair.student_table))
 
-    def objective(*, student_logits, student_ids, alignments, shared_vocab, teacher,
-                  student_old_logprobs=None):
+    def objective(
+        *, student_logits, student_ids, alignments, shared_vocab, teacher, student_old_logprobs=None
+    ):
         batch = student_logits.shape[0]
-        student = [student_ids[b, :alignments[b].student_length].tolist() for b in range(batch)]
+        student = [student_ids[b, : alignments[b].student_length].tolist() for b in range(batch)]
         teacher_tokens = pair.teacher_ids_for_batch(student)
         rows = ([], [])  # per side: (sequence, position, event ids, first row of its chunk)
         total, chunks, multi, supervised = 0, 0, 0, 0
@@ -206,13 +214,16 @@ def reference_objective(pair, resolution: str):
                 for vocab, span in zip(vocabs, spans):
                     offsets = np.cumsum([0] + [int(vocab.length[v]) for v in span])[:-1]
                     sides.append((vocab, list(zip(span, offsets.tolist()))))
-                previous = (teacher_tokens[b][t0 - 1] if t0 else None,
-                            student[b][s0 - 1] if s0 else None)
+                previous = (
+                    teacher_tokens[b][t0 - 1] if t0 else None,
+                    student[b][s0 - 1] if s0 else None,
+                )
                 ids, width = chunk_events(sides, chunk, resolution, previous, is_end)
                 for side, start in ((0, t0), (1, s0)):
                     for i, event in enumerate(ids[side]):
-                        rows[side].append((b, start + i, np.where(event >= 0, event + total, -1),
-                                           i == 0))
+                        rows[side].append(
+                            (b, start + i, np.where(event >= 0, event + total, -1), i == 0)
+                        )
                 total += width
                 chunks += 1
                 multi += (t1 - t0 > 1) or (s1 - s0 > 1)
@@ -220,27 +231,44 @@ def reference_objective(pair, resolution: str):
         tokens = sum(a.student_length for a in alignments)
         if not total:
             zero = student_logits.sum() * 0.0
-            return zero, {"loss": 0.0, "kl": 0.0, "coverage": 0.0, "supervised_tokens": 0.0,
-                          "student_tokens": float(tokens), "chunks_one_to_one": 0.0,
-                          "chunks_multi": 0.0, "unaligned_share": 0.0,
-                          "teacher_logprob_mean": float(teacher.token_logprobs.mean())}
+            return zero, {
+                "loss": 0.0,
+                "kl": 0.0,
+                "coverage": 0.0,
+                "supervised_tokens": 0.0,
+                "student_tokens": float(tokens),
+                "chunks_one_to_one": 0.0,
+                "chunks_multi": 0.0,
+                "unaligned_share": 0.0,
+                "teacher_logprob_mean": float(teacher.token_logprobs.mean()),
+            }
         padded = torch.zeros(batch, max(len(t) for t in teacher_tokens), dtype=torch.long)
         for b, ids_b in enumerate(teacher_tokens):
-            padded[b, :len(ids_b)] = torch.as_tensor(ids_b, dtype=torch.long)
-        student_events = _events(rows[1], torch.log_softmax(student_logits.double(), -1),
-                                 student_ids.long(), total)
+            padded[b, : len(ids_b)] = torch.as_tensor(ids_b, dtype=torch.long)
+        student_events = _events(
+            rows[1], torch.log_softmax(student_logits.double(), -1), student_ids.long(), total
+        )
         with torch.no_grad():
             teacher_events = _events(rows[0], teacher.full_logprobs.double(), padded, total)
         present = student_events > 0
-        terms = torch.where(present, student_events * (student_events.clamp_min(1e-30).log()
-                                                       - teacher_events.clamp_min(1e-30).log()),
-                            torch.zeros_like(student_events))
+        terms = torch.where(
+            present,
+            student_events
+            * (student_events.clamp_min(1e-30).log() - teacher_events.clamp_min(1e-30).log()),
+            torch.zeros_like(student_events),
+        )
         loss = terms.sum() / max(tokens, 1)
-        metrics = {"loss": float(loss), "kl": float(loss), "coverage": supervised / max(tokens, 1),
-                   "supervised_tokens": float(supervised), "student_tokens": float(tokens),
-                   "chunks_one_to_one": float(chunks - multi), "chunks_multi": float(multi),
-                   "unaligned_share": 0.0,
-                   "teacher_logprob_mean": float(teacher.token_logprobs.mean())}
+        metrics = {
+            "loss": float(loss),
+            "kl": float(loss),
+            "coverage": supervised / max(tokens, 1),
+            "supervised_tokens": float(supervised),
+            "student_tokens": float(tokens),
+            "chunks_one_to_one": float(chunks - multi),
+            "chunks_multi": float(multi),
+            "unaligned_share": 0.0,
+            "teacher_logprob_mean": float(teacher.token_logprobs.mean()),
+        }
         return loss.to(student_logits.dtype), metrics
 
     return objective
@@ -269,12 +297,18 @@ def _load(demo: Path, student: str):
     from ctopd.training.config import ModelConfig
     from ctopd.training.models import load_causal_lm, load_model_tokenizer
 
-    configs = ModelConfig(name_or_path=str(demo / "teacher")), \
-        ModelConfig(name_or_path=str(demo / student))
-    tokenizers = (load_model_tokenizer(configs[0], side="teacher"),
-                  load_model_tokenizer(configs[1], side="student"))
-    models = (load_causal_lm(configs[0], side="teacher").eval(),
-              load_causal_lm(configs[1], side="student").eval())
+    configs = (
+        ModelConfig(name_or_path=str(demo / "teacher")),
+        ModelConfig(name_or_path=str(demo / student)),
+    )
+    tokenizers = (
+        load_model_tokenizer(configs[0], side="teacher"),
+        load_model_tokenizer(configs[1], side="student"),
+    )
+    models = (
+        load_causal_lm(configs[0], side="teacher").eval(),
+        load_causal_lm(configs[1], side="student").eval(),
+    )
     return TokenizerPair(*tokenizers), tokenizers, models
 
 
@@ -300,38 +334,58 @@ def visible(demo: Path, student: str, prompts: int) -> dict:
     first_byte = [np.where(v.length > 0, v.matrix[:, 0], 0) for v in vocabs]
     torch.manual_seed(0)
     for lo in range(0, len(examples), 32):
-        sp, tp = s_prompts[lo:lo + 32], t_prompts[lo:lo + 32]
+        sp, tp = s_prompts[lo : lo + 32], t_prompts[lo : lo + 32]
         with torch.no_grad():
-            responses = sample_responses(model, sp, end_ids=pair.student_table.end_ids.tolist(),
-                                         pad_id=s_tok.pad_token_id, max_new_tokens=96)
+            responses = sample_responses(
+                model,
+                sp,
+                end_ids=pair.student_table.end_ids.tolist(),
+                pad_id=s_tok.pad_token_id,
+                max_new_tokens=96,
+            )
             teacher_responses = pair.teacher_ids_for_batch(responses)
             alignments = pair.align_batch(teacher_responses, responses)
-            t_logits = response_logits(teacher, tp, teacher_responses,
-                                       pad_id=t_tok.pad_token_id, device="cpu")
-            s_logits = response_logits(model, sp, responses, pad_id=s_tok.pad_token_id,
-                                       device="cpu")
+            t_logits = response_logits(
+                teacher, tp, teacher_responses, pad_id=t_tok.pad_token_id, device="cpu"
+            )
+            s_logits = response_logits(
+                model, sp, responses, pad_id=s_tok.pad_token_id, device="cpu"
+            )
         t_ids, _ = pad_responses(teacher_responses, pad_id=-1)
         s_ids, _ = pad_responses(responses)
         tables = text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab)
-        outputs = teacher_outputs(t_logits, t_ids, pair.shared_vocab,
-                                  teacher_needs("simct") | {"full_logprobs"},
-                                  alignments=alignments, student_ids=responses,
-                                  text_tables=tables)
+        outputs = teacher_outputs(
+            t_logits,
+            t_ids,
+            pair.shared_vocab,
+            teacher_needs("simct") | {"full_logprobs"},
+            alignments=alignments,
+            student_ids=responses,
+            text_tables=tables,
+        )
         count = sum(len(r) for r in responses)
         tokens += count
         if not pair.identical:
-            loss, _ = compute_objective("simct", student_logits=s_logits, student_ids=s_ids,
-                                        alignments=alignments, shared_vocab=pair.shared_vocab,
-                                        teacher=outputs)
+            loss, _ = compute_objective(
+                "simct",
+                student_logits=s_logits,
+                student_ids=s_ids,
+                alignments=alignments,
+                shared_vocab=pair.shared_vocab,
+                teacher=outputs,
+            )
             simct_loss += float(loss) * count
         for resolution, objective in objectives.items():
             for kind in ("one_to_one", "multi"):
-                keep = [a.one_to_one if kind == "one_to_one" else ~a.one_to_one
-                        for a in alignments]
+                keep = [a.one_to_one if kind == "one_to_one" else ~a.one_to_one for a in alignments]
                 masked = [_only(a, k) for a, k in zip(alignments, keep)]
-                loss, _ = objective(student_logits=s_logits, student_ids=s_ids,
-                                    alignments=masked, shared_vocab=pair.shared_vocab,
-                                    teacher=outputs)
+                loss, _ = objective(
+                    student_logits=s_logits,
+                    student_ids=s_ids,
+                    alignments=masked,
+                    shared_vocab=pair.shared_vocab,
+                    teacher=outputs,
+                )
                 sums[resolution][kind] += float(loss) * count
         for b, alignment in enumerate(alignments):
             for k, (t0, _, s0, _) in enumerate(alignment.chunks):
@@ -341,12 +395,17 @@ def visible(demo: Path, student: str, prompts: int) -> dict:
                 if vocabs[1].special[previous]:
                     continue
                 ruled_out = ~vocabs[1].follow[previous][first_byte[0]] & (vocabs[0].length > 0)
-                excluded += float(torch.softmax(t_logits[b, t0].double(), -1)[
-                    torch.as_tensor(ruled_out)].sum())
+                excluded += float(
+                    torch.softmax(t_logits[b, t0].double(), -1)[torch.as_tensor(ruled_out)].sum()
+                )
                 starts += 1
-    out = {"student": student, "identical": pair.identical, "prompts": len(examples),
-           "student_tokens": tokens,
-           "boundary_teacher_mass_excluded": excluded / max(starts, 1)}
+    out = {
+        "student": student,
+        "identical": pair.identical,
+        "prompts": len(examples),
+        "student_tokens": tokens,
+        "boundary_teacher_mass_excluded": excluded / max(starts, 1),
+    }
     for resolution in RESOLUTIONS:
         for kind in ("one_to_one", "multi"):
             out[f"{resolution}_{kind}"] = sums[resolution][kind] / max(tokens, 1)
@@ -366,8 +425,12 @@ def _only(alignment, keep):
 
 RUNS = (  # (label, student folder, objective, lr method whose rate it uses)
     ("control: OPD", "control", "opd", "control_opd"),
-    ("control: offset events (as if tokenizers differed)", "control", "reference_offset",
-     "control_opd"),
+    (
+        "control: offset events (as if tokenizers differed)",
+        "control",
+        "reference_offset",
+        "control_opd",
+    ),
     ("control: DPCA", "control", "dpca", "dpca"),
     ("cross: SimCT (offset events)", "student", "simct", "simct"),
     ("cross: byte events", "student", "reference_byte", "simct"),
@@ -375,8 +438,7 @@ RUNS = (  # (label, student folder, objective, lr method whose rate it uses)
 )
 
 
-def train_runs(demo: Path, seeds: list[int], *, steps: int | None = None,
-               log=print) -> list[dict]:
+def train_runs(demo: Path, seeds: list[int], *, steps: int | None = None, log=print) -> list[dict]:
     """The validation runs of :data:`RUNS`, one process, one after another (``steps``: the
     demo's ``method_steps`` unless given)."""
     from ctopd.demo import settings as demo_settings
@@ -390,22 +452,42 @@ def train_runs(demo: Path, seeds: list[int], *, steps: int | None = None,
     for label, folder, objective, rate_of in RUNS:
         name = f"limits_{folder}_{objective}"
         if objective.startswith("reference_"):
-            register_objective(objective, reference_objective(pairs[folder],
-                                                              objective.split("_")[1]),
-                               {"token_logprobs", "full_logprobs"})
+            register_objective(
+                objective,
+                reference_objective(pairs[folder], objective.split("_")[1]),
+                {"token_logprobs", "full_logprobs"},
+            )
         demo_settings.RUN_SPECS[name] = (folder, objective)
         for seed in seeds:
             settings = demo_settings.FIXED_WARMUP
-            job = method_job(name, seed, demo, settings, lr=settings.lr(rate_of),
-                             split="validation", curve=False, steps=steps,
-                             run_dir=demo / "runs" / "limits" / f"{name}-seed{seed}")
+            job = method_job(
+                name,
+                seed,
+                demo,
+                settings,
+                lr=settings.lr(rate_of),
+                split="validation",
+                curve=False,
+                steps=steps,
+                run_dir=demo / "runs" / "limits" / f"{name}-seed{seed}",
+            )
             started = time.perf_counter()
             run = run_method(job)
-            rows.append({"label": label, "objective": objective, "seed": seed,
-                         "lr": job["lr"], "accuracy": run["accuracy"], "kl": run["kl"],
-                         "seconds": time.perf_counter() - started})
-            log(f"{label:<52} seed {seed}: validation accuracy {run['accuracy']:.3f}, "
-                f"KL {run['kl']:.3f}")
+            rows.append(
+                {
+                    "label": label,
+                    "objective": objective,
+                    "seed": seed,
+                    "lr": job["lr"],
+                    "accuracy": run["accuracy"],
+                    "kl": run["kl"],
+                    "seconds": time.perf_counter() - started,
+                }
+            )
+            log(
+                f"{label:<52} seed {seed}: validation accuracy {run['accuracy']:.3f}, "
+                f"KL {run['kl']:.3f}"
+            )
     return rows
 
 
@@ -423,26 +505,43 @@ def agreement() -> list[dict]:
 
     distribution = markov_texts("ab 12", max_length=6, seed=3)
     corpus = distribution.sample(3000, seed=1)
-    tokenizers = {"digits": train_byte_level_bpe(corpus, 290, split_digits=True),
-                  "groups": train_digit_group_bpe(corpus, 290),
-                  "bytes": train_byte_level_bpe(corpus, 290, split_digits=False)}
+    tokenizers = {
+        "digits": train_byte_level_bpe(corpus, 290, split_digits=True),
+        "groups": train_digit_group_bpe(corpus, 290),
+        "bytes": train_byte_level_bpe(corpus, 290, split_digits=False),
+    }
     texts = [t for t in distribution.sample(400, seed=2) if not t.startswith(" ")][:48]
     rows = []
-    for teacher_name, student_name in (("digits", "groups"), ("digits", "bytes"),
-                                       ("groups", "digits")):
+    for teacher_name, student_name in (
+        ("digits", "groups"),
+        ("digits", "bytes"),
+        ("groups", "digits"),
+    ):
         pair = TokenizerPair(tokenizers[teacher_name], tokenizers[student_name])
         batch = agreement_batch(pair, distribution, texts)
         tables = text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab)
-        teacher = teacher_outputs(batch.teacher_logits, batch.teacher_ids, pair.shared_vocab,
-                                  teacher_needs("simct") | {"full_logprobs"},
-                                  alignments=batch.alignments,
-                                  student_ids=batch.student_responses, text_tables=tables)
-        row = {"pair": f"{teacher_name} -> {student_name}", "floor": sampled_path_floor(batch),
-               "simct": agreement_losses(pair, batch, space="text")["simct"][0]}
+        teacher = teacher_outputs(
+            batch.teacher_logits,
+            batch.teacher_ids,
+            pair.shared_vocab,
+            teacher_needs("simct") | {"full_logprobs"},
+            alignments=batch.alignments,
+            student_ids=batch.student_responses,
+            text_tables=tables,
+        )
+        row = {
+            "pair": f"{teacher_name} -> {student_name}",
+            "floor": sampled_path_floor(batch),
+            "simct": agreement_losses(pair, batch, space="text")["simct"][0],
+        }
         for resolution in RESOLUTIONS:
             loss, _ = reference_objective(pair, resolution)(
-                student_logits=batch.student_logits.detach(), student_ids=batch.student_ids,
-                alignments=batch.alignments, shared_vocab=pair.shared_vocab, teacher=teacher)
+                student_logits=batch.student_logits.detach(),
+                student_ids=batch.student_ids,
+                alignments=batch.alignments,
+                shared_vocab=pair.shared_vocab,
+                teacher=teacher,
+            )
             row[resolution] = float(loss)
         rows.append(row)
     return rows
@@ -470,21 +569,39 @@ def build_twin(demo: Path, log=print) -> dict:
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(demo / "student"))
     work = demo / "runs" / "limits" / "twin-teacher"
-    model = tiny_causal_lm(tokenizer, hidden_size=FIXED_WARMUP.teacher_hidden,
-                           num_layers=FIXED_WARMUP.teacher_layers, num_heads=FIXED_WARMUP.teacher_heads,
-                           max_positions=512, seed=FIXED_WARMUP.task_seed)
+    model = tiny_causal_lm(
+        tokenizer,
+        hidden_size=FIXED_WARMUP.teacher_hidden,
+        num_layers=FIXED_WARMUP.teacher_layers,
+        num_heads=FIXED_WARMUP.teacher_heads,
+        max_positions=512,
+        seed=FIXED_WARMUP.task_seed,
+    )
     save_model(model, tokenizer, work / "init")
-    log(f"training the twin teacher ({FIXED_WARMUP.teacher_steps} steps) on the student's tokenizer")
-    config = stage_config(FIXED_WARMUP, work / "run", data=demo / "train.jsonl", student=work / "init",
-                          teacher=None, steps=FIXED_WARMUP.teacher_steps, batch=FIXED_WARMUP.teacher_batch,
-                          lr=FIXED_WARMUP.teacher_lr, seed=FIXED_WARMUP.task_seed, schedule="cosine",
-                          warmup_ratio=0.03)
+    log(
+        f"training the twin teacher ({FIXED_WARMUP.teacher_steps} steps) on the student's tokenizer"
+    )
+    config = stage_config(
+        FIXED_WARMUP,
+        work / "run",
+        data=demo / "train.jsonl",
+        student=work / "init",
+        teacher=None,
+        steps=FIXED_WARMUP.teacher_steps,
+        batch=FIXED_WARMUP.teacher_batch,
+        lr=FIXED_WARMUP.teacher_lr,
+        seed=FIXED_WARMUP.task_seed,
+        schedule="cosine",
+        warmup_ratio=0.03,
+    )
     config.sft.source, config.sft.response_field = "data", "answer"
     run_sft(config)
     replace_folder(work / "run" / "final", folder)
     shutil.rmtree(work, ignore_errors=True)
-    result = {"accuracy": accuracy(folder, demo / "validation.jsonl", FIXED_WARMUP),
-              "seconds": time.perf_counter() - started}
+    result = {
+        "accuracy": accuracy(folder, demo / "validation.jsonl", FIXED_WARMUP),
+        "seconds": time.perf_counter() - started,
+    }
     write_stamp(folder, stamp, result)
     return result
 
@@ -494,9 +611,19 @@ def _view(demo: Path, name: str, *, teacher: str, student: str) -> Path:
     ``demo`` (the demo's runs read ``out / "teacher"`` and ``out / "student"``)."""
     view = demo / "runs" / "limits" / name
     view.mkdir(parents=True, exist_ok=True)
-    links = {"teacher": teacher, "student": student,
-             **{n: n for n in ("train.jsonl", "validation.jsonl", "teacher_samples.jsonl",
-                               "teacher_samples.json")}}
+    links = {
+        "teacher": teacher,
+        "student": student,
+        **{
+            n: n
+            for n in (
+                "train.jsonl",
+                "validation.jsonl",
+                "teacher_samples.jsonl",
+                "teacher_samples.json",
+            )
+        },
+    }
     for link, target in links.items():
         path = view / link
         if path.is_symlink() or path.exists():
@@ -505,8 +632,9 @@ def _view(demo: Path, name: str, *, teacher: str, student: str) -> Path:
     return view
 
 
-def _runs_from(view: Path, runs: list[tuple[str, str, str]], seeds: list[int],
-               steps: int | None, log) -> list[dict]:
+def _runs_from(
+    view: Path, runs: list[tuple[str, str, str]], seeds: list[int], steps: int | None, log
+) -> list[dict]:
     """``(label, objective, lr method)`` runs from ``view``'s student, on validation."""
     from ctopd.demo import settings as demo_settings
     from ctopd.demo.methods import method_job, run_method
@@ -516,26 +644,48 @@ def _runs_from(view: Path, runs: list[tuple[str, str, str]], seeds: list[int],
         name = f"limits_{view.name}_{objective}"
         demo_settings.RUN_SPECS[name] = ("student", objective)
         for seed in seeds:
-            job = method_job(name, seed, view, settings, lr=settings.lr(rate_of),
-                             split="validation", curve=False, steps=steps,
-                             run_dir=view / "runs" / f"{objective}-seed{seed}")
+            job = method_job(
+                name,
+                seed,
+                view,
+                settings,
+                lr=settings.lr(rate_of),
+                split="validation",
+                curve=False,
+                steps=steps,
+                run_dir=view / "runs" / f"{objective}-seed{seed}",
+            )
             started = time.perf_counter()
             run = run_method(job)
-            rows.append({"label": label, "objective": objective, "seed": seed,
-                         "lr": job["lr"], "accuracy": run["accuracy"], "kl": run["kl"],
-                         "seconds": time.perf_counter() - started})
+            rows.append(
+                {
+                    "label": label,
+                    "objective": objective,
+                    "seed": seed,
+                    "lr": job["lr"],
+                    "accuracy": run["accuracy"],
+                    "kl": run["kl"],
+                    "seconds": time.perf_counter() - started,
+                }
+            )
             log(f"{label:<52} seed {seed}: validation accuracy {run['accuracy']:.3f}")
     return rows
 
 
-def twin_runs(demo: Path, seeds: list[int], *, steps: int | None = None,
-              log=print) -> tuple[dict, list[dict]]:
+def twin_runs(
+    demo: Path, seeds: list[int], *, steps: int | None = None, log=print
+) -> tuple[dict, list[dict]]:
     """Same-tokenizer OPD from the twin teacher to the warmed-up cross-tokenizer student, on
     validation, at the same-tokenizer OPD rate the demo's sweep chose."""
     twin = build_twin(demo, log=log)
     view = _view(demo, "twin-view", teacher="twin_teacher", student="student")
-    return twin, _runs_from(view, [("cross: OPD from a teacher on its own tokenizer (twin)",
-                                    "opd", "control_opd")], seeds, steps, log)
+    return twin, _runs_from(
+        view,
+        [("cross: OPD from a teacher on its own tokenizer (twin)", "opd", "control_opd")],
+        seeds,
+        steps,
+        log,
+    )
 
 
 CLOSER_STEPS = 1000
@@ -561,33 +711,58 @@ def build_closer(demo: Path, log=print) -> dict:
     started = time.perf_counter()
     work = demo / "runs" / "limits" / "closer-warmup"
     log(f"warming the cross-tokenizer student up for {CLOSER_STEPS} more steps")
-    config = stage_config(FIXED_WARMUP, work, data=demo / "train.jsonl", student=demo / "student",
-                          teacher=None, steps=CLOSER_STEPS, batch=FIXED_WARMUP.warmup_batch,
-                          lr=FIXED_WARMUP.warmup_lr, seed=FIXED_WARMUP.task_seed + 7, schedule="constant",
-                          warmup_ratio=0.0)
+    config = stage_config(
+        FIXED_WARMUP,
+        work,
+        data=demo / "train.jsonl",
+        student=demo / "student",
+        teacher=None,
+        steps=CLOSER_STEPS,
+        batch=FIXED_WARMUP.warmup_batch,
+        lr=FIXED_WARMUP.warmup_lr,
+        seed=FIXED_WARMUP.task_seed + 7,
+        schedule="constant",
+        warmup_ratio=0.0,
+    )
     config.sft.source, config.sft.response_field = "data", "answer"
     run_sft(config)
     replace_folder(work / "final", folder)
     shutil.rmtree(work, ignore_errors=True)
-    result = {"accuracy": accuracy(folder, demo / "validation.jsonl", FIXED_WARMUP),
-              "seconds": time.perf_counter() - started}
+    result = {
+        "accuracy": accuracy(folder, demo / "validation.jsonl", FIXED_WARMUP),
+        "seconds": time.perf_counter() - started,
+    }
     write_stamp(folder, stamp, result)
     return result
 
 
-def closer_runs(demo: Path, seeds: list[int], *, steps: int | None = None,
-                log=print) -> tuple[dict, list[dict]]:
+def closer_runs(
+    demo: Path, seeds: list[int], *, steps: int | None = None, log=print
+) -> tuple[dict, list[dict]]:
     """The cross-tokenizer methods, continued SFT and (when the twin teacher is built) the
     twin's OPD from :func:`build_closer`'s student, on validation, at the demo's rates."""
     closer = build_closer(demo, log=log)
     view = _view(demo, "closer-view", teacher="teacher", student="student_closer")
-    rows = _runs_from(view, [("closer start: SimCT", "simct", "simct"),
-                             ("closer start: DPCA", "dpca", "dpca"),
-                             ("closer start: continued SFT", "sft", "sft")], seeds, steps, log)
+    rows = _runs_from(
+        view,
+        [
+            ("closer start: SimCT", "simct", "simct"),
+            ("closer start: DPCA", "dpca", "dpca"),
+            ("closer start: continued SFT", "sft", "sft"),
+        ],
+        seeds,
+        steps,
+        log,
+    )
     if (demo / "twin_teacher").is_dir():
         view = _view(demo, "closer-twin-view", teacher="twin_teacher", student="student_closer")
-        rows += _runs_from(view, [("closer start: OPD from the twin teacher", "opd",
-                                   "control_opd")], seeds, steps, log)
+        rows += _runs_from(
+            view,
+            [("closer start: OPD from the twin teacher", "opd", "control_opd")],
+            seeds,
+            steps,
+            log,
+        )
     return closer, rows
 
 
@@ -597,69 +772,105 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--train", action="store_true", help="also the validation runs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=None,
-                        help="steps per run (default: the demo's method_steps)")
-    parser.add_argument("--agreement", action="store_true",
-                        help="also the reference spaces at agreement (run from the repo root)")
-    parser.add_argument("--twin", action="store_true",
-                        help="also train the twin teacher and run OPD from it (about 6 min)")
-    parser.add_argument("--closer", action="store_true",
-                        help=f"also the runs from a student warmed up {CLOSER_STEPS} steps longer")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="steps per run (default: the demo's method_steps)"
+    )
+    parser.add_argument(
+        "--agreement",
+        action="store_true",
+        help="also the reference spaces at agreement (run from the repo root)",
+    )
+    parser.add_argument(
+        "--twin",
+        action="store_true",
+        help="also train the twin teacher and run OPD from it (about 6 min)",
+    )
+    parser.add_argument(
+        "--closer",
+        action="store_true",
+        help=f"also the runs from a student warmed up {CLOSER_STEPS} steps longer",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     for name in ("teacher", "student", "control", "validation.jsonl"):
         if not (args.demo_dir / name).exists():
-            sys.exit(f"{args.demo_dir / name} is missing: run `ctopd demo --fixed-warmup "
-                     f"--output-dir {args.demo_dir}` first (it caches the models this script reads)")
+            sys.exit(
+                f"{args.demo_dir / name} is missing: run `ctopd demo --fixed-warmup "
+                f"--output-dir {args.demo_dir}` first (it caches the models this script reads)"
+            )
     from ctopd.demo.stages import one_thread
 
     one_thread()
-    result = {"visible": [visible(args.demo_dir, s, args.prompts)
-                          for s in ("student", "control")]}
+    result = {"visible": [visible(args.demo_dir, s, args.prompts) for s in ("student", "control")]}
     if args.train:
-        result["runs"] = train_runs(args.demo_dir, args.seeds, steps=args.steps,
-                                    log=(lambda s: None) if args.json else print)
+        result["runs"] = train_runs(
+            args.demo_dir,
+            args.seeds,
+            steps=args.steps,
+            log=(lambda s: None) if args.json else print,
+        )
     if args.agreement:
         result["agreement"] = agreement()
     if args.twin:
-        result["twin_teacher"], twin = twin_runs(args.demo_dir, args.seeds, steps=args.steps,
-                                                 log=(lambda s: None) if args.json else print)
+        result["twin_teacher"], twin = twin_runs(
+            args.demo_dir,
+            args.seeds,
+            steps=args.steps,
+            log=(lambda s: None) if args.json else print,
+        )
         result.setdefault("runs", []).extend(twin)
     if args.closer:
         result["closer_student"], closer = closer_runs(
-            args.demo_dir, args.seeds, steps=args.steps,
-            log=(lambda s: None) if args.json else print)
+            args.demo_dir,
+            args.seeds,
+            steps=args.steps,
+            log=(lambda s: None) if args.json else print,
+        )
         result.setdefault("runs", []).extend(closer)
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print("\nDivergence each resolution sees (nats per student token, the student's samples):")
-    print("| student | 1:1 chunks offset / byte | multi-token offset / byte | all offset / byte "
-          "| offset/byte | teacher mass the student's boundary excludes |")
+    print(
+        "| student | 1:1 chunks offset / byte | multi-token offset / byte | all offset / byte "
+        "| offset/byte | teacher mass the student's boundary excludes |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for v in result["visible"]:
         name = "same-tokenizer control" if v["identical"] else "cross-tokenizer student"
-        print(f"| {name} | {v['offset_one_to_one']:.3f} / {v['byte_one_to_one']:.3f} | "
-              f"{v['offset_multi']:.3f} / {v['byte_multi']:.3f} | {v['offset']:.3f} / "
-              f"{v['byte']:.3f} | {v['offset_over_byte']:.2f} | "
-              f"{v['boundary_teacher_mass_excluded']:.1e} |")
+        print(
+            f"| {name} | {v['offset_one_to_one']:.3f} / {v['byte_one_to_one']:.3f} | "
+            f"{v['offset_multi']:.3f} / {v['byte_multi']:.3f} | {v['offset']:.3f} / "
+            f"{v['byte']:.3f} | {v['offset_over_byte']:.2f} | "
+            f"{v['boundary_teacher_mass_excluded']:.1e} |"
+        )
     cross = result["visible"][0]
-    print(f"\nreference offset space {cross['offset']:.5f} vs ctopd simct {cross['simct']:.5f} "
-          "nats/token on the same batches")
+    print(
+        f"\nreference offset space {cross['offset']:.5f} vs ctopd simct {cross['simct']:.5f} "
+        "nats/token on the same batches"
+    )
     if "agreement" in result:
-        print("\nAt agreement (nats per student token; two models that give every text the same "
-              "probability):")
+        print(
+            "\nAt agreement (nats per student token; two models that give every text the same "
+            "probability):"
+        )
         print("| pair | sampled-path floor | simct | reference offset | reference byte |")
         print("| --- | --- | --- | --- | --- |")
         for row in result["agreement"]:
-            print(f"| {row['pair']} | {row['floor']:.4f} | {row['simct']:.4f} | "
-                  f"{row['offset']:.4f} | {row['byte']:.4f} |")
+            print(
+                f"| {row['pair']} | {row['floor']:.4f} | {row['simct']:.4f} | "
+                f"{row['offset']:.4f} | {row['byte']:.4f} |"
+            )
     if "twin_teacher" in result:
-        print(f"\ntwin teacher (student's tokenizer): validation accuracy "
-              f"{result['twin_teacher']['accuracy']:.3f}")
+        print(
+            f"\ntwin teacher (student's tokenizer): validation accuracy "
+            f"{result['twin_teacher']['accuracy']:.3f}"
+        )
     if "closer_student" in result:
-        print(f"closer start (cross-tokenizer student, {CLOSER_STEPS} more warm-up steps): "
-              f"validation accuracy {result['closer_student']['accuracy']:.3f}")
+        print(
+            f"closer start (cross-tokenizer student, {CLOSER_STEPS} more warm-up steps): "
+            f"validation accuracy {result['closer_student']['accuracy']:.3f}"
+        )
     if result.get("runs"):
         print("\n| run | lr | validation accuracy (mean ± std) | per seed | KL |")
         print("| --- | --- | --- | --- | --- |")
@@ -667,9 +878,11 @@ def main(argv=None) -> None:
             mine = [r for r in result["runs"] if r["label"] == label]
             acc = [r["accuracy"] for r in mine]
             std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            print(f"| {label} | {mine[0]['lr']:g} | {statistics.fmean(acc):.3f} ± {std:.3f} | "
-                  f"{' '.join(f'{a:.3f}' for a in acc)} | "
-                  f"{statistics.fmean(r['kl'] for r in mine):.3f} |")
+            print(
+                f"| {label} | {mine[0]['lr']:g} | {statistics.fmean(acc):.3f} ± {std:.3f} | "
+                f"{' '.join(f'{a:.3f}' for a in acc)} | "
+                f"{statistics.fmean(r['kl'] for r in mine):.3f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -35,14 +35,26 @@ def build(folder: Path, hidden_size: int) -> dict[str, Path]:
     rows = []
     for i in range(64):
         a, b = 3 + (7 * i) % 90, 2 + (5 * i) % 60
-        rows.append({"prompt": f"Ann has {a} shells and finds {b} more. How many now?",
-                     "answer": f"Ann has {a} + {b} = {a + b} shells.\n#### {a + b}"})
+        rows.append(
+            {
+                "prompt": f"Ann has {a} shells and finds {b} more. How many now?",
+                "answer": f"Ann has {a} + {b} = {a + b} shells.\n#### {a + b}",
+            }
+        )
     corpus = [r["prompt"] for r in rows] + [r["answer"] for r in rows]
     paths = {}
-    for name, tokenizer in (("teacher", train_byte_level_bpe(corpus, 512)),
-                            ("student", train_sentencepiece_bpe(corpus, 400))):
-        model = tiny_causal_lm(tokenizer, hidden_size=hidden_size, num_layers=2, num_heads=4,
-                               max_positions=512, seed=len(name))
+    for name, tokenizer in (
+        ("teacher", train_byte_level_bpe(corpus, 512)),
+        ("student", train_sentencepiece_bpe(corpus, 400)),
+    ):
+        model = tiny_causal_lm(
+            tokenizer,
+            hidden_size=hidden_size,
+            num_layers=2,
+            num_heads=4,
+            max_positions=512,
+            seed=len(name),
+        )
         paths[name] = folder / name
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
@@ -55,13 +67,34 @@ def run(objective: str, paths: dict[str, Path], out: Path, args) -> dict[str, fl
     from ctopd.training.config import load_config
     from ctopd.training.loop import train
 
-    config = load_config([
-        "--student", str(paths["student"]), "--teacher", str(paths["teacher"]),
-        "--data", str(paths["prompts"]), "--objective", objective, "--output-dir", str(out),
-        "--max-steps", str(args.steps), "--per-device-batch-size", str(args.batch_size),
-        "--rollout.max-new-tokens", str(args.max_new_tokens), "--rollout.temperature", "1.0",
-        "--optim.lr", "1e-4", "--progress", "false", "--log-every", str(10**6),
-    ])
+    config = load_config(
+        [
+            "--student",
+            str(paths["student"]),
+            "--teacher",
+            str(paths["teacher"]),
+            "--data",
+            str(paths["prompts"]),
+            "--objective",
+            objective,
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            str(args.steps),
+            "--per-device-batch-size",
+            str(args.batch_size),
+            "--rollout.max-new-tokens",
+            str(args.max_new_tokens),
+            "--rollout.temperature",
+            "1.0",
+            "--optim.lr",
+            "1e-4",
+            "--progress",
+            "false",
+            "--log-every",
+            str(10**6),
+        ]
+    )
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         train(config)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
@@ -97,12 +130,17 @@ def main() -> int:
         print(json.dumps(results, indent=2))
         return 0
     columns = (*PHASES, "step")
-    print(f"mean ms per step ({args.steps - 1} steps after warm-up, batch {args.batch_size}, "
-          f"{args.max_new_tokens} new tokens, 1 CPU thread)")
+    print(
+        f"mean ms per step ({args.steps - 1} steps after warm-up, batch {args.batch_size}, "
+        f"{args.max_new_tokens} new tokens, 1 CPU thread)"
+    )
     print(f"{'objective':<12}" + "".join(f"{c:>16}" for c in columns) + f"{'align+obj':>11}")
     for objective, mean in results.items():
-        print(f"{objective:<12}" + "".join(f"{1000 * mean[c]:>16.2f}" for c in columns)
-              + f"{100 * mean['align_plus_objective_share']:>10.1f}%")
+        print(
+            f"{objective:<12}"
+            + "".join(f"{1000 * mean[c]:>16.2f}" for c in columns)
+            + f"{100 * mean['align_plus_objective_share']:>10.1f}%"
+        )
     worst = max(m["align_plus_objective_share"] for m in results.values())
     print(f"largest alignment + objective share: {100 * worst:.1f}% (bound: 10%)")
     return 0 if worst <= 0.10 else 1

@@ -29,8 +29,10 @@ def find_real_tokenizers() -> tuple[Path | None, str]:
         return None, f"{TOKENIZERS_ENV} is not set (point it at ../shared/tokenizers to run this)"
     folder = Path(value)
     if not folder.is_dir():
-        return None, (f"{TOKENIZERS_ENV}={value} is not a folder (no ../shared beside this "
-                      "checkout?); real-tokenizer tests skipped")
+        return None, (
+            f"{TOKENIZERS_ENV}={value} is not a folder (no ../shared beside this "
+            "checkout?); real-tokenizer tests skipped"
+        )
     missing = [name for name in REAL_TOKENIZERS if not (folder / name / "tokenizer.json").is_file()]
     if missing:
         return None, f"{TOKENIZERS_ENV}={value} lacks {', '.join(missing)} (no tokenizer.json)"
@@ -44,8 +46,10 @@ def find_gsm8k() -> tuple[Path | None, str]:
     if not value.strip() and os.environ.get(TOKENIZERS_ENV, "").strip():
         value = str(Path(os.environ[TOKENIZERS_ENV]).parent / "data" / "gsm8k" / "train.jsonl")
     if not value.strip():
-        return None, (f"neither {GSM8K_ENV} nor {TOKENIZERS_ENV} is set (point {GSM8K_ENV} at "
-                      "../shared/data/gsm8k/train.jsonl to run this)")
+        return None, (
+            f"neither {GSM8K_ENV} nor {TOKENIZERS_ENV} is set (point {GSM8K_ENV} at "
+            "../shared/data/gsm8k/train.jsonl to run this)"
+        )
     if not Path(value).is_file():
         return None, f"GSM8K sample {value} does not exist (no ../shared beside this checkout?)"
     return Path(value), ""
@@ -77,13 +81,17 @@ def find_real_models() -> tuple[Path | None, str]:
     ``examples/real_pair/fetch_models.py`` makes, else ``(None, why not)``."""
     value = os.environ.get(REAL_MODELS_ENV, "")
     if not value.strip():
-        return None, (f"{REAL_MODELS_ENV} is not set (run examples/real_pair/fetch_models.py "
-                      f"--cache DIR and point {REAL_MODELS_ENV} at DIR to run this)")
+        return None, (
+            f"{REAL_MODELS_ENV} is not set (run examples/real_pair/fetch_models.py "
+            f"--cache DIR and point {REAL_MODELS_ENV} at DIR to run this)"
+        )
     folder = Path(value)
     missing = [m for m in REAL_MODELS if not (folder / m / "model.safetensors").is_file()]
     if missing:
-        return None, (f"{REAL_MODELS_ENV}={value} lacks {', '.join(missing)} (run "
-                      "examples/real_pair/fetch_models.py --cache there)")
+        return None, (
+            f"{REAL_MODELS_ENV}={value} lacks {', '.join(missing)} (run "
+            "examples/real_pair/fetch_models.py --cache there)"
+        )
     return folder, ""
 
 

@@ -76,11 +76,20 @@ def test_no_test_reads_the_shared_folder_around_the_fixtures():
         if path.name in ("conftest.py", Path(__file__).name) and path.parent == root:
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        strings = [n.value for n in ast.walk(tree)
-                   if isinstance(n, ast.Constant) and isinstance(n.value, str)]
-        docstrings = {ast.get_docstring(n, clean=False) for n in ast.walk(tree)
-                      if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))}
-        if any(s in (TOKENIZERS_ENV, GSM8K_ENV) or "../shared" in s
-               for s in strings if s not in docstrings):
+        strings = [
+            n.value
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str)
+        ]
+        docstrings = {
+            ast.get_docstring(n, clean=False)
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))
+        }
+        if any(
+            s in (TOKENIZERS_ENV, GSM8K_ENV) or "../shared" in s
+            for s in strings
+            if s not in docstrings
+        ):
             offenders.append(str(path.relative_to(root)))
     assert offenders == []

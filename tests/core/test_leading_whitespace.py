@@ -90,19 +90,27 @@ def test_three_leading_spaces_spell_three_spaces(pairs, families, teacher):
 def first_space_is_prefix(table, text: str, ids: list[int]) -> bool:
     """The tokenizer put a dummy prefix before ``text`` and its first token carries it (a text
     that opens with a special-token string starts with that special id instead)."""
-    return (prefix_added(table, text) and bool(ids) and not table.special[ids[0]]
-            and table.token_bytes(ids[0])[:1] == b" ")
+    return (
+        prefix_added(table, text)
+        and bool(ids)
+        and not table.special[ids[0]]
+        and table.token_bytes(ids[0])[:1] == b" "
+    )
 
 
 def exact_over_text(pair, text: str, teacher_ids, student_ids) -> bool:
     """Whether both tokenizers spell ``text`` itself: no literal ``▁`` (SentencePiece reads it
     as a space) and no control piece the text was segmented into."""
-    return ("\u2581" not in text and not pair.teacher_table.special[teacher_ids].any()
-            and not pair.student_table.special[student_ids].any())
+    return (
+        "\u2581" not in text
+        and not pair.teacher_table.special[teacher_ids].any()
+        and not pair.student_table.special[student_ids].any()
+    )
 
 
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(text=st.one_of(texts_with_whitespace_ends, texts), pair_index=st.integers(0, 10**6))
 @example(text="<s>", pair_index=3)  # a text that is a special-token string
 @example(text="\U0001f600<s>", pair_index=39)
@@ -117,7 +125,8 @@ def test_text_input_gives_own_ids_and_chunks_exact_over_the_text(pairs, text, pa
     assert al.chunks.tolist() == record["chunks"] and al.aligned.tolist() == record["aligned"]
     assert (al.teacher_dummy_space, al.student_dummy_space) == (
         first_space_is_prefix(pair.teacher_table, text, teacher_ids),
-        first_space_is_prefix(pair.student_table, text, student_ids))
+        first_space_is_prefix(pair.student_table, text, student_ids),
+    )
     check_partition(al, len(teacher_ids), len(student_ids))
     student_bytes = check_against_reference(pair, teacher_ids, student_ids, al, text=text)
     if text and exact_over_text(pair, text, teacher_ids, student_ids):
@@ -184,10 +193,13 @@ def test_batches_mix_texts_that_do_and_do_not_start_with_a_space(pairs):
         single = pair.align(t_ids, s_ids, text=text)
         assert np.array_equal(al.chunks, single.chunks) and al.aligned.all()
         assert (al.teacher_dummy_space, al.student_dummy_space) == (
-            single.teacher_dummy_space, single.student_dummy_space)
+            single.teacher_dummy_space,
+            single.student_dummy_space,
+        )
     sampled_teacher = pair.teacher_ids_for_batch(student_ids)
-    for t_ids, s_ids, al in zip(sampled_teacher, student_ids,
-                                pair.align_batch(sampled_teacher, student_ids)):
+    for t_ids, s_ids, al in zip(
+        sampled_teacher, student_ids, pair.align_batch(sampled_teacher, student_ids)
+    ):
         single = pair.align(t_ids, s_ids)
         assert np.array_equal(al.chunks, single.chunks)
         assert np.array_equal(al.aligned, single.aligned)

@@ -35,20 +35,26 @@ def real_tokenizers(real_tokenizers_dir):
 @pytest.fixture(scope="module")
 def real_pairs(real_tokenizers):
     """Every ordered pair of real tokenizers, identical ones included."""
-    return {(t, s): TokenizerPair(real_tokenizers[t], real_tokenizers[s])
-            for t in REAL_TOKENIZERS for s in REAL_TOKENIZERS}
+    return {
+        (t, s): TokenizerPair(real_tokenizers[t], real_tokenizers[s])
+        for t in REAL_TOKENIZERS
+        for s in REAL_TOKENIZERS
+    }
 
 
 @pytest.fixture(scope="module")
 def gsm8k_ids(real_tokenizers, gsm8k_answers):
     """Each tokenizer's ids of every GSM8K answer (encoded once, shared by all pairs)."""
-    return {name: tok(gsm8k_answers, add_special_tokens=False)["input_ids"]
-            for name, tok in real_tokenizers.items()}
+    return {
+        name: tok(gsm8k_answers, add_special_tokens=False)["input_ids"]
+        for name, tok in real_tokenizers.items()
+    }
 
 
 @pytest.mark.parametrize("teacher,student", list(itertools.permutations(REAL_TOKENIZERS, 2)))
-def test_every_student_token_is_covered_on_gsm8k(real_tokenizers, gsm8k_answers, gsm8k_ids,
-                                                 teacher, student):
+def test_every_student_token_is_covered_on_gsm8k(
+    real_tokenizers, gsm8k_answers, gsm8k_ids, teacher, student
+):
     pair = TokenizerPair(real_tokenizers[teacher], real_tokenizers[student])
     end = int(pair.student_table.end_ids[0])
     student_ids = [ids + [end] for ids in gsm8k_ids[student]]
@@ -67,8 +73,12 @@ def test_every_student_token_is_covered_on_gsm8k(real_tokenizers, gsm8k_answers,
 
 def test_prefix_rules_of_real_tokenizers(real_tokenizers):
     """Llama-2's Metaspace "first" and Phi-3's Prepend normaliser, as their own rules say."""
-    expected = {"qwen2": ("never", False), "gpt-2": ("never", False),
-                "llama-spm": ("unless_space", True), "phi-3": ("always", True)}
+    expected = {
+        "qwen2": ("never", False),
+        "gpt-2": ("never", False),
+        "llama-spm": ("unless_space", True),
+        "phi-3": ("always", True),
+    }
     for name, tokenizer in real_tokenizers.items():
         table = build_byte_table(tokenizer)
         assert (table.prefix_rule, table.decoder_strips_space) == expected[name], name
@@ -87,8 +97,9 @@ def test_end_of_turn_ids_of_real_templates(real_tokenizers):
 
 def test_special_token_text_in_a_response_stays_text(real_tokenizers):
     pair = TokenizerPair(real_tokenizers["qwen2"], real_tokenizers["llama-spm"])
-    student_ids = real_tokenizers["llama-spm"].encode("say <|im_end|> now",
-                                                      add_special_tokens=False)
+    student_ids = real_tokenizers["llama-spm"].encode(
+        "say <|im_end|> now", add_special_tokens=False
+    )
     teacher_ids = pair.teacher_ids_for(student_ids)
     assert real_tokenizers["qwen2"].convert_tokens_to_ids("<|im_end|>") not in teacher_ids
     al = pair.align(teacher_ids, student_ids)
@@ -104,8 +115,10 @@ def test_per_token_decode_loses_llama_spaces(real_tokenizers):
     assert np.all(table.lengths[ids] > 0)
 
 
-@pytest.mark.parametrize("teacher,student", [("qwen2", "llama-spm"), ("llama-spm", "gpt-2"),
-                                             ("gpt-2", "qwen2"), ("phi-3", "qwen2")])
+@pytest.mark.parametrize(
+    "teacher,student",
+    [("qwen2", "llama-spm"), ("llama-spm", "gpt-2"), ("gpt-2", "qwen2"), ("phi-3", "qwen2")],
+)
 def test_batched_byte_check_on_real_pairs(real_tokenizers, gsm8k_ids, teacher, student):
     """Real vocabularies have long tokens, so many chunks exceed 8 bytes (compared byte by byte)
     and many are multi-token (compared as packed words). In each of 150 answers one token, on
@@ -118,11 +131,13 @@ def test_batched_byte_check_on_real_pairs(real_tokenizers, gsm8k_ids, teacher, s
     student_ids = [ids + [end] for ids in gsm8k_ids[student][:150]]
     teacher_ids = pair.teacher_ids_for_batch(student_ids)
     batch_t, batch_s, long_hits = [], [], 0
-    for k, (t_ids, s_ids, al) in enumerate(zip(teacher_ids, student_ids,
-                                               pair.align_batch(teacher_ids, student_ids))):
+    for k, (t_ids, s_ids, al) in enumerate(
+        zip(teacher_ids, student_ids, pair.align_batch(teacher_ids, student_ids))
+    ):
         t_pre = sides_prefixed(pair, s_ids)[0]
-        offsets = np.cumsum([0] + [len(p) for p in content_pieces(pair.teacher_table, t_ids,
-                                                                  t_pre)])
+        offsets = np.cumsum(
+            [0] + [len(p) for p in content_pieces(pair.teacher_table, t_ids, t_pre)]
+        )
         content = al.chunks[~al.is_end]
         sizes = offsets[content[:, 1]] - offsets[content[:, 0]]
         # Every other answer: aim at a chunk of more than 8 bytes when there is one.
@@ -130,11 +145,13 @@ def test_batched_byte_check_on_real_pairs(real_tokenizers, gsm8k_ids, teacher, s
         ta, tb, sa, sb = pool[rng.integers(len(pool))]
         long_hits += bool(offsets[tb] - offsets[ta] > 8)
         if k % 3 == 0:
-            s_ids = same_length_substitute(pair.student_table, s_ids, int(rng.integers(sa, sb)),
-                                           int(rng.integers(10**6)))
+            s_ids = same_length_substitute(
+                pair.student_table, s_ids, int(rng.integers(sa, sb)), int(rng.integers(10**6))
+            )
         else:
-            t_ids = same_length_substitute(pair.teacher_table, t_ids, int(rng.integers(ta, tb)),
-                                           int(rng.integers(10**6)))
+            t_ids = same_length_substitute(
+                pair.teacher_table, t_ids, int(rng.integers(ta, tb)), int(rng.integers(10**6))
+            )
         batch_t += [teacher_ids[k], t_ids]
         batch_s += [student_ids[k], s_ids]
     assert long_hits >= 40
@@ -153,10 +170,13 @@ def rewritten(table, text: str) -> bool:
     return "NFC" in table.rewrites_text and unicodedata.normalize("NFC", text) != text
 
 
-@settings(max_examples=200, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=st.one_of(texts_with_whitespace_ends, texts),
-       pair_index=st.integers(0, len(REAL_TOKENIZERS) ** 2 - 1))
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    text=st.one_of(texts_with_whitespace_ends, texts),
+    pair_index=st.integers(0, len(REAL_TOKENIZERS) ** 2 - 1),
+)
 def test_real_text_input_gives_own_ids_and_exact_chunks(real_pairs, text, pair_index):
     """``ctopd align`` on real vocabularies (Llama-2's Metaspace "first", Phi-3's Prepend
     normaliser, byte-level GPT-2 and Qwen2): each side's own ids, chunks exact over the text."""
@@ -170,21 +190,32 @@ def test_real_text_input_gives_own_ids_and_exact_chunks(real_pairs, text, pair_i
     assert al.chunks.tolist() == record["chunks"]
     check_partition(al, len(teacher_ids), len(student_ids))
     student_bytes = check_against_reference(pair, teacher_ids, student_ids, al, text=text)
-    special = (pair.teacher_table.special[teacher_ids].any()
-               or pair.student_table.special[student_ids].any())
-    if (text and "\u2581" not in text and not special
-            and not rewritten(pair.teacher_table, text)
-            and not rewritten(pair.student_table, text)):
+    special = (
+        pair.teacher_table.special[teacher_ids].any()
+        or pair.student_table.special[student_ids].any()
+    )
+    if (
+        text
+        and "\u2581" not in text
+        and not special
+        and not rewritten(pair.teacher_table, text)
+        and not rewritten(pair.student_table, text)
+    ):
         assert student_bytes == text.encode(), key
         assert al.aligned.all(), (key, text)
 
 
-@settings(max_examples=100, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=st.one_of(texts_with_whitespace_ends, texts),
-       pair_index=st.integers(0, len(REAL_TOKENIZERS) ** 2 - 1), extra=st.integers(0, 3))
-def test_real_sampled_response_text_is_what_the_student_decodes(real_pairs, text, pair_index,
-                                                                extra):
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    text=st.one_of(texts_with_whitespace_ends, texts),
+    pair_index=st.integers(0, len(REAL_TOKENIZERS) ** 2 - 1),
+    extra=st.integers(0, 3),
+)
+def test_real_sampled_response_text_is_what_the_student_decodes(
+    real_pairs, text, pair_index, extra
+):
     """Sampled ids, opened by up to three extra space pieces: the response text is the student
     tokenizer's decoding, the teacher's ids its own ids of that text."""
     pair = real_pairs[sorted(real_pairs)[pair_index]]
@@ -195,11 +226,19 @@ def test_real_sampled_response_text_is_what_the_student_decodes(real_pairs, text
     assert pair.student_text(sampled) == decoded
     teacher_ids = pair.teacher_ids_for(sampled)
     if not pair.identical:
-        assert teacher_ids == pair.teacher_tokenizer(
-            decoded, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert (
+            teacher_ids
+            == pair.teacher_tokenizer(decoded, add_special_tokens=False, split_special_tokens=True)[
+                "input_ids"
+            ]
+        )
     al = pair.align(teacher_ids, sampled)
     check_partition(al, len(teacher_ids), len(sampled))
     check_against_reference(pair, teacher_ids, sampled, al)
-    if (decoded and "\u2581" not in text and not pair.student_table.special[sampled].any()
-            and not rewritten(pair.teacher_table, decoded)):
+    if (
+        decoded
+        and "\u2581" not in text
+        and not pair.student_table.special[sampled].any()
+        and not rewritten(pair.teacher_table, decoded)
+    ):
         assert al.aligned.all(), text

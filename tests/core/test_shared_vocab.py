@@ -10,8 +10,10 @@ from ctopd import TokenizerPair
 def test_every_class_member_spells_the_class_bytes(byte_level_tokenizer, sentencepiece_tokenizer):
     pair = TokenizerPair(byte_level_tokenizer, sentencepiece_tokenizer)
     shared = pair.shared_vocab
-    for member_ids, table in ((shared.teacher_member_ids, pair.teacher_table),
-                              (shared.student_member_ids, pair.student_table)):
+    for member_ids, table in (
+        (shared.teacher_member_ids, pair.teacher_table),
+        (shared.student_member_ids, pair.student_table),
+    ):
         assert member_ids.shape[1] == shared.size
         assert (member_ids[0] >= 0).all()  # every class has at least one id on each side
         for rank in range(member_ids.shape[0]):
@@ -19,8 +21,9 @@ def test_every_class_member_spells_the_class_bytes(byte_level_tokenizer, sentenc
                 assert table.token_bytes(member_ids[rank, c]) == shared.class_bytes[c]
     assert shared.class_bytes[shared.end_class] == b""
     assert shared.classes()[-1] == "<end>"
-    assert sorted(shared.student_member_ids[:, -1][shared.student_member_ids[:, -1] >= 0]) == \
-        sorted(pair.student_table.end_ids.tolist())
+    assert sorted(
+        shared.student_member_ids[:, -1][shared.student_member_ids[:, -1] >= 0]
+    ) == sorted(pair.student_table.end_ids.tolist())
 
 
 def test_duplicate_spellings_share_one_class(byte_level_tokenizer, sentencepiece_tokenizer):
@@ -37,8 +40,10 @@ def test_duplicate_spellings_share_one_class(byte_level_tokenizer, sentencepiece
 def test_id_to_class_is_the_inverse_of_members(byte_level_tokenizer, unigram_tokenizer):
     pair = TokenizerPair(byte_level_tokenizer, unigram_tokenizer)
     shared = pair.shared_vocab
-    for member_ids, id_to_class in ((shared.teacher_member_ids, shared.teacher_id_to_class),
-                                    (shared.student_member_ids, shared.student_id_to_class)):
+    for member_ids, id_to_class in (
+        (shared.teacher_member_ids, shared.teacher_id_to_class),
+        (shared.student_member_ids, shared.student_id_to_class),
+    ):
         ranks, classes = np.nonzero(member_ids >= 0)
         assert np.array_equal(id_to_class[member_ids[ranks, classes]], classes)
         assert (id_to_class >= 0).sum() == ranks.size
@@ -55,7 +60,9 @@ def test_identical_tokenizers_share_every_ordinary_token(byte_level_tokenizer):
 
 
 def test_whitespace_and_non_ascii_tokens_are_shared(real_tokenizers_dir):
-    pair = TokenizerPair.from_pretrained(real_tokenizers_dir / "gpt-2", real_tokenizers_dir / "phi-3")
+    pair = TokenizerPair.from_pretrained(
+        real_tokenizers_dir / "gpt-2", real_tokenizers_dir / "phi-3"
+    )
     shared = set(pair.shared_vocab.class_bytes)
     # A string-replacement mapping (Ġ -> ▁) misses all of these.
     for piece in (b"\n", b"\t", b" the", b"\xc3\xa9", b" "):
@@ -66,8 +73,9 @@ def test_first_position_labels_mismatch_only_across_dummy_prefix_kinds(families)
     from ctopd import TokenizerPair
 
     def mislabelled(teacher, student):
-        return TokenizerPair(families[teacher], families[student]).shared_vocab \
-            .first_position_mislabelled
+        return TokenizerPair(
+            families[teacher], families[student]
+        ).shared_vocab.first_position_mislabelled
 
     assert mislabelled("byte_level", "sentencepiece_bpe")
     assert mislabelled("unigram", "byte_level")

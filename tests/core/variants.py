@@ -11,10 +11,12 @@ METASPACE = "\u2581"
 
 
 def _rebuilt(tokenizer: PreTrainedTokenizerFast, spec: dict) -> PreTrainedTokenizerFast:
-    specials = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "pad_token",
-                                                   "unk_token") if getattr(tokenizer, k)}
-    out = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-                                  **specials)
+    specials = {
+        k: getattr(tokenizer, k)
+        for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+        if getattr(tokenizer, k)
+    }
+    out = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), **specials)
     out.chat_template = tokenizer.chat_template
     return out
 
@@ -28,9 +30,13 @@ def with_prepend_scheme(tokenizer: PreTrainedTokenizerFast, scheme: str) -> PreT
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     assert spec["pre_tokenizer"]["type"] == "Metaspace"
     if scheme == "prepend":
-        spec["normalizer"] = {"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": METASPACE},
-            {"type": "Replace", "pattern": {"String": " "}, "content": METASPACE}]}
+        spec["normalizer"] = {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": METASPACE},
+                {"type": "Replace", "pattern": {"String": " "}, "content": METASPACE},
+            ],
+        }
         spec["pre_tokenizer"] = None
     else:
         spec["pre_tokenizer"]["prepend_scheme"] = scheme

@@ -59,8 +59,9 @@ def test_pairing_narrows_the_interval_of_runs_that_fail_the_same_problems():
     b = ~hard
     paired = difference(outcome_matrix(_strings(a[None])), outcome_matrix(_strings(b[None])))
     # The same accuracies on unrelated problems: b's outcomes shuffled.
-    shuffled = difference(outcome_matrix(_strings(a[None])),
-                          outcome_matrix(_strings(rng.permutation(b)[None])))
+    shuffled = difference(
+        outcome_matrix(_strings(a[None])), outcome_matrix(_strings(rng.permutation(b)[None]))
+    )
     assert paired["value"] == pytest.approx(shuffled["value"])
     assert paired["value"] < 0 and paired["high"] < 0 and paired["above_zero"] == 0.0
     assert (paired["high"] - paired["low"]) < 0.5 * (shuffled["high"] - shuffled["low"])

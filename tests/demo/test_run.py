@@ -12,8 +12,19 @@ from ctopd.core.pair import TokenizerPair
 from ctopd.demo.run import METHODS
 from ctopd.demo.settings import QUICK, SIMCT_SPACES
 
-COMMON_FIELDS = ("accuracy", "accuracy_mean", "accuracy_std", "gap_closed", "kl", "coverage",
-                 "aligned_coverage", "noncanonical", "seconds", "lr", "runs")
+COMMON_FIELDS = (
+    "accuracy",
+    "accuracy_mean",
+    "accuracy_std",
+    "gap_closed",
+    "kl",
+    "coverage",
+    "aligned_coverage",
+    "noncanonical",
+    "seconds",
+    "lr",
+    "runs",
+)
 
 
 def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_path, capsys):
@@ -74,24 +85,33 @@ def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_pat
     for run in ("simct-seed0", "control_opd-seed1", "sft-seed0"):
         kept = out / "runs" / run / "final"
         assert AutoModelForCausalLM.from_pretrained(kept).config.vocab_size >= len(
-            AutoTokenizer.from_pretrained(kept))
+            AutoTokenizer.from_pretrained(kept)
+        )
         assert not list((out / "runs" / run).glob("checkpoint-*"))
     responses = (out / "runs" / "simct-seed0" / "extra_test_responses.jsonl").read_text()
     assert responses.count("\n") == QUICK.num_extra_test
-    compared = {(c["kind"], c["a"], c["b"]) for c in results["comparisons"]
-                if c["metric"] == "greedy"}
+    compared = {
+        (c["kind"], c["a"], c["b"]) for c in results["comparisons"] if c["metric"] == "greedy"
+    }
     assert ("difference", "simct", "sft") in compared
     assert ("difference", "control_opd", "control_sft") in compared
     assert ("gap_fraction", "simct", "control_opd") in compared
     final = QUICK.method_steps
     for run in results["methods"]["simct"]["runs"]:  # every checkpoint, the last as above
-        assert run["curve"]["extra_step"] == list(range(QUICK.eval_every, final + 1,
-                                                        QUICK.eval_every))
+        assert run["curve"]["extra_step"] == list(
+            range(QUICK.eval_every, final + 1, QUICK.eval_every)
+        )
         assert run["curve"]["extra_outcomes"][-1] == run["extra_outcomes"]
-    assert {c["step"] for c in results["comparisons"] if c["kind"] == "difference"
-            and c["metric"] == "greedy"} == set(run["curve"]["extra_step"])
-    simct_sft = next(c for c in results["comparisons"] if c["a"] == "simct" and c["b"] == "sft"
-                     and c["step"] == final and c["metric"] == "greedy")
+    assert {
+        c["step"]
+        for c in results["comparisons"]
+        if c["kind"] == "difference" and c["metric"] == "greedy"
+    } == set(run["curve"]["extra_step"])
+    simct_sft = next(
+        c
+        for c in results["comparisons"]
+        if c["a"] == "simct" and c["b"] == "sft" and c["step"] == final and c["metric"] == "greedy"
+    )
     means = {name: row["extra_accuracy_mean"] for name, row in results["methods"].items()}
     assert simct_sft["value"] == pytest.approx(means["simct"] - means["sft"])
     assert simct_sft["low"] <= simct_sft["high"]
@@ -107,16 +127,23 @@ def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_pat
         for run in row["runs"]:
             assert len(run["extra_sampled_outcomes"]) == QUICK.num_extra_test
         assert row["extra_sampled_accuracy_mean"] == pytest.approx(
-            sum(r["extra_sampled_accuracy"] for r in row["runs"]) / 2)
+            sum(r["extra_sampled_accuracy"] for r in row["runs"]) / 2
+        )
     sampled_rows = [c for c in results["comparisons"] if c["metric"] == "sampled"]
     assert {(c["kind"], c["a"], c["b"]) for c in sampled_rows} == compared
     assert {c["step"] for c in sampled_rows} == {final}
-    sampled_means = {name: row["extra_sampled_accuracy_mean"]
-                     for name, row in results["methods"].items()}
-    simct_sft_sampled = next(c for c in sampled_rows
-                             if c["kind"] == "difference" and (c["a"], c["b"]) == ("simct", "sft"))
-    assert simct_sft_sampled["value"] == pytest.approx(sampled_means["simct"] - sampled_means["sft"])
-    sampled_responses = (out / "runs" / "simct-seed0" / "extra_test_sampled_responses.jsonl")
+    sampled_means = {
+        name: row["extra_sampled_accuracy_mean"] for name, row in results["methods"].items()
+    }
+    simct_sft_sampled = next(
+        c
+        for c in sampled_rows
+        if c["kind"] == "difference" and (c["a"], c["b"]) == ("simct", "sft")
+    )
+    assert simct_sft_sampled["value"] == pytest.approx(
+        sampled_means["simct"] - sampled_means["sft"]
+    )
+    sampled_responses = out / "runs" / "simct-seed0" / "extra_test_sampled_responses.jsonl"
     assert sampled_responses.read_text().count("\n") == QUICK.num_extra_test
     assert "sampled accuracy (T = 1)" in report and "(sampled accuracy)" in report
     assert set(results["stages"]) == {"teacher", "samples", "students", "methods"}
@@ -132,8 +159,11 @@ def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_pat
     assert teacher_tok.chat_template and student_tok.chat_template
     assert not TokenizerPair(teacher_tok, student_tok).identical
     assert TokenizerPair(teacher_tok, control_tok).identical
-    for folder, tokenizer in (("teacher", teacher_tok), ("student", student_tok),
-                              ("control", control_tok)):
+    for folder, tokenizer in (
+        ("teacher", teacher_tok),
+        ("student", student_tok),
+        ("control", control_tok),
+    ):
         model = AutoModelForCausalLM.from_pretrained(out / folder)
         assert model.config.vocab_size >= len(tokenizer)
     student_model = AutoModelForCausalLM.from_pretrained(out / "student")
@@ -145,8 +175,21 @@ def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_pat
     assert (out / "test.jsonl").read_text().count("\n") == results["settings"]["num_test"]
 
     # A second run reuses the cached teacher, samples and students; --methods runs a subset.
-    assert main(["demo", "--quick", "--seeds", "1", "--methods", "dpca,control_opd",
-                 "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--quick",
+                "--seeds",
+                "1",
+                "--methods",
+                "dpca,control_opd",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "reusing the teacher" in printed and "reusing the cross-tokenizer student" in printed
     assert "reusing the same-tokenizer control" in printed
@@ -160,21 +203,36 @@ def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_pat
 
     # The sweep: every learning rate of each grid, scored on the validation split.
     # With the fixed warm-up (the students are rebuilt: their stamps name no target).
-    assert main(["demo", "--quick", "--sweep", "--fixed-warmup", "--methods", "sft,control_opd",
-                 "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--quick",
+                "--sweep",
+                "--fixed-warmup",
+                "--methods",
+                "sft,control_opd",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "warming up the cross-tokenizer student" in capsys.readouterr().out
     sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["split"] == "validation"
     assert sweep["command"] == "ctopd demo --sweep --quick --fixed-warmup --methods sft,control_opd"
-    assert "warmup_target" not in json.loads((out / "student" / "demo.json").read_text())[
-        "settings"]
+    assert (
+        "warmup_target" not in json.loads((out / "student" / "demo.json").read_text())["settings"]
+    )
     tried = {(r["name"], r["lr"]) for r in sweep["rows"]}
     assert tried == {(n, lr) for n in ("sft", "control_opd") for lr in QUICK.sweep_grid(n)}
     for name, lr in sweep["best"].items():  # chosen on the 24 extra validation problems
         best = max(r["extra_accuracy"] for r in sweep["rows"] if r["name"] == name)
         assert lr in QUICK.sweep_grid(name)
-        assert best == next(r["extra_accuracy"] for r in sweep["rows"]
-                            if r["name"] == name and r["lr"] == lr)
+        assert best == next(
+            r["extra_accuracy"] for r in sweep["rows"] if r["name"] == name and r["lr"] == lr
+        )
     assert "extra validation accuracy (24 problems)" in (out / "sweep.md").read_text()
     assert set(sweep["starts"]) == {"student", "control"}  # each student's validation start
     assert all(0.0 <= start["accuracy"] <= 1.0 for start in sweep["starts"].values())
@@ -186,8 +244,9 @@ def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_pat
     assert list(ablation["spaces"]) == [label for label, _ in SIMCT_SPACES]
     assert ablation["split"] == "validation" and ablation["best"] in ablation["spaces"]
     for index, (_, options) in enumerate(SIMCT_SPACES):
-        config = yaml.safe_load((out / "runs" / "ablation" / f"{index}-seed0" /
-                                 "config.yaml").read_text())
+        config = yaml.safe_load(
+            (out / "runs" / "ablation" / f"{index}-seed0" / "config.yaml").read_text()
+        )
         assert {k: config["objective"][k] for k in options} == options
     assert len(ablation["rows"]) == len(SIMCT_SPACES) * QUICK.ablation_seeds
 
@@ -199,24 +258,36 @@ def test_demo_rejects_unknown_methods(tmp_path, capsys):
 
 def test_demo_starts_are_either_matched_or_fixed(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--quick", "--matched-start", "--fixed-warmup",
-              "--output-dir", str(tmp_path)])
+        main(
+            ["demo", "--quick", "--matched-start", "--fixed-warmup", "--output-dir", str(tmp_path)]
+        )
     assert exit_info.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_calibrate_is_its_own_run_of_the_control_alone(tmp_path, capsys):
     for extra in (["--sweep"], ["--ablation"], ["--methods", "control_opd"]):
-        assert main(["demo", "--quick", "--calibrate", *extra,
-                     "--output-dir", str(tmp_path)]) == 2
+        assert main(["demo", "--quick", "--calibrate", *extra, "--output-dir", str(tmp_path)]) == 2
     printed = capsys.readouterr().out
     assert "separate runs; choose one" in printed and "drop --methods" in printed
     assert not (tmp_path / "teacher").exists()  # refused before anything was built
 
 
 def test_warmup_target_is_a_matched_start_accuracy(tmp_path, capsys):
-    assert main(["demo", "--quick", "--fixed-warmup", "--warmup-target", "0.7",
-                 "--output-dir", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "demo",
+                "--quick",
+                "--fixed-warmup",
+                "--warmup-target",
+                "0.7",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert main(["demo", "--quick", "--warmup-target", "1.5", "--output-dir", str(tmp_path)]) == 2
     printed = capsys.readouterr().out
     assert "drop --fixed-warmup or --warmup-target" in printed
@@ -226,16 +297,23 @@ def test_warmup_target_is_a_matched_start_accuracy(tmp_path, capsys):
 
 def test_quick_free_order_demo_builds_its_own_task(tmp_path):
     out = tmp_path / "free"
-    assert main(["demo", "--quick", "--ablation", "--task-order", "free",
-                 "--output-dir", str(out)]) == 0
+    assert (
+        main(["demo", "--quick", "--ablation", "--task-order", "free", "--output-dir", str(out)])
+        == 0
+    )
     ablation = json.loads((out / "ablation.json").read_text())
     assert ablation["command"] == "ctopd demo --ablation --quick --task-order free"
     teacher = json.loads((out / "teacher" / "demo.json").read_text())
     assert teacher["settings"]["task_order"] == "free"
     # The training references work the steps in other orders than the story's.
     rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
-    first_amounts = [(int(re.findall(r"\d+", row["messages"][0]["content"])[1]),
-                      int(row["answer"].split(" ")[2])) for row in rows]
+    first_amounts = [
+        (
+            int(re.findall(r"\d+", row["messages"][0]["content"])[1]),
+            int(row["answer"].split(" ")[2]),
+        )
+        for row in rows
+    ]
     assert any(story != worked for story, worked in first_amounts)
 
 
@@ -250,13 +328,19 @@ def test_quick_matched_start_stops_each_warm_up_at_its_first_checkpoint_at_targe
 
     settings = demo_settings(quick=True, matched=True)
     out = tmp_path / "matched"
-    results = run_demo(out, quick=True, matched=True, seeds=1,
-                       methods=("simct", "control_opd"), log=lambda line: None)
+    results = run_demo(
+        out,
+        quick=True,
+        matched=True,
+        seeds=1,
+        methods=("simct", "control_opd"),
+        log=lambda line: None,
+    )
     # Target 0 in quick mode: the first checkpoint reaches it, for both students.
     first = settings.warmup_check_every
     assert results["warmup_steps"] == {"student": first, "control": first}
     for kind in ("student", "control"):
-        (step, accuracy), = results["warmup_curves"][kind]
+        ((step, accuracy),) = results["warmup_curves"][kind]
         assert step == first and 0.0 <= accuracy <= 1.0
         stamp = json.loads((out / kind / "demo.json").read_text())
         assert stamp["settings"]["warmup_target"] == 0.0
@@ -271,33 +355,52 @@ def test_quick_matched_start_stops_each_warm_up_at_its_first_checkpoint_at_targe
     assert calibration["split"] == "extra_validation"
     assert calibration["command"] == "ctopd demo --calibrate --quick"
     ran = sorted((r["name"], r["steps"], r["seed"]) for r in calibration["rows"])
-    assert ran == sorted((name, steps, seed) for name in ("control_opd", "control_sft")
-                         for steps in settings.calibration_steps
-                         for seed in range(settings.calibration_seeds))
+    assert ran == sorted(
+        (name, steps, seed)
+        for name in ("control_opd", "control_sft")
+        for steps in settings.calibration_steps
+        for seed in range(settings.calibration_seeds)
+    )
     for row in calibration["rows"]:  # each trained its own budget, at the demo's rate
-        config = yaml.safe_load((out / "runs" / "calibration" / f"{row['name']}-{row['steps']}-"
-                                 f"seed{row['seed']}" / "config.yaml").read_text())
+        config = yaml.safe_load(
+            (
+                out / "runs" / "calibration" / f"{row['name']}-{row['steps']}-"
+                f"seed{row['seed']}" / "config.yaml"
+            ).read_text()
+        )
         assert config["max_steps"] == row["steps"]
         assert row["lr"] == settings.lr(row["name"]) == config["optim"]["lr"]
         if row["name"] == "control_sft":  # the head of its seed's slice, one budget long
-            data = (out / "runs" / "calibration" / f"control_sft-{row['steps']}-seed"
-                    f"{row['seed']}" / "data.jsonl").read_text().splitlines()
+            data = (
+                (
+                    out / "runs" / "calibration" / f"control_sft-{row['steps']}-seed"
+                    f"{row['seed']}" / "data.jsonl"
+                )
+                .read_text()
+                .splitlines()
+            )
             assert len(data) == row["steps"] * settings.method_batch
         assert 0.0 <= row["accuracy"] <= 1.0
     for steps, entry in calibration["budgets"].items():
-        mine = [r["accuracy"] for r in calibration["rows"]
-                if r["name"] == "control_opd" and r["steps"] == int(steps)]
+        mine = [
+            r["accuracy"]
+            for r in calibration["rows"]
+            if r["name"] == "control_opd" and r["steps"] == int(steps)
+        ]
         assert entry["opd"]["seeds"] == mine
         assert entry["difference"]["problems"] == settings.num_extra_validation
     assert calibration["best"] in settings.calibration_steps
     assert calibration["separates"] == (
-        calibration["budgets"][str(calibration["best"])]["difference"]["low"] > 0)
+        calibration["budgets"][str(calibration["best"])]["difference"]["low"] > 0
+    )
     assert "OPD − SFT" in (out / "calibration.md").read_text()
 
     # A target no quick warm-up reaches: both students are rebuilt and train every step, and
     # the ablation records the command that reproduces it.
-    assert main(["demo", "--quick", "--ablation", "--warmup-target", "1",
-                 "--output-dir", str(out)]) == 0
+    assert (
+        main(["demo", "--quick", "--ablation", "--warmup-target", "1", "--output-dir", str(out)])
+        == 0
+    )
     for kind in ("student", "control"):
         stamp = json.loads((out / kind / "demo.json").read_text())
         assert stamp["settings"]["warmup_target"] == 1.0
@@ -346,8 +449,9 @@ def test_sampled_outcomes_are_seeded_and_need_a_temperature(tmp_path):
     train, test = make_split(200, 12, seed=0)
     texts = [t for p in train for t in (p.question, p.solution)]
     tokenizer = train_byte_level_bpe(texts, 300, split_digits=True)
-    model = tiny_causal_lm(tokenizer, hidden_size=16, num_layers=1, num_heads=2,
-                           max_positions=256, seed=0)  # untrained: near-uniform next tokens
+    model = tiny_causal_lm(
+        tokenizer, hidden_size=16, num_layers=1, num_heads=2, max_positions=256, seed=0
+    )  # untrained: near-uniform next tokens
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     data = write_jsonl(test, tmp_path / "test.jsonl")
@@ -356,12 +460,18 @@ def test_sampled_outcomes_are_seeded_and_need_a_temperature(tmp_path):
     again = outcomes(tmp_path / "model", data, settings, tmp_path / "b.jsonl", sampled=True)
     outcomes(tmp_path / "model", data, settings, tmp_path / "greedy.jsonl")
     assert first == again and len(first) == 12
-    read = [[json.loads(line)["response"] for line in (tmp_path / name).open()]
-            for name in ("a.jsonl", "b.jsonl", "greedy.jsonl")]
+    read = [
+        [json.loads(line)["response"] for line in (tmp_path / name).open()]
+        for name in ("a.jsonl", "b.jsonl", "greedy.jsonl")
+    ]
     assert read[0] == read[1] and read[0] != read[2]
     reseeded = dataclasses.replace(settings, sampled_seed=1)
     outcomes(tmp_path / "model", data, reseeded, tmp_path / "c.jsonl", sampled=True)
     assert [json.loads(line)["response"] for line in (tmp_path / "c.jsonl").open()] != read[0]
     with pytest.raises(ValueError, match="sampled_temperature"):
-        outcomes(tmp_path / "model", data, dataclasses.replace(settings, sampled_temperature=None),
-                 sampled=True)
+        outcomes(
+            tmp_path / "model",
+            data,
+            dataclasses.replace(settings, sampled_temperature=None),
+            sampled=True,
+        )

@@ -30,7 +30,7 @@ def test_pool_slices_do_not_overlap_and_seeds_extend_the_pool():
     slices = [warm] + [sft_slice(FULL, seed) for seed in range(3)]
     ranges = [set(range(start, start + count)) for start, count in slices]
     for i, a in enumerate(ranges):
-        for b in ranges[i + 1:]:
+        for b in ranges[i + 1 :]:
             assert not a & b
     assert samples_needed(FULL, seeds=3, warmup=True, sft=True) == max(map(max, ranges)) + 1
     assert samples_needed(FULL, seeds=3, warmup=False, sft=False) == 0
@@ -41,7 +41,7 @@ def test_pool_slices_do_not_overlap_and_seeds_extend_the_pool():
     short = dataclasses.replace(FULL, method_steps=25, calibration_steps=(25, 50, 100))
     longest = [sft_slice(short, seed, steps=100) for seed in range(3)]
     spans = [set(range(start, start + count)) for start, count in longest]
-    assert all(not a & b for i, a in enumerate(spans) for b in spans[i + 1:])
+    assert all(not a & b for i, a in enumerate(spans) for b in spans[i + 1 :])
     assert not spans[0] & set(range(*warm)) and min(spans[0]) >= sum(warm)
     assert samples_needed(short, seeds=3, warmup=False, sft=True) == max(spans[2]) + 1
     assert sft_slice(short, 1) == (longest[1][0], 25 * short.method_batch)
@@ -90,9 +90,11 @@ def test_matched_start_is_the_default_and_the_fixed_warmup_stays_selectable():
     assert matched.student_stamp("student")["warmup_target"] == MATCHED["warmup_target"]
     assert demo_command("--sweep", quick=False, methods=RUNS) == "ctopd demo --sweep"
     assert demo_command("--sweep", quick=False, methods=RUNS, matched=False) == (
-        "ctopd demo --sweep --fixed-warmup")
+        "ctopd demo --sweep --fixed-warmup"
+    )
     assert demo_command("--calibrate", quick=True, warmup_target=0.7) == (
-        "ctopd demo --calibrate --quick --warmup-target 0.7")
+        "ctopd demo --calibrate --quick --warmup-target 0.7"
+    )
     # Its own sweep chose its rates, from the same grids.
     for name in RUNS:
         assert matched.lr(name) in matched.sweep_grid(name)
@@ -134,13 +136,15 @@ def test_task_order_free_puts_the_free_order_settings_on_either_start():
 
     assert demo_settings(task_order="free") == dataclasses.replace(FULL, **FREE_ORDER)
     assert demo_settings(matched=False, task_order="free") == dataclasses.replace(
-        FIXED_WARMUP, **FREE_ORDER)
+        FIXED_WARMUP, **FREE_ORDER
+    )
     assert demo_settings(quick=True, task_order="free").task_order == "free"
     assert demo_settings(task_order="fixed") is FULL
     with pytest.raises(ValueError, match="--task-order must be fixed or free"):
         demo_settings(task_order="shuffled")
     assert demo_command("--calibrate", quick=False, task_order="free") == (
-        "ctopd demo --calibrate --task-order free")
+        "ctopd demo --calibrate --task-order free"
+    )
 
 
 def test_sampled_accuracy_settings_are_checked_and_change_no_cached_model():

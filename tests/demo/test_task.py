@@ -43,7 +43,9 @@ def test_every_step_and_answer_is_correct():
 
 
 def test_numbers_have_two_and_three_digits():
-    digits = {len(n) for p in generate_problems(500, seed=1) for n in re.findall(r"\d+", p.solution)}
+    digits = {
+        len(n) for p in generate_problems(500, seed=1) for n in re.findall(r"\d+", p.solution)
+    }
     assert {2, 3} <= digits
 
 
@@ -56,8 +58,9 @@ def test_worked_step_by_place_value():
 def test_generate_problem_respects_ranges():
     rng = random.Random(0)
     for _ in range(300):
-        problem = generate_problem(rng, min_value=100, max_value=999, min_amount=100,
-                                   max_amount=499)
+        problem = generate_problem(
+            rng, min_value=100, max_value=999, min_amount=100, max_amount=499
+        )
         assert 100 <= problem.answer <= 999
 
 
@@ -74,7 +77,7 @@ def test_validation_test_and_training_splits_share_no_question():
     # train, validation, test, extra test, extra validation; no repeats within or across them
     assert [len(q) for q in questions] == [400, 70, 60, 90, 0]  # no extra validation asked
     for i, first in enumerate(questions):
-        for second in questions[i + 1:]:
+        for second in questions[i + 1 :]:
             assert not first & second
     # Adding a validation split leaves the training and test problems as they were; adding
     # extra test problems leaves all three as they were.
@@ -94,11 +97,20 @@ def test_demo_folders_hold_disjoint_splits(tmp_path):
     from ctopd.demo.stages import prepare_data
 
     prepare_data(tmp_path, QUICK)
-    rows = {name: [json.loads(line)["messages"][0]["content"]
-                   for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
-            for name in ("train", "validation", "test", "extra_test", "extra_validation")}
-    assert [len(rows[n]) for n in rows] == [QUICK.num_train, QUICK.num_validation, QUICK.num_test,
-                                            QUICK.num_extra_test, QUICK.num_extra_validation]
+    rows = {
+        name: [
+            json.loads(line)["messages"][0]["content"]
+            for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()
+        ]
+        for name in ("train", "validation", "test", "extra_test", "extra_validation")
+    }
+    assert [len(rows[n]) for n in rows] == [
+        QUICK.num_train,
+        QUICK.num_validation,
+        QUICK.num_test,
+        QUICK.num_extra_test,
+        QUICK.num_extra_validation,
+    ]
     assert len(set().union(*rows.values())) == sum(len(r) for r in rows.values())  # disjoint
 
 
@@ -109,8 +121,10 @@ def test_jsonl_is_the_trainer_format(tmp_path):
     problems = generate_problems(5, seed=0)
     path = write_jsonl(problems, tmp_path / "data" / "train.jsonl")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert rows[0] == {"messages": [{"role": "user", "content": problems[0].question}],
-                       "answer": problems[0].solution}
+    assert rows[0] == {
+        "messages": [{"role": "user", "content": problems[0].question}],
+        "answer": problems[0].solution,
+    }
     examples = load_examples(DataConfig(path=str(path)))
     assert [e.response for e in examples] == [p.solution for p in problems]
     assert len(corpus(problems)) == 10
@@ -122,8 +136,7 @@ def _clauses(question: str) -> list[tuple[bool, int]]:
 
     story = question.split(". ", 1)[1].split(". How many")[0].split(" ", 1)[1]
     parts = [part.strip() for part in re.split(r", then |, ", story)]
-    return [(part.rsplit(" ", 1)[0] in GAIN_VERBS, int(part.rsplit(" ", 1)[1]))
-            for part in parts]
+    return [(part.rsplit(" ", 1)[0] in GAIN_VERBS, int(part.rsplit(" ", 1)[1])) for part in parts]
 
 
 def test_free_order_steps_commute_and_each_reference_is_one_right_order():
@@ -153,8 +166,11 @@ def test_free_order_steps_commute_and_each_reference_is_one_right_order():
             assert line == worked_step(int(a), int(b), gain=op == "+")
             worked.append((op == "+", int(b)))
         assert sorted(worked) == sorted(clauses)
-        orders.add(tuple(clauses.index(step) for step in worked)
-                   if len(set(clauses)) == len(clauses) else None)
+        orders.add(
+            tuple(clauses.index(step) for step in worked)
+            if len(set(clauses)) == len(clauses)
+            else None
+        )
     # Every order of three distinct steps occurs among the references.
     assert set(itertools.permutations(range(3))) <= orders
 

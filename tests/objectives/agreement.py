@@ -38,8 +38,9 @@ class TextDistribution:
         return [self.texts[i] for i in rng.choice(len(self.texts), size=count, p=self.probs)]
 
 
-def markov_texts(alphabet: str, *, max_length: int, seed: int,
-                 end_prob: float = 0.2) -> TextDistribution:
+def markov_texts(
+    alphabet: str, *, max_length: int, seed: int, end_prob: float = 0.2
+) -> TextDistribution:
     """All texts of 1..``max_length`` characters of a random Markov chain (normalised)."""
     rng = np.random.default_rng(seed)
     size = len(alphabet)
@@ -106,8 +107,9 @@ class AgreementBatch:
     teacher_logits: torch.Tensor
 
 
-def agreement_batch(pair: TokenizerPair, distribution: TextDistribution, texts: list[str]
-                    ) -> AgreementBatch:
+def agreement_batch(
+    pair: TokenizerPair, distribution: TextDistribution, texts: list[str]
+) -> AgreementBatch:
     """Score ``texts`` (each ended with the end token) with both canonical models."""
     t_end = int(pair.teacher_table.end_ids[0])
     s_end = int(pair.student_table.end_ids[0])
@@ -118,14 +120,27 @@ def agreement_batch(pair: TokenizerPair, distribution: TextDistribution, texts: 
     alignments = pair.align_batch(teacher_responses, student_responses)
     student_ids, _ = pad_responses(student_responses)
     teacher_ids, _ = pad_responses(teacher_responses, pad_id=-1)
-    s_logits = torch.full((len(texts), student_ids.shape[1], student_model.vocab_size),
-                          IMPOSSIBLE, dtype=torch.float64)
-    t_logits = torch.full((len(texts), teacher_ids.shape[1], teacher_model.vocab_size),
-                          IMPOSSIBLE, dtype=torch.float64)
+    s_logits = torch.full(
+        (len(texts), student_ids.shape[1], student_model.vocab_size),
+        IMPOSSIBLE,
+        dtype=torch.float64,
+    )
+    t_logits = torch.full(
+        (len(texts), teacher_ids.shape[1], teacher_model.vocab_size),
+        IMPOSSIBLE,
+        dtype=torch.float64,
+    )
     for b, (s, t) in enumerate(zip(student_responses, teacher_responses, strict=True)):
         s_logits[b, : len(s)] = student_model.logits(s)
         t_logits[b, : len(t)] = teacher_model.logits(t)
-    return AgreementBatch(pair=pair, texts=texts, student_responses=student_responses,
-                          teacher_responses=teacher_responses, alignments=alignments,
-                          student_ids=student_ids, teacher_ids=teacher_ids,
-                          student_logits=s_logits.requires_grad_(), teacher_logits=t_logits)
+    return AgreementBatch(
+        pair=pair,
+        texts=texts,
+        student_responses=student_responses,
+        teacher_responses=teacher_responses,
+        alignments=alignments,
+        student_ids=student_ids,
+        teacher_ids=teacher_ids,
+        student_logits=s_logits.requires_grad_(),
+        teacher_logits=t_logits,
+    )

@@ -20,8 +20,12 @@ from ctopd.objectives import TeacherOutputs
 # Random batches
 
 
-def make_shared_vocab(student_members: list[list[int]], teacher_members: list[list[int]],
-                      student_vocab: int, teacher_vocab: int) -> SharedVocab:
+def make_shared_vocab(
+    student_members: list[list[int]],
+    teacher_members: list[list[int]],
+    student_vocab: int,
+    teacher_vocab: int,
+) -> SharedVocab:
     """A SharedVocab from explicit member lists (the last class is the end class)."""
 
     def matrix(members):
@@ -46,15 +50,16 @@ def make_shared_vocab(student_members: list[list[int]], teacher_members: list[li
     )
 
 
-def random_shared_vocab(rng: np.random.Generator, student_vocab: int = 13,
-                        teacher_vocab: int = 17, classes: int = 6) -> SharedVocab:
+def random_shared_vocab(
+    rng: np.random.Generator, student_vocab: int = 13, teacher_vocab: int = 17, classes: int = 6
+) -> SharedVocab:
     """Random classes: some with two members on a side, some ids shared by none; end last."""
     s_perm, t_perm = rng.permutation(student_vocab), rng.permutation(teacher_vocab)
     s_members, t_members, s_next, t_next = [], [], 0, 0
     for _ in range(classes):
         s_count, t_count = 1 + int(rng.random() < 0.3), 1 + int(rng.random() < 0.3)
-        s_members.append(s_perm[s_next:s_next + s_count].tolist())
-        t_members.append(t_perm[t_next:t_next + t_count].tolist())
+        s_members.append(s_perm[s_next : s_next + s_count].tolist())
+        t_members.append(t_perm[t_next : t_next + t_count].tolist())
         s_next, t_next = s_next + s_count, t_next + t_count
     s_members[-1] = s_members[-1][:1]  # the end class: one student end id
     return make_shared_vocab(s_members, t_members, student_vocab, teacher_vocab)
@@ -89,8 +94,11 @@ def _random_chunks(rng, shared_vocab, ended: bool):
         aligned.append(ok)
         for _ in range(sizes[1]):
             pick_shared = sizes == (1, 1) and rng.random() < 0.8
-            student_ids.append(int(rng.choice(shared_ids)) if pick_shared
-                               else int(rng.integers(0, len(shared_vocab.student_id_to_class))))
+            student_ids.append(
+                int(rng.choice(shared_ids))
+                if pick_shared
+                else int(rng.integers(0, len(shared_vocab.student_id_to_class)))
+            )
     if ended:
         rows.append((1, 1))
         aligned.append(True)
@@ -107,13 +115,26 @@ def random_alignment(rng, shared_vocab) -> tuple[Alignment, list[int]]:
     is_end = np.zeros(len(sizes), dtype=bool)
     if ended:
         is_end[-1] = True
-    alignment = Alignment(chunks=chunks, aligned=np.asarray(aligned, dtype=bool), is_end=is_end,
-                          teacher_length=int(t[-1]), student_length=int(s[-1]))
+    alignment = Alignment(
+        chunks=chunks,
+        aligned=np.asarray(aligned, dtype=bool),
+        is_end=is_end,
+        teacher_length=int(t[-1]),
+        student_length=int(s[-1]),
+    )
     return alignment, student_ids
 
 
-def random_batch(seed: int, *, batch: int = 3, student_vocab: int = 13, teacher_vocab: int = 17,
-                 classes: int = 6, dtype=torch.float64, scale: float = 2.0) -> Batch:
+def random_batch(
+    seed: int,
+    *,
+    batch: int = 3,
+    student_vocab: int = 13,
+    teacher_vocab: int = 17,
+    classes: int = 6,
+    dtype=torch.float64,
+    scale: float = 2.0,
+) -> Batch:
     """A random batch with padding, float64 logits and a random shared vocabulary."""
     rng = np.random.default_rng(seed)
     shared_vocab = random_shared_vocab(rng, student_vocab, teacher_vocab, classes)
@@ -126,11 +147,13 @@ def random_batch(seed: int, *, batch: int = 3, student_vocab: int = 13, teacher_
     for b, (a, ids) in enumerate(pairs):
         student_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         teacher_ids[b, : a.teacher_length] = torch.as_tensor(
-            rng.integers(0, teacher_vocab, a.teacher_length))
+            rng.integers(0, teacher_vocab, a.teacher_length)
+        )
     gen = torch.Generator().manual_seed(seed)
     return Batch(
-        student_logits=(scale * torch.randn(batch, m, student_vocab, generator=gen,
-                                            dtype=dtype)).requires_grad_(),
+        student_logits=(
+            scale * torch.randn(batch, m, student_vocab, generator=gen, dtype=dtype)
+        ).requires_grad_(),
         student_ids=student_ids,
         alignments=alignments,
         shared_vocab=shared_vocab,
@@ -168,9 +191,19 @@ def ref_class_logprobs(logp: torch.Tensor, member_ids: np.ndarray) -> torch.Tens
     return torch.stack(out)
 
 
-def ref_chunk_objective(mode, student_logits, student_ids, alignments, shared_vocab, teacher, *,
-                        divergence="reverse_kl", beta=0.5, temperature=1.0,
-                        weight_by_tokens=False):
+def ref_chunk_objective(
+    mode,
+    student_logits,
+    student_ids,
+    alignments,
+    shared_vocab,
+    teacher,
+    *,
+    divergence="reverse_kl",
+    beta=0.5,
+    temperature=1.0,
+    weight_by_tokens=False,
+):
     """``simct`` / ``shared_only`` / ``opd`` by loops; returns the loss tensor."""
     total = student_logits.sum() * 0.0
     student_tokens = sum(a.student_length for a in alignments)
@@ -205,8 +238,18 @@ def ref_chunk_objective(mode, student_logits, student_ids, alignments, shared_vo
     return total / max(student_tokens, 1)
 
 
-def ref_dpca(student_logits, student_ids, alignments, teacher, old=None, *, advantage_clip=10.0,
-             clip_low=0.2, clip_high=0.28, epsilon=1e-6):
+def ref_dpca(
+    student_logits,
+    student_ids,
+    alignments,
+    teacher,
+    old=None,
+    *,
+    advantage_clip=10.0,
+    clip_low=0.2,
+    clip_high=0.28,
+    epsilon=1e-6,
+):
     """DPCA by loops; returns ``(loss, advantages as {(b, i): A})``."""
     total = student_logits.sum() * 0.0
     advantages = {}
@@ -216,8 +259,10 @@ def ref_dpca(student_logits, student_ids, alignments, teacher, old=None, *, adva
             if not a.aligned[k] or te == ts or se == ss:
                 continue
             current = [logp[i, int(student_ids[b, i])] for i in range(ss, se)]
-            old_lp = [float(old[b, i]) if old is not None else current[i - ss].item()
-                      for i in range(ss, se)]
+            old_lp = [
+                float(old[b, i]) if old is not None else current[i - ss].item()
+                for i in range(ss, se)
+            ]
             l_t = sum(float(teacher.token_logprobs[b, j]) for j in range(ts, te))
             l_s = sum(old_lp)
             for offset, i in enumerate(range(ss, se)):
@@ -264,13 +309,17 @@ def full_teacher(batch: Batch, top_k: int = 5) -> TeacherOutputs:
     ids = batch.teacher_ids.clamp(min=0)
     token = logp.gather(-1, ids[..., None])[..., 0].masked_fill(batch.teacher_ids < 0, 0.0)
     members = batch.shared_vocab.teacher_member_ids
-    classes = torch.stack([
-        torch.logsumexp(logp[..., [int(i) for i in members[:, c] if i >= 0]], dim=-1)
-        for c in range(members.shape[1])
-    ], dim=-1)
+    classes = torch.stack(
+        [
+            torch.logsumexp(logp[..., [int(i) for i in members[:, c] if i >= 0]], dim=-1)
+            for c in range(members.shape[1])
+        ],
+        dim=-1,
+    )
     topk = torch.sort(logp.exp(), dim=-1, descending=True).values[..., :top_k]
-    return TeacherOutputs(token_logprobs=token, class_logprobs=classes, full_logprobs=logp,
-                          topk_probs=topk)
+    return TeacherOutputs(
+        token_logprobs=token, class_logprobs=classes, full_logprobs=logp, topk_probs=topk
+    )
 
 
 LN2 = math.log(2.0)

@@ -11,8 +11,14 @@ from .reference import random_batch, ref_sft, ref_uld
 def run(name, batch, teacher, **options):
     batch.student_logits.grad = None
     loss, metrics = compute_objective(
-        name, student_logits=batch.student_logits, student_ids=batch.student_ids,
-        alignments=batch.alignments, shared_vocab=batch.shared_vocab, teacher=teacher, **options)
+        name,
+        student_logits=batch.student_logits,
+        student_ids=batch.student_ids,
+        alignments=batch.alignments,
+        shared_vocab=batch.shared_vocab,
+        teacher=teacher,
+        **options,
+    )
     loss.backward()
     grad, batch.student_logits.grad = batch.student_logits.grad, None
     return loss, metrics, grad
@@ -38,8 +44,9 @@ def test_sft_matches_reference_without_a_teacher(seed):
 
 def test_sft_kl_estimate_with_a_teacher():
     batch = random_batch(410, batch=3)
-    teacher = teacher_outputs(batch.teacher_logits, batch.teacher_ids, batch.shared_vocab,
-                              TEACHER_NEEDS["dpca"])
+    teacher = teacher_outputs(
+        batch.teacher_logits, batch.teacher_ids, batch.shared_vocab, TEACHER_NEEDS["dpca"]
+    )
     _, metrics, _ = run("sft", batch, teacher)
     student_lp = torch.log_softmax(batch.student_logits.detach(), -1)
     num, den = 0.0, 0
@@ -55,21 +62,25 @@ def test_sft_kl_estimate_with_a_teacher():
 @pytest.mark.parametrize("seed", range(6))
 def test_uld_matches_reference(seed):
     batch = random_batch(500 + seed, batch=3)
-    teacher = teacher_outputs(batch.teacher_logits, batch.teacher_ids, batch.shared_vocab,
-                              TEACHER_NEEDS["uld"], top_k=6)
+    teacher = teacher_outputs(
+        batch.teacher_logits, batch.teacher_ids, batch.shared_vocab, TEACHER_NEEDS["uld"], top_k=6
+    )
     loss, metrics, grad = run("uld", batch, teacher, top_k=4, slice_size=2)
     ref = ref_uld(batch.student_logits, batch.alignments, teacher, 4)
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, reference_grad(ref, batch), rtol=1e-9, atol=1e-12)
-    usable = sum(int(((a.aligned) & (a.teacher_sizes > 0) & (a.student_sizes > 0)).sum())
-                 for a in batch.alignments)
+    usable = sum(
+        int(((a.aligned) & (a.teacher_sizes > 0) & (a.student_sizes > 0)).sum())
+        for a in batch.alignments
+    )
     assert metrics["supervised_tokens"] == usable
 
 
 def test_uld_top_k_cannot_exceed_the_teacher():
     batch = random_batch(3, batch=2)
-    teacher = teacher_outputs(batch.teacher_logits, batch.teacher_ids, batch.shared_vocab,
-                              TEACHER_NEEDS["uld"], top_k=3)
+    teacher = teacher_outputs(
+        batch.teacher_logits, batch.teacher_ids, batch.shared_vocab, TEACHER_NEEDS["uld"], top_k=3
+    )
     with pytest.raises(ValueError, match="holds only 3"):
         run("uld", batch, teacher, top_k=4)
 
@@ -77,13 +88,20 @@ def test_uld_top_k_cannot_exceed_the_teacher():
 @pytest.mark.parametrize("name", ["sft", "uld"])
 def test_gradcheck(name):
     batch = random_batch(23, batch=2, student_vocab=6, teacher_vocab=7, classes=4)
-    teacher = teacher_outputs(batch.teacher_logits, batch.teacher_ids, batch.shared_vocab,
-                              TEACHER_NEEDS["uld"], top_k=3)
+    teacher = teacher_outputs(
+        batch.teacher_logits, batch.teacher_ids, batch.shared_vocab, TEACHER_NEEDS["uld"], top_k=3
+    )
     leaf = batch.student_logits.detach().clone().requires_grad_()
 
     def loss_of(x):
-        return compute_objective(name, student_logits=x, student_ids=batch.student_ids,
-                                 alignments=batch.alignments, shared_vocab=batch.shared_vocab,
-                                 teacher=teacher, slice_size=2)[0]
+        return compute_objective(
+            name,
+            student_logits=x,
+            student_ids=batch.student_ids,
+            alignments=batch.alignments,
+            shared_vocab=batch.shared_vocab,
+            teacher=teacher,
+            slice_size=2,
+        )[0]
 
     assert torch.autograd.gradcheck(loss_of, (leaf,))

@@ -16,19 +16,21 @@ def test_reverse_and_forward_kl_match_hand_values():
     p, q = [0.5, 0.25, 0.25], [0.25, 0.25, 0.5]
     # KL(p || q) = 0.5 ln 2 + 0 + 0.25 ln 0.5 = 0.25 ln 2; KL(q || p) = 0.25 ln 0.5 + 0.5 ln 2
     assert divergence(_logp(p), _logp(q), kind="reverse_kl").item() == pytest.approx(
-        0.25 * math.log(2))
+        0.25 * math.log(2)
+    )
     assert divergence(_logp(p), _logp(q), kind="forward_kl").item() == pytest.approx(
-        0.25 * math.log(2))
+        0.25 * math.log(2)
+    )
     assert divergence(_logp([0.9, 0.1]), _logp([0.5, 0.5]), kind="reverse_kl").item() == (
-        pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2)))
+        pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2))
+    )
 
 
 def test_tv_and_symmetric_jsd_match_hand_values():
     p, q = [1.0 - 1e-12, 1e-12], [1e-12, 1.0 - 1e-12]
     # Disjoint supports: TV = 1, JSD(0.5) = ln 2.
     assert divergence(_logp(p), _logp(q), kind="tv").item() == pytest.approx(1.0)
-    assert divergence(_logp(p), _logp(q), kind="jsd").item() == pytest.approx(math.log(2),
-                                                                             rel=1e-9)
+    assert divergence(_logp(p), _logp(q), kind="jsd").item() == pytest.approx(math.log(2), rel=1e-9)
 
 
 @pytest.mark.parametrize("kind", DIVERGENCES)

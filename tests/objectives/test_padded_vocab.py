@@ -20,18 +20,26 @@ STUDENT_EXTRA, TEACHER_EXTRA = 128, 64
 PADDED_LOGIT = 30.0  # against randn logits the padded columns hold all but ~1e-9 of the mass
 
 # (name, options): every built-in objective that a cross-tokenizer pair can run.
-CASES = [("simct", {}), ("simct", {"space": "paper"}), ("shared_only", {}), ("dpca", {}),
-         ("uld", {}), ("sft", {})]
+CASES = [
+    ("simct", {}),
+    ("simct", {"space": "paper"}),
+    ("shared_only", {}),
+    ("dpca", {}),
+    ("uld", {}),
+    ("sft", {}),
+]
 
 
 @pytest.fixture(scope="module")
 def batch(real_tokenizers_dir):
     """A Llama-2 teacher and a Qwen2 student, padded logits on both sides (float32)."""
-    pair = ctopd.TokenizerPair.from_pretrained(str(real_tokenizers_dir / "llama-spm"),
-                                               str(real_tokenizers_dir / "qwen2"))
+    pair = ctopd.TokenizerPair.from_pretrained(
+        str(real_tokenizers_dir / "llama-spm"), str(real_tokenizers_dir / "qwen2")
+    )
     eos = int(pair.student_table.end_ids[0])
-    student = [pair.student_tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]
-               for t in TEXTS]
+    student = [
+        pair.student_tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in TEXTS
+    ]
     teacher = pair.teacher_ids_for_batch(student)
     student_ids, _ = pad_responses(student)
     teacher_ids, _ = pad_responses(teacher, pad_id=-1)
@@ -43,27 +51,45 @@ def batch(real_tokenizers_dir):
         return logits
 
     num_student, num_teacher = pair.student_table.vocab_size, pair.teacher_table.vocab_size
-    return {"pair": pair, "student": student, "alignments": pair.align_batch(teacher, student),
-            "student_ids": student_ids, "teacher_ids": teacher_ids,
-            "student_logits": padded_logits(student_ids, num_student, STUDENT_EXTRA),
-            "teacher_logits": padded_logits(teacher_ids, num_teacher, TEACHER_EXTRA),
-            "tables": text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab),
-            "num_student": num_student, "num_teacher": num_teacher}
+    return {
+        "pair": pair,
+        "student": student,
+        "alignments": pair.align_batch(teacher, student),
+        "student_ids": student_ids,
+        "teacher_ids": teacher_ids,
+        "student_logits": padded_logits(student_ids, num_student, STUDENT_EXTRA),
+        "teacher_logits": padded_logits(teacher_ids, num_teacher, TEACHER_EXTRA),
+        "tables": text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab),
+        "num_student": num_student,
+        "num_teacher": num_teacher,
+    }
 
 
 def _teacher(batch, name, options, logits):
     needs = teacher_needs(name, **options)
-    return teacher_outputs(logits, batch["teacher_ids"], batch["pair"].shared_vocab, needs,
-                           top_k=64, alignments=batch["alignments"], student_ids=batch["student"],
-                           text_tables=batch["tables"] if "text_events" in needs else None)
+    return teacher_outputs(
+        logits,
+        batch["teacher_ids"],
+        batch["pair"].shared_vocab,
+        needs,
+        top_k=64,
+        alignments=batch["alignments"],
+        student_ids=batch["student"],
+        text_tables=batch["tables"] if "text_events" in needs else None,
+    )
 
 
 def _loss(batch, name, options, student_logits, teacher):
     logits = student_logits.clone().requires_grad_()
     loss, metrics = compute_objective(
-        name, **options, student_logits=logits, student_ids=batch["student_ids"],
-        alignments=batch["alignments"], shared_vocab=batch["pair"].shared_vocab,
-        teacher=teacher)
+        name,
+        **options,
+        student_logits=logits,
+        student_ids=batch["student_ids"],
+        alignments=batch["alignments"],
+        shared_vocab=batch["pair"].shared_vocab,
+        teacher=teacher,
+    )
     loss.backward()
     return loss.detach(), metrics, logits.grad
 
@@ -79,8 +105,7 @@ def test_padded_columns_carry_nothing(batch, name, options):
     assert teacher_real.token_logprobs.min() > -20
 
     loss, metrics, grad = _loss(batch, name, options, padded, teacher_padded)
-    expected_loss, expected_metrics, expected_grad = _loss(batch, name, options, real,
-                                                           teacher_real)
+    expected_loss, expected_metrics, expected_grad = _loss(batch, name, options, real, teacher_real)
     assert expected_metrics["supervised_tokens"] > 0
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
     for key in ("kl", "coverage", "teacher_logprob_mean"):
@@ -92,8 +117,9 @@ def test_padded_columns_carry_nothing(batch, name, options):
 @pytest.mark.slow
 def test_same_tokenizer_opd_across_different_paddings(real_tokenizers_dir):
     """Qwen2.5-7B (152,064 rows) teaching Qwen2.5-0.5B (151,936): one tokenizer, two paddings."""
-    pair = ctopd.TokenizerPair.from_pretrained(str(real_tokenizers_dir / "qwen2"),
-                                               str(real_tokenizers_dir / "qwen2"))
+    pair = ctopd.TokenizerPair.from_pretrained(
+        str(real_tokenizers_dir / "qwen2"), str(real_tokenizers_dir / "qwen2")
+    )
     num_ids = pair.student_table.vocab_size
     eos = int(pair.student_table.end_ids[0])
     student = [pair.student_tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"] + [eos]]
@@ -105,14 +131,22 @@ def test_same_tokenizer_opd_across_different_paddings(real_tokenizers_dir):
     for logits in (student_logits, teacher_logits):
         logits[..., num_ids:] += PADDED_LOGIT
     losses = []
-    for s_logits, t_logits in ((student_logits, teacher_logits),
-                               (student_logits[..., :num_ids], teacher_logits[..., :num_ids])):
-        outputs = teacher_outputs(t_logits, pad_responses(teacher, pad_id=-1)[0],
-                                  pair.shared_vocab, teacher_needs("opd"))
+    for s_logits, t_logits in (
+        (student_logits, teacher_logits),
+        (student_logits[..., :num_ids], teacher_logits[..., :num_ids]),
+    ):
+        outputs = teacher_outputs(
+            t_logits, pad_responses(teacher, pad_id=-1)[0], pair.shared_vocab, teacher_needs("opd")
+        )
         assert outputs.full_logprobs.shape[-1] == num_ids
-        loss, _ = compute_objective("opd", student_logits=s_logits, student_ids=ids,
-                                    alignments=pair.align_batch(teacher, student),
-                                    shared_vocab=pair.shared_vocab, teacher=outputs)
+        loss, _ = compute_objective(
+            "opd",
+            student_logits=s_logits,
+            student_ids=ids,
+            alignments=pair.align_batch(teacher, student),
+            shared_vocab=pair.shared_vocab,
+            teacher=outputs,
+        )
         losses.append(loss)
     torch.testing.assert_close(losses[0], losses[1])
     assert 0 < losses[1].item() < 5  # two random near-uniform models, not ~30 nats apart

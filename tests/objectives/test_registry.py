@@ -18,8 +18,17 @@ from ctopd.objectives.teacher import TEACHER_FIELDS
 
 from .reference import make_shared_vocab, random_batch
 
-METRIC_KEYS = {"loss", "kl", "coverage", "supervised_tokens", "student_tokens",
-               "chunks_one_to_one", "chunks_multi", "unaligned_share", "teacher_logprob_mean"}
+METRIC_KEYS = {
+    "loss",
+    "kl",
+    "coverage",
+    "supervised_tokens",
+    "student_tokens",
+    "chunks_one_to_one",
+    "chunks_multi",
+    "unaligned_share",
+    "teacher_logprob_mean",
+}
 
 PAPER_NEEDS = teacher_needs("simct", space="paper")
 
@@ -35,21 +44,32 @@ def test_names_and_teacher_needs():
     assert TEACHER_NEEDS["sft"] == frozenset()
     assert TEACHER_NEEDS["dpca"] == frozenset({"token_logprobs"})
     assert all(needs <= TEACHER_FIELDS for needs in TEACHER_NEEDS.values())
-    assert objective_options("simct") == {"divergence": "reverse_kl", "beta": 0.5,
-                                          "temperature": 1.0, "weight_by_tokens": False,
-                                          "slice_size": 256, "space": "text",
-                                          "cells": "none"}
+    assert objective_options("simct") == {
+        "divergence": "reverse_kl",
+        "beta": 0.5,
+        "temperature": 1.0,
+        "weight_by_tokens": False,
+        "slice_size": 256,
+        "space": "text",
+        "cells": "none",
+    }
     assert teacher_needs("simct") == frozenset({"token_logprobs", "text_events"})
-    assert teacher_needs("simct", space="paper") == frozenset({"token_logprobs",
-                                                               "class_logprobs"})
+    assert teacher_needs("simct", space="paper") == frozenset({"token_logprobs", "class_logprobs"})
     assert teacher_needs("dpca", space="paper") == TEACHER_NEEDS["dpca"]
     assert objective_options("dpca")["clip_high"] == 0.28
 
 
 def _call(name, batch, teacher, **options):
-    return compute_objective(name, **paper_space(name), student_logits=batch.student_logits,
-                             student_ids=batch.student_ids, alignments=batch.alignments,
-                             shared_vocab=batch.shared_vocab, teacher=teacher, **options)
+    return compute_objective(
+        name,
+        **paper_space(name),
+        student_logits=batch.student_logits,
+        student_ids=batch.student_ids,
+        alignments=batch.alignments,
+        shared_vocab=batch.shared_vocab,
+        teacher=teacher,
+        **options,
+    )
 
 
 def test_unknown_name_or_option_lists_the_valid_ones():
@@ -62,15 +82,18 @@ def test_unknown_name_or_option_lists_the_valid_ones():
         _call("sft", batch, None, divergence="jsd")
 
 
-@pytest.mark.parametrize(("name", "options", "pattern"), [
-    ("simct", {"divergence": "hellinger"}, "divergence='hellinger'.*reverse_kl"),
-    ("simct", {"beta": 1.0}, "beta=1.0"),
-    ("shared_only", {"temperature": 0.0}, "temperature=0.0"),
-    ("simct", {"slice_size": 0}, "slice_size=0"),
-    ("dpca", {"clip_low": 1.5}, "clip_low=1.5"),
-    ("dpca", {"advantage_clip": -1.0}, "advantage_clip=-1.0"),
-    ("uld", {"top_k": 0}, "top_k=0"),
-])
+@pytest.mark.parametrize(
+    ("name", "options", "pattern"),
+    [
+        ("simct", {"divergence": "hellinger"}, "divergence='hellinger'.*reverse_kl"),
+        ("simct", {"beta": 1.0}, "beta=1.0"),
+        ("shared_only", {"temperature": 0.0}, "temperature=0.0"),
+        ("simct", {"slice_size": 0}, "slice_size=0"),
+        ("dpca", {"clip_low": 1.5}, "clip_low=1.5"),
+        ("dpca", {"advantage_clip": -1.0}, "advantage_clip=-1.0"),
+        ("uld", {"top_k": 0}, "top_k=0"),
+    ],
+)
 def test_bad_option_values(name, options, pattern):
     batch = random_batch(0, batch=1)
     with pytest.raises(ValueError, match=pattern):
@@ -85,8 +108,9 @@ def test_every_objective_keeps_the_contract(name):
     batch = random_batch(31, batch=3, student_vocab=8, teacher_vocab=8)
     batch.shared_vocab = vocab
     batch.student_ids = batch.student_ids.clamp(max=7)
-    teacher = teacher_outputs(batch.teacher_logits, batch.teacher_ids, vocab,
-                              teacher_needs(name, space="paper"), top_k=4)
+    teacher = teacher_outputs(
+        batch.teacher_logits, batch.teacher_ids, vocab, teacher_needs(name, space="paper"), top_k=4
+    )
     loss, metrics = _call(name, batch, None if name == "sft" else teacher)
     assert loss.dim() == 0 and loss.requires_grad
     assert METRIC_KEYS <= set(metrics)
@@ -96,7 +120,7 @@ def test_every_objective_keeps_the_contract(name):
     loss.backward()
     # Padding positions never receive gradient.
     for b, a in enumerate(batch.alignments):
-        assert (batch.student_logits.grad[b, a.student_length:] == 0).all()
+        assert (batch.student_logits.grad[b, a.student_length :] == 0).all()
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
@@ -105,13 +129,22 @@ def test_nothing_to_supervise_still_gives_a_connected_loss(name):
     empty = Alignment(np.zeros((0, 4), np.int64), np.zeros(0, bool), np.zeros(0, bool), 0, 0)
     unaligned = Alignment(np.array([[0, 2, 0, 1]]), np.array([False]), np.array([False]), 2, 1)
     logits = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
-    teacher = teacher_outputs(torch.randn(2, 2, 3, dtype=torch.float64),
-                              torch.zeros(2, 2, dtype=torch.long), vocab, TEACHER_FIELDS - {"text_events"},
-                              top_k=2)
-    loss, metrics = compute_objective(name, **paper_space(name), student_logits=logits,
-                                      student_ids=torch.zeros(2, 2, dtype=torch.long),
-                                      alignments=[empty, unaligned], shared_vocab=vocab,
-                                      teacher=teacher)
+    teacher = teacher_outputs(
+        torch.randn(2, 2, 3, dtype=torch.float64),
+        torch.zeros(2, 2, dtype=torch.long),
+        vocab,
+        TEACHER_FIELDS - {"text_events"},
+        top_k=2,
+    )
+    loss, metrics = compute_objective(
+        name,
+        **paper_space(name),
+        student_logits=logits,
+        student_ids=torch.zeros(2, 2, dtype=torch.long),
+        alignments=[empty, unaligned],
+        shared_vocab=vocab,
+        teacher=teacher,
+    )
     assert loss.requires_grad
     loss.backward()
     assert logits.grad is not None
@@ -122,20 +155,39 @@ def test_nothing_to_supervise_still_gives_a_connected_loss(name):
 
 def test_shape_mismatches_are_explained():
     batch = random_batch(5, batch=2)
-    teacher = teacher_outputs(batch.teacher_logits, batch.teacher_ids, batch.shared_vocab,
-                              PAPER_NEEDS)
+    teacher = teacher_outputs(
+        batch.teacher_logits, batch.teacher_ids, batch.shared_vocab, PAPER_NEEDS
+    )
     with pytest.raises(ValueError, match="student_ids has shape"):
-        compute_objective("simct", space="paper", student_logits=batch.student_logits,
-                          student_ids=batch.student_ids[:, :1], alignments=batch.alignments,
-                          shared_vocab=batch.shared_vocab, teacher=teacher)
+        compute_objective(
+            "simct",
+            space="paper",
+            student_logits=batch.student_logits,
+            student_ids=batch.student_ids[:, :1],
+            alignments=batch.alignments,
+            shared_vocab=batch.shared_vocab,
+            teacher=teacher,
+        )
     with pytest.raises(ValueError, match="got 1 alignments for a batch of 2"):
-        compute_objective("simct", space="paper", student_logits=batch.student_logits,
-                          student_ids=batch.student_ids, alignments=batch.alignments[:1],
-                          shared_vocab=batch.shared_vocab, teacher=teacher)
+        compute_objective(
+            "simct",
+            space="paper",
+            student_logits=batch.student_logits,
+            student_ids=batch.student_ids,
+            alignments=batch.alignments[:1],
+            shared_vocab=batch.shared_vocab,
+            teacher=teacher,
+        )
     with pytest.raises(ValueError, match="needs teacher outputs"):
         _call("dpca", batch, None)
     other = make_shared_vocab([[0], [1], [2]], [[0], [1], [2]], 13, 17)
     with pytest.raises(ValueError, match="teacher.class_logprobs has .* classes"):
-        compute_objective("simct", space="paper", student_logits=batch.student_logits,
-                          student_ids=batch.student_ids, alignments=batch.alignments,
-                          shared_vocab=other, teacher=teacher)
+        compute_objective(
+            "simct",
+            space="paper",
+            student_logits=batch.student_logits,
+            student_ids=batch.student_ids,
+            alignments=batch.alignments,
+            shared_vocab=other,
+            teacher=teacher,
+        )

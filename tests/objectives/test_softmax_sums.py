@@ -35,10 +35,20 @@ def problem(seed: int, *, subsets: bool):
         for q, r, a, b in zip(positions, row, lo, hi):
             slice_row = r if rows is None else rows[r]
             reference.append((q, int(slice_row), order[a:b]))
-    groups = [TokenGroups(target=torch.tensor([0, 2]), rows=torch.tensor([0, 3]),
-                          tokens=torch.tensor([1, 4, 5, 9]), columns=torch.tensor([0, 2, 0, 1])),
-              TokenGroups(target=torch.tensor([1]), rows=torch.tensor([4]),
-                          tokens=torch.tensor([7]), columns=torch.tensor([2]))]
+    groups = [
+        TokenGroups(
+            target=torch.tensor([0, 2]),
+            rows=torch.tensor([0, 3]),
+            tokens=torch.tensor([1, 4, 5, 9]),
+            columns=torch.tensor([0, 2, 0, 1]),
+        ),
+        TokenGroups(
+            target=torch.tensor([1]),
+            rows=torch.tensor([4]),
+            tokens=torch.tensor([7]),
+            columns=torch.tensor([2]),
+        ),
+    ]
     ids = torch.as_tensor(rng.integers(0, VOCAB, ROWS))
     return ranges, query, reference, groups, ids
 
@@ -46,8 +56,10 @@ def problem(seed: int, *, subsets: bool):
 @pytest.mark.parametrize("subsets", [False, True])
 def test_values_match_plain_softmax_sums(subsets):
     ranges, count, reference, groups, ids = problem(0, subsets=subsets)
-    logits = torch.randn(ROWS, VOCAB, dtype=torch.float64,
-                         generator=torch.Generator().manual_seed(1)) * 4
+    logits = (
+        torch.randn(ROWS, VOCAB, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        * 4
+    )
     tokens, masses, cells = softmax_sums(logits, ids, ranges, count, groups, (3, 3))
     p = torch.softmax(logits, -1)
     torch.testing.assert_close(tokens, torch.log_softmax(logits, -1)[torch.arange(ROWS), ids])
@@ -67,20 +79,28 @@ def test_values_match_plain_softmax_sums(subsets):
 @pytest.mark.parametrize("subsets", [False, True])
 def test_gradcheck(subsets):
     ranges, count, _, groups, ids = problem(2, subsets=subsets)
-    logits = torch.randn(ROWS, VOCAB, dtype=torch.float64,
-                         generator=torch.Generator().manual_seed(3)).requires_grad_()
+    logits = torch.randn(
+        ROWS, VOCAB, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    ).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda z: softmax_sums(z, ids, ranges, count, groups, (3, 3)), (logits,),
-        eps=1e-6, atol=1e-8)
+        lambda z: softmax_sums(z, ids, ranges, count, groups, (3, 3)),
+        (logits,),
+        eps=1e-6,
+        atol=1e-8,
+    )
 
 
 @pytest.mark.parametrize("used", ["tokens", "masses", "cells"])
 def test_gradcheck_one_output(used):
     """Outputs the loss does not read get no gradient (``None``) in backward."""
     ranges, count, _, groups, ids = problem(4, subsets=True)
-    logits = torch.randn(ROWS, VOCAB, dtype=torch.float64,
-                         generator=torch.Generator().manual_seed(5)).requires_grad_()
+    logits = torch.randn(
+        ROWS, VOCAB, dtype=torch.float64, generator=torch.Generator().manual_seed(5)
+    ).requires_grad_()
     index = ["tokens", "masses", "cells"].index(used)
     assert torch.autograd.gradcheck(
-        lambda z: softmax_sums(z, ids, ranges, count, groups, (3, 3))[index], (logits,),
-        eps=1e-6, atol=1e-8)
+        lambda z: softmax_sums(z, ids, ranges, count, groups, (3, 3))[index],
+        (logits,),
+        eps=1e-6,
+        atol=1e-8,
+    )

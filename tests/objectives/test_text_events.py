@@ -44,12 +44,16 @@ def one_special_bpe() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(CORPUS, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|im_end|>"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,32 +67,60 @@ def families():
 
 def random_batch(pair: TokenizerPair, texts, seed: int):
     end = int(pair.student_table.end_ids[0])
-    student = [pair.student_tokenizer.encode(t, add_special_tokens=False) + [end]
-               for t in texts]
+    student = [pair.student_tokenizer.encode(t, add_special_tokens=False) + [end] for t in texts]
     teacher = pair.teacher_ids_for_batch(student)
     alignments = pair.align_batch(teacher, student)
     teacher_ids, _ = pad_responses(teacher, pad_id=-1)
     student_ids, _ = pad_responses(student)
     gen = torch.Generator().manual_seed(seed)
-    student_logits = 2 * torch.randn(len(texts), student_ids.shape[1],
-                                     pair.student_table.vocab_size, generator=gen,
-                                     dtype=torch.float64)
-    teacher_logits = 2 * torch.randn(len(texts), teacher_ids.shape[1],
-                                     pair.teacher_table.vocab_size, generator=gen,
-                                     dtype=torch.float64)
-    return student, teacher, alignments, teacher_ids, student_ids, \
-        student_logits.requires_grad_(), teacher_logits
+    student_logits = 2 * torch.randn(
+        len(texts),
+        student_ids.shape[1],
+        pair.student_table.vocab_size,
+        generator=gen,
+        dtype=torch.float64,
+    )
+    teacher_logits = 2 * torch.randn(
+        len(texts),
+        teacher_ids.shape[1],
+        pair.teacher_table.vocab_size,
+        generator=gen,
+        dtype=torch.float64,
+    )
+    return (
+        student,
+        teacher,
+        alignments,
+        teacher_ids,
+        student_ids,
+        student_logits.requires_grad_(),
+        teacher_logits,
+    )
 
 
 def run(name, pair, batch, *, cells="none", needs_extra=frozenset(), **options):
     student, _, alignments, teacher_ids, student_ids, s_logits, t_logits = batch
     tables = text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab, cells=cells)
     needs = teacher_needs(name) | needs_extra
-    teacher = teacher_outputs(t_logits, teacher_ids, pair.shared_vocab, needs,
-                              alignments=alignments, student_ids=student, text_tables=tables)
-    loss, metrics = compute_objective(name, student_logits=s_logits, student_ids=student_ids,
-                                      alignments=alignments, shared_vocab=pair.shared_vocab,
-                                      teacher=teacher, cells=cells, **options)
+    teacher = teacher_outputs(
+        t_logits,
+        teacher_ids,
+        pair.shared_vocab,
+        needs,
+        alignments=alignments,
+        student_ids=student,
+        text_tables=tables,
+    )
+    loss, metrics = compute_objective(
+        name,
+        student_logits=s_logits,
+        student_ids=student_ids,
+        alignments=alignments,
+        shared_vocab=pair.shared_vocab,
+        teacher=teacher,
+        cells=cells,
+        **options,
+    )
     (grad,) = torch.autograd.grad(loss, s_logits)
     return loss, metrics, grad, teacher
 
@@ -104,12 +136,18 @@ def test_identical_tokenizers_give_token_level_opd(temperature):
         options = {} if name == "opd" else {"cells": "none"}
         if name == "opd":
             student, _, alignments, teacher_ids, student_ids, _, t_logits = batch
-            teacher = teacher_outputs(t_logits, teacher_ids, pair.shared_vocab,
-                                      teacher_needs("opd"))
-            loss, _ = compute_objective("opd", student_logits=s_logits,
-                                        student_ids=student_ids, alignments=alignments,
-                                        shared_vocab=pair.shared_vocab, teacher=teacher,
-                                        temperature=temperature)
+            teacher = teacher_outputs(
+                t_logits, teacher_ids, pair.shared_vocab, teacher_needs("opd")
+            )
+            loss, _ = compute_objective(
+                "opd",
+                student_logits=s_logits,
+                student_ids=student_ids,
+                alignments=alignments,
+                shared_vocab=pair.shared_vocab,
+                teacher=teacher,
+                temperature=temperature,
+            )
             (grad,) = torch.autograd.grad(loss, s_logits)
         else:
             loss, _, grad, _ = run(name, pair, batch, temperature=temperature, **options)
@@ -119,20 +157,28 @@ def test_identical_tokenizers_give_token_level_opd(temperature):
         torch.testing.assert_close(results[name][1], results["opd"][1], rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("teacher_name,student_name,cells", [
-    ("digits", "groups", "none"), ("digits", "spm", "none"), ("spm", "groups", "none"),
-    ("groups", "digits", "none"), ("digits", "spm", "boundary"), ("spm", "groups", "all"),
-    ("digits", "groups", "all"),
-])
-def test_event_scores_match_the_per_token_reference(families, teacher_name, student_name,
-                                                    cells):
+@pytest.mark.parametrize(
+    "teacher_name,student_name,cells",
+    [
+        ("digits", "groups", "none"),
+        ("digits", "spm", "none"),
+        ("spm", "groups", "none"),
+        ("groups", "digits", "none"),
+        ("digits", "spm", "boundary"),
+        ("spm", "groups", "all"),
+        ("digits", "groups", "all"),
+    ],
+)
+def test_event_scores_match_the_per_token_reference(families, teacher_name, student_name, cells):
     pair = TokenizerPair(families[teacher_name], families[student_name])
     tables = text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab, cells=cells)
-    student, teacher, alignments, teacher_ids, student_ids, s_logits, t_logits = \
-        random_batch(pair, TEXTS, seed=11)
+    student, teacher, alignments, teacher_ids, student_ids, s_logits, t_logits = random_batch(
+        pair, TEXTS, seed=11
+    )
     flat = flatten_chunks(alignments, student_ids, pair.shared_vocab)
-    plan = build_event_plan(flat, flat.usable, np.maximum(teacher_ids.numpy(), 0),
-                            student_ids.numpy(), tables)
+    plan = build_event_plan(
+        flat, flat.usable, np.maximum(teacher_ids.numpy(), 0), student_ids.numpy(), tables
+    )
     assert plan.num_chunks == int(flat.usable.sum()) > 0
     classes = pair.shared_vocab.size
     checked = 0
@@ -140,22 +186,35 @@ def test_event_scores_match_the_per_token_reference(families, teacher_name, stud
         index = plan.index[k]
         b = int(flat.batch[index])
         chunk_bytes = pair.teacher_table.ids_to_bytes(
-            teacher[b][flat.teacher_start[index]:flat.teacher_end[index]])
-        if flat.teacher_start[index] == 0 and pair.teacher_table.dummy_prefix \
-                and chunk_bytes[:1] == b" ":
+            teacher[b][flat.teacher_start[index] : flat.teacher_end[index]]
+        )
+        if (
+            flat.teacher_start[index] == 0
+            and pair.teacher_table.dummy_prefix
+            and chunk_bytes[:1] == b" "
+        ):
             chunk_bytes = chunk_bytes[1:]
         if flat.is_end[index]:
             chunk_bytes = b""
-        for side, logits, ids, table in (("teacher", t_logits, teacher, pair.teacher_table),
-                                         ("student", s_logits, student, pair.student_table)):
+        for side, logits, ids, table in (
+            ("teacher", t_logits, teacher, pair.teacher_table),
+            ("student", s_logits, student, pair.student_table),
+        ):
             rows = getattr(plan, side)
             r0, r1 = side_rows_in(rows, k, k + 1)
-            got = event_scores(logits[rows.batch[r0:r1], rows.pos[r0:r1]].detach(), plan,
-                               side, tables, k, k + 1)[0]
+            got = event_scores(
+                logits[rows.batch[r0:r1], rows.pos[r0:r1]].detach(), plan, side, tables, k, k + 1
+            )[0]
             positions = rows.pos[r0:r1].tolist()
-            expected = reference_events(logits[b, positions].detach(),
-                                        [ids[b][p] for p in positions], positions, table,
-                                        tables, chunk_bytes, int(plan.limit[k]))
+            expected = reference_events(
+                logits[b, positions].detach(),
+                [ids[b][p] for p in positions],
+                positions,
+                table,
+                tables,
+                chunk_bytes,
+                int(plan.limit[k]),
+            )
             # Only the classes that may be cells have columns; the others are never cells.
             assert (expected[:classes][~tables.cell_classes] == -1e30).all()
             expected = torch.cat([expected[:classes][tables.cell_index], expected[classes:]])
@@ -173,13 +232,26 @@ def test_gradcheck_through_events(families):
     batch = random_batch(pair, ["87 + 68 = 140", "9999 the"], seed=5)
     student, _, alignments, teacher_ids, student_ids, s_logits, t_logits = batch
     tables = text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab)
-    teacher = teacher_outputs(t_logits, teacher_ids, pair.shared_vocab, teacher_needs("simct"),
-                              alignments=alignments, student_ids=student, text_tables=tables)
+    teacher = teacher_outputs(
+        t_logits,
+        teacher_ids,
+        pair.shared_vocab,
+        teacher_needs("simct"),
+        alignments=alignments,
+        student_ids=student,
+        text_tables=tables,
+    )
 
     def loss_of(logits):
-        return compute_objective("simct", student_logits=logits, student_ids=student_ids,
-                                 alignments=alignments, shared_vocab=pair.shared_vocab,
-                                 teacher=teacher, slice_size=4)[0]
+        return compute_objective(
+            "simct",
+            student_logits=logits,
+            student_ids=student_ids,
+            alignments=alignments,
+            shared_vocab=pair.shared_vocab,
+            teacher=teacher,
+            slice_size=4,
+        )[0]
 
     small = s_logits.detach()[:, :, :].clone().requires_grad_()
     assert torch.autograd.gradcheck(loss_of, (small,), eps=1e-6, atol=1e-6)
@@ -187,8 +259,12 @@ def test_gradcheck_through_events(families):
 
 # --- the agreement invariant (ALGORITHMS §4.3) ---------------------------------------------
 
-AGREEMENT_PAIRS = [("digits", "groups"), ("digits", "bytes"), ("groups", "digits"),
-                   ("digits", "spm")]
+AGREEMENT_PAIRS = [
+    ("digits", "groups"),
+    ("digits", "bytes"),
+    ("groups", "digits"),
+    ("digits", "spm"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -215,10 +291,14 @@ def sampled_path_floor(batch) -> float:
     for b, alignment in enumerate(batch.alignments):
         s = torch.log_softmax(batch.student_logits[b].detach(), -1)
         t = torch.log_softmax(batch.teacher_logits[b], -1)
-        s_lp = s[torch.arange(len(batch.student_responses[b])),
-                 torch.as_tensor(batch.student_responses[b])]
-        t_lp = t[torch.arange(len(batch.teacher_responses[b])),
-                 torch.as_tensor(batch.teacher_responses[b])]
+        s_lp = s[
+            torch.arange(len(batch.student_responses[b])),
+            torch.as_tensor(batch.student_responses[b]),
+        ]
+        t_lp = t[
+            torch.arange(len(batch.teacher_responses[b])),
+            torch.as_tensor(batch.teacher_responses[b]),
+        ]
         for ts, te, ss, se in alignment.chunks.tolist():
             total += abs(float(t_lp[ts:te].sum() - s_lp[ss:se].sum()))
         tokens += alignment.student_length
@@ -228,41 +308,60 @@ def sampled_path_floor(batch) -> float:
 def agreement_losses(pair, batch, *, space: str, cells: str = "none"):
     tables = text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab, cells=cells)
     needs = teacher_needs("simct", space=space)
-    teacher = teacher_outputs(batch.teacher_logits, batch.teacher_ids, pair.shared_vocab, needs,
-                              alignments=batch.alignments, student_ids=batch.student_responses,
-                              text_tables=tables)
+    teacher = teacher_outputs(
+        batch.teacher_logits,
+        batch.teacher_ids,
+        pair.shared_vocab,
+        needs,
+        alignments=batch.alignments,
+        student_ids=batch.student_responses,
+        text_tables=tables,
+    )
     out = {}
     for name in ("simct", "shared_only"):
         options = {"space": space} | ({"cells": cells} if space == "text" else {})
-        loss, _ = compute_objective(name, student_logits=batch.student_logits,
-                                    student_ids=batch.student_ids, alignments=batch.alignments,
-                                    shared_vocab=pair.shared_vocab, teacher=teacher, **options)
+        loss, _ = compute_objective(
+            name,
+            student_logits=batch.student_logits,
+            student_ids=batch.student_ids,
+            alignments=batch.alignments,
+            shared_vocab=pair.shared_vocab,
+            teacher=teacher,
+            **options,
+        )
         (grad,) = torch.autograd.grad(loss, batch.student_logits)
         out[name] = (float(loss), float(grad.abs().sum(-1).max()))
     return out
 
 
 @pytest.mark.parametrize("teacher_name,student_name", AGREEMENT_PAIRS)
-def test_text_space_vanishes_when_models_agree_on_text(agreement_setup, teacher_name,
-                                                       student_name, capsys):
+def test_text_space_vanishes_when_models_agree_on_text(
+    agreement_setup, teacher_name, student_name, capsys
+):
     distribution, tokenizers, texts = agreement_setup
     pair = TokenizerPair(tokenizers[teacher_name], tokenizers[student_name])
     batch = agreement_batch(pair, distribution, texts)
-    multi = sum(int(((a.teacher_sizes > 1) | (a.student_sizes > 1)).sum())
-                for a in batch.alignments)
+    multi = sum(
+        int(((a.teacher_sizes > 1) | (a.student_sizes > 1)).sum()) for a in batch.alignments
+    )
     assert multi >= 10  # the pair really cuts the texts differently
     floor = sampled_path_floor(batch)
     # The default space: the config's default cells rule.
     text = agreement_losses(pair, batch, space="text", cells=ObjectiveConfig().cells)
     paper = agreement_losses(pair, batch, space="paper")
-    others = {cells: agreement_losses(pair, batch, space="text", cells=cells)["simct"][0]
-              for cells in CELLS if cells != ObjectiveConfig().cells}
+    others = {
+        cells: agreement_losses(pair, batch, space="text", cells=cells)["simct"][0]
+        for cells in CELLS
+        if cells != ObjectiveConfig().cells
+    }
     with capsys.disabled():
-        print(f"\n[agreement {teacher_name}->{student_name}] chunk-gap floor {floor:.4f}; "
-              f"text (cells {ObjectiveConfig().cells}): simct {text['simct'][0]:.4f} "
-              f"shared_only {text['shared_only'][0]:.4f}; paper: simct {paper['simct'][0]:.4f} "
-              f"shared_only {paper['shared_only'][0]:.4f}; simct with other cells: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in others.items()))
+        print(
+            f"\n[agreement {teacher_name}->{student_name}] chunk-gap floor {floor:.4f}; "
+            f"text (cells {ObjectiveConfig().cells}): simct {text['simct'][0]:.4f} "
+            f"shared_only {text['shared_only'][0]:.4f}; paper: simct {paper['simct'][0]:.4f} "
+            f"shared_only {paper['shared_only'][0]:.4f}; simct with other cells: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in others.items())
+        )
     for name in ("simct", "shared_only"):
         loss, grad = text[name]
         # Well below the look-ahead residual every position-wise objective carries, and well
@@ -282,12 +381,23 @@ def test_a_student_below_the_teacher_on_a_text_is_pushed_toward_it(agreement_set
     ids = torch.as_tensor(batch.student_responses[target])
     positions = torch.arange(ids.numel())
     tables = text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab)
-    teacher = teacher_outputs(batch.teacher_logits, batch.teacher_ids, pair.shared_vocab,
-                              teacher_needs("simct"), alignments=batch.alignments,
-                              student_ids=batch.student_responses, text_tables=tables)
-    agreed, _ = compute_objective("simct", student_logits=batch.student_logits.detach(),
-                                  student_ids=batch.student_ids, alignments=batch.alignments,
-                                  shared_vocab=pair.shared_vocab, teacher=teacher)
+    teacher = teacher_outputs(
+        batch.teacher_logits,
+        batch.teacher_ids,
+        pair.shared_vocab,
+        teacher_needs("simct"),
+        alignments=batch.alignments,
+        student_ids=batch.student_responses,
+        text_tables=tables,
+    )
+    agreed, _ = compute_objective(
+        "simct",
+        student_logits=batch.student_logits.detach(),
+        student_ids=batch.student_ids,
+        alignments=batch.alignments,
+        shared_vocab=pair.shared_vocab,
+        teacher=teacher,
+    )
     with torch.no_grad():
         batch.student_logits[target, positions, ids] -= 1.5
 
@@ -295,9 +405,14 @@ def test_a_student_below_the_teacher_on_a_text_is_pushed_toward_it(agreement_set
         return float(torch.log_softmax(logits[target], -1)[positions, ids].sum())
 
     before = text_logprob(batch.student_logits.detach())
-    loss, _ = compute_objective("simct", student_logits=batch.student_logits,
-                                student_ids=batch.student_ids, alignments=batch.alignments,
-                                shared_vocab=pair.shared_vocab, teacher=teacher)
+    loss, _ = compute_objective(
+        "simct",
+        student_logits=batch.student_logits,
+        student_ids=batch.student_ids,
+        alignments=batch.alignments,
+        shared_vocab=pair.shared_vocab,
+        teacher=teacher,
+    )
     (grad,) = torch.autograd.grad(loss, batch.student_logits)
     after = text_logprob(batch.student_logits.detach() - 5.0 * grad)
     assert float(loss) > float(agreed) + 0.005

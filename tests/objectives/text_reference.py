@@ -31,8 +31,15 @@ def _lcp(a: bytes, b: bytes) -> int:
     return n
 
 
-def reference_events(logits: torch.Tensor, ids: list[int], positions: list[int], table,
-                     tables: TextTables, chunk_bytes: bytes, limit: int) -> torch.Tensor:
+def reference_events(
+    logits: torch.Tensor,
+    ids: list[int],
+    positions: list[int],
+    table,
+    tables: TextTables,
+    chunk_bytes: bytes,
+    limit: int,
+) -> torch.Tensor:
     """float64 ``[C + n + 1]`` event log-probabilities of one chunk under one model.
 
     Args:
@@ -51,8 +58,11 @@ def reference_events(logits: torch.Tensor, ids: list[int], positions: list[int],
     probs = torch.softmax(logits.double(), dim=-1)
     lengths = context_lengths(table, np.asarray(ids), np.asarray(positions))
     offsets = [int(sum(lengths[:j])) for j in range(len(ids))]
-    prefix_classes = {class_of[chunk_bytes[:m]] for m in range(1, n + 1)
-                      if chunk_bytes[:m] in class_of and m < limit}
+    prefix_classes = {
+        class_of[chunk_bytes[:m]]
+        for m in range(1, n + 1)
+        if chunk_bytes[:m] in class_of and m < limit
+    }
     cells = torch.zeros(classes, dtype=torch.float64)
     events = torch.zeros(n + 1, dtype=torch.float64)  # [E_U, E_0, ..., E_{n-1}]
     path = torch.ones((), dtype=torch.float64)
@@ -75,9 +85,13 @@ def reference_events(logits: torch.Tensor, ids: list[int], positions: list[int],
             if j == 0:
                 owner = _owner(data, class_of)
                 shared = _lcp(data, chunk_bytes)
-                if (owner >= 0 and tables.cell_classes[owner] and owner not in prefix_classes
-                        and shared < limit
-                        and not chunk_bytes.startswith(vocab.class_bytes[owner])):
+                if (
+                    owner >= 0
+                    and tables.cell_classes[owner]
+                    and owner not in prefix_classes
+                    and shared < limit
+                    and not chunk_bytes.startswith(vocab.class_bytes[owner])
+                ):
                     cells[owner] += p
                     continue
             shared = _lcp(data, rest)
@@ -90,8 +104,12 @@ def reference_events(logits: torch.Tensor, ids: list[int], positions: list[int],
     is_cell = torch.zeros(classes, dtype=torch.bool)
     for c in range(classes - 1):
         data = vocab.class_bytes[c]
-        is_cell[c] = (bool(tables.cell_classes[c]) and c not in prefix_classes
-                      and not chunk_bytes.startswith(data) and _lcp(data, chunk_bytes) < limit)
+        is_cell[c] = (
+            bool(tables.cell_classes[c])
+            and c not in prefix_classes
+            and not chunk_bytes.startswith(data)
+            and _lcp(data, chunk_bytes) < limit
+        )
     is_cell[vocab.end_class] = bool(tables.cell_classes[vocab.end_class])
     out[:classes] = torch.where(is_cell, cells.clamp(min=1e-30).log(), out[:classes])
     out[classes:] = events.clamp(min=1e-30).log()

@@ -24,8 +24,9 @@ def load_real_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def padded_causal_lm(tokenizer, *, extra_rows: int, seed: int = 0, hidden_size: int = 16,
-                     max_positions: int = 512) -> PhiForCausalLM:
+def padded_causal_lm(
+    tokenizer, *, extra_rows: int, seed: int = 0, hidden_size: int = 16, max_positions: int = 512
+) -> PhiForCausalLM:
     """A random one-layer Phi model (its ``lm_head`` has a bias) with ``extra_rows`` output rows
     past the tokenizer's ids, each biased by :data:`PADDED_BIAS`.
 
@@ -38,10 +39,15 @@ def padded_causal_lm(tokenizer, *, extra_rows: int, seed: int = 0, hidden_size: 
     """
     num_ids = count_token_ids(tokenizer)
     config = PhiConfig(
-        vocab_size=num_ids + extra_rows, hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=max_positions, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=num_ids + extra_rows,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)

@@ -30,21 +30,33 @@ class ServerProcess:
         self.url = ""
 
     def start(self, timeout: float = 120.0) -> str:
-        command = [sys.executable, "-m", "ctopd", "serve-teacher", "--model", str(self.model),
-                   "--port", str(self.port)]
+        command = [
+            sys.executable,
+            "-m",
+            "ctopd",
+            "serve-teacher",
+            "--model",
+            str(self.model),
+            "--port",
+            str(self.port),
+        ]
         if self.api_key:
             command += ["--api-key", self.api_key]
         with open(self.log, "a") as log:
-            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log,
-                                            env=subprocess_env(), text=True)
+            self.process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=log, env=subprocess_env(), text=True
+            )
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: lines.put(self.process.stdout.readline()),
-                         daemon=True).start()
+        threading.Thread(
+            target=lambda: lines.put(self.process.stdout.readline()), daemon=True
+        ).start()
         try:
             line = lines.get(timeout=timeout)
         except queue.Empty:
             self.kill()
-            raise RuntimeError(f"serve-teacher did not start in {timeout} s; see {self.log}") from None
+            raise RuntimeError(
+                f"serve-teacher did not start in {timeout} s; see {self.log}"
+            ) from None
         match = re.search(r"on (http://127\.0\.0\.1:(\d+)/v1)", line)
         if not match:
             self.kill()
@@ -64,8 +76,9 @@ class ServerProcess:
         return self.start()
 
 
-def kill_after_first_step(server: ServerProcess, run_dir: Path, *, restart_after: float | None,
-                          timeout: float = 120.0) -> threading.Thread:
+def kill_after_first_step(
+    server: ServerProcess, run_dir: Path, *, restart_after: float | None, timeout: float = 120.0
+) -> threading.Thread:
     """A thread that kills ``server`` once ``run_dir/metrics.jsonl`` has a row, and restarts it
     ``restart_after`` seconds later (never, when None). ``thread.rows_at_kill`` records how many
     steps were done when it struck."""

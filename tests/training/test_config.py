@@ -11,8 +11,22 @@ from ctopd.training.config import ConfigError, TrainConfig, load_config
 
 
 def test_short_aliases_work_without_yaml():
-    config = load_config(["--student", "org/s", "--teacher", "org/t", "--data", "p.jsonl",
-                          "--objective", "dpca", "--max-steps", "20", "--output-dir", "runs/x"])
+    config = load_config(
+        [
+            "--student",
+            "org/s",
+            "--teacher",
+            "org/t",
+            "--data",
+            "p.jsonl",
+            "--objective",
+            "dpca",
+            "--max-steps",
+            "20",
+            "--output-dir",
+            "runs/x",
+        ]
+    )
     assert config.student.name_or_path == "org/s"
     assert config.teacher.name_or_path == "org/t"
     assert config.data.path == "p.jsonl"
@@ -22,10 +36,24 @@ def test_short_aliases_work_without_yaml():
 
 
 def test_dotted_flags_dashes_and_underscores():
-    config = load_config(["--rollout.temperature", "0.7", "--rollout.max-new-tokens", "64",
-                          "--rollout.samples_per_prompt", "2", "--optim.lr", "1e-6",
-                          "--gradient-checkpointing", "--data.shuffle", "false",
-                          "--chat-template", "t.jinja", "--resume"])
+    config = load_config(
+        [
+            "--rollout.temperature",
+            "0.7",
+            "--rollout.max-new-tokens",
+            "64",
+            "--rollout.samples_per_prompt",
+            "2",
+            "--optim.lr",
+            "1e-6",
+            "--gradient-checkpointing",
+            "--data.shuffle",
+            "false",
+            "--chat-template",
+            "t.jinja",
+            "--resume",
+        ]
+    )
     assert config.rollout.temperature == 0.7
     assert config.rollout.max_new_tokens == 64
     assert config.rollout.samples_per_prompt == 2
@@ -52,13 +80,17 @@ def test_defaults_follow_algorithms_section_8():
 
 def test_yaml_then_flags_override(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({
-        "student": "org/s",  # shorthand for student.name_or_path
-        "teacher": {"name_or_path": "org/t", "dtype": "bfloat16"},
-        "optim": {"lr": "5e-7"},  # YAML reads this as a string
-        "rollout": {"temperature": 0.9, "max_new_tokens": 128},
-        "max_steps": 10,
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "student": "org/s",  # shorthand for student.name_or_path
+                "teacher": {"name_or_path": "org/t", "dtype": "bfloat16"},
+                "optim": {"lr": "5e-7"},  # YAML reads this as a string
+                "rollout": {"temperature": 0.9, "max_new_tokens": 128},
+                "max_steps": 10,
+            }
+        )
+    )
     config = load_config(["--config", str(path), "--rollout.temperature", "0.5"])
     assert config.student.name_or_path == "org/s"
     assert config.teacher.dtype == "bfloat16"
@@ -75,29 +107,38 @@ def test_resolved_config_round_trips(tmp_path):
     assert TrainConfig.from_yaml(tmp_path / "config.yaml") == config
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--objective", "simtc"], "objective.name must be one of simct"),
-    (["--objective.divergence", "kl"], "objective.divergence must be one of"),
-    (["--rollout.temperature", "-1"], "rollout.temperature must be >= 0"),
-    (["--rollout.top-p", "1.5"], "rollout.top_p must be in (0, 1]"),
-    (["--optim.lr", "fast"], "optim.lr must be float"),
-    (["--max-steps", "0"], "max_steps must be > 0"),
-    (["--max-steps", "2.5"], "max_steps must be int"),
-    (["--mixed-precision", "fp8"], "mixed_precision must be one of no, bf16, fp16"),
-    (["--student.dtype", "float8"], "dtype must be one of"),
-    (["--objective.beta", "1"], "objective.beta must be strictly between 0 and 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--objective", "simtc"], "objective.name must be one of simct"),
+        (["--objective.divergence", "kl"], "objective.divergence must be one of"),
+        (["--rollout.temperature", "-1"], "rollout.temperature must be >= 0"),
+        (["--rollout.top-p", "1.5"], "rollout.top_p must be in (0, 1]"),
+        (["--optim.lr", "fast"], "optim.lr must be float"),
+        (["--max-steps", "0"], "max_steps must be > 0"),
+        (["--max-steps", "2.5"], "max_steps must be int"),
+        (["--mixed-precision", "fp8"], "mixed_precision must be one of no, bf16, fp16"),
+        (["--student.dtype", "float8"], "dtype must be one of"),
+        (["--objective.beta", "1"], "objective.beta must be strictly between 0 and 1"),
+    ],
+)
 def test_bad_values_name_the_field(argv, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
-                       .replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        ConfigError,
+        match=message.replace("(", r"\(")
+        .replace(")", r"\)")
+        .replace("[", r"\[")
+        .replace("]", r"\]"),
+    ):
         load_config(argv)
 
 
 def test_unknown_yaml_field_suggests_the_right_one(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("rollout:\n  temprature: 0.7\n")
-    with pytest.raises(ConfigError, match="unknown config field 'rollout.temprature'; did you "
-                                          "mean 'temperature'"):
+    with pytest.raises(
+        ConfigError, match="unknown config field 'rollout.temprature'; did you mean 'temperature'"
+    ):
         load_config(["--config", str(path)])
     path.write_text("max_step: 3\n")
     with pytest.raises(ConfigError, match="did you mean 'max_steps'"):
@@ -159,36 +200,51 @@ def test_a_gguf_file_as_a_model_location(tmp_path):
     from ctopd.training.config import ModelConfig
 
     assert ModelConfig(name_or_path="org/model").location() == ("org/model", None)
-    assert ModelConfig(name_or_path=str(tmp_path / "m.gguf")).location() == (str(tmp_path),
-                                                                             "m.gguf")
-    assert ModelConfig(name_or_path="folder", gguf_file="w.gguf").location() == ("folder",
-                                                                                 "w.gguf")
+    assert ModelConfig(name_or_path=str(tmp_path / "m.gguf")).location() == (
+        str(tmp_path),
+        "m.gguf",
+    )
+    assert ModelConfig(name_or_path="folder", gguf_file="w.gguf").location() == ("folder", "w.gguf")
     with pytest.raises(ConfigError, match="must name a .gguf file"):
         ModelConfig(name_or_path="folder", gguf_file="weights.bin")
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "hi"}\n')
-    config = TrainConfig(student=ModelConfig(name_or_path=str(tmp_path / "missing.gguf")),
-                         teacher=ModelConfig(name_or_path=str(tmp_path)))
+    config = TrainConfig(
+        student=ModelConfig(name_or_path=str(tmp_path / "missing.gguf")),
+        teacher=ModelConfig(name_or_path=str(tmp_path)),
+    )
     config.data.path = str(data)
-    with pytest.raises(ConfigError, match="student GGUF checkpoint .*missing.gguf.* does not "
-                                          "exist"):
+    with pytest.raises(
+        ConfigError, match="student GGUF checkpoint .*missing.gguf.* does not exist"
+    ):
         config.validate("train")
     (tmp_path / "missing.gguf").write_bytes(b"")
     config.validate("train")  # a file that exists passes; transformers reads it at load time
 
 
-@pytest.mark.parametrize("text, message", [
-    ("data: /path/train.jsonl\n",
-     "data must be a mapping, e.g. `data: {path: /path/train.jsonl}`; got '/path/train.jsonl'"),
-    ("optim: 3\n", "optim must be a mapping, e.g. `optim: {lr: ...}`; got 3"),
-    ("rollout: [0.7]\n", "rollout must be a mapping, e.g. `rollout: {temperature: ...}`"),
-    ("student: 7\n", "student must be a mapping, e.g. `student: {name_or_path: ...}`; got 7"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "data: /path/train.jsonl\n",
+            "data must be a mapping, e.g. `data: {path: /path/train.jsonl}`; got '/path/train.jsonl'",
+        ),
+        ("optim: 3\n", "optim must be a mapping, e.g. `optim: {lr: ...}`; got 3"),
+        ("rollout: [0.7]\n", "rollout must be a mapping, e.g. `rollout: {temperature: ...}`"),
+        ("student: 7\n", "student must be a mapping, e.g. `student: {name_or_path: ...}`; got 7"),
+    ],
+)
 def test_a_section_given_as_a_plain_value_is_one_clear_error(tmp_path, text, message):
     path = tmp_path / "run.yaml"
     path.write_text(text)
-    escaped = message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace(
-        "]", r"\]").replace("{", r"\{").replace("}", r"\}")
+    escaped = (
+        message.replace("(", r"\(")
+        .replace(")", r"\)")
+        .replace("[", r"\[")
+        .replace("]", r"\]")
+        .replace("{", r"\{")
+        .replace("}", r"\}")
+    )
     with pytest.raises(ConfigError, match=escaped):
         load_config(["--config", str(path)])
     with pytest.raises(ConfigError, match=escaped):  # flags into that section merge after it
@@ -209,9 +265,12 @@ def test_a_bare_model_name_fails_at_once(tmp_path, tiny, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no folder called mystudent here
     config = load_config(["--student", "mystudent", "--data", str(tiny["prompts"])])
     started = time.perf_counter()
-    with pytest.raises(ConfigError, match="student model 'mystudent' is neither a local folder "
-                                          "nor a hub id of the form org/name; pass the folder's "
-                                          r"path \(e.g. ./mystudent\) or the full hub id"):
+    with pytest.raises(
+        ConfigError,
+        match="student model 'mystudent' is neither a local folder "
+        "nor a hub id of the form org/name; pass the folder's "
+        r"path \(e.g. ./mystudent\) or the full hub id",
+    ):
         config.validate("sft")
     assert time.perf_counter() - started < 1.0  # no hub retries
     (tmp_path / "mystudent").mkdir()
@@ -220,8 +279,11 @@ def test_a_bare_model_name_fails_at_once(tmp_path, tiny, monkeypatch):
 
 def test_resume_flags_that_contradict_each_other(tiny):
     base = ["--student", str(tiny["student"]), "--data", str(tiny["prompts"])]
-    with pytest.raises(ConfigError, match="--resume continues the run in output_dir and "
-                                          "--overwrite removes it; give one of them"):
+    with pytest.raises(
+        ConfigError,
+        match="--resume continues the run in output_dir and "
+        "--overwrite removes it; give one of them",
+    ):
         load_config([*base, "--resume", "--overwrite"]).validate("sft")
     with pytest.raises(ConfigError, match="--resume-changed only applies together with --resume"):
         load_config([*base, "--resume-changed"]).validate("sft")
@@ -230,8 +292,18 @@ def test_resume_flags_that_contradict_each_other(tiny):
 def test_eval_data_without_answers_is_refused_before_training(tiny, tmp_path):
     data = tmp_path / "questions.jsonl"
     data.write_text('{"prompt": "What is 2+2?"}\n')
-    config = load_config(["--student", str(tiny["student"]), "--data", str(tiny["prompts"]),
-                          "--eval-data", str(data)])
-    with pytest.raises(ConfigError, match="questions.jsonl' has no `answer` field in any row, so "
-                                          "its accuracy cannot be scored"):
+    config = load_config(
+        [
+            "--student",
+            str(tiny["student"]),
+            "--data",
+            str(tiny["prompts"]),
+            "--eval-data",
+            str(data),
+        ]
+    )
+    with pytest.raises(
+        ConfigError,
+        match="questions.jsonl' has no `answer` field in any row, so its accuracy cannot be scored",
+    ):
         config.validate("sft")

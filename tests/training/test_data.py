@@ -17,13 +17,20 @@ def _write(path, rows):
 
 
 def test_prompt_and_messages_rows(tmp_path):
-    path = _write(tmp_path / "d.jsonl", [
-        {"prompt": "What is 2+2?", "answer": "#### 4"},
-        {"messages": [{"role": "system", "content": "Be brief."},
-                      {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hello!"}]},
-        "",
-    ])
+    path = _write(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": "What is 2+2?", "answer": "#### 4"},
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello!"},
+                ]
+            },
+            "",
+        ],
+    )
     examples = load_examples(DataConfig(path=str(path)))
     assert examples[0].messages == [{"role": "user", "content": "What is 2+2?"}]
     assert examples[0].answer == "#### 4"
@@ -35,15 +42,26 @@ def test_prompt_and_messages_rows(tmp_path):
     assert len(with_system) == 1
 
 
-@pytest.mark.parametrize("rows, message", [
-    (['{"prompt": "a"', ], r"line 1: not valid JSON"),
-    ([{"prompt": "ok"}, [1, 2]], r"line 2: expected a JSON object"),
-    ([{"question": "no prompt field"}], r"line 1: needs a `messages` list or a non-empty "
-                                        r"`prompt` string \(fields found: question\)"),
-    ([{"messages": "hi"}], r"line 1: `messages` must be a non-empty list"),
-    ([{"messages": [{"role": "assistant", "content": "x"}]}], r"holds only an assistant turn"),
-    ([""], r"holds no rows"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (
+            [
+                '{"prompt": "a"',
+            ],
+            r"line 1: not valid JSON",
+        ),
+        ([{"prompt": "ok"}, [1, 2]], r"line 2: expected a JSON object"),
+        (
+            [{"question": "no prompt field"}],
+            r"line 1: needs a `messages` list or a non-empty "
+            r"`prompt` string \(fields found: question\)",
+        ),
+        ([{"messages": "hi"}], r"line 1: `messages` must be a non-empty list"),
+        ([{"messages": [{"role": "assistant", "content": "x"}]}], r"holds only an assistant turn"),
+        ([""], r"holds no rows"),
+    ],
+)
 def test_bad_rows_name_file_and_line(tmp_path, rows, message):
     path = _write(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DataError, match=message):
@@ -69,33 +87,51 @@ def test_missing_chat_template_error_and_override(tmp_path, tiny):
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=r"student tokenizer has no chat template; pass one with "
-                                          r"--student.chat_template FILE.jinja \(or "
-                                          r"--chat-template"):
+    with pytest.raises(
+        ConfigError,
+        match=r"student tokenizer has no chat template; pass one with "
+        r"--student.chat_template FILE.jinja \(or "
+        r"--chat-template",
+    ):
         load_model_tokenizer(ModelConfig(str(folder)), side="student")
     template = tmp_path / "plain.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}A:")
-    tokenizer = load_model_tokenizer(ModelConfig(str(folder), chat_template=str(template)),
-                                     side="student")
+    tokenizer = load_model_tokenizer(
+        ModelConfig(str(folder), chat_template=str(template)), side="student"
+    )
     examples = load_examples(DataConfig(path=str(tiny["prompts"]), limit=1))
     assert tokenizer.decode(encode_prompts(tokenizer, examples, side="student")[0]).endswith("A:")
     with pytest.raises(ConfigError, match="does not render"):
-        load_model_tokenizer(ModelConfig(str(folder), chat_template="{{ messages[5]['x'] }"),
-                             side="student")
+        load_model_tokenizer(
+            ModelConfig(str(folder), chat_template="{{ messages[5]['x'] }"), side="student"
+        )
 
 
 def test_a_byte_order_mark_is_accepted(tmp_path):
     path = tmp_path / "bom.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "Hi"}).encode() + b"\n"
-                     + json.dumps({"prompt": "Ho"}).encode() + b"\n")
-    assert [e.messages[0]["content"] for e in load_examples(DataConfig(path=str(path)))] == \
-        ["Hi", "Ho"]
+    path.write_bytes(
+        b"\xef\xbb\xbf"
+        + json.dumps({"prompt": "Hi"}).encode()
+        + b"\n"
+        + json.dumps({"prompt": "Ho"}).encode()
+        + b"\n"
+    )
+    assert [e.messages[0]["content"] for e in load_examples(DataConfig(path=str(path)))] == [
+        "Hi",
+        "Ho",
+    ]
 
 
 def test_latin_1_bytes_name_the_line_and_column(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes(json.dumps({"prompt": "fine"}).encode() + b"\n"
-                     + '{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1.jsonl, line 2: not UTF-8 text \(byte 0xe9 at "
-                                        r"column 16\); save the file as UTF-8"):
+    path.write_bytes(
+        json.dumps({"prompt": "fine"}).encode()
+        + b"\n"
+        + '{"prompt": "caf\u00e9"}\n'.encode("latin-1")
+    )
+    with pytest.raises(
+        DataError,
+        match=r"latin1.jsonl, line 2: not UTF-8 text \(byte 0xe9 at "
+        r"column 16\); save the file as UTF-8",
+    ):
         load_examples(DataConfig(path=str(path)))

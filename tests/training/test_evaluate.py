@@ -14,22 +14,25 @@ from ctopd.training.evaluate import answers_match, evaluate, extract_answer
 from ctopd.training.models import load_model_tokenizer
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "72"),
-    ("#### $1,234", "1234"),
-    ("The total is 5.\n#### 18.00\nThanks", "18"),
-    ("so the answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
-    ("first \\boxed{3} then \\boxed{ 42 }", "42"),
-    ("\\boxed{x^{2}+1}", "x^{2}+1"),
-    ("She earned $1,250.00 in total.", "1250"),
-    ("It dropped to -3.5 degrees, then 7", "7"),
-    ("The temperature is -3.50.", "-3.5"),
-    ("0.5 of them", "0.5"),
-    ("no digits here", None),
-    ("", None),
-    ("#### \n but 12 later", "12"),
-    ("unbalanced \\boxed{4", "4"),
-])
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "72"),
+        ("#### $1,234", "1234"),
+        ("The total is 5.\n#### 18.00\nThanks", "18"),
+        ("so the answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+        ("first \\boxed{3} then \\boxed{ 42 }", "42"),
+        ("\\boxed{x^{2}+1}", "x^{2}+1"),
+        ("She earned $1,250.00 in total.", "1250"),
+        ("It dropped to -3.5 degrees, then 7", "7"),
+        ("The temperature is -3.50.", "-3.5"),
+        ("0.5 of them", "0.5"),
+        ("no digits here", None),
+        ("", None),
+        ("#### \n but 12 later", "12"),
+        ("unbalanced \\boxed{4", "4"),
+    ],
+)
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
 
@@ -67,8 +70,14 @@ def test_evaluate_scores_and_writes_examples(tiny, tmp_path):
     texts[2] = "No idea."  # one without an answer
     responses = [tokenizer(t, add_special_tokens=False)["input_ids"] + [end] for t in texts]
     out = tmp_path / "eval.jsonl"
-    result = evaluate(_Oracle(responses, tokenizer.pad_token_id), tokenizer, tiny["eval"],
-                      max_new_tokens=32, batch_size=4, output_path=out)
+    result = evaluate(
+        _Oracle(responses, tokenizer.pad_token_id),
+        tokenizer,
+        tiny["eval"],
+        max_new_tokens=32,
+        batch_size=4,
+        output_path=out,
+    )
     assert result["num_examples"] == 6 and result["correct"] == 4
     assert result["accuracy"] == pytest.approx(4 / 6)
     assert result["answered"] == pytest.approx(5 / 6)
@@ -79,8 +88,15 @@ def test_evaluate_scores_and_writes_examples(tiny, tmp_path):
 
 
 def test_evaluate_a_saved_model_by_path(tiny, tmp_path):
-    result = evaluate(str(tiny["student"]), None, tiny["eval"], max_new_tokens=4, batch_size=3,
-                      limit=4, output_path=tmp_path / "o.jsonl")
+    result = evaluate(
+        str(tiny["student"]),
+        None,
+        tiny["eval"],
+        max_new_tokens=4,
+        batch_size=3,
+        limit=4,
+        output_path=tmp_path / "o.jsonl",
+    )
     assert result["num_examples"] == 4 and 0.0 <= result["accuracy"] <= 1.0
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 4
 
@@ -88,8 +104,10 @@ def test_evaluate_a_saved_model_by_path(tiny, tmp_path):
 def test_data_without_answers_cannot_be_scored(tiny, tmp_path, caplog):
     questions = tmp_path / "questions.jsonl"
     questions.write_text('{"prompt": "What is 2+2?"}\n{"prompt": "And 3+3?"}\n')
-    with pytest.raises(DataError, match="questions.jsonl has no `answer` field in any row, so "
-                                        "accuracy cannot be scored"):
+    with pytest.raises(
+        DataError,
+        match="questions.jsonl has no `answer` field in any row, so accuracy cannot be scored",
+    ):
         evaluate(tiny["student"], data_path=questions)
     some = tmp_path / "some.jsonl"
     some.write_text('{"prompt": "What is 2+2?", "answer": "4"}\n{"prompt": "And 3+3?"}\n')

@@ -21,10 +21,28 @@ from ctopd.training.plot import plot_run
 
 def test_counts_add_up_and_figures_average():
     figures = StepMetrics()
-    figures.add({"loss": 1.0, "kl": 0.5, "supervised_tokens": 6, "student_tokens": 10,
-                 "responses": 2, "response_tokens": 10, "ended_responses": 1})
-    figures.add({"loss": 3.0, "kl": 1.5, "supervised_tokens": 4, "student_tokens": 10,
-                 "responses": 2, "response_tokens": 30, "ended_responses": 2})
+    figures.add(
+        {
+            "loss": 1.0,
+            "kl": 0.5,
+            "supervised_tokens": 6,
+            "student_tokens": 10,
+            "responses": 2,
+            "response_tokens": 10,
+            "ended_responses": 1,
+        }
+    )
+    figures.add(
+        {
+            "loss": 3.0,
+            "kl": 1.5,
+            "supervised_tokens": 4,
+            "student_tokens": 10,
+            "responses": 2,
+            "response_tokens": 30,
+            "ended_responses": 2,
+        }
+    )
     timer = Timer()
     with timer("rollout"):
         pass
@@ -51,13 +69,21 @@ def test_logger_truncates_rows_after_the_resumed_step(tmp_path):
 
 
 def test_plot_writes_pngs(tmp_path):
-    rows = [{"step": s, "loss": 1.0 / s, "kl": 0.1 * s, "coverage": 0.7, "time_rollout": 0.5,
-             "time_loss": 0.01, **({"eval_accuracy": 0.2 * s} if s % 2 == 0 else {})}
-            for s in range(1, 6)]
+    rows = [
+        {
+            "step": s,
+            "loss": 1.0 / s,
+            "kl": 0.1 * s,
+            "coverage": 0.7,
+            "time_rollout": 0.5,
+            "time_loss": 0.01,
+            **({"eval_accuracy": 0.2 * s} if s % 2 == 0 else {}),
+        }
+        for s in range(1, 6)
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     written = {p.name for p in plot_run(tmp_path)}
-    assert written == {"loss.png", "kl.png", "coverage.png", "eval_accuracy.png",
-                       "time_split.png"}
+    assert written == {"loss.png", "kl.png", "coverage.png", "eval_accuracy.png", "time_split.png"}
     assert all((tmp_path / "plots" / name).stat().st_size > 1000 for name in written)
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         plot_run(tmp_path / "empty")

@@ -41,16 +41,19 @@ def padded_teacher(qwen2):
     """A Qwen2-vocabulary teacher with 400 padded rows, and a short scored batch."""
     model = padded_causal_lm(qwen2, extra_rows=TEACHER_EXTRA_ROWS, seed=1)
     prompts = [qwen2("Sam has 3 apples")["input_ids"], qwen2("How many birds")["input_ids"]]
-    responses = [qwen2(" and 4 more.", add_special_tokens=False)["input_ids"],
-                 qwen2(" now?", add_special_tokens=False)["input_ids"]]
+    responses = [
+        qwen2(" and 4 more.", add_special_tokens=False)["input_ids"],
+        qwen2(" now?", add_special_tokens=False)["input_ids"],
+    ]
     return model, prompts, responses
 
 
 def _real_logsoftmax(model, tokenizer, prompts, responses) -> torch.Tensor:
     """The teacher's distribution over its real ids, computed directly: ``[B, n, ids]``."""
     with torch.no_grad():
-        logits = response_logits(model, prompts, responses, pad_id=tokenizer.pad_token_id,
-                                 device="cpu")
+        logits = response_logits(
+            model, prompts, responses, pad_id=tokenizer.pad_token_id, device="cpu"
+        )
     # The rig: over every row, the real ids would hold almost nothing.
     assert torch.logsumexp(torch.log_softmax(logits.double(), -1)[..., :QWEN2_IDS], -1).max() < -15
     return torch.log_softmax(logits[..., :QWEN2_IDS].double(), -1)
@@ -66,17 +69,36 @@ def padded_pair(qwen2, real_tokenizers_dir, tmp_path_factory):
     llama = load_real_tokenizer(real_tokenizers_dir / "llama-spm")
     template = folder / "llama2.jinja"
     template.write_text(LLAMA2_TEMPLATE)
-    return {"student": save_padded(folder / "student", qwen2, extra_rows=STUDENT_EXTRA_ROWS),
-            "teacher": save_padded(folder / "teacher", llama, extra_rows=64, seed=1),
-            "template": template,
-            "data": write_jsonl(folder / "prompts.jsonl", problems(4))}
+    return {
+        "student": save_padded(folder / "student", qwen2, extra_rows=STUDENT_EXTRA_ROWS),
+        "teacher": save_padded(folder / "teacher", llama, extra_rows=64, seed=1),
+        "template": template,
+        "data": write_jsonl(folder / "prompts.jsonl", problems(4)),
+    }
 
 
 def _train_rows(out, *args) -> list[dict]:
-    summary = train(load_config([
-        *args, "--output-dir", str(out), "--max-steps", "2", "--per-device-batch-size", "2",
-        "--rollout.max-new-tokens", "8", "--rollout.temperature", "1.0", "--optim.lr", "1e-3",
-        "--progress", "false"]))
+    summary = train(
+        load_config(
+            [
+                *args,
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "2",
+                "--per-device-batch-size",
+                "2",
+                "--rollout.max-new-tokens",
+                "8",
+                "--rollout.temperature",
+                "1.0",
+                "--optim.lr",
+                "1e-3",
+                "--progress",
+                "false",
+            ]
+        )
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and summary["steps"] == 2
     for row in rows:
@@ -90,10 +112,18 @@ def _train_rows(out, *args) -> list[dict]:
 @pytest.mark.parametrize("objective", ["simct", "dpca"])
 def test_padded_student_and_teacher_train(padded_pair, tmp_path, objective):
     rows = _train_rows(
-        tmp_path / "run", "--student", str(padded_pair["student"]),
-        "--teacher", str(padded_pair["teacher"]),
-        "--teacher-chat-template", str(padded_pair["template"]),
-        "--data", str(padded_pair["data"]), "--objective", objective)
+        tmp_path / "run",
+        "--student",
+        str(padded_pair["student"]),
+        "--teacher",
+        str(padded_pair["teacher"]),
+        "--teacher-chat-template",
+        str(padded_pair["template"]),
+        "--data",
+        str(padded_pair["data"]),
+        "--objective",
+        objective,
+    )
     # Over its 32,000 real ids the random teacher is near uniform (log 32000 = 10.4); with its
     # 64 padded rows in the softmax its tokens would get about -40.
     assert all(row["teacher_logprob_mean"] > -13.0 for row in rows)
@@ -102,12 +132,23 @@ def test_padded_student_and_teacher_train(padded_pair, tmp_path, objective):
 @pytest.mark.parametrize("objective", ["simct", "dpca"])
 def test_padded_tiny_models_train(tiny, tmp_path, objective):
     """The same on the tiny tokenizers (320 and 240 ids), fast enough for every run."""
-    folders = {side: save_padded(tmp_path / side, load_real_tokenizer(tiny[side]),
-                                 extra_rows=extra, seed=seed)
-               for side, extra, seed in (("student", 128, 2), ("teacher", 400, 1))}
-    rows = _train_rows(tmp_path / "run", "--student", str(folders["student"]),
-                       "--teacher", str(folders["teacher"]), "--data", str(tiny["prompts"]),
-                       "--objective", objective)
+    folders = {
+        side: save_padded(
+            tmp_path / side, load_real_tokenizer(tiny[side]), extra_rows=extra, seed=seed
+        )
+        for side, extra, seed in (("student", 128, 2), ("teacher", 400, 1))
+    }
+    rows = _train_rows(
+        tmp_path / "run",
+        "--student",
+        str(folders["student"]),
+        "--teacher",
+        str(folders["teacher"]),
+        "--data",
+        str(tiny["prompts"]),
+        "--objective",
+        objective,
+    )
     assert all(row["teacher_logprob_mean"] > -math.log(320) - 3.0 for row in rows)
 
 
@@ -117,15 +158,19 @@ def test_padded_tiny_models_train(tiny, tmp_path, objective):
 def test_local_teacher_scores_cover_the_real_ids_only(padded_teacher, qwen2, tmp_path):
     model, prompts, responses = padded_teacher
     expected = _real_logsoftmax(model, qwen2, prompts, responses)
-    scores = LocalTeacher(model, pad_id=qwen2.pad_token_id, num_ids=QWEN2_IDS).submit(
-        prompts, responses).result()
+    scores = (
+        LocalTeacher(model, pad_id=qwen2.pad_token_id, num_ids=QWEN2_IDS)
+        .submit(prompts, responses)
+        .result()
+    )
     assert scores.shape == (2, max(map(len, responses)), QWEN2_IDS)
     torch.testing.assert_close(torch.log_softmax(scores.double(), -1), expected)
 
     # load_teacher gives an in-process teacher the tokenizer's id count.
     save_padded(tmp_path / "teacher", qwen2, extra_rows=TEACHER_EXTRA_ROWS)
-    config = load_config(["--student", str(tmp_path / "teacher"),
-                          "--teacher", str(tmp_path / "teacher")])
+    config = load_config(
+        ["--student", str(tmp_path / "teacher"), "--teacher", str(tmp_path / "teacher")]
+    )
     teacher = load_teacher(config, qwen2)
     assert isinstance(teacher, LocalTeacher) and teacher.num_ids == QWEN2_IDS
 
@@ -149,8 +194,9 @@ def test_our_server_normalises_over_the_real_ids(padded_server, padded_teacher, 
     expected = _real_logsoftmax(model, qwen2, prompts, responses)
     # The whole distribution at one position: every real id, no padded row, total mass 1.
     sequence = prompts[0] + responses[0][:1]
-    reply = padded_server.scorer.completions({"prompt": [sequence], "prompt_logprobs": -1,
-                                              "return_token_ids": True})
+    reply = padded_server.scorer.completions(
+        {"prompt": [sequence], "prompt_logprobs": -1, "return_token_ids": True}
+    )
     assert reply["choices"][0]["token_ids"][0] < QWEN2_IDS  # the greedy next token is a real id
     entry = reply["choices"][0]["prompt_logprobs"][-1]
     ids = torch.tensor([int(k) for k in entry])
@@ -161,29 +207,50 @@ def test_our_server_normalises_over_the_real_ids(padded_server, padded_teacher, 
 
     # Through HTTP, top 5: the client's scores are the teacher's distribution over real ids.
     url = f"http://127.0.0.1:{padded_server.server_port}/v1"
-    client = ServedTeacher(TeacherServerConfig(url=url, top_k=5, retries=0), qwen2,
-                           vocab_size=QWEN2_IDS, model_rows=QWEN2_IDS + TEACHER_EXTRA_ROWS)
+    client = ServedTeacher(
+        TeacherServerConfig(url=url, top_k=5, retries=0),
+        qwen2,
+        vocab_size=QWEN2_IDS,
+        model_rows=QWEN2_IDS + TEACHER_EXTRA_ROWS,
+    )
     dense = client.submit(prompts, responses).result().double()
     assert dense.shape == expected.shape
     for b, response in enumerate(responses):
         rows = dense[b, : len(response)]
-        torch.testing.assert_close(torch.logsumexp(rows, -1), torch.zeros(len(response),
-                                                                          dtype=torch.float64),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            torch.logsumexp(rows, -1),
+            torch.zeros(len(response), dtype=torch.float64),
+            rtol=0,
+            atol=1e-5,
+        )
         realised = torch.tensor(response)[:, None]
         top = expected[b, : len(response)].topk(5, -1).indices
         for picked in (realised, top):  # what the server returned is exact
-            torch.testing.assert_close(rows.gather(-1, picked),
-                                       expected[b, : len(response)].gather(-1, picked),
-                                       rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                rows.gather(-1, picked),
+                expected[b, : len(response)].gather(-1, picked),
+                rtol=0,
+                atol=1e-5,
+            )
 
 
 def _vllm_like_reply(sequence, entries):
-    choice = {"index": 0, "text": "x", "logprobs": None, "finish_reason": "length",
-              "stop_reason": None, "prompt_logprobs": [None, *entries],
-              "prompt_token_ids": sequence}
-    return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "fake",
-            "choices": [choice]}
+    choice = {
+        "index": 0,
+        "text": "x",
+        "logprobs": None,
+        "finish_reason": "length",
+        "stop_reason": None,
+        "prompt_logprobs": [None, *entries],
+        "prompt_token_ids": sequence,
+    }
+    return {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 0,
+        "model": "fake",
+        "choices": [choice],
+    }
 
 
 def test_client_drops_padded_rows_of_a_vllm_like_reply():
@@ -196,16 +263,19 @@ def test_client_drops_padded_rows_of_a_vllm_like_reply():
 
     # Position 1 (predicts 7): the padded row on top (0.82), then 7 and 3. Position 2
     # (predicts 9): real ids only.
-    entries = [{"7": lp(-2.5), str(padded_id): lp(-0.2), "3": lp(-3.0)},
-               {"9": lp(-0.1), "4": lp(-2.6)}]
+    entries = [
+        {"7": lp(-2.5), str(padded_id): lp(-0.2), "3": lp(-3.0)},
+        {"9": lp(-0.1), "4": lp(-2.6)},
+    ]
     server = FakeServer(lambda body: (200, _vllm_like_reply(sequence, entries)))
     try:
         config = TeacherServerConfig(url=server.url, top_k=2, retries=0)
         client = ServedTeacher(config, None, vocab_size=QWEN2_IDS, model_rows=rows_total)
         dense = client.submit([sequence[:1]], [sequence[1:]]).result().double()
         assert dense.shape == (1, 2, QWEN2_IDS)
-        torch.testing.assert_close(torch.logsumexp(dense[0], -1),
-                                   torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            torch.logsumexp(dense[0], -1), torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-6
+        )
         # Conditioned on the real ids: the returned padded mass leaves, ratios stay.
         real = 1.0 - math.exp(-0.2)
         assert dense[0, 0, 7].item() == pytest.approx(-2.5 - math.log(real), abs=1e-5)
@@ -215,13 +285,18 @@ def test_client_drops_padded_rows_of_a_vllm_like_reply():
         # An id past the model's rows is another vocabulary, and without the model's row count
         # every id past the tokenizer's is.
         entries[0]["999999"] = lp(-9.0)
-        with pytest.raises(TeacherServerError, match="outside the teacher model's 152064 output "
-                                                     "rows: the server runs a model with another"):
+        with pytest.raises(
+            TeacherServerError,
+            match="outside the teacher model's 152064 output "
+            "rows: the server runs a model with another",
+        ):
             client.submit([sequence[:1]], [sequence[1:]]).result()
         del entries[0]["999999"]
         strict = ServedTeacher(config, None, vocab_size=QWEN2_IDS)
-        with pytest.raises(TeacherServerError, match=f"token id {padded_id}, outside the teacher "
-                                                     f"tokenizer's {QWEN2_IDS} ids"):
+        with pytest.raises(
+            TeacherServerError,
+            match=f"token id {padded_id}, outside the teacher tokenizer's {QWEN2_IDS} ids",
+        ):
             strict.submit([sequence[:1]], [sequence[1:]]).result()
     finally:
         server.close()

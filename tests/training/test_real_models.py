@@ -51,10 +51,27 @@ def model_args(models: Path, teacher: str, student: str) -> list[str]:
 
 
 def short_run(prompts: Path, out: Path, *extra: str) -> list[str]:
-    return ["--data", str(prompts), "--max-steps", "2", "--per-device-batch-size", "2",
-            "--rollout.max-new-tokens", "12", "--rollout.temperature", "1.0",
-            "--optim.lr", "1e-5", "--output-dir", str(out), "--progress", "false",
-            "--save-every", "0", *extra]
+    return [
+        "--data",
+        str(prompts),
+        "--max-steps",
+        "2",
+        "--per-device-batch-size",
+        "2",
+        "--rollout.max-new-tokens",
+        "12",
+        "--rollout.temperature",
+        "1.0",
+        "--optim.lr",
+        "1e-5",
+        "--output-dir",
+        str(out),
+        "--progress",
+        "false",
+        "--save-every",
+        "0",
+        *extra,
+    ]
 
 
 def assert_plain_folder(folder: Path) -> None:
@@ -66,21 +83,29 @@ def assert_plain_folder(folder: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer.chat_template, "the exported tokenizer keeps its chat template"
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "1 + 1?"}],
-                                        add_generation_prompt=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "1 + 1?"}], add_generation_prompt=True, return_dict=False
+    )
     with torch.no_grad():
         logits = model(torch.tensor([list(ids)])).logits
     assert torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("objective", ["simct", "dpca", "shared_only"])
-@pytest.mark.parametrize("teacher,student", [(SMOLLM2, GEMMA3), (GEMMA3, SMOLLM2)],
-                         ids=["smollm2-to-gemma3", "gemma3-to-smollm2"])
-def test_train_two_steps(real_models_dir, prompts, tmp_path, capsys, teacher, student,
-                         objective):
+@pytest.mark.parametrize(
+    "teacher,student",
+    [(SMOLLM2, GEMMA3), (GEMMA3, SMOLLM2)],
+    ids=["smollm2-to-gemma3", "gemma3-to-smollm2"],
+)
+def test_train_two_steps(real_models_dir, prompts, tmp_path, capsys, teacher, student, objective):
     out = tmp_path / "run"
-    code = main(["train", *model_args(real_models_dir, teacher, student),
-                 *short_run(prompts, out, "--objective", objective)])
+    code = main(
+        [
+            "train",
+            *model_args(real_models_dir, teacher, student),
+            *short_run(prompts, out, "--objective", objective),
+        ]
+    )
     assert code == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -89,24 +114,44 @@ def test_train_two_steps(real_models_dir, prompts, tmp_path, capsys, teacher, st
         assert 0 < row["coverage"] <= 1
         assert row["chunks_one_to_one"] + row["chunks_multi"] > 0
     with capsys.disabled():
-        print(f"\n{teacher} -> {student} {objective}: coverage "
-              f"{[round(r['coverage'], 3) for r in rows]}, chunks 1:1 "
-              f"{[r['chunks_one_to_one'] for r in rows]}, multi-token "
-              f"{[r['chunks_multi'] for r in rows]}, loss {[round(r['loss'], 4) for r in rows]}")
+        print(
+            f"\n{teacher} -> {student} {objective}: coverage "
+            f"{[round(r['coverage'], 3) for r in rows]}, chunks 1:1 "
+            f"{[r['chunks_one_to_one'] for r in rows]}, multi-token "
+            f"{[r['chunks_multi'] for r in rows]}, loss {[round(r['loss'], 4) for r in rows]}"
+        )
     assert_plain_folder(out / "final")
 
 
 def test_sft_on_teacher_samples_then_eval(real_models_dir, prompts, tmp_path):
     out = tmp_path / "sft"
-    code = main(["sft", *model_args(real_models_dir, SMOLLM2, GEMMA3),
-                 *short_run(prompts, out, "--sft.source", "teacher")])
+    code = main(
+        [
+            "sft",
+            *model_args(real_models_dir, SMOLLM2, GEMMA3),
+            *short_run(prompts, out, "--sft.source", "teacher"),
+        ]
+    )
     assert code == 0
     responses = (out / "teacher_responses.jsonl").read_text().splitlines()
     assert responses and all(json.loads(r)["response"] for r in responses)
     assert_plain_folder(out / "final")
     results = tmp_path / "eval.jsonl"
-    code = main(["eval", "--model", str(out / "final"), "--data", str(prompts), "--limit", "4",
-                 "--max-new-tokens", "16", "--output", str(results)])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(out / "final"),
+            "--data",
+            str(prompts),
+            "--limit",
+            "4",
+            "--max-new-tokens",
+            "16",
+            "--output",
+            str(results),
+        ]
+    )
     assert code == 0
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert len(rows) == 4 and all("correct" in r for r in rows)
@@ -130,9 +175,20 @@ def test_a_gguf_file_as_the_model(real_models_dir, prompts, tmp_path):
     del loaded, converted
 
     out = tmp_path / "gguf-run"
-    code = main(["train", "--student", str(gguf), "--teacher", str(real_models_dir / GEMMA3),
-                 "--teacher-chat-template", str(GEMMA_TEMPLATE),
-                 *short_run(prompts, out, "--objective", "dpca"), "--save-every", "1"])
+    code = main(
+        [
+            "train",
+            "--student",
+            str(gguf),
+            "--teacher",
+            str(real_models_dir / GEMMA3),
+            "--teacher-chat-template",
+            str(GEMMA_TEMPLATE),
+            *short_run(prompts, out, "--objective", "dpca"),
+            "--save-every",
+            "1",
+        ]
+    )
     assert code == 0
     assert_plain_folder(out / "checkpoint-000002" / "student")
     assert_plain_folder(out / "final")

@@ -28,7 +28,8 @@ def student(tiny):
 
 def test_pack_left_pads_prompts_and_right_pads_responses():
     ids, mask, positions, prompt_len, response_len = pack_prompt_response(
-        [[5, 6, 7], [8]], [[1], [2, 3]], pad_id=0)
+        [[5, 6, 7], [8]], [[1], [2, 3]], pad_id=0
+    )
     assert (prompt_len, response_len) == (3, 2)
     assert ids.tolist() == [[5, 6, 7, 1, 0], [0, 0, 8, 2, 3]]
     assert mask.tolist() == [[1, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
@@ -50,14 +51,20 @@ def test_response_logits_match_an_unpadded_forward(student):
     for b, (prompt, response) in enumerate(zip(prompts[:3], responses)):
         ids = torch.tensor([prompt + response])
         with torch.no_grad():
-            alone = model(input_ids=ids).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(response)]
+            alone = model(input_ids=ids).logits[
+                0, len(prompt) - 1 : len(prompt) - 1 + len(response)
+            ]
         torch.testing.assert_close(batch[b, : len(response)].detach(), alone, atol=1e-4, rtol=1e-4)
 
 
 def test_batched_greedy_equals_one_at_a_time(student):
     model, tokenizer, prompts = student
-    kwargs = dict(end_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id,
-                  max_new_tokens=8, temperature=0.0)
+    kwargs = dict(
+        end_ids=[tokenizer.eos_token_id],
+        pad_id=tokenizer.pad_token_id,
+        max_new_tokens=8,
+        temperature=0.0,
+    )
     batched = sample_responses(model, prompts, **kwargs)
     alone = [sample_responses(model, [p], **kwargs)[0] for p in prompts]
     assert batched == alone
@@ -66,8 +73,9 @@ def test_batched_greedy_equals_one_at_a_time(student):
 
 def test_sampling_is_seeded_and_stops_at_end_ids(student):
     model, tokenizer, prompts = student
-    kwargs = dict(pad_id=tokenizer.pad_token_id, max_new_tokens=10, temperature=1.0,
-                  samples_per_prompt=2)
+    kwargs = dict(
+        pad_id=tokenizer.pad_token_id, max_new_tokens=10, temperature=1.0, samples_per_prompt=2
+    )
     torch.manual_seed(3)
     first = sample_responses(model, prompts[:2], end_ids=[tokenizer.eos_token_id], **kwargs)
     torch.manual_seed(3)

@@ -38,6 +38,7 @@ def _steps(out) -> list[int]:
 def refuse_models(monkeypatch) -> None:
     """From now on loading a tokenizer or a model fails the test: what is checked must be
     checked before."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a model loaded before the check")
 
@@ -55,9 +56,11 @@ def test_a_finished_run_folder_is_refused_and_survives(tiny, tmp_path, monkeypat
     metrics, weights = (out / "metrics.jsonl").read_text(), final_weights(out)
     config = (out / "config.yaml").read_text()
     refuse_models(monkeypatch)
-    message = (f"{re.escape(str(out))} already holds a run \\(config.yaml, metrics.jsonl, "
-               "summary.json, final, checkpoint-000002, checkpoint-000003\\); pass --resume to "
-               "continue it, or --overwrite to start over")
+    message = (
+        f"{re.escape(str(out))} already holds a run \\(config.yaml, metrics.jsonl, "
+        "summary.json, final, checkpoint-000002, checkpoint-000003\\); pass --resume to "
+        "continue it, or --overwrite to start over"
+    )
     with pytest.raises(ConfigError, match=message):
         _run(tiny, out, "--max-steps", "3")
     with pytest.raises(ConfigError, match=message):
@@ -73,9 +76,11 @@ def test_overwrite_says_what_it_removes_and_keeps_other_files(tiny, tmp_path, ca
     (out / "notes.txt").write_text("mine")
     capsys.readouterr()
     _run(tiny, out, "--max-steps", "1", "--overwrite")
-    assert (f"ctopd train: --overwrite: removing config.yaml, metrics.jsonl, summary.json, "
-            f"final, checkpoint-000002, checkpoint-000003, tensorboard from {out}"
-            in capsys.readouterr().out)
+    assert (
+        f"ctopd train: --overwrite: removing config.yaml, metrics.jsonl, summary.json, "
+        f"final, checkpoint-000002, checkpoint-000003, tensorboard from {out}"
+        in capsys.readouterr().out
+    )
     assert _steps(out) == [1]
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000001"]
     assert (out / "notes.txt").read_text() == "mine"
@@ -102,18 +107,23 @@ def test_a_live_run_holds_the_folder_until_it_dies(tiny, tmp_path, monkeypatch):
     refuse_models(monkeypatch)
     # In one process: a second run into the folder while the first holds it.
     with Runtime(config, "train"):
-        with pytest.raises(ConfigError, match=f"{re.escape(str(out))} is in use by another "
-                                              f"ctopd run \\(process {os.getpid()}\\); wait"):
+        with pytest.raises(
+            ConfigError,
+            match=f"{re.escape(str(out))} is in use by another "
+            f"ctopd run \\(process {os.getpid()}\\); wait",
+        ):
             Runtime(config, "train")
     Runtime(config, "train").close()  # released when the first run ended
     # Another process holds it (as a live `ctopd train` does) and is then killed: the kernel
     # drops its lock, no stale lock file stays in the way.
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / ".lock")],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out / ".lock")], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ConfigError, match=f"in use by another ctopd run \\(process "
-                                              f"{holder.pid}\\)"):
+        with pytest.raises(
+            ConfigError, match=f"in use by another ctopd run \\(process {holder.pid}\\)"
+        ):
             _run(tiny, out)
     finally:
         holder.kill()
@@ -157,13 +167,17 @@ def test_a_nan_gradient_norm_is_never_stepped(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "compute_objective", poisoned)
     out = tmp_path / "run"
-    with pytest.raises(RunStopped, match=(
+    with pytest.raises(
+        RunStopped,
+        match=(
             "ctopd train: stopped at step 2: the gradient norm is nan, so the "
             "step was not applied and nothing was saved. Likely cause: a learning rate too high "
             "for this model \\(optim.lr 0.001\\); lower it. Last checkpoint kept: "
             f"{re.escape(str(out))}/checkpoint-000001; continue from it with `ctopd train "
             f"--config {re.escape(str(out))}/config.yaml --resume --resume-changed --optim.lr "
-            "0.0001`$")) as stop:
+            "0.0001`$"
+        ),
+    ) as stop:
         _run(tiny, out, "--save-every", "1", "--max-steps", "3")
     assert stop.value.exit_code == 1
     assert _steps(out) == [1]
@@ -174,10 +188,23 @@ def test_a_nan_gradient_norm_is_never_stepped(tiny, tmp_path, monkeypatch):
 @pytest.mark.parametrize("objective", ["simct", "dpca"])
 def test_lr_1e6_stops_in_one_line_and_every_checkpoint_is_finite(tiny, tmp_path, objective):
     out = tmp_path / "run"
-    with pytest.raises(RunStopped, match="stopped at step 2: the gradient norm is nan, so the "
-                                         "step was not applied.*optim.lr 1e\\+06"):
-        _run(tiny, out, "--objective", objective, "--optim.lr", "1e6", "--save-every", "1",
-             "--max-steps", "4")
+    with pytest.raises(
+        RunStopped,
+        match="stopped at step 2: the gradient norm is nan, so the "
+        "step was not applied.*optim.lr 1e\\+06",
+    ):
+        _run(
+            tiny,
+            out,
+            "--objective",
+            objective,
+            "--optim.lr",
+            "1e6",
+            "--save-every",
+            "1",
+            "--max-steps",
+            "4",
+        )
     checkpoints = list_checkpoints(out)
     assert [p.name for p in checkpoints] == ["checkpoint-000001"]
     assert all(torch.isfinite(t).all() for c in checkpoints for t in _checkpoint_tensors(c))
@@ -194,10 +221,13 @@ def test_sft_stops_on_a_non_finite_loss_too(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(sft, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
     out = tmp_path / "sft"
-    with pytest.raises(RunStopped, match="ctopd sft: stopped at step 2: the loss is nan, so the "
-                                         "step was not applied.*Last checkpoint kept: "
-                                         ".*checkpoint-000001; continue from it with `ctopd sft "
-                                         "--config"):
+    with pytest.raises(
+        RunStopped,
+        match="ctopd sft: stopped at step 2: the loss is nan, so the "
+        "step was not applied.*Last checkpoint kept: "
+        ".*checkpoint-000001; continue from it with `ctopd sft "
+        "--config",
+    ):
         run_sft(load_config(tiny_args(tiny, out, "--save-every", "1", "--max-steps", "3")))
     assert _steps(out) == [1]
 
@@ -216,8 +246,10 @@ def test_non_finite_weights_are_not_saved(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
     out = tmp_path / "run"
-    with pytest.raises(RunStopped, match="stopped at step 2: the weight .* is not finite, so its "
-                                         "weights were not saved"):
+    with pytest.raises(
+        RunStopped,
+        match="stopped at step 2: the weight .* is not finite, so its weights were not saved",
+    ):
         _run(tiny, out, "--save-every", "1", "--max-steps", "3")
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000001"]
 
@@ -238,10 +270,14 @@ def test_a_signal_saves_the_last_finished_step(tiny, tmp_path, monkeypatch, sign
     monkeypatch.setattr(loop, "compute_objective", signalled)
     out = tmp_path / "run"
     name = signal.Signals(signum).name
-    with pytest.raises(RunStopped, match=(
+    with pytest.raises(
+        RunStopped,
+        match=(
             f"^ctopd train: stopped by {name} after step 3 of 6; checkpoint saved: "
             f"{re.escape(str(out))}/checkpoint-000003; continue with: ctopd train --config "
-            f"{re.escape(str(out))}/config.yaml --resume$")) as stop:
+            f"{re.escape(str(out))}/config.yaml --resume$"
+        ),
+    ) as stop:
         _run(tiny, out, "--max-steps", "6")
     assert stop.value.exit_code == code
     assert _steps(out) == [1, 2, 3] and not (out / "final").exists()
@@ -254,14 +290,31 @@ def test_a_signal_saves_the_last_finished_step(tiny, tmp_path, monkeypatch, sign
 @pytest.mark.slow
 def test_sigterm_to_ctopd_train_then_resume_matches_an_uninterrupted_run(tiny, tmp_path):
     out = tmp_path / "run"
-    args = tiny_args(tiny, out, "--max-steps", "40", "--per-device-batch-size", "2",
-                     "--rollout.max-new-tokens", "8", "--objective", "dpca")
-    child = subprocess.Popen([sys.executable, "-m", "ctopd", "train", *args],
-                             env=subprocess_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    args = tiny_args(
+        tiny,
+        out,
+        "--max-steps",
+        "40",
+        "--per-device-batch-size",
+        "2",
+        "--rollout.max-new-tokens",
+        "8",
+        "--objective",
+        "dpca",
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-m", "ctopd", "train", *args],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics, deadline = out / "metrics.jsonl", time.time() + 120
-    while child.poll() is None and time.time() < deadline and not (
-            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    while (
+        child.poll() is None
+        and time.time() < deadline
+        and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+    ):
         time.sleep(0.01)
     assert child.poll() is None, f"the run ended before the signal: {child.communicate()[1]}"
     child.send_signal(signal.SIGTERM)
@@ -269,8 +322,11 @@ def test_sigterm_to_ctopd_train_then_resume_matches_an_uninterrupted_run(tiny, t
     assert child.returncode == 143, stderr[-2000:]
     assert "Traceback" not in stderr
     line = stderr.strip().splitlines()[-1]
-    found = re.fullmatch(r"ctopd train: stopped by SIGTERM after step (\d+) of 40; checkpoint "
-                         r"saved: (\S+); continue with: (ctopd train .* --resume)", line)
+    found = re.fullmatch(
+        r"ctopd train: stopped by SIGTERM after step (\d+) of 40; checkpoint "
+        r"saved: (\S+); continue with: (ctopd train .* --resume)",
+        line,
+    )
     assert found, line
     step = int(found.group(1))
     assert 3 <= step < 40 and found.group(2) == str(out / f"checkpoint-{step:06d}")
@@ -278,14 +334,29 @@ def test_sigterm_to_ctopd_train_then_resume_matches_an_uninterrupted_run(tiny, t
     assert _steps(out) == list(range(1, step + 1))
 
     command = found.group(3).split()  # the printed command, run as printed
-    resumed = subprocess.run([sys.executable, "-m", "ctopd", *command[1:]], env=subprocess_env(),
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "ctopd", *command[1:]],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {out / f'checkpoint-{step:06d}'} at step {step}" in resumed.stdout
     assert _steps(out) == list(range(1, 41))
     # Saved at a step boundary, so the resumed run is the uninterrupted one, bit for bit.
-    _run(tiny, tmp_path / "whole", "--max-steps", "40", "--per-device-batch-size", "2",
-         "--rollout.max-new-tokens", "8", "--objective", "dpca")
+    _run(
+        tiny,
+        tmp_path / "whole",
+        "--max-steps",
+        "40",
+        "--per-device-batch-size",
+        "2",
+        "--rollout.max-new-tokens",
+        "8",
+        "--objective",
+        "dpca",
+    )
     expected = final_weights(tmp_path / "whole")
     assert all(torch.equal(expected[k], v) for k, v in final_weights(out).items())
 
@@ -298,24 +369,57 @@ def test_resume_refuses_changed_settings_unless_told(tiny, tmp_path, monkeypatch
     constant = ("--optim.schedule", "constant", "--optim.warmup-ratio", "0")
     _run(tiny, out, "--max-steps", "2", "--save-every", "1", *constant)
     refuse_models(monkeypatch)
-    with pytest.raises(ConfigError, match="^--resume: .*checkpoint-000002 was made with other "
-                                          "settings that change what the run computes: ") as err:
-        _run(tiny, out, "--max-steps", "3", "--resume", *constant, "--objective", "dpca",
-             "--per-device-batch-size", "2", "--seed", "3", "--optim.lr", "1e-4")
-    for change in ("objective.name: simct → dpca", "per_device_batch_size: 4 → 2",
-                   "seed: 0 → 3", "optim.lr: 0.001 → 0.0001"):
+    with pytest.raises(
+        ConfigError,
+        match="^--resume: .*checkpoint-000002 was made with other "
+        "settings that change what the run computes: ",
+    ) as err:
+        _run(
+            tiny,
+            out,
+            "--max-steps",
+            "3",
+            "--resume",
+            *constant,
+            "--objective",
+            "dpca",
+            "--per-device-batch-size",
+            "2",
+            "--seed",
+            "3",
+            "--optim.lr",
+            "1e-4",
+        )
+    for change in (
+        "objective.name: simct → dpca",
+        "per_device_batch_size: 4 → 2",
+        "seed: 0 → 3",
+        "optim.lr: 0.001 → 0.0001",
+    ):
         assert change in str(err.value)
-    assert str(err.value).endswith("put them back, or pass --resume-changed to continue with "
-                                   "the new ones")
+    assert str(err.value).endswith(
+        "put them back, or pass --resume-changed to continue with the new ones"
+    )
     with pytest.raises(ConfigError, match="command: ctopd train → ctopd sft"):
         run_sft(load_config(tiny_args(tiny, out, "--resume", *constant)))
     monkeypatch.undo()
     capsys.readouterr()
     # A longer run is no change; a new rate with --resume-changed is, and it applies.
-    _run(tiny, out, "--max-steps", "3", "--resume", *constant, "--optim.lr", "1e-4",
-         "--resume-changed")
-    assert ("ctopd train: resuming with changed settings: optim.lr: 0.001 → 0.0001"
-            in capsys.readouterr().out)
+    _run(
+        tiny,
+        out,
+        "--max-steps",
+        "3",
+        "--resume",
+        *constant,
+        "--optim.lr",
+        "1e-4",
+        "--resume-changed",
+    )
+    assert (
+        "ctopd train: resuming with changed settings: optim.lr: 0.001 → 0.0001"
+        in capsys.readouterr().out
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 1e-4])
@@ -323,8 +427,10 @@ def test_resume_refuses_changed_settings_unless_told(tiny, tmp_path, monkeypatch
 
 def test_resume_with_nothing_to_resume_says_so(tiny, tmp_path, monkeypatch):
     refuse_models(monkeypatch)
-    with pytest.raises(CheckpointError, match="empty holds no checkpoint to continue from; drop "
-                                              "--resume to start a new run there"):
+    with pytest.raises(
+        CheckpointError,
+        match="empty holds no checkpoint to continue from; drop --resume to start a new run there",
+    ):
         _run(tiny, tmp_path / "empty", "--resume")
 
 
@@ -332,15 +438,21 @@ def test_a_truncated_checkpoint_is_named_before_models_load(tiny, tmp_path, monk
     out = tmp_path / "run"
     _run(tiny, out, "--max-steps", "2", "--save-every", "1")
     refuse_models(monkeypatch)
-    for name, error in (("model.safetensors", "incomplete metadata, file not fully covered"),
-                        ("optimizer.bin", "File is not a zip file")):
+    for name, error in (
+        ("model.safetensors", "incomplete metadata, file not fully covered"),
+        ("optimizer.bin", "File is not a zip file"),
+    ):
         path = out / "checkpoint-000002" / "state" / name
         whole = path.read_bytes()
         path.write_bytes(whole[: len(whole) // 2])
-        with pytest.raises(CheckpointError, match=(
+        with pytest.raises(
+            CheckpointError,
+            match=(
                 f"checkpoint {re.escape(str(out))}/checkpoint-000002 is damaged: state/{name}: "
                 f".*{error}; resume from an earlier one with --resume "
-                f"{re.escape(str(out))}/checkpoint-000001$")):
+                f"{re.escape(str(out))}/checkpoint-000001$"
+            ),
+        ):
             _run(tiny, out, "--max-steps", "3", "--resume")
         path.write_bytes(whole)
 
@@ -357,9 +469,12 @@ def test_nan_sampling_probabilities_stop_like_a_nan_loss(tiny, tmp_path, monkeyp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, "sample_responses", sample)
-    with pytest.raises(RunStopped, match="stopped at step 2: the student's sampling "
-                                         "probabilities are not finite, so the step was not "
-                                         "applied"):
+    with pytest.raises(
+        RunStopped,
+        match="stopped at step 2: the student's sampling "
+        "probabilities are not finite, so the step was not "
+        "applied",
+    ):
         _run(tiny, tmp_path / "run", "--max-steps", "3")
 
 
@@ -378,8 +493,12 @@ def test_a_full_disk_while_checkpointing_names_the_checkpoint_kept(tiny, tmp_pat
 
     monkeypatch.setattr(runtime, "save_checkpoint", save)
     out = tmp_path / "run"
-    with pytest.raises(RunStopped, match=(
+    with pytest.raises(
+        RunStopped,
+        match=(
             "^ctopd train: could not write the checkpoint of step 2 \\(No space left on "
             f"device\\); {re.escape(str(out))}/checkpoint-000001 is kept; free space and "
-            "continue with `ctopd train --config .*config.yaml --resume`$")):
+            "continue with `ctopd train --config .*config.yaml --resume`$"
+        ),
+    ):
         _run(tiny, out, "--max-steps", "3", "--save-every", "1")

@@ -48,10 +48,19 @@ def constant_model(logits: torch.Tensor) -> LlamaForCausalLM:
     Attention and MLP outputs are zero (``o_proj``, ``down_proj``), every embedding is ones, so
     the final RMSNorm gives ones; ``lm_head`` reads the logits off its first column.
     """
-    config = LlamaConfig(vocab_size=logits.numel(), hidden_size=8, intermediate_size=8,
-                         num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
-                         max_position_embeddings=32, tie_word_embeddings=False, pad_token_id=0,
-                         bos_token_id=None, eos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=logits.numel(),
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for parameter in model.model.layers.parameters():
@@ -79,13 +88,14 @@ def oracle(model: torch.nn.Module) -> torch.Tensor:
     return logits.softmax(-1)
 
 
-def warp(probs: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
-         top_p: float = 1.0) -> torch.Tensor:
+def warp(
+    probs: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
     """Reference temperature → top-k → top-p on probabilities ``[V]``, each step renormalised
     (top-p keeps a token while the mass ranked strictly above it is below ``top_p``)."""
     probs = (probs.log() / temperature).softmax(-1)
     order = probs.argsort(descending=True)
-    probs[order[top_k or len(probs):]] = 0.0
+    probs[order[top_k or len(probs) :]] = 0.0
     probs = probs / probs.sum()
     above = probs[order].cumsum(0) - probs[order]
     probs[order[above >= top_p]] = 0.0
@@ -108,14 +118,20 @@ def chi_square_p(tokens: list[int], probs: torch.Tensor) -> float:
 def position_p_values(responses: list[list[int]], probs: torch.Tensor) -> list[float]:
     """p-value at each response position, over the responses still running there (tokens are
     independent, so position ``j`` given no end id before it is distributed as ``probs``)."""
-    return [chi_square_p([r[j] for r in responses if len(r) > j], probs)
-            for j in range(NEW_TOKENS)]
+    return [chi_square_p([r[j] for r in responses if len(r) > j], probs) for j in range(NEW_TOKENS)]
 
 
 def draw(model: torch.nn.Module, **kwargs) -> list[list[int]]:
     torch.manual_seed(0)
-    return sample_responses(model, [PROMPT], end_ids=[END], pad_id=0, max_new_tokens=NEW_TOKENS,
-                            samples_per_prompt=DRAWS, **kwargs)
+    return sample_responses(
+        model,
+        [PROMPT],
+        end_ids=[END],
+        pad_id=0,
+        max_new_tokens=NEW_TOKENS,
+        samples_per_prompt=DRAWS,
+        **kwargs,
+    )
 
 
 # Each would change what a plain sample of the policy gives, at the first position or later.
@@ -141,8 +157,7 @@ LEAKS = {
     "forced_eos_token_id": {"forced_eos_token_id": END},
     "exponential_decay_length_penalty": {"exponential_decay_length_penalty": [0, 2.0]},
     "num_beams": {"num_beams": 4},
-    "qwen2.5-instruct": {"top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
-                         "temperature": 0.7},
+    "qwen2.5-instruct": {"top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "temperature": 0.7},
 }
 
 
@@ -172,9 +187,15 @@ def test_sampling_ignores_generation_fields_in_the_model_config(policy, tmp_path
     assert min(p_values) > P_MIN, p_values
 
 
-@pytest.mark.parametrize("settings", [dict(temperature=0.7), dict(temperature=1.0, top_k=7),
-                                      dict(temperature=1.0, top_p=0.6),
-                                      dict(temperature=1.3, top_k=20, top_p=0.9)])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=0.7),
+        dict(temperature=1.0, top_k=7),
+        dict(temperature=1.0, top_p=0.6),
+        dict(temperature=1.3, top_k=20, top_p=0.9),
+    ],
+)
 def test_the_configured_temperature_top_k_top_p_and_nothing_else(policy, tmp_path, settings):
     generation = {**LEAKS["qwen2.5-instruct"], "min_new_tokens": 2, "suppress_tokens": [6]}
     model = AutoModelForCausalLM.from_pretrained(save_with(policy, tmp_path, generation))
@@ -192,7 +213,9 @@ def test_the_checkpoint_generation_config_is_restored(policy, tmp_path):
 
 def test_sampling_under_lora_ignores_the_checkpoint_generation_config(policy, tmp_path):
     peft = pytest.importorskip("peft")
-    model = AutoModelForCausalLM.from_pretrained(save_with(policy, tmp_path, LEAKS["qwen2.5-instruct"]))
+    model = AutoModelForCausalLM.from_pretrained(
+        save_with(policy, tmp_path, LEAKS["qwen2.5-instruct"])
+    )
     # LoRA's B starts at zero: the wrapped model is the same policy.
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
     p_values = position_p_values(draw(wrapped, temperature=1.0), oracle(model))
@@ -208,32 +231,49 @@ def manual_greedy(model: torch.nn.Module, prompt: list[int], steps: int, num_ids
         ids.append(int(logits.argmax()))
         if ids[-1] == END:
             break
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 @pytest.mark.parametrize("num_ids", [None, 40])
 def test_greedy_is_the_forward_argmax_under_a_sampling_generation_config(tmp_path, num_ids):
     torch.manual_seed(5)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # larger logits: clear argmaxes, and a penalty has something to flip
         model.lm_head.weight.mul_(20.0)
     prompts = [[5, 9, 12, 7, 30], [17, 3]]
     expected = [manual_greedy(model, p, 8, num_ids or VOCAB) for p in prompts]
     firsts = sorted({r[0] for r in expected})
-    generation = {"temperature": 0.7, "top_k": 3, "top_p": 0.5, "repetition_penalty": 1.8,
-                  "no_repeat_ngram_size": 1, "suppress_tokens": firsts, "min_new_tokens": 8}
+    generation = {
+        "temperature": 0.7,
+        "top_k": 3,
+        "top_p": 0.5,
+        "repetition_penalty": 1.8,
+        "no_repeat_ngram_size": 1,
+        "suppress_tokens": firsts,
+        "min_new_tokens": 8,
+    }
     loaded = AutoModelForCausalLM.from_pretrained(save_with(model, tmp_path, generation))
     masking = {} if num_ids is None else {"num_ids": num_ids}
-    greedy = sample_responses(loaded, prompts, end_ids=[END], pad_id=0, max_new_tokens=8,
-                              temperature=0.0, **masking)
+    greedy = sample_responses(
+        loaded, prompts, end_ids=[END], pad_id=0, max_new_tokens=8, temperature=0.0, **masking
+    )
     assert greedy == expected
 
 
-@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=1.0, top_k=4),
-                                      dict(temperature=0.8, top_p=0.5)])
+@pytest.mark.parametrize(
+    "settings",
+    [dict(temperature=1.0), dict(temperature=1.0, top_k=4), dict(temperature=0.8, top_p=0.5)],
+)
 def test_num_ids_samples_the_policy_renormalised_over_real_ids(tmp_path, settings):
     num_ids = 16
     logits = policy_logits()
@@ -247,15 +287,21 @@ def test_num_ids_samples_the_policy_renormalised_over_real_ids(tmp_path, setting
     p_values = position_p_values(responses, warp(real / real.sum(), **settings))
     assert min(p_values) > P_MIN, p_values
     # The real argmax is the end id; end on a padded row instead to see two steps.
-    greedy = sample_responses(model, [PROMPT], end_ids=[VOCAB - 1], pad_id=0, max_new_tokens=2,
-                              temperature=0.0, num_ids=num_ids)
+    greedy = sample_responses(
+        model,
+        [PROMPT],
+        end_ids=[VOCAB - 1],
+        pad_id=0,
+        max_new_tokens=2,
+        temperature=0.0,
+        num_ids=num_ids,
+    )
     assert greedy == [[int(full[:num_ids].argmax())] * 2]
 
 
 def test_num_ids_must_be_positive(policy):
     with pytest.raises(ValueError, match="num_ids"):
-        sample_responses(policy, [PROMPT], end_ids=[END], pad_id=0, max_new_tokens=1,
-                         num_ids=0)
+        sample_responses(policy, [PROMPT], end_ids=[END], pad_id=0, max_new_tokens=1, num_ids=0)
 
 
 def test_count_token_ids_takes_the_largest_id_past_holes():
@@ -294,7 +340,8 @@ def test_evaluate_never_chooses_a_padded_row(tiny, monkeypatch):
         return responses
 
     monkeypatch.setattr(evaluation, "sample_responses", recording)
-    result = evaluation.evaluate(model, tokenizer, tiny["eval"], max_new_tokens=4, batch_size=4,
-                                 limit=4)
+    result = evaluation.evaluate(
+        model, tokenizer, tiny["eval"], max_new_tokens=4, batch_size=4, limit=4
+    )
     assert result["num_examples"] == 4 and seen[0] == count_token_ids(tokenizer)
     assert max(max(r) for r in seen[1:]) < count_token_ids(tokenizer)

@@ -45,8 +45,17 @@ def api_key(monkeypatch):
 
 
 def _served(url: str, *extra: str) -> list[str]:
-    return ["--teacher-url", url, "--teacher-server.top-k", str(TEACHER_VOCAB),
-            "--teacher-server.retries", "12", "--teacher-server.backoff-seconds", "0.1", *extra]
+    return [
+        "--teacher-url",
+        url,
+        "--teacher-server.top-k",
+        str(TEACHER_VOCAB),
+        "--teacher-server.retries",
+        "12",
+        "--teacher-server.backoff-seconds",
+        "0.1",
+        *extra,
+    ]
 
 
 def _train(tiny, out, *extra):
@@ -82,8 +91,7 @@ def test_served_losses_equal_in_process(tiny, server, served_dpca, tmp_path, api
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5)
 
 
-def test_server_killed_mid_run_and_restarted(tiny, server, served_dpca, tmp_path, api_key,
-                                             caplog):
+def test_server_killed_mid_run_and_restarted(tiny, server, served_dpca, tmp_path, api_key, caplog):
     caplog.set_level(logging.WARNING, logger="ctopd.training.served_teacher")
     out = tmp_path / "run"
     watcher = kill_after_first_step(server, out, restart_after=1.0)
@@ -108,24 +116,40 @@ def _vllm_reply(**changes) -> dict:
     """A reply in vLLM's shape to ``SEQUENCE`` with ``prompt_logprobs=2``: entry 0 null; the
     realised token 9 outside the top 2 at position 2 (listed first, ranked 5); token 11 inside
     them at position 3."""
+
     def lp(value, rank, text):
         return {"logprob": value, "rank": rank, "decoded_token": text}
 
-    entries = [None,
-               {"7": lp(-0.5, 1, "a"), "3": lp(-1.5, 2, "b")},
-               {"9": lp(-3.0, 5, "c"), "1": lp(-0.3, 1, "d"), "2": lp(-2.0, 2, "e")},
-               {"4": lp(-0.3, 1, "f"), "11": lp(-1.6, 2, "g")}]
-    choice = {"index": 0, "text": "x", "logprobs": None, "finish_reason": "length",
-              "stop_reason": None, "prompt_logprobs": entries, "prompt_token_ids": SEQUENCE}
+    entries = [
+        None,
+        {"7": lp(-0.5, 1, "a"), "3": lp(-1.5, 2, "b")},
+        {"9": lp(-3.0, 5, "c"), "1": lp(-0.3, 1, "d"), "2": lp(-2.0, 2, "e")},
+        {"4": lp(-0.3, 1, "f"), "11": lp(-1.6, 2, "g")},
+    ]
+    choice = {
+        "index": 0,
+        "text": "x",
+        "logprobs": None,
+        "finish_reason": "length",
+        "stop_reason": None,
+        "prompt_logprobs": entries,
+        "prompt_token_ids": SEQUENCE,
+    }
     choice.update(changes)
-    return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "fake",
-            "choices": [choice], "usage": {"prompt_tokens": 4, "completion_tokens": 1,
-                                           "total_tokens": 5}}
+    return {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 0,
+        "model": "fake",
+        "choices": [choice],
+        "usage": {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5},
+    }
 
 
 def _client(url: str, **options) -> ServedTeacher:
-    config = TeacherServerConfig(url=url, top_k=options.pop("top_k", 2), backoff_seconds=0.0,
-                                 **{"retries": 0, **options})
+    config = TeacherServerConfig(
+        url=url, top_k=options.pop("top_k", 2), backoff_seconds=0.0, **{"retries": 0, **options}
+    )
     return ServedTeacher(config, None, vocab_size=VOCAB)
 
 
@@ -160,8 +184,9 @@ def test_vllm_shaped_reply_and_the_remainder_rule(fake):
     # ... and the rest share the remainder evenly.
     remainder = 1 - math.exp(-3.0) - math.exp(-0.3) - math.exp(-2.0)
     others = [i for i in range(VOCAB) if i not in (9, 1, 2)]
-    assert torch.allclose(first[others].exp(), torch.full((13,), remainder / 13,
-                                                          dtype=torch.float64))
+    assert torch.allclose(
+        first[others].exp(), torch.full((13,), remainder / 13, dtype=torch.float64)
+    )
     assert torch.allclose(dense.double().exp().sum(-1), torch.ones(1, 2, dtype=torch.float64))
 
 
@@ -175,20 +200,23 @@ def test_realised_tokens_only_when_that_is_all_the_objective_needs(fake):
 
     server = fake(answer)
     teacher = _client(server.url, top_k=5)
-    dense = teacher.submit([SEQUENCE[:2]], [SEQUENCE[2:]],
-                           needs=frozenset({"token_logprobs"})).result()
+    dense = teacher.submit(
+        [SEQUENCE[:2]], [SEQUENCE[2:]], needs=frozenset({"token_logprobs"})
+    ).result()
     assert server.bodies[0]["prompt_logprobs"] == 0  # dpca: no top-k, whatever top_k says
     assert dense[0, :, [9, 11]].diagonal().tolist() == pytest.approx([-3.0, -1.6])
     with pytest.raises(TeacherServerError, match="asked for the top 5"):
-        teacher.submit([SEQUENCE[:2]], [SEQUENCE[2:]],
-                       needs=frozenset({"token_logprobs", "class_logprobs"})).result()
+        teacher.submit(
+            [SEQUENCE[:2]], [SEQUENCE[2:]], needs=frozenset({"token_logprobs", "class_logprobs"})
+        ).result()
     assert server.bodies[1]["prompt_logprobs"] == 5
 
 
 def test_the_cap_is_the_smallest_top_k_log_prob_not_the_realised_token():
     choice = _vllm_reply()["choices"][0]
-    _, _, counts, caps = parse_prompt_logprobs(choice, SEQUENCE, PROMPT_LENGTH, where="c",
-                                               vocab_size=VOCAB, top_k=2)
+    _, _, counts, caps = parse_prompt_logprobs(
+        choice, SEQUENCE, PROMPT_LENGTH, where="c", vocab_size=VOCAB, top_k=2
+    )
     assert counts == [3, 2]  # the realised token 9 came on top of the top 2; 11 was among them
     assert caps == [-2.0, -1.6]
 
@@ -223,6 +251,7 @@ def _set(position, key, value):
     def change(reply):
         reply["choices"][0]["prompt_logprobs"][position][key] = value
         return reply
+
     return change
 
 
@@ -230,6 +259,7 @@ def _delete(position, key):
     def change(reply):
         del reply["choices"][0]["prompt_logprobs"][position][key]
         return reply
+
     return change
 
 
@@ -237,25 +267,36 @@ def _change_choice(**fields):
     def change(reply):
         reply["choices"][0].update(fields)
         return reply
+
     return change
 
 
 BROKEN = {
-    "positions": (_drop_last_position, r"choices\[0\].prompt_logprobs has 3 positions for a "
-                  "4-token sequence"),
+    "positions": (
+        _drop_last_position,
+        r"choices\[0\].prompt_logprobs has 3 positions for a "
+        "4-token sequence",
+    ),
     "missing": (_change_choice(prompt_logprobs=None), r"choices\[0\].prompt_logprobs is missing"),
     "nan": (_set(2, "1", {"logprob": float("nan")}), r"prompt_logprobs\[2\]\['1'\].logprob is nan"),
     "no logprob": (_set(3, "4", {"rank": 1}), r"prompt_logprobs\[3\]\['4'\].logprob is missing"),
-    "vocabulary": (_set(3, "999", {"logprob": -9.0}), "token id 999, outside the teacher "
-                   "tokenizer's 16 ids: the server runs a model with another vocabulary"),
+    "vocabulary": (
+        _set(3, "999", {"logprob": -9.0}),
+        "token id 999, outside the teacher "
+        "tokenizer's 16 ids: the server runs a model with another vocabulary",
+    ),
     "realised": (_delete(2, "9"), r"prompt_logprobs\[2\] has no entry for the realised token 9"),
-    "null position": (_change_choice(prompt_logprobs=[None, None, None, None]),
-                      r"prompt_logprobs\[2\] is null"),
+    "null position": (
+        _change_choice(prompt_logprobs=[None, None, None, None]),
+        r"prompt_logprobs\[2\] is null",
+    ),
     "too few": (_delete(3, "4"), r"prompt_logprobs\[3\] has 1 log-probs; asked for the top 2"),
     "other ids": (_change_choice(prompt_token_ids=[5, 7, 9, 12]), "prompt_token_ids differs"),
     "over one": (_set(3, "4", {"logprob": -0.01}), "add up to 1.19"),
-    "choices": (lambda reply: {**reply, "choices": reply["choices"] * 2},
-                "choices has 2 entries for 1 prompts"),
+    "choices": (
+        lambda reply: {**reply, "choices": reply["choices"] * 2},
+        "choices has 2 entries for 1 prompts",
+    ),
 }
 
 
@@ -284,8 +325,13 @@ def test_http_errors(fake, monkeypatch):
 
 def test_5xx_is_retried_with_backoff(fake, caplog):
     caplog.set_level(logging.WARNING, logger="ctopd.training.served_teacher")
-    server = fake(lambda body: (503, {"error": {"message": "loading"}}) if server.requests <= 2
-                  else (200, _vllm_reply()))
+    server = fake(
+        lambda body: (
+            (503, {"error": {"message": "loading"}})
+            if server.requests <= 2
+            else (200, _vllm_reply())
+        )
+    )
     teacher = _client(server.url, retries=3)
     dense = _score(teacher)
     assert server.requests == 3 and teacher.retried == 2
@@ -331,8 +377,9 @@ def in_thread_server(tiny):
     """The tiny teacher behind a ``TeacherHTTPServer`` in this process (with an API key)."""
     tokenizer = load_tokenizer(str(tiny["teacher"]))
     model = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
-    server = TeacherHTTPServer(("127.0.0.1", 0), ScoringModel(model, tokenizer, name="tiny"),
-                               api_key=API_KEY)
+    server = TeacherHTTPServer(
+        ("127.0.0.1", 0), ScoringModel(model, tokenizer, name="tiny"), api_key=API_KEY
+    )
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield server, model, tokenizer
     server.shutdown()
@@ -368,10 +415,17 @@ def test_api_key_is_required_except_for_health(in_thread_server):
 def test_server_prompt_logprobs_follow_vllm(in_thread_server, tiny):
     server, model, tokenizer = in_thread_server
     prompts = [tokenizer("Sam has 3 apples")["input_ids"], tokenizer("How many")["input_ids"]]
-    responses = [tokenizer(" and 4 more.", add_special_tokens=False)["input_ids"],
-                 tokenizer(" birds", add_special_tokens=False)["input_ids"]]
-    reply = server.scorer.completions({"prompt": [p + r for p, r in zip(prompts, responses)],
-                                       "prompt_logprobs": 2, "return_token_ids": True})
+    responses = [
+        tokenizer(" and 4 more.", add_special_tokens=False)["input_ids"],
+        tokenizer(" birds", add_special_tokens=False)["input_ids"],
+    ]
+    reply = server.scorer.completions(
+        {
+            "prompt": [p + r for p, r in zip(prompts, responses)],
+            "prompt_logprobs": 2,
+            "return_token_ids": True,
+        }
+    )
     local = LocalTeacher(model, pad_id=tokenizer.pad_token_id).submit(prompts, responses)
     logp = torch.log_softmax(local.result().float(), -1)
     for b, (prompt, response) in enumerate(zip(prompts, responses)):
@@ -383,8 +437,7 @@ def test_server_prompt_logprobs_follow_vllm(in_thread_server, tiny):
             top = logp[b, j].topk(2)
             assert len(entry) == 2 + (token not in top.indices.tolist())
             assert entry[str(token)]["rank"] == int((logp[b, j] > logp[b, j, token]).sum()) + 1
-            assert entry[str(token)]["logprob"] == pytest.approx(logp[b, j, token].item(),
-                                                                 abs=1e-5)
+            assert entry[str(token)]["logprob"] == pytest.approx(logp[b, j, token].item(), abs=1e-5)
             assert [entry[str(i)]["rank"] for i in top.indices.tolist()] == [1, 2]
 
 
@@ -397,14 +450,26 @@ def test_tokenizer_probe_catches_another_model(in_thread_server, tiny, monkeypat
     with pytest.raises(ConfigError, match="tokenizes a probe text as"):
         ServedTeacher(TeacherServerConfig(url=url), student_tokenizer, vocab_size=300).check()
     with pytest.raises(ConfigError, match="teacher_server.model 'other' is not served"):
-        ServedTeacher(TeacherServerConfig(url=url, model="other"), tokenizer,
-                      vocab_size=TEACHER_VOCAB).check()
+        ServedTeacher(
+            TeacherServerConfig(url=url, model="other"), tokenizer, vocab_size=TEACHER_VOCAB
+        ).check()
 
 
 def test_config_section_and_flags():
-    config = load_config(["--student", "s", "--teacher", "t", "--teacher-url",
-                          "http://h:8000/v1", "--teacher-server.top-k", "-1",
-                          "--teacher-server.overlap", "false"])
+    config = load_config(
+        [
+            "--student",
+            "s",
+            "--teacher",
+            "t",
+            "--teacher-url",
+            "http://h:8000/v1",
+            "--teacher-server.top-k",
+            "-1",
+            "--teacher-server.overlap",
+            "false",
+        ]
+    )
     assert config.teacher_server.url == "http://h:8000/v1" and config.teacher_server.top_k == -1
     assert config.teacher_server.overlap is False
     with pytest.raises(ConfigError, match="teacher_server.url must start with http"):
@@ -418,9 +483,12 @@ def test_config_section_and_flags():
 def test_a_url_without_v1_gets_the_hint(fake):
     server = fake(lambda body: (200, _vllm_reply()))
     root = server.url[: -len("/v1")]
-    with pytest.raises(TeacherServerError, match=f"{root}/models answered 404: no route GET "
-                                                 "/models; teacher_server.url must be the base "
-                                                 "of the server's OpenAI API, which usually ends "
-                                                 f"in /v1: try --teacher-url {server.url}$"):
+    with pytest.raises(
+        TeacherServerError,
+        match=f"{root}/models answered 404: no route GET "
+        "/models; teacher_server.url must be the base "
+        "of the server's OpenAI API, which usually ends "
+        f"in /v1: try --teacher-url {server.url}$",
+    ):
         _client(root).check()
     _client(server.url).check()  # with /v1 the handshake passes

@@ -20,10 +20,12 @@ def problems(count: int = 40) -> list[dict]:
     for i in range(count):
         a, b = 3 + (7 * i) % 40, 2 + (5 * i) % 30
         word = WORDS[i % len(WORDS)]
-        rows.append({
-            "prompt": f"Sam has {a} {word} and gets {b} more. How many {word} now?",
-            "answer": f"Sam has {a} + {b} = {a + b} {word}.\n#### {a + b}",
-        })
+        rows.append(
+            {
+                "prompt": f"Sam has {a} {word} and gets {b} more. How many {word} now?",
+                "answer": f"Sam has {a} + {b} = {a + b} {word}.\n#### {a + b}",
+            }
+        )
     return rows
 
 
@@ -42,23 +44,30 @@ def build_assets(folder: Path) -> dict[str, Path]:
     """
     torch.manual_seed(0)
     rows = problems(40)
-    corpus = [r["prompt"] for r in rows] + [r["answer"] for r in rows] + [
-        "user model assistant system", "The answer is 12. Hello there!"
-    ]
+    corpus = (
+        [r["prompt"] for r in rows]
+        + [r["answer"] for r in rows]
+        + ["user model assistant system", "The answer is 12. Hello there!"]
+    )
     teacher_tokenizer = train_byte_level_bpe(corpus, 320)
     student_tokenizer = train_sentencepiece_bpe(corpus, 240)
     paths = {}
-    for name, tokenizer, seed in (("teacher", teacher_tokenizer, 1),
-                                  ("student", student_tokenizer, 2),
-                                  ("student_twin", student_tokenizer, 3)):
-        model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=2, num_heads=4,
-                               max_positions=256, seed=seed)
+    for name, tokenizer, seed in (
+        ("teacher", teacher_tokenizer, 1),
+        ("student", student_tokenizer, 2),
+        ("student_twin", student_tokenizer, 3),
+    ):
+        model = tiny_causal_lm(
+            tokenizer, hidden_size=32, num_layers=2, num_heads=4, max_positions=256, seed=seed
+        )
         paths[name] = folder / name
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
     paths["prompts"] = write_jsonl(folder / "prompts.jsonl", rows)
-    chat = [{"messages": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
-            for r in rows[:12]]
+    chat = [
+        {"messages": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+        for r in rows[:12]
+    ]
     paths["chat"] = write_jsonl(folder / "chat.jsonl", chat)
     paths["eval"] = write_jsonl(folder / "eval.jsonl", rows[:6])
     return paths
@@ -67,11 +76,27 @@ def build_assets(folder: Path) -> dict[str, Path]:
 def tiny_args(paths: dict[str, Path], output_dir: Path, *extra: str) -> list[str]:
     """Command-line flags of a fast tiny run (add ``--objective`` etc. in ``extra``)."""
     return [
-        "--student", str(paths["student"]), "--teacher", str(paths["teacher"]),
-        "--data", str(paths["prompts"]), "--output-dir", str(output_dir),
-        "--max-steps", "2", "--per-device-batch-size", "4",
-        "--rollout.max-new-tokens", "12", "--rollout.temperature", "1.0",
-        "--optim.lr", "1e-3", "--progress", "false", *extra,
+        "--student",
+        str(paths["student"]),
+        "--teacher",
+        str(paths["teacher"]),
+        "--data",
+        str(paths["prompts"]),
+        "--output-dir",
+        str(output_dir),
+        "--max-steps",
+        "2",
+        "--per-device-batch-size",
+        "4",
+        "--rollout.max-new-tokens",
+        "12",
+        "--rollout.temperature",
+        "1.0",
+        "--optim.lr",
+        "1e-3",
+        "--progress",
+        "false",
+        *extra,
     ]
 
 

@@ -33,8 +33,11 @@ def add_parser(subparsers) -> None:
         parser.add_argument("--student", required=True, help="student tokenizer folder or hub id")
         parser.add_argument("--input", type=Path, help="JSONL file, one text per line")
         parser.add_argument("--field", default="text", help="JSON key holding the text")
-        parser.add_argument("--trust-remote-code", action="store_true",
-                            help="allow custom tokenizer code from the hub (off by default)")
+        parser.add_argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="allow custom tokenizer code from the hub (off by default)",
+        )
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name == "align":
             parser.add_argument("--output", type=Path, help="JSONL output (default: stdout)")
@@ -48,8 +51,9 @@ def add_parser(subparsers) -> None:
 def _load_pair(args):
     from ctopd import TokenizerPair
 
-    return TokenizerPair.from_pretrained(args.teacher, args.student,
-                                         trust_remote_code=args.trust_remote_code)
+    return TokenizerPair.from_pretrained(
+        args.teacher, args.student, trust_remote_code=args.trust_remote_code
+    )
 
 
 def read_texts(path: Path, field: str) -> Iterator[str]:
@@ -68,7 +72,8 @@ def read_texts(path: Path, field: str) -> Iterator[str]:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise ValueError(
                     f"{path}:{number}: no string field {field!r} (found {keys}); "
-                    "choose the field with --field")
+                    "choose the field with --field"
+                )
             yield record[field]
 
 
@@ -98,14 +103,14 @@ def _count_lines(path: Path) -> int:
 def _progress(args, path: Path):
     from tqdm import tqdm
 
-    return tqdm(total=_count_lines(path), unit="text", disable=args.no_progress or None,
-                file=sys.stderr)
+    return tqdm(
+        total=_count_lines(path), unit="text", disable=args.no_progress or None, file=sys.stderr
+    )
 
 
 def run_align(args: argparse.Namespace) -> int:
     if (args.input is None) == (args.text is None):
-        print("ctopd align: give exactly one of --input FILE.jsonl or --text TEXT",
-              file=sys.stderr)
+        print("ctopd align: give exactly one of --input FILE.jsonl or --text TEXT", file=sys.stderr)
         return 2
     pair = _load_pair(args)
     if args.text is not None:
@@ -134,18 +139,26 @@ def align_records(pair, texts: list[str]) -> list[dict]:
         ranges, see ``Alignment``) and ``aligned`` (``[K]``).
     """
     teacher_ids, student_ids = _tokenise(pair, texts)
-    return [{"teacher_ids": t_ids, "student_ids": s_ids, "chunks": al.chunks.tolist(),
-             "aligned": al.aligned.tolist()}
-            for t_ids, s_ids, al in zip(teacher_ids, student_ids,
-                                        pair.align_batch(teacher_ids, student_ids, texts=texts))]
+    return [
+        {
+            "teacher_ids": t_ids,
+            "student_ids": s_ids,
+            "chunks": al.chunks.tolist(),
+            "aligned": al.aligned.tolist(),
+        }
+        for t_ids, s_ids, al in zip(
+            teacher_ids, student_ids, pair.align_batch(teacher_ids, student_ids, texts=texts)
+        )
+    ]
 
 
 def run_coverage(args: argparse.Namespace) -> int:
     from ctopd.core.coverage import coverage_counts, coverage_summary
 
     if (args.input is None) == (args.text is None):
-        print("ctopd coverage: give exactly one of --input FILE.jsonl or --text TEXT",
-              file=sys.stderr)
+        print(
+            "ctopd coverage: give exactly one of --input FILE.jsonl or --text TEXT", file=sys.stderr
+        )
         return 2
     pair = _load_pair(args)
     totals: dict[str, int] = {}
@@ -153,8 +166,9 @@ def run_coverage(args: argparse.Namespace) -> int:
     bar = _progress(args, args.input) if args.input else None
     for batch in _batches(texts, BATCH_LINES):
         teacher_ids, student_ids = _tokenise(pair, batch)
-        counts = coverage_counts(pair.align_batch(teacher_ids, student_ids, texts=batch),
-                                 student_ids, pair.shared_vocab)
+        counts = coverage_counts(
+            pair.align_batch(teacher_ids, student_ids, texts=batch), student_ids, pair.shared_vocab
+        )
         totals = {k: totals.get(k, 0) + v for k, v in counts.items()}
         if bar:
             bar.update(len(batch))
@@ -179,21 +193,29 @@ def _print_coverage(summary: dict, teacher: str, student: str) -> None:
     table.add_column("supervision")
     table.add_column("student tokens", justify="right")
     table.add_column("coverage", justify="right")
-    table.add_row("shared vocabulary only (exact token match)",
-                  f"{summary['shared_only_tokens']:,}", f"{summary['shared_only_coverage']:.1%}")
-    table.add_row("minimal aligned units (SimCT / DPCA)", f"{summary['aligned_tokens']:,}",
-                  f"{summary['aligned_coverage']:.1%}")
+    table.add_row(
+        "shared vocabulary only (exact token match)",
+        f"{summary['shared_only_tokens']:,}",
+        f"{summary['shared_only_coverage']:.1%}",
+    )
+    table.add_row(
+        "minimal aligned units (SimCT / DPCA)",
+        f"{summary['aligned_tokens']:,}",
+        f"{summary['aligned_coverage']:.1%}",
+    )
     console = Console()
     console.print(table)
     console.print(
         f"student tokens {summary['student_tokens']:,}; chunks: 1:1 "
         f"{summary['chunks_one_to_one']:,}, multi-token {summary['chunks_multi']:,}, unaligned "
         f"{summary['chunks_unaligned']:,} ({summary['unaligned_bytes']:,} bytes); shared "
-        f"vocabulary {summary['shared_vocab_size']:,} classes")
+        f"vocabulary {summary['shared_vocab_size']:,} classes"
+    )
 
 
-def show_chunks(pair, teacher_ids: list[int], student_ids: list[int], *,
-                text: str | None = None) -> None:
+def show_chunks(
+    pair, teacher_ids: list[int], student_ids: list[int], *, text: str | None = None
+) -> None:
     """Print a text coloured chunk by chunk, then each chunk's teacher and student pieces.
 
     With ``text`` both id lists are the tokenizers' own ids of it; without, the student ids are
@@ -208,14 +230,21 @@ def show_chunks(pair, teacher_ids: list[int], student_ids: list[int], *,
     t_table, s_table = pair.teacher_table, pair.student_table
 
     def pieces(table, ids, lo, hi):
-        return [table.token_bytes(i).decode("utf-8", "backslashreplace") if not table.special[i]
-                else f"<special {i}>" for i in ids[lo:hi]]
+        return [
+            table.token_bytes(i).decode("utf-8", "backslashreplace")
+            if not table.special[i]
+            else f"<special {i}>"
+            for i in ids[lo:hi]
+        ]
 
     # Byte offset of each student token in the text (a dummy-prefix space left out).
     lengths = [0 if s_table.special[i] else int(s_table.lengths[i]) for i in student_ids]
     response = b"".join(s_table.token_bytes(i) for i in student_ids)
-    prefixed = (s_table.decoder_strips_space if text is None
-                else bool(adds_dummy_prefix(s_table, first_bytes_of([text]))[0]))
+    prefixed = (
+        s_table.decoder_strips_space
+        if text is None
+        else bool(adds_dummy_prefix(s_table, first_bytes_of([text]))[0])
+    )
     if prefixed and response[:1] == b" " and lengths and lengths[0]:
         response, lengths[0] = response[1:], lengths[0] - 1
     byte_offsets = [0, *itertools.accumulate(lengths)]
@@ -225,17 +254,30 @@ def show_chunks(pair, teacher_ids: list[int], student_ids: list[int], *,
     for column in ("#", "kind", "teacher pieces", "student pieces"):
         rows.add_column(column)
     for k, (ta, tb, sa, sb) in enumerate(al.chunks.tolist()):
-        kind = ("end" if al.is_end[k] else "unaligned" if not al.aligned[k]
-                else "1:1" if tb - ta == 1 and sb - sa == 1 else "multi")
+        kind = (
+            "end"
+            if al.is_end[k]
+            else "unaligned"
+            if not al.aligned[k]
+            else "1:1"
+            if tb - ta == 1 and sb - sa == 1
+            else "multi"
+        )
         s_pieces = pieces(s_table, student_ids, sa, sb)
         style = "on red" if kind == "unaligned" else colours[k % 2]
-        chunk_text = response[byte_offsets[sa]:byte_offsets[sb]].decode("utf-8", "replace")
+        chunk_text = response[byte_offsets[sa] : byte_offsets[sb]].decode("utf-8", "replace")
         text.append(chunk_text if kind != "end" else "⏎", style=style)
-        rows.add_row(str(k), kind, " | ".join(map(repr, pieces(t_table, teacher_ids, ta, tb))),
-                     " | ".join(map(repr, s_pieces)))
+        rows.add_row(
+            str(k),
+            kind,
+            " | ".join(map(repr, pieces(t_table, teacher_ids, ta, tb))),
+            " | ".join(map(repr, s_pieces)),
+        )
     console = Console()
     console.print(text)
     console.print(rows)
-    console.print(f"{al.num_chunks} chunks: {int(al.one_to_one.sum())} one-to-one, "
-                  f"{int((al.aligned & ~al.one_to_one).sum())} multi-token, "
-                  f"{int((~al.aligned).sum())} unaligned")
+    console.print(
+        f"{al.num_chunks} chunks: {int(al.one_to_one.sum())} one-to-one, "
+        f"{int((al.aligned & ~al.one_to_one).sum())} multi-token, "
+        f"{int((~al.aligned).sum())} unaligned"
+    )

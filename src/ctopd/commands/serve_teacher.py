@@ -22,18 +22,25 @@ API_KEY_ENV = "CTOPD_TEACHER_API_KEY"
 def add_parser(subparsers) -> None:
     """Register ``serve-teacher``."""
     text = "serve a teacher's prompt log-probs (vLLM's completions API subset)"
-    parser = subparsers.add_parser("serve-teacher", help=text, description=text,
-                                   allow_abbrev=False)
+    parser = subparsers.add_parser("serve-teacher", help=text, description=text, allow_abbrev=False)
     parser.add_argument("--model", required=True, help="model folder or hub id (and tokenizer)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
-    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                        help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV})")
-    parser.add_argument("--served-model-name", default=None,
-                        help="name in /v1/models and requests (default: --model)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16",
-                                                            "float16"))
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        help="name in /v1/models and requests (default: --model)",
+    )
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16")
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda:N")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     parser.add_argument("--trust-remote-code", action="store_true")
@@ -49,21 +56,36 @@ def _serve(args: argparse.Namespace) -> int:
     from ctopd.training.models import freeze, load_causal_lm
     from ctopd.training.teacher_server import ScoringModel, TeacherHTTPServer
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(message)s",
+        stream=sys.stderr,
+    )
     if args.batch_size < 1:
         return _fail("--batch-size must be >= 1")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else (
-        args.device)
+    device = (
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else (args.device)
+    )
     try:
         tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-        model = freeze(load_causal_lm(ModelConfig(name_or_path=args.model, dtype=args.dtype,
-                                                  trust_remote_code=args.trust_remote_code),
-                                      side="teacher"))
+        model = freeze(
+            load_causal_lm(
+                ModelConfig(
+                    name_or_path=args.model,
+                    dtype=args.dtype,
+                    trust_remote_code=args.trust_remote_code,
+                ),
+                side="teacher",
+            )
+        )
     except (ConfigError, OSError, ValueError) as err:
         return _fail(str(err))
-    scorer = ScoringModel(model.to(device), tokenizer, batch_size=args.batch_size,
-                          name=args.served_model_name or args.model)
+    scorer = ScoringModel(
+        model.to(device),
+        tokenizer,
+        batch_size=args.batch_size,
+        name=args.served_model_name or args.model,
+    )
     try:
         server = TeacherHTTPServer((args.host, args.port), scorer, api_key=args.api_key)
     except OSError as err:
@@ -73,9 +95,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"ctopd serve-teacher: {scorer.name} on http://{host}:{server.server_port}/v1 "
-          f"({device}, {scorer.num_ids} ids, batch {args.batch_size}"
-          f"{', API key required' if args.api_key else ''})", flush=True)
+    print(
+        f"ctopd serve-teacher: {scorer.name} on http://{host}:{server.server_port}/v1 "
+        f"({device}, {scorer.num_ids} ids, batch {args.batch_size}"
+        f"{', API key required' if args.api_key else ''})",
+        flush=True,
+    )
     try:
         server.serve_forever(poll_interval=0.2)
     finally:

@@ -30,9 +30,12 @@ def add_parser(subparsers) -> None:
         add_config_arguments(parser)
         parser.set_defaults(func=func)
 
-    evaluate = subparsers.add_parser("eval", help="answer accuracy on a JSONL test set",
-                                     description="Greedy generation, final-answer extraction "
-                                     "(####, \\boxed{}, last number), accuracy.")
+    evaluate = subparsers.add_parser(
+        "eval",
+        help="answer accuracy on a JSONL test set",
+        description="Greedy generation, final-answer extraction "
+        "(####, \\boxed{}, last number), accuracy.",
+    )
     evaluate.add_argument("--model", required=True, help="model folder or hub id")
     evaluate.add_argument("--data", required=True, help="JSONL with prompt/messages and answer")
     evaluate.add_argument("--tokenizer", default=None, help="tokenizer folder (default: model)")
@@ -101,13 +104,19 @@ def _eval(args: argparse.Namespace) -> int:
     from ctopd.training.evaluate import evaluate
 
     try:
-        result = evaluate(args.model, args.tokenizer, args.data,
-                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                          output_path=args.output, limit=args.limit,
-                          temperature=args.temperature, chat_template=args.chat_template,
-                          dtype=args.dtype,
-                          data_config=DataConfig(prompt_field=args.prompt_field,
-                                                 answer_field=args.answer_field))
+        result = evaluate(
+            args.model,
+            args.tokenizer,
+            args.data,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            output_path=args.output,
+            limit=args.limit,
+            temperature=args.temperature,
+            chat_template=args.chat_template,
+            dtype=args.dtype,
+            data_config=DataConfig(prompt_field=args.prompt_field, answer_field=args.answer_field),
+        )
     except (ConfigError, DataError, FileNotFoundError) as err:
         return _fail(str(err))
     print(json.dumps(result, indent=2))
@@ -137,5 +146,7 @@ def _print_summary(summary: dict) -> None:
         return
     metrics = summary.get("final_metrics", {})
     shown = {k: round(metrics[k], 4) for k in ("loss", "kl", "coverage") if k in metrics}
-    print(f"done: {summary['steps']} steps in {summary['seconds']:.1f}s; last steps {shown}; "
-          f"student saved to {summary['output_dir']}/final")
+    print(
+        f"done: {summary['steps']} steps in {summary['seconds']:.1f}s; last steps {shown}; "
+        f"student saved to {summary['output_dir']}/final"
+    )

@@ -148,8 +148,9 @@ class _Side:
             # Without its leading space a token's word loses its low byte and, when it is longer
             # than 8 bytes, gains its 9th byte at the top.
             ids = self.ids[self.stripped]
-            ninth = self.table.flat_bytes[np.minimum(self.table.starts[ids] + 8,
-                                                     self.table.flat_bytes.size - 1)]
+            ninth = self.table.flat_bytes[
+                np.minimum(self.table.starts[ids] + 8, self.table.flat_bytes.size - 1)
+            ]
             ninth = np.where(self.table.lengths[ids] > 8, ninth, 0).astype(np.uint64)
             words[self.stripped] = (words[self.stripped] >> np.uint64(8)) | (ninth << np.uint64(56))
         return words
@@ -181,8 +182,12 @@ def _flatten(ids_list: list) -> tuple[np.ndarray, np.ndarray]:
             flat = np.concatenate(ids_list)
         except ValueError:
             flat = None
-        if flat is not None and flat.ndim == 1 and flat.dtype.kind in "iu" and (
-                flat.size == counts.sum()):
+        if (
+            flat is not None
+            and flat.ndim == 1
+            and flat.dtype.kind in "iu"
+            and (flat.size == counts.sum())
+        ):
             return flat.astype(np.int64, copy=False), counts
     for x in ids_list:
         if getattr(x, "ndim", 1) != 1:
@@ -190,13 +195,17 @@ def _flatten(ids_list: list) -> tuple[np.ndarray, np.ndarray]:
                 f"each id sequence must be 1-D; got one of shape {tuple(x.shape)} (pass a list "
                 "of sequences, e.g. list(batch) for a [B, n] tensor without its padding)"
             )
-    flat = np.fromiter(itertools.chain.from_iterable(
-        x.tolist() if hasattr(x, "tolist") else x for x in ids_list), np.int64, int(counts.sum()))
+    flat = np.fromiter(
+        itertools.chain.from_iterable(x.tolist() if hasattr(x, "tolist") else x for x in ids_list),
+        np.int64,
+        int(counts.sum()),
+    )
     return flat, counts
 
 
-def _prepare_side(table: ByteTable, ids_list: list, label: str,
-                  prefixed: np.ndarray | None = None) -> _Side:
+def _prepare_side(
+    table: ByteTable, ids_list: list, label: str, prefixed: np.ndarray | None = None
+) -> _Side:
     """Flat arrays of one side of a batch.
 
     Args:
@@ -230,8 +239,17 @@ def _prepare_side(table: ByteTable, ids_list: list, label: str,
         lengths[stripped] -= 1
     byte_offsets = np.zeros(ids.size + 1, dtype=np.int64)
     np.cumsum(lengths, out=byte_offsets[1:])
-    return _Side(table, ids, seq_start, has_end, content_count, lengths, byte_offsets, stripped,
-                 content_specials)
+    return _Side(
+        table,
+        ids,
+        seq_start,
+        has_end,
+        content_count,
+        lengths,
+        byte_offsets,
+        stripped,
+        content_specials,
+    )
 
 
 def _prefixed_for_text_of(table: ByteTable, side: _Side) -> np.ndarray:
@@ -257,8 +275,9 @@ def _first_text_bytes(side: _Side) -> np.ndarray:
     if candidates.size:
         pos = np.minimum(np.searchsorted(candidates, side.seq_start[rest]), candidates.size - 1)
         token = candidates[pos]
-        inside = ((token >= side.seq_start[rest])
-                  & (token < side.seq_start[rest] + side.content_count[rest]))
+        inside = (token >= side.seq_start[rest]) & (
+            token < side.seq_start[rest] + side.content_count[rest]
+        )
         out[rest[inside]] = side.table.flat_bytes[side.starts(token[inside])]
     return out
 
@@ -364,8 +383,13 @@ def _fast_candidates(t_side: _Side, s_side: _Side) -> np.ndarray:
     both sides, no special id inside it, an end id on both sides or neither, and no token that
     spells zero bytes except a sequence's first. Their bytes are still compared chunk by chunk."""
     t_bytes, s_bytes = t_side.content_bytes(), s_side.content_bytes()
-    ok = ((t_bytes == s_bytes) & (t_bytes > 0) & (t_side.has_end == s_side.has_end)
-          & (t_side.content_specials == 0) & (s_side.content_specials == 0))
+    ok = (
+        (t_bytes == s_bytes)
+        & (t_bytes > 0)
+        & (t_side.has_end == s_side.has_end)
+        & (t_side.content_specials == 0)
+        & (s_side.content_specials == 0)
+    )
     for side in (t_side, s_side):
         empty = np.flatnonzero(side.lengths == 0)
         if empty.size:
@@ -389,17 +413,24 @@ def _packed_prefix(side: _Side, first: np.ndarray, stop: np.ndarray) -> np.ndarr
     chunks give meaningless sums (shifts of 64 bits and more are 0) and are compared byte by
     byte instead.
     """
-    shifts = (side.byte_offsets[:-1]
-              - np.repeat(side.byte_offsets[first], stop - first)).view(np.uint64)
+    shifts = (side.byte_offsets[:-1] - np.repeat(side.byte_offsets[first], stop - first)).view(
+        np.uint64
+    )
     shifts <<= np.uint64(3)
     running = np.zeros(side.ids.size + 1, dtype=np.uint64)
     np.cumsum(side.words() << shifts, out=running[1:])
     return running[np.append(first, side.ids.size)]
 
 
-def _differing_chunks(t_side: _Side, s_side: _Side, t_first: np.ndarray, s_first: np.ndarray,
-                      t_stop: np.ndarray, s_stop: np.ndarray, chunk_bytes: np.ndarray
-                      ) -> np.ndarray:
+def _differing_chunks(
+    t_side: _Side,
+    s_side: _Side,
+    t_first: np.ndarray,
+    s_first: np.ndarray,
+    t_stop: np.ndarray,
+    s_stop: np.ndarray,
+    chunk_bytes: np.ndarray,
+) -> np.ndarray:
     """bool ``[K]``: chunks whose bytes differ between the sides (their lengths are equal).
 
     Exact, and linear in tokens rather than bytes: a chunk of at most 8 bytes is compared as
@@ -450,8 +481,9 @@ def _align_fast(t_side: _Side, s_side: _Side) -> list[Alignment | None]:
     first_chunk = np.searchsorted(t_first, t_side.seq_start[:-1])
     chunks_per_seq = np.diff(np.append(first_chunk, t_first.size))
 
-    differ = np.flatnonzero(_differing_chunks(t_side, s_side, t_first, s_first, t_stop, s_stop,
-                                              chunk_bytes))
+    differ = np.flatnonzero(
+        _differing_chunks(t_side, s_side, t_first, s_first, t_stop, s_stop, chunk_bytes)
+    )
     bad = np.zeros(first_chunk.size, dtype=bool)
     bad[np.searchsorted(first_chunk, differ, side="right") - 1] = True
 
@@ -469,10 +501,12 @@ def _align_fast(t_side: _Side, s_side: _Side) -> list[Alignment | None]:
     t_lengths, s_lengths = t_side.counts.tolist(), s_side.counts.tolist()
     t_spaces, s_spaces = t_side.dummy_spaces().tolist(), s_side.dummy_spaces().tolist()
     return [
-        None if is_bad else Alignment(chunks[lo:hi], aligned[lo:hi], is_end[lo:hi], n, m, 0,
-                                      t_space, s_space)
+        None
+        if is_bad
+        else Alignment(chunks[lo:hi], aligned[lo:hi], is_end[lo:hi], n, m, 0, t_space, s_space)
         for is_bad, lo, hi, n, m, t_space, s_space in zip(
-            bad.tolist(), bounds[:-1], bounds[1:], t_lengths, s_lengths, t_spaces, s_spaces)
+            bad.tolist(), bounds[:-1], bounds[1:], t_lengths, s_lengths, t_spaces, s_spaces
+        )
     ]
 
 
@@ -516,11 +550,13 @@ def align_ids_batch(
     Raises:
         ValueError: the batch sizes differ or an id is out of a tokenizer's range.
     """
-    if len(teacher_ids) != len(student_ids) or (texts is not None
-                                               and len(texts) != len(student_ids)):
+    if len(teacher_ids) != len(student_ids) or (
+        texts is not None and len(texts) != len(student_ids)
+    ):
         raise ValueError(
             f"align_batch got {len(teacher_ids)} teacher sequences and {len(student_ids)} "
-            "student sequences" + ("" if texts is None else f" for {len(texts)} texts")
+            "student sequences"
+            + ("" if texts is None else f" for {len(texts)} texts")
             + "; pass one teacher sequence per student sequence (and per text)"
         )
     if not teacher_ids:
@@ -538,8 +574,12 @@ def align_ids_batch(
             s_side = _prepare_side(student, student_ids[lo:hi], "student")
             t_prefixed = None if teacher_sampled else _prefixed_for_text_of(teacher, s_side)
         else:
-            s_side = _prepare_side(student, student_ids[lo:hi], "student",
-                                   adds_dummy_prefix(student, first_bytes[lo:hi]))
+            s_side = _prepare_side(
+                student,
+                student_ids[lo:hi],
+                "student",
+                adds_dummy_prefix(student, first_bytes[lo:hi]),
+            )
             t_prefixed = adds_dummy_prefix(teacher, first_bytes[lo:hi])
         t_side = _prepare_side(teacher, teacher_ids[lo:hi], "teacher", t_prefixed)
         results.extend(_align_block(t_side, s_side))
@@ -551,8 +591,10 @@ def _align_block(t_side: _Side, s_side: _Side) -> list[Alignment]:
     results: list[Alignment | None] = [None] * int(candidate.size)
     if candidate.any():
         everyone = bool(candidate.all())
-        fast = _align_fast(t_side if everyone else t_side.select(candidate),
-                           s_side if everyone else s_side.select(candidate))
+        fast = _align_fast(
+            t_side if everyone else t_side.select(candidate),
+            s_side if everyone else s_side.select(candidate),
+        )
         for k, alignment in zip(np.flatnonzero(candidate).tolist(), fast):
             results[k] = alignment
     for k, alignment in enumerate(results):

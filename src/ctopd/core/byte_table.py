@@ -181,7 +181,9 @@ def gather_bytes(table: ByteTable, ids: np.ndarray) -> np.ndarray:
 
 def _backend(tokenizer: Any):
     """The ``tokenizers.Tokenizer`` behind a transformers fast tokenizer (or the object itself)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(
+        tokenizer, "_tokenizer", None
+    )
     if backend is None and hasattr(tokenizer, "to_str"):
         backend = tokenizer
     if backend is None or not hasattr(backend, "to_str"):
@@ -208,8 +210,18 @@ def _components(node: dict | None, kind_key: str = "type") -> list[dict]:
     return [node]
 
 
-_TEXT_REWRITING_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Strip", "StripAccents",
-                               "BertNormalizer", "Precompiled", "Nmt"}
+_TEXT_REWRITING_NORMALIZERS = {
+    "NFC",
+    "NFD",
+    "NFKC",
+    "NFKD",
+    "Lowercase",
+    "Strip",
+    "StripAccents",
+    "BertNormalizer",
+    "Precompiled",
+    "Nmt",
+}
 
 
 def _detect_kind(spec: dict) -> str:
@@ -357,8 +369,9 @@ def build_byte_table(tokenizer: Any, *, end_ids: list[int] | None = None) -> Byt
     starts = np.cumsum(lengths) - lengths
 
     rewrites = tuple(
-        sorted({c["type"] for c in _components(spec.get("normalizer"))}
-               & _TEXT_REWRITING_NORMALIZERS)
+        sorted(
+            {c["type"] for c in _components(spec.get("normalizer"))} & _TEXT_REWRITING_NORMALIZERS
+        )
     )
     if end_ids is None:
         end_ids = end_of_turn_ids(tokenizer)
@@ -448,5 +461,6 @@ def _with_probed_prefix(table: ByteTable, backend) -> ByteTable:
             f"tokenizer {table.name}: its decoder turns the ids of ' ab' into {decoded!r}, not "
             "their bytes with or without the leading space; cannot read sampled ids exactly"
         )
-    return dataclasses.replace(table, dummy_prefix=prefixed[0], prefix_rule=rule,
-                               decoder_strips_space=decoded != spelled)
+    return dataclasses.replace(
+        table, dummy_prefix=prefixed[0], prefix_rule=rule, decoder_strips_space=decoded != spelled
+    )

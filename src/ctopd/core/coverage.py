@@ -26,15 +26,25 @@ def coverage_counts(
         ``chunks_one_to_one``, ``chunks_multi``, ``chunks_unaligned``; ``unaligned_bytes``.
     """
     counts = dict.fromkeys(
-        ("student_tokens", "shared_only_tokens", "aligned_tokens", "chunks_one_to_one",
-         "chunks_multi", "chunks_unaligned", "unaligned_bytes"), 0)
+        (
+            "student_tokens",
+            "shared_only_tokens",
+            "aligned_tokens",
+            "chunks_one_to_one",
+            "chunks_multi",
+            "chunks_unaligned",
+            "unaligned_bytes",
+        ),
+        0,
+    )
     for al, ids in zip(alignments, student_ids):
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         one_to_one = al.one_to_one
         first_student = ids[al.chunks[one_to_one, 2]]
         counts["student_tokens"] += al.student_length
-        counts["shared_only_tokens"] += int((shared_vocab.student_id_to_class[first_student]
-                                             >= 0).sum())
+        counts["shared_only_tokens"] += int(
+            (shared_vocab.student_id_to_class[first_student] >= 0).sum()
+        )
         counts["aligned_tokens"] += al.aligned_student_tokens
         counts["chunks_one_to_one"] += int(one_to_one.sum())
         counts["chunks_multi"] += int((al.aligned & ~one_to_one).sum())

@@ -111,11 +111,13 @@ class TokenizerPair:
     def align(self, teacher_ids, student_ids, *, text: str | None = None) -> Alignment:
         """Minimal aligned chunks of one response (see :class:`Alignment`); ``text`` as in
         :meth:`align_batch`."""
-        return self.align_batch([teacher_ids], [student_ids],
-                                texts=None if text is None else [text])[0]
+        return self.align_batch(
+            [teacher_ids], [student_ids], texts=None if text is None else [text]
+        )[0]
 
-    def align_batch(self, teacher_ids: list, student_ids: list, *,
-                    texts: list[str] | None = None) -> list[Alignment]:
+    def align_batch(
+        self, teacher_ids: list, student_ids: list, *, texts: list[str] | None = None
+    ) -> list[Alignment]:
         """Align ``B`` responses at once (vectorised over the batch).
 
         Without ``texts`` the student ids are sampled responses (their text is
@@ -124,8 +126,14 @@ class TokenizerPair:
         (:meth:`encode_batch`); each side's first token then loses a dummy-prefix space exactly
         where its tokenizer puts one before that text (see ``align_ids_batch``).
         """
-        return align_ids_batch(self.teacher_table, self.student_table, teacher_ids, student_ids,
-                               texts=texts, teacher_sampled=texts is None and self.identical)
+        return align_ids_batch(
+            self.teacher_table,
+            self.student_table,
+            teacher_ids,
+            student_ids,
+            texts=texts,
+            teacher_sampled=texts is None and self.identical,
+        )
 
     def encode_batch(self, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
         """Each tokenizer's own ids of each text, ``tokenizer(text, add_special_tokens=False)``:

@@ -58,8 +58,14 @@ def escape_flat(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return escaped, offsets
 
 
-def window_keys(escaped: np.ndarray, offsets: np.ndarray, start: np.ndarray, stop: np.ndarray,
-                *, end_marker: bool) -> np.ndarray:
+def window_keys(
+    escaped: np.ndarray,
+    offsets: np.ndarray,
+    start: np.ndarray,
+    stop: np.ndarray,
+    *,
+    end_marker: bool,
+) -> np.ndarray:
     """Fixed-width byte-string keys of the windows ``flat[start_q:stop_q]`` (escaped).
 
     Args:
@@ -102,8 +108,10 @@ class SortedVocab:
     def ranges(self, keys: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """int64 ``[Q]`` ``(lo, hi)``: the sorted positions of the tokens that start with each
         query (``keys`` without, ``upper`` with the end marker; :func:`window_keys`)."""
-        return (np.searchsorted(self.keys, keys, side="left").astype(np.int64),
-                np.searchsorted(self.keys, upper, side="left").astype(np.int64))
+        return (
+            np.searchsorted(self.keys, keys, side="left").astype(np.int64),
+            np.searchsorted(self.keys, upper, side="left").astype(np.int64),
+        )
 
 
 @dataclass(frozen=True)
@@ -122,8 +130,10 @@ class SortedClasses:
 
     def ranges(self, keys: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """As :meth:`SortedVocab.ranges`, over the classes."""
-        return (np.searchsorted(self.keys, keys, side="left").astype(np.int64),
-                np.searchsorted(self.keys, upper, side="left").astype(np.int64))
+        return (
+            np.searchsorted(self.keys, keys, side="left").astype(np.int64),
+            np.searchsorted(self.keys, upper, side="left").astype(np.int64),
+        )
 
     def exact(self, keys: np.ndarray) -> np.ndarray:
         """int64 ``[Q]``: the class whose bytes equal each query, ``-1`` where none does."""
@@ -151,8 +161,9 @@ def token_byte_list(table: ByteTable, *, strip_space: bool = False) -> list[byte
     return out
 
 
-def build_sorted_vocab(table: ByteTable, shared_vocab: SharedVocab, *,
-                       strip_space: bool = False) -> SortedVocab:
+def build_sorted_vocab(
+    table: ByteTable, shared_vocab: SharedVocab, *, strip_space: bool = False
+) -> SortedVocab:
     """Sort ``table``'s ordinary ids by bytes and find each id's owner class.
 
     Args:
@@ -184,8 +195,9 @@ def build_sorted_classes(shared_vocab: SharedVocab) -> SortedClasses:
     order = sorted(range(len(classes)), key=lambda c: classes[c])
     rank = np.full(shared_vocab.size, -1, dtype=np.int64)
     rank[order] = np.arange(len(order))
-    return SortedClasses(order=np.asarray(order, dtype=np.int64),
-                         keys=_keys([classes[c] for c in order]), rank=rank)
+    return SortedClasses(
+        order=np.asarray(order, dtype=np.int64), keys=_keys([classes[c] for c in order]), rank=rank
+    )
 
 
 def _keys(strings: list[bytes]) -> np.ndarray:

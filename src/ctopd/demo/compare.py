@@ -39,10 +39,12 @@ def outcome_matrix(outcomes: Sequence[str]) -> np.ndarray:
         raise ValueError("outcome_matrix needs at least one outcome string")
     lengths = {len(text) for text in outcomes}
     if len(lengths) != 1:
-        raise ValueError(f"outcome strings must cover the same problems; got lengths "
-                         f"{sorted(lengths)}")
+        raise ValueError(
+            f"outcome strings must cover the same problems; got lengths {sorted(lengths)}"
+        )
     matrix = np.frombuffer("".join(outcomes).encode("ascii"), dtype=np.uint8).reshape(
-        len(outcomes), -1)
+        len(outcomes), -1
+    )
     if not np.isin(matrix, (ord("0"), ord("1"))).all():
         raise ValueError("outcome strings hold only the characters 0 and 1")
     return (matrix == ord("1")).astype(np.float64)
@@ -56,12 +58,18 @@ def seed_variance(matrix: np.ndarray) -> float:
         return 0.0
     rows, columns, mean = matrix.mean(1), matrix.mean(0), matrix.mean()
     residual = matrix - rows[:, None] - columns[None, :] + mean
-    ms_residual = float((residual ** 2).sum()) / ((seeds - 1) * (problems - 1))
+    ms_residual = float((residual**2).sum()) / ((seeds - 1) * (problems - 1))
     return max(0.0, float(rows.var(ddof=1)) - ms_residual / problems)
 
 
-def bootstrap(matrices: Mapping[str, np.ndarray], statistic: Callable[[dict], float], *,
-              draws: int = 4000, level: float = 0.95, seed: int = 0) -> dict:
+def bootstrap(
+    matrices: Mapping[str, np.ndarray],
+    statistic: Callable[[dict], float],
+    *,
+    draws: int = 4000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict:
     """A statistic of mean accuracies and its bootstrap interval (see the module docstring).
 
     Args:
@@ -91,19 +99,32 @@ def bootstrap(matrices: Mapping[str, np.ndarray], statistic: Callable[[dict], fl
     for name, matrix in matrices.items():
         observed[name] = float(matrix.mean())
         spread = np.sqrt(seed_variance(matrix) / matrix.shape[0])
-        resampled[name] = (problem_weights @ matrix.mean(0) / problems
-                           + rng.normal(0.0, 1.0, draws) * spread)
+        resampled[name] = (
+            problem_weights @ matrix.mean(0) / problems + rng.normal(0.0, 1.0, draws) * spread
+        )
     with np.errstate(divide="ignore", invalid="ignore"):
         value = float(statistic({k: np.float64(v) for k, v in observed.items()}))
         values = np.asarray(statistic(resampled), dtype=np.float64)
     finite = values[np.isfinite(values)]
     if not np.isfinite(value) or finite.size == 0:  # e.g. a ratio of gaps that are all 0
-        return {"value": None, "low": None, "high": None, "above_zero": None,
-                "problems": problems, "draws": draws}
+        return {
+            "value": None,
+            "low": None,
+            "high": None,
+            "above_zero": None,
+            "problems": problems,
+            "draws": draws,
+        }
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(finite, [tail, 1.0 - tail])
-    return {"value": value, "low": float(low), "high": float(high),
-            "above_zero": float((values > 0).mean()), "problems": problems, "draws": draws}
+    return {
+        "value": value,
+        "low": float(low),
+        "high": float(high),
+        "above_zero": float((values > 0).mean()),
+        "problems": problems,
+        "draws": draws,
+    }
 
 
 def difference(a: np.ndarray, b: np.ndarray, **kwargs) -> dict:
@@ -112,15 +133,34 @@ def difference(a: np.ndarray, b: np.ndarray, **kwargs) -> dict:
     return bootstrap({"a": a, "b": b}, lambda m: m["a"] - m["b"], **kwargs)
 
 
-def gap_fraction_ratio(method: np.ndarray, start: np.ndarray, control: np.ndarray,
-                       control_start: np.ndarray, teacher: np.ndarray, **kwargs) -> dict:
+def gap_fraction_ratio(
+    method: np.ndarray,
+    start: np.ndarray,
+    control: np.ndarray,
+    control_start: np.ndarray,
+    teacher: np.ndarray,
+    **kwargs,
+) -> dict:
     """How large a share of its gap to the teacher a method closes, as a fraction of the share
     a control method closes of its own: ``((m - s) / (t - s)) / ((c - cs) / (t - cs))`` of mean
     accuracies, with its bootstrap interval. The starts and the teacher are single models
     (one row each)."""
-    def ratio(m):
-        return ((m["method"] - m["start"]) / (m["teacher"] - m["start"])
-                / ((m["control"] - m["control_start"]) / (m["teacher"] - m["control_start"])))
 
-    return bootstrap({"method": method, "start": start, "control": control,
-                      "control_start": control_start, "teacher": teacher}, ratio, **kwargs)
+    def ratio(m):
+        return (
+            (m["method"] - m["start"])
+            / (m["teacher"] - m["start"])
+            / ((m["control"] - m["control_start"]) / (m["teacher"] - m["control_start"]))
+        )
+
+    return bootstrap(
+        {
+            "method": method,
+            "start": start,
+            "control": control,
+            "control_start": control_start,
+            "teacher": teacher,
+        },
+        ratio,
+        **kwargs,
+    )

@@ -20,8 +20,10 @@ def measure_model(job: dict) -> dict:
 
     one_thread()
     model, data, settings = Path(job["model"]), Path(job["data"]), job["settings"]
-    return {"accuracy": accuracy(model, data, settings),
-            **sequence_kl(model, Path(job["teacher"]), data, settings)}
+    return {
+        "accuracy": accuracy(model, data, settings),
+        **sequence_kl(model, Path(job["teacher"]), data, settings),
+    }
 
 
 def accuracy(model_dir: Path, data_path: Path, settings: DemoSettings) -> float:
@@ -29,13 +31,24 @@ def accuracy(model_dir: Path, data_path: Path, settings: DemoSettings) -> float:
     per ``generate`` call."""
     from ctopd.training.evaluate import evaluate
 
-    result = evaluate(str(model_dir), None, data_path, max_new_tokens=settings.max_new_tokens,
-                      batch_size=settings.eval_batch)
+    result = evaluate(
+        str(model_dir),
+        None,
+        data_path,
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.eval_batch,
+    )
     return result["accuracy"]
 
 
-def outcomes(model_dir: Path, data_path: Path, settings: DemoSettings,
-             responses_path: Path | None = None, *, sampled: bool = False) -> str:
+def outcomes(
+    model_dir: Path,
+    data_path: Path,
+    settings: DemoSettings,
+    responses_path: Path | None = None,
+    *,
+    sampled: bool = False,
+) -> str:
     """Exact-final-answer outcome of every row of ``data_path``, in order, as a string of
     ``1`` (right) and ``0`` (wrong): compact in ``results.json``, and what paired comparisons
     between runs need (:mod:`ctopd.demo.compare`). ``responses_path``: where to keep each
@@ -54,10 +67,16 @@ def outcomes(model_dir: Path, data_path: Path, settings: DemoSettings,
 
     if sampled and settings.sampled_temperature is None:
         raise ValueError("sampled outcomes need DemoSettings.sampled_temperature")
-    result = evaluate(str(model_dir), None, data_path, max_new_tokens=settings.max_new_tokens,
-                      batch_size=settings.eval_batch, output_path=responses_path,
-                      temperature=settings.sampled_temperature if sampled else 0.0,
-                      seed=settings.sampled_seed)
+    result = evaluate(
+        str(model_dir),
+        None,
+        data_path,
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.eval_batch,
+        output_path=responses_path,
+        temperature=settings.sampled_temperature if sampled else 0.0,
+        seed=settings.sampled_seed,
+    )
     return "".join("1" if hit else "0" for hit in result["outcomes"])
 
 
@@ -69,13 +88,18 @@ def measure_outcomes(job: dict) -> dict:
 
     one_thread()
     sampled = bool(job.get("sampled", False))
-    return {"key": job["key"], "sampled": sampled,
-            "outcomes": outcomes(Path(job["model"]), Path(job["data"]), job["settings"],
-                                 sampled=sampled)}
+    return {
+        "key": job["key"],
+        "sampled": sampled,
+        "outcomes": outcomes(
+            Path(job["model"]), Path(job["data"]), job["settings"], sampled=sampled
+        ),
+    }
 
 
-def sequence_kl(student_dir: Path, teacher_dir: Path, data_path: Path,
-                settings: DemoSettings) -> dict:
+def sequence_kl(
+    student_dir: Path, teacher_dir: Path, data_path: Path, settings: DemoSettings
+) -> dict:
     """Reverse KL per student token, measured the same way for every method and either
     student, and how often the student spells its text with other tokens than its tokenizer
     would.
@@ -116,15 +140,23 @@ def sequence_kl(student_dir: Path, teacher_dir: Path, data_path: Path,
         torch.manual_seed(0)
         batch = settings.eval_batch
         for lo in range(0, len(examples), batch):
-            s_prompts, t_prompts = student_prompts[lo:lo + batch], teacher_prompts[lo:lo + batch]
+            s_prompts, t_prompts = (
+                student_prompts[lo : lo + batch],
+                teacher_prompts[lo : lo + batch],
+            )
             responses = sample_responses(
-                student, s_prompts, end_ids=pair.student_table.end_ids.tolist(),
-                pad_id=student_tokenizer.pad_token_id, max_new_tokens=settings.max_new_tokens,
-                temperature=1.0)
+                student,
+                s_prompts,
+                end_ids=pair.student_table.end_ids.tolist(),
+                pad_id=student_tokenizer.pad_token_id,
+                max_new_tokens=settings.max_new_tokens,
+                temperature=1.0,
+            )
             teacher_responses = pair.teacher_ids_for_batch(responses)
             total += _logprob_sum(student, s_prompts, responses, student_tokenizer.pad_token_id)
-            total -= _logprob_sum(teacher, t_prompts, teacher_responses,
-                                  teacher_tokenizer.pad_token_id)
+            total -= _logprob_sum(
+                teacher, t_prompts, teacher_responses, teacher_tokenizer.pad_token_id
+            )
             tokens += sum(len(r) for r in responses)
             noncanonical += sum(_noncanonical(pair, student_tokenizer, ids) for ids in responses)
     return {"kl": total / max(tokens, 1), "noncanonical": noncanonical / max(len(examples), 1)}
@@ -156,9 +188,12 @@ def coverage(rows: list[dict]) -> tuple[float, float, float]:
     the unaligned share."""
     sampled = sum(r["student_tokens"] for r in rows if "student_tokens" in r)
     supervised = sum(r["supervised_tokens"] for r in rows if "supervised_tokens" in r)
-    unaligned = sum(round(r["student_tokens"] * r["unaligned_share"]) for r in rows
-                    if "unaligned_share" in r)  # integer counts, stored as shares
+    unaligned = sum(
+        round(r["student_tokens"] * r["unaligned_share"]) for r in rows if "unaligned_share" in r
+    )  # integer counts, stored as shares
     aligned = sampled - unaligned
-    return (supervised / sampled if sampled else 0.0,
-            supervised / aligned if aligned > 0 else 0.0,
-            unaligned / sampled if sampled else 0.0)
+    return (
+        supervised / sampled if sampled else 0.0,
+        supervised / aligned if aligned > 0 else 0.0,
+        unaligned / sampled if sampled else 0.0,
+    )

@@ -23,22 +23,39 @@ from pathlib import Path
 from ctopd.demo.settings import RUN_SPECS, DemoSettings
 
 
-def method_job(name: str, seed: int, out: Path, settings: DemoSettings, *, lr: float | None = None,
-               steps: int | None = None, split: str = "test", curve: bool = True,
-               run_dir: Path | None = None, objective_options: dict | None = None,
-               outcomes_split: str | None = None) -> dict:
+def method_job(
+    name: str,
+    seed: int,
+    out: Path,
+    settings: DemoSettings,
+    *,
+    lr: float | None = None,
+    steps: int | None = None,
+    split: str = "test",
+    curve: bool = True,
+    run_dir: Path | None = None,
+    objective_options: dict | None = None,
+    outcomes_split: str | None = None,
+) -> dict:
     """The job :func:`run_method` runs: the demo's defaults unless the sweep, the ablation or
     the calibration overrides them (``objective_options``: ``objective`` config fields, e.g.
     ``space``; ``outcomes_split``: the split scored problem by problem, by default
     ``extra_test`` for test runs and none otherwise)."""
     if outcomes_split is None and split == "test":
         outcomes_split = "extra_test"
-    return dict(name=name, seed=seed, out=str(out), settings=settings,
-                lr=settings.lr(name) if lr is None else lr,
-                steps=settings.method_steps if steps is None else steps, split=split,
-                curve=curve, run_dir=str(run_dir or out / "runs" / f"{name}-seed{seed}"),
-                objective_options=dict(objective_options or {}),
-                outcomes_split=outcomes_split)
+    return dict(
+        name=name,
+        seed=seed,
+        out=str(out),
+        settings=settings,
+        lr=settings.lr(name) if lr is None else lr,
+        steps=settings.method_steps if steps is None else steps,
+        split=split,
+        curve=curve,
+        run_dir=str(run_dir or out / "runs" / f"{name}-seed{seed}"),
+        objective_options=dict(objective_options or {}),
+        outcomes_split=outcomes_split,
+    )
 
 
 def run_method(job: dict) -> dict:
@@ -90,23 +107,35 @@ def run_method(job: dict) -> dict:
     sft = objective == "sft"
     shares = (None,) * 3 if sft else coverage(rows)
     return {
-        "name": job["name"], "student": kind, "method": objective, "seed": job["seed"],
-        "lr": job["lr"], "steps": summary["steps"],
-        "accuracy": final["accuracy"], "kl": final["kl"], "noncanonical": final["noncanonical"],
+        "name": job["name"],
+        "student": kind,
+        "method": objective,
+        "seed": job["seed"],
+        "lr": job["lr"],
+        "steps": summary["steps"],
+        "accuracy": final["accuracy"],
+        "kl": final["kl"],
+        "noncanonical": final["noncanonical"],
         "extra_accuracy": _share(extra[max(extra)]) if extra else None,
         "extra_outcomes": extra[max(extra)] if extra else None,
         "extra_sampled_accuracy": None if sampled is None else _share(sampled),
         "extra_sampled_outcomes": sampled,
-        "coverage": shares[0], "aligned_coverage": shares[1], "unaligned_share": shares[2],
+        "coverage": shares[0],
+        "aligned_coverage": shares[1],
+        "unaligned_share": shares[2],
         "train_kl": None if sft else summary["final_metrics"].get("kl"),
-        "seconds": summary["seconds"], "eval_seconds": time.perf_counter() - started,
-        "curve": {"step": [p["step"] for p in points],
-                  "accuracy": [p["accuracy"] for p in points], "kl": [p["kl"] for p in points],
-                  "train_kl_step": [r["step"] for r in rows if "kl" in r],
-                  "train_kl": [r["kl"] for r in rows if "kl" in r],
-                  "extra_step": sorted(extra),
-                  "extra_accuracy": [_share(extra[step]) for step in sorted(extra)],
-                  "extra_outcomes": [extra[step] for step in sorted(extra)]},
+        "seconds": summary["seconds"],
+        "eval_seconds": time.perf_counter() - started,
+        "curve": {
+            "step": [p["step"] for p in points],
+            "accuracy": [p["accuracy"] for p in points],
+            "kl": [p["kl"] for p in points],
+            "train_kl_step": [r["step"] for r in rows if "kl" in r],
+            "train_kl": [r["kl"] for r in rows if "kl" in r],
+            "extra_step": sorted(extra),
+            "extra_accuracy": [_share(extra[step]) for step in sorted(extra)],
+            "extra_outcomes": [extra[step] for step in sorted(extra)],
+        },
     }
 
 
@@ -122,25 +151,37 @@ def _train(job: dict, student_dir: Path, objective: str, run_dir: Path) -> dict:
     every = settings.eval_every if job["curve"] else steps
     data = out / "train.jsonl"
     if objective == "sft":
-        data = write_sft_data(out, run_dir / "data.jsonl",
-                              *sft_slice(settings, job["seed"], steps=steps))
+        data = write_sft_data(
+            out, run_dir / "data.jsonl", *sft_slice(settings, job["seed"], steps=steps)
+        )
     # A short ramp, then cosine decay to 0 over the run: each run is the decay phase of a
     # warmup-stable-decay schedule whose stable phase is the students' constant-rate warm-up
     # (DemoSettings.warmup_schedule). A run at a constant rate ends un-annealed; a run that
     # re-warms an annealed student first undoes its optimum (measured: from a cosine warm-up
     # every method lost accuracy as its rate grew, continued SFT included). A checkpoint at
     # every measuring point, all kept until they are measured.
-    config = stage_config(settings, run_dir, data=data, student=student_dir,
-                          teacher=out / "teacher", steps=steps, batch=settings.method_batch,
-                          lr=job["lr"], seed=job["seed"], schedule="cosine",
-                          warmup_ratio=settings.method_warmup_ratio,
-                          save_every=every, keep_checkpoints=math.ceil(steps / every) + 1)
+    config = stage_config(
+        settings,
+        run_dir,
+        data=data,
+        student=student_dir,
+        teacher=out / "teacher",
+        steps=steps,
+        batch=settings.method_batch,
+        lr=job["lr"],
+        seed=job["seed"],
+        schedule="cosine",
+        warmup_ratio=settings.method_warmup_ratio,
+        save_every=every,
+        keep_checkpoints=math.ceil(steps / every) + 1,
+    )
     if objective == "sft":
         config.sft.source, config.sft.response_field = "data", "response"
         return run_sft(config)
     # Checked like a config file's values (dataclasses.replace runs __post_init__).
-    config.objective = dataclasses.replace(config.objective, name=objective,
-                                           **job.get("objective_options", {}))
+    config.objective = dataclasses.replace(
+        config.objective, name=objective, **job.get("objective_options", {})
+    )
     return train(config)
 
 
@@ -156,14 +197,25 @@ def _measure(job: dict, student_dir: Path, run_dir: Path) -> list[dict]:
     points = []
     if job["curve"] and job["split"] == "test":
         start = json.loads((student_dir / STAMP).read_text(encoding="utf-8"))["result"]
-        points.append({"step": 0, "accuracy": start["accuracy"], "kl": start["kl"],
-                       "noncanonical": start["noncanonical"]})
+        points.append(
+            {
+                "step": 0,
+                "accuracy": start["accuracy"],
+                "kl": start["kl"],
+                "noncanonical": start["noncanonical"],
+            }
+        )
     checkpoints = list_checkpoints(run_dir) if job["curve"] else list_checkpoints(run_dir)[-1:]
     for checkpoint in checkpoints:
         model = checkpoint / "student"
         samples = sequence_kl(model, out / "teacher", data, settings)
-        points.append({"step": int(checkpoint.name.split("-")[-1]),
-                       "accuracy": accuracy(model, data, settings), **samples})
+        points.append(
+            {
+                "step": int(checkpoint.name.split("-")[-1]),
+                "accuracy": accuracy(model, data, settings),
+                **samples,
+            }
+        )
     return points
 
 
@@ -182,11 +234,15 @@ def _measure_extra(job: dict, run_dir: Path) -> dict[int, str]:
     checkpoints = list_checkpoints(run_dir)
     if not job["curve"]:
         checkpoints = checkpoints[-1:]
-    return {int(c.name.split("-")[-1]): outcomes(
-                c / "student", out / f"{split}.jsonl", settings,
-                responses_path=run_dir / f"{split}_responses.jsonl" if c == checkpoints[-1]
-                else None)
-            for c in checkpoints}
+    return {
+        int(c.name.split("-")[-1]): outcomes(
+            c / "student",
+            out / f"{split}.jsonl",
+            settings,
+            responses_path=run_dir / f"{split}_responses.jsonl" if c == checkpoints[-1] else None,
+        )
+        for c in checkpoints
+    }
 
 
 def _measure_extra_sampled(job: dict, run_dir: Path) -> str | None:
@@ -198,12 +254,20 @@ def _measure_extra_sampled(job: dict, run_dir: Path) -> str | None:
     from ctopd.training.checkpoint import list_checkpoints
 
     settings, out, split = job["settings"], Path(job["out"]), job.get("outcomes_split")
-    if (split is None or not getattr(settings, f"num_{split}")
-            or settings.sampled_temperature is None):
+    if (
+        split is None
+        or not getattr(settings, f"num_{split}")
+        or settings.sampled_temperature is None
+    ):
         return None
     final = list_checkpoints(run_dir)[-1]
-    return outcomes(final / "student", out / f"{split}.jsonl", settings,
-                    responses_path=run_dir / f"{split}_sampled_responses.jsonl", sampled=True)
+    return outcomes(
+        final / "student",
+        out / f"{split}.jsonl",
+        settings,
+        responses_path=run_dir / f"{split}_sampled_responses.jsonl",
+        sampled=True,
+    )
 
 
 def gap_closed(accuracy: float | None, start: float, teacher: float) -> float | None:
@@ -214,11 +278,16 @@ def gap_closed(accuracy: float | None, start: float, teacher: float) -> float | 
     return (accuracy - start) / (teacher - start)
 
 
-def summarize_method(runs: list[dict], *, start: float, teacher: float,
-                     extra_start: float | None = None,
-                     extra_teacher: float | None = None,
-                     extra_sampled_start: float | None = None,
-                     extra_sampled_teacher: float | None = None) -> dict:
+def summarize_method(
+    runs: list[dict],
+    *,
+    start: float,
+    teacher: float,
+    extra_start: float | None = None,
+    extra_teacher: float | None = None,
+    extra_sampled_start: float | None = None,
+    extra_sampled_teacher: float | None = None,
+) -> dict:
     """One method over its seeds: means (and the accuracy's std), ``gap_closed`` and each
     seed's run (with its own ``gap_closed``); the same on the extra test split
     (``extra_accuracy_mean``, ``extra_accuracy_std``, ``extra_gap_closed`` from the start's and
@@ -234,20 +303,28 @@ def summarize_method(runs: list[dict], *, start: float, teacher: float,
     sampled = [r.get("extra_sampled_accuracy") for r in runs]
     sampled_mean = statistics.fmean(sampled) if sampled and None not in sampled else None
     return {
-        "accuracy": mean, "accuracy_mean": mean,
+        "accuracy": mean,
+        "accuracy_mean": mean,
         "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
         "gap_closed": gap_closed(mean, start, teacher),
         "extra_accuracy_mean": extra_mean,
-        "extra_accuracy_std": (statistics.stdev(extra) if extra_mean is not None
-                               and len(extra) > 1 else None),
-        "extra_gap_closed": (None if extra_mean is None or extra_start is None
-                             else gap_closed(extra_mean, extra_start, extra_teacher)),
+        "extra_accuracy_std": (
+            statistics.stdev(extra) if extra_mean is not None and len(extra) > 1 else None
+        ),
+        "extra_gap_closed": (
+            None
+            if extra_mean is None or extra_start is None
+            else gap_closed(extra_mean, extra_start, extra_teacher)
+        ),
         "extra_sampled_accuracy_mean": sampled_mean,
-        "extra_sampled_accuracy_std": (statistics.stdev(sampled) if sampled_mean is not None
-                                       and len(sampled) > 1 else None),
+        "extra_sampled_accuracy_std": (
+            statistics.stdev(sampled) if sampled_mean is not None and len(sampled) > 1 else None
+        ),
         "extra_sampled_gap_closed": (
-            None if sampled_mean is None or extra_sampled_start is None
-            else gap_closed(sampled_mean, extra_sampled_start, extra_sampled_teacher)),
+            None
+            if sampled_mean is None or extra_sampled_start is None
+            else gap_closed(sampled_mean, extra_sampled_start, extra_sampled_teacher)
+        ),
         "kl": _mean([r["kl"] for r in runs]),
         "coverage": _mean([r["coverage"] for r in runs]),
         "aligned_coverage": _mean([r["aligned_coverage"] for r in runs]),
@@ -256,7 +333,8 @@ def summarize_method(runs: list[dict], *, start: float, teacher: float,
         "train_kl": _mean([r["train_kl"] for r in runs]),
         "seconds": statistics.fmean(r["seconds"] for r in runs),
         "eval_seconds": statistics.fmean(r["eval_seconds"] for r in runs),
-        "steps": runs[0]["steps"], "lr": runs[0]["lr"],
+        "steps": runs[0]["steps"],
+        "lr": runs[0]["lr"],
         "runs": runs,
     }
 

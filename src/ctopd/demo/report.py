@@ -6,14 +6,33 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-LABELS = {"simct": "SimCT OPD", "dpca": "DPCA OPD", "shared_only": "shared-only OPD",
-          "sft": "continued SFT", "control_opd": "same-tokenizer OPD",
-          "control_sft": "same-tokenizer continued SFT"}
-COLORS = {"simct": "tab:blue", "dpca": "tab:orange", "shared_only": "tab:green",
-          "sft": "tab:gray", "opd": "tab:red"}
-COLUMNS = ("method", "lr", "held-out accuracy", "per seed", "gap closed",
-           "held-out KL (nats/token)", "coverage", "coverage of aligned tokens",
-           "non-canonical samples", "seconds per run")
+LABELS = {
+    "simct": "SimCT OPD",
+    "dpca": "DPCA OPD",
+    "shared_only": "shared-only OPD",
+    "sft": "continued SFT",
+    "control_opd": "same-tokenizer OPD",
+    "control_sft": "same-tokenizer continued SFT",
+}
+COLORS = {
+    "simct": "tab:blue",
+    "dpca": "tab:orange",
+    "shared_only": "tab:green",
+    "sft": "tab:gray",
+    "opd": "tab:red",
+}
+COLUMNS = (
+    "method",
+    "lr",
+    "held-out accuracy",
+    "per seed",
+    "gap closed",
+    "held-out KL (nats/token)",
+    "coverage",
+    "coverage of aligned tokens",
+    "non-canonical samples",
+    "seconds per run",
+)
 
 
 def write_results(out: Path, results: dict) -> Path:
@@ -29,19 +48,33 @@ def results_markdown(results: dict) -> str:
     seeds, settings, controls = results["seeds"], results["settings"], results["controls"]
     accuracy = "held-out accuracy (mean ± std)" if seeds > 1 else "held-out accuracy"
     header = [accuracy if c == "held-out accuracy" else c for c in COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(COLUMNS),
-             _row("teacher", f"{results['teacher_accuracy']:.3f}",
-                  seconds=results["teacher_seconds"])]
-    lines.append(_start_row("student after warm-up", results["student_start_accuracy"],
-                            results["student_start_kl"], results.get("student_start_noncanonical"),
-                            results["student_seconds"]))
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(COLUMNS),
+        _row("teacher", f"{results['teacher_accuracy']:.3f}", seconds=results["teacher_seconds"]),
+    ]
+    lines.append(
+        _start_row(
+            "student after warm-up",
+            results["student_start_accuracy"],
+            results["student_start_kl"],
+            results.get("student_start_noncanonical"),
+            results["student_seconds"],
+        )
+    )
     lines += [_method_row(LABELS.get(m, m), row, seeds) for m, row in results["methods"].items()]
-    lines.append(_start_row("same-tokenizer control after warm-up",
-                            controls["student_start_accuracy"], controls["student_start_kl"],
-                            controls.get("student_start_noncanonical"),
-                            results.get("control_seconds")))
-    lines += [_method_row(LABELS[f"control_{m}"], row, seeds)
-              for m, row in _control_rows(results).items()]
+    lines.append(
+        _start_row(
+            "same-tokenizer control after warm-up",
+            controls["student_start_accuracy"],
+            controls["student_start_kl"],
+            controls.get("student_start_noncanonical"),
+            results.get("control_seconds"),
+        )
+    )
+    lines += [
+        _method_row(LABELS[f"control_{m}"], row, seeds) for m, row in _control_rows(results).items()
+    ]
     lines += [
         "",
         f"{seeds} seed(s); every method starts from its warmed-up student (cross-tokenizer: "
@@ -66,7 +99,8 @@ def results_markdown(results: dict) -> str:
             f"\nMatched start: each student's warm-up stopped at its first checkpoint (every "
             f"{settings['warmup_check_every']} steps, up to {settings['warmup_steps']}) with "
             f"validation accuracy >= {settings['warmup_target']:g}: the cross-tokenizer student "
-            f"after {steps.get('student')} steps, the control after {steps.get('control')}.")
+            f"after {steps.get('student')} steps, the control after {steps.get('control')}."
+        )
     return "\n".join(lines)
 
 
@@ -79,8 +113,12 @@ def extra_markdown(results: dict) -> str:
     header = "| run | accuracy (mean ± std over seeds) | gap closed |"
     if sampled:
         header += f" sampled accuracy (T = {temperature:g}) | gap closed (sampled) |"
-    lines = [f"On {settings['num_extra_test']} more held-out problems (the final models):",
-             "", header, "|" + " --- |" * header.count(" | ") + " --- |"]
+    lines = [
+        f"On {settings['num_extra_test']} more held-out problems (the final models):",
+        "",
+        header,
+        "|" + " --- |" * header.count(" | ") + " --- |",
+    ]
     rows = [("teacher", extra["teacher"]), ("student after warm-up", extra["student"])]
     rows += [(LABELS.get(m, m), row) for m, row in results["methods"].items()]
     rows.append(("same-tokenizer control after warm-up", extra["control"]))
@@ -93,15 +131,21 @@ def extra_markdown(results: dict) -> str:
         elif row.get("extra_accuracy_mean") is not None:
             cells = [_mean_std(row, "extra_accuracy"), _fmt(row.get("extra_gap_closed"))]
             if sampled:
-                cells += [_mean_std(row, "extra_sampled_accuracy"),
-                          _fmt(row.get("extra_sampled_gap_closed"))]
+                cells += [
+                    _mean_std(row, "extra_sampled_accuracy"),
+                    _fmt(row.get("extra_sampled_gap_closed")),
+                ]
         else:
             continue
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     final = max(row["step"] for row in results["comparisons"])
-    lines += ["", f"At the end (step {final}):", "",
-              "| comparison | value | 95% interval | resamples above 0 |",
-              "| --- | --- | --- | --- |"]
+    lines += [
+        "",
+        f"At the end (step {final}):",
+        "",
+        "| comparison | value | 95% interval | resamples above 0 |",
+        "| --- | --- | --- | --- |",
+    ]
     for row in results["comparisons"]:
         if row["step"] != final:
             continue
@@ -109,26 +153,33 @@ def extra_markdown(results: dict) -> str:
         metric = row.get("metric", "greedy")
         if row["kind"] == "difference":
             label = f"{a} − {b} ({'sampled ' if metric == 'sampled' else ''}accuracy)"
-            value, low, high = (None if row[k] is None else f"{row[k]:+.3f}"
-                                for k in ("value", "low", "high"))
+            value, low, high = (
+                None if row[k] is None else f"{row[k]:+.3f}" for k in ("value", "low", "high")
+            )
         else:
             label = f"{a}: gap closed / {b}'s" + (" (sampled)" if metric == "sampled" else "")
-            value, low, high = (None if row[k] is None else f"{row[k]:.2f}"
-                                for k in ("value", "low", "high"))
+            value, low, high = (
+                None if row[k] is None else f"{row[k]:.2f}" for k in ("value", "low", "high")
+            )
         interval = "–" if low is None else f"[{low}, {high}]"
         lines.append(f"| {label} | {value or '–'} | {interval} | {_fmt(row['above_zero'])} |")
     lines += ["", *_differences_by_step(results["comparisons"])]
     draws = results["comparisons"][0]["draws"]
-    lines += ["", f"Intervals: 95%, {draws} bootstrap resamples of the problems (one draw for "
-              "every run, so differences are paired) plus each method's seed-to-seed spread "
-              "(ctopd.demo.compare); resamples above 0: the share of resamples in which the "
-              "value is positive."]
+    lines += [
+        "",
+        f"Intervals: 95%, {draws} bootstrap resamples of the problems (one draw for "
+        "every run, so differences are paired) plus each method's seed-to-seed spread "
+        "(ctopd.demo.compare); resamples above 0: the share of resamples in which the "
+        "value is positive.",
+    ]
     if sampled:
-        lines[-1] += (f" Accuracy: greedy. Sampled accuracy: one response per problem at "
-                      f"temperature {temperature:g}, the same sampling seed for every model; it "
-                      "also counts the probability a model leaves on wrong tokens, which "
-                      "on-policy reverse KL penalises and SFT barely does "
-                      "(ctopd.demo.measure.outcomes).")
+        lines[-1] += (
+            f" Accuracy: greedy. Sampled accuracy: one response per problem at "
+            f"temperature {temperature:g}, the same sampling seed for every model; it "
+            "also counts the probability a model leaves on wrong tokens, which "
+            "on-policy reverse KL penalises and SFT barely does "
+            "(ctopd.demo.measure.outcomes)."
+        )
     return "\n".join(lines)
 
 
@@ -149,41 +200,75 @@ def _differences_by_step(rows: list[dict]) -> list[str]:
     if len(steps) < 2:
         return []
     cell = {(r["a"], r["b"], r["step"]): r for r in rows if r["kind"] == "difference"}
-    lines = ["Accuracy differences by step:", "",
-             "| comparison | " + " | ".join(f"step {s}" for s in steps) + " |",
-             "| --- |" + " --- |" * len(steps)]
+    lines = [
+        "Accuracy differences by step:",
+        "",
+        "| comparison | " + " | ".join(f"step {s}" for s in steps) + " |",
+        "| --- |" + " --- |" * len(steps),
+    ]
     for a, b in pairs:
         cells = []
         for step in steps:
             row = cell.get((a, b, step))
-            cells.append("" if row is None or row["value"] is None else
-                         f"{row['value']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]")
+            cells.append(
+                ""
+                if row is None or row["value"] is None
+                else f"{row['value']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
+            )
         lines.append(f"| {LABELS.get(a, a)} − {LABELS.get(b, b)} | " + " | ".join(cells) + " |")
     return lines
 
 
-def _row(label: str, accuracy: str, *, lr: str = "", per_seed: str = "", gap: str = "",
-         kl: str = "", coverage: str = "", aligned: str = "", noncanonical: str = "",
-         seconds: float | None = None) -> str:
-    cells = [label, lr, accuracy, per_seed, gap, kl, coverage, aligned, noncanonical,
-             "" if seconds is None else f"{seconds:.0f}"]
+def _row(
+    label: str,
+    accuracy: str,
+    *,
+    lr: str = "",
+    per_seed: str = "",
+    gap: str = "",
+    kl: str = "",
+    coverage: str = "",
+    aligned: str = "",
+    noncanonical: str = "",
+    seconds: float | None = None,
+) -> str:
+    cells = [
+        label,
+        lr,
+        accuracy,
+        per_seed,
+        gap,
+        kl,
+        coverage,
+        aligned,
+        noncanonical,
+        "" if seconds is None else f"{seconds:.0f}",
+    ]
     return "| " + " | ".join(cells) + " |"
 
 
 def _start_row(label: str, accuracy: float, kl: float, noncanonical, seconds) -> str:
-    return _row(label, f"{accuracy:.3f}", kl=f"{kl:.3f}", noncanonical=_fmt(noncanonical),
-                seconds=seconds)
+    return _row(
+        label, f"{accuracy:.3f}", kl=f"{kl:.3f}", noncanonical=_fmt(noncanonical), seconds=seconds
+    )
 
 
 def _method_row(label: str, row: dict, seeds: int) -> str:
     mean = f"{row['accuracy_mean']:.3f}"
     if seeds > 1:
         mean += f" ± {row['accuracy_std']:.3f}"
-    return _row(label, mean, lr=f"{row['lr']:.0e}",
-                per_seed=" ".join(f"{r['accuracy']:.3f}" for r in row["runs"]),
-                gap=_fmt(row["gap_closed"]), kl=_fmt(row["kl"]), coverage=_fmt(row["coverage"]),
-                aligned=_fmt(row.get("aligned_coverage")), noncanonical=_fmt(row["noncanonical"]),
-                seconds=row["seconds"])
+    return _row(
+        label,
+        mean,
+        lr=f"{row['lr']:.0e}",
+        per_seed=" ".join(f"{r['accuracy']:.3f}" for r in row["runs"]),
+        gap=_fmt(row["gap_closed"]),
+        kl=_fmt(row["kl"]),
+        coverage=_fmt(row["coverage"]),
+        aligned=_fmt(row.get("aligned_coverage")),
+        noncanonical=_fmt(row["noncanonical"]),
+        seconds=row["seconds"],
+    )
 
 
 def plot_curves(results: dict, path: Path) -> Path:
@@ -195,8 +280,10 @@ def plot_curves(results: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    panels = (("cross-tokenizer student", results["methods"], ""),
-              ("same-tokenizer control", _control_rows(results), "control_"))
+    panels = (
+        ("cross-tokenizer student", results["methods"], ""),
+        ("same-tokenizer control", _control_rows(results), "control_"),
+    )
     for (title, rows, prefix), (left, right) in zip(panels, axes):
         for method, row in rows.items():
             color, label = COLORS.get(method), LABELS[prefix + method]
@@ -204,8 +291,9 @@ def plot_curves(results: dict, path: Path) -> Path:
                 steps, values = _mean_curve(row["runs"], key)
                 if steps:
                     _band(axis, steps, values, color, label)
-        left.axhline(results["teacher_accuracy"], color="black", linestyle="--", linewidth=1,
-                     label="teacher")
+        left.axhline(
+            results["teacher_accuracy"], color="black", linestyle="--", linewidth=1, label="teacher"
+        )
         left.set(ylabel="held-out accuracy", title=f"{title}: accuracy")
         right.set(ylabel="held-out KL (nats / student token)", title=f"{title}: common KL")
     for axis in axes.flat:
@@ -225,33 +313,44 @@ def sweep_markdown(sweep: dict) -> str:
     in bold, then the command that reproduces it."""
     extra = any(row.get("extra_accuracy") is not None for row in sweep["rows"])
     count = sweep.get("num_extra_validation")
-    lines = ["| method | lr | validation accuracy | "
-             + (f"extra validation accuracy ({count} problems) | " if extra else "")
-             + "validation KL (nats/token) | seconds | chosen |",
-             "| --- | --- | --- | " + ("--- | " if extra else "") + "--- | --- | --- |"]
+    lines = [
+        "| method | lr | validation accuracy | "
+        + (f"extra validation accuracy ({count} problems) | " if extra else "")
+        + "validation KL (nats/token) | seconds | chosen |",
+        "| --- | --- | --- | " + ("--- | " if extra else "") + "--- | --- | --- |",
+    ]
     for kind, start in sweep.get("starts", {}).items():
         label = "same-tokenizer control" if kind == "control" else "cross-tokenizer student"
-        lines.append(f"| {label} after warm-up (start) | | {start['accuracy']:.3f} "
-                     + ("| " if extra else "") + f"| {start['kl']:.3f} | | |")
+        lines.append(
+            f"| {label} after warm-up (start) | | {start['accuracy']:.3f} "
+            + ("| " if extra else "")
+            + f"| {start['kl']:.3f} | | |"
+        )
     for row in sweep["rows"]:
         chosen = sweep["best"][row["name"]] == row["lr"]
         cells = [f"{row['accuracy']:.3f}"]
         if extra:
-            cells.append("-" if row.get("extra_accuracy") is None
-                         else f"{row['extra_accuracy']:.3f}")
+            cells.append(
+                "-" if row.get("extra_accuracy") is None else f"{row['extra_accuracy']:.3f}"
+            )
         if chosen:
             cells[-1] = f"**{cells[-1]}**"
-        lines.append(f"| {LABELS.get(row['name'], row['name'])} | {row['lr']:.0e} | "
-                     + " | ".join(cells)
-                     + f" | {row['kl']:.3f} | {row['seconds']:.0f} | {'yes' if chosen else ''} |")
+        lines.append(
+            f"| {LABELS.get(row['name'], row['name'])} | {row['lr']:.0e} | "
+            + " | ".join(cells)
+            + f" | {row['kl']:.3f} | {row['seconds']:.0f} | {'yes' if chosen else ''} |"
+        )
     commit = f" at commit `{sweep['commit']}`" if sweep.get("commit") else ""
-    scored = (f"accuracy (greedy, exact final answer) and KL on the {sweep['num_validation']} "
-              f"validation problems and accuracy on the {count} extra validation problems, "
-              "disjoint from the training and test sets. Chosen: the highest extra validation "
-              "accuracy" if extra else
-              f"accuracy (greedy, exact final answer) and KL on the {sweep['num_validation']} "
-              "validation problems, disjoint from the training and test sets. Chosen: the "
-              "highest validation accuracy")
+    scored = (
+        f"accuracy (greedy, exact final answer) and KL on the {sweep['num_validation']} "
+        f"validation problems and accuracy on the {count} extra validation problems, "
+        "disjoint from the training and test sets. Chosen: the highest extra validation "
+        "accuracy"
+        if extra
+        else f"accuracy (greedy, exact final answer) and KL on the {sweep['num_validation']} "
+        "validation problems, disjoint from the training and test sets. Chosen: the "
+        "highest validation accuracy"
+    )
     lines += [
         "",
         f"One seed, {sweep['steps']} steps x {sweep['batch']} prompts per run from the "
@@ -275,61 +374,81 @@ def calibration_markdown(calibration: dict) -> str:
         f"{calibration['batch']} prompts per step ({lrs}), each run's rate decayed to 0 over "
         f"its budget; greedy exact-answer accuracy on the {calibration['num_extra_validation']} "
         "extra validation problems, disjoint from the training, validation and test sets"
-        + (f" (the warmed-up control scores {starts['control']:.3f}, the teacher "
-           f"{starts['teacher']:.3f})" if starts else "")
+        + (
+            f" (the warmed-up control scores {starts['control']:.3f}, the teacher "
+            f"{starts['teacher']:.3f})"
+            if starts
+            else ""
+        )
         + ". Chosen: the budget whose paired interval has the highest lower end (ties: the "
         f"longer one); {_verdict(calibration['separates'])}.",
     ]
     if calibration.get("best_sampled") is not None:
         starts = calibration.get("sampled_starts", {})
-        lines += ["", f"Sampled accuracy (one response per problem at temperature "
-                  f"{calibration['sampled_temperature']:g}, the same sampling seed for every "
-                  "model), the same runs:", "",
-                  *_calibration_table(calibration, "sampled_", calibration["best_sampled"]), "",
-                  "The warmed-up control scores "
-                  f"{starts.get('control', float('nan')):.3f} sampled, the teacher "
-                  f"{starts.get('teacher', float('nan')):.3f}; chosen as above; "
-                  f"{_verdict(calibration['separates_sampled'])}."]
+        lines += [
+            "",
+            f"Sampled accuracy (one response per problem at temperature "
+            f"{calibration['sampled_temperature']:g}, the same sampling seed for every "
+            "model), the same runs:",
+            "",
+            *_calibration_table(calibration, "sampled_", calibration["best_sampled"]),
+            "",
+            "The warmed-up control scores "
+            f"{starts.get('control', float('nan')):.3f} sampled, the teacher "
+            f"{starts.get('teacher', float('nan')):.3f}; chosen as above; "
+            f"{_verdict(calibration['separates_sampled'])}.",
+        ]
     lines += ["", f"Reproduce with `{calibration['command']}`{commit}."]
     return "\n".join(lines)
 
 
 def _calibration_table(calibration: dict, prefix: str, best: int) -> list[str]:
     """The calibration's rows for one accuracy (``prefix``: ``""`` greedy, ``"sampled_"``)."""
-    lines = ["| steps | same-tokenizer OPD | per seed | same-tokenizer SFT | per seed "
-             "| OPD − SFT [95% interval] | chosen |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| steps | same-tokenizer OPD | per seed | same-tokenizer SFT | per seed "
+        "| OPD − SFT [95% interval] | chosen |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for steps, entry in calibration["budgets"].items():
         opd, sft = entry[prefix + "opd"], entry[prefix + "sft"]
         diff = entry[prefix + "difference"]
         chosen = int(steps) == best
         gap = f"{diff['value']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]"
-        lines.append(f"| {steps} | {opd['mean']:.3f} ± {opd['std']:.3f} "
-                     f"| {' '.join(f'{a:.3f}' for a in opd['seeds'])} "
-                     f"| {sft['mean']:.3f} ± {sft['std']:.3f} "
-                     f"| {' '.join(f'{a:.3f}' for a in sft['seeds'])} "
-                     f"| {f'**{gap}**' if chosen else gap} | {'yes' if chosen else ''} |")
+        lines.append(
+            f"| {steps} | {opd['mean']:.3f} ± {opd['std']:.3f} "
+            f"| {' '.join(f'{a:.3f}' for a in opd['seeds'])} "
+            f"| {sft['mean']:.3f} ± {sft['std']:.3f} "
+            f"| {' '.join(f'{a:.3f}' for a in sft['seeds'])} "
+            f"| {f'**{gap}**' if chosen else gap} | {'yes' if chosen else ''} |"
+        )
     return lines
 
 
 def _verdict(separates: bool) -> str:
-    return ("its interval lies above zero" if separates else
-            "**no budget's interval lies above zero: this testbed cannot rank an on-policy "
-            "method above SFT**")
+    return (
+        "its interval lies above zero"
+        if separates
+        else "**no budget's interval lies above zero: this testbed cannot rank an on-policy "
+        "method above SFT**"
+    )
 
 
 def ablation_markdown(ablation: dict) -> str:
     """SimCT's supervision spaces on the validation split: one row per space (mean ± std over
     seeds, per seed, KL, coverage), the best in bold, then the command that reproduces it."""
-    lines = ["| SimCT space | validation accuracy (mean ± std) | per seed | validation KL "
-             "(nats/token) | coverage |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| SimCT space | validation accuracy (mean ± std) | per seed | validation KL "
+        "(nats/token) | coverage |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for label, space in ablation["spaces"].items():
         mean = f"{space['accuracy_mean']:.3f} ± {space['accuracy_std']:.3f}"
         if label == ablation["best"]:
             mean = f"**{mean}**"
         seeds = " ".join(f"{r['accuracy']:.3f}" for r in ablation["rows"] if r["space"] == label)
-        lines.append(f"| {label} | {mean} | {seeds} | {space['kl']:.3f} "
-                     f"| {space['coverage']:.3f} |")
+        lines.append(
+            f"| {label} | {mean} | {seeds} | {space['kl']:.3f} | {space['coverage']:.3f} |"
+        )
     commit = f" at commit `{ablation['commit']}`" if ablation.get("commit") else ""
     lines += [
         "",
@@ -356,11 +475,18 @@ def _mean_curve(runs: list[dict], key: str):
 
 def _band(axis, steps, values, color, label) -> None:
     means = [sum(v) / len(v) for v in values]
-    axis.plot(steps, means, color=color, label=label, marker="o" if len(steps) < 15 else None,
-              markersize=3)
+    axis.plot(
+        steps,
+        means,
+        color=color,
+        label=label,
+        marker="o" if len(steps) < 15 else None,
+        markersize=3,
+    )
     if len(values[0]) > 1:
-        axis.fill_between(steps, [min(v) for v in values], [max(v) for v in values],
-                          color=color, alpha=0.15)
+        axis.fill_between(
+            steps, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.15
+        )
 
 
 def _fmt(value) -> str:

@@ -63,8 +63,16 @@ from ctopd.demo.settings import (
 
 # Kept for callers of the old single-module demo.
 METHODS = CROSS_METHODS
-__all__ = ["FULL", "QUICK", "METHODS", "RUNS", "DemoSettings", "parse_runs", "run_demo",
-           "build_models"]
+__all__ = [
+    "FULL",
+    "QUICK",
+    "METHODS",
+    "RUNS",
+    "DemoSettings",
+    "parse_runs",
+    "run_demo",
+    "build_models",
+]
 
 
 def parse_runs(text: str | None) -> tuple[str, ...]:
@@ -78,15 +86,25 @@ def parse_runs(text: str | None) -> tuple[str, ...]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in RUNS]
     if unknown or not names:
-        raise ValueError(f"unknown method {', '.join(unknown) or repr(text)}; choose from "
-                         f"{', '.join(RUNS)}")
+        raise ValueError(
+            f"unknown method {', '.join(unknown) or repr(text)}; choose from {', '.join(RUNS)}"
+        )
     return tuple(n for n in RUNS if n in names)
 
 
-def run_demo(output_dir: str | Path = "ctopd-demo", *, quick: bool = False, seeds: int = 3,
-             methods: tuple[str, ...] = RUNS, force: bool = False, workers: int | None = None,
-             matched: bool = True, warmup_target: float | None = None,
-             task_order: str = "fixed", log: Callable[[str], None] = print) -> dict:
+def run_demo(
+    output_dir: str | Path = "ctopd-demo",
+    *,
+    quick: bool = False,
+    seeds: int = 3,
+    methods: tuple[str, ...] = RUNS,
+    force: bool = False,
+    workers: int | None = None,
+    matched: bool = True,
+    warmup_target: float | None = None,
+    task_order: str = "fixed",
+    log: Callable[[str], None] = print,
+) -> dict:
     """Run the whole experiment and write its report into ``output_dir``.
 
     Args:
@@ -112,38 +130,53 @@ def run_demo(output_dir: str | Path = "ctopd-demo", *, quick: bool = False, seed
     from ctopd.demo.report import plot_curves, results_markdown, write_results
 
     started = time.perf_counter()
-    settings = demo_settings(quick=quick, matched=matched, warmup_target=warmup_target,
-                             task_order=task_order)
+    settings = demo_settings(
+        quick=quick, matched=matched, warmup_target=warmup_target, task_order=task_order
+    )
     out = Path(output_dir)
     with demo_pool(workers) as (pool, size):
-        base = build_models(out, settings, seeds=seeds, sft=has_sft(methods), pool=pool,
-                            workers=size, force=force, log=log)
+        base = build_models(
+            out,
+            settings,
+            seeds=seeds,
+            sft=has_sft(methods),
+            pool=pool,
+            workers=size,
+            force=force,
+            log=log,
+        )
         base["extra_test"] = measure_extra_starts(out, settings, pool=pool, log=log)
         stage = time.perf_counter()
-        jobs = [method_job(name, seed, out, settings) for seed in range(seeds)
-                for name in methods]
-        log(f"[demo] {len(jobs)} runs ({', '.join(methods)} x {seeds} seeds), "
+        jobs = [method_job(name, seed, out, settings) for seed in range(seeds) for name in methods]
+        log(
+            f"[demo] {len(jobs)} runs ({', '.join(methods)} x {seeds} seeds), "
             f"{settings.method_steps} steps x {settings.method_batch} prompts each, "
-            f"{size} at a time")
+            f"{size} at a time"
+        )
         runs = []
         for run in pool.map(run_method, jobs):
-            log(f"[demo] {run['name']:<11} seed {run['seed']}: accuracy {run['accuracy']:.3f}, "
+            log(
+                f"[demo] {run['name']:<11} seed {run['seed']}: accuracy {run['accuracy']:.3f}, "
                 f"coverage {_fmt(run['coverage'])}, KL {run['kl']:.3f}, "
-                f"{run['seconds']:.0f} s + {run['eval_seconds']:.0f} s measuring")
+                f"{run['seconds']:.0f} s + {run['eval_seconds']:.0f} s measuring"
+            )
             runs.append(run)
         base["stages"]["methods"] = time.perf_counter() - stage
         _log_stage(log, "methods", base["stages"]["methods"])
 
-    results = summarize(base, runs, settings, seeds=seeds, quick=quick,
-                        seconds=time.perf_counter() - started)
+    results = summarize(
+        base, runs, settings, seeds=seeds, quick=quick, seconds=time.perf_counter() - started
+    )
     write_results(out, results)
     plot_curves(results, out / "curves.png")
     table = results_markdown(results)
     (out / "results.md").write_text(table + "\n", encoding="utf-8")
     log("\n" + table)
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in results["stages"].items())
-    log(f"\n[demo] wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'curves.png'} "
-        f"in {results['seconds']:.0f} s ({stages})")
+    log(
+        f"\n[demo] wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'curves.png'} "
+        f"in {results['seconds']:.0f} s ({stages})"
+    )
     return results
 
 
@@ -160,8 +193,17 @@ def demo_pool(workers: int | None) -> Iterator[tuple[ProcessPoolExecutor, int]]:
         yield pool, size
 
 
-def build_models(out: Path, settings: DemoSettings, *, seeds: int, sft: bool, pool,
-                 workers: int, force: bool, log: Callable[[str], None]) -> dict:
+def build_models(
+    out: Path,
+    settings: DemoSettings,
+    *,
+    seeds: int,
+    sft: bool,
+    pool,
+    workers: int,
+    force: bool,
+    log: Callable[[str], None],
+) -> dict:
     """Data, teacher, teacher samples and both warmed-up students, each reused when cached.
 
     Args:
@@ -184,8 +226,10 @@ def build_models(out: Path, settings: DemoSettings, *, seeds: int, sft: bool, po
 
     # A new teacher makes every sample and student stale, whatever the stamps say.
     stale = force or teacher["rebuilt"]
-    students = {kind: None if stale else cached_student(out, settings, kind)
-                for kind in ("student", "control")}
+    students = {
+        kind: None if stale else cached_student(out, settings, kind)
+        for kind in ("student", "control")
+    }
     missing = [kind for kind, result in students.items() if result is None]
     count = samples_needed(settings, seeds=seeds, warmup=bool(missing), sft=sft)
     started = time.perf_counter()
@@ -195,28 +239,44 @@ def build_models(out: Path, settings: DemoSettings, *, seeds: int, sft: bool, po
     started = time.perf_counter()
     for kind, result in students.items():
         if result is not None:
-            log(f"[demo] reusing the {_KIND[kind]} in {out / kind} "
-                f"(accuracy {result['accuracy']:.3f})")
+            log(
+                f"[demo] reusing the {_KIND[kind]} in {out / kind} "
+                f"(accuracy {result['accuracy']:.3f})"
+            )
     if missing:
-        log(f"[demo] warming up the {' and the '.join(_KIND[k] for k in missing)} "
+        log(
+            f"[demo] warming up the {' and the '.join(_KIND[k] for k in missing)} "
             f"({settings.student_layers} layers x {settings.student_hidden}, "
             f"{settings.warmup_steps} SFT steps x {settings.warmup_batch} teacher samples"
-            + (f", each stopped at its first checkpoint with validation accuracy >= "
-               f"{settings.warmup_target:g}" if settings.warmup_target is not None else "")
-            + ")")
+            + (
+                f", each stopped at its first checkpoint with validation accuracy >= "
+                f"{settings.warmup_target:g}"
+                if settings.warmup_target is not None
+                else ""
+            )
+            + ")"
+        )
     jobs = [dict(kind=kind, out=str(out), settings=settings) for kind in missing]
     for result in pool.map(build_student, jobs):
         students[result["kind"]] = result
-        log(f"[demo] {_KIND[result['kind']]} after {result['warmup_steps']} warm-up steps: "
+        log(
+            f"[demo] {_KIND[result['kind']]} after {result['warmup_steps']} warm-up steps: "
             f"held-out accuracy {result['accuracy']:.3f}, KL {result['kl']:.3f} "
-            f"({result['seconds']:.0f} s)")
+            f"({result['seconds']:.0f} s)"
+        )
     stages["students"] = _lap(log, "students", started)
     return {"teacher": teacher, "students": students, "stages": stages}
 
 
-def measure_extra_starts(out: Path, settings: DemoSettings, *, pool,
-                         log: Callable[[str], None], split: str = "extra_test",
-                         keys: tuple[str, ...] = ("teacher", "student", "control")) -> dict:
+def measure_extra_starts(
+    out: Path,
+    settings: DemoSettings,
+    *,
+    pool,
+    log: Callable[[str], None],
+    split: str = "extra_test",
+    keys: tuple[str, ...] = ("teacher", "student", "control"),
+) -> dict:
     """Outcomes of the teacher and both warmed-up students (``keys``) on ``<split>.jsonl`` (a
     string of 0/1 per problem each, :func:`ctopd.demo.measure.outcomes`) and their
     accuracies, greedy (``outcomes``, ``accuracy``) and, with
@@ -227,26 +287,43 @@ def measure_extra_starts(out: Path, settings: DemoSettings, *, pool,
     if not getattr(settings, f"num_{split}"):
         return {}
     modes = (False, True) if settings.sampled_temperature is not None else (False,)
-    jobs = [dict(key=key, model=str(out / key), data=str(out / f"{split}.jsonl"),
-                 settings=settings, sampled=sampled) for key in keys for sampled in modes]
+    jobs = [
+        dict(
+            key=key,
+            model=str(out / key),
+            data=str(out / f"{split}.jsonl"),
+            settings=settings,
+            sampled=sampled,
+        )
+        for key in keys
+        for sampled in modes
+    ]
     extra: dict[str, dict] = {key: {} for key in keys}
     for r in pool.map(measure_outcomes, jobs):
         prefix = "sampled_" if r["sampled"] else ""
         extra[r["key"]][f"{prefix}accuracy"] = r["outcomes"].count("1") / len(r["outcomes"])
         extra[r["key"]][f"{prefix}outcomes"] = r["outcomes"]
-    log(f"[demo] on {getattr(settings, f'num_{split}')} {split.replace('_', ' ')} problems: "
-        + ", ".join(f"{_NAME[key]} {row['accuracy']:.3f}"
-                    + (f" (sampled {row['sampled_accuracy']:.3f})" if "sampled_accuracy" in row
-                       else "") for key, row in extra.items()))
+    log(
+        f"[demo] on {getattr(settings, f'num_{split}')} {split.replace('_', ' ')} problems: "
+        + ", ".join(
+            f"{_NAME[key]} {row['accuracy']:.3f}"
+            + (f" (sampled {row['sampled_accuracy']:.3f})" if "sampled_accuracy" in row else "")
+            for key, row in extra.items()
+        )
+    )
     return extra
 
 
-_NAME = {"teacher": "teacher", "student": "cross-tokenizer student",
-         "control": "same-tokenizer control"}
+_NAME = {
+    "teacher": "teacher",
+    "student": "cross-tokenizer student",
+    "control": "same-tokenizer control",
+}
 
 
-def summarize(base: dict, runs: list[dict], settings: DemoSettings, *, seeds: int, quick: bool,
-              seconds: float) -> dict:
+def summarize(
+    base: dict, runs: list[dict], settings: DemoSettings, *, seeds: int, quick: bool, seconds: float
+) -> dict:
     """The ``results.json`` content: per method the mean over seeds and every seed's run;
     the same-tokenizer control's runs under ``controls``; the starts' outcomes on the extra
     test split under ``extra_test`` and the paired comparisons there under ``comparisons``
@@ -261,20 +338,30 @@ def summarize(base: dict, runs: list[dict], settings: DemoSettings, *, seeds: in
         return extra.get(key, {}).get(field)
 
     def of(name: str, start: float, kind: str) -> dict:
-        return summarize_method([r for r in runs if r["name"] == name], start=start,
-                                teacher=teacher, extra_start=extra_of(kind),
-                                extra_teacher=extra_of("teacher"),
-                                extra_sampled_start=extra_of(kind, "sampled_accuracy"),
-                                extra_sampled_teacher=extra_of("teacher", "sampled_accuracy"))
+        return summarize_method(
+            [r for r in runs if r["name"] == name],
+            start=start,
+            teacher=teacher,
+            extra_start=extra_of(kind),
+            extra_teacher=extra_of("teacher"),
+            extra_sampled_start=extra_of(kind, "sampled_accuracy"),
+            extra_sampled_teacher=extra_of("teacher", "sampled_accuracy"),
+        )
 
     ran = {r["name"] for r in runs}
-    methods = {name: of(name, student["accuracy"], "student") for name in CROSS_METHODS
-               if name in ran}
-    controls = {"student_start_accuracy": control["accuracy"],
-                "student_start_kl": control["kl"],
-                "student_start_noncanonical": control.get("noncanonical"),
-                **{name.removeprefix("control_"): of(name, control["accuracy"], "control")
-                   for name in CONTROL_METHODS if name in ran}}
+    methods = {
+        name: of(name, student["accuracy"], "student") for name in CROSS_METHODS if name in ran
+    }
+    controls = {
+        "student_start_accuracy": control["accuracy"],
+        "student_start_kl": control["kl"],
+        "student_start_noncanonical": control.get("noncanonical"),
+        **{
+            name.removeprefix("control_"): of(name, control["accuracy"], "control")
+            for name in CONTROL_METHODS
+            if name in ran
+        },
+    }
     return {
         "teacher_accuracy": teacher,
         "teacher_validation_accuracy": base["teacher"].get("validation_accuracy"),
@@ -282,11 +369,13 @@ def summarize(base: dict, runs: list[dict], settings: DemoSettings, *, seeds: in
         "student_start_accuracy": student["accuracy"],
         "student_start_kl": student["kl"],
         "student_start_noncanonical": student.get("noncanonical"),
-        "warmup_steps": {kind: base["students"][kind].get("warmup_steps",
-                                                          settings.warmup_steps)
-                         for kind in ("student", "control")},
-        "warmup_curves": {kind: base["students"][kind].get("warmup_curve", [])
-                          for kind in ("student", "control")},
+        "warmup_steps": {
+            kind: base["students"][kind].get("warmup_steps", settings.warmup_steps)
+            for kind in ("student", "control")
+        },
+        "warmup_curves": {
+            kind: base["students"][kind].get("warmup_curve", []) for kind in ("student", "control")
+        },
         "methods": methods,
         "controls": controls,
         "extra_test": extra,
@@ -307,8 +396,14 @@ _KIND = {"student": "cross-tokenizer student", "control": "same-tokenizer contro
 # The paired comparisons the report makes (run names), where both ran: each cross-tokenizer
 # on-policy method against continued SFT and shared-only OPD (the baselines it must beat), SimCT
 # against DPCA, and the control's OPD against its SFT.
-COMPARISONS = (("simct", "sft"), ("dpca", "sft"), ("simct", "shared_only"),
-               ("dpca", "shared_only"), ("simct", "dpca"), ("control_opd", "control_sft"))
+COMPARISONS = (
+    ("simct", "sft"),
+    ("dpca", "sft"),
+    ("simct", "shared_only"),
+    ("dpca", "shared_only"),
+    ("simct", "dpca"),
+    ("control_opd", "control_sft"),
+)
 
 
 def comparisons(extra: dict, runs: list[dict]) -> list[dict]:
@@ -331,42 +426,66 @@ def comparisons(extra: dict, runs: list[dict]) -> list[dict]:
         for step, text in zip(curve.get("extra_step", []), curve.get("extra_outcomes", [])):
             by_step.setdefault(run["name"], {}).setdefault(step, []).append(text)
         if run.get("extra_sampled_outcomes") and curve.get("extra_step"):
-            sampled.setdefault(run["name"], {}).setdefault(
-                max(curve["extra_step"]), []).append(run["extra_sampled_outcomes"])
+            sampled.setdefault(run["name"], {}).setdefault(max(curve["extra_step"]), []).append(
+                run["extra_sampled_outcomes"]
+            )
     if not extra or not by_step:
         return []
     rows = _comparison_rows(by_step, {k: row["outcomes"] for k, row in extra.items()}, "greedy")
     if sampled and all("sampled_outcomes" in row for row in extra.values()):
-        rows += _comparison_rows(sampled, {k: row["sampled_outcomes"] for k, row in extra.items()},
-                                 "sampled")
+        rows += _comparison_rows(
+            sampled, {k: row["sampled_outcomes"] for k, row in extra.items()}, "sampled"
+        )
     return rows
 
 
-def _comparison_rows(by_step: dict[str, dict[int, list[str]]], starts: dict[str, str],
-                     metric: str) -> list[dict]:
+def _comparison_rows(
+    by_step: dict[str, dict[int, list[str]]], starts: dict[str, str], metric: str
+) -> list[dict]:
     """:func:`comparisons`' rows for one metric: ``by_step`` maps a run name to its seeds'
     outcome strings at each step, ``starts`` the teacher's and the students' to theirs."""
     from ctopd.demo.compare import difference, gap_fraction_ratio, outcome_matrix
 
-    matrix = {name: {step: outcome_matrix(texts) for step, texts in steps.items()}
-              for name, steps in by_step.items()}
+    matrix = {
+        name: {step: outcome_matrix(texts) for step, texts in steps.items()}
+        for name, steps in by_step.items()
+    }
     start = {key: outcome_matrix([text]) for key, text in starts.items()}
     rows = []
     for a, b in COMPARISONS:
         if a in matrix and b in matrix:
             for step in sorted(set(matrix[a]) & set(matrix[b])):
-                rows.append({"kind": "difference", "metric": metric, "a": a, "b": b,
-                             "step": step, **difference(matrix[a][step], matrix[b][step])})
+                rows.append(
+                    {
+                        "kind": "difference",
+                        "metric": metric,
+                        "a": a,
+                        "b": b,
+                        "step": step,
+                        **difference(matrix[a][step], matrix[b][step]),
+                    }
+                )
     if "control_opd" in matrix:
         control_step = max(matrix["control_opd"])
         for name in ("simct", "dpca", "shared_only", "sft"):
             if name in matrix:
                 step = max(matrix[name])
-                rows.append({"kind": "gap_fraction", "metric": metric, "a": name,
-                             "b": "control_opd", "step": step,
-                             **gap_fraction_ratio(matrix[name][step], start["student"],
-                                                  matrix["control_opd"][control_step],
-                                                  start["control"], start["teacher"])})
+                rows.append(
+                    {
+                        "kind": "gap_fraction",
+                        "metric": metric,
+                        "a": name,
+                        "b": "control_opd",
+                        "step": step,
+                        **gap_fraction_ratio(
+                            matrix[name][step],
+                            start["student"],
+                            matrix["control_opd"][control_step],
+                            start["control"],
+                            start["teacher"],
+                        ),
+                    }
+                )
     return rows
 
 

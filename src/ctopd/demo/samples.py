@@ -74,8 +74,16 @@ def pool_order(num_prompts: int, count: int, *, seed: int) -> list[int]:
     return order[:count]
 
 
-def ensure_samples(out: Path, settings: DemoSettings, count: int, *, pool, workers: int,
-                   force: bool, log: Callable[[str], None]) -> dict:
+def ensure_samples(
+    out: Path,
+    settings: DemoSettings,
+    count: int,
+    *,
+    pool,
+    workers: int,
+    force: bool,
+    log: Callable[[str], None],
+) -> dict:
     """Make ``OUT/teacher_samples.jsonl`` hold at least ``count`` samples: reuse a cached pool
     of the same settings, extend it, or sample it anew (``force``).
 
@@ -96,19 +104,25 @@ def ensure_samples(out: Path, settings: DemoSettings, count: int, *, pool, worke
     have -= have % size  # whole batches only: a batch's samples depend on the whole batch
     kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:have] if have else []
     batches = list(range(have // size, math.ceil(count / size)))
-    log(f"[demo] sampling the teacher: {len(batches) * size} samples of training prompts "
+    log(
+        f"[demo] sampling the teacher: {len(batches) * size} samples of training prompts "
         f"({len(batches)} batches of {size}, temperature {settings.temperature}, "
-        f"{workers} at a time)")
+        f"{workers} at a time)"
+    )
     groups = [batches[i::workers] for i in range(workers) if batches[i::workers]]
     jobs = [dict(out=str(out), settings=settings, batches=group) for group in groups]
-    rows = sorted((row for part in pool.map(sample_batches, jobs) for row in part),
-                  key=lambda r: r["position"])
-    path.write_text("".join(kept) + "".join(json.dumps(row) + "\n" for row in rows),
-                    encoding="utf-8")
+    rows = sorted(
+        (row for part in pool.map(sample_batches, jobs) for row in part),
+        key=lambda r: r["position"],
+    )
+    path.write_text(
+        "".join(kept) + "".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8"
+    )
     total = have + len(rows)
     seconds = time.perf_counter() - started
     (out / SAMPLES_STAMP).write_text(
-        json.dumps({"settings": stamp, "result": {"count": total}}, indent=2), encoding="utf-8")
+        json.dumps({"settings": stamp, "result": {"count": total}}, indent=2), encoding="utf-8"
+    )
     log(f"[demo] {total} teacher samples in {path} ({seconds:.0f} s)")
     return {"count": total, "seconds": seconds, "sampled": len(rows)}
 
@@ -153,16 +167,24 @@ def sample_batches(job: dict) -> list[dict]:
     rows = []
     for batch in job["batches"]:
         positions = range(batch * size, (batch + 1) * size)
-        prompts = encode_prompts(tokenizer, [examples[order[p]] for p in positions],
-                                 side="teacher")
+        prompts = encode_prompts(tokenizer, [examples[order[p]] for p in positions], side="teacher")
         torch.manual_seed(settings.task_seed * 100_003 + batch)
-        responses = sample_responses(teacher, prompts, end_ids=end_ids,
-                                     pad_id=tokenizer.pad_token_id,
-                                     max_new_tokens=settings.max_new_tokens,
-                                     temperature=settings.temperature)
-        rows += [{"position": p, "index": order[p],
-                  "response": tokenizer.decode(r, skip_special_tokens=True)}
-                 for p, r in zip(positions, responses)]
+        responses = sample_responses(
+            teacher,
+            prompts,
+            end_ids=end_ids,
+            pad_id=tokenizer.pad_token_id,
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+        )
+        rows += [
+            {
+                "position": p,
+                "index": order[p],
+                "response": tokenizer.decode(r, skip_special_tokens=True),
+            }
+            for p, r in zip(positions, responses)
+        ]
     return rows
 
 
@@ -174,8 +196,10 @@ def write_sft_data(out: Path, target: Path, start: int, count: int) -> Path:
     with (out / SAMPLES).open(encoding="utf-8") as handle:
         samples = [json.loads(line) for _, line in zip(range(start + count), handle)][start:]
     if len(samples) < count:
-        raise RuntimeError(f"{out / SAMPLES} holds {start + len(samples)} samples; "
-                           f"positions up to {start + count} were asked for")
+        raise RuntimeError(
+            f"{out / SAMPLES} holds {start + len(samples)} samples; "
+            f"positions up to {start + count} were asked for"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     with target.open("w", encoding="utf-8") as handle:
         for sample in samples:

@@ -23,9 +23,12 @@ CONTROL_METHODS = ("control_opd", "control_sft")
 RUNS = CROSS_METHODS + CONTROL_METHODS
 # Which warmed-up student a run starts from, and what trains it ("sft": run_sft).
 RUN_SPECS = {
-    "simct": ("student", "simct"), "dpca": ("student", "dpca"),
-    "shared_only": ("student", "shared_only"), "sft": ("student", "sft"),
-    "control_opd": ("control", "opd"), "control_sft": ("control", "sft"),
+    "simct": ("student", "simct"),
+    "dpca": ("student", "dpca"),
+    "shared_only": ("student", "shared_only"),
+    "sft": ("student", "sft"),
+    "control_opd": ("control", "opd"),
+    "control_sft": ("control", "sft"),
 }
 # The supervision spaces the ablation compares: (label, objective options of simct).
 SIMCT_SPACES = (
@@ -107,16 +110,23 @@ class DemoSettings:
     # Peak learning rate per run name (RUNS), as the sweep on the validation split chose it
     # (docs/demo-fixed-warmup/sweep.md; the matched start overrides them, see MATCHED).
     method_lrs: tuple[tuple[str, float], ...] = (
-        ("simct", 3e-4), ("dpca", 3e-4), ("shared_only", 3e-4), ("sft", 1e-3),
-        ("control_opd", 1e-3), ("control_sft", 1e-3),
+        ("simct", 3e-4),
+        ("dpca", 3e-4),
+        ("shared_only", 3e-4),
+        ("sft", 1e-3),
+        ("control_opd", 1e-3),
+        ("control_sft", 1e-3),
     )
     # The sweep (--sweep): learning rates tried per run name, one seed, sweep_steps steps,
     # scored on the validation split. An explicit grid, so the sweep's command reproduces it
     # after method_lrs changed.
     sweep_lrs: tuple[tuple[str, tuple[float, ...]], ...] = (
-        ("simct", (3e-4, 1e-3, 3e-3)), ("dpca", (1e-4, 3e-4, 1e-3)),
-        ("shared_only", (3e-4, 1e-3, 3e-3)), ("sft", (3e-4, 1e-3, 3e-3)),
-        ("control_opd", (3e-4, 1e-3, 3e-3)), ("control_sft", (3e-4, 1e-3, 3e-3)),
+        ("simct", (3e-4, 1e-3, 3e-3)),
+        ("dpca", (1e-4, 3e-4, 1e-3)),
+        ("shared_only", (3e-4, 1e-3, 3e-3)),
+        ("sft", (3e-4, 1e-3, 3e-3)),
+        ("control_opd", (3e-4, 1e-3, 3e-3)),
+        ("control_sft", (3e-4, 1e-3, 3e-3)),
     )
     sweep_steps: int = 50
     # The SimCT space ablation (--ablation): these seeds, method_steps steps at simct's lr,
@@ -147,8 +157,10 @@ class DemoSettings:
         for name in ("method_lrs", "sweep_lrs"):
             keys = [key for key, _ in getattr(self, name)]
             if sorted(keys) != sorted(RUNS):
-                raise ValueError(f"DemoSettings.{name} must name each of {', '.join(RUNS)} "
-                                 f"once; got {', '.join(keys)}")
+                raise ValueError(
+                    f"DemoSettings.{name} must name each of {', '.join(RUNS)} "
+                    f"once; got {', '.join(keys)}"
+                )
         if self.task_order not in ("fixed", "free"):
             raise ValueError("DemoSettings.task_order must be fixed or free")
         if self.warmup_schedule not in ("cosine", "constant"):
@@ -166,8 +178,9 @@ class DemoSettings:
         if self.teacher_rounds < 1:
             raise ValueError("DemoSettings.teacher_rounds must be at least 1")
         if self.sampled_temperature is not None and not self.sampled_temperature > 0:
-            raise ValueError("DemoSettings.sampled_temperature must be above 0, or None for "
-                             "greedy accuracy only")
+            raise ValueError(
+                "DemoSettings.sampled_temperature must be above 0, or None for greedy accuracy only"
+            )
         if self.calibration_seeds < 1:
             raise ValueError("DemoSettings.calibration_seeds must be at least 1")
 
@@ -181,18 +194,39 @@ class DemoSettings:
 
     def task_ranges(self) -> dict:
         """Keyword arguments of :func:`ctopd.demo.task.make_splits` beyond the counts."""
-        return {"min_value": self.min_value, "max_value": self.max_value,
-                "min_amount": self.min_amount, "max_amount": self.max_amount,
-                "steps": self.task_steps, "order": self.task_order}
+        return {
+            "min_value": self.min_value,
+            "max_value": self.max_value,
+            "min_amount": self.min_amount,
+            "max_amount": self.max_amount,
+            "steps": self.task_steps,
+            "order": self.task_order,
+        }
 
     def teacher_stamp(self) -> dict:
         """The settings the data, both tokenizers and the teacher depend on (a cached teacher
         is reused when they match)."""
-        keys = ("num_train", "num_test", "num_validation", "task_seed", "min_value",
-                "max_value", "min_amount", "max_amount", "task_steps", "teacher_vocab",
-                "student_vocab", "teacher_hidden", "teacher_layers", "teacher_heads",
-                "teacher_steps", "teacher_batch", "teacher_lr", "teacher_target",
-                "teacher_rounds")
+        keys = (
+            "num_train",
+            "num_test",
+            "num_validation",
+            "task_seed",
+            "min_value",
+            "max_value",
+            "min_amount",
+            "max_amount",
+            "task_steps",
+            "teacher_vocab",
+            "student_vocab",
+            "teacher_hidden",
+            "teacher_layers",
+            "teacher_heads",
+            "teacher_steps",
+            "teacher_batch",
+            "teacher_lr",
+            "teacher_target",
+            "teacher_rounds",
+        )
         if self.task_order != "fixed":  # absent otherwise: older caches stay valid
             keys += ("task_order",)
         return _jsonable({"version": CACHE_VERSION, **self._pick(keys)})
@@ -204,8 +238,17 @@ class DemoSettings:
 
     def student_stamp(self, kind: str) -> dict:
         """The settings a warmed-up student (``kind``: student or control) depends on."""
-        keys = ("student_hidden", "student_layers", "student_heads", "warmup_steps",
-                "warmup_batch", "warmup_lr", "warmup_schedule", "kl_prompts", "eval_batch")
+        keys = (
+            "student_hidden",
+            "student_layers",
+            "student_heads",
+            "warmup_steps",
+            "warmup_batch",
+            "warmup_lr",
+            "warmup_schedule",
+            "kl_prompts",
+            "eval_batch",
+        )
         if self.warmup_target is not None:  # absent otherwise: older caches stay valid
             keys += ("warmup_target", "warmup_check_every")
         return {**self.samples_stamp(), "kind": kind, **_jsonable(self._pick(keys))}
@@ -228,13 +271,31 @@ def settings_dict(settings: DemoSettings) -> dict:
 FIXED_WARMUP = DemoSettings(num_train=20000, num_test=200)
 # CI: every stage runs, nothing is learned.
 QUICK = DemoSettings(
-    num_train=400, num_test=16, num_validation=16, num_extra_test=24, num_extra_validation=24,
-    teacher_hidden=32, teacher_target=None,
-    teacher_layers=1, teacher_steps=20, teacher_batch=16, sample_batch=16, student_hidden=32,
+    num_train=400,
+    num_test=16,
+    num_validation=16,
+    num_extra_test=24,
+    num_extra_validation=24,
+    teacher_hidden=32,
+    teacher_target=None,
+    teacher_layers=1,
+    teacher_steps=20,
+    teacher_batch=16,
+    sample_batch=16,
+    student_hidden=32,
     student_layers=1,
-    warmup_steps=4, warmup_batch=8, method_steps=4, method_batch=4, sweep_steps=2,
-    eval_every=2, eval_batch=16, max_new_tokens=48, kl_prompts=8, ablation_seeds=1,
-    calibration_steps=(2, 4), calibration_seeds=2,
+    warmup_steps=4,
+    warmup_batch=8,
+    method_steps=4,
+    method_batch=4,
+    sweep_steps=2,
+    eval_every=2,
+    eval_batch=16,
+    max_new_tokens=48,
+    kl_prompts=8,
+    ablation_seeds=1,
+    calibration_steps=(2, 4),
+    calibration_seeds=2,
     sweep_lrs=tuple((name, (1e-4, 3e-4)) for name in RUNS),
 )
 # The matched start (the default): up to twice the warm-up, each student stopped at the first
@@ -248,9 +309,17 @@ QUICK = DemoSettings(
 # beats its SFT by greedy accuracy, and OPD ahead at all three by sampled accuracy, most surely
 # at 100 (+0.049 [+0.036, +0.062]).
 MATCHED = {
-    "warmup_steps": 2000, "warmup_target": 0.45, "warmup_check_every": 100,
-    "method_lrs": (("simct", 1e-3), ("dpca", 3e-4), ("shared_only", 3e-4), ("sft", 3e-4),
-                   ("control_opd", 1e-3), ("control_sft", 1e-3)),
+    "warmup_steps": 2000,
+    "warmup_target": 0.45,
+    "warmup_check_every": 100,
+    "method_lrs": (
+        ("simct", 1e-3),
+        ("dpca", 3e-4),
+        ("shared_only", 3e-4),
+        ("sft", 3e-4),
+        ("control_opd", 1e-3),
+        ("control_sft", 1e-3),
+    ),
 }
 QUICK_MATCHED = {"warmup_target": 0.0, "warmup_check_every": 2}
 # The free-order task (``--task-order free``): steps that commute, each reference worked in a
@@ -266,8 +335,13 @@ FREE_ORDER = {"task_order": "free", "teacher_rounds": 6}
 FULL = replace(FIXED_WARMUP, **MATCHED)
 
 
-def demo_settings(*, quick: bool = False, matched: bool = True,
-                  warmup_target: float | None = None, task_order: str = "fixed") -> DemoSettings:
+def demo_settings(
+    *,
+    quick: bool = False,
+    matched: bool = True,
+    warmup_target: float | None = None,
+    task_order: str = "fixed",
+) -> DemoSettings:
     """The settings ``ctopd demo`` runs with: :data:`FULL` (or :data:`QUICK` with
     :data:`QUICK_MATCHED`); with ``matched=False`` (``--fixed-warmup``) :data:`FIXED_WARMUP`
     (or :data:`QUICK`). ``warmup_target`` (``--warmup-target``, matched start only) replaces the
@@ -282,8 +356,10 @@ def demo_settings(*, quick: bool = False, matched: bool = True,
         raise ValueError(f"--task-order must be fixed or free; got {task_order!r}")
     if not matched:
         if warmup_target is not None:
-            raise ValueError("--warmup-target sets where the matched start stops; the fixed "
-                             "warm-up has no target: drop --fixed-warmup or --warmup-target")
+            raise ValueError(
+                "--warmup-target sets where the matched start stops; the fixed "
+                "warm-up has no target: drop --fixed-warmup or --warmup-target"
+            )
         settings = QUICK if quick else FIXED_WARMUP
     else:
         settings = replace(QUICK, **QUICK_MATCHED) if quick else FULL

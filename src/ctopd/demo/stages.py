@@ -33,16 +33,22 @@ def prepare_data(out: Path, settings: DemoSettings) -> None:
     question."""
     from ctopd.demo.task import make_splits, write_jsonl
 
-    splits = make_splits(settings.num_train, settings.num_test, settings.num_validation,
-                         seed=settings.task_seed, num_extra_test=settings.num_extra_test,
-                         num_extra_validation=settings.num_extra_validation,
-                         **settings.task_ranges())
+    splits = make_splits(
+        settings.num_train,
+        settings.num_test,
+        settings.num_validation,
+        seed=settings.task_seed,
+        num_extra_test=settings.num_extra_test,
+        num_extra_validation=settings.num_extra_validation,
+        **settings.task_ranges(),
+    )
     for name, problems in splits._asdict().items():
         write_jsonl(problems, out / f"{name}.jsonl")
 
 
-def build_teacher(out: Path, settings: DemoSettings, *, force: bool,
-                  log: Callable[[str], None]) -> dict:
+def build_teacher(
+    out: Path, settings: DemoSettings, *, force: bool, log: Callable[[str], None]
+) -> dict:
     """Train both tokenizers and the teacher (or reuse ``teacher/``); evaluate it.
 
     Returns:
@@ -51,7 +57,9 @@ def build_teacher(out: Path, settings: DemoSettings, *, force: bool,
     stamp = settings.teacher_stamp()
     folder = out / "teacher"
     cached = None if force else read_stamp(folder, stamp)
-    if cached is not None and all((out / "tokenizers" / n).is_dir() for n in ("teacher", "student")):
+    if cached is not None and all(
+        (out / "tokenizers" / n).is_dir() for n in ("teacher", "student")
+    ):
         log(f"[demo] reusing the teacher in {folder} (accuracy {cached['accuracy']:.3f})")
         return {**cached, "rebuilt": False}
 
@@ -62,24 +70,41 @@ def build_teacher(out: Path, settings: DemoSettings, *, force: bool,
     from ctopd.training.sft import run_sft
 
     started = time.perf_counter()
-    train = make_splits(settings.num_train, settings.num_test, settings.num_validation,
-                        seed=settings.task_seed, **settings.task_ranges()).train
+    train = make_splits(
+        settings.num_train,
+        settings.num_test,
+        settings.num_validation,
+        seed=settings.task_seed,
+        **settings.task_ranges(),
+    ).train
     texts = corpus(train[:4000])  # enough text for every merge either tokenizer makes
     teacher_tokenizer = train_byte_level_bpe(texts, settings.teacher_vocab, split_digits=True)
     train_digit_group_bpe(texts, settings.student_vocab).save_pretrained(
-        out / "tokenizers" / "student")
+        out / "tokenizers" / "student"
+    )
     teacher_tokenizer.save_pretrained(out / "tokenizers" / "teacher")
 
     init = out / "runs" / "teacher-init"
-    model = tiny_causal_lm(teacher_tokenizer, hidden_size=settings.teacher_hidden,
-                           num_layers=settings.teacher_layers, num_heads=settings.teacher_heads,
-                           max_positions=512, seed=settings.task_seed)
+    model = tiny_causal_lm(
+        teacher_tokenizer,
+        hidden_size=settings.teacher_hidden,
+        num_layers=settings.teacher_layers,
+        num_heads=settings.teacher_heads,
+        max_positions=512,
+        seed=settings.task_seed,
+    )
     save_model(model, teacher_tokenizer, init)
-    log(f"[demo] training the teacher ({count_params(model)} parameters, "
+    log(
+        f"[demo] training the teacher ({count_params(model)} parameters, "
         f"{settings.teacher_steps} steps"
-        + (f" per round, until its validation accuracy reaches {settings.teacher_target:g}, "
-           f"at most {settings.teacher_rounds} rounds" if settings.teacher_target is not None
-           else "") + ") on reference solutions")
+        + (
+            f" per round, until its validation accuracy reaches {settings.teacher_target:g}, "
+            f"at most {settings.teacher_rounds} rounds"
+            if settings.teacher_target is not None
+            else ""
+        )
+        + ") on reference solutions"
+    )
     # Rounds (warm restarts): each a cosine cycle over teacher_steps from the previous round's
     # model, with its own data order. Measured: the same 1,000-step recipe gave 1.000 on one
     # machine and 0.495 on another, picking the wrong operation for a later step (training
@@ -88,37 +113,53 @@ def build_teacher(out: Path, settings: DemoSettings, *, force: bool,
     rounds, current = [], init
     for index in range(settings.teacher_rounds if settings.teacher_target is not None else 1):
         run_dir = _teacher_round_dir(out, index)
-        config = stage_config(settings, run_dir, data=out / "train.jsonl", student=current,
-                              teacher=None, steps=settings.teacher_steps,
-                              batch=settings.teacher_batch, lr=settings.teacher_lr,
-                              seed=settings.task_seed + index, schedule="cosine",
-                              warmup_ratio=0.03)
+        config = stage_config(
+            settings,
+            run_dir,
+            data=out / "train.jsonl",
+            student=current,
+            teacher=None,
+            steps=settings.teacher_steps,
+            batch=settings.teacher_batch,
+            lr=settings.teacher_lr,
+            seed=settings.task_seed + index,
+            schedule="cosine",
+            warmup_ratio=0.03,
+        )
         config.sft.source = "data"
         config.sft.response_field = "answer"  # the reference solution
         run_sft(config)
         current = run_dir / "final"
         validation = accuracy(current, out / "validation.jsonl", settings)
-        rounds.append({"round": index + 1, "steps": settings.teacher_steps,
-                       "validation_accuracy": validation})
+        rounds.append(
+            {"round": index + 1, "steps": settings.teacher_steps, "validation_accuracy": validation}
+        )
         log(f"[demo] teacher round {index + 1}: validation accuracy {validation:.3f}")
         if settings.teacher_target is None or validation >= settings.teacher_target:
             break
     else:
-        log(f"[demo] warning: the teacher reached {validation:.3f} validation accuracy after "
+        log(
+            f"[demo] warning: the teacher reached {validation:.3f} validation accuracy after "
             f"{len(rounds)} rounds, short of {settings.teacher_target:g}; the demo goes on, "
-            "but every student is distilled from (and every gap measured to) a weaker teacher")
+            "but every student is distilled from (and every gap measured to) a weaker teacher"
+        )
     replace_folder(current, folder)
     for index in range(len(rounds)):
         run_dir = _teacher_round_dir(out, index)
         for leftover in (*run_dir.glob("checkpoint-*"), run_dir / "final"):
             shutil.rmtree(leftover, ignore_errors=True)
     shutil.rmtree(init, ignore_errors=True)
-    result = {"accuracy": accuracy(folder, out / "test.jsonl", settings),
-              "validation_accuracy": rounds[-1]["validation_accuracy"], "rounds": rounds,
-              "seconds": time.perf_counter() - started}
+    result = {
+        "accuracy": accuracy(folder, out / "test.jsonl", settings),
+        "validation_accuracy": rounds[-1]["validation_accuracy"],
+        "rounds": rounds,
+        "seconds": time.perf_counter() - started,
+    }
     write_stamp(folder, stamp, result)
-    log(f"[demo] teacher: held-out accuracy {result['accuracy']:.3f} after {len(rounds)} "
-        f"round(s) ({result['seconds']:.0f} s)")
+    log(
+        f"[demo] teacher: held-out accuracy {result['accuracy']:.3f} after {len(rounds)} "
+        f"round(s) ({result['seconds']:.0f} s)"
+    )
     return {**result, "rebuilt": True}
 
 
@@ -163,22 +204,36 @@ def build_student(job: dict) -> dict:
     folder, runs = out / STUDENT_FOLDERS[kind], out / "runs" / f"warmup-{kind}"
     shutil.rmtree(runs, ignore_errors=True)
     tokenizer = load_model_tokenizer(
-        ModelConfig(name_or_path=str(out / "tokenizers" / STUDENT_TOKENIZERS[kind])),
-        side="student")
-    model = tiny_causal_lm(tokenizer, hidden_size=settings.student_hidden,
-                           num_layers=settings.student_layers, num_heads=settings.student_heads,
-                           max_positions=512, seed=settings.task_seed + 1)
+        ModelConfig(name_or_path=str(out / "tokenizers" / STUDENT_TOKENIZERS[kind])), side="student"
+    )
+    model = tiny_causal_lm(
+        tokenizer,
+        hidden_size=settings.student_hidden,
+        num_layers=settings.student_layers,
+        num_heads=settings.student_heads,
+        max_positions=512,
+        seed=settings.task_seed + 1,
+    )
     save_model(model, tokenizer, runs / "init")
     data = write_sft_data(out, runs / "data.jsonl", *warmup_slice(settings))
     # The matched start keeps a checkpoint every warmup_check_every steps to choose from.
     matched = settings.warmup_target is not None
     every = settings.warmup_check_every if matched else 0
-    config = stage_config(settings, runs / "train", data=data, student=runs / "init",
-                          teacher=None, steps=settings.warmup_steps,
-                          batch=settings.warmup_batch, lr=settings.warmup_lr,
-                          seed=settings.task_seed, schedule=settings.warmup_schedule,
-                          warmup_ratio=0.05, save_every=every,
-                          keep_checkpoints=settings.warmup_steps // every + 1 if matched else 1)
+    config = stage_config(
+        settings,
+        runs / "train",
+        data=data,
+        student=runs / "init",
+        teacher=None,
+        steps=settings.warmup_steps,
+        batch=settings.warmup_batch,
+        lr=settings.warmup_lr,
+        seed=settings.task_seed,
+        schedule=settings.warmup_schedule,
+        warmup_ratio=0.05,
+        save_every=every,
+        keep_checkpoints=settings.warmup_steps // every + 1 if matched else 1,
+    )
     config.sft.source, config.sft.response_field = "data", "response"  # the teacher's sample
     run_sft(config)
     chosen, steps, curve = runs / "train" / "final", settings.warmup_steps, []
@@ -187,16 +242,22 @@ def build_student(job: dict) -> dict:
     replace_folder(chosen, folder)
     shutil.rmtree(runs, ignore_errors=True)
     samples = sequence_kl(folder, out / "teacher", out / "test.jsonl", settings)
-    result = {"kind": kind, "accuracy": accuracy(folder, out / "test.jsonl", settings),
-              "kl": samples["kl"], "noncanonical": samples["noncanonical"],
-              "warmup_steps": steps, "warmup_curve": curve,
-              "seconds": time.perf_counter() - started}
+    result = {
+        "kind": kind,
+        "accuracy": accuracy(folder, out / "test.jsonl", settings),
+        "kl": samples["kl"],
+        "noncanonical": samples["noncanonical"],
+        "warmup_steps": steps,
+        "warmup_curve": curve,
+        "seconds": time.perf_counter() - started,
+    }
     write_stamp(folder, settings.student_stamp(kind), result)
     return result
 
 
-def _first_at_target(run_dir: Path, out: Path, settings: DemoSettings
-                     ) -> tuple[Path, int, list[list[float]]]:
+def _first_at_target(
+    run_dir: Path, out: Path, settings: DemoSettings
+) -> tuple[Path, int, list[list[float]]]:
     """The matched start: the warm-up's first checkpoint whose validation accuracy reaches
     ``settings.warmup_target`` (the last one when none does).
 
@@ -219,10 +280,22 @@ def _first_at_target(run_dir: Path, out: Path, settings: DemoSettings
     return checkpoint / "student", step, curve
 
 
-def stage_config(settings: DemoSettings, output_dir: Path, *, data: Path, student: Path,
-                 teacher: Path | None, steps: int, batch: int, lr: float, seed: int,
-                 schedule: str, warmup_ratio: float = 0.0, save_every: int = 0,
-                 keep_checkpoints: int = 1):
+def stage_config(
+    settings: DemoSettings,
+    output_dir: Path,
+    *,
+    data: Path,
+    student: Path,
+    teacher: Path | None,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    schedule: str,
+    warmup_ratio: float = 0.0,
+    save_every: int = 0,
+    keep_checkpoints: int = 1,
+):
     """A :class:`TrainConfig` for one stage; everything the demo does not set is the default.
 
     No evaluation inside the loop: the demo evaluates saved models afterwards, in big batches
@@ -234,13 +307,22 @@ def stage_config(settings: DemoSettings, output_dir: Path, *, data: Path, studen
         "student": {"name_or_path": str(student), "dtype": "float32"},
         "teacher": {"name_or_path": str(teacher) if teacher else "", "dtype": "float32"},
         "data": {"path": str(data), "shuffle": True},
-        "rollout": {"temperature": settings.temperature,
-                    "max_new_tokens": settings.max_new_tokens},
-        "optim": {"lr": lr, "min_lr": 0.0, "schedule": schedule, "warmup_ratio": warmup_ratio,
-                  "weight_decay": 0.0},
-        "output_dir": str(output_dir), "seed": seed, "max_steps": steps,
-        "per_device_batch_size": batch, "progress": False, "log_every": 10 ** 9,
-        "save_every": save_every, "keep_checkpoints": keep_checkpoints,
+        "rollout": {"temperature": settings.temperature, "max_new_tokens": settings.max_new_tokens},
+        "optim": {
+            "lr": lr,
+            "min_lr": 0.0,
+            "schedule": schedule,
+            "warmup_ratio": warmup_ratio,
+            "weight_decay": 0.0,
+        },
+        "output_dir": str(output_dir),
+        "seed": seed,
+        "max_steps": steps,
+        "per_device_batch_size": batch,
+        "progress": False,
+        "log_every": 10**9,
+        "save_every": save_every,
+        "keep_checkpoints": keep_checkpoints,
         # Each stage rebuilds its folder: a demo run again replaces what an earlier one left.
         "overwrite": True,
     }
@@ -257,8 +339,9 @@ def read_stamp(folder: Path, stamp: dict) -> dict | None:
 
 
 def write_stamp(folder: Path, stamp: dict, result: dict) -> None:
-    (folder / STAMP).write_text(json.dumps({"settings": stamp, "result": result}, indent=2),
-                                encoding="utf-8")
+    (folder / STAMP).write_text(
+        json.dumps({"settings": stamp, "result": result}, indent=2), encoding="utf-8"
+    )
 
 
 def save_model(model, tokenizer, folder: Path) -> None:

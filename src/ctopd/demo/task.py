@@ -36,8 +36,18 @@ ITEMS = ["coins", "apples", "stamps", "books", "cards", "shells", "marbles", "pe
 GAIN_VERBS = ["finds", "buys", "gets", "wins", "receives"]
 LOSS_VERBS = ["spends", "sells", "loses", "gives away", "uses"]
 PRONOUNS = {
-    "Mia": "She", "Ava": "She", "Zoe": "She", "Ivy": "She", "Eva": "She", "Lily": "She",
-    "Leo": "He", "Sam": "He", "Max": "He", "Ben": "He", "Tom": "He", "Noah": "He",
+    "Mia": "She",
+    "Ava": "She",
+    "Zoe": "She",
+    "Ivy": "She",
+    "Eva": "She",
+    "Lily": "She",
+    "Leo": "He",
+    "Sam": "He",
+    "Max": "He",
+    "Ben": "He",
+    "Tom": "He",
+    "Noah": "He",
 }
 
 
@@ -57,8 +67,14 @@ class Problem:
 
 
 def generate_problem(
-    rng: random.Random, *, min_value: int = 10, max_value: int = 199, min_amount: int = 10,
-    max_amount: int = 99, steps: tuple[int, ...] = (2, 3), order: str = "fixed",
+    rng: random.Random,
+    *,
+    min_value: int = 10,
+    max_value: int = 199,
+    min_amount: int = 10,
+    max_amount: int = 99,
+    steps: tuple[int, ...] = (2, 3),
+    order: str = "fixed",
 ) -> Problem:
     """Draw one problem; every value stays in ``[min_value, max_value]``, every amount in
     ``[min_amount, max_amount]``, and the number of steps is drawn from ``steps``.
@@ -69,8 +85,14 @@ def generate_problem(
     several right solutions (2 or 6) and a model that learned the references is unsure which
     step comes next (:func:`free_order_problem`)."""
     if order == "free":
-        return free_order_problem(rng, min_value=min_value, max_value=max_value,
-                                  min_amount=min_amount, max_amount=max_amount, steps=steps)
+        return free_order_problem(
+            rng,
+            min_value=min_value,
+            max_value=max_value,
+            min_amount=min_amount,
+            max_amount=max_amount,
+            steps=steps,
+        )
     if order != "fixed":
         raise ValueError(f"order must be 'fixed' or 'free'; got {order!r}")
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
@@ -97,7 +119,12 @@ def generate_problem(
 
 
 def free_order_problem(
-    rng: random.Random, *, min_value: int, max_value: int, min_amount: int, max_amount: int,
+    rng: random.Random,
+    *,
+    min_value: int,
+    max_value: int,
+    min_amount: int,
+    max_amount: int,
     steps: tuple[int, ...],
 ) -> Problem:
     """One problem whose steps commute: the gains and losses are drawn first, then a start such
@@ -113,8 +140,10 @@ def free_order_problem(
         if min_value + lost <= max_value - won:
             break
     start = rng.randint(min_value + lost, max_value - won)
-    clauses = [f"{rng.choice(GAIN_VERBS if gain else LOSS_VERBS)} {amount}"
-               for amount, gain in zip(amounts, gains)]
+    clauses = [
+        f"{rng.choice(GAIN_VERBS if gain else LOSS_VERBS)} {amount}"
+        for amount, gain in zip(amounts, gains)
+    ]
     value, equations = start, []
     for index in rng.sample(range(count), count):
         equations.append(worked_step(value, amounts[index], gain=gains[index]))
@@ -163,8 +192,14 @@ class Splits(NamedTuple):
 
 
 def make_splits(
-    num_train: int, num_test: int, num_validation: int, *, seed: int = 0,
-    num_extra_test: int = 0, num_extra_validation: int = 0, **kwargs
+    num_train: int,
+    num_test: int,
+    num_validation: int,
+    *,
+    seed: int = 0,
+    num_extra_test: int = 0,
+    num_extra_validation: int = 0,
+    **kwargs,
 ) -> Splits:
     """A fixed split of ``num_train + num_test + num_validation + num_extra_test +
     num_extra_validation`` distinct problems from ``seed``: training first, then test, then
@@ -178,9 +213,13 @@ def make_splits(
     extra_end = total + num_extra_test
     problems = generate_problems(extra_end + num_extra_validation, seed=seed, **kwargs)
     test_end = num_train + num_test
-    return Splits(train=problems[:num_train], validation=problems[test_end:total],
-                  test=problems[num_train:test_end], extra_test=problems[total:extra_end],
-                  extra_validation=problems[extra_end:])
+    return Splits(
+        train=problems[:num_train],
+        validation=problems[test_end:total],
+        test=problems[num_train:test_end],
+        extra_test=problems[total:extra_end],
+        extra_validation=problems[extra_end:],
+    )
 
 
 def make_split(
@@ -194,8 +233,7 @@ def make_split(
 
 def to_record(problem: Problem) -> dict:
     """The trainer's data format: a chat prompt plus the reference response in ``answer``."""
-    return {"messages": [{"role": "user", "content": problem.question}],
-            "answer": problem.solution}
+    return {"messages": [{"role": "user", "content": problem.question}], "answer": problem.solution}
 
 
 def write_jsonl(problems: Iterable[Problem], path: str | Path) -> Path:

@@ -73,8 +73,9 @@ def train_byte_level_bpe(
         show_progress=False,
     )
     tokenizer.train_from_iterator(list(texts), trainer=trainer)
-    return _wrap(tokenizer, CHATML_TEMPLATE, bos=None, eos="<|im_end|>", pad="<|endoftext|>",
-                 unk=None)
+    return _wrap(
+        tokenizer, CHATML_TEMPLATE, bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk=None
+    )
 
 
 def train_digit_group_bpe(texts: Iterable[str], vocab_size: int = 600) -> PreTrainedTokenizerFast:
@@ -88,13 +89,20 @@ def train_digit_group_bpe(texts: Iterable[str], vocab_size: int = 600) -> PreTra
         vocab_size: target vocabulary size, special tokens included.
     """
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                "<|end_header_id|>", "<|eot_id|>"]
+    specials = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=specials,
@@ -102,8 +110,14 @@ def train_digit_group_bpe(texts: Iterable[str], vocab_size: int = 600) -> PreTra
         show_progress=False,
     )
     tokenizer.train_from_iterator(list(texts), trainer=trainer)
-    return _wrap(tokenizer, HEADER_TEMPLATE, bos="<|begin_of_text|>", eos="<|eot_id|>",
-                 pad="<|end_of_text|>", unk=None)
+    return _wrap(
+        tokenizer,
+        HEADER_TEMPLATE,
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        pad="<|end_of_text|>",
+        unk=None,
+    )
 
 
 def train_sentencepiece_bpe(texts: Iterable[str], vocab_size: int = 600) -> PreTrainedTokenizerFast:

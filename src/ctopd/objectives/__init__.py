@@ -12,6 +12,14 @@ from ctopd.objectives.registry import (
 from ctopd.objectives.teacher import TeacherOutputs, teacher_outputs
 
 __all__ = [
-    "DIVERGENCES", "OBJECTIVES", "TEACHER_NEEDS", "TeacherOutputs", "compute_objective",
-    "divergence", "dpca_advantages", "objective_options", "teacher_needs", "teacher_outputs",
+    "DIVERGENCES",
+    "OBJECTIVES",
+    "TEACHER_NEEDS",
+    "TeacherOutputs",
+    "compute_objective",
+    "divergence",
+    "dpca_advantages",
+    "objective_options",
+    "teacher_needs",
+    "teacher_outputs",
 ]

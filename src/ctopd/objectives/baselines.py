@@ -27,10 +27,16 @@ from ctopd.objectives.sliced import compute_dtype, sliced_loss
 from ctopd.objectives.teacher import TeacherOutputs
 
 
-def sft(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignment],
-        shared_vocab: SharedVocab | None = None, teacher: TeacherOutputs | None = None,
-        student_old_logprobs: Tensor | None = None,
-        slice_size: int = 256) -> tuple[Tensor, dict[str, float]]:
+def sft(
+    *,
+    student_logits: Tensor,
+    student_ids: Tensor,
+    alignments: list[Alignment],
+    shared_vocab: SharedVocab | None = None,
+    teacher: TeacherOutputs | None = None,
+    student_old_logprobs: Tensor | None = None,
+    slice_size: int = 256,
+) -> tuple[Tensor, dict[str, float]]:
     """Mean negative log-likelihood of ``student_ids`` over all student response tokens.
 
     Args:
@@ -48,40 +54,52 @@ def sft(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignme
     check_student(student_logits, student_ids, alignments)
     flat = flatten_chunks(alignments, student_ids, None)
     # Every chunk with a student token, all its tokens: that is every response token.
-    plan = build_plan(flat, flat.student_sizes > 0, student_ids, all_tokens=True,
-                      slice_size=slice_size)
+    plan = build_plan(
+        flat, flat.student_sizes > 0, student_ids, all_tokens=True, slice_size=slice_size
+    )
     aligned = torch.as_tensor(flat.usable[plan.index], device=student_logits.device)
     sums: dict[str, float] = {}
     student_tokens = int(flat.student_lengths.sum())
-    loss = sliced_loss(student_logits, plan.slices,
-                       lambda rows, sl: _sft_slice(aligned, rows, sl), sums,
-                       scale=1.0 / max(student_tokens, 1))
+    loss = sliced_loss(
+        student_logits,
+        plan.slices,
+        lambda rows, sl: _sft_slice(aligned, rows, sl),
+        sums,
+        scale=1.0 / max(student_tokens, 1),
+    )
     token_logprobs = None
     if teacher is not None:
         check_teacher(teacher, ["token_logprobs"], alignments, student_logits.shape[0], "sft")
         token_logprobs = teacher.token_logprobs
-    kl = _per_token_kl(flat, token_logprobs, sums.get("aligned_student", 0.0),
-                       compute_dtype(student_logits))
-    return loss, finish_metrics(batch_metrics(flat, token_logprobs), loss=loss, kl=kl,
-                                supervised_tokens=student_tokens)
+    kl = _per_token_kl(
+        flat, token_logprobs, sums.get("aligned_student", 0.0), compute_dtype(student_logits)
+    )
+    return loss, finish_metrics(
+        batch_metrics(flat, token_logprobs), loss=loss, kl=kl, supervised_tokens=student_tokens
+    )
 
 
 def _sft_slice(aligned: Tensor, rows: Tensor, row_slice: RowSlice):
     _, logprobs = row_scores(rows, row_slice.ids)
-    in_aligned = aligned[row_slice.k0:row_slice.k1][row_slice.chunk]
+    in_aligned = aligned[row_slice.k0 : row_slice.k1][row_slice.chunk]
     return -logprobs.sum(), {"aligned_student": logprobs.detach()[in_aligned].sum()}
 
 
-def _per_token_kl(flat, teacher_token_logprobs: Tensor | None, student_sum: float,
-                  dtype: torch.dtype) -> float:
+def _per_token_kl(
+    flat, teacher_token_logprobs: Tensor | None, student_sum: float, dtype: torch.dtype
+) -> float:
     """``(sum log π(s) - sum log q(t)) / student tokens`` over aligned chunks; 0.0 without a
     teacher."""
     usable = np.flatnonzero(flat.usable)
     tokens = int(flat.student_sizes[usable].sum())
     if teacher_token_logprobs is None or tokens == 0:
         return 0.0
-    teacher_sum = range_sums(teacher_token_logprobs.detach().to(dtype), flat.batch[usable],
-                             flat.teacher_start[usable], flat.teacher_end[usable]).sum()
+    teacher_sum = range_sums(
+        teacher_token_logprobs.detach().to(dtype),
+        flat.batch[usable],
+        flat.teacher_start[usable],
+        flat.teacher_end[usable],
+    ).sum()
     return (student_sum - float(teacher_sum)) / tokens
 
 
@@ -93,10 +111,17 @@ class _UldSetup:
     one_to_one: Tensor  # bool [K]
 
 
-def uld(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignment],
-        shared_vocab: SharedVocab | None, teacher: TeacherOutputs | None,
-        student_old_logprobs: Tensor | None = None, top_k: int | None = None,
-        slice_size: int = 256) -> tuple[Tensor, dict[str, float]]:
+def uld(
+    *,
+    student_logits: Tensor,
+    student_ids: Tensor,
+    alignments: list[Alignment],
+    shared_vocab: SharedVocab | None,
+    teacher: TeacherOutputs | None,
+    student_old_logprobs: Tensor | None = None,
+    top_k: int | None = None,
+    slice_size: int = 256,
+) -> tuple[Tensor, dict[str, float]]:
     """Sorted-probability L1 distance at the first position of every aligned chunk.
 
     Args:
@@ -116,31 +141,47 @@ def uld(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignme
     """
     check_options(top_k=top_k, slice_size=slice_size)
     check_student(student_logits, student_ids, alignments)
-    check_teacher(teacher, ["token_logprobs", "topk_probs"], alignments,
-                  student_logits.shape[0], "uld")
+    check_teacher(
+        teacher, ["token_logprobs", "topk_probs"], alignments, student_logits.shape[0], "uld"
+    )
     provided = teacher.topk_probs.shape[-1]
     k = provided if top_k is None else top_k
     if k > provided:
-        raise ValueError(f"uld top_k={k} but teacher.topk_probs holds only {provided} "
-                         "probabilities per position; raise teacher_outputs(top_k=...)")
+        raise ValueError(
+            f"uld top_k={k} but teacher.topk_probs holds only {provided} "
+            "probabilities per position; raise teacher_outputs(top_k=...)"
+        )
     flat = flatten_chunks(alignments, student_ids, None)
     plan = build_plan(flat, flat.usable, student_ids, all_tokens=False, slice_size=slice_size)
-    setup = _UldSetup(plan=plan,
-                      teacher_topk=teacher.topk_probs.detach().to(student_logits.device),
-                      top_k=min(k, student_logits.shape[-1]),
-                      one_to_one=torch.as_tensor(flat.one_to_one[plan.index],
-                                                 device=student_logits.device))
+    setup = _UldSetup(
+        plan=plan,
+        teacher_topk=teacher.topk_probs.detach().to(student_logits.device),
+        top_k=min(k, student_logits.shape[-1]),
+        one_to_one=torch.as_tensor(flat.one_to_one[plan.index], device=student_logits.device),
+    )
     sums: dict[str, float] = {}
-    loss = sliced_loss(student_logits, plan.slices, lambda rows, sl: _uld_slice(setup, rows, sl),
-                       sums, scale=1.0 / max(int(flat.student_lengths.sum()), 1))
+    loss = sliced_loss(
+        student_logits,
+        plan.slices,
+        lambda rows, sl: _uld_slice(setup, rows, sl),
+        sums,
+        scale=1.0 / max(int(flat.student_lengths.sum()), 1),
+    )
     one_to_one = int(flat.one_to_one.sum())
     device = teacher.token_logprobs.device
-    teacher_sum = float(teacher.token_logprobs[
-        torch.as_tensor(flat.batch[flat.one_to_one], device=device),
-        torch.as_tensor(flat.teacher_start[flat.one_to_one], device=device)].sum())
+    teacher_sum = float(
+        teacher.token_logprobs[
+            torch.as_tensor(flat.batch[flat.one_to_one], device=device),
+            torch.as_tensor(flat.teacher_start[flat.one_to_one], device=device),
+        ].sum()
+    )
     kl = (sums.get("one_to_one_student", 0.0) - teacher_sum) / one_to_one if one_to_one else 0.0
-    return loss, finish_metrics(batch_metrics(flat, teacher.token_logprobs), loss=loss, kl=kl,
-                                supervised_tokens=plan.index.size)
+    return loss, finish_metrics(
+        batch_metrics(flat, teacher.token_logprobs),
+        loss=loss,
+        kl=kl,
+        supervised_tokens=plan.index.size,
+    )
 
 
 def _uld_slice(setup: _UldSetup, rows: Tensor, row_slice: RowSlice):

@@ -12,8 +12,7 @@ from ctopd.core.alignment import Alignment
 from ctopd.objectives.divergences import DIVERGENCES
 
 
-def check_student(student_logits: Tensor, student_ids: Tensor,
-                  alignments: list[Alignment]) -> None:
+def check_student(student_logits: Tensor, student_ids: Tensor, alignments: list[Alignment]) -> None:
     """Check the student tensors against the alignments.
 
     Raises:
@@ -26,24 +25,29 @@ def check_student(student_logits: Tensor, student_ids: Tensor,
             f"{tuple(student_logits.shape)} and dtype {student_logits.dtype}"
         )
     if student_ids.dim() != 2 or student_ids.is_floating_point() or student_ids.is_complex():
-        raise ValueError(f"student_ids must be an integer [B, m] tensor, got "
-                         f"{tuple(student_ids.shape)} {student_ids.dtype}")
+        raise ValueError(
+            f"student_ids must be an integer [B, m] tensor, got "
+            f"{tuple(student_ids.shape)} {student_ids.dtype}"
+        )
     if tuple(student_ids.shape) != tuple(student_logits.shape[:2]):
         raise ValueError(
             f"student_ids has shape {tuple(student_ids.shape)} but student_logits has "
             f"{tuple(student_logits.shape)}; row i of the logits must predict student_ids[:, i]"
         )
     if len(alignments) != student_logits.shape[0]:
-        raise ValueError(f"got {len(alignments)} alignments for a batch of "
-                         f"{student_logits.shape[0]} sequences")
+        raise ValueError(
+            f"got {len(alignments)} alignments for a batch of {student_logits.shape[0]} sequences"
+        )
     lengths = [a.student_length for a in alignments]
     _check_lengths("student_logits", student_logits, lengths)
     vocab = student_logits.shape[-1]
     for b, length in enumerate(lengths):
         ids = student_ids[b, :length]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            raise ValueError(f"student_ids[{b}] holds an id outside [0, {vocab}) inside the "
-                             f"response (length {length})")
+            raise ValueError(
+                f"student_ids[{b}] holds an id outside [0, {vocab}) inside the "
+                f"response (length {length})"
+            )
     check_finite("student_logits", student_logits, lengths)
 
 
@@ -85,12 +89,15 @@ def check_finite(name: str, tensor: Tensor, lengths: Iterable[int]) -> None:
 def _check_lengths(name: str, tensor: Tensor, lengths: list[int]) -> None:
     longest = max(lengths, default=0)
     if longest > tensor.shape[1]:
-        raise ValueError(f"{name} has {tensor.shape[1]} positions but an alignment needs "
-                         f"{longest}; pass the response positions of every sequence")
+        raise ValueError(
+            f"{name} has {tensor.shape[1]} positions but an alignment needs "
+            f"{longest}; pass the response positions of every sequence"
+        )
 
 
-def check_teacher(teacher, fields: Iterable[str], alignments: list[Alignment], batch: int,
-                  objective: str) -> None:
+def check_teacher(
+    teacher, fields: Iterable[str], alignments: list[Alignment], batch: int, objective: str
+) -> None:
     """Check that ``teacher`` has the ``fields`` an objective needs, with a sane shape.
 
     Raises:
@@ -110,8 +117,9 @@ def check_teacher(teacher, fields: Iterable[str], alignments: list[Alignment], b
                 f"teacher_outputs(..., needs=TEACHER_NEEDS[{objective!r}])"
             )
         if tensor.dim() < 2 or tensor.shape[0] != batch:
-            raise ValueError(f"teacher.{field} has shape {tuple(tensor.shape)}; expected "
-                             f"[{batch}, n, ...]")
+            raise ValueError(
+                f"teacher.{field} has shape {tuple(tensor.shape)}; expected [{batch}, n, ...]"
+            )
         _check_lengths(f"teacher.{field}", tensor, lengths)
         check_finite(f"teacher.{field}", tensor, lengths)
 

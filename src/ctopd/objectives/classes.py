@@ -54,8 +54,12 @@ def class_members(member_ids: np.ndarray, device: torch.device | str = "cpu") ->
     for row in member_ids[1:]:
         columns = np.flatnonzero(row >= 0)
         if columns.size:
-            extra.append((torch.as_tensor(columns, device=device),
-                          torch.as_tensor(row[columns], device=device)))
+            extra.append(
+                (
+                    torch.as_tensor(columns, device=device),
+                    torch.as_tensor(row[columns], device=device),
+                )
+            )
     return ClassMembers(
         first=torch.as_tensor(member_ids[0], device=device),
         extra=tuple(extra),

@@ -36,9 +36,7 @@ def jsd(student_logp: Tensor, teacher_logp: Tensor, beta: float = 0.5) -> Tensor
     ``beta * KL(P_T || M) + (1 - beta) * KL(P_S || M)`` (the GKD/TRL convention; ``beta = 0.5``
     is the symmetric JSD). ``beta`` must lie strictly between 0 and 1.
     """
-    mixture = torch.logaddexp(
-        student_logp + math.log1p(-beta), teacher_logp + math.log(beta)
-    )
+    mixture = torch.logaddexp(student_logp + math.log1p(-beta), teacher_logp + math.log(beta))
     teacher_part = (teacher_logp.exp() * (teacher_logp - mixture)).sum(-1)
     student_part = (student_logp.exp() * (student_logp - mixture)).sum(-1)
     return beta * teacher_part + (1.0 - beta) * student_part

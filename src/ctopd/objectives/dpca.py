@@ -40,8 +40,14 @@ from ctopd.objectives.sliced import compute_dtype, sliced_loss
 from ctopd.objectives.teacher import TeacherOutputs
 
 
-def chunk_advantages(old_logprobs: Tensor, chunk: Tensor, teacher_sums: Tensor, *,
-                     advantage_clip: float = 10.0, epsilon: float = 1e-6) -> Tensor:
+def chunk_advantages(
+    old_logprobs: Tensor,
+    chunk: Tensor,
+    teacher_sums: Tensor,
+    *,
+    advantage_clip: float = 10.0,
+    epsilon: float = 1e-6,
+) -> Tensor:
     """DPCA advantages of tokens grouped by chunk.
 
     Args:
@@ -65,9 +71,14 @@ def chunk_advantages(old_logprobs: Tensor, chunk: Tensor, teacher_sums: Tensor, 
     return (target - old_logprobs).clamp(-advantage_clip, advantage_clip)
 
 
-def dpca_advantages(student_old_logprobs: Tensor, teacher_token_logprobs: Tensor,
-                    alignments: list[Alignment], *, advantage_clip: float = 10.0,
-                    epsilon: float = 1e-6) -> tuple[Tensor, Tensor]:
+def dpca_advantages(
+    student_old_logprobs: Tensor,
+    teacher_token_logprobs: Tensor,
+    alignments: list[Alignment],
+    *,
+    advantage_clip: float = 10.0,
+    epsilon: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
     """DPCA advantages of a whole batch (for logging and tests).
 
     Args:
@@ -79,19 +90,28 @@ def dpca_advantages(student_old_logprobs: Tensor, teacher_token_logprobs: Tensor
         ``(advantages, mask)``: float ``[B, m]`` (0 outside aligned chunks) and bool ``[B, m]``
         marking the tokens of aligned chunks.
     """
-    dummy_ids = torch.zeros(student_old_logprobs.shape, dtype=torch.long,
-                            device=student_old_logprobs.device)
+    dummy_ids = torch.zeros(
+        student_old_logprobs.shape, dtype=torch.long, device=student_old_logprobs.device
+    )
     flat = flatten_chunks(alignments, dummy_ids, None)
     kept = np.flatnonzero(flat.usable)
     owner, pos = expand_ranges(flat.student_start[kept], flat.student_end[kept])
     device = student_old_logprobs.device
     batch = torch.as_tensor(flat.batch[kept][owner], device=device)
     pos = torch.as_tensor(pos, device=device)
-    teacher_sums = range_sums(teacher_token_logprobs.detach().to(device), flat.batch[kept],
-                              flat.teacher_start[kept], flat.teacher_end[kept])
-    values = chunk_advantages(student_old_logprobs[batch, pos],
-                              torch.as_tensor(owner, device=device), teacher_sums,
-                              advantage_clip=advantage_clip, epsilon=epsilon)
+    teacher_sums = range_sums(
+        teacher_token_logprobs.detach().to(device),
+        flat.batch[kept],
+        flat.teacher_start[kept],
+        flat.teacher_end[kept],
+    )
+    values = chunk_advantages(
+        student_old_logprobs[batch, pos],
+        torch.as_tensor(owner, device=device),
+        teacher_sums,
+        advantage_clip=advantage_clip,
+        epsilon=epsilon,
+    )
     advantages = torch.zeros_like(student_old_logprobs)
     mask = torch.zeros(student_old_logprobs.shape, dtype=torch.bool, device=device)
     advantages[batch, pos] = values.to(advantages.dtype)
@@ -110,11 +130,20 @@ class _DpcaSetup:
     clip_high: float
 
 
-def dpca(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignment],
-         shared_vocab: SharedVocab | None, teacher: TeacherOutputs | None,
-         student_old_logprobs: Tensor | None = None, advantage_clip: float = 10.0,
-         clip_low: float = 0.2, clip_high: float = 0.28,
-         epsilon: float = 1e-6, slice_size: int = 256) -> tuple[Tensor, dict[str, float]]:
+def dpca(
+    *,
+    student_logits: Tensor,
+    student_ids: Tensor,
+    alignments: list[Alignment],
+    shared_vocab: SharedVocab | None,
+    teacher: TeacherOutputs | None,
+    student_old_logprobs: Tensor | None = None,
+    advantage_clip: float = 10.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    epsilon: float = 1e-6,
+    slice_size: int = 256,
+) -> tuple[Tensor, dict[str, float]]:
     """DPCA loss over the tokens of aligned chunks.
 
     Args:
@@ -133,8 +162,13 @@ def dpca(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignm
     Returns:
         ``(loss, metrics)``; metrics add ``advantage_mean`` and ``clip_fraction``.
     """
-    check_options(advantage_clip=advantage_clip, clip_low=clip_low, clip_high=clip_high,
-                  epsilon=epsilon, slice_size=slice_size)
+    check_options(
+        advantage_clip=advantage_clip,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        epsilon=epsilon,
+        slice_size=slice_size,
+    )
     check_student(student_logits, student_ids, alignments)
     check_teacher(teacher, ["token_logprobs"], alignments, student_logits.shape[0], "dpca")
     if student_old_logprobs is not None:
@@ -146,18 +180,31 @@ def dpca(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignm
     setup = _DpcaSetup(
         plan=plan,
         teacher_sums=range_sums(
-            teacher.token_logprobs.detach().to(student_logits.device, dtype), flat.batch[kept],
-            flat.teacher_start[kept], flat.teacher_end[kept]),
+            teacher.token_logprobs.detach().to(student_logits.device, dtype),
+            flat.batch[kept],
+            flat.teacher_start[kept],
+            flat.teacher_end[kept],
+        ),
         old_logprobs=None if student_old_logprobs is None else student_old_logprobs.detach(),
-        advantage_clip=advantage_clip, epsilon=epsilon, clip_low=clip_low, clip_high=clip_high,
+        advantage_clip=advantage_clip,
+        epsilon=epsilon,
+        clip_low=clip_low,
+        clip_high=clip_high,
     )
     sums: dict[str, float] = {}
-    loss = sliced_loss(student_logits, plan.slices, lambda rows, sl: _slice_loss(setup, rows, sl),
-                       sums, scale=1.0 / max(int(flat.student_lengths.sum()), 1))
+    loss = sliced_loss(
+        student_logits,
+        plan.slices,
+        lambda rows, sl: _slice_loss(setup, rows, sl),
+        sums,
+        scale=1.0 / max(int(flat.student_lengths.sum()), 1),
+    )
     supervised = int(flat.student_sizes[kept].sum())
     kl = (sums.get("student", 0.0) - float(setup.teacher_sums.sum())) / max(supervised, 1)
     return loss, finish_metrics(
-        batch_metrics(flat, teacher.token_logprobs), loss=loss, kl=kl,
+        batch_metrics(flat, teacher.token_logprobs),
+        loss=loss,
+        kl=kl,
         supervised_tokens=supervised,
         advantage_mean=sums.get("advantage", 0.0) / max(supervised, 1),
         clip_fraction=sums.get("clipped", 0.0) / max(supervised, 1),
@@ -166,13 +213,16 @@ def dpca(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignm
 
 def _check_old(old: Tensor, student_ids: Tensor, alignments: list[Alignment]) -> None:
     if tuple(old.shape) != tuple(student_ids.shape):
-        raise ValueError(f"student_old_logprobs has shape {tuple(old.shape)}; expected "
-                         f"{tuple(student_ids.shape)} like student_ids")
+        raise ValueError(
+            f"student_old_logprobs has shape {tuple(old.shape)}; expected "
+            f"{tuple(student_ids.shape)} like student_ids"
+        )
     check_finite("student_old_logprobs", old, [a.student_length for a in alignments])
 
 
-def _slice_loss(setup: _DpcaSetup, rows: Tensor,
-                row_slice: RowSlice) -> tuple[Tensor, dict[str, Tensor]]:
+def _slice_loss(
+    setup: _DpcaSetup, rows: Tensor, row_slice: RowSlice
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Surrogate summed over one slice's tokens; rows ``[S, V_S]``."""
     _, logprobs = row_scores(rows, row_slice.ids)
     if setup.old_logprobs is None:
@@ -180,8 +230,11 @@ def _slice_loss(setup: _DpcaSetup, rows: Tensor,
     else:
         old = setup.old_logprobs[row_slice.batch, row_slice.pos].to(rows.dtype)
     advantages = chunk_advantages(
-        old, row_slice.chunk, setup.teacher_sums[row_slice.k0:row_slice.k1],
-        advantage_clip=setup.advantage_clip, epsilon=setup.epsilon,
+        old,
+        row_slice.chunk,
+        setup.teacher_sums[row_slice.k0 : row_slice.k1],
+        advantage_clip=setup.advantage_clip,
+        epsilon=setup.epsilon,
     )
     clipped = torch.zeros((), dtype=rows.dtype, device=rows.device)
     if setup.old_logprobs is None:
@@ -191,5 +244,8 @@ def _slice_loss(setup: _DpcaSetup, rows: Tensor,
         bounded = ratio.clamp(1.0 - setup.clip_low, 1.0 + setup.clip_high)
         loss = -torch.minimum(ratio * advantages, bounded * advantages).sum()
         clipped = (bounded != ratio).sum().to(rows.dtype)
-    return loss, {"student": logprobs.detach().sum(), "advantage": advantages.sum(),
-                  "clipped": clipped}
+    return loss, {
+        "student": logprobs.detach().sum(),
+        "advantage": advantages.sum(),
+        "clipped": clipped,
+    }

@@ -41,8 +41,9 @@ def _teacher_mean(token_logprobs: Tensor | None, lengths: np.ndarray) -> float:
     return summed / total
 
 
-def finish_metrics(base: dict[str, float], *, loss: Tensor, kl: float,
-                   supervised_tokens: int, **extra: float) -> dict[str, float]:
+def finish_metrics(
+    base: dict[str, float], *, loss: Tensor, kl: float, supervised_tokens: int, **extra: float
+) -> dict[str, float]:
     """Add ``loss``, ``kl``, ``coverage`` and ``supervised_tokens`` (and ``extra``) to ``base``."""
     student_tokens = base["student_tokens"]
     out = dict(base)

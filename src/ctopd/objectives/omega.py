@@ -17,10 +17,17 @@ from torch.autograd.function import once_differentiable
 from ctopd.objectives.divergences import ABSENT, divergence, reverse_kl
 
 
-def omega_divergence(student_scores: Tensor, teacher_scores: Tensor,
-                     student_unit: Tensor | None, teacher_unit: Tensor | None,
-                     has_unit: Tensor | None, *, kind: str, beta: float,
-                     temperature: float) -> tuple[Tensor, Tensor]:
+def omega_divergence(
+    student_scores: Tensor,
+    teacher_scores: Tensor,
+    student_unit: Tensor | None,
+    teacher_unit: Tensor | None,
+    has_unit: Tensor | None,
+    *,
+    kind: str,
+    beta: float,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
     """``D(P_S,k || P_T,k)`` per chunk, and the reverse-KL metric.
 
     Args:
@@ -37,8 +44,9 @@ def omega_divergence(student_scores: Tensor, teacher_scores: Tensor,
         KL without gradient.
     """
     if kind == "reverse_kl":
-        values = _OmegaReverseKL.apply(student_scores, teacher_scores, student_unit,
-                                       teacher_unit, has_unit, temperature)
+        values = _OmegaReverseKL.apply(
+            student_scores, teacher_scores, student_unit, teacher_unit, has_unit, temperature
+        )
         return values, values.detach()
     student_logp = _omega_logprobs(student_scores, student_unit, has_unit, temperature)
     teacher_logp = _omega_logprobs(teacher_scores, teacher_unit, has_unit, temperature)
@@ -48,8 +56,9 @@ def omega_divergence(student_scores: Tensor, teacher_scores: Tensor,
     return values, kl
 
 
-def _omega_logprobs(scores: Tensor, unit: Tensor | None, has_unit: Tensor | None,
-                    temperature: float) -> Tensor:
+def _omega_logprobs(
+    scores: Tensor, unit: Tensor | None, has_unit: Tensor | None, temperature: float
+) -> Tensor:
     """``log softmax(ℓ / τ)`` over ``Ω``: ``[K, C]`` or, with a unit, ``[K, C + 1]``."""
     if temperature != 1.0:
         scores = scores / temperature
@@ -59,13 +68,15 @@ def _omega_logprobs(scores: Tensor, unit: Tensor | None, has_unit: Tensor | None
     return torch.log_softmax(scores, dim=-1)
 
 
-def _unit_column(unit: Tensor | None, has_unit: Tensor | None, temperature: float,
-                 like: Tensor) -> Tensor:
+def _unit_column(
+    unit: Tensor | None, has_unit: Tensor | None, temperature: float, like: Tensor
+) -> Tensor:
     """``ℓ(u) / τ`` per chunk, ``ABSENT`` where there is no unit; float ``[K]``."""
     if unit is None:
         return torch.full(like.shape[:1], ABSENT, dtype=like.dtype, device=like.device)
-    return torch.where(has_unit, unit.to(like.dtype) / temperature,
-                       torch.full_like(unit, ABSENT, dtype=like.dtype))
+    return torch.where(
+        has_unit, unit.to(like.dtype) / temperature, torch.full_like(unit, ABSENT, dtype=like.dtype)
+    )
 
 
 def _log_normaliser(scores: Tensor, unit: Tensor) -> Tensor:
@@ -75,8 +86,15 @@ def _log_normaliser(scores: Tensor, unit: Tensor) -> Tensor:
 
 class _OmegaReverseKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, student_unit: Tensor | None,
-                teacher_unit: Tensor | None, has_unit: Tensor | None, temperature: float):
+    def forward(
+        ctx,
+        student: Tensor,
+        teacher: Tensor,
+        student_unit: Tensor | None,
+        teacher_unit: Tensor | None,
+        has_unit: Tensor | None,
+        temperature: float,
+    ):
         if temperature != 1.0:
             student, teacher = student / temperature, teacher / temperature
         s_unit = _unit_column(student_unit, has_unit, temperature, student)

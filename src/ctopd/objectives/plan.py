@@ -69,8 +69,9 @@ class FlatChunks:
         return self.aligned & (self.student_sizes == 1) & (self.teacher_sizes == 1)
 
 
-def flatten_chunks(alignments: list[Alignment], student_ids: Tensor,
-                   shared_vocab: SharedVocab | None) -> FlatChunks:
+def flatten_chunks(
+    alignments: list[Alignment], student_ids: Tensor, shared_vocab: SharedVocab | None
+) -> FlatChunks:
     """Concatenate the chunks of ``B`` alignments.
 
     Args:
@@ -91,10 +92,13 @@ def flatten_chunks(alignments: list[Alignment], student_ids: Tensor,
         student_class[is_end] = shared_vocab.end_class
     return FlatChunks(
         batch=batch,
-        teacher_start=flat[:, 0], teacher_end=flat[:, 1],
-        student_start=flat[:, 2], student_end=flat[:, 3],
-        aligned=np.concatenate([np.asarray(a.aligned, bool) for a in alignments]
-                               or [np.zeros(0, bool)]),
+        teacher_start=flat[:, 0],
+        teacher_end=flat[:, 1],
+        student_start=flat[:, 2],
+        student_end=flat[:, 3],
+        aligned=np.concatenate(
+            [np.asarray(a.aligned, bool) for a in alignments] or [np.zeros(0, bool)]
+        ),
         is_end=is_end,
         student_class=student_class,
         student_lengths=np.asarray([a.student_length for a in alignments], dtype=np.int64),
@@ -127,8 +131,9 @@ def range_sums(values: Tensor, batch: np.ndarray, start: np.ndarray, end: np.nda
     """
     owner, index = expand_ranges(start, end)
     device = values.device
-    picked = values[torch.as_tensor(batch[owner], device=device),
-                    torch.as_tensor(index, device=device)]
+    picked = values[
+        torch.as_tensor(batch[owner], device=device), torch.as_tensor(index, device=device)
+    ]
     sums = values.new_zeros(start.shape[0])
     return sums.index_add(0, torch.as_tensor(owner, device=device), picked)
 
@@ -179,8 +184,9 @@ class ChunkPlan:
     slices: list[RowSlice]
 
 
-def build_plan(flat: FlatChunks, keep: np.ndarray, student_ids: Tensor, *, all_tokens: bool,
-               slice_size: int) -> ChunkPlan:
+def build_plan(
+    flat: FlatChunks, keep: np.ndarray, student_ids: Tensor, *, all_tokens: bool, slice_size: int
+) -> ChunkPlan:
     """Group the kept chunks into slices of about ``slice_size`` student rows.
 
     Args:
@@ -199,8 +205,16 @@ def build_plan(flat: FlatChunks, keep: np.ndarray, student_ids: Tensor, *, all_t
     slices = []
     for k0, k1 in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
         if k1 > k0:
-            slices.append(_row_slice(flat.batch[index[k0:k1]], starts[k0:k1], ends[k0:k1],
-                                     student_ids, all_tokens, k0))
+            slices.append(
+                _row_slice(
+                    flat.batch[index[k0:k1]],
+                    starts[k0:k1],
+                    ends[k0:k1],
+                    student_ids,
+                    all_tokens,
+                    k0,
+                )
+            )
     return ChunkPlan(
         index=index,
         batch=torch.as_tensor(flat.batch[index], device=device),
@@ -210,8 +224,14 @@ def build_plan(flat: FlatChunks, keep: np.ndarray, student_ids: Tensor, *, all_t
     )
 
 
-def _row_slice(batch: np.ndarray, starts: np.ndarray, ends: np.ndarray, student_ids: Tensor,
-               all_tokens: bool, k0: int) -> RowSlice:
+def _row_slice(
+    batch: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    student_ids: Tensor,
+    all_tokens: bool,
+    k0: int,
+) -> RowSlice:
     chunk = np.arange(batch.shape[0], dtype=np.int64)
     rows_batch, rows_pos, rows_chunk = [batch], [starts], [chunk]
     if all_tokens:
@@ -222,6 +242,11 @@ def _row_slice(batch: np.ndarray, starts: np.ndarray, ends: np.ndarray, student_
     device = student_ids.device
     b = torch.as_tensor(np.concatenate(rows_batch), device=device)
     p = torch.as_tensor(np.concatenate(rows_pos), device=device)
-    return RowSlice(batch=b, pos=p, ids=student_ids[b, p].long(),
-                    chunk=torch.as_tensor(np.concatenate(rows_chunk), device=device),
-                    k0=k0, k1=k0 + batch.shape[0])
+    return RowSlice(
+        batch=b,
+        pos=p,
+        ids=student_ids[b, p].long(),
+        chunk=torch.as_tensor(np.concatenate(rows_chunk), device=device),
+        k0=k0,
+        k1=k0 + batch.shape[0],
+    )

@@ -38,8 +38,11 @@ _PAPER_SPACE_NEEDS = frozenset({"token_logprobs", "class_logprobs"})
 _BUILT_IN = frozenset(OBJECTIVES)
 
 
-def register_objective(name: str, function: Callable[..., tuple[Tensor, dict[str, float]]],
-                       needs: frozenset[str] | set[str]) -> None:
+def register_objective(
+    name: str,
+    function: Callable[..., tuple[Tensor, dict[str, float]]],
+    needs: frozenset[str] | set[str],
+) -> None:
     """Make ``function`` trainable as ``objective.name: <name>`` (configs, ``ctopd train``).
 
     Args:
@@ -68,8 +71,10 @@ def register_objective(name: str, function: Callable[..., tuple[Tensor, dict[str
         raise ValueError(f"objective {name!r} must accept the keyword(s) {', '.join(missing)}")
     unknown = sorted(set(needs) - TEACHER_FIELDS)
     if unknown:
-        raise ValueError(f"unknown teacher field(s) {', '.join(unknown)}; valid: "
-                         f"{', '.join(sorted(TEACHER_FIELDS))}")
+        raise ValueError(
+            f"unknown teacher field(s) {', '.join(unknown)}; valid: "
+            f"{', '.join(sorted(TEACHER_FIELDS))}"
+        )
     OBJECTIVES[name] = function
     TEACHER_NEEDS[name] = frozenset(needs)
 
@@ -88,10 +93,16 @@ def teacher_needs(name: str, **options) -> frozenset[str]:
     return TEACHER_NEEDS[name]
 
 
-_COMMON_ARGUMENTS = frozenset({
-    "student_logits", "student_ids", "alignments", "shared_vocab", "teacher",
-    "student_old_logprobs",
-})
+_COMMON_ARGUMENTS = frozenset(
+    {
+        "student_logits",
+        "student_ids",
+        "alignments",
+        "shared_vocab",
+        "teacher",
+        "student_old_logprobs",
+    }
+)
 
 
 def objective_options(name: str) -> dict[str, object]:
@@ -103,14 +114,24 @@ def objective_options(name: str) -> dict[str, object]:
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
     parameters = inspect.signature(OBJECTIVES[name]).parameters.values()
-    return {p.name: p.default for p in parameters if p.name not in _COMMON_ARGUMENTS
-            and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return {
+        p.name: p.default
+        for p in parameters
+        if p.name not in _COMMON_ARGUMENTS and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
 
 
-def compute_objective(name: str, *, student_logits: Tensor, student_ids: Tensor,
-                      alignments: list[Alignment], shared_vocab: SharedVocab,
-                      teacher: TeacherOutputs | None, student_old_logprobs: Tensor | None = None,
-                      **options) -> tuple[Tensor, dict[str, float]]:
+def compute_objective(
+    name: str,
+    *,
+    student_logits: Tensor,
+    student_ids: Tensor,
+    alignments: list[Alignment],
+    shared_vocab: SharedVocab,
+    teacher: TeacherOutputs | None,
+    student_old_logprobs: Tensor | None = None,
+    **options,
+) -> tuple[Tensor, dict[str, float]]:
     """Run the objective ``name`` on a batch.
 
     Args:
@@ -149,7 +170,11 @@ def compute_objective(name: str, *, student_logits: Tensor, student_ids: Tensor,
     if shared_vocab is not None:
         student_logits = real_id_columns(student_logits, len(shared_vocab.student_id_to_class))
     return OBJECTIVES[name](
-        student_logits=student_logits, student_ids=student_ids, alignments=alignments,
-        shared_vocab=shared_vocab, teacher=teacher, student_old_logprobs=student_old_logprobs,
+        student_logits=student_logits,
+        student_ids=student_ids,
+        alignments=alignments,
+        shared_vocab=shared_vocab,
+        teacher=teacher,
+        student_old_logprobs=student_old_logprobs,
         **options,
     )

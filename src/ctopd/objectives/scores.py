@@ -53,13 +53,25 @@ class _RowScores(torch.autograd.Function):
             if ctx.members is None:
                 grad[:count] += grad_classes
             else:
-                _add_class_grads(grad[:count], grad_classes, rows[:count], normaliser[:count],
-                                 classes, ctx.members)
+                _add_class_grads(
+                    grad[:count],
+                    grad_classes,
+                    rows[:count],
+                    normaliser[:count],
+                    classes,
+                    ctx.members,
+                )
         return grad, None, None, None
 
 
-def _add_class_grads(grad: Tensor, grad_classes: Tensor, rows: Tensor, normaliser: Tensor,
-                     classes: Tensor, members: ClassMembers) -> None:
+def _add_class_grads(
+    grad: Tensor,
+    grad_classes: Tensor,
+    rows: Tensor,
+    normaliser: Tensor,
+    classes: Tensor,
+    members: ClassMembers,
+) -> None:
     """Add ``Σ_c G_c [j ∈ c] p_j / P(c)`` to ``grad`` ``[K, V]`` in place."""
     grad.index_add_(1, members.first, grad_classes)  # p_j / P(c) = 1 for one-member classes
     if not members.extra:
@@ -75,8 +87,9 @@ def _add_class_grads(grad: Tensor, grad_classes: Tensor, rows: Tensor, normalise
         grad.index_add_(1, ids, grad_classes[:, columns] * share)
 
 
-def row_scores(rows: Tensor, ids: Tensor, count: int = 0,
-               members: ClassMembers | None = None) -> tuple[Tensor, Tensor]:
+def row_scores(
+    rows: Tensor, ids: Tensor, count: int = 0, members: ClassMembers | None = None
+) -> tuple[Tensor, Tensor]:
     """Class log-probabilities of the first rows and realised-token log-probabilities.
 
     Args:

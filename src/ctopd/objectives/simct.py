@@ -85,12 +85,22 @@ class _DistributionSetup:
     temperature: float
 
 
-def simct(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignment],
-          shared_vocab: SharedVocab, teacher: TeacherOutputs | None,
-          student_old_logprobs: Tensor | None = None, divergence: str = "reverse_kl",
-          beta: float = 0.5, temperature: float = 1.0, weight_by_tokens: bool = False,
-          slice_size: int = 256, space: str = "text",
-          cells: str = "none") -> tuple[Tensor, dict[str, float]]:
+def simct(
+    *,
+    student_logits: Tensor,
+    student_ids: Tensor,
+    alignments: list[Alignment],
+    shared_vocab: SharedVocab,
+    teacher: TeacherOutputs | None,
+    student_old_logprobs: Tensor | None = None,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    weight_by_tokens: bool = False,
+    slice_size: int = 256,
+    space: str = "text",
+    cells: str = "none",
+) -> tuple[Tensor, dict[str, float]]:
     """SimCT over every aligned chunk, in the supervision space ``space``.
 
     ``space="text"`` (default): the text events and cells of
@@ -124,30 +134,80 @@ def simct(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Align
     """
     _check_space(space)
     if space == "text":
-        flat = _prepare_text(student_logits, student_ids, alignments, shared_vocab, teacher,
-                             "simct", divergence, beta, temperature, weight_by_tokens,
-                             slice_size, cells)
-        return text_objective(student_logits, student_ids, flat, teacher, flat.usable,
-                              kind=divergence, beta=beta, temperature=temperature,
-                              weight_by_tokens=weight_by_tokens, slice_size=slice_size)
-    flat = _prepare(student_logits, student_ids, alignments, shared_vocab, teacher, "simct",
-                    divergence, beta, temperature, weight_by_tokens, slice_size)
+        flat = _prepare_text(
+            student_logits,
+            student_ids,
+            alignments,
+            shared_vocab,
+            teacher,
+            "simct",
+            divergence,
+            beta,
+            temperature,
+            weight_by_tokens,
+            slice_size,
+            cells,
+        )
+        return text_objective(
+            student_logits,
+            student_ids,
+            flat,
+            teacher,
+            flat.usable,
+            kind=divergence,
+            beta=beta,
+            temperature=temperature,
+            weight_by_tokens=weight_by_tokens,
+            slice_size=slice_size,
+        )
+    flat = _prepare(
+        student_logits,
+        student_ids,
+        alignments,
+        shared_vocab,
+        teacher,
+        "simct",
+        divergence,
+        beta,
+        temperature,
+        weight_by_tokens,
+        slice_size,
+    )
     keep = flat.usable & ~_mislabelled(flat, shared_vocab)
     unit = keep & ~flat.is_end & (~flat.one_to_one | (flat.student_class < 0))
     return _distribution_objective(
-        student_logits, student_ids, flat, teacher, keep, unit,
-        teacher.class_logprobs, class_members(shared_vocab.student_member_ids,
-                                              student_logits.device),
-        divergence, beta, temperature, weight_by_tokens, slice_size,
+        student_logits,
+        student_ids,
+        flat,
+        teacher,
+        keep,
+        unit,
+        teacher.class_logprobs,
+        class_members(shared_vocab.student_member_ids, student_logits.device),
+        divergence,
+        beta,
+        temperature,
+        weight_by_tokens,
+        slice_size,
     )
 
 
-def shared_only(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignment],
-                shared_vocab: SharedVocab, teacher: TeacherOutputs | None,
-                student_old_logprobs: Tensor | None = None, divergence: str = "reverse_kl",
-                beta: float = 0.5, temperature: float = 1.0, weight_by_tokens: bool = False,
-                slice_size: int = 256, space: str = "text",
-                cells: str = "none") -> tuple[Tensor, dict[str, float]]:
+def shared_only(
+    *,
+    student_logits: Tensor,
+    student_ids: Tensor,
+    alignments: list[Alignment],
+    shared_vocab: SharedVocab,
+    teacher: TeacherOutputs | None,
+    student_old_logprobs: Tensor | None = None,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    weight_by_tokens: bool = False,
+    slice_size: int = 256,
+    space: str = "text",
+    cells: str = "none",
+) -> tuple[Tensor, dict[str, float]]:
     """Shared-vocabulary-only OPD: aligned 1:1 chunks whose token is a shared class; every
     other position is discarded. With ``space="text"`` (default) those chunks are compared over
     the same text events and cells as :func:`simct` (so a shared class is compared only where
@@ -155,29 +215,77 @@ def shared_only(*, student_logits: Tensor, student_ids: Tensor, alignments: list
     Arguments and returns as :func:`simct`."""
     _check_space(space)
     if space == "text":
-        flat = _prepare_text(student_logits, student_ids, alignments, shared_vocab, teacher,
-                             "shared_only", divergence, beta, temperature, weight_by_tokens,
-                             slice_size, cells)
+        flat = _prepare_text(
+            student_logits,
+            student_ids,
+            alignments,
+            shared_vocab,
+            teacher,
+            "shared_only",
+            divergence,
+            beta,
+            temperature,
+            weight_by_tokens,
+            slice_size,
+            cells,
+        )
         keep = flat.one_to_one & (flat.student_class >= 0)
-        return text_objective(student_logits, student_ids, flat, teacher, keep,
-                              kind=divergence, beta=beta, temperature=temperature,
-                              weight_by_tokens=weight_by_tokens, slice_size=slice_size)
-    flat = _prepare(student_logits, student_ids, alignments, shared_vocab, teacher,
-                    "shared_only", divergence, beta, temperature, weight_by_tokens, slice_size)
+        return text_objective(
+            student_logits,
+            student_ids,
+            flat,
+            teacher,
+            keep,
+            kind=divergence,
+            beta=beta,
+            temperature=temperature,
+            weight_by_tokens=weight_by_tokens,
+            slice_size=slice_size,
+        )
+    flat = _prepare(
+        student_logits,
+        student_ids,
+        alignments,
+        shared_vocab,
+        teacher,
+        "shared_only",
+        divergence,
+        beta,
+        temperature,
+        weight_by_tokens,
+        slice_size,
+    )
     keep = flat.one_to_one & (flat.student_class >= 0) & ~_mislabelled(flat, shared_vocab)
     return _distribution_objective(
-        student_logits, student_ids, flat, teacher, keep, np.zeros_like(keep),
-        teacher.class_logprobs, class_members(shared_vocab.student_member_ids,
-                                              student_logits.device),
-        divergence, beta, temperature, weight_by_tokens, slice_size,
+        student_logits,
+        student_ids,
+        flat,
+        teacher,
+        keep,
+        np.zeros_like(keep),
+        teacher.class_logprobs,
+        class_members(shared_vocab.student_member_ids, student_logits.device),
+        divergence,
+        beta,
+        temperature,
+        weight_by_tokens,
+        slice_size,
     )
 
 
-def opd(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignment],
-        shared_vocab: SharedVocab | None, teacher: TeacherOutputs | None,
-        student_old_logprobs: Tensor | None = None, divergence: str = "reverse_kl",
-        beta: float = 0.5, temperature: float = 1.0,
-        slice_size: int = 256) -> tuple[Tensor, dict[str, float]]:
+def opd(
+    *,
+    student_logits: Tensor,
+    student_ids: Tensor,
+    alignments: list[Alignment],
+    shared_vocab: SharedVocab | None,
+    teacher: TeacherOutputs | None,
+    student_old_logprobs: Tensor | None = None,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    slice_size: int = 256,
+) -> tuple[Tensor, dict[str, float]]:
     """Same-tokenizer OPD: full-vocabulary divergence at every aligned 1:1 chunk.
 
     Needs ``teacher.full_logprobs`` ``[B, n, V]`` with the student's vocabulary size ``V``.
@@ -186,8 +294,19 @@ def opd(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignme
     Raises:
         ValueError: the teacher's vocabulary size differs from the student's.
     """
-    flat = _prepare(student_logits, student_ids, alignments, None, teacher, "opd",
-                    divergence, beta, temperature, False, slice_size)
+    flat = _prepare(
+        student_logits,
+        student_ids,
+        alignments,
+        None,
+        teacher,
+        "opd",
+        divergence,
+        beta,
+        temperature,
+        False,
+        slice_size,
+    )
     teacher_vocab, student_vocab = teacher.full_logprobs.shape[-1], student_logits.shape[-1]
     if teacher_vocab != student_vocab:
         raise ValueError(
@@ -196,8 +315,19 @@ def opd(*, student_logits: Tensor, student_ids: Tensor, alignments: list[Alignme
         )
     keep = flat.one_to_one
     return _distribution_objective(
-        student_logits, student_ids, flat, teacher, keep, np.zeros_like(keep),
-        teacher.full_logprobs, None, divergence, beta, temperature, False, slice_size,
+        student_logits,
+        student_ids,
+        flat,
+        teacher,
+        keep,
+        np.zeros_like(keep),
+        teacher.full_logprobs,
+        None,
+        divergence,
+        beta,
+        temperature,
+        False,
+        slice_size,
     )
 
 
@@ -209,11 +339,28 @@ def _check_space(space: str) -> None:
         raise ValueError(f"unknown supervision space {space!r}; valid: {', '.join(SPACES)}")
 
 
-def _prepare_text(student_logits, student_ids, alignments, shared_vocab, teacher, name, kind,
-                  beta, temperature, weight_by_tokens, slice_size, cells) -> FlatChunks:
+def _prepare_text(
+    student_logits,
+    student_ids,
+    alignments,
+    shared_vocab,
+    teacher,
+    name,
+    kind,
+    beta,
+    temperature,
+    weight_by_tokens,
+    slice_size,
+    cells,
+) -> FlatChunks:
     """Validate the arguments of a text-event objective and flatten the chunks."""
-    check_options(divergence=kind, beta=beta, temperature=temperature,
-                  weight_by_tokens=weight_by_tokens, slice_size=slice_size)
+    check_options(
+        divergence=kind,
+        beta=beta,
+        temperature=temperature,
+        weight_by_tokens=weight_by_tokens,
+        slice_size=slice_size,
+    )
     check_student(student_logits, student_ids, alignments)
     check_teacher(teacher, ["token_logprobs"], alignments, student_logits.shape[0], name)
     events = teacher.text_events
@@ -221,7 +368,8 @@ def _prepare_text(student_logits, student_ids, alignments, shared_vocab, teacher
         raise ValueError(
             f"objective {name!r} with space='text' needs teacher.text_events; compute it with "
             f"teacher_outputs(..., needs=teacher_needs({name!r}), alignments=..., "
-            "student_ids=..., text_tables=...)")
+            "student_ids=..., text_tables=...)"
+        )
     if not torch.isfinite(events.scores).all():
         raise ValueError("teacher.text_events.scores holds NaN or inf")
     if events.tables.shared_vocab is not shared_vocab:
@@ -231,13 +379,15 @@ def _prepare_text(student_logits, student_ids, alignments, shared_vocab, teacher
     if events.tables.cells != cells and not events.tables.identical:
         raise ValueError(
             f"{name}: cells={cells!r} but the teacher's text_events were built with "
-            f"cells={events.tables.cells!r}; build text_tables(..., cells={cells!r})")
+            f"cells={events.tables.cells!r}; build text_tables(..., cells={cells!r})"
+        )
     largest = int(shared_vocab.student_member_ids.max())
     if largest >= student_logits.shape[-1]:
         raise ValueError(
             f"the shared vocabulary uses student id {largest} but student_logits has only "
             f"{student_logits.shape[-1]} columns; was the pair built from another student "
-            "tokenizer?")
+            "tokenizer?"
+        )
     return flatten_chunks(alignments, student_ids, shared_vocab)
 
 
@@ -249,11 +399,27 @@ def _mislabelled(flat: FlatChunks, shared_vocab: SharedVocab) -> np.ndarray:
     return np.zeros_like(flat.is_end)
 
 
-def _prepare(student_logits, student_ids, alignments, shared_vocab, teacher, name, kind, beta,
-             temperature, weight_by_tokens, slice_size) -> FlatChunks:
+def _prepare(
+    student_logits,
+    student_ids,
+    alignments,
+    shared_vocab,
+    teacher,
+    name,
+    kind,
+    beta,
+    temperature,
+    weight_by_tokens,
+    slice_size,
+) -> FlatChunks:
     """Validate the arguments and flatten the chunks."""
-    check_options(divergence=kind, beta=beta, temperature=temperature,
-                  weight_by_tokens=weight_by_tokens, slice_size=slice_size)
+    check_options(
+        divergence=kind,
+        beta=beta,
+        temperature=temperature,
+        weight_by_tokens=weight_by_tokens,
+        slice_size=slice_size,
+    )
     check_student(student_logits, student_ids, alignments)
     field = "full_logprobs" if name == "opd" else "class_logprobs"
     check_teacher(teacher, ["token_logprobs", field], alignments, student_logits.shape[0], name)
@@ -276,43 +442,69 @@ def _check_shared_vocab(shared_vocab: SharedVocab, teacher_classes: Tensor, voca
         )
 
 
-def _distribution_objective(student_logits, student_ids, flat, teacher, keep, unit,
-                            teacher_rows, members, kind, beta, temperature, weight_by_tokens,
-                            slice_size) -> tuple[Tensor, dict[str, float]]:
+def _distribution_objective(
+    student_logits,
+    student_ids,
+    flat,
+    teacher,
+    keep,
+    unit,
+    teacher_rows,
+    members,
+    kind,
+    beta,
+    temperature,
+    weight_by_tokens,
+    slice_size,
+) -> tuple[Tensor, dict[str, float]]:
     """Shared body of simct / shared_only / opd once the chunks are chosen."""
-    plan = build_plan(flat, keep, student_ids, all_tokens=bool(unit.any()),
-                      slice_size=slice_size)
+    plan = build_plan(flat, keep, student_ids, all_tokens=bool(unit.any()), slice_size=slice_size)
     device, dtype = student_logits.device, compute_dtype(student_logits)
     has_unit = teacher_unit = None
     if unit[plan.index].any():
         kept = plan.index
         has_unit = torch.as_tensor(unit[kept], device=device)
-        sums = range_sums(teacher.token_logprobs.detach().to(device, dtype), flat.batch[kept],
-                          flat.teacher_start[kept], flat.teacher_end[kept])
+        sums = range_sums(
+            teacher.token_logprobs.detach().to(device, dtype),
+            flat.batch[kept],
+            flat.teacher_start[kept],
+            flat.teacher_end[kept],
+        )
         teacher_unit = sums / torch.as_tensor(flat.teacher_sizes[kept], device=device)
     sizes = plan.student_sizes.to(dtype)
     setup = _DistributionSetup(
-        plan=plan, teacher_rows=teacher_rows.detach().to(device), members=members,
+        plan=plan,
+        teacher_rows=teacher_rows.detach().to(device),
+        members=members,
         has_unit=has_unit,
-        teacher_unit=teacher_unit, weights=sizes if weight_by_tokens else torch.ones_like(sizes),
-        kind=kind, beta=beta, temperature=temperature,
+        teacher_unit=teacher_unit,
+        weights=sizes if weight_by_tokens else torch.ones_like(sizes),
+        kind=kind,
+        beta=beta,
+        temperature=temperature,
     )
     sums: dict[str, float] = {}
     student_tokens = int(flat.student_lengths.sum())
-    loss = sliced_loss(student_logits, plan.slices,
-                       lambda rows, sl: _slice_loss(setup, rows, sl), sums,
-                       scale=1.0 / max(student_tokens, 1))
+    loss = sliced_loss(
+        student_logits,
+        plan.slices,
+        lambda rows, sl: _slice_loss(setup, rows, sl),
+        sums,
+        scale=1.0 / max(student_tokens, 1),
+    )
     kept_chunks = plan.index.size
     return loss, finish_metrics(
-        batch_metrics(flat, teacher.token_logprobs), loss=loss,
+        batch_metrics(flat, teacher.token_logprobs),
+        loss=loss,
         kl=sums.get("kl", 0.0) / kept_chunks if kept_chunks else 0.0,
         supervised_tokens=int(flat.student_sizes[plan.index].sum()),
         chunks_supervised=kept_chunks,
     )
 
 
-def _slice_loss(setup: _DistributionSetup, rows: Tensor,
-                row_slice: RowSlice) -> tuple[Tensor, dict[str, Tensor]]:
+def _slice_loss(
+    setup: _DistributionSetup, rows: Tensor, row_slice: RowSlice
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Weighted divergence summed over one slice's chunks; rows ``[S, V_S]``."""
     k0, k1, count = row_slice.k0, row_slice.k1, row_slice.num_chunks
     student_scores, token_logprobs = row_scores(rows, row_slice.ids, count, setup.members)
@@ -324,17 +516,32 @@ def _slice_loss(setup: _DistributionSetup, rows: Tensor,
         counts = plan.student_sizes[k0:k1].to(rows.dtype)
         student_unit = segment_sum(token_logprobs, row_slice.chunk, count) / counts
         teacher_unit, has_unit = setup.teacher_unit[k0:k1], setup.has_unit[k0:k1]
-    per_chunk, kl = omega_divergence(student_scores, teacher_scores, student_unit, teacher_unit,
-                                     has_unit, kind=setup.kind, beta=setup.beta,
-                                     temperature=setup.temperature)
+    per_chunk, kl = omega_divergence(
+        student_scores,
+        teacher_scores,
+        student_unit,
+        teacher_unit,
+        has_unit,
+        kind=setup.kind,
+        beta=setup.beta,
+        temperature=setup.temperature,
+    )
     return (per_chunk * setup.weights[k0:k1]).sum(), {"kl": kl.sum()}
 
 
-
-def text_objective(student_logits: Tensor, student_ids: Tensor, flat: FlatChunks,
-                   teacher: TeacherOutputs, keep: np.ndarray, *, kind: str, beta: float,
-                   temperature: float, weight_by_tokens: bool,
-                   slice_size: int) -> tuple[Tensor, dict[str, float]]:
+def text_objective(
+    student_logits: Tensor,
+    student_ids: Tensor,
+    flat: FlatChunks,
+    teacher: TeacherOutputs,
+    keep: np.ndarray,
+    *,
+    kind: str,
+    beta: float,
+    temperature: float,
+    weight_by_tokens: bool,
+    slice_size: int,
+) -> tuple[Tensor, dict[str, float]]:
     """``Σ_k w_k D(P_S,k ‖ P_T,k) / (student response tokens)`` over the text events and cells
     of the kept chunks (:mod:`ctopd.objectives.text_events`); ``P = softmax(log P / τ)``."""
     events = teacher.text_events
@@ -343,8 +550,9 @@ def text_objective(student_logits: Tensor, student_ids: Tensor, flat: FlatChunks
     student = student_ids.detach().cpu().numpy().astype(np.int64)
     plan = build_event_plan(flat, keep, np.maximum(events.teacher_ids, 0), student, tables)
     at = np.searchsorted(events.plan.index, plan.index)
-    if plan.num_chunks and (at.max() >= events.plan.index.size
-                            or not np.array_equal(events.plan.index[at], plan.index)):
+    if plan.num_chunks and (
+        at.max() >= events.plan.index.size or not np.array_equal(events.plan.index[at], plan.index)
+    ):
         raise ValueError("teacher.text_events were computed for other alignments")
     columns = tables.cell_index.size + plan.width
     teacher_scores = events.scores[torch.as_tensor(at, device=events.scores.device)]
@@ -357,8 +565,16 @@ def text_objective(student_logits: Tensor, student_ids: Tensor, flat: FlatChunks
         r0, r1 = side_rows_in(rows, k0, k1)
         batch = torch.as_tensor(rows.batch[r0:r1], device=device)
         pos = torch.as_tensor(rows.pos[r0:r1], device=device)
-        slices.append(RowSlice(batch=batch, pos=pos, ids=torch.as_tensor(rows.ids[r0:r1]),
-                               chunk=torch.as_tensor(rows.chunk[r0:r1] - k0), k0=k0, k1=k1))
+        slices.append(
+            RowSlice(
+                batch=batch,
+                pos=pos,
+                ids=torch.as_tensor(rows.ids[r0:r1]),
+                chunk=torch.as_tensor(rows.chunk[r0:r1] - k0),
+                k0=k0,
+                k1=k1,
+            )
+        )
 
     def slice_loss(logit_rows: Tensor, row_slice: RowSlice):
         k0, k1 = row_slice.k0, row_slice.k1
@@ -373,11 +589,11 @@ def text_objective(student_logits: Tensor, student_ids: Tensor, flat: FlatChunks
 
     sums: dict[str, float] = {}
     student_tokens = int(flat.student_lengths.sum())
-    loss = sliced_loss(student_logits, slices, slice_loss, sums,
-                       scale=1.0 / max(student_tokens, 1))
+    loss = sliced_loss(student_logits, slices, slice_loss, sums, scale=1.0 / max(student_tokens, 1))
     kept = plan.num_chunks
     return loss, finish_metrics(
-        batch_metrics(flat, teacher.token_logprobs), loss=loss,
+        batch_metrics(flat, teacher.token_logprobs),
+        loss=loss,
         kl=sums.get("kl", 0.0) / kept if kept else 0.0,
         supervised_tokens=int(flat.student_sizes[plan.index].sum()),
         chunks_supervised=kept,

@@ -38,8 +38,9 @@ class _SlicedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, run: Callable, needs_grad: bool) -> Tensor:
-        buffer = torch.zeros_like(logits, memory_format=torch.contiguous_format) if needs_grad \
-            else None
+        buffer = (
+            torch.zeros_like(logits, memory_format=torch.contiguous_format) if needs_grad else None
+        )
         loss = run(logits, buffer)
         ctx.save_for_backward(logits)
         ctx.run, ctx.buffer = run, buffer
@@ -60,8 +61,14 @@ class _SlicedLoss(torch.autograd.Function):
         return buffer, None, None
 
 
-def sliced_loss(student_logits: Tensor, slices: Sequence[RowSlice], slice_loss: SliceLoss,
-                metrics: dict[str, float], *, scale: float = 1.0) -> Tensor:
+def sliced_loss(
+    student_logits: Tensor,
+    slices: Sequence[RowSlice],
+    slice_loss: SliceLoss,
+    metrics: dict[str, float],
+    *,
+    scale: float = 1.0,
+) -> Tensor:
     """``scale`` times the sum of ``slice_loss`` over ``slices``, differentiable with respect to
     the logits.
 
@@ -95,9 +102,14 @@ def sliced_loss(student_logits: Tensor, slices: Sequence[RowSlice], slice_loss: 
     return _SlicedLoss.apply(student_logits, run, needs_grad)
 
 
-def _run_slice(logits: Tensor, buffer: Tensor | None, row_slice: RowSlice,
-               slice_loss: SliceLoss, dtype: torch.dtype,
-               scale: float) -> tuple[Tensor, dict[str, Tensor]]:
+def _run_slice(
+    logits: Tensor,
+    buffer: Tensor | None,
+    row_slice: RowSlice,
+    slice_loss: SliceLoss,
+    dtype: torch.dtype,
+    scale: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
     rows = logits[row_slice.batch, row_slice.pos].to(dtype)
     if buffer is None:
         loss, parts = slice_loss(rows, row_slice)

@@ -80,8 +80,16 @@ class TokenGroups:
     columns: Tensor
 
 
-def sorted_ranges(rows: np.ndarray | None, order: np.ndarray, vocab: int, query: np.ndarray,
-                  row: np.ndarray, lo: np.ndarray, hi: np.ndarray, device) -> SortedRanges:
+def sorted_ranges(
+    rows: np.ndarray | None,
+    order: np.ndarray,
+    vocab: int,
+    query: np.ndarray,
+    row: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    device,
+) -> SortedRanges:
     """A :class:`SortedRanges` from numpy arrays (``inverse`` built here, over ``vocab``
     columns)."""
     inverse = np.full(vocab, order.size, dtype=np.int64)
@@ -90,14 +98,28 @@ def sorted_ranges(rows: np.ndarray | None, order: np.ndarray, vocab: int, query:
     def t(array):
         return torch.as_tensor(np.ascontiguousarray(array, dtype=np.int64), device=device)
 
-    return SortedRanges(rows=None if rows is None else t(rows), order=t(order), inverse=t(inverse),
-                        query=t(query), row=t(row), lo=t(lo), hi=t(hi))
+    return SortedRanges(
+        rows=None if rows is None else t(rows),
+        order=t(order),
+        inverse=t(inverse),
+        query=t(query),
+        row=t(row),
+        lo=t(lo),
+        hi=t(hi),
+    )
 
 
 class _SoftmaxSums(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, ids: Tensor, ranges: Sequence[SortedRanges],
-                num_queries: int, groups: Sequence[TokenGroups], cell_shape: tuple[int, int]):
+    def forward(
+        ctx,
+        logits: Tensor,
+        ids: Tensor,
+        ranges: Sequence[SortedRanges],
+        num_queries: int,
+        groups: Sequence[TokenGroups],
+        cell_shape: tuple[int, int],
+    ):
         ctx.set_materialize_grads(False)
         log_norm = torch.logsumexp(logits, dim=-1)
         probs = (logits - log_norm[:, None]).exp_()  # [S, V], kept for backward
@@ -115,14 +137,16 @@ class _SoftmaxSums(torch.autograd.Function):
             upper = flat[base + (group.hi - 1).clamp(min=0)]
             lower = flat[base + (group.lo - 1).clamp(min=0)]
             masses[group.query] = torch.where(
-                group.hi > group.lo, upper - torch.where(group.lo > 0, lower, 0.0), 0.0)
+                group.hi > group.lo, upper - torch.where(group.lo > 0, lower, 0.0), 0.0
+            )
         cells = torch.zeros(cell_shape, dtype=torch.float64, device=logits.device)
         for group in groups:
             if group.tokens.numel() == 0 or group.rows.numel() == 0:
                 continue
             picked = probs[group.rows[:, None], group.tokens[None, :]].to(torch.float64)
-            part = torch.zeros(group.rows.numel(), cell_shape[1], dtype=torch.float64,
-                               device=logits.device)
+            part = torch.zeros(
+                group.rows.numel(), cell_shape[1], dtype=torch.float64, device=logits.device
+            )
             cells[group.target] = part.index_add_(1, group.columns, picked)
         ctx.save_for_backward(probs, ids, masses, cells)
         ctx.ranges, ctx.groups = ranges, groups
@@ -130,8 +154,9 @@ class _SoftmaxSums(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_tokens: Tensor | None, grad_masses: Tensor | None,
-                 grad_cells: Tensor | None):
+    def backward(
+        ctx, grad_tokens: Tensor | None, grad_masses: Tensor | None, grad_cells: Tensor | None
+    ):
         probs, ids, masses, cells = ctx.saved_tensors
         rows_count, vocab = probs.shape
         dtype, device = probs.dtype, probs.device
@@ -162,8 +187,13 @@ class _SoftmaxSums(torch.autograd.Function):
                 else:
                     if grad is None:
                         grad = torch.zeros(rows_count, vocab, dtype=dtype, device=device)
-                    grad.index_add_(0, torch.arange(rows_count, device=device)
-                                    if group.rows is None else group.rows, part)
+                    grad.index_add_(
+                        0,
+                        torch.arange(rows_count, device=device)
+                        if group.rows is None
+                        else group.rows,
+                        part,
+                    )
         if grad_cells is not None:
             for group in ctx.groups:
                 if group.tokens.numel() == 0 or group.rows.numel() == 0:
@@ -172,20 +202,29 @@ class _SoftmaxSums(torch.autograd.Function):
                 offset.index_add_(0, group.rows, (g * cells[group.target]).sum(dim=1))
                 if grad is None:
                     grad = torch.zeros(rows_count, vocab, dtype=dtype, device=device)
-                grad.index_put_((group.rows[:, None], group.tokens[None, :]),
-                                g[:, group.columns].to(dtype), accumulate=True)
+                grad.index_put_(
+                    (group.rows[:, None], group.tokens[None, :]),
+                    g[:, group.columns].to(dtype),
+                    accumulate=True,
+                )
         if grad is None:
             grad = torch.zeros(rows_count, vocab, dtype=dtype, device=device)
         grad.sub_(offset.to(dtype)[:, None]).mul_(probs)
         if grad_tokens is not None:
-            grad.view(-1).index_add_(0, torch.arange(rows_count, device=device) * vocab + ids,
-                                     grad_tokens.to(dtype))
+            grad.view(-1).index_add_(
+                0, torch.arange(rows_count, device=device) * vocab + ids, grad_tokens.to(dtype)
+            )
         return grad, None, None, None, None, None
 
 
-def softmax_sums(logits: Tensor, ids: Tensor, ranges: Sequence[SortedRanges],
-                 num_queries: int, groups: Sequence[TokenGroups] = (),
-                 cell_shape: tuple[int, int] = (0, 0)) -> tuple[Tensor, Tensor, Tensor]:
+def softmax_sums(
+    logits: Tensor,
+    ids: Tensor,
+    ranges: Sequence[SortedRanges],
+    num_queries: int,
+    groups: Sequence[TokenGroups] = (),
+    cell_shape: tuple[int, int] = (0, 0),
+) -> tuple[Tensor, Tensor, Tensor]:
     """Realised-token log-probabilities, range masses and token-group sums of softmax rows.
 
     Args:
@@ -202,5 +241,6 @@ def softmax_sums(logits: Tensor, ids: Tensor, ranges: Sequence[SortedRanges],
         ``[Q]`` probabilities of the ranges; float64 ``[K, C]`` group sums (0 where no group
         writes). One backward pass through all three (no double backward).
     """
-    return _SoftmaxSums.apply(logits, ids, tuple(ranges), num_queries, tuple(groups),
-                              tuple(cell_shape))
+    return _SoftmaxSums.apply(
+        logits, ids, tuple(ranges), num_queries, tuple(groups), tuple(cell_shape)
+    )

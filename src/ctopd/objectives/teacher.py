@@ -27,8 +27,9 @@ from ctopd.objectives.text_events import (
     side_rows_in,
 )
 
-TEACHER_FIELDS = frozenset({"token_logprobs", "class_logprobs", "full_logprobs", "topk_probs",
-                            "text_events"})
+TEACHER_FIELDS = frozenset(
+    {"token_logprobs", "class_logprobs", "full_logprobs", "topk_probs", "text_events"}
+)
 
 
 @dataclass
@@ -145,35 +146,55 @@ def teacher_outputs(
                 logp = torch.log_softmax(teacher_logits[b, lo:hi].to(dtype) / temperature, -1)
                 _fill_slice(out, logp, teacher_ids[b, lo:hi], members, b, slice(lo, hi))
         if "text_events" in needs:
-            out.text_events = _text_events(teacher_logits, teacher_ids, shared_vocab, dtype,
-                                           temperature, slice_size, alignments, student_ids,
-                                           text_tables)
+            out.text_events = _text_events(
+                teacher_logits,
+                teacher_ids,
+                shared_vocab,
+                dtype,
+                temperature,
+                slice_size,
+                alignments,
+                student_ids,
+                text_tables,
+            )
     return out
 
 
-def _text_events(teacher_logits: Tensor, teacher_ids: Tensor, shared_vocab: SharedVocab,
-                 dtype: torch.dtype, temperature: float, slice_size: int,
-                 alignments: list[Alignment] | None, student_ids, text_tables: TextTables | None
-                 ) -> TeacherTextEvents:
+def _text_events(
+    teacher_logits: Tensor,
+    teacher_ids: Tensor,
+    shared_vocab: SharedVocab,
+    dtype: torch.dtype,
+    temperature: float,
+    slice_size: int,
+    alignments: list[Alignment] | None,
+    student_ids,
+    text_tables: TextTables | None,
+) -> TeacherTextEvents:
     """Score the text events of every usable chunk with the teacher (no grad)."""
     if alignments is None or student_ids is None or text_tables is None:
-        raise ValueError("the teacher's text_events need alignments, student_ids and "
-                         "text_tables (ctopd.objectives.text_events.text_tables(pair...))")
+        raise ValueError(
+            "the teacher's text_events need alignments, student_ids and "
+            "text_tables (ctopd.objectives.text_events.text_tables(pair...))"
+        )
     if text_tables.shared_vocab is not shared_vocab:
         raise ValueError("text_tables were built for another shared vocabulary")
     student = padded_ids(student_ids)
     teacher = teacher_ids.detach().cpu().numpy().astype(np.int64)
     flat = flatten_chunks(alignments, torch.as_tensor(np.maximum(student, 0)), shared_vocab)
-    plan = build_event_plan(flat, flat.usable, np.maximum(teacher, 0), np.maximum(student, 0),
-                            text_tables)
+    plan = build_event_plan(
+        flat, flat.usable, np.maximum(teacher, 0), np.maximum(student, 0), text_tables
+    )
     width = text_tables.cell_index.size + plan.width
     scores = torch.empty(plan.num_chunks, width, dtype=dtype, device=teacher_logits.device)
     # Each row holds a cumulative sum over the vocabulary in float64: smaller slices.
     for k0, k1 in chunk_slices(plan.teacher, plan.num_chunks, max(1, slice_size // 4)):
         r0, r1 = side_rows_in(plan.teacher, k0, k1)
         device = teacher_logits.device
-        rows = teacher_logits[torch.as_tensor(plan.teacher.batch[r0:r1], device=device),
-                              torch.as_tensor(plan.teacher.pos[r0:r1], device=device)]
+        rows = teacher_logits[
+            torch.as_tensor(plan.teacher.batch[r0:r1], device=device),
+            torch.as_tensor(plan.teacher.pos[r0:r1], device=device),
+        ]
         rows = rows.to(dtype)
         if temperature != 1.0:  # x / 1 == x: skip a dense pass
             rows = rows / temperature
@@ -192,8 +213,14 @@ def padded_ids(ids: Tensor | list) -> np.ndarray:
     return out
 
 
-def _fill_slice(out: TeacherOutputs, logp: Tensor, ids: Tensor, members: ClassMembers | None,
-                b: int, span: slice) -> None:
+def _fill_slice(
+    out: TeacherOutputs,
+    logp: Tensor,
+    ids: Tensor,
+    members: ClassMembers | None,
+    b: int,
+    span: slice,
+) -> None:
     """Write one slice's results into the preallocated outputs."""
     padding = ids < 0
     picked = logp.gather(-1, ids.clamp(min=0).long()[:, None])[:, 0]
@@ -206,8 +233,14 @@ def _fill_slice(out: TeacherOutputs, logp: Tensor, ids: Tensor, members: ClassMe
         out.topk_probs[b, span] = logp.topk(out.topk_probs.shape[-1], dim=-1).values.exp()
 
 
-def _check_teacher_args(teacher_logits: Tensor, teacher_ids: Tensor, needs: frozenset[str],
-                        temperature: float, slice_size: int, top_k: int) -> None:
+def _check_teacher_args(
+    teacher_logits: Tensor,
+    teacher_ids: Tensor,
+    needs: frozenset[str],
+    temperature: float,
+    slice_size: int,
+    top_k: int,
+) -> None:
     unknown = set(needs) - TEACHER_FIELDS
     if unknown:
         raise ValueError(

@@ -165,8 +165,9 @@ def cell_eligible(shared_vocab: SharedVocab, cells: str) -> np.ndarray:
     return out
 
 
-def text_tables(teacher: ByteTable, student: ByteTable, shared_vocab: SharedVocab,
-                *, cells: str = "none") -> TextTables:
+def text_tables(
+    teacher: ByteTable, student: ByteTable, shared_vocab: SharedVocab, *, cells: str = "none"
+) -> TextTables:
     """The pair's :class:`TextTables`, cached for as long as ``shared_vocab`` lives.
 
     Args:
@@ -176,11 +177,13 @@ def text_tables(teacher: ByteTable, student: ByteTable, shared_vocab: SharedVoca
             identical tokenizers every class may (both contexts exclude the same
             continuations), which makes the space token-level OPD.
     """
-    identical = (teacher.vocab_size == student.vocab_size
-                 and np.array_equal(teacher.lengths, student.lengths)
-                 and np.array_equal(teacher.flat_bytes, student.flat_bytes)
-                 and np.array_equal(teacher.special, student.special)
-                 and teacher.dummy_prefix == student.dummy_prefix)
+    identical = (
+        teacher.vocab_size == student.vocab_size
+        and np.array_equal(teacher.lengths, student.lengths)
+        and np.array_equal(teacher.flat_bytes, student.flat_bytes)
+        and np.array_equal(teacher.special, student.special)
+        and teacher.dummy_prefix == student.dummy_prefix
+    )
     key = (id(shared_vocab), cells)
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is shared_vocab:
@@ -188,13 +191,21 @@ def text_tables(teacher: ByteTable, student: ByteTable, shared_vocab: SharedVoca
     sides = []
     for table in (teacher, student):
         everywhere = build_sorted_vocab(table, shared_vocab)
-        first = build_sorted_vocab(table, shared_vocab, strip_space=True) \
-            if table.dummy_prefix else everywhere
+        first = (
+            build_sorted_vocab(table, shared_vocab, strip_space=True)
+            if table.dummy_prefix
+            else everywhere
+        )
         sides.append(SideTables(table=table, sorted=everywhere, first=first))
-    tables = TextTables(shared_vocab=shared_vocab, teacher=sides[0], student=sides[1],
-                        classes=build_sorted_classes(shared_vocab),
-                        cell_classes=cell_eligible(shared_vocab, "all" if identical else cells),
-                        cells=cells, identical=identical)
+    tables = TextTables(
+        shared_vocab=shared_vocab,
+        teacher=sides[0],
+        student=sides[1],
+        classes=build_sorted_classes(shared_vocab),
+        cell_classes=cell_eligible(shared_vocab, "all" if identical else cells),
+        cells=cells,
+        identical=identical,
+    )
     # The callback holds the dict itself: at interpreter exit the module's globals may already
     # be None when the last SharedVocab is collected.
     _CACHE[key] = (weakref.ref(shared_vocab, partial(_forget, _CACHE, key)), tables)
@@ -284,8 +295,13 @@ def context_lengths(table: ByteTable, ids: np.ndarray, pos: np.ndarray) -> np.nd
     return lengths
 
 
-def build_event_plan(flat: FlatChunks, keep: np.ndarray, teacher_ids: np.ndarray,
-                     student_ids: np.ndarray, tables: TextTables) -> EventPlan:
+def build_event_plan(
+    flat: FlatChunks,
+    keep: np.ndarray,
+    teacher_ids: np.ndarray,
+    student_ids: np.ndarray,
+    tables: TextTables,
+) -> EventPlan:
     """Plan the text events of the kept chunks of a batch.
 
     Args:
@@ -300,10 +316,20 @@ def build_event_plan(flat: FlatChunks, keep: np.ndarray, teacher_ids: np.ndarray
     batch = flat.batch[index]
     sides = {}
     for name, ids, start, end, side_tables in (
-        ("teacher", teacher_ids, flat.teacher_start[index], flat.teacher_end[index],
-         tables.teacher),
-        ("student", student_ids, flat.student_start[index], flat.student_end[index],
-         tables.student),
+        (
+            "teacher",
+            teacher_ids,
+            flat.teacher_start[index],
+            flat.teacher_end[index],
+            tables.teacher,
+        ),
+        (
+            "student",
+            student_ids,
+            flat.student_start[index],
+            flat.student_end[index],
+            tables.student,
+        ),
     ):
         owner, pos = expand_ranges(start, end)
         row_ids = ids[batch[owner], pos].astype(np.int64)
@@ -354,26 +380,44 @@ def build_event_plan(flat: FlatChunks, keep: np.ndarray, teacher_ids: np.ndarray
         first_table = (pos == 0) & side_tables.table.dummy_prefix
         query_row, query_length = expand_ranges(np.ones_like(offset), size[owner] - offset + 1)
         q_start = byte_start[owner[query_row]] + offset[query_row]
-        q_keys = window_keys(escaped, offsets, q_start, q_start + query_length,
-                             end_marker=False)
-        q_upper = window_keys(escaped, offsets, q_start, q_start + query_length,
-                              end_marker=True)
+        q_keys = window_keys(escaped, offsets, q_start, q_start + query_length, end_marker=False)
+        q_upper = window_keys(escaped, offsets, q_start, q_start + query_length, end_marker=True)
         lo, hi = side_tables.sorted.ranges(q_keys, q_upper)
         in_first = first_table[query_row]
         if in_first.any():
             lo_f, hi_f = side_tables.first.ranges(q_keys[in_first], q_upper[in_first])
             lo[in_first], hi[in_first] = lo_f, hi_f
         side_rows[name] = SideRows(
-            chunk=owner, batch=batch[owner], pos=pos, ids=row_ids, offset=offset,
-            next_offset=next_offset, first_table=first_table, query_row=query_row,
-            query_length=query_length, query_lo=lo, query_hi=hi, row_start=row_start)
+            chunk=owner,
+            batch=batch[owner],
+            pos=pos,
+            ids=row_ids,
+            offset=offset,
+            next_offset=next_offset,
+            first_table=first_table,
+            query_row=query_row,
+            query_length=query_length,
+            query_lo=lo,
+            query_hi=hi,
+            row_start=row_start,
+        )
     return EventPlan(
-        index=index, size=size, limit=limit, width=1 + int(size.max(initial=0)),
-        class_chunk=class_chunk, class_length=class_length, class_lo=class_lo,
-        class_hi=class_hi, class_exact=class_exact, noncell_lo=noncell_lo,
-        noncell_hi=noncell_hi, prefix_chunk=class_chunk[is_prefix],
-        prefix_class=class_exact[is_prefix], teacher=side_rows["teacher"],
-        student=side_rows["student"])
+        index=index,
+        size=size,
+        limit=limit,
+        width=1 + int(size.max(initial=0)),
+        class_chunk=class_chunk,
+        class_length=class_length,
+        class_lo=class_lo,
+        class_hi=class_hi,
+        class_exact=class_exact,
+        noncell_lo=noncell_lo,
+        noncell_hi=noncell_hi,
+        prefix_chunk=class_chunk[is_prefix],
+        prefix_class=class_exact[is_prefix],
+        teacher=side_rows["teacher"],
+        student=side_rows["student"],
+    )
 
 
 def chunk_slices(rows: SideRows, num_chunks: int, slice_size: int) -> list[tuple[int, int]]:
@@ -390,8 +434,9 @@ def side_rows_in(rows: SideRows, k0: int, k1: int) -> tuple[int, int]:
     return int(rows.row_start[k0]), int(rows.row_start[k1])
 
 
-def event_scores(logits: Tensor, plan: EventPlan, side: str, tables: TextTables, k0: int,
-                 k1: int) -> Tensor:
+def event_scores(
+    logits: Tensor, plan: EventPlan, side: str, tables: TextTables, k0: int, k1: int
+) -> Tensor:
     """Log-probabilities of every cell and event of chunks ``[k0, k1)`` under one model.
 
     Args:
@@ -423,11 +468,13 @@ def event_scores(logits: Tensor, plan: EventPlan, side: str, tables: TextTables,
     first_table = rows.first_table[r0:r1]
     q0, q1 = np.searchsorted(rows.query_row, [r0, r1])
     token_logp, masses, cells = softmax_sums(
-        logits, t(rows.ids[r0:r1]), _sorted_ranges(rows, r0, r1, q0, q1, first_table,
-                                                   side_tables, logits.shape[1], device),
-        int(q1 - q0), _cell_groups(first_table[first_row], side_tables, tables, first_row,
-                                   device),
-        (count, tables.cell_index.size))
+        logits,
+        t(rows.ids[r0:r1]),
+        _sorted_ranges(rows, r0, r1, q0, q1, first_table, side_tables, logits.shape[1], device),
+        int(q1 - q0),
+        _cell_groups(first_table[first_row], side_tables, tables, first_row, device),
+        (count, tables.cell_index.size),
+    )
     # Path prefix P(x_<j): exclusive cumulative sum of the realised log-probs within the chunk.
     inclusive = torch.cumsum(token_logp, 0)
     exclusive = inclusive - token_logp
@@ -466,8 +513,9 @@ def event_scores(logits: Tensor, plan: EventPlan, side: str, tables: TextTables,
     size = t(plan.size[k0:k1])
     columns = torch.arange(width, device=device)
     valid = columns[None, :] <= size[:, None]  # E_U and E_0..E_{n-1}
-    event_scores_ = torch.where(valid, events.clamp(min=EVENT_FLOOR).log(),
-                                torch.full_like(events, ABSENT))
+    event_scores_ = torch.where(
+        valid, events.clamp(min=EVENT_FLOOR).log(), torch.full_like(events, ABSENT)
+    )
     return torch.cat([cell_scores, event_scores_], dim=1).to(dtype)
 
 
@@ -479,9 +527,17 @@ def _not_last(rows: SideRows, r0: int, r1: int) -> np.ndarray:
     return out
 
 
-def _sorted_ranges(rows: SideRows, r0: int, r1: int, q0: int, q1: int,
-                   first_table: np.ndarray, side_tables: SideTables, vocab: int,
-                   device) -> list[SortedRanges]:
+def _sorted_ranges(
+    rows: SideRows,
+    r0: int,
+    r1: int,
+    q0: int,
+    q1: int,
+    first_table: np.ndarray,
+    side_tables: SideTables,
+    vocab: int,
+    device,
+) -> list[SortedRanges]:
     """The range queries ``[q0, q1)`` of rows ``[r0, r1)``, one :class:`SortedRanges` per
     sorted vocabulary the rows are read with (``vocab`` logit columns)."""
     q_row = rows.query_row[q0:q1] - r0
@@ -502,13 +558,21 @@ def _sorted_ranges(rows: SideRows, r0: int, r1: int, q0: int, q1: int,
             position = np.full(r1 - r0, -1, dtype=np.int64)
             position[chosen] = np.arange(chosen.size)
             local = position[q_row[queries]]
-        out.append(sorted_ranges(chosen, table.order, vocab, queries, local, lo[queries],
-                                 hi[queries], device))
+        out.append(
+            sorted_ranges(
+                chosen, table.order, vocab, queries, local, lo[queries], hi[queries], device
+            )
+        )
     return out
 
 
-def _cell_groups(first_table: np.ndarray, side_tables: SideTables, tables: TextTables,
-                 first_row: np.ndarray, device) -> list[TokenGroups]:
+def _cell_groups(
+    first_table: np.ndarray,
+    side_tables: SideTables,
+    tables: TextTables,
+    first_row: np.ndarray,
+    device,
+) -> list[TokenGroups]:
     """The cells of ``K`` chunks as token groups: each chunk's first-position probability by
     owner class, for the classes that may be cells (``tables.cell_index``, the columns); only
     tokens owned by one are read.
@@ -529,16 +593,20 @@ def _cell_groups(first_table: np.ndarray, side_tables: SideTables, tables: TextT
         tokens = np.flatnonzero(column < columns)
         if not tokens.size:
             continue
-        out.append(TokenGroups(
-            target=torch.as_tensor(chosen, device=device),
-            rows=torch.as_tensor(first_row[chosen], device=device),
-            tokens=torch.as_tensor(tokens, device=device),
-            columns=torch.as_tensor(column[tokens], device=device)))
+        out.append(
+            TokenGroups(
+                target=torch.as_tensor(chosen, device=device),
+                rows=torch.as_tensor(first_row[chosen], device=device),
+                tokens=torch.as_tensor(tokens, device=device),
+                columns=torch.as_tensor(column[tokens], device=device),
+            )
+        )
     return out
 
 
-def _cell_sums(cells: Tensor, plan: EventPlan, tables: TextTables, k0: int, k1: int,
-               width: int) -> Tensor:
+def _cell_sums(
+    cells: Tensor, plan: EventPlan, tables: TextTables, k0: int, k1: int, width: int
+) -> Tensor:
     """float64 ``[K, width]``: the cells' mass by the event it is carved out of."""
     device = cells.device
     count = k1 - k0
@@ -554,18 +622,23 @@ def _cell_sums(cells: Tensor, plan: EventPlan, tables: TextTables, k0: int, k1: 
     exact = np.where(exact >= 0, tables.cell_column[np.maximum(exact, 0)], cells.shape[1])
     is_cell = exact < cells.shape[1]
     chunk_t = torch.as_tensor(chunk, device=device)
-    starting = cumulative[chunk_t, torch.as_tensor(hi, device=device)] \
+    starting = (
+        cumulative[chunk_t, torch.as_tensor(hi, device=device)]
         - cumulative[chunk_t, torch.as_tensor(lo, device=device)]
-    equal = torch.where(torch.as_tensor(is_cell, device=device),
-                        cells[chunk_t, torch.as_tensor(np.where(is_cell, exact, 0),
-                                                       device=device)],
-                        torch.zeros_like(starting))
+    )
+    equal = torch.where(
+        torch.as_tensor(is_cell, device=device),
+        cells[chunk_t, torch.as_tensor(np.where(is_cell, exact, 0), device=device)],
+        torch.zeros_like(starting),
+    )
     size = plan.size[k0:k1][chunk]
     limit = plan.limit[k0:k1][chunk]
     following = np.minimum(np.arange(chunk.size) + 1, chunk.size - 1)  # query l + 1
-    deeper = torch.where(torch.as_tensor(length < size, device=device),
-                         starting[torch.as_tensor(following, device=device)],
-                         torch.zeros_like(starting))
+    deeper = torch.where(
+        torch.as_tensor(length < size, device=device),
+        starting[torch.as_tensor(following, device=device)],
+        torch.zeros_like(starting),
+    )
     carved = (starting - deeper - equal) * torch.as_tensor(length < limit, device=device)
     target = np.where(length < size, chunk * width + 1 + length, chunk * width)
     out = torch.zeros(count * width, dtype=torch.float64, device=device)
@@ -578,8 +651,7 @@ def _cell_sums(cells: Tensor, plan: EventPlan, tables: TextTables, k0: int, k1: 
     return out
 
 
-def _cell_scores(cells: Tensor, plan: EventPlan, tables: TextTables, k0: int,
-                 k1: int) -> Tensor:
+def _cell_scores(cells: Tensor, plan: EventPlan, tables: TextTables, k0: int, k1: int) -> Tensor:
     """float64 ``[K, C']``: log-probability of each cell, :data:`ABSENT` for non-cells."""
     device = cells.device
     rank = torch.as_tensor(tables.classes.rank[tables.cell_index], device=device)
@@ -590,7 +662,9 @@ def _cell_scores(cells: Tensor, plan: EventPlan, tables: TextTables, k0: int,
     column = tables.cell_column[plan.prefix_class[p0:p1]]
     listed = column < cells.shape[1]
     if listed.any():
-        noncell[torch.as_tensor(plan.prefix_chunk[p0:p1][listed] - k0, device=device),
-                torch.as_tensor(column[listed], device=device)] = True
+        noncell[
+            torch.as_tensor(plan.prefix_chunk[p0:p1][listed] - k0, device=device),
+            torch.as_tensor(column[listed], device=device),
+        ] = True
     scores = cells.clamp(min=EVENT_FLOOR).log()
     return scores.masked_fill(noncell, ABSENT)

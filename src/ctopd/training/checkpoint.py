@@ -38,9 +38,12 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.glob(f"{PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp")
-             and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [
+        p
+        for p in folder.glob(f"{PREFIX}*")
+        if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 class CheckpointError(ConfigError):
@@ -61,14 +64,17 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     if resume.lower() in ("latest", "true", "yes", "auto"):
         found = list_checkpoints(output_dir)
         if not found:
-            raise CheckpointError(f"--resume: {output_dir} holds no checkpoint to continue "
-                                  "from; drop --resume to start a new run there (--overwrite "
-                                  "if it holds one)")
+            raise CheckpointError(
+                f"--resume: {output_dir} holds no checkpoint to continue "
+                "from; drop --resume to start a new run there (--overwrite "
+                "if it holds one)"
+            )
         return found[-1]
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"resume: {resume!r} is not a checkpoint folder "
-                                f"(no {STATE_FILE}); use --resume latest")
+        raise FileNotFoundError(
+            f"resume: {resume!r} is not a checkpoint folder (no {STATE_FILE}); use --resume latest"
+        )
     return path
 
 
@@ -97,13 +103,23 @@ def check_checkpoint(folder: Path) -> None:
 def damaged(folder: Path, path: Path, err: BaseException) -> str:
     """One line: which file of which checkpoint is damaged, and what to resume from instead."""
     others = [str(p) for p in list_checkpoints(folder.parent) if p != folder]
-    instead = (f"resume from an earlier one with --resume {others[-1]}" if others else
-               "there is no earlier checkpoint; start over with --overwrite")
+    instead = (
+        f"resume from an earlier one with --resume {others[-1]}"
+        if others
+        else "there is no earlier checkpoint; start over with --overwrite"
+    )
     return f"checkpoint {folder} is damaged: {path.relative_to(folder)}: {err}; {instead}"
 
 
-def export_student(accelerator: Any, model: torch.nn.Module, tokenizer: Any, folder: Path, *,
-                   end_ids: list[int], merge_lora: bool = False) -> None:
+def export_student(
+    accelerator: Any,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    folder: Path,
+    *,
+    end_ids: list[int],
+    merge_lora: bool = False,
+) -> None:
     """Save the student as a Hugging Face folder (collective: every rank must call it).
 
     Args:
@@ -133,9 +149,16 @@ def export_student(accelerator: Any, model: torch.nn.Module, tokenizer: Any, fol
     accelerator.wait_for_everyone()
 
 
-def save_checkpoint(accelerator: Any, model: torch.nn.Module, tokenizer: Any,
-                    output_dir: str | Path, trainer_state: dict, *, end_ids: list[int],
-                    keep: int) -> Path:
+def save_checkpoint(
+    accelerator: Any,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    output_dir: str | Path,
+    trainer_state: dict,
+    *,
+    end_ids: list[int],
+    keep: int,
+) -> Path:
     """Write ``checkpoint-{step}`` atomically and delete all but the newest ``keep``.
 
     Args:

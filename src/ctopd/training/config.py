@@ -84,11 +84,13 @@ def _positive(section: str, name: str, value: float, *, allow_zero: bool = False
 class ModelConfig:
     """One model: the student (trained) or the teacher (frozen)."""
 
-    name_or_path: str = _help("local folder or hub id of the model (and its tokenizer), or a "
-                              ".gguf file", "")
+    name_or_path: str = _help(
+        "local folder or hub id of the model (and its tokenizer), or a .gguf file", ""
+    )
     gguf_file: str | None = _help(
         "a GGUF checkpoint inside name_or_path (transformers' GGUF loading, dequantised to "
-        "float; needs `pip install 'ctopd[gguf]'`); a name_or_path ending in .gguf sets it", None
+        "float; needs `pip install 'ctopd[gguf]'`); a name_or_path ending in .gguf sets it",
+        None,
     )
     dtype: str = _help("weight dtype: auto, float32, bfloat16 or float16", "auto")
     trust_remote_code: bool = _help("allow model code from the hub (off unless you ask)", False)
@@ -121,28 +123,38 @@ class TeacherServerConfig:
     come from ``teacher.name_or_path``, so the tokenisation and the alignment stay ours; the
     server only reads token ids (``ctopd.training.served_teacher``)."""
 
-    url: str | None = _help("base URL of the server's OpenAI API, e.g. http://host:8000/v1 "
-                            "(unset: the teacher runs in this process)", None)
-    model: str | None = _help("served model name sent with each request (unset: the server's "
-                              "default model)", None)
-    api_key_env: str = _help("environment variable that holds the server's API key (the key "
-                             "itself is never written to config.yaml)", "CTOPD_TEACHER_API_KEY")
-    top_k: int = _help("log-probs per position asked for (vLLM prompt_logprobs; -1 = the whole "
-                       "vocabulary); the mass outside them is spread evenly over the other ids",
-                       20)
+    url: str | None = _help(
+        "base URL of the server's OpenAI API, e.g. http://host:8000/v1 "
+        "(unset: the teacher runs in this process)",
+        None,
+    )
+    model: str | None = _help(
+        "served model name sent with each request (unset: the server's default model)", None
+    )
+    api_key_env: str = _help(
+        "environment variable that holds the server's API key (the key "
+        "itself is never written to config.yaml)",
+        "CTOPD_TEACHER_API_KEY",
+    )
+    top_k: int = _help(
+        "log-probs per position asked for (vLLM prompt_logprobs; -1 = the whole "
+        "vocabulary); the mass outside them is spread evenly over the other ids",
+        20,
+    )
     sequences_per_request: int = _help("sequences sent in one HTTP request", 8)
     max_concurrency: int = _help("HTTP requests in flight at once (per process)", 4)
     timeout_seconds: float = _help("seconds to wait for one reply", 300.0)
-    retries: int = _help("retries of a request after a connection error, a timeout or a 5xx",
-                         8)
-    backoff_seconds: float = _help("wait before the first retry; doubles with each retry, at "
-                                   "most 60 s", 1.0)
+    retries: int = _help("retries of a request after a connection error, a timeout or a 5xx", 8)
+    backoff_seconds: float = _help(
+        "wait before the first retry; doubles with each retry, at most 60 s", 1.0
+    )
     overlap: bool = _help("keep the request in flight while the student runs its forward", True)
 
     def __post_init__(self) -> None:
         if self.url is not None and not self.url.startswith(("http://", "https://")):
-            raise ConfigError(f"teacher_server.url must start with http:// or https://; got "
-                              f"{self.url!r}")
+            raise ConfigError(
+                f"teacher_server.url must start with http:// or https://; got {self.url!r}"
+            )
         if self.top_k < -1:
             raise ConfigError(f"teacher_server.top_k must be >= 0 or -1 (all); got {self.top_k!r}")
         _positive("teacher_server", "sequences_per_request", self.sequences_per_request)
@@ -180,7 +192,9 @@ class ObjectiveConfig:
     """The loss and its options (passed to ``ctopd.objectives.compute_objective``)."""
 
     name: str = _help("simct, dpca, shared_only, uld or opd (same-tokenizer OPD)", "simct")
-    divergence: str = _help("reverse_kl, forward_kl, jsd or tv (simct/shared_only/opd)", "reverse_kl")
+    divergence: str = _help(
+        "reverse_kl, forward_kl, jsd or tv (simct/shared_only/opd)", "reverse_kl"
+    )
     beta: float = _help("JSD mixing weight", 0.5)
     temperature: float = _help("τ: softmax temperature over the supervision space", 1.0)
     weight_by_tokens: bool = _help("weight each chunk by its student token count", False)
@@ -190,10 +204,16 @@ class ObjectiveConfig:
     epsilon: float = _help("DPCA: spread the chunk budget evenly when |L_S| < epsilon", 1e-6)
     top_k: int = _help("ULD: the teacher's largest probabilities compared", 256)
     slice_size: int = _help("positions log-softmaxed at once, teacher and student (memory)", 256)
-    space: str = _help("simct/shared_only supervision space: text (events that mean the same "
-                       "text to both models) or paper (V∩ plus mean-scored units)", "text")
-    cells: str = _help("space=text: shared classes compared as whole tokens at a chunk's first "
-                       "position: none (only the end), boundary or all", "none")
+    space: str = _help(
+        "simct/shared_only supervision space: text (events that mean the same "
+        "text to both models) or paper (V∩ plus mean-scored units)",
+        "text",
+    )
+    cells: str = _help(
+        "space=text: shared classes compared as whole tokens at a chunk's first "
+        "position: none (only the end), boundary or all",
+        "none",
+    )
 
     def __post_init__(self) -> None:
         _choice("objective", "name", self.name, objective_names())
@@ -269,10 +289,13 @@ class LoraConfig:
 class SftConfig:
     """The SFT baseline (``ctopd sft``)."""
 
-    source: str = _help("data: responses from the data file; teacher: sampled by the teacher",
-                        "data")
-    response_field: str = _help("field with the response text when source=data "
-                                "(falls back to `response`, then `answer`)", "response")
+    source: str = _help(
+        "data: responses from the data file; teacher: sampled by the teacher", "data"
+    )
+    response_field: str = _help(
+        "field with the response text when source=data (falls back to `response`, then `answer`)",
+        "response",
+    )
 
     def __post_init__(self) -> None:
         _choice("sft", "source", self.source, ("data", "teacher"))
@@ -301,25 +324,34 @@ class TrainConfig:
     per_device_batch_size: int = _help("prompts per process per micro-step", 8)
     gradient_accumulation_steps: int = _help("micro-steps per optimiser step", 1)
     mixed_precision: str = _help("no, bf16 or fp16 (autocast through accelerate)", "no")
-    gradient_checkpointing: bool = _help("recompute activations in backward (saves memory)",
-                                         False)
+    gradient_checkpointing: bool = _help("recompute activations in backward (saves memory)", False)
     save_every: int = _help("checkpoint every N steps (0 = only at the end)", 0)
     keep_checkpoints: int = _help("checkpoints kept (older ones are deleted)", 2)
-    resume: str | None = _help("`latest` (or a checkpoint folder) to continue a run; refused "
-                               "when there is no checkpoint or when settings that change what "
-                               "the run computes differ from its config.yaml", None)
-    resume_changed: bool = _help("with resume: continue although settings that change what the "
-                                 "run computes differ from the saved config.yaml (they are "
-                                 "listed; the new ones apply from the next step)", False)
-    overwrite: bool = _help("start a new run in an output_dir that holds one: its config.yaml, "
-                            "metrics.jsonl, summary.json, checkpoints and final/ are removed "
-                            "first (each is listed)", False)
+    resume: str | None = _help(
+        "`latest` (or a checkpoint folder) to continue a run; refused "
+        "when there is no checkpoint or when settings that change what "
+        "the run computes differ from its config.yaml",
+        None,
+    )
+    resume_changed: bool = _help(
+        "with resume: continue although settings that change what the "
+        "run computes differ from the saved config.yaml (they are "
+        "listed; the new ones apply from the next step)",
+        False,
+    )
+    overwrite: bool = _help(
+        "start a new run in an output_dir that holds one: its config.yaml, "
+        "metrics.jsonl, summary.json, checkpoints and final/ are removed "
+        "first (each is listed)",
+        False,
+    )
     eval_data: str | None = _help("JSONL test set evaluated during training", None)
     eval_every: int = _help("evaluate every N steps (0 = only at the end when eval_data)", 0)
     eval_max_new_tokens: int = _help("longest evaluation response", 256)
     eval_limit: int | None = _help("evaluate on the first N examples only", None)
-    log_every: int = _help("print a line to the console every N steps (metrics.jsonl: every step)",
-                           10)
+    log_every: int = _help(
+        "print a line to the console every N steps (metrics.jsonl: every step)", 10
+    )
     report_to: str = _help("none, tensorboard, wandb, or a comma-separated list", "none")
     run_name: str | None = _help("name shown in TensorBoard / W&B", None)
     progress: bool = _help("show a progress bar", True)
@@ -375,20 +407,26 @@ class TrainConfig:
             ConfigError: with the field to set and how.
         """
         if not self.student.name_or_path:
-            raise ConfigError("no student model: pass --student PATH_OR_HUB_ID "
-                              "(or student.name_or_path in the YAML)")
+            raise ConfigError(
+                "no student model: pass --student PATH_OR_HUB_ID "
+                "(or student.name_or_path in the YAML)"
+            )
         _check_model_location("student", self.student)
         needs_teacher = mode == "train" or self.sft.source == "teacher"
         if mode == "train" and self.objective.name == "sft":
             raise ConfigError("objective sft is the SFT baseline; run `ctopd sft` instead")
         if needs_teacher:
             if not self.teacher.name_or_path:
-                raise ConfigError("no teacher model: pass --teacher PATH_OR_HUB_ID "
-                                  "(or teacher.name_or_path in the YAML)")
+                raise ConfigError(
+                    "no teacher model: pass --teacher PATH_OR_HUB_ID "
+                    "(or teacher.name_or_path in the YAML)"
+                )
             _check_model_location("teacher", self.teacher)
         if mode == "sft" and self.sft.source == "teacher" and self.teacher_server.url:
-            raise ConfigError("teacher_server.url serves scores only; `ctopd sft --sft.source "
-                              "teacher` samples from the teacher, which needs it in process")
+            raise ConfigError(
+                "teacher_server.url serves scores only; `ctopd sft --sft.source "
+                "teacher` samples from the teacher, which needs it in process"
+            )
         if not self.data.path and not self.data.dataset:
             raise ConfigError("no prompts: pass --data FILE.jsonl (or data.dataset NAME)")
         if self.data.path and not Path(self.data.path).is_file():
@@ -397,13 +435,17 @@ class TrainConfig:
             raise ConfigError(f"eval_data file {self.eval_data!r} does not exist")
         for side in ("student", "teacher"):
             template = getattr(self, side).chat_template
-            if template and template.endswith((".jinja", ".j2", ".txt")) and not Path(
+            if (
                 template
-            ).is_file():
+                and template.endswith((".jinja", ".j2", ".txt"))
+                and not Path(template).is_file()
+            ):
                 raise ConfigError(f"{side}.chat_template file {template!r} does not exist")
         if self.resume and self.overwrite:
-            raise ConfigError("--resume continues the run in output_dir and --overwrite removes "
-                              "it; give one of them")
+            raise ConfigError(
+                "--resume continues the run in output_dir and --overwrite removes "
+                "it; give one of them"
+            )
         if self.resume_changed and not self.resume:
             raise ConfigError("--resume-changed only applies together with --resume")
         if self.eval_data:
@@ -419,16 +461,23 @@ def _check_eval_answers(config: TrainConfig) -> None:
     rows = read_rows(config.eval_data)
     field = config.data.answer_field
     if not any(row.get(field) is not None for row in rows):
-        raise ConfigError(f"eval_data {config.eval_data!r} has no `{field}` field in any row, so "
-                          "its accuracy cannot be scored; add the reference answers or set "
-                          "data.answer_field to the field that holds them")
+        raise ConfigError(
+            f"eval_data {config.eval_data!r} has no `{field}` field in any row, so "
+            "its accuracy cannot be scored; add the reference answers or set "
+            "data.answer_field to the field that holds them"
+        )
 
 
 _SECTIONS: dict[str, type] = {
-    "student": ModelConfig, "teacher": ModelConfig, "teacher_server": TeacherServerConfig,
+    "student": ModelConfig,
+    "teacher": ModelConfig,
+    "teacher_server": TeacherServerConfig,
     "data": DataConfig,
-    "objective": ObjectiveConfig, "rollout": RolloutConfig, "optim": OptimConfig,
-    "lora": LoraConfig, "sft": SftConfig,
+    "objective": ObjectiveConfig,
+    "rollout": RolloutConfig,
+    "optim": OptimConfig,
+    "lora": LoraConfig,
+    "sft": SftConfig,
 }
 
 # Section defaults that differ from the dataclass's own (see TrainConfig.student).
@@ -450,12 +499,21 @@ ALIASES: dict[str, str] = {
 # Sections that may be given as one plain value in YAML: `student: org/model` and
 # `teacher: org/model` name the model, `objective: dpca` names the objective (its options keep
 # their defaults). Every other plain value is an error that shows the mapping form.
-SHORTHANDS: dict[str, str] = {"student": "name_or_path", "teacher": "name_or_path",
-                              "objective": "name"}
+SHORTHANDS: dict[str, str] = {
+    "student": "name_or_path",
+    "teacher": "name_or_path",
+    "objective": "name",
+}
 _EXAMPLE_FIELDS: dict[str, str] = {
-    "student": "name_or_path", "teacher": "name_or_path", "teacher_server": "url",
-    "data": "path", "objective": "name", "rollout": "temperature", "optim": "lr",
-    "lora": "enabled", "sft": "source",
+    "student": "name_or_path",
+    "teacher": "name_or_path",
+    "teacher_server": "url",
+    "data": "path",
+    "objective": "name",
+    "rollout": "temperature",
+    "optim": "lr",
+    "lora": "enabled",
+    "sft": "source",
 }
 
 
@@ -473,8 +531,10 @@ def section_mapping(name: str, value: Any) -> dict:
     if name in SHORTHANDS and isinstance(value, str):
         return {SHORTHANDS[name]: value}
     example = value if isinstance(value, str) and name == "data" else "..."
-    raise ConfigError(f"{name} must be a mapping, e.g. `{name}: {{{_EXAMPLE_FIELDS[name]}: "
-                      f"{example}}}`; got {value!r}")
+    raise ConfigError(
+        f"{name} must be a mapping, e.g. `{name}: {{{_EXAMPLE_FIELDS[name]}: "
+        f"{example}}}`; got {value!r}"
+    )
 
 
 def _check_model_location(side: str, model: ModelConfig) -> None:
@@ -497,9 +557,11 @@ def _check_model_location(side: str, model: ModelConfig) -> None:
     # retries offline before failing. Hub ids have the form org/name; the few legacy ones
     # without an org (gpt2) are accepted when they are already in the local hub cache.
     if "/" not in name and not _in_hub_cache(name):
-        raise ConfigError(f"{side} model {name!r} is neither a local folder nor a hub id of the "
-                          f"form org/name; pass the folder's path (e.g. ./{name}) or the full "
-                          "hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct)")
+        raise ConfigError(
+            f"{side} model {name!r} is neither a local folder nor a hub id of the "
+            f"form org/name; pass the folder's path (e.g. ./{name}) or the full "
+            "hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct)"
+        )
 
 
 def _in_hub_cache(name: str) -> bool:
@@ -582,8 +644,8 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
         if annotation is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(
-                value
+            return (
+                int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
             )
         if annotation is float:
             if isinstance(value, bool):
@@ -613,7 +675,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     top_types = _field_types(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in _SECTIONS:
-            group = parser.add_argument_group(f"{f.name} ({_SECTIONS[f.name].__doc__.split('.')[0]})")
+            group = parser.add_argument_group(
+                f"{f.name} ({_SECTIONS[f.name].__doc__.split('.')[0]})"
+            )
             section_types = _field_types(_SECTIONS[f.name])
             for sub in dataclasses.fields(_SECTIONS[f.name]):
                 dest = f"{f.name}.{sub.name}"
@@ -649,8 +713,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for section in _SECTIONS:
         if section in values:
             values[section] = dict(section_mapping(section, values[section]))
-    section_fields = {name: {f.name for f in dataclasses.fields(cls)}
-                      for name, cls in _SECTIONS.items()}
+    section_fields = {
+        name: {f.name for f in dataclasses.fields(cls)} for name, cls in _SECTIONS.items()
+    }
     for dest, value in vars(args).items():
         if "." in dest:
             section, name = dest.split(".", 1)
@@ -662,8 +727,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def build_parser(prog: str = "ctopd train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
-                                     description="Cross-tokenizer on-policy distillation.")
+    parser = argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False, description="Cross-tokenizer on-policy distillation."
+    )
     add_config_arguments(parser)
     return parser
 

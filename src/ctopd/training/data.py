@@ -45,8 +45,9 @@ def read_rows(path: str | Path) -> list[dict]:
         except json.JSONDecodeError as err:
             raise DataError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
-            raise DataError(f"{path}, line {number}: expected a JSON object, got "
-                            f"{type(row).__name__}")
+            raise DataError(
+                f"{path}, line {number}: expected a JSON object, got {type(row).__name__}"
+            )
         rows.append(row)
     if not rows:
         raise DataError(f"{path} holds no rows")
@@ -62,22 +63,31 @@ def _text_lines(path: str | Path):
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DataError(f"{path}, line {number}: not UTF-8 text (byte "
-                                f"0x{raw[err.start]:02x} at column {err.start + 1}); save the "
-                                "file as UTF-8") from None
+                raise DataError(
+                    f"{path}, line {number}: not UTF-8 text (byte "
+                    f"0x{raw[err.start]:02x} at column {err.start + 1}); save the "
+                    "file as UTF-8"
+                ) from None
 
 
-def row_to_example(row: dict, config: DataConfig, where: str,
-                   response_field: str | None = None) -> Example:
+def row_to_example(
+    row: dict, config: DataConfig, where: str, response_field: str | None = None
+) -> Example:
     """Turn one row into an :class:`Example`, checking its fields."""
     messages = row.get(config.messages_field)
     if messages is not None:
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str)
-            for m in messages
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str)
+                for m in messages
+            )
         ):
-            raise DataError(f"{where}: `{config.messages_field}` must be a non-empty list of "
-                            "{'role': ..., 'content': str} objects")
+            raise DataError(
+                f"{where}: `{config.messages_field}` must be a non-empty list of "
+                "{'role': ..., 'content': str} objects"
+            )
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]  # a trailing assistant turn is the reference, not the prompt
             if not messages:
@@ -86,8 +96,10 @@ def row_to_example(row: dict, config: DataConfig, where: str,
     else:
         prompt = row.get(config.prompt_field)
         if not isinstance(prompt, str) or not prompt.strip():
-            raise DataError(f"{where}: needs a `{config.messages_field}` list or a non-empty "
-                            f"`{config.prompt_field}` string (fields found: {', '.join(row)})")
+            raise DataError(
+                f"{where}: needs a `{config.messages_field}` list or a non-empty "
+                f"`{config.prompt_field}` string (fields found: {', '.join(row)})"
+            )
         messages = [{"role": "user", "content": prompt}]
     if config.system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": config.system_prompt}] + messages
@@ -117,8 +129,9 @@ def load_examples(config: DataConfig, *, response_field: str | None = None) -> l
         try:
             import datasets
         except ImportError as err:
-            raise ConfigError("data.dataset needs the `datasets` package: "
-                              "pip install 'ctopd[data]'") from err
+            raise ConfigError(
+                "data.dataset needs the `datasets` package: pip install 'ctopd[data]'"
+            ) from err
         table = datasets.load_dataset(config.dataset, config.dataset_config, split=config.split)
         rows = [dict(r) for r in table]
         where = [f"{config.dataset}[{i}]" for i in range(len(rows))]
@@ -129,14 +142,18 @@ def load_examples(config: DataConfig, *, response_field: str | None = None) -> l
     return [row_to_example(r, config, w, response_field) for r, w in zip(rows, where)]
 
 
-def render_template(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool = True,
-                    side: str = "model") -> str:
+def render_template(
+    tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool = True, side: str = "model"
+) -> str:
     """The chat template applied to ``messages`` as text."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"the {side} tokenizer has no chat template; pass one with "
-                          f"--{side}.chat_template FILE.jinja (or --chat-template for the student)")
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+        raise ConfigError(
+            f"the {side} tokenizer has no chat template; pass one with "
+            f"--{side}.chat_template FILE.jinja (or --chat-template for the student)"
+        )
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def encode_prompts(tokenizer: Any, examples: list[Example], *, side: str) -> list[list[int]]:
@@ -157,5 +174,6 @@ def set_chat_template(tokenizer: Any, template: str | None, *, side: str) -> Non
     except ConfigError:
         raise
     except Exception as err:
-        raise ConfigError(f"the {side} chat template does not render a user message: {err}") \
-            from err
+        raise ConfigError(
+            f"the {side} chat template does not render a user message: {err}"
+        ) from err

@@ -154,17 +154,29 @@ def evaluate(
         data order: whether its answer was right).
     """
     start = time.perf_counter()
-    config = DataConfig(**{**(data_config.__dict__ if data_config else {}), "path": str(data_path),
-                           "limit": limit or (data_config.limit if data_config else None)})
+    config = DataConfig(
+        **{
+            **(data_config.__dict__ if data_config else {}),
+            "path": str(data_path),
+            "limit": limit or (data_config.limit if data_config else None),
+        }
+    )
     examples = load_examples(config)  # read before the model loads: a bad file fails at once
     unanswered = sum(e.answer is None for e in examples)
     if unanswered == len(examples):
-        raise DataError(f"{data_path} has no `{config.answer_field}` field in any row, so "
-                        "accuracy cannot be scored; add the reference answers or name their "
-                        "field (--answer-field)")
+        raise DataError(
+            f"{data_path} has no `{config.answer_field}` field in any row, so "
+            "accuracy cannot be scored; add the reference answers or name their "
+            "field (--answer-field)"
+        )
     if unanswered:
-        logger.warning("%s: %d of %d rows have no `%s` field; they count as wrong", data_path,
-                       unanswered, len(examples), config.answer_field)
+        logger.warning(
+            "%s: %d of %d rows have no `%s` field; they count as wrong",
+            data_path,
+            unanswered,
+            len(examples),
+            config.answer_field,
+        )
     model, tokenizer = _load(model_path_or_model, tokenizer, chat_template, dtype)
     device = device or next(model.parameters()).device
     end_ids = end_of_turn_ids(tokenizer)
@@ -174,8 +186,13 @@ def evaluate(
     rows, correct, answered, tokens = [], 0, 0, 0
     for lo in range(0, len(examples), batch_size):
         responses = sample_responses(
-            model, prompts[lo : lo + batch_size], end_ids=end_ids, pad_id=tokenizer.pad_token_id,
-            max_new_tokens=max_new_tokens, temperature=temperature, device=device,
+            model,
+            prompts[lo : lo + batch_size],
+            end_ids=end_ids,
+            pad_id=tokenizer.pad_token_id,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            device=device,
             num_ids=num_ids,
         )
         for example, response in zip(examples[lo : lo + batch_size], responses):
@@ -185,14 +202,28 @@ def evaluate(
             correct += hit
             answered += predicted is not None
             tokens += len(response)
-            rows.append({"index": len(rows), "messages": example.messages, "response": text,
-                         "prediction": predicted, "target": target, "correct": hit})
+            rows.append(
+                {
+                    "index": len(rows),
+                    "messages": example.messages,
+                    "response": text,
+                    "prediction": predicted,
+                    "target": target,
+                    "correct": hit,
+                }
+            )
     if output_path:
         Path(output_path).parent.mkdir(parents=True, exist_ok=True)
         with open(output_path, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
     count = max(len(rows), 1)
-    return {"accuracy": correct / count, "num_examples": len(rows), "correct": correct,
-            "answered": answered / count, "response_length_mean": tokens / count,
-            "seconds": time.perf_counter() - start, "outcomes": [row["correct"] for row in rows]}
+    return {
+        "accuracy": correct / count,
+        "num_examples": len(rows),
+        "correct": correct,
+        "answered": answered / count,
+        "response_length_mean": tokens / count,
+        "seconds": time.perf_counter() - start,
+        "outcomes": [row["correct"] for row in rows],
+    }

@@ -97,8 +97,12 @@ class Run:
     def text_tables(self) -> TextTables:
         """The pair's sorted tables for the text-event space (built on first use)."""
         pair = self.pair
-        return text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab,
-                           cells=self.config.objective.cells)
+        return text_tables(
+            pair.teacher_table,
+            pair.student_table,
+            pair.shared_vocab,
+            cells=self.config.objective.cells,
+        )
 
 
 def train(config: TrainConfig) -> dict:
@@ -133,44 +137,61 @@ def train(config: TrainConfig) -> dict:
         teacher_tokenizer = load_model_tokenizer(config.teacher, side="teacher")
         pair = TokenizerPair(teacher_tokenizer, student_tokenizer)
         if config.objective.name == "opd" and not pair.identical:
-            raise ConfigError("objective opd (same-tokenizer OPD) needs identical tokenizers; "
-                              "use simct, dpca, shared_only or uld for a cross-tokenizer pair")
+            raise ConfigError(
+                "objective opd (same-tokenizer OPD) needs identical tokenizers; "
+                "use simct, dpca, shared_only or uld for a cross-tokenizer pair"
+            )
         _ = pair.shared_vocab  # built once here, not inside the first step's timings
         student = load_causal_lm(config.student, side="student")
         # In process, or teacher_server.url; its scores cover the tokenizer's ids only.
         teacher = load_teacher(config, teacher_tokenizer, num_ids=pair.teacher_table.vocab_size)
         check_vocab(student, student_tokenizer, "student")
-        student = prepare_student(student, gradient_checkpointing=config.gradient_checkpointing,
-                                  lora=config.lora)
+        student = prepare_student(
+            student, gradient_checkpointing=config.gradient_checkpointing, lora=config.lora
+        )
 
         # Prompts: both chat templates; too long for either side -> skipped and counted.
-        prompts, skipped = _encode_prompts(config, examples, student_tokenizer,
-                                           teacher_tokenizer)
+        prompts, skipped = _encode_prompts(config, examples, student_tokenizer, teacher_tokenizer)
         global_batch = config.per_device_batch_size * accelerator.num_processes
         per_step = global_batch * config.gradient_accumulation_steps
         total_steps = config.max_steps or max(
-            1, math.ceil(config.epochs * math.ceil(len(prompts) / per_step)))
+            1, math.ceil(config.epochs * math.ceil(len(prompts) / per_step))
+        )
 
         # AdamW and its schedule, the accelerator's wrapping, the checkpoint when resuming.
-        student, _, _ = runtime.prepare(student, student_tokenizer,
-                                        end_ids=pair.student_table.end_ids.tolist(),
-                                        total_steps=total_steps, num_items=len(prompts))
+        student, _, _ = runtime.prepare(
+            student,
+            student_tokenizer,
+            end_ids=pair.student_table.end_ids.tolist(),
+            total_steps=total_steps,
+            num_items=len(prompts),
+        )
         teacher.to(accelerator.device)
         accelerator.print(
             f"ctopd train: {config.teacher.name_or_path} -> {config.student.name_or_path}, "
             f"objective {config.objective.name}, {len(prompts)} prompts ({skipped} too long, "
             f"skipped), {total_steps} steps of {per_step} prompts x "
             f"{config.rollout.samples_per_prompt} samples on {accelerator.num_processes} "
-            f"process(es); resolved config in {runtime.output_dir / 'config.yaml'}")
-        run = Run(config, runtime, accelerator, student, teacher, pair,
-                  student_tokenizer.pad_token_id, teacher_tokenizer.pad_token_id)
+            f"process(es); resolved config in {runtime.output_dir / 'config.yaml'}"
+        )
+        run = Run(
+            config,
+            runtime,
+            accelerator,
+            student,
+            teacher,
+            pair,
+            student_tokenizer.pad_token_id,
+            teacher_tokenizer.pad_token_id,
+        )
 
         while runtime.step < total_steps:
             timer, figures = runtime.start_step(), StepMetrics()
             for _ in range(config.gradient_accumulation_steps):
                 indices = next_indices(runtime.state, len(prompts), global_batch, config)
-                mine = indices[accelerator.process_index * config.per_device_batch_size:][
-                    : config.per_device_batch_size]
+                mine = indices[accelerator.process_index * config.per_device_batch_size :][
+                    : config.per_device_batch_size
+                ]
                 with accelerator.accumulate(student):
                     figures.add(_micro_step(run, [prompts[i] for i in mine], timer))
             runtime.optimizer_step(timer)  # stops first if the gradient norm is not finite
@@ -196,11 +217,18 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer) -> dict[str, floa
     with timer("rollout"), _generation_model(accelerator, run.student) as generator:
         try:
             student_responses = sample_responses(
-                generator, [p.student_ids for p in prompts], end_ids=run.student_end_ids,
-                pad_id=run.student_pad_id, max_new_tokens=config.rollout.max_new_tokens,
-                temperature=config.rollout.temperature, top_p=config.rollout.top_p,
-                top_k=config.rollout.top_k, samples_per_prompt=samples, device=device,
-                num_ids=run.student_num_ids)
+                generator,
+                [p.student_ids for p in prompts],
+                end_ids=run.student_end_ids,
+                pad_id=run.student_pad_id,
+                max_new_tokens=config.rollout.max_new_tokens,
+                temperature=config.rollout.temperature,
+                top_p=config.rollout.top_p,
+                top_k=config.rollout.top_k,
+                samples_per_prompt=samples,
+                device=device,
+                num_ids=run.student_num_ids,
+            )
             problem = None
         except RuntimeError as err:  # torch.multinomial refuses NaN / inf probabilities
             if "probability tensor" not in str(err):
@@ -222,22 +250,34 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer) -> dict[str, floa
     def read_teacher():
         logits = receive_scores(pending, step=step, last_saved=last_saved)  # [B, n, V_T]
         return teacher_outputs(
-            logits, teacher_ids, pair.shared_vocab, needs,
-            slice_size=config.objective.slice_size, top_k=config.objective.top_k,
-            alignments=alignments, student_ids=student_responses,
-            text_tables=run.text_tables if "text_events" in needs else None)
+            logits,
+            teacher_ids,
+            pair.shared_vocab,
+            needs,
+            slice_size=config.objective.slice_size,
+            top_k=config.objective.top_k,
+            alignments=alignments,
+            student_ids=student_responses,
+            text_tables=run.text_tables if "text_events" in needs else None,
+        )
 
     with timer("teacher"):
         teacher_ids, _ = pad_responses(teacher_responses, pad_id=-1, device=device)
-        pending = (run.teacher.submit(teacher_prompts, teacher_responses, needs=needs)
-                   if needs else None)
+        pending = (
+            run.teacher.submit(teacher_prompts, teacher_responses, needs=needs) if needs else None
+        )
         teacher_scores = read_teacher() if pending is not None and pending.done() else None
 
     # 4. Objective: a student forward over prompt + sampled ids, then the loss.
     with timer("student_forward"):
         student_ids, _ = pad_responses(student_responses, device=device)
-        student_logits = response_logits(run.student, student_prompts, student_responses,
-                                         pad_id=run.student_pad_id, device=device)
+        student_logits = response_logits(
+            run.student,
+            student_prompts,
+            student_responses,
+            pad_id=run.student_pad_id,
+            device=device,
+        )
         # Padded output rows are no token: the objective's softmax covers the real ids only.
         student_logits = student_logits[..., : run.student_num_ids]  # [B, m, V_S]
     if pending is not None and teacher_scores is None:
@@ -248,11 +288,15 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer) -> dict[str, floa
     with timer("loss"):
         try:
             loss, metrics = compute_objective(
-                config.objective.name, student_logits=student_logits, student_ids=student_ids,
-                alignments=alignments, shared_vocab=pair.shared_vocab, teacher=teacher_scores,
-                **_objective_options(config))
-            problem = (None if torch.isfinite(loss.detach()).all() else
-                       f"the loss is {loss.item()}")
+                config.objective.name,
+                student_logits=student_logits,
+                student_ids=student_ids,
+                alignments=alignments,
+                shared_vocab=pair.shared_vocab,
+                teacher=teacher_scores,
+                **_objective_options(config),
+            )
+            problem = None if torch.isfinite(loss.detach()).all() else f"the loss is {loss.item()}"
         except ValueError as err:  # the objectives refuse NaN/inf logits
             if "NaN" not in str(err):
                 raise
@@ -263,35 +307,55 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer) -> dict[str, floa
     with timer("backward"):
         accelerator.backward(loss)
     ended = sum(pair.ended_turn(r) for r in student_responses)
-    metrics.update(responses=len(student_responses), ended_responses=ended, prompts=len(prompts),
-                   response_tokens=sum(len(r) for r in student_responses),
-                   teacher_tokens=sum(len(t) for t in teacher_responses))
+    metrics.update(
+        responses=len(student_responses),
+        ended_responses=ended,
+        prompts=len(prompts),
+        response_tokens=sum(len(r) for r in student_responses),
+        teacher_tokens=sum(len(t) for t in teacher_responses),
+    )
     return metrics
 
 
 def _objective_options(config: TrainConfig) -> dict:
     """The config's objective options that the chosen objective accepts (flat keywords)."""
     o = config.objective
-    values = dict(divergence=o.divergence, beta=o.beta, temperature=o.temperature,
-                  weight_by_tokens=o.weight_by_tokens, advantage_clip=o.advantage_clip,
-                  clip_low=o.clip_low, clip_high=o.clip_high, epsilon=o.epsilon, top_k=o.top_k,
-                  slice_size=o.slice_size, space=o.space, cells=o.cells)
+    values = dict(
+        divergence=o.divergence,
+        beta=o.beta,
+        temperature=o.temperature,
+        weight_by_tokens=o.weight_by_tokens,
+        advantage_clip=o.advantage_clip,
+        clip_low=o.clip_low,
+        clip_high=o.clip_high,
+        epsilon=o.epsilon,
+        top_k=o.top_k,
+        slice_size=o.slice_size,
+        space=o.space,
+        cells=o.cells,
+    )
     accepted = objective_options(o.name)
     return {key: value for key, value in values.items() if key in accepted}
 
 
-def _encode_prompts(config: TrainConfig, examples: list[Example], student_tokenizer,
-                    teacher_tokenizer):
+def _encode_prompts(
+    config: TrainConfig, examples: list[Example], student_tokenizer, teacher_tokenizer
+):
     """Both sides' prompt ids; prompts longer than ``data.max_prompt_tokens`` on either side
     are dropped and counted."""
     student_ids = encode_prompts(student_tokenizer, examples, side="student")
     teacher_ids = encode_prompts(teacher_tokenizer, examples, side="teacher")
     limit = config.data.max_prompt_tokens
-    prompts = [Prompt(s, t) for s, t in zip(student_ids, teacher_ids)
-               if len(s) <= limit and len(t) <= limit]
+    prompts = [
+        Prompt(s, t)
+        for s, t in zip(student_ids, teacher_ids)
+        if len(s) <= limit and len(t) <= limit
+    ]
     if not prompts:
-        raise ConfigError(f"all {len(examples)} prompts are longer than data.max_prompt_tokens "
-                          f"({limit}); raise it")
+        raise ConfigError(
+            f"all {len(examples)} prompts are longer than data.max_prompt_tokens "
+            f"({limit}); raise it"
+        )
     return prompts, len(examples) - len(prompts)
 
 

@@ -18,11 +18,20 @@ import torch
 logger = logging.getLogger(__name__)
 
 # Figures that add up over micro-steps and ranks; everything else is averaged.
-COUNT_KEYS = frozenset({
-    "supervised_tokens", "student_tokens", "chunks_one_to_one", "chunks_multi",
-    "chunks_supervised", "responses",
-    "ended_responses", "response_tokens", "teacher_tokens", "prompts",
-})
+COUNT_KEYS = frozenset(
+    {
+        "supervised_tokens",
+        "student_tokens",
+        "chunks_one_to_one",
+        "chunks_multi",
+        "chunks_supervised",
+        "responses",
+        "ended_responses",
+        "response_tokens",
+        "teacher_tokens",
+        "prompts",
+    }
+)
 # The time split of one step, in the order the loop runs it.
 PHASES = ("rollout", "teacher", "alignment", "student_forward", "loss", "backward", "optimizer")
 
@@ -67,14 +76,15 @@ class StepMetrics:
         keys = sorted(self.sums)
         phases = [f"time_{p}" for p in PHASES]
         values = [self.sums[k] for k in keys] + [timer.seconds.get(p, 0.0) for p in PHASES]
-        tensor = torch.tensor(values + [float(self.micro_steps)], dtype=torch.float64,
-                              device=accelerator.device)
+        tensor = torch.tensor(
+            values + [float(self.micro_steps)], dtype=torch.float64, device=accelerator.device
+        )
         tensor = accelerator.reduce(tensor, reduction="sum").tolist()
         world, micro = accelerator.num_processes, max(tensor[-1], 1.0)
         out = {}
         for key, value in zip(keys, tensor):
             out[key] = value if key in COUNT_KEYS else value / micro
-        for key, value in zip(phases, tensor[len(keys):]):
+        for key, value in zip(phases, tensor[len(keys) :]):
             out[key] = value / world  # ranks run in parallel: mean seconds per rank
         if out.get("student_tokens"):
             out["coverage"] = out.get("supervised_tokens", 0.0) / out["student_tokens"]
@@ -97,9 +107,16 @@ class MetricsLogger:
             last checkpoint) are dropped so the file has one row per step.
     """
 
-    def __init__(self, output_dir: str | Path, *, enabled: bool, reporters: list[str],
-                 run_name: str | None = None, config: dict | None = None,
-                 resume_step: int | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        enabled: bool,
+        reporters: list[str],
+        run_name: str | None = None,
+        config: dict | None = None,
+        resume_step: int | None = None,
+    ) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.tensorboard = self.wandb = None
@@ -108,8 +125,7 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [row for row in read_metrics(output_dir) if row.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept),
-                                 encoding="utf-8")
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
         elif resume_step is None:
             self.path.write_text("", encoding="utf-8")
         if "tensorboard" in reporters:
@@ -121,14 +137,17 @@ class MetricsLogger:
                 import wandb
             except ImportError as err:
                 raise RuntimeError("report_to wandb needs `pip install wandb`") from err
-            self.wandb = wandb.init(name=run_name, config=config, dir=str(output_dir),
-                                    resume="allow")
+            self.wandb = wandb.init(
+                name=run_name, config=config, dir=str(output_dir), resume="allow"
+            )
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
-                 for k, v in row.items()}
+        clean = {
+            k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+            for k, v in row.items()
+        }
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(clean) + "\n")
         step = int(row.get("step", 0))
@@ -165,19 +184,30 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    lines = [(number, line) for number, line in enumerate(
-        path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1) if line.strip()]
+    lines = [
+        (number, line)
+        for number, line in enumerate(
+            path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1
+        )
+        if line.strip()
+    ]
     rows = []
     for index, (number, line) in enumerate(lines):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             if index < len(lines) - 1:
-                raise MetricsError(f"{path}, line {number}: not valid JSON (not the last line, "
-                                   "so not a row cut short by a killed run); fix or remove "
-                                   "it") from None
-            logger.warning("%s, line %d: skipped, not valid JSON (a row cut short when the "
-                           "run was killed while writing it)", path, number)
+                raise MetricsError(
+                    f"{path}, line {number}: not valid JSON (not the last line, "
+                    "so not a row cut short by a killed run); fix or remove "
+                    "it"
+                ) from None
+            logger.warning(
+                "%s, line %d: skipped, not valid JSON (a row cut short when the "
+                "run was killed while writing it)",
+                path,
+                number,
+            )
     return rows
 
 

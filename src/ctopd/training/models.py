@@ -33,8 +33,9 @@ def load_model_tokenizer(config: ModelConfig, *, side: str) -> Any:
         else:
             tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"cannot load the {side} tokenizer from {config.name_or_path!r}: "
-                          f"{err}") from err
+        raise ConfigError(
+            f"cannot load the {side} tokenizer from {config.name_or_path!r}: {err}"
+        ) from err
     set_chat_template(tokenizer, config.chat_template, side=side)
     if tokenizer.pad_token_id is None:
         # Padding is always masked; any id works, EOS is the usual choice.
@@ -60,8 +61,9 @@ def load_causal_lm(config: ModelConfig, *, side: str) -> torch.nn.Module:
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"cannot load the {side} model from {config.name_or_path!r}: "
-                          f"{err}") from err
+        raise ConfigError(
+            f"cannot load the {side} model from {config.name_or_path!r}: {err}"
+        ) from err
     return drop_gguf_quantization(model) if gguf_file is not None else model
 
 
@@ -82,16 +84,20 @@ def _check_gguf_installed(config: ModelConfig) -> None:
     try:
         import gguf  # noqa: F401
     except ImportError as err:
-        raise ConfigError(f"{config.name_or_path!r} is a GGUF checkpoint, which transformers reads "
-                          "with the gguf package: `pip install 'ctopd[gguf]'`") from err
+        raise ConfigError(
+            f"{config.name_or_path!r} is a GGUF checkpoint, which transformers reads "
+            "with the gguf package: `pip install 'ctopd[gguf]'`"
+        ) from err
 
 
 def check_vocab(model: torch.nn.Module, tokenizer: Any, side: str) -> None:
     """The model must have an output row for every tokenizer id."""
     rows = model.get_output_embeddings().weight.shape[0]
     if rows < len(tokenizer):
-        raise ConfigError(f"the {side} model has {rows} output rows but its tokenizer has "
-                          f"{len(tokenizer)} ids; they do not belong together")
+        raise ConfigError(
+            f"the {side} model has {rows} output rows but its tokenizer has "
+            f"{len(tokenizer)} ids; they do not belong together"
+        )
 
 
 def add_lora(model: torch.nn.Module, config: LoraConfig) -> torch.nn.Module:
@@ -102,23 +108,30 @@ def add_lora(model: torch.nn.Module, config: LoraConfig) -> torch.nn.Module:
     except ImportError as err:
         raise ConfigError("lora.enabled needs `pip install 'ctopd[lora]'` (peft)") from err
     targets = config.target_modules
-    target_modules: Any = targets if targets == "all-linear" else [
-        t.strip() for t in targets.split(",") if t.strip()
-    ]
-    peft_config = PeftLoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                                 target_modules=target_modules, task_type="CAUSAL_LM")
+    target_modules: Any = (
+        targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    )
+    peft_config = PeftLoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, peft_config)
 
 
-def prepare_student(model: torch.nn.Module, *, gradient_checkpointing: bool,
-                    lora: LoraConfig) -> torch.nn.Module:
+def prepare_student(
+    model: torch.nn.Module, *, gradient_checkpointing: bool, lora: LoraConfig
+) -> torch.nn.Module:
     """Gradient checkpointing and LoRA, in the order ``peft`` expects."""
     if gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
     if lora.enabled:
         if gradient_checkpointing:
             model.enable_input_require_grads()

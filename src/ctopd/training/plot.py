@@ -36,8 +36,11 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for key, title in CURVES.items():
-        points = [(r["step"], r[key]) for r in rows
-                  if isinstance(r.get(key), (int, float)) and "step" in r]
+        points = [
+            (r["step"], r[key])
+            for r in rows
+            if isinstance(r.get(key), (int, float)) and "step" in r
+        ]
         if not points:
             continue
         figure, axis = plt.subplots(figsize=(6, 3.5))

@@ -52,8 +52,9 @@ def pack_prompt_response(
     return input_ids.to(device), mask.to(device), position_ids.to(device), prompt_len, response_len
 
 
-def pad_responses(response_ids: Sequence[Sequence[int]], *, pad_id: int = 0,
-                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def pad_responses(
+    response_ids: Sequence[Sequence[int]], *, pad_id: int = 0, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad responses: ``(ids [B, n] int64, lengths [B] int64)``, ``n >= 1``."""
     lengths = torch.tensor([len(r) for r in response_ids], dtype=torch.long)
     width = max(1, int(lengths.max()) if len(response_ids) else 1)
@@ -84,8 +85,9 @@ def response_logits(
     input_ids, mask, position_ids, prompt_len, response_len = pack_prompt_response(
         prompt_ids, response_ids, pad_id=pad_id, device=device
     )
-    kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                  use_cache=False)
+    kwargs = dict(
+        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+    )
     try:
         logits = model(**kwargs, logits_to_keep=response_len + 1).logits
     except TypeError:  # a model class without logits_to_keep
@@ -146,8 +148,9 @@ def _without_checkpoint_generation_config(model: torch.nn.Module) -> Iterator[No
     ``min_new_tokens``... Every module is swapped, not only the outer one: a PEFT wrapper copies
     its (forwarded) config onto the inner model inside its own ``generate``.
     """
-    holders = [m for m in model.modules()
-               if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    holders = [
+        m for m in model.modules() if isinstance(vars(m).get("generation_config"), GenerationConfig)
+    ]
     saved = [m.generation_config for m in holders]
     for holder in holders:
         holder.generation_config = GenerationConfig()
@@ -158,9 +161,17 @@ def _without_checkpoint_generation_config(model: torch.nn.Module) -> Iterator[No
             holder.generation_config = config
 
 
-def _policy_generation_config(*, greedy: bool, temperature: float, top_p: float, top_k: int,
-                              max_new_tokens: int, end_ids: Sequence[int], pad_id: int,
-                              samples_per_prompt: int) -> GenerationConfig:
+def _policy_generation_config(
+    *,
+    greedy: bool,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    max_new_tokens: int,
+    end_ids: Sequence[int],
+    pad_id: int,
+    samples_per_prompt: int,
+) -> GenerationConfig:
     """The only settings ``generate`` runs with: plain sampling (or argmax) of the policy.
 
     Off values are written out, never left ``None``: ``None`` fields are filled from the global
@@ -228,8 +239,13 @@ def sample_responses(
     )
     input_ids, mask = input_ids[:, :prompt_len], mask[:, :prompt_len]
     generation_config = _policy_generation_config(
-        greedy=temperature == 0, temperature=temperature, top_p=top_p, top_k=top_k,
-        max_new_tokens=max_new_tokens, end_ids=end_ids, pad_id=pad_id,
+        greedy=temperature == 0,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        end_ids=end_ids,
+        pad_id=pad_id,
         samples_per_prompt=samples_per_prompt,
     )
     # Custom processors run before generate's temperature / top-k / top-p warpers.
@@ -238,9 +254,12 @@ def sample_responses(
     model.eval()
     try:
         with _without_checkpoint_generation_config(model):
-            output = model.generate(input_ids=input_ids, attention_mask=mask,
-                                    generation_config=generation_config,
-                                    logits_processor=processors)
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                generation_config=generation_config,
+                logits_processor=processors,
+            )
     finally:
         model.train(was_training)
     return cut_after_end(output[:, prompt_len:], end_ids)

@@ -26,15 +26,37 @@ LOCK_FILE = ".lock"
 # evaluates, how a served teacher is reached, memory-only options). Every other field is
 # compared with the saved config.yaml. max_steps and epochs stretch the learning-rate schedule:
 # training on past the planned end is what they are for.
-RESUMABLE_CHANGES = frozenset({
-    "output_dir", "max_steps", "epochs", "save_every", "keep_checkpoints", "resume",
-    "resume_changed", "overwrite", "eval_data", "eval_every", "eval_max_new_tokens",
-    "eval_limit", "log_every", "report_to", "run_name", "progress", "gradient_checkpointing",
-    "objective.slice_size", "teacher_server.url", "teacher_server.model",
-    "teacher_server.api_key_env", "teacher_server.sequences_per_request",
-    "teacher_server.max_concurrency", "teacher_server.timeout_seconds", "teacher_server.retries",
-    "teacher_server.backoff_seconds", "teacher_server.overlap",
-})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "output_dir",
+        "max_steps",
+        "epochs",
+        "save_every",
+        "keep_checkpoints",
+        "resume",
+        "resume_changed",
+        "overwrite",
+        "eval_data",
+        "eval_every",
+        "eval_max_new_tokens",
+        "eval_limit",
+        "log_every",
+        "report_to",
+        "run_name",
+        "progress",
+        "gradient_checkpointing",
+        "objective.slice_size",
+        "teacher_server.url",
+        "teacher_server.model",
+        "teacher_server.api_key_env",
+        "teacher_server.sequences_per_request",
+        "teacher_server.max_concurrency",
+        "teacher_server.timeout_seconds",
+        "teacher_server.retries",
+        "teacher_server.backoff_seconds",
+        "teacher_server.overlap",
+    }
+)
 
 
 class FolderLock:
@@ -66,9 +88,11 @@ class FolderLock:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
-            raise ConfigError(f"{self.path.parent} is in use by another ctopd run (process "
-                              f"{holder}); wait for it to end or stop it, or choose another "
-                              "--output-dir") from None
+            raise ConfigError(
+                f"{self.path.parent} is in use by another ctopd run (process "
+                f"{holder}); wait for it to end or stop it, or choose another "
+                "--output-dir"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
@@ -93,16 +117,20 @@ def make_output_dir(folder: Path) -> None:
     """
     blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise ConfigError(f"output_dir {folder} cannot be created: {blocker} is a file, not a "
-                          "folder; choose another --output-dir")
+        raise ConfigError(
+            f"output_dir {folder} cannot be created: {blocker} is a file, not a "
+            "folder; choose another --output-dir"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"output_dir {folder} is not writable ({err.strerror or err}); choose "
-                          "a folder you can write to with --output-dir") from None
+        raise ConfigError(
+            f"output_dir {folder} is not writable ({err.strerror or err}); choose "
+            "a folder you can write to with --output-dir"
+        ) from None
 
 
 def run_records(folder: Path) -> list[Path]:
@@ -113,8 +141,9 @@ def run_records(folder: Path) -> list[Path]:
     return found + sorted(folder.glob(f"{PREFIX}*"))
 
 
-def claim_folder(config: TrainConfig, mode: str, lock: FolderLock, *,
-                 num_processes: int) -> tuple[str | None, list[str]]:
+def claim_folder(
+    config: TrainConfig, mode: str, lock: FolderLock, *, num_processes: int
+) -> tuple[str | None, list[str]]:
     """Main process, before any model loads: make the run folder, lock it, and check it
     against ``--resume`` / ``--overwrite`` (removing the old run for ``--overwrite``).
 
@@ -132,25 +161,36 @@ def claim_folder(config: TrainConfig, mode: str, lock: FolderLock, *,
         check_checkpoint(checkpoint)
         changes = changed_settings(config, mode, checkpoint, num_processes=num_processes)
         if changes and not config.resume_changed:
-            raise ConfigError(f"--resume: {checkpoint} was made with other settings that change "
-                              f"what the run computes: {'; '.join(changes)}; put them back, or "
-                              "pass --resume-changed to continue with the new ones")
+            raise ConfigError(
+                f"--resume: {checkpoint} was made with other settings that change "
+                f"what the run computes: {'; '.join(changes)}; put them back, or "
+                "pass --resume-changed to continue with the new ones"
+            )
         if changes:
-            print(f"ctopd {mode}: resuming with changed settings: {'; '.join(changes)}",
-                  flush=True)
+            print(f"ctopd {mode}: resuming with changed settings: {'; '.join(changes)}", flush=True)
         return str(checkpoint), changes
     records = run_records(folder)
     if records and not config.overwrite:
-        raise ConfigError(f"{folder} already holds a run ({', '.join(p.name for p in records)}); "
-                          "pass --resume to continue it, or --overwrite to start over (removes "
-                          "them)")
+        raise ConfigError(
+            f"{folder} already holds a run ({', '.join(p.name for p in records)}); "
+            "pass --resume to continue it, or --overwrite to start over (removes "
+            "them)"
+        )
     if records:
         records += [folder / n for n in RUN_EXTRAS if (folder / n).exists()]
         kept = [n for n in KEPT_CACHES if (folder / n).exists()]
-        print(f"ctopd {mode}: --overwrite: removing {', '.join(p.name for p in records)} from "
-              f"{folder}" + (f" (keeping {', '.join(kept)}: the teacher's samples, reused when "
-                             "their count matches; delete it if the teacher or the sampling "
-                             "changed)" if kept else ""), flush=True)
+        print(
+            f"ctopd {mode}: --overwrite: removing {', '.join(p.name for p in records)} from "
+            f"{folder}"
+            + (
+                f" (keeping {', '.join(kept)}: the teacher's samples, reused when "
+                "their count matches; delete it if the teacher or the sampling "
+                "changed)"
+                if kept
+                else ""
+            ),
+            flush=True,
+        )
         for path in records:
             if path.is_dir():
                 shutil.rmtree(path)
@@ -159,8 +199,9 @@ def claim_folder(config: TrainConfig, mode: str, lock: FolderLock, *,
     return None, []
 
 
-def changed_settings(config: TrainConfig, mode: str, checkpoint: Path, *,
-                     num_processes: int) -> list[str]:
+def changed_settings(
+    config: TrainConfig, mode: str, checkpoint: Path, *, num_processes: int
+) -> list[str]:
     """Differences that change what the run computes, as ``"field: old → new"``, between this
     config and the one ``checkpoint`` was made with (``config.yaml`` beside it; the checkpoint's
     own process count and command). Fields a saved config lacks (an older ctopd) are not
@@ -172,8 +213,11 @@ def changed_settings(config: TrainConfig, mode: str, checkpoint: Path, *,
     if saved_path.is_file():
         old = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
         new = _flatten(config.to_dict())
-        changes = [f"{key}: {old[key]} → {value}" for key, value in new.items()
-                   if key in old and key not in RESUMABLE_CHANGES and old[key] != value]
+        changes = [
+            f"{key}: {old[key]} → {value}"
+            for key, value in new.items()
+            if key in old and key not in RESUMABLE_CHANGES and old[key] != value
+        ]
     state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
     if state.get("command", mode) != mode:
         changes.append(f"command: ctopd {state['command']} → ctopd {mode}")

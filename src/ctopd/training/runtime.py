@@ -107,8 +107,12 @@ class Runtime:
         self.lock = FolderLock(self.output_dir)
         self.signals = StopSignals(announce=self.accelerator.is_main_process)
         try:
-            checkpoint, self.changes = on_main(self.accelerator, lambda: claim_folder(
-                config, mode, self.lock, num_processes=self.accelerator.num_processes))
+            checkpoint, self.changes = on_main(
+                self.accelerator,
+                lambda: claim_folder(
+                    config, mode, self.lock, num_processes=self.accelerator.num_processes
+                ),
+            )
         except BaseException:
             self.lock.release()
             raise
@@ -135,8 +139,15 @@ class Runtime:
         """Optimiser steps finished (a resumed run counts the steps before it)."""
         return self.state["step"]
 
-    def prepare(self, model: torch.nn.Module, tokenizer: Any, *, end_ids: list[int],
-                total_steps: int, num_items: int):
+    def prepare(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        end_ids: list[int],
+        total_steps: int,
+        num_items: int,
+    ):
         """Build the optimiser and schedule, wrap for the accelerator, load the checkpoint when
         resuming, write ``config.yaml``, open ``metrics.jsonl`` and start noting signals.
 
@@ -167,15 +178,24 @@ class Runtime:
             accelerator.print(f"resumed from {self.checkpoint} at step {self.state['step']}")
         if accelerator.is_main_process:
             # How this run was started is no part of it: the saved config resumes as it is.
-            dataclasses.replace(config, resume=None, overwrite=False, resume_changed=False
-                                ).to_yaml(self.output_dir / "config.yaml")
+            dataclasses.replace(config, resume=None, overwrite=False, resume_changed=False).to_yaml(
+                self.output_dir / "config.yaml"
+            )
         self.logger = MetricsLogger(
-            self.output_dir, enabled=accelerator.is_main_process, reporters=config.reporters,
-            run_name=config.run_name, config=config.to_dict(),
-            resume_step=self.state["step"] if self.checkpoint else None)
-        self.progress = tqdm(total=total_steps, initial=self.state["step"],
-                             desc=f"ctopd {self.mode}", dynamic_ncols=True,
-                             disable=not (config.progress and accelerator.is_main_process))
+            self.output_dir,
+            enabled=accelerator.is_main_process,
+            reporters=config.reporters,
+            run_name=config.run_name,
+            config=config.to_dict(),
+            resume_step=self.state["step"] if self.checkpoint else None,
+        )
+        self.progress = tqdm(
+            total=total_steps,
+            initial=self.state["step"],
+            desc=f"ctopd {self.mode}",
+            dynamic_ncols=True,
+            disable=not (config.progress and accelerator.is_main_process),
+        )
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.signals.install()
         return model, optimizer, scheduler
@@ -204,35 +224,51 @@ class Runtime:
         found = gather_object([problem]) if self.accelerator.num_processes > 1 else [problem]
         problem = next(p for p in found if p is not None)
         step = self.state["step"] if applied else self.state["step"] + 1
-        what = ("so its weights were not saved" if applied else
-                "so the step was not applied and nothing was saved")
+        what = (
+            "so its weights were not saved"
+            if applied
+            else "so the step was not applied and nothing was saved"
+        )
         config, retry = self.config, ""
         if config.mixed_precision == "fp16":
-            cause, retry = ("an fp16 overflow; use --mixed-precision bf16 (or no)",
-                            " --resume-changed --mixed-precision bf16")
+            cause, retry = (
+                "an fp16 overflow; use --mixed-precision bf16 (or no)",
+                " --resume-changed --mixed-precision bf16",
+            )
         elif self.steps_done == 0 and self.checkpoint is None and not applied:
-            cause = ("the student is non-finite before any update: check its weights and "
-                     "student.dtype (float16 weights overflow; use float32 or bfloat16)")
+            cause = (
+                "the student is non-finite before any update: check its weights and "
+                "student.dtype (float16 weights overflow; use float32 or bfloat16)"
+            )
         else:
-            cause, retry = (f"a learning rate too high for this model (optim.lr "
-                            f"{config.optim.lr:g}); lower it",
-                            f" --resume-changed --optim.lr {config.optim.lr / 10:g}")
+            cause, retry = (
+                f"a learning rate too high for this model (optim.lr {config.optim.lr:g}); lower it",
+                f" --resume-changed --optim.lr {config.optim.lr / 10:g}",
+            )
         if self.saved_step:
-            kept = (f"Last checkpoint kept: {checkpoint_dir(self.output_dir, self.saved_step)}; "
-                    f"continue from it with `{self.resume_command()}{retry}`")
+            kept = (
+                f"Last checkpoint kept: {checkpoint_dir(self.output_dir, self.saved_step)}; "
+                f"continue from it with `{self.resume_command()}{retry}`"
+            )
         else:
-            kept = ("No checkpoint was saved before it (--save-every N keeps some); start again "
-                    "with --overwrite")
-        raise RunStopped(f"ctopd {self.mode}: stopped at step {step}: {problem}, "
-                         f"{what}. Likely cause: {cause}. {kept}", exit_code=NON_FINITE_EXIT)
+            kept = (
+                "No checkpoint was saved before it (--save-every N keeps some); start again "
+                "with --overwrite"
+            )
+        raise RunStopped(
+            f"ctopd {self.mode}: stopped at step {step}: {problem}, "
+            f"{what}. Likely cause: {cause}. {kept}",
+            exit_code=NON_FINITE_EXIT,
+        )
 
     def optimizer_step(self, timer: Timer) -> None:
         """Clip the gradients, stop if their norm is not finite (before the weights change),
         then AdamW and the schedule; counts the step. Collective."""
         with timer("optimizer"):
             norm = clip_gradients(self.accelerator, self.model, self.config.optim.max_grad_norm)
-            self.stop_if_non_finite(None if norm is None or math.isfinite(norm)
-                                    else f"the gradient norm is {norm}")
+            self.stop_if_non_finite(
+                None if norm is None or math.isfinite(norm) else f"the gradient norm is {norm}"
+            )
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -250,21 +286,32 @@ class Runtime:
         config, state, step = self.config, self.state, self.state["step"]
         seconds = time.perf_counter() - self.step_started
         row = {"step": step, **row}
-        row.update(epoch=state["epoch"] + state["position"] / self.num_items,
-                   lr=self.scheduler.get_last_lr()[0],
-                   grad_norm=float("nan") if self.grad_norm is None else self.grad_norm,
-                   time_step=seconds,
-                   tokens_per_second=row.get("response_tokens", 0.0) / max(seconds, 1e-9))
-        if config.eval_data and (step == self.total_steps or (
-                config.eval_every and step % config.eval_every == 0)):
-            self.last_eval = evaluate_during_training(self.accelerator, self.model,
-                                                      self.tokenizer, config)
-            row.update(eval_accuracy=self.last_eval["accuracy"],
-                       eval_examples=self.last_eval["num_examples"])
+        row.update(
+            epoch=state["epoch"] + state["position"] / self.num_items,
+            lr=self.scheduler.get_last_lr()[0],
+            grad_norm=float("nan") if self.grad_norm is None else self.grad_norm,
+            time_step=seconds,
+            tokens_per_second=row.get("response_tokens", 0.0) / max(seconds, 1e-9),
+        )
+        if config.eval_data and (
+            step == self.total_steps or (config.eval_every and step % config.eval_every == 0)
+        ):
+            self.last_eval = evaluate_during_training(
+                self.accelerator, self.model, self.tokenizer, config
+            )
+            row.update(
+                eval_accuracy=self.last_eval["accuracy"],
+                eval_examples=self.last_eval["num_examples"],
+            )
         self.logger.log(row)
         self.progress.update(1)
-        self.progress.set_postfix({k: f"{row[k]:.4f}" for k in ("loss", "kl", "coverage")
-                                   if isinstance(row.get(k), float)})
+        self.progress.set_postfix(
+            {
+                k: f"{row[k]:.4f}"
+                for k in ("loss", "kl", "coverage")
+                if isinstance(row.get(k), float)
+            }
+        )
         if not config.progress and step % config.log_every == 0:
             self.accelerator.print(console_line(row))
         if step == self.total_steps or (config.save_every and step % config.save_every == 0):
@@ -284,17 +331,33 @@ class Runtime:
         if self.saved_step == step:
             return
         self.stop_if_non_finite(non_finite_weights(self.model), applied=True)
-        state = {**self.state, "num_processes": self.accelerator.num_processes,
-                 "command": self.mode}
+        state = {
+            **self.state,
+            "num_processes": self.accelerator.num_processes,
+            "command": self.mode,
+        }
         try:
-            save_checkpoint(self.accelerator, self.model, self.tokenizer, self.output_dir, state,
-                            end_ids=self.end_ids, keep=self.config.keep_checkpoints)
+            save_checkpoint(
+                self.accelerator,
+                self.model,
+                self.tokenizer,
+                self.output_dir,
+                state,
+                end_ids=self.end_ids,
+                keep=self.config.keep_checkpoints,
+            )
         except OSError as err:  # single process only: under DDP the other ranks would wait
-            kept = (f"{checkpoint_dir(self.output_dir, self.saved_step)} is kept; free space "
-                    f"and continue with `{self.resume_command()}`" if self.saved_step else
-                    "no earlier checkpoint; free space and start again with --overwrite")
-            raise RunStopped(f"ctopd {self.mode}: could not write the checkpoint of step {step} "
-                             f"({err.strerror or err}); {kept}", exit_code=1) from err
+            kept = (
+                f"{checkpoint_dir(self.output_dir, self.saved_step)} is kept; free space "
+                f"and continue with `{self.resume_command()}`"
+                if self.saved_step
+                else "no earlier checkpoint; free space and start again with --overwrite"
+            )
+            raise RunStopped(
+                f"ctopd {self.mode}: could not write the checkpoint of step {step} "
+                f"({err.strerror or err}); {kept}",
+                exit_code=1,
+            ) from err
         self.saved_step = step
 
     def stop_if_signalled(self) -> None:
@@ -312,12 +375,17 @@ class Runtime:
             f"ctopd {self.mode}: stopped by {signal.Signals(signum).name} after step "
             f"{self.step} of {self.total_steps}; checkpoint saved: "
             f"{checkpoint_dir(self.output_dir, self.step)}; continue with: "
-            f"{self.resume_command()}", exit_code=128 + signum)
+            f"{self.resume_command()}",
+            exit_code=128 + signum,
+        )
 
     def resume_command(self) -> str:
         """The command that continues this run: its saved config plus ``--resume``."""
-        launch = ("ctopd" if self.accelerator.num_processes == 1 else
-                  f"accelerate launch --num_processes {self.accelerator.num_processes} -m ctopd")
+        launch = (
+            "ctopd"
+            if self.accelerator.num_processes == 1
+            else f"accelerate launch --num_processes {self.accelerator.num_processes} -m ctopd"
+        )
         config = shlex.quote(str(self.output_dir / "config.yaml"))
         return f"{launch} {self.mode} --config {config} --resume"
 
@@ -338,19 +406,30 @@ class Runtime:
         self.stop_if_non_finite(non_finite_weights(self.model), applied=True)
         accelerator = self.accelerator
         checksums = gather_object([param_checksum(accelerator.unwrap_model(self.model))])
-        export_student(accelerator, self.model, self.tokenizer, self.output_dir / "final",
-                       end_ids=self.end_ids, merge_lora=True)
+        export_student(
+            accelerator,
+            self.model,
+            self.tokenizer,
+            self.output_dir / "final",
+            end_ids=self.end_ids,
+            merge_lora=True,
+        )
         self.logger.close()
         self.logger = None
-        rows = (read_metrics(self.output_dir)
-                if (self.output_dir / "metrics.jsonl").exists() else [])
-        summary = {"final_metrics": mean_of_last(rows), "steps": self.step,
-                   "seconds": time.perf_counter() - self.started,
-                   "output_dir": str(self.output_dir), "eval": self.last_eval,
-                   "rank_param_checksums": checksums, **summary}
+        rows = read_metrics(self.output_dir) if (self.output_dir / "metrics.jsonl").exists() else []
+        summary = {
+            "final_metrics": mean_of_last(rows),
+            "steps": self.step,
+            "seconds": time.perf_counter() - self.started,
+            "output_dir": str(self.output_dir),
+            "eval": self.last_eval,
+            "rank_param_checksums": checksums,
+            **summary,
+        }
         if accelerator.is_main_process:
             (self.output_dir / "summary.json").write_text(
-                json.dumps(summary, indent=2, default=str), encoding="utf-8")
+                json.dumps(summary, indent=2, default=str), encoding="utf-8"
+            )
         accelerator.wait_for_everyone()
         return summary
 
@@ -363,8 +442,13 @@ def apply_optim_settings(optimizer, scheduler, config: TrainConfig) -> None:
     scheduler.base_lrs = [optim.lr] * len(scheduler.base_lrs)
     multiplier = scheduler.lr_lambdas[0](scheduler.last_epoch)
     for group in optimizer.param_groups:
-        group.update(lr=optim.lr * multiplier, initial_lr=optim.lr, eps=optim.eps,
-                     betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
+        group.update(
+            lr=optim.lr * multiplier,
+            initial_lr=optim.lr,
+            eps=optim.eps,
+            betas=(optim.beta1, optim.beta2),
+            weight_decay=optim.weight_decay,
+        )
 
 
 def on_main(accelerator: Accelerator, work):
@@ -413,9 +497,11 @@ class StopSignals:
             return
         self.received = signum
         if self.announce:  # os.write: safe wherever the handler interrupts the main thread
-            os.write(2, f"ctopd: {signal.Signals(signum).name} received; saving a checkpoint "
-                        "when this step ends (a second Ctrl-C stops at once, losing it)\n"
-                     .encode())
+            os.write(
+                2,
+                f"ctopd: {signal.Signals(signum).name} received; saving a checkpoint "
+                "when this step ends (a second Ctrl-C stops at once, losing it)\n".encode(),
+            )
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
@@ -446,8 +532,10 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision,
-                              gradient_accumulation_steps=config.gradient_accumulation_steps)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+    )
     check_launch(accelerator)
     return accelerator
 
@@ -461,7 +549,8 @@ def check_launch(accelerator: Accelerator) -> None:
         raise ConfigError(
             f"{launched} processes were launched but accelerate sees {accelerator.num_processes}; "
             "on CPU run `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "
-            "-m ctopd train ...` (gloo DDP)")
+            "-m ctopd train ...` (gloo DDP)"
+        )
 
 
 def next_indices(state: dict, num_items: int, count: int, config: TrainConfig) -> list[int]:
@@ -485,9 +574,13 @@ def next_indices(state: dict, num_items: int, count: int, config: TrainConfig) -
 def build_optimizer(config: TrainConfig, model: torch.nn.Module, total_steps: int):
     """AdamW over the trainable parameters and its ``LambdaLR`` schedule."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, eps=config.optim.eps,
-                                  betas=(config.optim.beta1, config.optim.beta2),
-                                  weight_decay=config.optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=config.optim.lr,
+        eps=config.optim.eps,
+        betas=(config.optim.beta1, config.optim.beta2),
+        weight_decay=config.optim.weight_decay,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config, total_steps))
     return optimizer, scheduler
 
@@ -537,10 +630,16 @@ def evaluate_during_training(accelerator, student, tokenizer, config: TrainConfi
     result = None
     if accelerator.is_main_process:
         with torch.random.fork_rng(devices=[]):
-            result = evaluate(accelerator.unwrap_model(student), tokenizer, config.eval_data,
-                              max_new_tokens=config.eval_max_new_tokens,
-                              batch_size=config.per_device_batch_size, limit=config.eval_limit,
-                              data_config=config.data, device=accelerator.device)
+            result = evaluate(
+                accelerator.unwrap_model(student),
+                tokenizer,
+                config.eval_data,
+                max_new_tokens=config.eval_max_new_tokens,
+                batch_size=config.per_device_batch_size,
+                limit=config.eval_limit,
+                data_config=config.data,
+                device=accelerator.device,
+            )
     return gather_object([result])[0]
 
 
@@ -555,5 +654,8 @@ def param_checksum(model) -> float:
 
 def console_line(row: dict) -> str:
     keys = ("step", "loss", "kl", "coverage", "response_length_mean", "lr", "time_step")
-    return "  ".join(f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}"
-                     for k in keys if k in row)
+    return "  ".join(
+        f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}"
+        for k in keys
+        if k in row
+    )

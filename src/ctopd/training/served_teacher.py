@@ -91,8 +91,13 @@ PROBE_TEXT = "Sam has 12 apples and gets 345 more.\n\tHow many now? 357 = 12 + 3
 class ServedScores:
     """Scores on their way from the server: one background request per chunk of sequences."""
 
-    def __init__(self, chunks: list[tuple[list[int], Future]], shape: tuple[int, int],
-                 vocab_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        chunks: list[tuple[list[int], Future]],
+        shape: tuple[int, int],
+        vocab_size: int,
+        device: torch.device,
+    ) -> None:
         self.chunks, self.shape, self.vocab_size, self.device = chunks, shape, vocab_size, device
 
     def done(self) -> bool:
@@ -108,22 +113,35 @@ class ServedScores:
         caps = torch.zeros(batch * width, dtype=torch.float64)
         for rows_of_chunk, future in self.chunks:
             for b, (position_ids, position_logprobs, counts, position_caps) in zip(
-                    rows_of_chunk, future.result()):
+                rows_of_chunk, future.result()
+            ):
                 offsets = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
                 rows.append(b * width + offsets)
                 ids.append(torch.tensor(position_ids, dtype=torch.long))
                 logprobs.append(torch.tensor(position_logprobs, dtype=torch.float64))
-                caps[b * width : b * width + len(counts)] = torch.tensor(position_caps,
-                                                                         dtype=torch.float64)
+                caps[b * width : b * width + len(counts)] = torch.tensor(
+                    position_caps, dtype=torch.float64
+                )
         empty = (torch.zeros(0, dtype=torch.long),) * 2 + (torch.zeros(0, dtype=torch.float64),)
         flat = [torch.cat(parts) if parts else e for parts, e in zip((rows, ids, logprobs), empty)]
-        dense = dense_logprobs(*(t.to(self.device) for t in flat), rows_total=batch * width,
-                               vocab_size=self.vocab_size, caps=caps.to(self.device))
+        dense = dense_logprobs(
+            *(t.to(self.device) for t in flat),
+            rows_total=batch * width,
+            vocab_size=self.vocab_size,
+            caps=caps.to(self.device),
+        )
         return dense.view(batch, width, self.vocab_size)
 
 
-def dense_logprobs(rows: Tensor, ids: Tensor, logprobs: Tensor, *, rows_total: int,
-                   vocab_size: int, caps: Tensor | None = None) -> Tensor:
+def dense_logprobs(
+    rows: Tensor,
+    ids: Tensor,
+    logprobs: Tensor,
+    *,
+    rows_total: int,
+    vocab_size: int,
+    caps: Tensor | None = None,
+) -> Tensor:
     """Dense log-probabilities over the real ids from sparse ``(row, id, log-prob)`` entries.
 
     Each row's returned ids keep their log-probs; the real ids not returned share the remainder
@@ -199,16 +217,20 @@ def parse_prompt_logprobs(
         raise TeacherServerError(f"reply field {where} is not an object")
     sent = choice.get("prompt_token_ids")
     if sent is not None and list(sent) != list(sequence):
-        raise TeacherServerError(f"reply field {where}.prompt_token_ids differs from the "
-                                 f"{len(sequence)} ids sent")
+        raise TeacherServerError(
+            f"reply field {where}.prompt_token_ids differs from the {len(sequence)} ids sent"
+        )
     entries = choice.get("prompt_logprobs")
     if not isinstance(entries, list):
         raise TeacherServerError(
             f"reply field {where}.prompt_logprobs is missing: the server returned no prompt "
-            "log-probabilities (it must support vLLM's prompt_logprobs extension)")
+            "log-probabilities (it must support vLLM's prompt_logprobs extension)"
+        )
     if len(entries) != len(sequence):
-        raise TeacherServerError(f"reply field {where}.prompt_logprobs has {len(entries)} "
-                                 f"positions for a {len(sequence)}-token sequence")
+        raise TeacherServerError(
+            f"reply field {where}.prompt_logprobs has {len(entries)} "
+            f"positions for a {len(sequence)}-token sequence"
+        )
     model_rows = max(model_rows or 0, vocab_size)
     # A server normalising over every row ranks padded rows too; ours returns real ids only.
     top_count = model_rows if top_k < 0 else min(top_k, model_rows)
@@ -221,55 +243,70 @@ def parse_prompt_logprobs(
         field = f"{where}.prompt_logprobs[{position}]"
         entry = entries[position]
         if not isinstance(entry, dict):
-            raise TeacherServerError(f"reply field {field} is {json.dumps(entry)[:40]}, not the "
-                                     "log-probs of a response position")
+            raise TeacherServerError(
+                f"reply field {field} is {json.dumps(entry)[:40]}, not the "
+                "log-probs of a response position"
+            )
         if len(entry) < least:
-            raise TeacherServerError(f"reply field {field} has {len(entry)} log-probs; asked for "
-                                     f"the top {least}")
+            raise TeacherServerError(
+                f"reply field {field} has {len(entry)} log-probs; asked for the top {least}"
+            )
         realised = sequence[position]
         if str(realised) not in entry:
-            raise TeacherServerError(f"reply field {field} has no entry for the realised token "
-                                     f"{realised}")
+            raise TeacherServerError(
+                f"reply field {field} has no entry for the realised token {realised}"
+            )
         mass, cap = 0.0, 0.0
         # With one entry more than the top k, the extra one is the realised token, ranked below
         # them: it does not bound the ids that were not returned.
         extra = str(realised) if len(entry) > top_count else None
         for key, value in entry.items():
-            token, logprob = _entry(key, value, field=field, vocab_size=vocab_size,
-                                    model_rows=model_rows)
+            token, logprob = _entry(
+                key, value, field=field, vocab_size=vocab_size, model_rows=model_rows
+            )
             ids.append(token)
             logprobs.append(logprob)
             mass += math.exp(logprob)
             if top_count and key != extra:
                 cap = min(cap, logprob)
         if mass > 1.0 + MASS_TOLERANCE:
-            raise TeacherServerError(f"reply field {field}: the returned probabilities add up to "
-                                     f"{mass:.4f} > 1")
+            raise TeacherServerError(
+                f"reply field {field}: the returned probabilities add up to {mass:.4f} > 1"
+            )
         counts.append(len(entry))
         caps.append(cap)
     return ids, logprobs, counts, caps
 
 
-def _entry(key: str, value: Any, *, field: str, vocab_size: int,
-           model_rows: int) -> tuple[int, float]:
+def _entry(
+    key: str, value: Any, *, field: str, vocab_size: int, model_rows: int
+) -> tuple[int, float]:
     """One ``"id": {"logprob": x, ...}`` entry (a bare number is accepted too)."""
     try:
         token = int(key)
     except ValueError:
         raise TeacherServerError(f"reply field {field} has key {key!r}, not a token id") from None
     if not 0 <= token < model_rows:
-        limit = (f"the teacher tokenizer's {vocab_size} ids" if model_rows == vocab_size
-                 else f"the teacher model's {model_rows} output rows")
-        raise TeacherServerError(f"reply field {field} has token id {token}, outside {limit}: "
-                                 "the server runs a model with another vocabulary")
+        limit = (
+            f"the teacher tokenizer's {vocab_size} ids"
+            if model_rows == vocab_size
+            else f"the teacher model's {model_rows} output rows"
+        )
+        raise TeacherServerError(
+            f"reply field {field} has token id {token}, outside {limit}: "
+            "the server runs a model with another vocabulary"
+        )
     logprob = value.get("logprob") if isinstance(value, dict) else value
     if isinstance(logprob, bool) or not isinstance(logprob, (int, float)):
-        raise TeacherServerError(f"reply field {field}[{key!r}].logprob is missing or not a "
-                                 f"number: {json.dumps(value)[:60]}")
+        raise TeacherServerError(
+            f"reply field {field}[{key!r}].logprob is missing or not a "
+            f"number: {json.dumps(value)[:60]}"
+        )
     logprob = float(logprob)
     if math.isnan(logprob) or logprob > MASS_TOLERANCE:
-        raise TeacherServerError(f"reply field {field}[{key!r}].logprob is {logprob}, not a "
-                                 "log-probability")
+        raise TeacherServerError(
+            f"reply field {field}[{key!r}].logprob is {logprob}, not a log-probability"
+        )
     return token, max(logprob, LOGPROB_FLOOR)
 
 
@@ -285,8 +322,14 @@ class ServedTeacher:
             ``None``: no padded rows (every id ``>= vocab_size`` is refused).
     """
 
-    def __init__(self, config: TeacherServerConfig, tokenizer: Any, *, vocab_size: int,
-                 model_rows: int | None = None) -> None:
+    def __init__(
+        self,
+        config: TeacherServerConfig,
+        tokenizer: Any,
+        *,
+        vocab_size: int,
+        model_rows: int | None = None,
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -305,16 +348,23 @@ class ServedTeacher:
         self.device = torch.device(device)
         return self
 
-    def submit(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-               *, needs: frozenset[str] | None = None) -> ServedScores:
+    def submit(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+        *,
+        needs: frozenset[str] | None = None,
+    ) -> ServedScores:
         """Send the sequences; with ``config.overlap`` off, return once the replies are in.
 
         When ``needs`` holds only ``token_logprobs`` (``dpca``) no top-k is asked for
         (``prompt_logprobs=0``: the realised tokens' log-probs alone), whatever
         ``config.top_k`` says."""
         if any(len(p) == 0 for p in prompt_ids):
-            raise TeacherServerError("a teacher prompt is empty: its first response token would "
-                                     "have no prediction (prompt_logprobs[0] is null)")
+            raise TeacherServerError(
+                "a teacher prompt is empty: its first response token would "
+                "have no prediction (prompt_logprobs[0] is null)"
+            )
         width = max(1, max((len(r) for r in response_ids), default=0))
         scored = [b for b, r in enumerate(response_ids) if len(r)]
         top_k = 0 if needs is not None and needs <= {"token_logprobs"} else self.config.top_k
@@ -332,25 +382,38 @@ class ServedTeacher:
 
     def _score(self, sequences: list[list[int]], prompt_lengths: list[int], top_k: int) -> list:
         """One request: per sequence, ``(ids, log-probs, entries per position)``."""
-        body: dict[str, Any] = {"prompt": sequences, "max_tokens": 1, "temperature": 1.0,
-                                "prompt_logprobs": top_k, "return_token_ids": True}
+        body: dict[str, Any] = {
+            "prompt": sequences,
+            "max_tokens": 1,
+            "temperature": 1.0,
+            "prompt_logprobs": top_k,
+            "return_token_ids": True,
+        }
         if self.config.model:
             body["model"] = self.config.model
         reply = self._request(f"{self.url}/completions", body)
         choices = reply.get("choices") if isinstance(reply, dict) else None
         if not isinstance(choices, list) or len(choices) != len(sequences):
             count = len(choices) if isinstance(choices, list) else "no"
-            raise TeacherServerError(f"reply field choices has {count} entries for "
-                                     f"{len(sequences)} prompts")
+            raise TeacherServerError(
+                f"reply field choices has {count} entries for {len(sequences)} prompts"
+            )
         if all(isinstance(c, dict) and isinstance(c.get("index"), int) for c in choices):
             choices = sorted(choices, key=lambda c: c["index"])
             if [c["index"] for c in choices] != list(range(len(sequences))):
                 raise TeacherServerError("reply field choices[].index is not 0..N-1")
-        return [parse_prompt_logprobs(choice, sequence, length, where=f"choices[{i}]",
-                                      vocab_size=self.vocab_size, top_k=top_k,
-                                      model_rows=self.model_rows)
-                for i, (choice, sequence, length) in enumerate(zip(choices, sequences,
-                                                                   prompt_lengths))]
+        return [
+            parse_prompt_logprobs(
+                choice,
+                sequence,
+                length,
+                where=f"choices[{i}]",
+                vocab_size=self.vocab_size,
+                top_k=top_k,
+                model_rows=self.model_rows,
+            )
+            for i, (choice, sequence, length) in enumerate(zip(choices, sequences, prompt_lengths))
+        ]
 
     def check(self) -> None:
         """Reach the server (within the retry budget), find the model, and check that the
@@ -367,12 +430,15 @@ class ServedTeacher:
             if "answered 404" in str(err) and not self.url.endswith("/v1"):
                 raise TeacherServerError(
                     f"{err}; teacher_server.url must be the base of the server's OpenAI API, "
-                    f"which usually ends in /v1: try --teacher-url {self.url}/v1") from None
+                    f"which usually ends in /v1: try --teacher-url {self.url}/v1"
+                ) from None
             raise
         served = [m.get("id") for m in reply.get("data", []) if isinstance(m, dict)]
         if self.config.model and self.config.model not in served:
-            raise ConfigError(f"teacher_server.model {self.config.model!r} is not served at "
-                              f"{self.url}; it serves {served}")
+            raise ConfigError(
+                f"teacher_server.model {self.config.model!r} is not served at "
+                f"{self.url}; it serves {served}"
+            )
         body: dict[str, Any] = {"prompt": PROBE_TEXT, "add_special_tokens": False}
         if self.config.model:
             body["model"] = self.config.model
@@ -381,15 +447,19 @@ class ServedTeacher:
         except TeacherServerError as err:
             if "answered 404" not in str(err):
                 raise
-            logger.warning("teacher server %s has no /tokenize; its tokenizer is not checked "
-                           "against the teacher's", self.root)
+            logger.warning(
+                "teacher server %s has no /tokenize; its tokenizer is not checked "
+                "against the teacher's",
+                self.root,
+            )
             return
         ours = self.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
         if tokens != ours:
             raise ConfigError(
                 f"the server at {self.url} tokenizes a probe text as {tokens} but the teacher "
                 f"tokenizer ({self.tokenizer.name_or_path}) as {ours}: it serves another model, "
-                "or --teacher names another tokenizer")
+                "or --teacher names another tokenizer"
+            )
 
     def _request(self, url: str, body: dict | None) -> Any:
         """GET (``body`` None) or POST JSON; retries as the module docstring says."""
@@ -408,18 +478,30 @@ class ServedTeacher:
             except urllib.error.HTTPError as err:
                 message = _error_message(err)
                 if err.code not in RETRY_STATUS:
-                    hint = " (set the key in $" + self.config.api_key_env + ")" if (
-                        err.code == 401) else ""
-                    raise TeacherServerError(f"{url} answered {err.code}: {message}{hint}") from None
+                    hint = (
+                        " (set the key in $" + self.config.api_key_env + ")"
+                        if (err.code == 401)
+                        else ""
+                    )
+                    raise TeacherServerError(
+                        f"{url} answered {err.code}: {message}{hint}"
+                    ) from None
                 reason = f"HTTP {err.code} {message}"
             except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
                 reason = _reason(err)
             if attempt == retries:
-                raise TeacherServerError(f"{url} unreachable after {retries} retries over "
-                                         f"{waited:.1f} s: {reason}") from None
+                raise TeacherServerError(
+                    f"{url} unreachable after {retries} retries over {waited:.1f} s: {reason}"
+                ) from None
             wait = min(self.config.backoff_seconds * 2**attempt, MAX_BACKOFF_SECONDS)
-            logger.warning("teacher server %s: %s; retry %d/%d in %.2f s", url, reason,
-                           attempt + 1, retries, wait)
+            logger.warning(
+                "teacher server %s: %s; retry %d/%d in %.2f s",
+                url,
+                reason,
+                attempt + 1,
+                retries,
+                wait,
+            )
             self.retried += 1
             waited += wait
             time.sleep(wait)
@@ -441,8 +523,7 @@ def read_json(payload: bytes, url: str) -> Any:
     try:
         return json.loads(payload)
     except ValueError:
-        raise TeacherServerError(f"{url} sent a reply that is not JSON: "
-                                 f"{payload[:80]!r}") from None
+        raise TeacherServerError(f"{url} sent a reply that is not JSON: {payload[:80]!r}") from None
 
 
 def teacher_output_rows(config: ModelConfig, num_ids: int) -> int | None:
@@ -454,9 +535,9 @@ def teacher_output_rows(config: ModelConfig, num_ids: int) -> int | None:
     source, gguf_file = config.location()
     options = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        model_config = AutoConfig.from_pretrained(source, revision=config.revision,
-                                                  trust_remote_code=config.trust_remote_code,
-                                                  **options)
+        model_config = AutoConfig.from_pretrained(
+            source, revision=config.revision, trust_remote_code=config.trust_remote_code, **options
+        )
         text_config = getattr(model_config, "get_text_config", lambda: model_config)()
         rows = int(getattr(text_config, "vocab_size", 0) or 0)
     except (OSError, ValueError, TypeError):
@@ -496,7 +577,8 @@ def _error_message(err: urllib.error.HTTPError) -> str:
 
 def _reason(err: BaseException) -> str:
     inner = getattr(err, "reason", None)
-    if isinstance(inner, (socket.timeout, TimeoutError)) or isinstance(err, (socket.timeout,
-                                                                            TimeoutError)):
+    if isinstance(inner, (socket.timeout, TimeoutError)) or isinstance(
+        err, (socket.timeout, TimeoutError)
+    ):
         return "timed out"
     return f"{type(inner or err).__name__}: {inner or err}"

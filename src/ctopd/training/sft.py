@@ -76,27 +76,37 @@ def run_sft(config: TrainConfig) -> dict:
             responses = [e.response for e in examples]
             missing = [i for i, r in enumerate(responses) if r is None]
             if missing:
-                fields = dict.fromkeys([config.sft.response_field, "response",
-                                        config.data.answer_field])
-                raise DataError(f"sft.source=data but row {missing[0] + 1} of the data has no "
-                                f"response text (looked in {', '.join(fields)})")
+                fields = dict.fromkeys(
+                    [config.sft.response_field, "response", config.data.answer_field]
+                )
+                raise DataError(
+                    f"sft.source=data but row {missing[0] + 1} of the data has no "
+                    f"response text (looked in {', '.join(fields)})"
+                )
         data, skipped, truncated = _encode(config, tokenizer, examples, responses, end_of_turn)
         if truncated and accelerator.is_main_process:
-            print(f"ctopd sft: warning: {truncated} of {len(data)} responses are longer than "
-                  f"rollout.max_new_tokens ({config.rollout.max_new_tokens} tokens) and are cut "
-                  "there, without their end-of-turn token; raise --rollout.max-new-tokens to "
-                  "train on them whole", file=sys.stderr, flush=True)
+            print(
+                f"ctopd sft: warning: {truncated} of {len(data)} responses are longer than "
+                f"rollout.max_new_tokens ({config.rollout.max_new_tokens} tokens) and are cut "
+                "there, without their end-of-turn token; raise --rollout.max-new-tokens to "
+                "train on them whole",
+                file=sys.stderr,
+                flush=True,
+            )
 
         student = load_causal_lm(config.student, side="student")
         check_vocab(student, tokenizer, "student")
-        student = prepare_student(student, gradient_checkpointing=config.gradient_checkpointing,
-                                  lora=config.lora)
+        student = prepare_student(
+            student, gradient_checkpointing=config.gradient_checkpointing, lora=config.lora
+        )
         global_batch = config.per_device_batch_size * accelerator.num_processes
         per_step = global_batch * config.gradient_accumulation_steps
         total_steps = config.max_steps or max(
-            1, math.ceil(config.epochs * math.ceil(len(data) / per_step)))
-        student, _, _ = runtime.prepare(student, tokenizer, end_ids=end_ids,
-                                        total_steps=total_steps, num_items=len(data))
+            1, math.ceil(config.epochs * math.ceil(len(data) / per_step))
+        )
+        student, _, _ = runtime.prepare(
+            student, tokenizer, end_ids=end_ids, total_steps=total_steps, num_items=len(data)
+        )
         pad_id, device = tokenizer.pad_token_id, accelerator.device
         # Output rows past the tokenizer's ids (a padded embedding matrix) are no token: the
         # cross-entropy's softmax runs over the real ids only.
@@ -106,36 +116,52 @@ def run_sft(config: TrainConfig) -> dict:
             timer, figures = runtime.start_step(), StepMetrics()
             for _ in range(config.gradient_accumulation_steps):
                 indices = next_indices(runtime.state, len(data), global_batch, config)
-                mine = indices[accelerator.process_index * config.per_device_batch_size:][
-                    : config.per_device_batch_size]
+                mine = indices[accelerator.process_index * config.per_device_batch_size :][
+                    : config.per_device_batch_size
+                ]
                 prompts = [data[i][0] for i in mine]
                 targets = [data[i][1] for i in mine]
                 with accelerator.accumulate(student):
                     with timer("student_forward"):
-                        logits = response_logits(student, prompts, targets, pad_id=pad_id,
-                                                 device=device)
+                        logits = response_logits(
+                            student, prompts, targets, pad_id=pad_id, device=device
+                        )
                     with timer("loss"):
                         ids, _ = pad_responses(targets, pad_id=-100, device=device)
                         loss = F.cross_entropy(
-                            logits[..., :student_num_ids].float().flatten(0, 1), ids.flatten(),
-                            ignore_index=-100)
+                            logits[..., :student_num_ids].float().flatten(0, 1),
+                            ids.flatten(),
+                            ignore_index=-100,
+                        )
                     # Every rank, before any backward: one rank alone stopping would leave the
                     # others waiting in DDP's gradient all-reduce.
                     runtime.stop_if_non_finite(
-                        None if torch.isfinite(loss.detach()) else f"the loss is {loss.item()}")
+                        None if torch.isfinite(loss.detach()) else f"the loss is {loss.item()}"
+                    )
                     with timer("backward"):
                         accelerator.backward(loss)
                 tokens = sum(len(t) for t in targets)
-                figures.add({"loss": loss.item(), "student_tokens": tokens,
-                             "response_tokens": tokens, "responses": len(targets),
-                             "prompts": len(targets)})
+                figures.add(
+                    {
+                        "loss": loss.item(),
+                        "student_tokens": tokens,
+                        "response_tokens": tokens,
+                        "responses": len(targets),
+                        "prompts": len(targets),
+                    }
+                )
             runtime.optimizer_step(timer)  # stops first if the gradient norm is not finite
             runtime.state["samples"] += per_step
             row = figures.reduce(accelerator, timer)
             row.pop("coverage", None)
             runtime.end_step(row)
-        return runtime.finish({"num_examples": len(data), "skipped_prompts": skipped,
-                               "truncated_responses": truncated})
+        return runtime.finish(
+            {
+                "num_examples": len(data),
+                "skipped_prompts": skipped,
+                "truncated_responses": truncated,
+            }
+        )
 
 
 def _end_of_turn_id(tokenizer, end_ids: list[int]) -> int:
@@ -144,8 +170,9 @@ def _end_of_turn_id(tokenizer, end_ids: list[int]) -> int:
     return others[0] if others else end_ids[0]
 
 
-def _encode(config: TrainConfig, tokenizer, examples: list[Example], responses: list[str],
-            end_of_turn: int):
+def _encode(
+    config: TrainConfig, tokenizer, examples: list[Example], responses: list[str], end_of_turn: int
+):
     """``(prompt ids, response ids + end id)`` per example; over-long prompts are skipped and
     responses longer than ``rollout.max_new_tokens`` are truncated (without an end id)."""
     prompts = encode_prompts(tokenizer, examples, side="student")
@@ -160,13 +187,15 @@ def _encode(config: TrainConfig, tokenizer, examples: list[Example], responses: 
             target, truncated = target[:longest], truncated + 1
         data.append((prompt, target))
     if not data:
-        raise ConfigError(f"all {len(prompts)} prompts are longer than data.max_prompt_tokens "
-                          f"({limit}); raise it")
+        raise ConfigError(
+            f"all {len(prompts)} prompts are longer than data.max_prompt_tokens ({limit}); raise it"
+        )
     return data, len(prompts) - len(data), truncated
 
 
-def _teacher_responses(config: TrainConfig, examples: list[Example], accelerator: Accelerator,
-                       output_dir: Path) -> list[str]:
+def _teacher_responses(
+    config: TrainConfig, examples: list[Example], accelerator: Accelerator, output_dir: Path
+) -> list[str]:
     """The teacher's sampled responses (``samples_per_prompt`` per prompt, adjacent), generated
     once across all ranks and cached in ``OUTPUT_DIR/teacher_responses.jsonl``."""
     cache = output_dir / "teacher_responses.jsonl"
@@ -179,18 +208,28 @@ def _teacher_responses(config: TrainConfig, examples: list[Example], accelerator
     teacher = freeze(load_causal_lm(config.teacher, side="teacher")).to(accelerator.device)
     end_ids = end_of_turn_ids(tokenizer)
     prompts = encode_prompts(tokenizer, examples, side="teacher")
-    rank, world, batch = accelerator.process_index, accelerator.num_processes, \
-        config.per_device_batch_size
+    rank, world, batch = (
+        accelerator.process_index,
+        accelerator.num_processes,
+        config.per_device_batch_size,
+    )
     mine = list(range(rank, len(examples), world))
     out = []
     for lo in range(0, len(mine), batch):
         chunk = mine[lo : lo + batch]
         responses = sample_responses(
-            teacher, [prompts[i] for i in chunk], end_ids=end_ids, pad_id=tokenizer.pad_token_id,
-            max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
-            top_p=config.rollout.top_p, top_k=config.rollout.top_k,
-            samples_per_prompt=config.rollout.samples_per_prompt, device=accelerator.device,
-            num_ids=count_token_ids(tokenizer))  # the teacher's padded rows are no token
+            teacher,
+            [prompts[i] for i in chunk],
+            end_ids=end_ids,
+            pad_id=tokenizer.pad_token_id,
+            max_new_tokens=config.rollout.max_new_tokens,
+            temperature=config.rollout.temperature,
+            top_p=config.rollout.top_p,
+            top_k=config.rollout.top_k,
+            samples_per_prompt=config.rollout.samples_per_prompt,
+            device=accelerator.device,
+            num_ids=count_token_ids(tokenizer),
+        )  # the teacher's padded rows are no token
         for n, response in enumerate(responses):
             index = chunk[n // config.rollout.samples_per_prompt]
             text = tokenizer.decode(response, skip_special_tokens=True)
@@ -198,7 +237,11 @@ def _teacher_responses(config: TrainConfig, examples: list[Example], accelerator
     rows = sorted(gather_object(out))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        cache.write_text("".join(json.dumps({"index": i, "sample": s, "response": t}) + "\n"
-                                 for i, s, t in rows), encoding="utf-8")
+        cache.write_text(
+            "".join(
+                json.dumps({"index": i, "sample": s, "response": t}) + "\n" for i, s, t in rows
+            ),
+            encoding="utf-8",
+        )
     del teacher
     return [t for _, _, t in rows]

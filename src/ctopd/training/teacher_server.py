@@ -64,8 +64,9 @@ class ScoringModel:
         batch_size: sequences per forward pass.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, name: str,
-                 batch_size: int = 8) -> None:
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, *, name: str, batch_size: int = 8
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -76,14 +77,25 @@ class ScoringModel:
         self.num_ids = min(count_token_ids(tokenizer), self.vocab_size)
         self.token_strings = tokenizer.convert_ids_to_tokens(list(range(self.num_ids)))
         self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
-        self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
-                           if i is not None)
+        self.pad_id = next(
+            i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None
+        )
         self.lock = threading.Lock()  # one forward at a time
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{
-            "id": self.name, "object": "model", "created": int(time.time()),
-            "owned_by": "ctopd", "root": self.name, "max_model_len": self.max_length}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.name,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "ctopd",
+                    "root": self.name,
+                    "max_model_len": self.max_length,
+                }
+            ],
+        }
 
     def tokenize(self, body: dict) -> dict:
         text = body.get("prompt")
@@ -91,8 +103,12 @@ class ScoringModel:
             raise RequestError("prompt must be a string", "prompt")
         ids = self.tokenizer(text, add_special_tokens=bool(body.get("add_special_tokens", True)))
         tokens = list(ids["input_ids"])
-        return {"count": len(tokens), "max_model_len": self.max_length, "tokens": tokens,
-                "token_strs": None}
+        return {
+            "count": len(tokens),
+            "max_model_len": self.max_length,
+            "tokens": tokens,
+            "token_strs": None,
+        }
 
     def completions(self, body: dict) -> dict:
         """A ``/v1/completions`` reply for ``body`` (see the module docstring)."""
@@ -100,48 +116,74 @@ class ScoringModel:
         prompt_logprobs, next_ids = self.score(sequences, top_k)
         with_ids = bool(body.get("return_token_ids"))
         choices = []
-        for index, (sequence, entries, next_id) in enumerate(zip(sequences, prompt_logprobs,
-                                                                 next_ids)):
+        for index, (sequence, entries, next_id) in enumerate(
+            zip(sequences, prompt_logprobs, next_ids)
+        ):
             generated = [next_id] if max_tokens else []
-            choices.append({
-                "index": index, "text": self.tokenizer.decode(generated), "logprobs": None,
-                "finish_reason": "length", "stop_reason": None,
-                "token_ids": generated if with_ids else None,
-                "prompt_logprobs": entries if top_k is not None else None,
-                "prompt_token_ids": sequence if with_ids else None,
-            })
+            choices.append(
+                {
+                    "index": index,
+                    "text": self.tokenizer.decode(generated),
+                    "logprobs": None,
+                    "finish_reason": "length",
+                    "stop_reason": None,
+                    "token_ids": generated if with_ids else None,
+                    "prompt_logprobs": entries if top_k is not None else None,
+                    "prompt_token_ids": sequence if with_ids else None,
+                }
+            )
         prompt_tokens = sum(len(s) for s in sequences)
         completion_tokens = len(sequences) if max_tokens else 0
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                "created": int(time.time()), "model": self.name, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
 
     def _read_completion_request(self, body: dict) -> tuple[list[list[int]], int | None, int]:
         model = body.get("model")
         if model is not None and model != self.name:
-            raise RequestError(f"model {model!r} is not served here; this server serves "
-                               f"{self.name!r}", "model")
-        for name, allowed in (("stream", (None, False)), ("echo", (None, False)),
-                              ("n", (None, 1)), ("logprobs", (None,))):
+            raise RequestError(
+                f"model {model!r} is not served here; this server serves {self.name!r}", "model"
+            )
+        for name, allowed in (
+            ("stream", (None, False)),
+            ("echo", (None, False)),
+            ("n", (None, 1)),
+            ("logprobs", (None,)),
+        ):
             if body.get(name) not in allowed:
-                raise RequestError(f"{name}={body.get(name)!r} is not supported by ctopd "
-                                   "serve-teacher (it scores prompts)", name)
+                raise RequestError(
+                    f"{name}={body.get(name)!r} is not supported by ctopd "
+                    "serve-teacher (it scores prompts)",
+                    name,
+                )
         max_tokens = body.get("max_tokens", 1)
         max_tokens = 1 if max_tokens is None else max_tokens
         if max_tokens not in (0, 1) or isinstance(max_tokens, bool):
-            raise RequestError("max_tokens must be 0 or 1 (ctopd serve-teacher scores prompts)",
-                               "max_tokens")
+            raise RequestError(
+                "max_tokens must be 0 or 1 (ctopd serve-teacher scores prompts)", "max_tokens"
+            )
         top_k = body.get("prompt_logprobs")
-        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)
-                                  or top_k < -1):
-            raise RequestError("prompt_logprobs must be a positive value or -1",
-                               "prompt_logprobs")
+        if top_k is not None and (
+            not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < -1
+        ):
+            raise RequestError("prompt_logprobs must be a positive value or -1", "prompt_logprobs")
         sequences = self._read_prompts(body.get("prompt"))
         for sequence in sequences:
             if self.max_length and len(sequence) + max_tokens > self.max_length:
-                raise RequestError(f"This model's maximum context length is {self.max_length} "
-                                   f"tokens; a prompt has {len(sequence)}", "prompt")
+                raise RequestError(
+                    f"This model's maximum context length is {self.max_length} "
+                    f"tokens; a prompt has {len(sequence)}",
+                    "prompt",
+                )
         return sequences, top_k, max_tokens
 
     def _read_prompts(self, prompt: Any) -> list[list[int]]:
@@ -155,10 +197,14 @@ class ScoringModel:
         for item in prompt:
             if isinstance(item, str):
                 item = list(self.tokenizer(item)["input_ids"])
-            if (not isinstance(item, list) or not item
-                    or not all(isinstance(t, int) and not isinstance(t, bool) for t in item)):
-                raise RequestError("each prompt must be a non-empty list of token ids or text",
-                                   "prompt")
+            if (
+                not isinstance(item, list)
+                or not item
+                or not all(isinstance(t, int) and not isinstance(t, bool) for t in item)
+            ):
+                raise RequestError(
+                    "each prompt must be a non-empty list of token ids or text", "prompt"
+                )
             if min(item) < 0 or max(item) >= self.num_ids:
                 raise RequestError(f"token id out of range [0, {self.num_ids})", "prompt")
             sequences.append(item)
@@ -190,8 +236,12 @@ class ScoringModel:
             input_ids[row, : len(sequence)] = torch.as_tensor(sequence)
             mask[row, : len(sequence)] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                          position_ids=position_ids.to(self.device), use_cache=False).logits
+        return self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=position_ids.to(self.device),
+            use_cache=False,
+        ).logits
 
     def _row_entries(self, logits: torch.Tensor, sequence: list[int], top_k: int | None) -> list:
         if top_k is None:
@@ -206,8 +256,12 @@ class ScoringModel:
             ranks = ((logp > realised).sum(-1) + 1).tolist()
             values, ids = logp.topk(k, dim=-1)
             for token, logprob, rank, top_values, top_ids in zip(
-                    targets[lo:hi].tolist(), realised[:, 0].tolist(), ranks, values.tolist(),
-                    ids.tolist()):
+                targets[lo:hi].tolist(),
+                realised[:, 0].tolist(),
+                ranks,
+                values.tolist(),
+                ids.tolist(),
+            ):
                 entry = {str(token): self._logprob(token, logprob, rank)}
                 for position, (top_id, top_value) in enumerate(zip(top_ids, top_values)):
                     entry[str(top_id)] = self._logprob(top_id, top_value, position + 1)
@@ -215,8 +269,11 @@ class ScoringModel:
         return out
 
     def _logprob(self, token: int, logprob: float, rank: int) -> dict:
-        return {"logprob": max(logprob, -9999.0), "rank": rank,
-                "decoded_token": self.token_strings[token]}
+        return {
+            "logprob": max(logprob, -9999.0),
+            "rank": rank,
+            "decoded_token": self.token_strings[token],
+        }
 
 
 def _dumps(payload: Any) -> bytes:
@@ -234,8 +291,9 @@ class TeacherHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], scorer: ScoringModel, *,
-                 api_key: str | None = None) -> None:
+    def __init__(
+        self, address: tuple[str, int], scorer: ScoringModel, *, api_key: str | None = None
+    ) -> None:
         super().__init__(address, _Handler)
         self.scorer = scorer
         self.api_key = api_key or None
@@ -258,8 +316,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         if not self._authorized():
             return None
-        routes = {"/v1/completions": self.server.scorer.completions,
-                  "/tokenize": self.server.scorer.tokenize}
+        routes = {
+            "/v1/completions": self.server.scorer.completions,
+            "/tokenize": self.server.scorer.tokenize,
+        }
         if self.path not in routes:
             return self._error(HTTPStatus.NOT_FOUND, f"no route POST {self.path}")
         length = int(self.headers.get("Content-Length") or 0)
@@ -277,8 +337,9 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as err:  # the server stays up; the client may retry a 500
             logger.exception("ctopd serve-teacher: %s failed", self.path)
             return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(err).__name__}: {err}")
-        logger.info("%s %s: %.3f s", self.path, self.address_string(),
-                    time.perf_counter() - started)
+        logger.info(
+            "%s %s: %.3f s", self.path, self.address_string(), time.perf_counter() - started
+        )
         return self._send(HTTPStatus.OK, reply)
 
     def _authorized(self) -> bool:
@@ -291,8 +352,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: HTTPStatus, message: str, param: str | None = None) -> None:
         kind = "BadRequestError" if status == HTTPStatus.BAD_REQUEST else status.phrase
-        self._send(status, {"error": {"message": message, "type": kind, "param": param,
-                                      "code": int(status)}})
+        self._send(
+            status,
+            {"error": {"message": message, "type": kind, "param": param, "code": int(status)}},
+        )
 
     def _send(self, status: HTTPStatus, payload: Any) -> None:
         data = b"" if payload is None else _dumps(payload)

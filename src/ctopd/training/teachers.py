@@ -55,8 +55,13 @@ class PendingScores(Protocol):
 class Teacher(Protocol):
     """What the loop needs from a teacher (see the module docstring)."""
 
-    def submit(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-               *, needs: frozenset[str] | None = None) -> PendingScores:
+    def submit(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+        *,
+        needs: frozenset[str] | None = None,
+    ) -> PendingScores:
         """Ask for the scores of ``B`` teacher prompts followed by their responses.
 
         ``needs`` (``TEACHER_NEEDS``-style field names) lets a teacher send less: a served one
@@ -100,19 +105,26 @@ class LocalTeacher:
         self.model.to(self.device)
         return self
 
-    def submit(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-               *, needs: frozenset[str] | None = None) -> Ready:
+    def submit(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+        *,
+        needs: frozenset[str] | None = None,
+    ) -> Ready:
         """The teacher's logits ``[B, n, V_T]`` (model dtype) over the tokenizer's ids only (a
         view of the model's ``[B, n, rows]``; their log-softmax renormalises over the real ids),
         computed now (``needs`` is not used: the logits hold everything)."""
         with torch.no_grad():
-            logits = response_logits(self.model, prompt_ids, response_ids, pad_id=self.pad_id,
-                                     device=self.device)
+            logits = response_logits(
+                self.model, prompt_ids, response_ids, pad_id=self.pad_id, device=self.device
+            )
         return Ready(logits[..., : self.num_ids])  # [:None] keeps every column
 
 
-def load_teacher(config: TrainConfig, tokenizer: Any, *,
-                 num_ids: int | None = None) -> LocalTeacher | Teacher:
+def load_teacher(
+    config: TrainConfig, tokenizer: Any, *, num_ids: int | None = None
+) -> LocalTeacher | Teacher:
     """The run's teacher: a client of ``teacher_server.url`` when it is set (the connection and
     the server's tokenizer are checked now), else ``teacher.name_or_path`` loaded in process.
 
@@ -132,8 +144,12 @@ def load_teacher(config: TrainConfig, tokenizer: Any, *,
     if config.teacher_server.url:
         from ctopd.training.served_teacher import ServedTeacher, teacher_output_rows
 
-        teacher = ServedTeacher(config.teacher_server, tokenizer, vocab_size=num_ids,
-                                model_rows=teacher_output_rows(config.teacher, num_ids))
+        teacher = ServedTeacher(
+            config.teacher_server,
+            tokenizer,
+            vocab_size=num_ids,
+            model_rows=teacher_output_rows(config.teacher, num_ids),
+        )
         teacher.check()
         return teacher
     model = freeze(load_causal_lm(config.teacher, side="teacher"))
@@ -148,5 +164,6 @@ def receive_scores(pending: PendingScores, *, step: int, last_saved: int | None)
         return pending.result()
     except TeacherServerError as err:
         where = f"checkpoint of step {last_saved} kept" if last_saved else "no checkpoint yet"
-        raise TeacherServerError(f"teacher failed at step {step}: {err}; stopping, {where} "
-                                 "(--resume continues from it)") from err
+        raise TeacherServerError(
+            f"teacher failed at step {step}: {err}; stopping, {where} (--resume continues from it)"
+        ) from err
