@@ -17,7 +17,7 @@ the seconds the loop spent waiting for the teacher (``time_teacher``).
 **topk** — for the same student rollouts, each objective's loss and its gradient with respect to
 the student's logits, computed from the teacher's full distribution and from what a server
 returns for ``prompt_logprobs=k`` (the top k plus the realised token), rebuilt as
-``ctopd.training.served_teacher`` rebuilds it (remainder spread evenly over the unreturned ids)
+``ctopd.training.teachers.served`` rebuilds it (remainder spread evenly over the unreturned ids)
 and, for comparison, with the top k renormalised (remainder dropped). Errors are relative:
 ``|loss_k - loss| / |loss|`` and ``‖grad_k - grad‖ / ‖grad‖``. Without ``--teacher`` it uses
 the random tiny models of the step part (a near-uniform teacher: the worst case for top-k).
@@ -252,7 +252,7 @@ def rollouts(teacher_dir: Path, student_dir: Path, prompts: Path, args):
 
 def served_view(teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, k: int, rule: str):
     """What a server returns for ``prompt_logprobs=k`` (top k + realised), rebuilt dense."""
-    from ctopd.training.served_teacher import REMAINDER_FLOOR, dense_logprobs
+    from ctopd.training.teachers.served import REMAINDER_FLOOR, dense_logprobs
 
     batch, width, vocab = teacher_logp.shape
     flat = teacher_logp.reshape(-1, vocab).double()

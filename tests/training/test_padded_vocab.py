@@ -16,9 +16,9 @@ import torch
 from ctopd.training.config import ModelConfig, TeacherServerConfig, load_config
 from ctopd.training.loop import train
 from ctopd.training.rollout import count_token_ids, response_logits
-from ctopd.training.served_teacher import ServedTeacher, teacher_output_rows
-from ctopd.training.teacher_server import ScoringModel, TeacherHTTPServer
-from ctopd.training.teachers import LocalTeacher, TeacherServerError, load_teacher
+from ctopd.training.teachers.local import LocalTeacher, TeacherServerError, load_teacher
+from ctopd.training.teachers.served import ServedTeacher, teacher_output_rows
+from ctopd.training.teachers.server import ScoringModel, TeacherHTTPServer
 from tests.training.padded import load_real_tokenizer, padded_causal_lm, save_padded
 from tests.training.servers import FakeServer
 from tests.training.test_real_pair import LLAMA2_TEMPLATE

@@ -20,9 +20,9 @@ from transformers import AutoModelForCausalLM
 from ctopd.core.pair import load_tokenizer
 from ctopd.training.config import ConfigError, TeacherServerConfig, load_config
 from ctopd.training.loop import train
-from ctopd.training.served_teacher import ServedTeacher, dense_logprobs, parse_prompt_logprobs
-from ctopd.training.teacher_server import ScoringModel, TeacherHTTPServer
-from ctopd.training.teachers import LocalTeacher, TeacherServerError
+from ctopd.training.teachers.local import LocalTeacher, TeacherServerError
+from ctopd.training.teachers.served import ServedTeacher, dense_logprobs, parse_prompt_logprobs
+from ctopd.training.teachers.server import ScoringModel, TeacherHTTPServer
 from tests.training.servers import API_KEY, FakeServer, ServerProcess, kill_after_first_step
 from tests.training.tiny import final_weights, tiny_args
 
@@ -92,7 +92,7 @@ def test_served_losses_equal_in_process(tiny, server, served_dpca, tmp_path, api
 
 
 def test_server_killed_mid_run_and_restarted(tiny, server, served_dpca, tmp_path, api_key, caplog):
-    caplog.set_level(logging.WARNING, logger="ctopd.training.served_teacher")
+    caplog.set_level(logging.WARNING, logger="ctopd.training.teachers.served")
     out = tmp_path / "run"
     watcher = kill_after_first_step(server, out, restart_after=1.0)
     rows = _train(tiny, out, "--objective", "dpca", *_served(server.url))
@@ -324,7 +324,7 @@ def test_http_errors(fake, monkeypatch):
 
 
 def test_5xx_is_retried_with_backoff(fake, caplog):
-    caplog.set_level(logging.WARNING, logger="ctopd.training.served_teacher")
+    caplog.set_level(logging.WARNING, logger="ctopd.training.teachers.served")
     server = fake(
         lambda body: (
             (503, {"error": {"message": "loading"}})

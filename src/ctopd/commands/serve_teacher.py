@@ -1,5 +1,5 @@
 """``ctopd serve-teacher``: serve a transformers model's prompt log-probs the way vLLM does, for
-``ctopd train --teacher-url`` (see :mod:`ctopd.training.teacher_server`).
+``ctopd train --teacher-url`` (see :mod:`ctopd.training.teachers.server`).
 
 Examples:
     ctopd serve-teacher --model runs/teacher/final                  # http://127.0.0.1:8000/v1
@@ -54,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ctopd.core.pair import load_tokenizer
     from ctopd.training.config import ConfigError, ModelConfig
     from ctopd.training.models import freeze, load_causal_lm
-    from ctopd.training.teacher_server import ScoringModel, TeacherHTTPServer
+    from ctopd.training.teachers.server import ScoringModel, TeacherHTTPServer
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -81,7 +81,7 @@ def _run(args: argparse.Namespace, run) -> int:
     the request), 143 / 130 after SIGTERM / SIGINT (a checkpoint of the last step is saved)."""
     from ctopd.training.data import DataError
     from ctopd.training.runtime import RunStopped
-    from ctopd.training.teachers import TeacherServerError
+    from ctopd.training.teachers.local import TeacherServerError
 
     try:
         summary = run(config_from_args(args))

@@ -121,7 +121,7 @@ class TeacherServerConfig:
     """A served teacher: an OpenAI-compatible completions server (vLLM, ``ctopd serve-teacher``)
     scores instead of a model in this process. The teacher's tokenizer and chat template still
     come from ``teacher.name_or_path``, so the tokenisation and the alignment stay ours; the
-    server only reads token ids (``ctopd.training.served_teacher``)."""
+    server only reads token ids (``ctopd.training.teachers.served``)."""
 
     url: str | None = _help(
         "base URL of the server's OpenAI API, e.g. http://host:8000/v1 "

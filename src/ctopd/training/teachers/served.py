@@ -70,7 +70,7 @@ import torch
 from torch import Tensor
 
 from ctopd.training.config import ConfigError, ModelConfig, TeacherServerConfig
-from ctopd.training.teachers import TeacherServerError
+from ctopd.training.teachers.local import TeacherServerError
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``ctopd serve-teacher``: the subset of vLLM's OpenAI-compatible API that a served teacher uses,
 in front of a ``transformers`` model (CPU or GPU), for tests, development and small teachers.
 
-Endpoints (replies shaped as vLLM shapes them; see ``ctopd.training.served_teacher``):
+Endpoints (replies shaped as vLLM shapes them; see ``ctopd.training.teachers.served``):
 
 * ``POST /v1/completions`` — ``prompt``: token ids (one list or a list of lists) or text;
   ``prompt_logprobs``: ``K`` top log-probs per position plus the realised token's (``-1`` = the

@@ -11,7 +11,7 @@ for both kinds of teacher), so every objective works with either.
 
 * :class:`LocalTeacher` — a frozen ``transformers`` model on this rank's device; it returns its
   logits, computed when asked.
-* :class:`~ctopd.training.served_teacher.ServedTeacher` — a client of an OpenAI-compatible
+* :class:`~ctopd.training.teachers.served.ServedTeacher` — a client of an OpenAI-compatible
   completions server (vLLM, ``ctopd serve-teacher``); it returns log-probabilities rebuilt from the
   server's top-k prompt log-probs, and keeps its request in flight in the background so the
   student's forward runs meanwhile.
@@ -142,7 +142,7 @@ def load_teacher(
     if num_ids is None:
         num_ids = count_token_ids(tokenizer)
     if config.teacher_server.url:
-        from ctopd.training.served_teacher import ServedTeacher, teacher_output_rows
+        from ctopd.training.teachers.served import ServedTeacher, teacher_output_rows
 
         teacher = ServedTeacher(
             config.teacher_server,
