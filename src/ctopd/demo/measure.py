@@ -8,24 +8,6 @@ from pathlib import Path
 from ctopd.demo.settings import DemoSettings
 
 
-def measure_model(job: dict) -> dict:
-    """Accuracy, KL and non-canonical share of one model folder on one split (runs in a worker
-    process).
-
-    Args:
-        job: ``model`` (folder), ``teacher`` (folder), ``data`` (a JSONL split) and
-            ``settings``.
-    """
-    from ctopd.demo.stages import one_thread
-
-    one_thread()
-    model, data, settings = Path(job["model"]), Path(job["data"]), job["settings"]
-    return {
-        "accuracy": accuracy(model, data, settings),
-        **sequence_kl(model, Path(job["teacher"]), data, settings),
-    }
-
-
 def accuracy(model_dir: Path, data_path: Path, settings: DemoSettings) -> float:
     """Greedy exact-final-answer accuracy on every row of ``data_path``, ``eval_batch`` prompts
     per ``generate`` call."""
@@ -51,7 +33,7 @@ def outcomes(
 ) -> str:
     """Exact-final-answer outcome of every row of ``data_path``, in order, as a string of
     ``1`` (right) and ``0`` (wrong): compact in ``results.json``, and what paired comparisons
-    between runs need (:mod:`ctopd.demo.compare`). ``responses_path``: where to keep each
+    between runs need (``research/testbed_lib/compare.py``). ``responses_path``: where to keep each
     response (one JSON row per problem, see :func:`ctopd.training.evaluate.evaluate`).
 
     ``sampled``: one response per problem sampled at ``settings.sampled_temperature`` with the

@@ -1,13 +1,10 @@
 """One demo run (a method, a seed, from a warmed-up student) and the per-method summary.
 
-A run trains for ``steps`` steps of ``method_batch`` prompts (its learning rate warmed up, then
-decayed to 0 by a cosine) and
-saves a checkpoint every ``eval_every`` steps (and at the end); afterwards every checkpoint is
-evaluated with the same two measurements, in big batches: greedy accuracy on the held-out split
-and the common sequence-level KL (:mod:`ctopd.demo.measure`). The checkpoints are deleted once
-measured; a demo run (measured on the test split) keeps its final model in
-``runs/<run>-seed<k>/final/`` (a ``from_pretrained`` folder, about 1 MB), the sweep's,
-ablation's and calibration's runs keep only their numbers.
+A run trains ``steps`` steps of ``method_batch`` prompts (a short ramp, then cosine decay to 0)
+and saves a checkpoint every ``eval_every`` steps; afterwards every checkpoint is measured in big
+batches (greedy accuracy and the common KL, :mod:`ctopd.demo.measure`) and deleted. A run
+measured on the test split keeps its final model in ``runs/<run>-seed<k>/final/``; others (on
+the validation split, as research runs them) keep only their numbers.
 """
 
 from __future__ import annotations
@@ -37,10 +34,10 @@ def method_job(
     objective_options: dict | None = None,
     outcomes_split: str | None = None,
 ) -> dict:
-    """The job :func:`run_method` runs: the demo's defaults unless the sweep, the ablation or
-    the calibration overrides them (``objective_options``: ``objective`` config fields, e.g.
-    ``space``; ``outcomes_split``: the split scored problem by problem, by default
-    ``extra_test`` for test runs and none otherwise)."""
+    """The job :func:`run_method` runs: the demo's defaults unless overridden (``split``: the
+    data measured, ``test`` or ``validation``; ``curve``: measure every checkpoint or the final
+    one; ``objective_options``: ``objective`` config fields, e.g. ``space``; ``outcomes_split``:
+    the split scored problem by problem, by default ``extra_test`` for test runs)."""
     if outcomes_split is None and split == "test":
         outcomes_split = "extra_test"
     return dict(
@@ -61,29 +58,17 @@ def method_job(
 def run_method(job: dict) -> dict:
     """One run from its warmed-up student (runs in a worker process).
 
-    Args:
-        job: from :func:`method_job`: ``name`` (a run name, :data:`RUN_SPECS`), ``seed``,
-            ``out`` (the demo folder), ``settings``, ``lr``, ``steps``, ``split`` (the data the
-            models are measured on: ``test`` or ``validation``), ``curve`` (measure every
-            checkpoint, or only the final model) and ``run_dir``.
-
     Returns:
-        ``name``, ``student`` (``student`` or ``control``), ``method`` (the objective, or
-        ``sft``), ``seed``, ``lr``, ``steps``; ``accuracy``, ``kl`` and ``noncanonical`` of the
-        final model on ``split``; ``coverage``, ``aligned_coverage``, ``unaligned_share``
-        (over all steps, :func:`ctopd.demo.measure.coverage`) and ``train_kl`` (the
-        objective's own, mean of the last steps), all ``None`` for SFT; ``seconds`` (training
-        wall time), ``eval_seconds`` (the measurements after it); ``extra_accuracy`` and
-        ``extra_outcomes`` (per problem, :func:`ctopd.demo.measure.outcomes`) of the final model
-        on the job's ``outcomes_split`` (the extra test split for test runs; its responses stay
-        in ``run_dir/<split>_responses.jsonl``), ``None`` without one;
-        ``extra_sampled_accuracy`` and ``extra_sampled_outcomes``: the same for one sampled
-        response per problem (``DemoSettings.sampled_temperature``; its responses in
-        ``run_dir/<split>_sampled_responses.jsonl``), ``None`` without the split or the
-        temperature; and ``curve`` (``extra_step``,
-        ``extra_accuracy``, ``extra_outcomes``: the same at each checkpoint; ``step``,
-        ``accuracy``, ``kl`` at step 0 and at each checkpoint; ``train_kl_step``, ``train_kl``
-        per step).
+        ``name``, ``student`` (``student`` or ``control``), ``method`` (the objective or
+        ``sft``), ``seed``, ``lr``, ``steps``; ``accuracy``, ``kl``, ``noncanonical`` of the
+        final model on the job's ``split``; ``coverage``, ``aligned_coverage``,
+        ``unaligned_share`` (:func:`ctopd.demo.measure.coverage`) and ``train_kl`` (the
+        objective's own), ``None`` for SFT; ``seconds`` (training) and ``eval_seconds``;
+        ``extra_accuracy``, ``extra_outcomes`` and their ``extra_sampled_`` twins on the
+        job's ``outcomes_split`` (responses kept in ``run_dir/<split>_responses.jsonl`` and
+        ``<split>_sampled_responses.jsonl``), ``None`` without one; ``curve``: ``step``,
+        ``accuracy``, ``kl`` from step 0, ``extra_step``, ``extra_accuracy``,
+        ``extra_outcomes`` per checkpoint, ``train_kl_step``, ``train_kl`` per step.
     """
     from ctopd.demo.measure import coverage
     from ctopd.demo.stages import STUDENT_FOLDERS, one_thread
@@ -93,7 +78,7 @@ def run_method(job: dict) -> dict:
     out, run_dir = Path(job["out"]), Path(job["run_dir"])
     kind, objective = RUN_SPECS[job["name"]]
     shutil.rmtree(run_dir, ignore_errors=True)
-    summary = _train(job, out / STUDENT_FOLDERS[kind], objective, run_dir)
+    summary = train_run(job, out / STUDENT_FOLDERS[kind], objective, run_dir)
     started = time.perf_counter()
     rows = read_metrics(run_dir)
     points = _measure(job, out / STUDENT_FOLDERS[kind], run_dir)
@@ -139,9 +124,13 @@ def run_method(job: dict) -> dict:
     }
 
 
-def _train(job: dict, student_dir: Path, objective: str, run_dir: Path) -> dict:
-    """Train one run: on-policy distillation (``train``) or continued SFT on its slice of the
-    teacher samples (``run_sft``, the same texts for both students at a seed)."""
+def train_run(job: dict, student_dir: Path, objective: str, run_dir: Path) -> dict:
+    """Train one run of :func:`method_job`'s ``job`` from ``student_dir`` into ``run_dir``:
+    on-policy distillation with ``objective`` (``train``) or, for ``sft``, continued SFT on its
+    seed's slice of the teacher samples (``run_sft``, the same texts for both students).
+
+    Returns:
+        The training summary (``steps``, ``seconds``, ``final_metrics``, ...)."""
     from ctopd.demo.samples import sft_slice, write_sft_data
     from ctopd.demo.stages import stage_config
     from ctopd.training.loop import train
@@ -154,12 +143,10 @@ def _train(job: dict, student_dir: Path, objective: str, run_dir: Path) -> dict:
         data = write_sft_data(
             out, run_dir / "data.jsonl", *sft_slice(settings, job["seed"], steps=steps)
         )
-    # A short ramp, then cosine decay to 0 over the run: each run is the decay phase of a
-    # warmup-stable-decay schedule whose stable phase is the students' constant-rate warm-up
-    # (DemoSettings.warmup_schedule). A run at a constant rate ends un-annealed; a run that
-    # re-warms an annealed student first undoes its optimum (measured: from a cosine warm-up
-    # every method lost accuracy as its rate grew, continued SFT included). A checkpoint at
-    # every measuring point, all kept until they are measured.
+    # A short ramp, then cosine decay to 0: each run is the decay phase of a warmup-stable-decay
+    # schedule whose stable phase is the students' constant-rate warm-up (measured: from an
+    # annealed, cosine warm-up every method lost accuracy as its rate grew, SFT included). A
+    # checkpoint at every measuring point, all kept until they are measured.
     config = stage_config(
         settings,
         run_dir,

@@ -43,22 +43,19 @@ def warmup_slice(settings: DemoSettings) -> tuple[int, int]:
 
 
 def sft_slice(settings: DemoSettings, seed: int, *, steps: int | None = None) -> tuple[int, int]:
-    """``(start, count)`` of the samples of a continued-SFT run with ``seed`` (``steps``:
-    shorter runs, such as the sweep's or the calibration's, take the head of that slice). Each
-    seed's slice is as long as the longest budget the demo or its calibration runs, so no two
-    seeds share a sample and a run of the demo's budget is the head of the calibration's."""
-    budget = max(settings.method_steps, *settings.calibration_steps) * settings.method_batch
+    """``(start, count)`` of the samples of a continued-SFT run with ``seed`` (``steps``: shorter
+    runs take the head of that slice). Each seed's slice is ``settings.slice_steps()`` batches
+    long, so no two seeds share a sample."""
+    budget = settings.slice_steps() * settings.method_batch
     count = (steps if steps is not None else settings.method_steps) * settings.method_batch
     return settings.warmup_steps * settings.warmup_batch + seed * budget, count
 
 
 def samples_needed(settings: DemoSettings, *, seeds: int, warmup: bool, sft: bool) -> int:
-    """Pool size for a demo: the warm-up slice when a student is built, and the SFT slices of
-    ``seeds`` seeds when an SFT run is asked for (each as long as the longest budget, see
-    :func:`sft_slice`)."""
+    """Pool size: the warm-up slice when a student is built, and the SFT slices of ``seeds``
+    seeds when an SFT run is asked for (:func:`sft_slice`)."""
     if sft:
-        longest = max(settings.method_steps, *settings.calibration_steps)
-        start, count = sft_slice(settings, seeds - 1, steps=longest)
+        start, count = sft_slice(settings, seeds - 1, steps=settings.slice_steps())
         return start + count
     return warmup_slice(settings)[1] if warmup else 0
 

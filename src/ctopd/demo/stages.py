@@ -64,9 +64,8 @@ def build_teacher(
         return {**cached, "rebuilt": False}
 
     from ctopd.demo.measure import accuracy
-    from ctopd.demo.models import tiny_causal_lm
     from ctopd.demo.task import corpus, make_splits
-    from ctopd.demo.tokenizers import train_byte_level_bpe, train_digit_group_bpe
+    from ctopd.testing import tiny_causal_lm, train_byte_level_bpe, train_digit_group_bpe
     from ctopd.training.sft import run_sft
 
     started = time.perf_counter()
@@ -193,8 +192,8 @@ def build_student(job: dict) -> dict:
     """
     one_thread()
     from ctopd.demo.measure import accuracy, sequence_kl
-    from ctopd.demo.models import tiny_causal_lm
     from ctopd.demo.samples import warmup_slice, write_sft_data
+    from ctopd.testing import tiny_causal_lm
     from ctopd.training.config import ModelConfig
     from ctopd.training.models import load_model_tokenizer
     from ctopd.training.sft import run_sft
