@@ -56,7 +56,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from testbed_lib.compare import difference, outcome_matrix
-from testbed_lib.settings import TestbedSettings as DemoSettings
+from testbed_lib.settings import StudySettings as DemoSettings
 
 
 def settings_from_results(values: dict) -> DemoSettings:

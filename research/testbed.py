@@ -169,7 +169,7 @@ def run_testbed(
     task_order: str,
     log=print,
 ) -> dict:
-    """The demo's experiment in the configuration asked for (:func:`testbed_settings`), then
+    """The demo's experiment in the configuration asked for (:func:`pick_settings`), then
     the paired comparisons on the extra test split added to ``results.json`` and
     ``results.md``.
 
@@ -177,13 +177,13 @@ def run_testbed(
         The ``results.json`` content, with ``comparisons`` and ``command``.
     """
     from testbed_lib.report import comparisons, comparisons_markdown
-    from testbed_lib.settings import testbed_settings
-    from testbed_lib.studies import testbed_command
+    from testbed_lib.settings import pick_settings
+    from testbed_lib.studies import rerun_command
 
     from ctopd.demo.report import write_results
     from ctopd.demo.run import run_demo
 
-    settings = testbed_settings(
+    settings = pick_settings(
         quick=quick, matched=matched, warmup_target=warmup_target, task_order=task_order
     )
     results = run_demo(
@@ -203,7 +203,7 @@ def run_testbed(
         for run in row["runs"]
     ]
     results["comparisons"] = comparisons(results["extra_test"], runs)
-    results["command"] = testbed_command(
+    results["command"] = rerun_command(
         "",
         quick=quick,
         matched=matched,

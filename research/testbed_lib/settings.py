@@ -1,7 +1,7 @@
 """The testbed's configurations beyond ``ctopd demo``'s, and the knobs of its studies.
 
-:class:`TestbedSettings` is :class:`ctopd.demo.settings.DemoSettings` plus the sweep's grids,
-the ablation's seeds and the calibration's budgets. :func:`testbed_settings` picks one of:
+:class:`StudySettings` is :class:`ctopd.demo.settings.DemoSettings` plus the sweep's grids,
+the ablation's seeds and the calibration's budgets. :func:`pick_settings` picks one of:
 
 * the matched start (``ctopd demo``'s :data:`FULL` / :data:`QUICK`, the default);
 * :data:`FIXED_WARMUP` (``--fixed-warmup``): both students warmed up 1,000 steps (the demo's
@@ -22,6 +22,8 @@ from dataclasses import dataclass, fields, replace
 
 from ctopd.demo import settings as demo
 
+from .task import free_order_problem
+
 RUNS = demo.RUNS
 # The supervision spaces the ablation compares: (label, objective options of simct).
 SIMCT_SPACES = (
@@ -33,8 +35,13 @@ SIMCT_SPACES = (
 
 
 @dataclass(frozen=True)
-class TestbedSettings(demo.DemoSettings):
+class StudySettings(demo.DemoSettings):
     """:class:`DemoSettings` plus what the studies run."""
+
+    # "fixed": each solution works the steps in the story's order (one right solution per
+    # problem); "free": the steps commute and each reference works them in a random order
+    # (testbed_lib.task.free_order_problem).
+    task_order: str = "fixed"
 
     # The sweep (--sweep): learning rates tried per run name, one seed, sweep_steps steps,
     # scored on the validation split. An explicit grid, so the sweep's command reproduces it
@@ -59,8 +66,10 @@ class TestbedSettings(demo.DemoSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.task_order not in ("fixed", "free"):
+            raise ValueError("StudySettings.task_order must be fixed or free")
         if sorted(key for key, _ in self.sweep_lrs) != sorted(RUNS):
-            raise ValueError(f"TestbedSettings.sweep_lrs must name each of {', '.join(RUNS)} once")
+            raise ValueError(f"StudySettings.sweep_lrs must name each of {', '.join(RUNS)} once")
         if not self.calibration_steps or min(self.calibration_steps) < 1:
             raise ValueError("calibration_steps must list step counts of at least 1")
         if self.calibration_seeds < 1:
@@ -70,16 +79,27 @@ class TestbedSettings(demo.DemoSettings):
         """The learning rates the sweep tries for a run name."""
         return tuple(dict(self.sweep_lrs)[run])
 
+    def task_ranges(self) -> dict:
+        """The demo's task ranges, drawn by the free-order generator for ``task_order="free"``."""
+        ranges = super().task_ranges()
+        return {**ranges, "generator": free_order_problem} if self.task_order == "free" else ranges
+
+    def teacher_stamp(self) -> dict:
+        """The demo's stamp, naming the task order when it is not the story's (so cached
+        fixed-order teachers stay valid)."""
+        stamp = super().teacher_stamp()
+        return stamp if self.task_order == "fixed" else {**stamp, "task_order": self.task_order}
+
     def slice_steps(self) -> int:
         """Each seed's SFT slice holds the longest budget the demo or the calibration runs, so
         a run of the demo's budget is the head of the calibration's."""
         return max(self.method_steps, *self.calibration_steps)
 
 
-def widen(settings: demo.DemoSettings, **changes) -> TestbedSettings:
-    """``settings`` (a :class:`DemoSettings`) as :class:`TestbedSettings`, with ``changes``."""
+def widen(settings: demo.DemoSettings, **changes) -> StudySettings:
+    """``settings`` (a :class:`DemoSettings`) as :class:`StudySettings`, with ``changes``."""
     values = {f.name: getattr(settings, f.name) for f in fields(demo.DemoSettings)}
-    return TestbedSettings(**{**values, **changes})
+    return StudySettings(**{**values, **changes})
 
 
 # The full run with a fixed warm-up (``--fixed-warmup``): about 20 minutes on two CPU cores.
@@ -88,7 +108,7 @@ FIXED_WARMUP = widen(
     warmup_steps=1000,
     warmup_target=None,
     warmup_check_every=250,
-    method_lrs=TestbedSettings(num_train=0, num_test=0).method_lrs,  # the fixed warm-up's sweep
+    method_lrs=StudySettings(num_train=0, num_test=0).method_lrs,  # the fixed warm-up's sweep
 )
 FULL = widen(demo.FULL)
 QUICK = widen(
@@ -103,13 +123,13 @@ QUICK_FIXED_WARMUP = replace(QUICK, warmup_target=None, warmup_check_every=250)
 FREE_ORDER = {"task_order": "free", "teacher_rounds": 6}
 
 
-def testbed_settings(
+def pick_settings(
     *,
     quick: bool = False,
     matched: bool = True,
     warmup_target: float | None = None,
     task_order: str = "fixed",
-) -> TestbedSettings:
+) -> StudySettings:
     """The settings a testbed run uses: the matched start (:data:`FULL`, or :data:`QUICK`)
     unless ``matched=False`` (:data:`FIXED_WARMUP`, :data:`QUICK_FIXED_WARMUP`);
     ``warmup_target`` replaces the matched start's target; ``task_order="free"`` puts

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ctopd.demo.settings import RUN_SPECS, RUNS, settings_dict
 
-from .settings import SIMCT_SPACES, testbed_settings
+from .settings import SIMCT_SPACES, pick_settings
 
 
 def run_sweep(
@@ -49,7 +49,7 @@ def run_sweep(
         force: rebuild the cached models first.
         workers: runs side by side (default: CPU cores, at most 2).
         matched: the matched start's students (the default), else the fixed warm-up's
-            (:func:`testbed_lib.settings.testbed_settings`).
+            (:func:`testbed_lib.settings.pick_settings`).
         warmup_target: the matched start's target, when not the default
             (``--warmup-target``).
         task_order: the task's order of steps (``--task-order``, ``fixed`` or ``free``).
@@ -68,7 +68,7 @@ def run_sweep(
     from .report import sweep_markdown
 
     started = time.perf_counter()
-    settings = testbed_settings(
+    settings = pick_settings(
         quick=quick, matched=matched, warmup_target=warmup_target, task_order=task_order
     )
     out = Path(output_dir)
@@ -155,7 +155,7 @@ def run_sweep(
         "seed": 0,
         "steps": settings.sweep_steps,
         "batch": settings.method_batch,
-        "command": testbed_command(
+        "command": rerun_command(
             "--sweep",
             quick=quick,
             methods=methods,
@@ -215,7 +215,7 @@ def run_ablation(
     from .report import ablation_markdown
 
     started = time.perf_counter()
-    settings = testbed_settings(
+    settings = pick_settings(
         quick=quick, matched=matched, warmup_target=warmup_target, task_order=task_order
     )
     out = Path(output_dir)
@@ -278,7 +278,7 @@ def run_ablation(
         "batch": settings.method_batch,
         "lr": settings.lr("simct"),
         "student_start_accuracy": start,
-        "command": testbed_command(
+        "command": rerun_command(
             "--ablation",
             quick=quick,
             matched=matched,
@@ -354,7 +354,7 @@ def run_calibration(
     from .report import calibration_markdown
 
     started = time.perf_counter()
-    settings = testbed_settings(
+    settings = pick_settings(
         quick=quick, matched=matched, warmup_target=warmup_target, task_order=task_order
     )
     out = Path(output_dir)
@@ -455,7 +455,7 @@ def run_calibration(
         "batch": settings.method_batch,
         "steps": list(settings.calibration_steps),
         "lrs": {name: settings.lr(name) for name in CONTROL_METHODS},
-        "command": testbed_command(
+        "command": rerun_command(
             "--calibrate",
             quick=quick,
             matched=matched,
@@ -528,7 +528,7 @@ def choose(rows: list[dict]) -> dict[str, float]:
     return {name: entry["lr"] for name, entry in best.items()}
 
 
-def testbed_command(
+def rerun_command(
     flag: str,
     *,
     quick: bool,

@@ -50,8 +50,6 @@ class DemoSettings:
     min_amount: int = 10
     max_amount: int = 99
     task_steps: tuple[int, ...] = (2, 3)
-    # "fixed": solutions work the steps in the story's order; "free": in a random order.
-    task_order: str = "fixed"
     # Tokenizers: vocabulary sizes, special tokens included.
     teacher_vocab: int = 512
     student_vocab: int = 600
@@ -111,8 +109,6 @@ class DemoSettings:
     def __post_init__(self) -> None:
         if sorted(key for key, _ in self.method_lrs) != sorted(RUNS):
             raise ValueError(f"DemoSettings.method_lrs must name each of {', '.join(RUNS)} once")
-        if self.task_order not in ("fixed", "free"):
-            raise ValueError("DemoSettings.task_order must be fixed or free")
         if self.warmup_schedule not in ("cosine", "constant"):
             raise ValueError("DemoSettings.warmup_schedule must be cosine or constant")
         for name in ("eval_every", "warmup_check_every", "teacher_rounds"):
@@ -136,7 +132,7 @@ class DemoSettings:
     def task_ranges(self) -> dict:
         """Keyword arguments of :func:`ctopd.demo.task.make_splits` beyond the counts."""
         keys = ("min_value", "max_value", "min_amount", "max_amount")
-        return {**self._pick(keys), "steps": self.task_steps, "order": self.task_order}
+        return {**self._pick(keys), "steps": self.task_steps}
 
     def teacher_stamp(self) -> dict:
         """The settings the data, both tokenizers and the teacher depend on (a cached teacher
@@ -145,8 +141,6 @@ class DemoSettings:
         keys += ("min_amount", "max_amount", "task_steps", "teacher_vocab", "student_vocab")
         keys += ("teacher_hidden", "teacher_layers", "teacher_heads", "teacher_steps")
         keys += ("teacher_batch", "teacher_lr", "teacher_target", "teacher_rounds")
-        if self.task_order != "fixed":  # absent otherwise: older caches stay valid
-            keys += ("task_order",)
         return _jsonable({"version": CACHE_VERSION, **self._pick(keys)})
 
     def samples_stamp(self) -> dict:
