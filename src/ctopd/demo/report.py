@@ -13,25 +13,11 @@ LABELS = {
     "control_opd": "same-tokenizer OPD",
     "control_sft": "same-tokenizer continued SFT",
 }
-COLORS = {
-    "simct": "tab:blue",
-    "dpca": "tab:orange",
-    "shared_only": "tab:green",
-    "sft": "tab:gray",
-    "opd": "tab:red",
-}
-COLUMNS = (
-    "method",
-    "lr",
-    "held-out accuracy",
-    "per seed",
-    "gap closed",
-    "held-out KL (nats/token)",
-    "coverage",
-    "coverage of aligned tokens",
-    "non-canonical samples",
-    "seconds per run",
-)
+COLORS = dict(simct="tab:blue", dpca="tab:orange", shared_only="tab:green", sft="tab:gray")
+COLORS["opd"] = "tab:red"
+COLUMNS = ("method", "lr", "held-out accuracy", "per seed", "gap closed")
+COLUMNS += ("held-out KL (nats/token)", "coverage", "coverage of aligned tokens")
+COLUMNS += ("non-canonical samples", "seconds per run")
 
 
 def write_results(out: Path, results: dict) -> Path:
@@ -47,33 +33,15 @@ def results_markdown(results: dict) -> str:
     seeds, settings, controls = results["seeds"], results["settings"], results["controls"]
     accuracy = "held-out accuracy (mean ± std)" if seeds > 1 else "held-out accuracy"
     header = [accuracy if c == "held-out accuracy" else c for c in COLUMNS]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + " --- |" * len(COLUMNS),
-        _row("teacher", f"{results['teacher_accuracy']:.3f}", seconds=results["teacher_seconds"]),
-    ]
-    lines.append(
-        _start_row(
-            "student after warm-up",
-            results["student_start_accuracy"],
-            results["student_start_kl"],
-            results.get("student_start_noncanonical"),
-            results["student_seconds"],
-        )
-    )
+    teacher = [f"{results['teacher_accuracy']:.3f}"] + [""] * 6
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(COLUMNS)]
+    lines.append(_row("teacher", "", *teacher, seconds=results["teacher_seconds"]))
+    lines.append(_start_row("student after warm-up", results, results["student_seconds"]))
     lines += [_method_row(LABELS.get(m, m), row, seeds) for m, row in results["methods"].items()]
-    lines.append(
-        _start_row(
-            "same-tokenizer control after warm-up",
-            controls["student_start_accuracy"],
-            controls["student_start_kl"],
-            controls.get("student_start_noncanonical"),
-            results.get("control_seconds"),
-        )
-    )
-    lines += [
-        _method_row(LABELS[f"control_{m}"], row, seeds) for m, row in _control_rows(results).items()
-    ]
+    label, seconds = "same-tokenizer control after warm-up", results.get("control_seconds")
+    lines.append(_start_row(label, controls, seconds))
+    for method, row in _control_rows(results).items():
+        lines.append(_method_row(LABELS[f"control_{method}"], row, seeds))
     lines += [
         "",
         f"{seeds} seed(s); every method starts from its warmed-up student (cross-tokenizer: "
@@ -156,56 +124,27 @@ def _mean_std(row: dict, key: str) -> str:
     return f"{row[f'{key}_mean']:.3f}" + ("" if std is None else f" ± {std:.3f}")
 
 
-def _row(
-    label: str,
-    accuracy: str,
-    *,
-    lr: str = "",
-    per_seed: str = "",
-    gap: str = "",
-    kl: str = "",
-    coverage: str = "",
-    aligned: str = "",
-    noncanonical: str = "",
-    seconds: float | None = None,
-) -> str:
-    cells = [
-        label,
-        lr,
-        accuracy,
-        per_seed,
-        gap,
-        kl,
-        coverage,
-        aligned,
-        noncanonical,
-        "" if seconds is None else f"{seconds:.0f}",
-    ]
-    return "| " + " | ".join(cells) + " |"
+def _row(label: str, *cells: str, seconds: float | None) -> str:
+    """A table row: ``label``, the eight cells between, and the seconds (blank for ``None``)."""
+    return "| " + " | ".join([label, *cells, "" if seconds is None else f"{seconds:.0f}"]) + " |"
 
 
-def _start_row(label: str, accuracy: float, kl: float, noncanonical, seconds) -> str:
-    return _row(
-        label, f"{accuracy:.3f}", kl=f"{kl:.3f}", noncanonical=_fmt(noncanonical), seconds=seconds
-    )
+def _start_row(label: str, row: dict, seconds) -> str:
+    """A warmed-up student's row, from the ``student_start_*`` figures of ``row``."""
+    accuracy, kl = row["student_start_accuracy"], row["student_start_kl"]
+    noncanonical = _fmt(row.get("student_start_noncanonical"))
+    cells = ("", f"{accuracy:.3f}", "", "", f"{kl:.3f}", "", "", noncanonical)
+    return _row(label, *cells, seconds=seconds)
 
 
 def _method_row(label: str, row: dict, seeds: int) -> str:
     mean = f"{row['accuracy_mean']:.3f}"
     if seeds > 1:
         mean += f" ± {row['accuracy_std']:.3f}"
-    return _row(
-        label,
-        mean,
-        lr=f"{row['lr']:.0e}",
-        per_seed=" ".join(f"{r['accuracy']:.3f}" for r in row["runs"]),
-        gap=_fmt(row["gap_closed"]),
-        kl=_fmt(row["kl"]),
-        coverage=_fmt(row["coverage"]),
-        aligned=_fmt(row.get("aligned_coverage")),
-        noncanonical=_fmt(row["noncanonical"]),
-        seconds=row["seconds"],
-    )
+    per_seed = " ".join(f"{r['accuracy']:.3f}" for r in row["runs"])
+    cells = [_fmt(row[k]) for k in ("gap_closed", "kl", "coverage")]
+    cells += [_fmt(row.get("aligned_coverage")), _fmt(row["noncanonical"])]
+    return _row(label, f"{row['lr']:.0e}", mean, per_seed, *cells, seconds=row["seconds"])
 
 
 def plot_curves(results: dict, path: Path) -> Path:
