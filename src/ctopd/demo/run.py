@@ -1,25 +1,19 @@
 """The ``ctopd demo`` experiment: cross-tokenizer OPD on a task a laptop can check, read against a
-same-tokenizer control. Everything is local and seeded:
+same-tokenizer control. Everything is local, seeded, and cached where it can be (a stamp in each
+folder records the settings it was built with; ``force`` rebuilds):
 
-1. **task**: arithmetic word problems with worked solutions (:mod:`ctopd.demo.task`), written as
-   ``train``, ``validation``, ``test``, ``extra_test`` and ``extra_validation`` JSONL files;
-2. **tokenizers and teacher**: a Qwen2-style BPE with one token per digit (teacher) and a
-   Llama-3-style BPE with digit groups of up to three (student), trained on the task's text; a
-   small Llama teacher trained from scratch on the reference solutions (:mod:`.stages`);
-3. **teacher samples**: drawn once and cached; every SFT stage trains on a slice (:mod:`.samples`);
-4. **students**: ``student/`` (the digit-group tokenizer, cross-tokenizer) and ``control/`` (the
-   teacher's tokenizer), the same architecture and initialisation, warmed up alike on the same
-   teacher samples, each until it reaches the same validation accuracy (the matched start);
-5. **methods**: equal budgets, once per seed (:mod:`.methods`): from ``student/`` ``simct``,
-   ``dpca``, ``shared_only`` and continued SFT; from ``control/`` same-tokenizer ``opd`` and SFT;
-6. **report**: held-out accuracy, the share of the student → teacher gap closed, the common
-   held-out KL, coverage and wall time per run (``results.json``, ``results.md``,
-   ``curves.png``, :mod:`.report`), and every final model's and start's outcome per problem on
-   the extra test split (for paired comparisons: ``research/testbed.py``).
+1. the task's splits (:mod:`.task`); 2. two tokenizers (one token per digit for the teacher,
+digit groups of up to three for the student) and a small teacher trained from scratch
+(:mod:`.stages`); 3. teacher samples, drawn once (:mod:`.samples`); 4. ``student/`` (the
+student's tokenizer) and ``control/`` (the teacher's), the same architecture, warmed up alike
+until each reaches the same validation accuracy; 5. equal-budget runs per seed
+(:mod:`.methods`): ``simct``, ``dpca``, ``shared_only`` and continued SFT from ``student/``,
+same-tokenizer ``opd`` and SFT from ``control/``; 6. the report (:mod:`.report`): held-out
+accuracy, gap closed, the common held-out KL, coverage and time per run, and every final
+model's and start's outcome per problem on the extra test split.
 
-Teacher, samples and students are cached (a stamp in each folder records the settings it was
-built with); ``force`` rebuilds. Every process uses one torch thread, and the workers of one pool
-(spawned once) run the sampling, the warm-ups and the methods.
+One pool of spawned worker processes (one torch thread each) runs the sampling, the warm-ups
+and the methods, so imports are paid once per worker.
 """
 
 from __future__ import annotations

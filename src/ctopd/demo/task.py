@@ -35,20 +35,8 @@ NAMES = ["Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben", "Eva", "Tom", "
 ITEMS = ["coins", "apples", "stamps", "books", "cards", "shells", "marbles", "pens"]
 GAIN_VERBS = ["finds", "buys", "gets", "wins", "receives"]
 LOSS_VERBS = ["spends", "sells", "loses", "gives away", "uses"]
-PRONOUNS = {
-    "Mia": "She",
-    "Ava": "She",
-    "Zoe": "She",
-    "Ivy": "She",
-    "Eva": "She",
-    "Lily": "She",
-    "Leo": "He",
-    "Sam": "He",
-    "Max": "He",
-    "Ben": "He",
-    "Tom": "He",
-    "Noah": "He",
-}
+PRONOUNS = dict.fromkeys(["Mia", "Ava", "Zoe", "Ivy", "Eva", "Lily"], "She")
+PRONOUNS.update(dict.fromkeys(["Leo", "Sam", "Max", "Ben", "Tom", "Noah"], "He"))
 
 
 @dataclass(frozen=True)
@@ -150,14 +138,10 @@ def make_splits(
     num_extra_validation: int = 0,
     **kwargs,
 ) -> Splits:
-    """A fixed split of ``num_train + num_test + num_validation + num_extra_test +
-    num_extra_validation`` distinct problems from ``seed``: training first, then test, then
-    validation, then the extra test problems (a larger held-out set the final models are also
-    scored on), then the extra validation problems (a larger validation set, for choices that
-    200 problems cannot resolve, such as the budget of ``research/testbed.py --calibrate``). Each part is
-    the same whatever the later parts' sizes are: the training and test parts are those of
-    :func:`make_split` with the same arguments, and adding extra test or extra validation
-    problems changes none of the parts before them."""
+    """Distinct problems from ``seed``, cut in order into training, test, validation, extra test
+    (a larger held-out set the final models are also scored on) and extra validation (for
+    choices 200 problems cannot resolve). Each part is the same whatever the later parts' sizes
+    are: adding extra problems changes none of the parts before them."""
     total = num_train + num_test + num_validation
     extra_end = total + num_extra_test
     problems = generate_problems(extra_end + num_extra_validation, seed=seed, **kwargs)
