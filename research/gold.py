@@ -37,7 +37,7 @@ last assistant turn", and with ``lmbda=1`` that answer is never trained on.
 Measured as the demo measures its own methods (:mod:`ctopd.demo.measure`): greedy exact-answer
 accuracy on the 200 test problems, the common sequence-level KL on 64 prompts, the non-canonical
 share. The learning rate is chosen like the demo's (``testbed_lib/studies.py``): simct's grid
-(``DemoSettings.sweep_lrs``), seed 0, ``sweep_steps`` steps, scored on ``validation.jsonl``,
+(``StudySettings.sweep_lrs``), seed 0, ``sweep_steps`` steps, scored on ``validation.jsonl``,
 :func:`testbed_lib.studies.choose`. The ``simct`` and ``dpca`` rows are read from the demo's
 ``results.json`` (same seeds; its settings are checked equal to the ones used here), or rerun in
 this run with ``--rerun-ours`` (:func:`ctopd.demo.methods.run_method`).

@@ -4,7 +4,7 @@ on the validation split, :func:`run_sweep`), ``--ablation`` (SimCT's supervision
 split by the same-tokenizer control alone, :func:`run_calibration`).
 
 For every run name (``simct``, ``dpca``, ``shared_only``, ``sft``, ``control_opd``,
-``control_sft``) and every learning rate of its grid (``DemoSettings.sweep_lrs``): one run,
+``control_sft``) and every learning rate of its grid (``StudySettings.sweep_lrs``): one run,
 seed 0, ``sweep_steps`` steps from the same warmed-up student the demo uses, then greedy accuracy
 and the common KL on ``validation.jsonl`` and greedy accuracy on ``extra_validation.jsonl`` (both
 disjoint from the training and test sets). The best extra validation accuracy is chosen (ties:
@@ -321,7 +321,7 @@ def run_calibration(
     ALGORITHMS §9: a testbed where same-tokenizer OPD does not beat continued SFT at an equal
     budget cannot judge cross-tokenizer methods. Whether it does depends on the budget: given
     enough steps both reach the teacher's ceiling and differ by nothing. So for each budget of
-    ``DemoSettings.calibration_steps``, ``control_opd`` and ``control_sft`` run
+    ``StudySettings.calibration_steps``, ``control_opd`` and ``control_sft`` run
     ``calibration_seeds`` seeds each (``method_batch`` prompts per step, their ``method_lrs``,
     the rate decayed to 0 over the budget as in the demo), and every final model is scored
     problem by problem on ``extra_validation.jsonl``, greedy and (with

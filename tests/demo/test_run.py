@@ -235,11 +235,9 @@ def test_sampled_outcomes_are_seeded_and_need_a_temperature(tmp_path):
     that is unsure of its tokens samples other responses than its greedy ones."""
     import dataclasses
 
-    from ctopd.demo.models import tiny_causal_lm
-    from ctopd.demo.tokenizers import train_byte_level_bpe
-
     from ctopd.demo.measure import outcomes
     from ctopd.demo.task import make_split, write_jsonl
+    from ctopd.testing import tiny_causal_lm, train_byte_level_bpe
 
     train, test = make_split(200, 12, seed=0)
     texts = [t for p in train for t in (p.question, p.solution)]
