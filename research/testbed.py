@@ -210,6 +210,7 @@ def run_testbed(
         methods=methods,
         warmup_target=warmup_target,
         task_order=task_order,
+        seeds=seeds,
     )
     out = Path(output_dir)
     write_results(out, results)

@@ -536,12 +536,16 @@ def rerun_command(
     methods: tuple[str, ...] = RUNS,
     warmup_target: float | None = None,
     task_order: str = "fixed",
+    seeds: int | None = None,
 ) -> str:
     """The command line that reruns a testbed run (``flag``: ``--sweep``, ``--ablation``,
-    ``--calibrate`` or ``""`` for the demo's runs) with these options."""
+    ``--calibrate`` or ``""`` for the demo's runs, whose ``seeds`` it names when not the
+    default) with these options."""
     parts = [f"python research/testbed.py {flag}".rstrip()]
     if quick:
         parts.append("--quick")
+    if seeds is not None and seeds != (1 if quick else 3):
+        parts.append(f"--seeds {seeds}")
     if not matched:
         parts.append("--fixed-warmup")
     if warmup_target is not None:

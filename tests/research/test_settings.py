@@ -98,3 +98,5 @@ def test_task_order_free_puts_the_free_order_settings_on_either_start():
     assert rerun_command("--calibrate", quick=False, task_order="free") == (
         "python research/testbed.py --calibrate --task-order free"
     )
+    assert rerun_command("", quick=True, seeds=2) == "python research/testbed.py --quick --seeds 2"
+    assert rerun_command("", quick=False, seeds=3) == "python research/testbed.py"

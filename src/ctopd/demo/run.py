@@ -174,13 +174,15 @@ def build_models(
             log(f"[demo] reusing the {_KIND[kind]} in {out / kind} (accuracy {accuracy:.3f})")
     if missing:
         target = settings.warmup_target
-        stop = f", each stopped at its first checkpoint with validation accuracy >= {target:g}"
+        stop = (
+            ""
+            if target is None
+            else f", each stopped at its first checkpoint with validation accuracy >= {target:g}"
+        )
         log(
             f"[demo] warming up the {' and the '.join(_KIND[k] for k in missing)} "
             f"({settings.student_layers} layers x {settings.student_hidden}, "
-            f"{settings.warmup_steps} SFT steps x {settings.warmup_batch} teacher samples"
-            + ("" if target is None else stop)
-            + ")"
+            f"{settings.warmup_steps} SFT steps x {settings.warmup_batch} teacher samples{stop})"
         )
     jobs = [dict(kind=kind, out=str(out), settings=settings) for kind in missing]
     for result in pool.map(build_student, jobs):
