@@ -46,8 +46,7 @@ PHASES = ("rollout", "alignment", "teacher", "student_forward", "loss", "backwar
 
 def build(folder: Path, teacher_hidden: int, student_hidden: int) -> dict[str, Path]:
     """Tokenizers, random tiny models and a prompt file, as ``ctopd.demo`` makes them."""
-    from ctopd.demo.models import tiny_causal_lm
-    from ctopd.demo.tokenizers import train_byte_level_bpe, train_sentencepiece_bpe
+    from ctopd.testing import tiny_causal_lm, train_byte_level_bpe, train_sentencepiece_bpe
 
     rows = []
     for i in range(64):

@@ -29,8 +29,7 @@ PHASES = ("rollout", "teacher", "alignment", "student_forward", "loss", "backwar
 
 
 def build(folder: Path, hidden_size: int) -> dict[str, Path]:
-    from ctopd.demo.models import tiny_causal_lm
-    from ctopd.demo.tokenizers import train_byte_level_bpe, train_sentencepiece_bpe
+    from ctopd.testing import tiny_causal_lm, train_byte_level_bpe, train_sentencepiece_bpe
 
     rows = []
     for i in range(64):

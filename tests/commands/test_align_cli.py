@@ -10,7 +10,7 @@ import pytest
 
 from ctopd import TokenizerPair, load_tokenizer
 from ctopd.cli import main
-from ctopd.demo.tokenizers import train_byte_level_bpe, train_sentencepiece_bpe
+from ctopd.testing import train_byte_level_bpe, train_sentencepiece_bpe
 from tests.core.oracles import check_against_reference, check_partition
 from tests.core.variants import with_prepend_scheme
 

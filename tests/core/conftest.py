@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctopd.demo.tokenizers import (
+from ctopd.testing import (
     train_byte_level_bpe,
     train_sentencepiece_bpe,
     train_sentencepiece_unigram,

@@ -10,14 +10,9 @@ from ctopd.demo.samples import pool_order, samples_needed, sft_slice, warmup_sli
 from ctopd.demo.settings import FULL, QUICK, RUNS, DemoSettings
 
 
-def test_every_run_has_a_learning_rate_and_a_sweep_grid():
+def test_every_run_has_a_learning_rate():
     for settings in (FULL, QUICK):
-        for name in RUNS:
-            assert settings.lr(name) > 0
-            assert len(settings.sweep_grid(name)) >= 2
-    # The demo's rates are among the rates the sweep tries (the sweep chose them).
-    for name in RUNS:
-        assert FULL.lr(name) in FULL.sweep_grid(name)
+        assert all(settings.lr(name) > 0 for name in RUNS)
 
 
 def test_settings_reject_a_missing_run_name():
@@ -36,15 +31,6 @@ def test_pool_slices_do_not_overlap_and_seeds_extend_the_pool():
     assert samples_needed(FULL, seeds=3, warmup=False, sft=False) == 0
     # A sweep's shorter SFT run takes the head of its seed's slice.
     assert sft_slice(FULL, 0, steps=10) == (sft_slice(FULL, 0)[0], 10 * FULL.method_batch)
-    # Each seed's slice holds the longest calibration budget even when the demo's is shorter:
-    # no two seeds share a sample, and the demo's run is the head of the calibration's.
-    short = dataclasses.replace(FULL, method_steps=25, calibration_steps=(25, 50, 100))
-    longest = [sft_slice(short, seed, steps=100) for seed in range(3)]
-    spans = [set(range(start, start + count)) for start, count in longest]
-    assert all(not a & b for i, a in enumerate(spans) for b in spans[i + 1 :])
-    assert not spans[0] & set(range(*warm)) and min(spans[0]) >= sum(warm)
-    assert samples_needed(short, seeds=3, warmup=False, sft=True) == max(spans[2]) + 1
-    assert sft_slice(short, 1) == (longest[1][0], 25 * short.method_batch)
     # One permutation of the prompts after another: a longer pool starts with a shorter one.
     assert pool_order(50, 120, seed=0)[:70] == pool_order(50, 70, seed=0)
     assert sorted(pool_order(50, 50, seed=0)) == list(range(50))
@@ -71,80 +57,23 @@ def test_full_settings_are_a_valid_demo():
     assert FULL.method_steps % FULL.eval_every == 0  # a measured point at the end
 
 
-def test_matched_start_is_the_default_and_the_fixed_warmup_stays_selectable():
-    from ctopd.demo.settings import FIXED_WARMUP, MATCHED, demo_settings
-    from ctopd.demo.sweep import demo_command
+def test_the_demo_runs_the_matched_start():
+    from ctopd.demo.settings import demo_settings
 
-    matched = demo_settings()
-    assert matched is FULL and matched.warmup_target == MATCHED["warmup_target"]
-    assert demo_settings(matched=False) is FIXED_WARMUP and FIXED_WARMUP.warmup_target is None
-    assert demo_settings(quick=True, matched=False) is QUICK
-    assert demo_settings(quick=True).warmup_target == 0.0
-    assert matched.warmup_steps == MATCHED["warmup_steps"] > FIXED_WARMUP.warmup_steps
-    # Everything else is the fixed warm-up's: the same teacher, samples and budgets.
-    assert matched.samples_stamp() == FIXED_WARMUP.samples_stamp()
-    assert matched.method_steps == FIXED_WARMUP.method_steps
-    # Without a target the stamp is what it was (cached students stay valid); with one it
-    # names the target, so a matched student never passes for a fixed-budget one.
-    assert "warmup_target" not in FIXED_WARMUP.student_stamp("student")
-    assert matched.student_stamp("student")["warmup_target"] == MATCHED["warmup_target"]
-    assert demo_command("--sweep", quick=False, methods=RUNS) == "ctopd demo --sweep"
-    assert demo_command("--sweep", quick=False, methods=RUNS, matched=False) == (
-        "ctopd demo --sweep --fixed-warmup"
-    )
-    assert demo_command("--calibrate", quick=True, warmup_target=0.7) == (
-        "ctopd demo --calibrate --quick --warmup-target 0.7"
-    )
-    # Its own sweep chose its rates, from the same grids.
-    for name in RUNS:
-        assert matched.lr(name) in matched.sweep_grid(name)
+    assert demo_settings() is FULL and demo_settings(quick=True) is QUICK
+    # Each warm-up stops at its first checkpoint reaching 0.45 (quick: 0, the first one).
+    assert (FULL.warmup_target, FULL.warmup_check_every, FULL.warmup_steps) == (0.45, 100, 2000)
+    assert QUICK.warmup_target == 0.0 and QUICK.warmup_steps % QUICK.warmup_check_every == 0
+    # With a target the stamp names it, so a matched student never passes for another one.
+    assert FULL.student_stamp("student")["warmup_target"] == 0.45
+    untargeted = dataclasses.replace(FULL, warmup_target=None)
+    assert "warmup_target" not in untargeted.student_stamp("student")
+    assert untargeted.samples_stamp() == FULL.samples_stamp()
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="warmup_target"):
             dataclasses.replace(FULL, warmup_target=bad)
     with pytest.raises(ValueError, match="warmup_check_every"):
         dataclasses.replace(FULL, warmup_check_every=0)
-
-
-def test_a_warmup_target_moves_only_the_matched_start():
-    from ctopd.demo.settings import demo_settings
-
-    later = demo_settings(warmup_target=0.7)
-    assert later.warmup_target == 0.7
-    assert dataclasses.replace(later, warmup_target=FULL.warmup_target) == FULL
-    # The students are stamped with their target (rebuilt for a new one); nothing before them.
-    assert later.samples_stamp() == FULL.samples_stamp()
-    assert later.student_stamp("control") != FULL.student_stamp("control")
-    assert demo_settings(quick=True, warmup_target=1.0).warmup_target == 1.0
-    with pytest.raises(ValueError, match="drop --fixed-warmup or --warmup-target"):
-        demo_settings(matched=False, warmup_target=0.7)
-    with pytest.raises(ValueError, match="warmup_target"):
-        demo_settings(warmup_target=1.5)
-
-
-def test_the_free_order_task_is_stamped_and_the_fixed_order_keeps_old_caches():
-    free = dataclasses.replace(FULL, task_order="free")
-    assert free.task_ranges()["order"] == "free" and FULL.task_ranges()["order"] == "fixed"
-    assert free.teacher_stamp()["task_order"] == "free"
-    assert "task_order" not in FULL.teacher_stamp()  # cached fixed-order teachers stay valid
-    with pytest.raises(ValueError, match="task_order must be fixed or free"):
-        dataclasses.replace(FULL, task_order="random")
-
-
-def test_task_order_free_puts_the_free_order_settings_on_either_start():
-    from ctopd.demo.settings import FIXED_WARMUP, FREE_ORDER, demo_settings
-    from ctopd.demo.sweep import demo_command
-
-    assert demo_settings(task_order="free") == dataclasses.replace(FULL, **FREE_ORDER)
-    assert demo_settings(matched=False, task_order="free") == dataclasses.replace(
-        FIXED_WARMUP, **FREE_ORDER
-    )
-    assert demo_settings(quick=True, task_order="free").task_order == "free"
-    assert demo_settings(task_order="fixed") is FULL
-    with pytest.raises(ValueError, match="--task-order must be fixed or free"):
-        demo_settings(task_order="shuffled")
-    assert demo_command("--calibrate", quick=False, task_order="free") == (
-        "ctopd demo --calibrate --task-order free"
-    )
 
 
 def test_sampled_accuracy_settings_are_checked_and_change_no_cached_model():

@@ -159,7 +159,7 @@ def _one_position_gradients(seed, vocab_size=9, **options):
 def test_identical_tokenizers_dpca_gradient_is_opd_gradient_in_expectation(seed):
     """DPCA sees only the sampled token; averaged over what the student samples, its gradient
     is full-distribution OPD's at that position. They differ in variance, not in direction
-    (the figure ``benchmarks/demo_gradient_noise.py`` measures on the demo)."""
+    (the figure ``research/demo_gradient_noise.py`` measures on the demo)."""
     expected, opd_grad, per_token, probs, advantages = _one_position_gradients(seed)
     assert advantages.abs().max().item() < 10.0  # inside the clamp
     assert (expected - opd_grad).abs().max().item() < 1e-12

@@ -10,11 +10,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from ctopd.core.pair import TokenizerPair
-from ctopd.demo.tokenizers import (
-    train_byte_level_bpe,
-    train_digit_group_bpe,
-    train_sentencepiece_bpe,
-)
 from ctopd.objectives import compute_objective, teacher_needs, teacher_outputs
 from ctopd.objectives.plan import flatten_chunks
 from ctopd.objectives.text_events import (
@@ -23,6 +18,11 @@ from ctopd.objectives.text_events import (
     event_scores,
     side_rows_in,
     text_tables,
+)
+from ctopd.testing import (
+    train_byte_level_bpe,
+    train_digit_group_bpe,
+    train_sentencepiece_bpe,
 )
 from ctopd.training.config import ObjectiveConfig
 from ctopd.training.rollout import pad_responses

@@ -23,7 +23,7 @@ LLAMA2_TEMPLATE = (
 def test_qwen2_teacher_llama_student_on_gsm8k(real_tokenizers_dir, gsm8k_answers, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    from ctopd.demo.models import tiny_causal_lm
+    from ctopd.testing import tiny_causal_lm
 
     for name, source in (("teacher", "qwen2"), ("student", "llama-spm")):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(real_tokenizers_dir / source))

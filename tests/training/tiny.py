@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ctopd.demo.models import tiny_causal_lm
-from ctopd.demo.tokenizers import train_byte_level_bpe, train_sentencepiece_bpe
+from ctopd.testing import tiny_causal_lm, train_byte_level_bpe, train_sentencepiece_bpe
 
 WORDS = ["apples", "pears", "boxes", "coins", "birds", "cards"]
 

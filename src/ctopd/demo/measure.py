@@ -8,37 +8,13 @@ from pathlib import Path
 from ctopd.demo.settings import DemoSettings
 
 
-def measure_model(job: dict) -> dict:
-    """Accuracy, KL and non-canonical share of one model folder on one split (runs in a worker
-    process).
-
-    Args:
-        job: ``model`` (folder), ``teacher`` (folder), ``data`` (a JSONL split) and
-            ``settings``.
-    """
-    from ctopd.demo.stages import one_thread
-
-    one_thread()
-    model, data, settings = Path(job["model"]), Path(job["data"]), job["settings"]
-    return {
-        "accuracy": accuracy(model, data, settings),
-        **sequence_kl(model, Path(job["teacher"]), data, settings),
-    }
-
-
 def accuracy(model_dir: Path, data_path: Path, settings: DemoSettings) -> float:
     """Greedy exact-final-answer accuracy on every row of ``data_path``, ``eval_batch`` prompts
     per ``generate`` call."""
     from ctopd.training.evaluate import evaluate
 
-    result = evaluate(
-        str(model_dir),
-        None,
-        data_path,
-        max_new_tokens=settings.max_new_tokens,
-        batch_size=settings.eval_batch,
-    )
-    return result["accuracy"]
+    limits = {"max_new_tokens": settings.max_new_tokens, "batch_size": settings.eval_batch}
+    return evaluate(str(model_dir), None, data_path, **limits)["accuracy"]
 
 
 def outcomes(
@@ -49,20 +25,16 @@ def outcomes(
     *,
     sampled: bool = False,
 ) -> str:
-    """Exact-final-answer outcome of every row of ``data_path``, in order, as a string of
-    ``1`` (right) and ``0`` (wrong): compact in ``results.json``, and what paired comparisons
-    between runs need (:mod:`ctopd.demo.compare`). ``responses_path``: where to keep each
-    response (one JSON row per problem, see :func:`ctopd.training.evaluate.evaluate`).
+    """Exact-final-answer outcome of every row of ``data_path``, in order, as a string of ``1``
+    (right) and ``0`` (wrong): compact in ``results.json``, and what paired comparisons between
+    runs need. ``responses_path``: where to keep each response (one JSON row per problem).
 
     ``sampled``: one response per problem sampled at ``settings.sampled_temperature`` with the
-    sampling seed ``settings.sampled_seed`` (the same for every model, so that two similar
-    models draw similar samples and their paired difference is less noisy), instead of the
-    greedy response. Greedy accuracy asks whether a model's most likely path is right; sampled
-    accuracy also asks how much probability it leaves on wrong tokens, which is what the
-    reverse KL of on-policy distillation penalises and continued SFT barely does (a student
-    token the teacher rules out, with student probability ``q`` and teacher log-probability
-    ``log p``, gets a reverse-KL logit gradient of ``q (log q - log p - KL)``, about
-    ``q log(1/p)``, against cross-entropy's ``q``)."""
+    seed ``settings.sampled_seed`` (the same for every model, so that similar models draw similar
+    samples), instead of the greedy one. Greedy accuracy asks whether a model's most likely path
+    is right; sampled accuracy also counts the probability it leaves on wrong tokens, which the
+    reverse KL of on-policy distillation penalises (logit gradient about ``q log(1/p)`` for a
+    token the teacher rules out) and continued SFT barely does (``q``)."""
     from ctopd.training.evaluate import evaluate
 
     if sampled and settings.sampled_temperature is None:

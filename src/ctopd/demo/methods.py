@@ -1,13 +1,10 @@
 """One demo run (a method, a seed, from a warmed-up student) and the per-method summary.
 
-A run trains for ``steps`` steps of ``method_batch`` prompts (its learning rate warmed up, then
-decayed to 0 by a cosine) and
-saves a checkpoint every ``eval_every`` steps (and at the end); afterwards every checkpoint is
-evaluated with the same two measurements, in big batches: greedy accuracy on the held-out split
-and the common sequence-level KL (:mod:`ctopd.demo.measure`). The checkpoints are deleted once
-measured; a demo run (measured on the test split) keeps its final model in
-``runs/<run>-seed<k>/final/`` (a ``from_pretrained`` folder, about 1 MB), the sweep's,
-ablation's and calibration's runs keep only their numbers.
+A run trains ``steps`` steps of ``method_batch`` prompts (a short ramp, then cosine decay to 0)
+and saves a checkpoint every ``eval_every`` steps; afterwards every checkpoint is measured in big
+batches (greedy accuracy and the common KL, :mod:`ctopd.demo.measure`) and deleted. A run
+measured on the test split keeps its final model in ``runs/<run>-seed<k>/final/``; others (on
+the validation split, as research runs them) keep only their numbers.
 """
 
 from __future__ import annotations
@@ -37,10 +34,10 @@ def method_job(
     objective_options: dict | None = None,
     outcomes_split: str | None = None,
 ) -> dict:
-    """The job :func:`run_method` runs: the demo's defaults unless the sweep, the ablation or
-    the calibration overrides them (``objective_options``: ``objective`` config fields, e.g.
-    ``space``; ``outcomes_split``: the split scored problem by problem, by default
-    ``extra_test`` for test runs and none otherwise)."""
+    """The job :func:`run_method` runs: the demo's defaults unless overridden (``split``: the
+    data measured, ``test`` or ``validation``; ``curve``: measure every checkpoint or the final
+    one; ``objective_options``: ``objective`` config fields, e.g. ``space``; ``outcomes_split``:
+    the split scored problem by problem, by default ``extra_test`` for test runs)."""
     if outcomes_split is None and split == "test":
         outcomes_split = "extra_test"
     return dict(
@@ -59,31 +56,20 @@ def method_job(
 
 
 def run_method(job: dict) -> dict:
-    """One run from its warmed-up student (runs in a worker process).
-
-    Args:
-        job: from :func:`method_job`: ``name`` (a run name, :data:`RUN_SPECS`), ``seed``,
-            ``out`` (the demo folder), ``settings``, ``lr``, ``steps``, ``split`` (the data the
-            models are measured on: ``test`` or ``validation``), ``curve`` (measure every
-            checkpoint, or only the final model) and ``run_dir``.
+    """One run from its warmed-up student (runs in a worker process); ``job``: from
+    :func:`method_job`.
 
     Returns:
-        ``name``, ``student`` (``student`` or ``control``), ``method`` (the objective, or
-        ``sft``), ``seed``, ``lr``, ``steps``; ``accuracy``, ``kl`` and ``noncanonical`` of the
-        final model on ``split``; ``coverage``, ``aligned_coverage``, ``unaligned_share``
-        (over all steps, :func:`ctopd.demo.measure.coverage`) and ``train_kl`` (the
-        objective's own, mean of the last steps), all ``None`` for SFT; ``seconds`` (training
-        wall time), ``eval_seconds`` (the measurements after it); ``extra_accuracy`` and
-        ``extra_outcomes`` (per problem, :func:`ctopd.demo.measure.outcomes`) of the final model
-        on the job's ``outcomes_split`` (the extra test split for test runs; its responses stay
-        in ``run_dir/<split>_responses.jsonl``), ``None`` without one;
-        ``extra_sampled_accuracy`` and ``extra_sampled_outcomes``: the same for one sampled
-        response per problem (``DemoSettings.sampled_temperature``; its responses in
-        ``run_dir/<split>_sampled_responses.jsonl``), ``None`` without the split or the
-        temperature; and ``curve`` (``extra_step``,
-        ``extra_accuracy``, ``extra_outcomes``: the same at each checkpoint; ``step``,
-        ``accuracy``, ``kl`` at step 0 and at each checkpoint; ``train_kl_step``, ``train_kl``
-        per step).
+        ``name``, ``student`` (``student`` or ``control``), ``method`` (the objective or
+        ``sft``), ``seed``, ``lr``, ``steps``; ``accuracy``, ``kl``, ``noncanonical`` of the
+        final model on the job's ``split``; ``coverage``, ``aligned_coverage``,
+        ``unaligned_share`` (:func:`ctopd.demo.measure.coverage`) and ``train_kl`` (the
+        objective's own), ``None`` for SFT; ``seconds`` (training) and ``eval_seconds``;
+        ``extra_accuracy``, ``extra_outcomes`` and their ``extra_sampled_`` twins on the
+        job's ``outcomes_split`` (responses kept in ``run_dir/<split>_responses.jsonl`` and
+        ``<split>_sampled_responses.jsonl``), ``None`` without one; ``curve``: ``step``,
+        ``accuracy``, ``kl`` from step 0, ``extra_step``, ``extra_accuracy``,
+        ``extra_outcomes`` per checkpoint, ``train_kl_step``, ``train_kl`` per step.
     """
     from ctopd.demo.measure import coverage
     from ctopd.demo.stages import STUDENT_FOLDERS, one_thread
@@ -93,19 +79,18 @@ def run_method(job: dict) -> dict:
     out, run_dir = Path(job["out"]), Path(job["run_dir"])
     kind, objective = RUN_SPECS[job["name"]]
     shutil.rmtree(run_dir, ignore_errors=True)
-    summary = _train(job, out / STUDENT_FOLDERS[kind], objective, run_dir)
+    summary = train_run(job, out / STUDENT_FOLDERS[kind], objective, run_dir)
     started = time.perf_counter()
     rows = read_metrics(run_dir)
     points = _measure(job, out / STUDENT_FOLDERS[kind], run_dir)
-    extra = _measure_extra(job, run_dir)
-    sampled = _measure_extra_sampled(job, run_dir)
+    extra, sampled = _measure_extra(job, run_dir)
     if job["split"] != "test":  # the demo's own runs keep their final model
         shutil.rmtree(run_dir / "final", ignore_errors=True)
     for checkpoint in run_dir.glob("checkpoint-*"):
         shutil.rmtree(checkpoint, ignore_errors=True)
-    final = points[-1]
-    sft = objective == "sft"
+    sft, steps = objective == "sft", sorted(extra)
     shares = (None,) * 3 if sft else coverage(rows)
+    last = extra[steps[-1]] if extra else None
     return {
         "name": job["name"],
         "student": kind,
@@ -113,35 +98,33 @@ def run_method(job: dict) -> dict:
         "seed": job["seed"],
         "lr": job["lr"],
         "steps": summary["steps"],
-        "accuracy": final["accuracy"],
-        "kl": final["kl"],
-        "noncanonical": final["noncanonical"],
-        "extra_accuracy": _share(extra[max(extra)]) if extra else None,
-        "extra_outcomes": extra[max(extra)] if extra else None,
+        **{key: points[-1][key] for key in ("accuracy", "kl", "noncanonical")},
+        "extra_accuracy": None if last is None else _share(last),
+        "extra_outcomes": last,
         "extra_sampled_accuracy": None if sampled is None else _share(sampled),
         "extra_sampled_outcomes": sampled,
-        "coverage": shares[0],
-        "aligned_coverage": shares[1],
-        "unaligned_share": shares[2],
+        **dict(zip(("coverage", "aligned_coverage", "unaligned_share"), shares)),
         "train_kl": None if sft else summary["final_metrics"].get("kl"),
         "seconds": summary["seconds"],
         "eval_seconds": time.perf_counter() - started,
         "curve": {
-            "step": [p["step"] for p in points],
-            "accuracy": [p["accuracy"] for p in points],
-            "kl": [p["kl"] for p in points],
+            **{key: [p[key] for p in points] for key in ("step", "accuracy", "kl")},
             "train_kl_step": [r["step"] for r in rows if "kl" in r],
             "train_kl": [r["kl"] for r in rows if "kl" in r],
-            "extra_step": sorted(extra),
-            "extra_accuracy": [_share(extra[step]) for step in sorted(extra)],
-            "extra_outcomes": [extra[step] for step in sorted(extra)],
+            "extra_step": steps,
+            "extra_accuracy": [_share(extra[step]) for step in steps],
+            "extra_outcomes": [extra[step] for step in steps],
         },
     }
 
 
-def _train(job: dict, student_dir: Path, objective: str, run_dir: Path) -> dict:
-    """Train one run: on-policy distillation (``train``) or continued SFT on its slice of the
-    teacher samples (``run_sft``, the same texts for both students at a seed)."""
+def train_run(job: dict, student_dir: Path, objective: str, run_dir: Path) -> dict:
+    """Train one run of :func:`method_job`'s ``job`` from ``student_dir`` into ``run_dir``:
+    on-policy distillation with ``objective`` (``train``) or, for ``sft``, continued SFT on its
+    seed's slice of the teacher samples (``run_sft``, the same texts for both students).
+
+    Returns:
+        The training summary (``steps``, ``seconds``, ``final_metrics``, ...)."""
     from ctopd.demo.samples import sft_slice, write_sft_data
     from ctopd.demo.stages import stage_config
     from ctopd.training.loop import train
@@ -154,12 +137,9 @@ def _train(job: dict, student_dir: Path, objective: str, run_dir: Path) -> dict:
         data = write_sft_data(
             out, run_dir / "data.jsonl", *sft_slice(settings, job["seed"], steps=steps)
         )
-    # A short ramp, then cosine decay to 0 over the run: each run is the decay phase of a
-    # warmup-stable-decay schedule whose stable phase is the students' constant-rate warm-up
-    # (DemoSettings.warmup_schedule). A run at a constant rate ends un-annealed; a run that
-    # re-warms an annealed student first undoes its optimum (measured: from a cosine warm-up
-    # every method lost accuracy as its rate grew, continued SFT included). A checkpoint at
-    # every measuring point, all kept until they are measured.
+    # A short ramp, then cosine decay to 0: each run is the decay phase of a warmup-stable-decay
+    # schedule whose stable phase is the students' constant-rate warm-up (measured: from an
+    # annealed warm-up every method lost accuracy as its rate grew, SFT included).
     config = stage_config(
         settings,
         run_dir,
@@ -186,88 +166,52 @@ def _train(job: dict, student_dir: Path, objective: str, run_dir: Path) -> dict:
 
 
 def _measure(job: dict, student_dir: Path, run_dir: Path) -> list[dict]:
-    """Accuracy, KL and non-canonical share at step 0 (the warmed-up student's stamped figures,
-    measured the same way when it was built) and at every checkpoint, on the job's split."""
+    """Accuracy, KL and non-canonical share on the job's split: at step 0 (the warmed-up
+    student's stamped figures, measured the same way) and at every checkpoint (or the last)."""
     from ctopd.demo.measure import accuracy, sequence_kl
     from ctopd.demo.stages import STAMP
     from ctopd.training.checkpoint import list_checkpoints
 
     settings, out = job["settings"], Path(job["out"])
-    data = out / f"{job['split']}.jsonl"
-    points = []
+    data, points = out / f"{job['split']}.jsonl", []
     if job["curve"] and job["split"] == "test":
         start = json.loads((student_dir / STAMP).read_text(encoding="utf-8"))["result"]
-        points.append(
-            {
-                "step": 0,
-                "accuracy": start["accuracy"],
-                "kl": start["kl"],
-                "noncanonical": start["noncanonical"],
-            }
-        )
-    checkpoints = list_checkpoints(run_dir) if job["curve"] else list_checkpoints(run_dir)[-1:]
-    for checkpoint in checkpoints:
+        points.append({"step": 0, **{k: start[k] for k in ("accuracy", "kl", "noncanonical")}})
+    checkpoints = list_checkpoints(run_dir)
+    for checkpoint in checkpoints if job["curve"] else checkpoints[-1:]:
         model = checkpoint / "student"
-        samples = sequence_kl(model, out / "teacher", data, settings)
+        kl = sequence_kl(model, out / "teacher", data, settings)
         points.append(
-            {
-                "step": int(checkpoint.name.split("-")[-1]),
-                "accuracy": accuracy(model, data, settings),
-                **samples,
-            }
+            {"step": _step(checkpoint), "accuracy": accuracy(model, data, settings), **kl}
         )
     return points
 
 
-def _measure_extra(job: dict, run_dir: Path) -> dict[int, str]:
-    """Outcomes on the job's ``outcomes_split`` (``extra_test.jsonl`` for test runs,
-    ``extra_validation.jsonl`` for the calibration) by step: of every checkpoint when the job
-    measures a curve, else of the final one; the final checkpoint's responses are kept in
-    ``run_dir/<split>_responses.jsonl``. Empty without such a split (the sweep and the
-    ablation read the validation split alone) or when the settings hold no problems for it."""
+def _measure_extra(job: dict, run_dir: Path) -> tuple[dict[int, str], str | None]:
+    """Greedy outcomes on the job's ``outcomes_split`` by step (every checkpoint, or the last
+    without ``curve``; the last one's responses kept in ``run_dir/<split>_responses.jsonl``),
+    and the final model's sampled outcomes (``None`` without ``sampled_temperature``: only the
+    final model, as a sampled score per checkpoint would double the measuring time). Empty
+    without such a split or when the settings hold no problems for it."""
     from ctopd.demo.measure import outcomes
     from ctopd.training.checkpoint import list_checkpoints
 
     settings, out, split = job["settings"], Path(job["out"]), job.get("outcomes_split")
     if split is None or not getattr(settings, f"num_{split}"):
-        return {}
+        return {}, None
     checkpoints = list_checkpoints(run_dir)
-    if not job["curve"]:
-        checkpoints = checkpoints[-1:]
-    return {
-        int(c.name.split("-")[-1]): outcomes(
-            c / "student",
-            out / f"{split}.jsonl",
-            settings,
-            responses_path=run_dir / f"{split}_responses.jsonl" if c == checkpoints[-1] else None,
+    checkpoints, data = checkpoints if job["curve"] else checkpoints[-1:], out / f"{split}.jsonl"
+    responses = run_dir / f"{split}_responses.jsonl"
+    by_step = {
+        _step(c): outcomes(
+            c / "student", data, settings, responses if c == checkpoints[-1] else None
         )
         for c in checkpoints
     }
-
-
-def _measure_extra_sampled(job: dict, run_dir: Path) -> str | None:
-    """Sampled outcomes of the final checkpoint on the job's ``outcomes_split``
-    (:func:`ctopd.demo.measure.outcomes` with ``sampled=True``); ``None`` without the split or
-    without ``DemoSettings.sampled_temperature``. Only the final model: a sampled score per
-    checkpoint would double the demo's measuring time."""
-    from ctopd.demo.measure import outcomes
-    from ctopd.training.checkpoint import list_checkpoints
-
-    settings, out, split = job["settings"], Path(job["out"]), job.get("outcomes_split")
-    if (
-        split is None
-        or not getattr(settings, f"num_{split}")
-        or settings.sampled_temperature is None
-    ):
-        return None
-    final = list_checkpoints(run_dir)[-1]
-    return outcomes(
-        final / "student",
-        out / f"{split}.jsonl",
-        settings,
-        responses_path=run_dir / f"{split}_sampled_responses.jsonl",
-        sampled=True,
-    )
+    if settings.sampled_temperature is None:
+        return by_step, None
+    responses = run_dir / f"{split}_sampled_responses.jsonl"
+    return by_step, outcomes(checkpoints[-1] / "student", data, settings, responses, sampled=True)
 
 
 def gap_closed(accuracy: float | None, start: float, teacher: float) -> float | None:
@@ -290,46 +234,32 @@ def summarize_method(
 ) -> dict:
     """One method over its seeds: means (and the accuracy's std), ``gap_closed`` and each
     seed's run (with its own ``gap_closed``); the same on the extra test split
-    (``extra_accuracy_mean``, ``extra_accuracy_std``, ``extra_gap_closed`` from the start's and
-    the teacher's extra accuracies) and for its sampled accuracy there
-    (``extra_sampled_accuracy_mean``, ``..._std``, ``extra_sampled_gap_closed``), ``None``
-    where it was not measured."""
+    (``extra_accuracy_mean``, ``_std``, ``extra_gap_closed`` from the start's and the teacher's
+    extra accuracies) and for its sampled accuracy there (``extra_sampled_...``), ``None`` where
+    it was not measured."""
     runs = sorted(runs, key=lambda r: r["seed"])
     runs = [{**r, "gap_closed": gap_closed(r["accuracy"], start, teacher)} for r in runs]
     accuracies = [r["accuracy"] for r in runs]
     mean = statistics.fmean(accuracies)
-    extra = [r.get("extra_accuracy") for r in runs]
-    extra_mean = statistics.fmean(extra) if extra and None not in extra else None
-    sampled = [r.get("extra_sampled_accuracy") for r in runs]
-    sampled_mean = statistics.fmean(sampled) if sampled and None not in sampled else None
+    summary = {"accuracy": mean, "accuracy_mean": mean, "accuracy_std": _std(accuracies) or 0.0}
+    summary["gap_closed"] = gap_closed(mean, start, teacher)
+    for key, first, top in (
+        ("extra", extra_start, extra_teacher),
+        ("extra_sampled", extra_sampled_start, extra_sampled_teacher),
+    ):
+        values = [r.get(f"{key}_accuracy") for r in runs]
+        measured = None not in values
+        summary[f"{key}_accuracy_mean"] = statistics.fmean(values) if measured else None
+        summary[f"{key}_accuracy_std"] = _std(values) if measured else None
+        summary[f"{key}_gap_closed"] = (
+            gap_closed(statistics.fmean(values), first, top)
+            if measured and first is not None
+            else None
+        )
+    for key in ("kl", "coverage", "aligned_coverage", "unaligned_share", "noncanonical"):
+        summary[key] = _mean([r[key] for r in runs])
     return {
-        "accuracy": mean,
-        "accuracy_mean": mean,
-        "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-        "gap_closed": gap_closed(mean, start, teacher),
-        "extra_accuracy_mean": extra_mean,
-        "extra_accuracy_std": (
-            statistics.stdev(extra) if extra_mean is not None and len(extra) > 1 else None
-        ),
-        "extra_gap_closed": (
-            None
-            if extra_mean is None or extra_start is None
-            else gap_closed(extra_mean, extra_start, extra_teacher)
-        ),
-        "extra_sampled_accuracy_mean": sampled_mean,
-        "extra_sampled_accuracy_std": (
-            statistics.stdev(sampled) if sampled_mean is not None and len(sampled) > 1 else None
-        ),
-        "extra_sampled_gap_closed": (
-            None
-            if sampled_mean is None or extra_sampled_start is None
-            else gap_closed(sampled_mean, extra_sampled_start, extra_sampled_teacher)
-        ),
-        "kl": _mean([r["kl"] for r in runs]),
-        "coverage": _mean([r["coverage"] for r in runs]),
-        "aligned_coverage": _mean([r["aligned_coverage"] for r in runs]),
-        "unaligned_share": _mean([r["unaligned_share"] for r in runs]),
-        "noncanonical": _mean([r["noncanonical"] for r in runs]),
+        **summary,
         "train_kl": _mean([r["train_kl"] for r in runs]),
         "seconds": statistics.fmean(r["seconds"] for r in runs),
         "eval_seconds": statistics.fmean(r["eval_seconds"] for r in runs),
@@ -339,9 +269,17 @@ def summarize_method(
     }
 
 
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
 def _share(outcomes: str) -> float:
     """Accuracy of an outcome string (``1`` right, ``0`` wrong per problem)."""
     return outcomes.count("1") / max(len(outcomes), 1)
+
+
+def _std(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
 
 
 def _mean(values: list) -> float | None:

@@ -1,5 +1,4 @@
-"""The demo's report: ``results.json``, a Markdown table and a PNG of the curves (both students);
-and the sweep's table."""
+"""The demo's report: ``results.json``, a Markdown table and a PNG of the curves (both students)."""
 
 from __future__ import annotations
 
@@ -14,25 +13,11 @@ LABELS = {
     "control_opd": "same-tokenizer OPD",
     "control_sft": "same-tokenizer continued SFT",
 }
-COLORS = {
-    "simct": "tab:blue",
-    "dpca": "tab:orange",
-    "shared_only": "tab:green",
-    "sft": "tab:gray",
-    "opd": "tab:red",
-}
-COLUMNS = (
-    "method",
-    "lr",
-    "held-out accuracy",
-    "per seed",
-    "gap closed",
-    "held-out KL (nats/token)",
-    "coverage",
-    "coverage of aligned tokens",
-    "non-canonical samples",
-    "seconds per run",
-)
+COLORS = dict(simct="tab:blue", dpca="tab:orange", shared_only="tab:green", sft="tab:gray")
+COLORS["opd"] = "tab:red"
+COLUMNS = ("method", "lr", "held-out accuracy", "per seed", "gap closed")
+COLUMNS += ("held-out KL (nats/token)", "coverage", "coverage of aligned tokens")
+COLUMNS += ("non-canonical samples", "seconds per run")
 
 
 def write_results(out: Path, results: dict) -> Path:
@@ -48,33 +33,15 @@ def results_markdown(results: dict) -> str:
     seeds, settings, controls = results["seeds"], results["settings"], results["controls"]
     accuracy = "held-out accuracy (mean ± std)" if seeds > 1 else "held-out accuracy"
     header = [accuracy if c == "held-out accuracy" else c for c in COLUMNS]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + " --- |" * len(COLUMNS),
-        _row("teacher", f"{results['teacher_accuracy']:.3f}", seconds=results["teacher_seconds"]),
-    ]
-    lines.append(
-        _start_row(
-            "student after warm-up",
-            results["student_start_accuracy"],
-            results["student_start_kl"],
-            results.get("student_start_noncanonical"),
-            results["student_seconds"],
-        )
-    )
+    teacher = [f"{results['teacher_accuracy']:.3f}"] + [""] * 6
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(COLUMNS)]
+    lines.append(_row("teacher", "", *teacher, seconds=results["teacher_seconds"]))
+    lines.append(_start_row("student after warm-up", results, results["student_seconds"]))
     lines += [_method_row(LABELS.get(m, m), row, seeds) for m, row in results["methods"].items()]
-    lines.append(
-        _start_row(
-            "same-tokenizer control after warm-up",
-            controls["student_start_accuracy"],
-            controls["student_start_kl"],
-            controls.get("student_start_noncanonical"),
-            results.get("control_seconds"),
-        )
-    )
-    lines += [
-        _method_row(LABELS[f"control_{m}"], row, seeds) for m, row in _control_rows(results).items()
-    ]
+    label, seconds = "same-tokenizer control after warm-up", results.get("control_seconds")
+    lines.append(_start_row(label, controls, seconds))
+    for method, row in _control_rows(results).items():
+        lines.append(_method_row(LABELS[f"control_{method}"], row, seeds))
     lines += [
         "",
         f"{seeds} seed(s); every method starts from its warmed-up student (cross-tokenizer: "
@@ -91,7 +58,7 @@ def results_markdown(results: dict) -> str:
         "unaligned chunks. Non-canonical samples: the share of the KL samples whose token ids "
         "differ from the student tokenizer's own encoding of their text.",
     ]
-    if results.get("extra_test") and results.get("comparisons"):
+    if results.get("extra_test") and (results["methods"] or _control_rows(results)):
         lines += ["", extra_markdown(results)]
     if settings.get("warmup_target") is not None:
         steps = results.get("warmup_steps", {})
@@ -105,8 +72,8 @@ def results_markdown(results: dict) -> str:
 
 
 def extra_markdown(results: dict) -> str:
-    """The final models on the extra test split: accuracy and gap closed per run, then the
-    paired comparisons (``results["comparisons"]``) with their intervals."""
+    """The final models and the starts on the extra test split: accuracy and gap closed per
+    run, greedy and (where measured) sampled."""
     extra, settings = results["extra_test"], results["settings"]
     sampled = "sampled_accuracy" in extra.get("teacher", {})
     temperature = settings.get("sampled_temperature")
@@ -138,48 +105,14 @@ def extra_markdown(results: dict) -> str:
         else:
             continue
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    final = max(row["step"] for row in results["comparisons"])
-    lines += [
-        "",
-        f"At the end (step {final}):",
-        "",
-        "| comparison | value | 95% interval | resamples above 0 |",
-        "| --- | --- | --- | --- |",
-    ]
-    for row in results["comparisons"]:
-        if row["step"] != final:
-            continue
-        a, b = LABELS.get(row["a"], row["a"]), LABELS.get(row["b"], row["b"])
-        metric = row.get("metric", "greedy")
-        if row["kind"] == "difference":
-            label = f"{a} − {b} ({'sampled ' if metric == 'sampled' else ''}accuracy)"
-            value, low, high = (
-                None if row[k] is None else f"{row[k]:+.3f}" for k in ("value", "low", "high")
-            )
-        else:
-            label = f"{a}: gap closed / {b}'s" + (" (sampled)" if metric == "sampled" else "")
-            value, low, high = (
-                None if row[k] is None else f"{row[k]:.2f}" for k in ("value", "low", "high")
-            )
-        interval = "–" if low is None else f"[{low}, {high}]"
-        lines.append(f"| {label} | {value or '–'} | {interval} | {_fmt(row['above_zero'])} |")
-    lines += ["", *_differences_by_step(results["comparisons"])]
-    draws = results["comparisons"][0]["draws"]
-    lines += [
-        "",
-        f"Intervals: 95%, {draws} bootstrap resamples of the problems (one draw for "
-        "every run, so differences are paired) plus each method's seed-to-seed spread "
-        "(ctopd.demo.compare); resamples above 0: the share of resamples in which the "
-        "value is positive.",
-    ]
     if sampled:
-        lines[-1] += (
-            f" Accuracy: greedy. Sampled accuracy: one response per problem at "
-            f"temperature {temperature:g}, the same sampling seed for every model; it "
-            "also counts the probability a model leaves on wrong tokens, which "
-            "on-policy reverse KL penalises and SFT barely does "
-            "(ctopd.demo.measure.outcomes)."
-        )
+        lines += [
+            "",
+            f"Accuracy: greedy. Sampled accuracy: one response per problem at temperature "
+            f"{temperature:g}, the same sampling seed for every model; it also counts the "
+            "probability a model leaves on wrong tokens (ctopd.demo.measure.outcomes). Paired "
+            "comparisons with intervals: research/testbed.py.",
+        ]
     return "\n".join(lines)
 
 
@@ -191,84 +124,27 @@ def _mean_std(row: dict, key: str) -> str:
     return f"{row[f'{key}_mean']:.3f}" + ("" if std is None else f" ± {std:.3f}")
 
 
-def _differences_by_step(rows: list[dict]) -> list[str]:
-    """The accuracy differences at every measured step: one line per comparison, one column
-    per step, each cell the difference and its interval."""
-    rows = [r for r in rows if r.get("metric", "greedy") == "greedy"]
-    steps = sorted({r["step"] for r in rows if r["kind"] == "difference"})
-    pairs = list(dict.fromkeys((r["a"], r["b"]) for r in rows if r["kind"] == "difference"))
-    if len(steps) < 2:
-        return []
-    cell = {(r["a"], r["b"], r["step"]): r for r in rows if r["kind"] == "difference"}
-    lines = [
-        "Accuracy differences by step:",
-        "",
-        "| comparison | " + " | ".join(f"step {s}" for s in steps) + " |",
-        "| --- |" + " --- |" * len(steps),
-    ]
-    for a, b in pairs:
-        cells = []
-        for step in steps:
-            row = cell.get((a, b, step))
-            cells.append(
-                ""
-                if row is None or row["value"] is None
-                else f"{row['value']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
-            )
-        lines.append(f"| {LABELS.get(a, a)} − {LABELS.get(b, b)} | " + " | ".join(cells) + " |")
-    return lines
+def _row(label: str, *cells: str, seconds: float | None) -> str:
+    """A table row: ``label``, the eight cells between, and the seconds (blank for ``None``)."""
+    return "| " + " | ".join([label, *cells, "" if seconds is None else f"{seconds:.0f}"]) + " |"
 
 
-def _row(
-    label: str,
-    accuracy: str,
-    *,
-    lr: str = "",
-    per_seed: str = "",
-    gap: str = "",
-    kl: str = "",
-    coverage: str = "",
-    aligned: str = "",
-    noncanonical: str = "",
-    seconds: float | None = None,
-) -> str:
-    cells = [
-        label,
-        lr,
-        accuracy,
-        per_seed,
-        gap,
-        kl,
-        coverage,
-        aligned,
-        noncanonical,
-        "" if seconds is None else f"{seconds:.0f}",
-    ]
-    return "| " + " | ".join(cells) + " |"
-
-
-def _start_row(label: str, accuracy: float, kl: float, noncanonical, seconds) -> str:
-    return _row(
-        label, f"{accuracy:.3f}", kl=f"{kl:.3f}", noncanonical=_fmt(noncanonical), seconds=seconds
-    )
+def _start_row(label: str, row: dict, seconds) -> str:
+    """A warmed-up student's row, from the ``student_start_*`` figures of ``row``."""
+    accuracy, kl = row["student_start_accuracy"], row["student_start_kl"]
+    noncanonical = _fmt(row.get("student_start_noncanonical"))
+    cells = ("", f"{accuracy:.3f}", "", "", f"{kl:.3f}", "", "", noncanonical)
+    return _row(label, *cells, seconds=seconds)
 
 
 def _method_row(label: str, row: dict, seeds: int) -> str:
     mean = f"{row['accuracy_mean']:.3f}"
     if seeds > 1:
         mean += f" ± {row['accuracy_std']:.3f}"
-    return _row(
-        label,
-        mean,
-        lr=f"{row['lr']:.0e}",
-        per_seed=" ".join(f"{r['accuracy']:.3f}" for r in row["runs"]),
-        gap=_fmt(row["gap_closed"]),
-        kl=_fmt(row["kl"]),
-        coverage=_fmt(row["coverage"]),
-        aligned=_fmt(row.get("aligned_coverage")),
-        noncanonical=_fmt(row["noncanonical"]),
-        seconds=row["seconds"],
-    )
+    per_seed = " ".join(f"{r['accuracy']:.3f}" for r in row["runs"])
+    cells = [_fmt(row[k]) for k in ("gap_closed", "kl", "coverage")]
+    cells += [_fmt(row.get("aligned_coverage")), _fmt(row["noncanonical"])]
+    return _row(label, f"{row['lr']:.0e}", mean, per_seed, *cells, seconds=row["seconds"])
 
 
 def plot_curves(results: dict, path: Path) -> Path:
@@ -306,159 +182,6 @@ def plot_curves(results: dict, path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
-
-
-def sweep_markdown(sweep: dict) -> str:
-    """The sweep as a Markdown table: one row per run name and learning rate, the chosen one
-    in bold, then the command that reproduces it."""
-    extra = any(row.get("extra_accuracy") is not None for row in sweep["rows"])
-    count = sweep.get("num_extra_validation")
-    lines = [
-        "| method | lr | validation accuracy | "
-        + (f"extra validation accuracy ({count} problems) | " if extra else "")
-        + "validation KL (nats/token) | seconds | chosen |",
-        "| --- | --- | --- | " + ("--- | " if extra else "") + "--- | --- | --- |",
-    ]
-    for kind, start in sweep.get("starts", {}).items():
-        label = "same-tokenizer control" if kind == "control" else "cross-tokenizer student"
-        lines.append(
-            f"| {label} after warm-up (start) | | {start['accuracy']:.3f} "
-            + ("| " if extra else "")
-            + f"| {start['kl']:.3f} | | |"
-        )
-    for row in sweep["rows"]:
-        chosen = sweep["best"][row["name"]] == row["lr"]
-        cells = [f"{row['accuracy']:.3f}"]
-        if extra:
-            cells.append(
-                "-" if row.get("extra_accuracy") is None else f"{row['extra_accuracy']:.3f}"
-            )
-        if chosen:
-            cells[-1] = f"**{cells[-1]}**"
-        lines.append(
-            f"| {LABELS.get(row['name'], row['name'])} | {row['lr']:.0e} | "
-            + " | ".join(cells)
-            + f" | {row['kl']:.3f} | {row['seconds']:.0f} | {'yes' if chosen else ''} |"
-        )
-    commit = f" at commit `{sweep['commit']}`" if sweep.get("commit") else ""
-    scored = (
-        f"accuracy (greedy, exact final answer) and KL on the {sweep['num_validation']} "
-        f"validation problems and accuracy on the {count} extra validation problems, "
-        "disjoint from the training and test sets. Chosen: the highest extra validation "
-        "accuracy"
-        if extra
-        else f"accuracy (greedy, exact final answer) and KL on the {sweep['num_validation']} "
-        "validation problems, disjoint from the training and test sets. Chosen: the "
-        "highest validation accuracy"
-    )
-    lines += [
-        "",
-        f"One seed, {sweep['steps']} steps x {sweep['batch']} prompts per run from the "
-        f"warmed-up students; {scored} (ties: the lower KL). Reproduce with "
-        f"`{sweep['command']}`{commit}.",
-    ]
-    return "\n".join(lines)
-
-
-def calibration_markdown(calibration: dict) -> str:
-    """The budget calibration as a Markdown table: one row per budget (the control's OPD and
-    SFT, mean ± std and per seed, and OPD − SFT with its 95% interval), the chosen one in bold,
-    then what it was scored on and the command that reproduces it."""
-    lines = _calibration_table(calibration, "", calibration["best"])
-    starts = calibration.get("starts", {})
-    commit = f" at commit `{calibration['commit']}`" if calibration.get("commit") else ""
-    lrs = ", ".join(f"{LABELS.get(k, k)} {v:.0e}" for k, v in calibration.get("lrs", {}).items())
-    lines += [
-        "",
-        f"The same-tokenizer control only, {calibration['seeds']} seeds per budget, "
-        f"{calibration['batch']} prompts per step ({lrs}), each run's rate decayed to 0 over "
-        f"its budget; greedy exact-answer accuracy on the {calibration['num_extra_validation']} "
-        "extra validation problems, disjoint from the training, validation and test sets"
-        + (
-            f" (the warmed-up control scores {starts['control']:.3f}, the teacher "
-            f"{starts['teacher']:.3f})"
-            if starts
-            else ""
-        )
-        + ". Chosen: the budget whose paired interval has the highest lower end (ties: the "
-        f"longer one); {_verdict(calibration['separates'])}.",
-    ]
-    if calibration.get("best_sampled") is not None:
-        starts = calibration.get("sampled_starts", {})
-        lines += [
-            "",
-            f"Sampled accuracy (one response per problem at temperature "
-            f"{calibration['sampled_temperature']:g}, the same sampling seed for every "
-            "model), the same runs:",
-            "",
-            *_calibration_table(calibration, "sampled_", calibration["best_sampled"]),
-            "",
-            "The warmed-up control scores "
-            f"{starts.get('control', float('nan')):.3f} sampled, the teacher "
-            f"{starts.get('teacher', float('nan')):.3f}; chosen as above; "
-            f"{_verdict(calibration['separates_sampled'])}.",
-        ]
-    lines += ["", f"Reproduce with `{calibration['command']}`{commit}."]
-    return "\n".join(lines)
-
-
-def _calibration_table(calibration: dict, prefix: str, best: int) -> list[str]:
-    """The calibration's rows for one accuracy (``prefix``: ``""`` greedy, ``"sampled_"``)."""
-    lines = [
-        "| steps | same-tokenizer OPD | per seed | same-tokenizer SFT | per seed "
-        "| OPD − SFT [95% interval] | chosen |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for steps, entry in calibration["budgets"].items():
-        opd, sft = entry[prefix + "opd"], entry[prefix + "sft"]
-        diff = entry[prefix + "difference"]
-        chosen = int(steps) == best
-        gap = f"{diff['value']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]"
-        lines.append(
-            f"| {steps} | {opd['mean']:.3f} ± {opd['std']:.3f} "
-            f"| {' '.join(f'{a:.3f}' for a in opd['seeds'])} "
-            f"| {sft['mean']:.3f} ± {sft['std']:.3f} "
-            f"| {' '.join(f'{a:.3f}' for a in sft['seeds'])} "
-            f"| {f'**{gap}**' if chosen else gap} | {'yes' if chosen else ''} |"
-        )
-    return lines
-
-
-def _verdict(separates: bool) -> str:
-    return (
-        "its interval lies above zero"
-        if separates
-        else "**no budget's interval lies above zero: this testbed cannot rank an on-policy "
-        "method above SFT**"
-    )
-
-
-def ablation_markdown(ablation: dict) -> str:
-    """SimCT's supervision spaces on the validation split: one row per space (mean ± std over
-    seeds, per seed, KL, coverage), the best in bold, then the command that reproduces it."""
-    lines = [
-        "| SimCT space | validation accuracy (mean ± std) | per seed | validation KL "
-        "(nats/token) | coverage |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for label, space in ablation["spaces"].items():
-        mean = f"{space['accuracy_mean']:.3f} ± {space['accuracy_std']:.3f}"
-        if label == ablation["best"]:
-            mean = f"**{mean}**"
-        seeds = " ".join(f"{r['accuracy']:.3f}" for r in ablation["rows"] if r["space"] == label)
-        lines.append(
-            f"| {label} | {mean} | {seeds} | {space['kl']:.3f} | {space['coverage']:.3f} |"
-        )
-    commit = f" at commit `{ablation['commit']}`" if ablation.get("commit") else ""
-    lines += [
-        "",
-        f"{ablation['seeds']} seed(s), {ablation['steps']} steps x {ablation['batch']} prompts "
-        f"per run from the warmed-up cross-tokenizer student (validation accuracy "
-        f"{ablation['student_start_accuracy']:.3f} before training), lr "
-        f"{ablation['lr']:g}; {ablation['num_validation']} validation problems. Reproduce with "
-        f"`{ablation['command']}`{commit}.",
-    ]
-    return "\n".join(lines)
 
 
 def _control_rows(results: dict) -> dict:

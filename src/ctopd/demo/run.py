@@ -1,48 +1,24 @@
 """The ``ctopd demo`` experiment: cross-tokenizer OPD on a task a laptop can check, read against a
-same-tokenizer control (ALGORITHMS §9).
+same-tokenizer control. Everything is local, seeded, and cached where it can be (a stamp in each
+folder records the settings it was built with; ``force`` rebuilds):
 
-Top to bottom, everything local and seeded:
+1. the task's splits (:mod:`.task`); 2. two tokenizers (one token per digit for the teacher,
+digit groups of up to three for the student) and a small teacher trained from scratch
+(:mod:`.stages`); 3. teacher samples, drawn once (:mod:`.samples`); 4. ``student/`` (the
+student's tokenizer) and ``control/`` (the teacher's), the same architecture, warmed up alike
+until each reaches the same validation accuracy; 5. equal-budget runs per seed
+(:mod:`.methods`): ``simct``, ``dpca``, ``shared_only`` and continued SFT from ``student/``,
+same-tokenizer ``opd`` and SFT from ``control/``; 6. the report (:mod:`.report`): held-out
+accuracy, gap closed, the common held-out KL, coverage and time per run, and every final
+model's and start's outcome per problem on the extra test split.
 
-1. **task** — arithmetic word problems with worked solutions (:mod:`ctopd.demo.task`), written as
-   ``train.jsonl`` / ``validation.jsonl`` / ``test.jsonl`` / ``extra_test.jsonl`` in the
-   trainer's data format (no question in two of them);
-2. **tokenizers and teacher** — a Qwen2-style byte-level BPE with one token per digit (teacher)
-   and a Llama-3-style BPE with digit groups of up to three (student), trained on the task's
-   text. We chose Llama-3-style groups because they are the realistic multi-digit case
-   (Qwen2.5 → Llama-3.2) and the mismatch falls where the answer is decided: on the numbers.
-   A small Llama (the teacher) is trained from scratch on the reference solutions, saved in
-   ``teacher/`` (:mod:`ctopd.demo.stages`);
-3. **teacher samples** — drawn once, in big batches, and cached in ``teacher_samples.jsonl``;
-   every SFT stage below trains on a slice of them (:mod:`ctopd.demo.samples`);
-4. **students** — two of the same architecture and initialisation: ``student/`` with the
-   digit-group tokenizer and its own header-style chat template (cross-tokenizer), ``control/``
-   with the teacher's tokenizer and template (same-tokenizer control), warmed up alike on the
-   same teacher samples, side by side, at a constant learning rate (the stable phase of a
-   warmup-stable-decay schedule; each run below is its decay phase). By default each warm-up
-   stops at its first checkpoint that reaches the same validation accuracy (the matched start,
-   so that "gap closed" compares like with like); ``--fixed-warmup``: both train the same
-   number of steps;
-5. **methods** — equal budgets (steps × prompts per step), once per seed, two runs at a time
-   (:mod:`ctopd.demo.methods`): from ``student/`` ``simct``, ``dpca`` and ``shared_only``
-   on-policy distillation and continued SFT; from ``control/`` same-tokenizer ``opd`` and
-   continued SFT. Each run's learning rate is its entry of ``DemoSettings.method_lrs``, chosen
-   by ``ctopd demo --sweep`` on the validation split (:mod:`ctopd.demo.sweep`);
-6. **report** — held-out accuracy, the share of the student → teacher gap closed, the common
-   held-out KL, coverage and wall time per run in ``results.json``, a printed table,
-   ``results.md`` and ``curves.png`` (:mod:`ctopd.demo.report`); and, on the extra test
-   problems, every final model's and start's outcome per problem and the paired comparisons
-   between runs with their intervals (:mod:`ctopd.demo.compare`): 200 test problems cannot
-   tell two runs near 0.96 apart by 0.01.
-
-Teacher, samples and students are cached: a second run with the same settings reuses them (a
-stamp in each folder records the settings it was built with); ``force`` rebuilds.
-
-Every process uses one torch thread, and the workers of one pool (spawned once) run the
-sampling, the warm-ups and the methods: imports are paid once per worker, not once per run.
+One pool of spawned worker processes (one torch thread each) runs the sampling, the warm-ups
+and the methods, so imports are paid once per worker.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -50,29 +26,10 @@ from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
 
-from ctopd.demo.settings import (
-    CONTROL_METHODS,
-    CROSS_METHODS,
-    FULL,
-    QUICK,
-    RUNS,
-    DemoSettings,
-    demo_settings,
-    settings_dict,
-)
+from ctopd.demo.settings import CONTROL_METHODS, CROSS_METHODS, RUNS, DemoSettings, settings_dict
 
-# Kept for callers of the old single-module demo.
-METHODS = CROSS_METHODS
-__all__ = [
-    "FULL",
-    "QUICK",
-    "METHODS",
-    "RUNS",
-    "DemoSettings",
-    "parse_runs",
-    "run_demo",
-    "build_models",
-]
+_KIND = {"student": "cross-tokenizer student", "control": "same-tokenizer control"}
+_NAME = {"teacher": "teacher", **_KIND}
 
 
 def parse_runs(text: str | None) -> tuple[str, ...]:
@@ -93,57 +50,39 @@ def parse_runs(text: str | None) -> tuple[str, ...]:
 
 
 def run_demo(
-    output_dir: str | Path = "ctopd-demo",
+    output_dir: str | Path,
     *,
     quick: bool = False,
+    settings: DemoSettings | None = None,
     seeds: int = 3,
     methods: tuple[str, ...] = RUNS,
     force: bool = False,
     workers: int | None = None,
-    matched: bool = True,
-    warmup_target: float | None = None,
-    task_order: str = "fixed",
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run the whole experiment and write its report into ``output_dir``.
+    """Run the whole experiment and write its report into ``output_dir`` (created).
 
     Args:
-        output_dir: folder for the data, models, runs and report (created).
-        quick: the CI configuration (:data:`QUICK`), a minute instead of a quarter hour.
+        quick: the CI configuration (:data:`ctopd.demo.settings.QUICK`), a minute or two.
+        settings: sizes and budgets, when not :func:`ctopd.demo.settings.demo_settings`'s.
         seeds: runs per method (seeds ``0..seeds-1``); each starts from its warmed-up student.
         methods: run names to run (:data:`RUNS`, see :func:`parse_runs`).
         force: rebuild the teacher, its samples and the students even when cached ones match.
         workers: processes side by side (default: CPU cores, at most 2).
-        matched: the matched start (:data:`ctopd.demo.settings.MATCHED`, the default): each
-            student warmed up until it reaches the same validation accuracy; ``False``
-            (``--fixed-warmup``): both warmed up ``warmup_steps`` steps.
-        warmup_target: the matched start's validation accuracy target, when not the default
-            (``--warmup-target``; the students are rebuilt for it).
-        task_order: ``fixed`` (the story's order) or ``free`` (``--task-order``: steps that
-            commute, :data:`ctopd.demo.settings.FREE_ORDER`).
-        log: where progress lines go.
 
     Returns:
         The ``results.json`` content.
     """
     from ctopd.demo.methods import method_job, run_method
     from ctopd.demo.report import plot_curves, results_markdown, write_results
+    from ctopd.demo.settings import demo_settings
 
-    started = time.perf_counter()
-    settings = demo_settings(
-        quick=quick, matched=matched, warmup_target=warmup_target, task_order=task_order
-    )
-    out = Path(output_dir)
+    started, out = time.perf_counter(), Path(output_dir)
+    settings = settings or demo_settings(quick=quick)
     with demo_pool(workers) as (pool, size):
+        sft = has_sft(methods)
         base = build_models(
-            out,
-            settings,
-            seeds=seeds,
-            sft=has_sft(methods),
-            pool=pool,
-            workers=size,
-            force=force,
-            log=log,
+            out, settings, seeds=seeds, sft=sft, pool=pool, workers=size, force=force, log=log
         )
         base["extra_test"] = measure_extra_starts(out, settings, pool=pool, log=log)
         stage = time.perf_counter()
@@ -161,12 +100,10 @@ def run_demo(
                 f"{run['seconds']:.0f} s + {run['eval_seconds']:.0f} s measuring"
             )
             runs.append(run)
-        base["stages"]["methods"] = time.perf_counter() - stage
-        _log_stage(log, "methods", base["stages"]["methods"])
+        base["stages"]["methods"] = _lap(log, "methods", stage)
 
-    results = summarize(
-        base, runs, settings, seeds=seeds, quick=quick, seconds=time.perf_counter() - started
-    )
+    seconds = time.perf_counter() - started
+    results = summarize(base, runs, settings, seeds=seeds, quick=quick, seconds=seconds)
     write_results(out, results)
     plot_curves(results, out / "curves.png")
     table = results_markdown(results)
@@ -183,8 +120,6 @@ def run_demo(
 @contextmanager
 def demo_pool(workers: int | None) -> Iterator[tuple[ProcessPoolExecutor, int]]:
     """The demo's worker processes (spawned: no state shared with this one) and their count."""
-    import os
-
     from ctopd.demo.stages import one_thread
 
     one_thread()
@@ -211,9 +146,9 @@ def build_models(
         sft: whether an SFT run follows (it trains on teacher samples past the warm-up's).
 
     Returns:
-        ``{"teacher": {"accuracy", "seconds", "rebuilt"}, "students": {"student": ...,
-        "control": ...} (see :func:`ctopd.demo.stages.build_student`), "stages": seconds of
-        the teacher, samples and students stages}``.
+        ``{"teacher": {"accuracy", "seconds", "rebuilt", ...}, "students": {"student": ...,
+        "control": ...} (:func:`ctopd.demo.stages.build_student`), "stages": seconds of the
+        teacher, samples and students stages}``.
     """
     from ctopd.demo.samples import ensure_samples, samples_needed
     from ctopd.demo.stages import build_student, build_teacher, cached_student, prepare_data
@@ -223,13 +158,9 @@ def build_models(
     prepare_data(out, settings)
     teacher = build_teacher(out, settings, force=force, log=log)
     stages["teacher"] = _lap(log, "teacher", started)
-
     # A new teacher makes every sample and student stale, whatever the stamps say.
     stale = force or teacher["rebuilt"]
-    students = {
-        kind: None if stale else cached_student(out, settings, kind)
-        for kind in ("student", "control")
-    }
+    students = {k: None if stale else cached_student(out, settings, k) for k in _KIND}
     missing = [kind for kind, result in students.items() if result is None]
     count = samples_needed(settings, seeds=seeds, warmup=bool(missing), sft=sft)
     started = time.perf_counter()
@@ -239,22 +170,19 @@ def build_models(
     started = time.perf_counter()
     for kind, result in students.items():
         if result is not None:
-            log(
-                f"[demo] reusing the {_KIND[kind]} in {out / kind} "
-                f"(accuracy {result['accuracy']:.3f})"
-            )
+            accuracy = result["accuracy"]
+            log(f"[demo] reusing the {_KIND[kind]} in {out / kind} (accuracy {accuracy:.3f})")
     if missing:
+        target = settings.warmup_target
+        stop = (
+            ""
+            if target is None
+            else f", each stopped at its first checkpoint with validation accuracy >= {target:g}"
+        )
         log(
             f"[demo] warming up the {' and the '.join(_KIND[k] for k in missing)} "
             f"({settings.student_layers} layers x {settings.student_hidden}, "
-            f"{settings.warmup_steps} SFT steps x {settings.warmup_batch} teacher samples"
-            + (
-                f", each stopped at its first checkpoint with validation accuracy >= "
-                f"{settings.warmup_target:g}"
-                if settings.warmup_target is not None
-                else ""
-            )
-            + ")"
+            f"{settings.warmup_steps} SFT steps x {settings.warmup_batch} teacher samples{stop})"
         )
     jobs = [dict(kind=kind, out=str(out), settings=settings) for kind in missing]
     for result in pool.map(build_student, jobs):
@@ -277,24 +205,19 @@ def measure_extra_starts(
     split: str = "extra_test",
     keys: tuple[str, ...] = ("teacher", "student", "control"),
 ) -> dict:
-    """Outcomes of the teacher and both warmed-up students (``keys``) on ``<split>.jsonl`` (a
-    string of 0/1 per problem each, :func:`ctopd.demo.measure.outcomes`) and their
-    accuracies, greedy (``outcomes``, ``accuracy``) and, with
-    ``DemoSettings.sampled_temperature``, sampled (``sampled_outcomes``,
-    ``sampled_accuracy``); empty when the settings have no problems in that split."""
+    """Outcomes of the teacher and the warmed-up students (``keys``) on ``<split>.jsonl``, one
+    ``0``/``1`` per problem (:func:`ctopd.demo.measure.outcomes`), and their accuracies: greedy
+    (``outcomes``, ``accuracy``) and, with ``settings.sampled_temperature``, sampled
+    (``sampled_outcomes``, ``sampled_accuracy``); empty when the split has no problems."""
     from ctopd.demo.measure import measure_outcomes
 
-    if not getattr(settings, f"num_{split}"):
+    count = getattr(settings, f"num_{split}")
+    if not count:
         return {}
     modes = (False, True) if settings.sampled_temperature is not None else (False,)
+    data = str(out / f"{split}.jsonl")
     jobs = [
-        dict(
-            key=key,
-            model=str(out / key),
-            data=str(out / f"{split}.jsonl"),
-            settings=settings,
-            sampled=sampled,
-        )
+        dict(key=key, model=str(out / key), data=data, settings=settings, sampled=sampled)
         for key in keys
         for sampled in modes
     ]
@@ -304,7 +227,7 @@ def measure_extra_starts(
         extra[r["key"]][f"{prefix}accuracy"] = r["outcomes"].count("1") / len(r["outcomes"])
         extra[r["key"]][f"{prefix}outcomes"] = r["outcomes"]
     log(
-        f"[demo] on {getattr(settings, f'num_{split}')} {split.replace('_', ' ')} problems: "
+        f"[demo] on {count} {split.replace('_', ' ')} problems: "
         + ", ".join(
             f"{_NAME[key]} {row['accuracy']:.3f}"
             + (f" (sampled {row['sampled_accuracy']:.3f})" if "sampled_accuracy" in row else "")
@@ -314,179 +237,59 @@ def measure_extra_starts(
     return extra
 
 
-_NAME = {
-    "teacher": "teacher",
-    "student": "cross-tokenizer student",
-    "control": "same-tokenizer control",
-}
-
-
 def summarize(
     base: dict, runs: list[dict], settings: DemoSettings, *, seeds: int, quick: bool, seconds: float
 ) -> dict:
-    """The ``results.json`` content: per method the mean over seeds and every seed's run;
-    the same-tokenizer control's runs under ``controls``; the starts' outcomes on the extra
-    test split under ``extra_test`` and the paired comparisons there under ``comparisons``
-    (:func:`comparisons`)."""
+    """The ``results.json`` content: per method the mean over seeds and every seed's run; the
+    same-tokenizer control's runs under ``controls``; the starts' outcomes on the extra test
+    split under ``extra_test``."""
     from ctopd.demo.methods import summarize_method
 
-    teacher = base["teacher"]["accuracy"]
+    teacher = base["teacher"]
     student, control = base["students"]["student"], base["students"]["control"]
     extra = base.get("extra_test", {})
 
-    def extra_of(key: str, field: str = "accuracy") -> float | None:
-        return extra.get(key, {}).get(field)
-
-    def of(name: str, start: float, kind: str) -> dict:
+    def of(name: str, start: dict, kind: str) -> dict:
+        mine, top = extra.get(kind, {}), extra.get("teacher", {})
         return summarize_method(
             [r for r in runs if r["name"] == name],
-            start=start,
-            teacher=teacher,
-            extra_start=extra_of(kind),
-            extra_teacher=extra_of("teacher"),
-            extra_sampled_start=extra_of(kind, "sampled_accuracy"),
-            extra_sampled_teacher=extra_of("teacher", "sampled_accuracy"),
+            start=start["accuracy"],
+            teacher=teacher["accuracy"],
+            extra_start=mine.get("accuracy"),
+            extra_teacher=top.get("accuracy"),
+            extra_sampled_start=mine.get("sampled_accuracy"),
+            extra_sampled_teacher=top.get("sampled_accuracy"),
         )
 
     ran = {r["name"] for r in runs}
-    methods = {
-        name: of(name, student["accuracy"], "student") for name in CROSS_METHODS if name in ran
-    }
     controls = {
         "student_start_accuracy": control["accuracy"],
         "student_start_kl": control["kl"],
         "student_start_noncanonical": control.get("noncanonical"),
-        **{
-            name.removeprefix("control_"): of(name, control["accuracy"], "control")
-            for name in CONTROL_METHODS
-            if name in ran
-        },
     }
+    for name in (n for n in CONTROL_METHODS if n in ran):
+        controls[name.removeprefix("control_")] = of(name, control, "control")
     return {
-        "teacher_accuracy": teacher,
-        "teacher_validation_accuracy": base["teacher"].get("validation_accuracy"),
-        "teacher_rounds": base["teacher"].get("rounds", []),
+        "teacher_accuracy": teacher["accuracy"],
+        "teacher_validation_accuracy": teacher.get("validation_accuracy"),
+        "teacher_rounds": teacher.get("rounds", []),
         "student_start_accuracy": student["accuracy"],
         "student_start_kl": student["kl"],
         "student_start_noncanonical": student.get("noncanonical"),
-        "warmup_steps": {
-            kind: base["students"][kind].get("warmup_steps", settings.warmup_steps)
-            for kind in ("student", "control")
-        },
-        "warmup_curves": {
-            kind: base["students"][kind].get("warmup_curve", []) for kind in ("student", "control")
-        },
-        "methods": methods,
+        "warmup_steps": {k: base["students"][k].get("warmup_steps") for k in _KIND},
+        "warmup_curves": {k: base["students"][k].get("warmup_curve", []) for k in _KIND},
+        "methods": {n: of(n, student, "student") for n in CROSS_METHODS if n in ran},
         "controls": controls,
         "extra_test": extra,
-        "comparisons": comparisons(extra, runs),
         "seeds": seeds,
         "quick": quick,
         "settings": settings_dict(settings),
-        "teacher_seconds": base["teacher"]["seconds"],
+        "teacher_seconds": teacher["seconds"],
         "student_seconds": student["seconds"],
         "control_seconds": control["seconds"],
         "stages": base["stages"],
         "seconds": seconds,
     }
-
-
-_KIND = {"student": "cross-tokenizer student", "control": "same-tokenizer control"}
-
-# The paired comparisons the report makes (run names), where both ran: each cross-tokenizer
-# on-policy method against continued SFT and shared-only OPD (the baselines it must beat), SimCT
-# against DPCA, and the control's OPD against its SFT.
-COMPARISONS = (
-    ("simct", "sft"),
-    ("dpca", "sft"),
-    ("simct", "shared_only"),
-    ("dpca", "shared_only"),
-    ("simct", "dpca"),
-    ("control_opd", "control_sft"),
-)
-
-
-def comparisons(extra: dict, runs: list[dict]) -> list[dict]:
-    """Paired comparisons on the extra test split (:mod:`ctopd.demo.compare`): for each pair of
-    :data:`COMPARISONS` that ran, the difference of mean greedy accuracy with its 95% interval
-    at every step both measured; and, at the last step, for each cross-tokenizer run, the share
-    of its gap closed as a fraction of the same-tokenizer OPD's (the starts and the teacher
-    resampled with it). Then the same two kinds at the last step for the sampled accuracy,
-    where the runs and the starts have sampled outcomes.
-
-    Returns:
-        rows of ``kind`` (``difference`` or ``gap_fraction``), ``metric`` (``greedy`` or
-        ``sampled``), ``a``, ``b`` (run names), ``step``, ``value``, ``low``, ``high``,
-        ``above_zero``, ``problems``, ``draws``; empty without extra test outcomes.
-    """
-    by_step: dict[str, dict[int, list[str]]] = {}
-    sampled: dict[str, dict[int, list[str]]] = {}
-    for run in sorted(runs, key=lambda r: r["seed"]):
-        curve = run.get("curve", {})
-        for step, text in zip(curve.get("extra_step", []), curve.get("extra_outcomes", [])):
-            by_step.setdefault(run["name"], {}).setdefault(step, []).append(text)
-        if run.get("extra_sampled_outcomes") and curve.get("extra_step"):
-            sampled.setdefault(run["name"], {}).setdefault(max(curve["extra_step"]), []).append(
-                run["extra_sampled_outcomes"]
-            )
-    if not extra or not by_step:
-        return []
-    rows = _comparison_rows(by_step, {k: row["outcomes"] for k, row in extra.items()}, "greedy")
-    if sampled and all("sampled_outcomes" in row for row in extra.values()):
-        rows += _comparison_rows(
-            sampled, {k: row["sampled_outcomes"] for k, row in extra.items()}, "sampled"
-        )
-    return rows
-
-
-def _comparison_rows(
-    by_step: dict[str, dict[int, list[str]]], starts: dict[str, str], metric: str
-) -> list[dict]:
-    """:func:`comparisons`' rows for one metric: ``by_step`` maps a run name to its seeds'
-    outcome strings at each step, ``starts`` the teacher's and the students' to theirs."""
-    from ctopd.demo.compare import difference, gap_fraction_ratio, outcome_matrix
-
-    matrix = {
-        name: {step: outcome_matrix(texts) for step, texts in steps.items()}
-        for name, steps in by_step.items()
-    }
-    start = {key: outcome_matrix([text]) for key, text in starts.items()}
-    rows = []
-    for a, b in COMPARISONS:
-        if a in matrix and b in matrix:
-            for step in sorted(set(matrix[a]) & set(matrix[b])):
-                rows.append(
-                    {
-                        "kind": "difference",
-                        "metric": metric,
-                        "a": a,
-                        "b": b,
-                        "step": step,
-                        **difference(matrix[a][step], matrix[b][step]),
-                    }
-                )
-    if "control_opd" in matrix:
-        control_step = max(matrix["control_opd"])
-        for name in ("simct", "dpca", "shared_only", "sft"):
-            if name in matrix:
-                step = max(matrix[name])
-                rows.append(
-                    {
-                        "kind": "gap_fraction",
-                        "metric": metric,
-                        "a": name,
-                        "b": "control_opd",
-                        "step": step,
-                        **gap_fraction_ratio(
-                            matrix[name][step],
-                            start["student"],
-                            matrix["control_opd"][control_step],
-                            start["control"],
-                            start["teacher"],
-                        ),
-                    }
-                )
-    return rows
 
 
 def has_sft(names) -> bool:
@@ -495,12 +298,8 @@ def has_sft(names) -> bool:
 
 def _lap(log: Callable[[str], None], stage: str, started: float) -> float:
     seconds = time.perf_counter() - started
-    _log_stage(log, stage, seconds)
-    return seconds
-
-
-def _log_stage(log: Callable[[str], None], stage: str, seconds: float) -> None:
     log(f"[demo] stage {stage}: {seconds:.0f} s")
+    return seconds
 
 
 def _fmt(value: float | None) -> str:

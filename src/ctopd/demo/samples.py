@@ -1,25 +1,14 @@
 """The teacher's samples, drawn once and shared by every SFT stage of the demo.
 
-Both warm-ups and every continued-SFT run train on teacher samples. Sampling them inside each
-stage (``sft.source=teacher``) would sample the same teacher again and again, in small batches;
-instead the demo samples a *pool* once, in large batches (hundreds of prompts per ``generate``
-call are several times faster per sample on a CPU than 32), caches it in
-``OUT/teacher_samples.jsonl`` and hands each stage a slice of it as ``sft.source=data``:
-
-* the warm-up (both students, the same texts): pool positions ``[0, W)``,
-  ``W = warmup_steps * warmup_batch``;
-* continued SFT of seed ``s`` (both students, the same texts): ``[W + s B, W + (s + 1) B)``,
-  ``B = method_steps * method_batch``, so no sample is trained on twice.
-
-Pool position ``p`` holds one sample for prompt ``order[p]``, where ``order`` runs through the
-training prompts in one seeded permutation after another (:func:`pool_order`). While positions
-stay within the first permutation every slice has its own prompts, so the SFT runs see prompts
-the warm-up did not; past it (more samples needed than there are training prompts) a prompt gets
-a second, independent sample in a later slice.
-
-Batch ``j`` (positions ``[j S, (j + 1) S)``, ``S = sample_batch``) is sampled with its own seed,
-so a pool is a prefix of any longer pool of the same settings: asking for more seeds extends the
-cache instead of redrawing it, and the warm-up slice never changes.
+Sampling inside each stage would sample the same teacher again and again in small batches;
+instead the demo samples a *pool* once in large batches (several times faster per sample on a
+CPU), caches it in ``OUT/teacher_samples.jsonl`` and hands each stage a slice as SFT data: the
+warm-up takes positions ``[0, W)``, ``W = warmup_steps * warmup_batch``; continued SFT of seed
+``s`` ``[W + s B, W + (s + 1) B)``, ``B = slice_steps() * method_batch``; both students train on
+the same texts, and no sample is trained on twice. Position ``p`` holds one sample for training
+prompt ``order[p]`` (:func:`pool_order`: seeded permutations of the prompts one after another).
+Batch ``j`` (``sample_batch`` positions) is sampled with its own seed, so a pool is a prefix of
+any longer pool of the same settings: more seeds extend the cache instead of redrawing it.
 """
 
 from __future__ import annotations
@@ -43,22 +32,19 @@ def warmup_slice(settings: DemoSettings) -> tuple[int, int]:
 
 
 def sft_slice(settings: DemoSettings, seed: int, *, steps: int | None = None) -> tuple[int, int]:
-    """``(start, count)`` of the samples of a continued-SFT run with ``seed`` (``steps``:
-    shorter runs, such as the sweep's or the calibration's, take the head of that slice). Each
-    seed's slice is as long as the longest budget the demo or its calibration runs, so no two
-    seeds share a sample and a run of the demo's budget is the head of the calibration's."""
-    budget = max(settings.method_steps, *settings.calibration_steps) * settings.method_batch
+    """``(start, count)`` of the samples of a continued-SFT run with ``seed`` (``steps``: shorter
+    runs take the head of that slice). Each seed's slice is ``settings.slice_steps()`` batches
+    long, so no two seeds share a sample."""
+    budget = settings.slice_steps() * settings.method_batch
     count = (steps if steps is not None else settings.method_steps) * settings.method_batch
     return settings.warmup_steps * settings.warmup_batch + seed * budget, count
 
 
 def samples_needed(settings: DemoSettings, *, seeds: int, warmup: bool, sft: bool) -> int:
-    """Pool size for a demo: the warm-up slice when a student is built, and the SFT slices of
-    ``seeds`` seeds when an SFT run is asked for (each as long as the longest budget, see
-    :func:`sft_slice`)."""
+    """Pool size: the warm-up slice when a student is built, and the SFT slices of ``seeds``
+    seeds when an SFT run is asked for (:func:`sft_slice`)."""
     if sft:
-        longest = max(settings.method_steps, *settings.calibration_steps)
-        start, count = sft_slice(settings, seeds - 1, steps=longest)
+        start, count = sft_slice(settings, seeds - 1, steps=settings.slice_steps())
         return start + count
     return warmup_slice(settings)[1] if warmup else 0
 
@@ -115,14 +101,10 @@ def ensure_samples(
         (row for part in pool.map(sample_batches, jobs) for row in part),
         key=lambda r: r["position"],
     )
-    path.write_text(
-        "".join(kept) + "".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8"
-    )
-    total = have + len(rows)
-    seconds = time.perf_counter() - started
-    (out / SAMPLES_STAMP).write_text(
-        json.dumps({"settings": stamp, "result": {"count": total}}, indent=2), encoding="utf-8"
-    )
+    path.write_text("".join(kept) + "".join(json.dumps(r) + "\n" for r in rows), "utf-8")
+    total, seconds = have + len(rows), time.perf_counter() - started
+    saved = {"settings": stamp, "result": {"count": total}}
+    (out / SAMPLES_STAMP).write_text(json.dumps(saved, indent=2), encoding="utf-8")
     log(f"[demo] {total} teacher samples in {path} ({seconds:.0f} s)")
     return {"count": total, "seconds": seconds, "sampled": len(rows)}
 
@@ -177,14 +159,9 @@ def sample_batches(job: dict) -> list[dict]:
             max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature,
         )
-        rows += [
-            {
-                "position": p,
-                "index": order[p],
-                "response": tokenizer.decode(r, skip_special_tokens=True),
-            }
-            for p, r in zip(positions, responses)
-        ]
+        for p, response in zip(positions, responses):
+            text = tokenizer.decode(response, skip_special_tokens=True)
+            rows.append({"position": p, "index": order[p], "response": text})
     return rows
 
 

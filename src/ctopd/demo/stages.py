@@ -1,14 +1,10 @@
-"""The demo's build stages: data, tokenizers and teacher, the two warmed-up students; and the
-helpers every stage shares (a stage's ``TrainConfig``, cache stamps, one torch thread).
+"""The demo's build stages: data, tokenizers and teacher, the two warmed-up students; and what
+every stage shares (a stage's ``TrainConfig``, cache stamps, one torch thread).
 
-The tokenizers, both trained on the task's text: the teacher's is a Qwen2-style byte-level BPE
-with one token per digit (``train_byte_level_bpe(split_digits=True)``), the cross-tokenizer
-student's a Llama-3-style byte-level BPE with digit groups of up to three
-(``train_digit_group_bpe``). We chose Llama-3-style groups because they are the realistic
-multi-digit case (distilling Qwen2.5 into Llama-3.2 meets exactly this pair of rules), and
-because the mismatch then falls where the answer is decided: every number of a worked solution
-is one student token against two or three teacher tokens. The same-tokenizer control uses the
-teacher's tokenizer and chat template, so ``opd`` applies to it unchanged.
+The teacher's tokenizer is a Qwen2-style byte-level BPE with one token per digit, the
+cross-tokenizer student's a Llama-3-style one with digit groups of up to three: the realistic
+multi-digit case (Qwen2.5 → Llama-3.2), and the mismatch falls where the answer is decided. The
+same-tokenizer control uses the teacher's tokenizer and chat template.
 """
 
 from __future__ import annotations
@@ -28,9 +24,7 @@ STUDENT_TOKENIZERS = {"student": "student", "control": "teacher"}
 
 
 def prepare_data(out: Path, settings: DemoSettings) -> None:
-    """``train.jsonl``, ``validation.jsonl``, ``test.jsonl``, ``extra_test.jsonl`` and
-    ``extra_validation.jsonl`` (regenerated each run: cheap and deterministic); no two share a
-    question."""
+    """Write the five splits as ``<split>.jsonl`` (cheap and deterministic: every run)."""
     from ctopd.demo.task import make_splits, write_jsonl
 
     splits = make_splits(
@@ -51,11 +45,15 @@ def build_teacher(
 ) -> dict:
     """Train both tokenizers and the teacher (or reuse ``teacher/``); evaluate it.
 
+    The teacher trains in rounds of ``teacher_steps`` (warm restarts: each a cosine cycle from
+    the last round's model, with its own data order) until its validation accuracy reaches
+    ``teacher_target``. Measured: one 1,000-step round gave 1.000 on one machine and 0.495 on
+    another; when a small model learns to read the later verbs is floating-point luck.
+
     Returns:
-        ``{"accuracy", "seconds", "rebuilt"}``.
+        ``{"accuracy", "validation_accuracy", "rounds", "seconds", "rebuilt"}``.
     """
-    stamp = settings.teacher_stamp()
-    folder = out / "teacher"
+    stamp, folder = settings.teacher_stamp(), out / "teacher"
     cached = None if force else read_stamp(folder, stamp)
     if cached is not None and all(
         (out / "tokenizers" / n).is_dir() for n in ("teacher", "student")
@@ -64,58 +62,44 @@ def build_teacher(
         return {**cached, "rebuilt": False}
 
     from ctopd.demo.measure import accuracy
-    from ctopd.demo.models import tiny_causal_lm
     from ctopd.demo.task import corpus, make_splits
-    from ctopd.demo.tokenizers import train_byte_level_bpe, train_digit_group_bpe
+    from ctopd.testing import tiny_causal_lm, train_byte_level_bpe, train_digit_group_bpe
     from ctopd.training.sft import run_sft
 
     started = time.perf_counter()
-    train = make_splits(
-        settings.num_train,
-        settings.num_test,
-        settings.num_validation,
-        seed=settings.task_seed,
-        **settings.task_ranges(),
-    ).train
+    counts = (settings.num_train, settings.num_test, settings.num_validation)
+    train = make_splits(*counts, seed=settings.task_seed, **settings.task_ranges()).train
     texts = corpus(train[:4000])  # enough text for every merge either tokenizer makes
-    teacher_tokenizer = train_byte_level_bpe(texts, settings.teacher_vocab, split_digits=True)
-    train_digit_group_bpe(texts, settings.student_vocab).save_pretrained(
-        out / "tokenizers" / "student"
-    )
-    teacher_tokenizer.save_pretrained(out / "tokenizers" / "teacher")
-
+    tokenizer = train_byte_level_bpe(texts, settings.teacher_vocab, split_digits=True)
+    student_tokenizer = train_digit_group_bpe(texts, settings.student_vocab)
+    student_tokenizer.save_pretrained(out / "tokenizers" / "student")
+    tokenizer.save_pretrained(out / "tokenizers" / "teacher")
     init = out / "runs" / "teacher-init"
     model = tiny_causal_lm(
-        teacher_tokenizer,
+        tokenizer,
         hidden_size=settings.teacher_hidden,
         num_layers=settings.teacher_layers,
         num_heads=settings.teacher_heads,
-        max_positions=512,
         seed=settings.task_seed,
     )
-    save_model(model, teacher_tokenizer, init)
+    save_model(model, tokenizer, init)
+    target = settings.teacher_target
     log(
         f"[demo] training the teacher ({count_params(model)} parameters, "
         f"{settings.teacher_steps} steps"
         + (
-            f" per round, until its validation accuracy reaches {settings.teacher_target:g}, "
+            ""
+            if target is None
+            else f" per round, until its validation accuracy reaches {target:g}, "
             f"at most {settings.teacher_rounds} rounds"
-            if settings.teacher_target is not None
-            else ""
         )
         + ") on reference solutions"
     )
-    # Rounds (warm restarts): each a cosine cycle over teacher_steps from the previous round's
-    # model, with its own data order. Measured: the same 1,000-step recipe gave 1.000 on one
-    # machine and 0.495 on another, picking the wrong operation for a later step (training
-    # accuracy 0.51: not learned yet, not overfitted); whether a small model has learned to
-    # look up the right verb by a fixed step is a matter of floating-point luck.
     rounds, current = [], init
-    for index in range(settings.teacher_rounds if settings.teacher_target is not None else 1):
-        run_dir = _teacher_round_dir(out, index)
+    for index in range(settings.teacher_rounds if target is not None else 1):
         config = stage_config(
             settings,
-            run_dir,
+            _teacher_round_dir(out, index),
             data=out / "train.jsonl",
             student=current,
             teacher=None,
@@ -126,25 +110,23 @@ def build_teacher(
             schedule="cosine",
             warmup_ratio=0.03,
         )
-        config.sft.source = "data"
-        config.sft.response_field = "answer"  # the reference solution
+        config.sft.source, config.sft.response_field = "data", "answer"  # the reference
         run_sft(config)
-        current = run_dir / "final"
+        current = _teacher_round_dir(out, index) / "final"
         validation = accuracy(current, out / "validation.jsonl", settings)
-        rounds.append(
-            {"round": index + 1, "steps": settings.teacher_steps, "validation_accuracy": validation}
-        )
+        rounds.append({"round": index + 1, "steps": settings.teacher_steps})
+        rounds[-1]["validation_accuracy"] = validation
         log(f"[demo] teacher round {index + 1}: validation accuracy {validation:.3f}")
-        if settings.teacher_target is None or validation >= settings.teacher_target:
+        if target is None or validation >= target:
             break
     else:
         log(
             f"[demo] warning: the teacher reached {validation:.3f} validation accuracy after "
-            f"{len(rounds)} rounds, short of {settings.teacher_target:g}; the demo goes on, "
-            "but every student is distilled from (and every gap measured to) a weaker teacher"
+            f"{len(rounds)} rounds, short of {target:g}; the demo goes on, but every student "
+            "is distilled from (and every gap measured to) a weaker teacher"
         )
     replace_folder(current, folder)
-    for index in range(len(rounds)):
+    for index in range(len(rounds)):  # each round's metrics stay, its weights go
         run_dir = _teacher_round_dir(out, index)
         for leftover in (*run_dir.glob("checkpoint-*"), run_dir / "final"):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -164,8 +146,7 @@ def build_teacher(
 
 
 def _teacher_round_dir(out: Path, index: int) -> Path:
-    """Where the teacher's round ``index`` (from 0) trains: ``runs/teacher`` for the first, as
-    before rounds existed, then ``runs/teacher-round2``, ..."""
+    """``runs/teacher`` for the first round, then ``runs/teacher-round2``, ..."""
     return out / "runs" / ("teacher" if index == 0 else f"teacher-round{index + 1}")
 
 
@@ -176,25 +157,22 @@ def cached_student(out: Path, settings: DemoSettings, kind: str) -> dict | None:
 
 
 def build_student(job: dict) -> dict:
-    """Warm one student up with SFT on the pool's warm-up slice of teacher samples, then
-    evaluate it (runs in a worker process).
-
-    Both students are the same architecture with the same initialisation seed, trained with the
-    same steps, batch, learning rate, data order and teacher texts; only the tokenizer (and so
-    the chat template and the vocabulary rows) differs.
+    """Warm one student up with SFT on the warm-up slice of the teacher samples, then evaluate
+    it (runs in a worker process). Both students share architecture, initialisation seed,
+    steps, batch, learning rate, data order and teacher texts; only the tokenizer differs.
 
     Args:
-        job: ``kind`` (``student``: the cross-tokenizer student, ``control``: the teacher's
-            tokenizer), ``out`` (the demo folder) and ``settings``.
+        job: ``kind`` (``student``: cross-tokenizer, ``control``: the teacher's tokenizer),
+            ``out`` (the demo folder) and ``settings``.
 
     Returns:
-        ``{"kind", "accuracy", "kl", "noncanonical", "seconds"}`` (see
-        :func:`ctopd.demo.measure.sequence_kl`).
+        ``{"kind", "accuracy", "kl", "noncanonical", "warmup_steps", "warmup_curve",
+        "seconds"}`` (:func:`ctopd.demo.measure.sequence_kl`).
     """
     one_thread()
     from ctopd.demo.measure import accuracy, sequence_kl
-    from ctopd.demo.models import tiny_causal_lm
     from ctopd.demo.samples import warmup_slice, write_sft_data
+    from ctopd.testing import tiny_causal_lm
     from ctopd.training.config import ModelConfig
     from ctopd.training.models import load_model_tokenizer
     from ctopd.training.sft import run_sft
@@ -203,15 +181,13 @@ def build_student(job: dict) -> dict:
     out, settings, kind = Path(job["out"]), job["settings"], job["kind"]
     folder, runs = out / STUDENT_FOLDERS[kind], out / "runs" / f"warmup-{kind}"
     shutil.rmtree(runs, ignore_errors=True)
-    tokenizer = load_model_tokenizer(
-        ModelConfig(name_or_path=str(out / "tokenizers" / STUDENT_TOKENIZERS[kind])), side="student"
-    )
+    tokenizer_dir = out / "tokenizers" / STUDENT_TOKENIZERS[kind]
+    tokenizer = load_model_tokenizer(ModelConfig(name_or_path=str(tokenizer_dir)), side="student")
     model = tiny_causal_lm(
         tokenizer,
         hidden_size=settings.student_hidden,
         num_layers=settings.student_layers,
         num_heads=settings.student_heads,
-        max_positions=512,
         seed=settings.task_seed + 1,
     )
     save_model(model, tokenizer, runs / "init")
@@ -245,8 +221,7 @@ def build_student(job: dict) -> dict:
     result = {
         "kind": kind,
         "accuracy": accuracy(folder, out / "test.jsonl", settings),
-        "kl": samples["kl"],
-        "noncanonical": samples["noncanonical"],
+        **samples,
         "warmup_steps": steps,
         "warmup_curve": curve,
         "seconds": time.perf_counter() - started,
@@ -255,16 +230,10 @@ def build_student(job: dict) -> dict:
     return result
 
 
-def _first_at_target(
-    run_dir: Path, out: Path, settings: DemoSettings
-) -> tuple[Path, int, list[list[float]]]:
+def _first_at_target(run_dir: Path, out: Path, settings: DemoSettings) -> tuple[Path, int, list]:
     """The matched start: the warm-up's first checkpoint whose validation accuracy reaches
-    ``settings.warmup_target`` (the last one when none does).
-
-    Returns:
-        The checkpoint's model folder, its step and ``[step, validation accuracy]`` of every
-        checkpoint measured.
-    """
+    ``settings.warmup_target`` (the last one when none does), its step, and ``[step,
+    validation accuracy]`` of every checkpoint measured."""
     from ctopd.demo.measure import accuracy
     from ctopd.training.checkpoint import list_checkpoints
 
@@ -297,36 +266,30 @@ def stage_config(
     keep_checkpoints: int = 1,
 ):
     """A :class:`TrainConfig` for one stage; everything the demo does not set is the default.
-
-    No evaluation inside the loop: the demo evaluates saved models afterwards, in big batches
-    (``save_every`` writes the checkpoints it evaluates).
-    """
+    No evaluation inside the loop: the demo measures the checkpoints ``save_every`` writes
+    afterwards, in big batches. Each stage rebuilds its folder (``overwrite``)."""
     from ctopd.training.config import TrainConfig
 
-    values = {
-        "student": {"name_or_path": str(student), "dtype": "float32"},
-        "teacher": {"name_or_path": str(teacher) if teacher else "", "dtype": "float32"},
-        "data": {"path": str(data), "shuffle": True},
-        "rollout": {"temperature": settings.temperature, "max_new_tokens": settings.max_new_tokens},
-        "optim": {
-            "lr": lr,
-            "min_lr": 0.0,
-            "schedule": schedule,
-            "warmup_ratio": warmup_ratio,
-            "weight_decay": 0.0,
-        },
-        "output_dir": str(output_dir),
-        "seed": seed,
-        "max_steps": steps,
-        "per_device_batch_size": batch,
-        "progress": False,
-        "log_every": 10**9,
-        "save_every": save_every,
-        "keep_checkpoints": keep_checkpoints,
-        # Each stage rebuilds its folder: a demo run again replaces what an earlier one left.
-        "overwrite": True,
-    }
-    return TrainConfig.from_dict(values)
+    optim = {"lr": lr, "min_lr": 0.0, "schedule": schedule, "warmup_ratio": warmup_ratio}
+    rollout = {"temperature": settings.temperature, "max_new_tokens": settings.max_new_tokens}
+    return TrainConfig.from_dict(
+        {
+            "student": {"name_or_path": str(student), "dtype": "float32"},
+            "teacher": {"name_or_path": str(teacher) if teacher else "", "dtype": "float32"},
+            "data": {"path": str(data), "shuffle": True},
+            "rollout": rollout,
+            "optim": {**optim, "weight_decay": 0.0},
+            "output_dir": str(output_dir),
+            "seed": seed,
+            "max_steps": steps,
+            "per_device_batch_size": batch,
+            "progress": False,
+            "log_every": 10**9,
+            "save_every": save_every,
+            "keep_checkpoints": keep_checkpoints,
+            "overwrite": True,
+        }
+    )
 
 
 def read_stamp(folder: Path, stamp: dict) -> dict | None:
@@ -339,9 +302,8 @@ def read_stamp(folder: Path, stamp: dict) -> dict | None:
 
 
 def write_stamp(folder: Path, stamp: dict, result: dict) -> None:
-    (folder / STAMP).write_text(
-        json.dumps({"settings": stamp, "result": result}, indent=2), encoding="utf-8"
-    )
+    text = json.dumps({"settings": stamp, "result": result}, indent=2)
+    (folder / STAMP).write_text(text, encoding="utf-8")
 
 
 def save_model(model, tokenizer, folder: Path) -> None:
@@ -356,12 +318,8 @@ def replace_folder(source: Path, target: Path) -> None:
 
 
 def one_thread() -> None:
-    """One torch thread, and no per-load progress bars from transformers (the demo logs its own
-    progress lines).
-
-    On two shared cores a two-thread step waits for whichever core is busy, and two one-thread
-    processes side by side finish sooner than two two-thread ones in a row.
-    """
+    """One torch thread and no per-load progress bars: on two shared cores two one-thread
+    processes side by side finish sooner than two two-thread ones in a row."""
     import torch
     from transformers.utils import logging as hf_logging
 

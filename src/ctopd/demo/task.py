@@ -35,20 +35,8 @@ NAMES = ["Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben", "Eva", "Tom", "
 ITEMS = ["coins", "apples", "stamps", "books", "cards", "shells", "marbles", "pens"]
 GAIN_VERBS = ["finds", "buys", "gets", "wins", "receives"]
 LOSS_VERBS = ["spends", "sells", "loses", "gives away", "uses"]
-PRONOUNS = {
-    "Mia": "She",
-    "Ava": "She",
-    "Zoe": "She",
-    "Ivy": "She",
-    "Eva": "She",
-    "Lily": "She",
-    "Leo": "He",
-    "Sam": "He",
-    "Max": "He",
-    "Ben": "He",
-    "Tom": "He",
-    "Noah": "He",
-}
+PRONOUNS = dict.fromkeys(["Mia", "Ava", "Zoe", "Ivy", "Eva", "Lily"], "She")
+PRONOUNS.update(dict.fromkeys(["Leo", "Sam", "Max", "Ben", "Tom", "Noah"], "He"))
 
 
 @dataclass(frozen=True)
@@ -74,27 +62,10 @@ def generate_problem(
     min_amount: int = 10,
     max_amount: int = 99,
     steps: tuple[int, ...] = (2, 3),
-    order: str = "fixed",
 ) -> Problem:
     """Draw one problem; every value stays in ``[min_value, max_value]``, every amount in
-    ``[min_amount, max_amount]``, and the number of steps is drawn from ``steps``.
-
-    ``order``: ``"fixed"`` works the steps in the story's order (one right solution per
-    problem); ``"free"`` draws problems whose steps can be applied in any order without a value
-    leaving the range, and works them in a uniformly random order, so that a problem has
-    several right solutions (2 or 6) and a model that learned the references is unsure which
-    step comes next (:func:`free_order_problem`)."""
-    if order == "free":
-        return free_order_problem(
-            rng,
-            min_value=min_value,
-            max_value=max_value,
-            min_amount=min_amount,
-            max_amount=max_amount,
-            steps=steps,
-        )
-    if order != "fixed":
-        raise ValueError(f"order must be 'fixed' or 'free'; got {order!r}")
+    ``[min_amount, max_amount]``, and the number of steps is drawn from ``steps``; the solution
+    works the steps in the story's order."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     value = rng.randint(min_value, max_value)
     clauses, equations = [], []
@@ -118,42 +89,6 @@ def generate_problem(
     return Problem(question=question, solution=solution, answer=value)
 
 
-def free_order_problem(
-    rng: random.Random,
-    *,
-    min_value: int,
-    max_value: int,
-    min_amount: int,
-    max_amount: int,
-    steps: tuple[int, ...],
-) -> Problem:
-    """One problem whose steps commute: the gains and losses are drawn first, then a start such
-    that every subset of them keeps the value in ``[min_value, max_value]`` (so every order of
-    the steps is a right solution), and the solution works them in a uniformly random order."""
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    count = rng.choice(tuple(steps))
-    while True:
-        gains = [rng.random() < 0.5 for _ in range(count)]
-        amounts = [rng.randint(min_amount, max_amount) for _ in range(count)]
-        lost = sum(amount for amount, gain in zip(amounts, gains) if not gain)
-        won = sum(amount for amount, gain in zip(amounts, gains) if gain)
-        if min_value + lost <= max_value - won:
-            break
-    start = rng.randint(min_value + lost, max_value - won)
-    clauses = [
-        f"{rng.choice(GAIN_VERBS if gain else LOSS_VERBS)} {amount}"
-        for amount, gain in zip(amounts, gains)
-    ]
-    value, equations = start, []
-    for index in rng.sample(range(count), count):
-        equations.append(worked_step(value, amounts[index], gain=gains[index]))
-        value = value + amounts[index] if gains[index] else value - amounts[index]
-    story = ", then ".join([", ".join(clauses[:-1]), clauses[-1]] if len(clauses) > 2 else clauses)
-    question = f"{name} has {start} {item}. {PRONOUNS[name]} {story}. How many {item} now?"
-    solution = "\n".join(equations) + f"\n#### {value}"
-    return Problem(question=question, solution=solution, answer=value)
-
-
 def worked_step(value: int, amount: int, *, gain: bool) -> str:
     """One step of the solution, worked by place value: tens first, then ones, then the sum.
 
@@ -167,13 +102,15 @@ def worked_step(value: int, amount: int, *, gain: bool) -> str:
     return f"{value} {'+' if gain else '-'} {amount} = {tens} {sign} {abs(ones)} = {result}"
 
 
-def generate_problems(count: int, *, seed: int, **ranges) -> list[Problem]:
-    """``count`` distinct problems (by question text) drawn from ``seed``."""
+def generate_problems(count: int, *, seed: int, generator=None, **ranges) -> list[Problem]:
+    """``count`` distinct problems (by question text) drawn from ``seed`` by ``generator``
+    (a function like :func:`generate_problem`, which is the default)."""
+    generator = generator or generate_problem
     rng = random.Random(seed)
     seen: set[str] = set()
     problems: list[Problem] = []
     while len(problems) < count:
-        problem = generate_problem(rng, **ranges)
+        problem = generator(rng, **ranges)
         if problem.question not in seen:
             seen.add(problem.question)
             problems.append(problem)
@@ -201,14 +138,10 @@ def make_splits(
     num_extra_validation: int = 0,
     **kwargs,
 ) -> Splits:
-    """A fixed split of ``num_train + num_test + num_validation + num_extra_test +
-    num_extra_validation`` distinct problems from ``seed``: training first, then test, then
-    validation, then the extra test problems (a larger held-out set the final models are also
-    scored on), then the extra validation problems (a larger validation set, for choices that
-    200 problems cannot resolve, such as the budget of ``ctopd demo --calibrate``). Each part is
-    the same whatever the later parts' sizes are: the training and test parts are those of
-    :func:`make_split` with the same arguments, and adding extra test or extra validation
-    problems changes none of the parts before them."""
+    """Distinct problems from ``seed``, cut in order into training, test, validation, extra test
+    (a larger held-out set the final models are also scored on) and extra validation (for
+    choices 200 problems cannot resolve). Each part is the same whatever the later parts' sizes
+    are: adding extra problems changes none of the parts before them."""
     total = num_train + num_test + num_validation
     extra_end = total + num_extra_test
     problems = generate_problems(extra_end + num_extra_validation, seed=seed, **kwargs)

@@ -28,7 +28,7 @@ what temperature an SFT model samples as well as an OPD one does at 1.
 
 Usage (from the repository root)::
 
-    python benchmarks/demo_tail_mass.py --demo-dir ctopd-demo [--problems 500]
+    python research/demo_tail_mass.py --demo-dir ctopd-demo [--problems 500]
         [--split extra_validation] [--model LABEL=PATH ...] [--temperatures 0,0.7,1]
         [--json tail.json]
 

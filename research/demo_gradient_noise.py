@@ -1,7 +1,7 @@
 """How noisy is each objective's gradient at the demo's batch? The gradient noise scale of
 DPCA, OPD, SimCT, shared-only OPD and SFT on the demo's warmed-up students.
 
-    python benchmarks/demo_gradient_noise.py --demo-dir ctopd-demo [--rollouts 512] [--json F]
+    python research/demo_gradient_noise.py --demo-dir ctopd-demo [--rollouts 512] [--json F]
 
 With identical tokenizers DPCA's per-token advantage is ``log q(s) - log π(s)`` of the one token
 the student sampled, and in expectation over that token its gradient is the gradient of the
@@ -293,7 +293,7 @@ def measure(
 
 
 def _settings(demo: Path):
-    from ctopd.demo.settings import DemoSettings
+    from ctopd.demo.settings import demo_settings
 
     path = demo / "results.json"
     if path.is_file():
@@ -301,7 +301,7 @@ def _settings(demo: Path):
         from demo_control_dpca import settings_from_results
 
         return settings_from_results(json.loads(path.read_text(encoding="utf-8"))["settings"])
-    return DemoSettings()
+    return demo_settings()
 
 
 def print_table(results: list[dict]) -> None:

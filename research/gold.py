@@ -2,10 +2,10 @@
 demo's common KL and throughput, on the same models, prompts, budgets and sampling settings.
 
     pip install -e ".[bench]"          # trl==1.16.0, the version this was checked with
-    python benchmarks/gold.py --demo-dir ctopd-demo [--seeds 0,1,2] [--steps 100] [--lrs 3e-4,1e-3]
+    python research/gold.py --demo-dir ctopd-demo [--seeds 0,1,2] [--steps 100] [--lrs 3e-4,1e-3]
         [--variants recommended,teacher_template] [--rerun-ours] [--json] [--output FILE]
 
-Reads a finished ``ctopd demo --fixed-warmup`` folder (``teacher/``, ``student/``, the
+Reads a finished ``python research/testbed.py --fixed-warmup`` folder (``teacher/``, ``student/``, the
 splits, ``results.json``) and trains the warmed-up cross-tokenizer student from the teacher with
 ``trl.experimental.gold.GOLDTrainer`` in the cross-tokenizer configuration TRL's GOLD page
 recommends (``docs/source/gold_trainer.md``, "Usage tips" and its explicit example):
@@ -36,9 +36,9 @@ last assistant turn", and with ``lmbda=1`` that answer is never trained on.
 
 Measured as the demo measures its own methods (:mod:`ctopd.demo.measure`): greedy exact-answer
 accuracy on the 200 test problems, the common sequence-level KL on 64 prompts, the non-canonical
-share. The learning rate is chosen like the demo's (:mod:`ctopd.demo.sweep`): simct's grid
-(``DemoSettings.sweep_lrs``), seed 0, ``sweep_steps`` steps, scored on ``validation.jsonl``,
-:func:`ctopd.demo.sweep.choose`. The ``simct`` and ``dpca`` rows are read from the demo's
+share. The learning rate is chosen like the demo's (``testbed_lib/studies.py``): simct's grid
+(``StudySettings.sweep_lrs``), seed 0, ``sweep_steps`` steps, scored on ``validation.jsonl``,
+:func:`testbed_lib.studies.choose`. The ``simct`` and ``dpca`` rows are read from the demo's
 ``results.json`` (same seeds; its settings are checked equal to the ones used here), or rerun in
 this run with ``--rerun-ours`` (:func:`ctopd.demo.methods.run_method`).
 
@@ -333,11 +333,14 @@ def teacher_prompt_texts(rows: list[dict], student_tokenizer, teacher_dir: Path)
     from transformers import AutoTokenizer
 
     teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    render = lambda tok, m: tok.apply_chat_template(
-        m,
-        tokenize=False,  # noqa: E731
-        add_generation_prompt=True,
-    )
+
+    def render(tok, m):
+        return tok.apply_chat_template(
+            m,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+
     return {
         render(student_tokenizer, r["messages"]): render(teacher_tokenizer, r["messages"])
         for r in rows
@@ -571,16 +574,18 @@ def teacher_reading_student_template(demo: Path, settings) -> dict:
 
 
 def run_all(args, log) -> dict:
+    from testbed_lib.settings import FIXED_WARMUP
+    from testbed_lib.studies import choose
+
     from ctopd.demo.methods import method_job, run_method, summarize_method
-    from ctopd.demo.settings import FIXED_WARMUP, settings_dict
-    from ctopd.demo.sweep import choose
+    from ctopd.demo.settings import settings_dict
 
     started, settings = time.perf_counter(), FIXED_WARMUP
     demo_results = json.loads((args.demo_dir / "results.json").read_text(encoding="utf-8"))
     if demo_results.get("settings") != settings_dict(settings):
         raise SystemExit(
             f"error: {args.demo_dir}/results.json was written with other settings "
-            "than ctopd.demo.settings.FIXED_WARMUP; rerun `ctopd demo "
+            "than testbed_lib.settings.FIXED_WARMUP; rerun `ctopd demo "
             "--fixed-warmup` first"
         )
     steps = args.steps or settings.method_steps
@@ -918,7 +923,7 @@ def main() -> int:
     ):
         if not (args.demo_dir / name).exists():
             print(
-                f"error: {args.demo_dir / name} is missing; run `ctopd demo --fixed-warmup "
+                f"error: {args.demo_dir / name} is missing; run `python research/testbed.py --fixed-warmup "
                 f"--output-dir {args.demo_dir}` first",
                 file=sys.stderr,
             )

@@ -1,9 +1,8 @@
-"""Paired bootstrap comparisons of demo runs (ctopd.demo.compare)."""
+"""Paired bootstrap comparisons of testbed runs (research/testbed_lib/compare.py)."""
 
 import numpy as np
 import pytest
-
-from ctopd.demo.compare import (
+from testbed_lib.compare import (
     bootstrap,
     difference,
     gap_fraction_ratio,

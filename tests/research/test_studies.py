@@ -1,7 +1,7 @@
-"""The choices ``ctopd demo --sweep`` and ``--calibrate`` make from their measurements."""
+"""The choices ``research/testbed.py --sweep`` and ``--calibrate`` make from their measurements."""
 
-from ctopd.demo.report import calibration_markdown
-from ctopd.demo.sweep import choose, choose_budget
+from testbed_lib.report import calibration_markdown
+from testbed_lib.studies import choose, choose_budget
 
 
 def _budget(value: float, low: float, high: float) -> dict:

@@ -1,7 +1,7 @@
 """Why DPCA does what it does on the demo: advantages on correct vs wrong samples, per-chunk
 ``L_T - L_S``, and gradient norms against the other objectives, for both demo students.
 
-    python benchmarks/dpca_diagnostics.py --demo-dir ctopd-demo [--prompts 64] [--json]
+    python research/dpca_diagnostics.py --demo-dir ctopd-demo [--prompts 64] [--json]
 
 Reads a finished ``ctopd demo`` folder (``teacher/``, ``student/``, ``control/``,
 ``validation.jsonl``). For each warmed-up student: it samples one response per validation

@@ -1,4 +1,4 @@
-"""Tiny causal language models built locally (no hub download), for the demo and the tests."""
+"""Tiny causal language models built locally (no hub download), for the tests and the demo."""
 
 from __future__ import annotations
 

@@ -1,15 +1,17 @@
-"""``ctopd demo --sweep``: each run name's learning rate, chosen on the validation split; and
-``ctopd demo --calibrate``: the methods' budget, chosen on the extra validation split by the
-same-tokenizer control alone (:func:`run_calibration`).
+"""The testbed's studies: ``research/testbed.py --sweep`` (each run name's learning rate, chosen
+on the validation split, :func:`run_sweep`), ``--ablation`` (SimCT's supervision spaces,
+:func:`run_ablation`) and ``--calibrate`` (the methods' budget, chosen on the extra validation
+split by the same-tokenizer control alone, :func:`run_calibration`).
 
 For every run name (``simct``, ``dpca``, ``shared_only``, ``sft``, ``control_opd``,
-``control_sft``) and every learning rate of its grid (``DemoSettings.sweep_lrs``): one run,
+``control_sft``) and every learning rate of its grid (``StudySettings.sweep_lrs``): one run,
 seed 0, ``sweep_steps`` steps from the same warmed-up student the demo uses, then greedy accuracy
 and the common KL on ``validation.jsonl`` and greedy accuracy on ``extra_validation.jsonl`` (both
 disjoint from the training and test sets). The best extra validation accuracy is chosen (ties:
 the lower KL): two rates 0.005 apart on 200 problems differ by one problem, on 2,000 by ten.
 ``sweep.json`` and ``sweep.md`` record every run and the command that reproduces them; the
-chosen values are copied into ``DemoSettings.method_lrs`` by hand. The demo never reads the
+chosen values are copied into ``DemoSettings.method_lrs`` (``src/ctopd/demo/settings.py``) by
+hand. The demo never reads the
 sweep, and nothing here looks at the test set.
 """
 
@@ -21,7 +23,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ctopd.demo.settings import RUNS, SIMCT_SPACES, demo_settings, settings_dict
+from ctopd.demo.settings import RUN_SPECS, RUNS, settings_dict
+
+from .settings import SIMCT_SPACES, pick_settings
 
 
 def run_sweep(
@@ -45,7 +49,7 @@ def run_sweep(
         force: rebuild the cached models first.
         workers: runs side by side (default: CPU cores, at most 2).
         matched: the matched start's students (the default), else the fixed warm-up's
-            (:func:`ctopd.demo.settings.demo_settings`).
+            (:func:`testbed_lib.settings.pick_settings`).
         warmup_target: the matched start's target, when not the default
             (``--warmup-target``).
         task_order: the task's order of steps (``--task-order``, ``fixed`` or ``free``).
@@ -57,15 +61,14 @@ def run_sweep(
         per run), ``best`` (run name → chosen lr), ``starts`` (per student, its
         validation accuracy and KL before any run), ``command``, ``steps``, ...
     """
-    from ctopd.demo.measure import measure_model
     from ctopd.demo.methods import method_job, run_method
-    from ctopd.demo.report import sweep_markdown
     from ctopd.demo.run import build_models, demo_pool, has_sft
-    from ctopd.demo.settings import RUN_SPECS
     from ctopd.demo.stages import STUDENT_FOLDERS
 
+    from .report import sweep_markdown
+
     started = time.perf_counter()
-    settings = demo_settings(
+    settings = pick_settings(
         quick=quick, matched=matched, warmup_target=warmup_target, task_order=task_order
     )
     out = Path(output_dir)
@@ -152,7 +155,7 @@ def run_sweep(
         "seed": 0,
         "steps": settings.sweep_steps,
         "batch": settings.method_batch,
-        "command": demo_command(
+        "command": rerun_command(
             "--sweep",
             quick=quick,
             methods=methods,
@@ -192,7 +195,7 @@ def run_ablation(
     task_order: str = "fixed",
     log: Callable[[str], None] = print,
 ) -> dict:
-    """``ctopd demo --ablation``: SimCT's supervision spaces (:data:`SIMCT_SPACES`) side by side
+    """``--ablation``: SimCT's supervision spaces (:data:`SIMCT_SPACES`) side by side
     on the validation split; writes ``ablation.json`` and ``ablation.md`` into ``output_dir``.
 
     Each space: ``ablation_seeds`` seeds of ``method_steps`` steps from the warmed-up
@@ -207,11 +210,12 @@ def run_ablation(
     import statistics
 
     from ctopd.demo.methods import method_job, run_method
-    from ctopd.demo.report import ablation_markdown
     from ctopd.demo.run import build_models, demo_pool
 
+    from .report import ablation_markdown
+
     started = time.perf_counter()
-    settings = demo_settings(
+    settings = pick_settings(
         quick=quick, matched=matched, warmup_target=warmup_target, task_order=task_order
     )
     out = Path(output_dir)
@@ -274,7 +278,7 @@ def run_ablation(
         "batch": settings.method_batch,
         "lr": settings.lr("simct"),
         "student_start_accuracy": start,
-        "command": demo_command(
+        "command": rerun_command(
             "--ablation",
             quick=quick,
             matched=matched,
@@ -310,19 +314,19 @@ def run_calibration(
     task_order: str = "fixed",
     log: Callable[[str], None] = print,
 ) -> dict:
-    """``ctopd demo --calibrate``: the budget (steps per run) at which the same-tokenizer
+    """``--calibrate``: the budget (steps per run) at which the same-tokenizer
     control's OPD most surely beats its continued SFT; writes ``calibration.json`` and
     ``calibration.md`` into ``output_dir``.
 
     ALGORITHMS §9: a testbed where same-tokenizer OPD does not beat continued SFT at an equal
     budget cannot judge cross-tokenizer methods. Whether it does depends on the budget: given
     enough steps both reach the teacher's ceiling and differ by nothing. So for each budget of
-    ``DemoSettings.calibration_steps``, ``control_opd`` and ``control_sft`` run
+    ``StudySettings.calibration_steps``, ``control_opd`` and ``control_sft`` run
     ``calibration_seeds`` seeds each (``method_batch`` prompts per step, their ``method_lrs``,
     the rate decayed to 0 over the budget as in the demo), and every final model is scored
     problem by problem on ``extra_validation.jsonl``, greedy and (with
     ``DemoSettings.sampled_temperature``) by one sampled response per problem. Per budget:
-    OPD − SFT with its paired 95% interval (:func:`ctopd.demo.compare.difference`), for each
+    OPD − SFT with its paired 95% interval (:func:`testbed_lib.compare.difference`), for each
     of the two accuracies. Chosen: the budget whose interval's lower
     end is highest (ties: the longer budget). Only the control is looked at, never a
     cross-tokenizer method and never the test splits; the chosen budget is copied into
@@ -342,14 +346,15 @@ def run_calibration(
     """
     import statistics
 
-    from ctopd.demo.compare import difference, outcome_matrix
     from ctopd.demo.methods import method_job, run_method
-    from ctopd.demo.report import calibration_markdown
     from ctopd.demo.run import build_models, demo_pool, measure_extra_starts
     from ctopd.demo.settings import CONTROL_METHODS
 
+    from .compare import difference, outcome_matrix
+    from .report import calibration_markdown
+
     started = time.perf_counter()
-    settings = demo_settings(
+    settings = pick_settings(
         quick=quick, matched=matched, warmup_target=warmup_target, task_order=task_order
     )
     out = Path(output_dir)
@@ -450,7 +455,7 @@ def run_calibration(
         "batch": settings.method_batch,
         "steps": list(settings.calibration_steps),
         "lrs": {name: settings.lr(name) for name in CONTROL_METHODS},
-        "command": demo_command(
+        "command": rerun_command(
             "--calibrate",
             quick=quick,
             matched=matched,
@@ -523,7 +528,7 @@ def choose(rows: list[dict]) -> dict[str, float]:
     return {name: entry["lr"] for name, entry in best.items()}
 
 
-def demo_command(
+def rerun_command(
     flag: str,
     *,
     quick: bool,
@@ -531,12 +536,16 @@ def demo_command(
     methods: tuple[str, ...] = RUNS,
     warmup_target: float | None = None,
     task_order: str = "fixed",
+    seeds: int | None = None,
 ) -> str:
-    """The command line that reruns a sweep, ablation or calibration (``flag``: ``--sweep``,
-    ``--ablation`` or ``--calibrate``) with these options."""
-    parts = [f"ctopd demo {flag}"]
+    """The command line that reruns a testbed run (``flag``: ``--sweep``, ``--ablation``,
+    ``--calibrate`` or ``""`` for the demo's runs, whose ``seeds`` it names when not the
+    default) with these options."""
+    parts = [f"python research/testbed.py {flag}".rstrip()]
     if quick:
         parts.append("--quick")
+    if seeds is not None and seeds != (1 if quick else 3):
+        parts.append(f"--seeds {seeds}")
     if not matched:
         parts.append("--fixed-warmup")
     if warmup_target is not None:
@@ -562,3 +571,18 @@ def _commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def measure_model(job: dict) -> dict:
+    """Accuracy, KL and non-canonical share of one model folder on one split (runs in a worker
+    process). ``job``: ``model`` (folder), ``teacher`` (folder), ``data`` (a JSONL split) and
+    ``settings``."""
+    from ctopd.demo.measure import accuracy, sequence_kl
+    from ctopd.demo.stages import one_thread
+
+    one_thread()
+    model, data, settings = Path(job["model"]), Path(job["data"]), job["settings"]
+    return {
+        "accuracy": accuracy(model, data, settings),
+        **sequence_kl(model, Path(job["teacher"]), data, settings),
+    }

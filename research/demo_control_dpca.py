@@ -8,12 +8,12 @@ reverse KL of same-tokenizer ``opd``. This script trains DPCA from the demo's wa
 (the demo's budget and schedule; each learning rate of ``--lrs``, ``--seeds`` seeds), scores
 each final model greedy and sampled on the extra test problems exactly as the demo does
 (:func:`ctopd.demo.measure.outcomes`), and compares it, paired and with the demo's intervals
-(:mod:`ctopd.demo.compare`), with the control's OPD and SFT runs of the demo's
+(:mod:`testbed_lib.compare`), with the control's OPD and SFT runs of the demo's
 ``results.json``.
 
 ``--batch`` trains with that many prompts per step instead of the demo's (same steps, so
 ``batch / method_batch`` times the rollouts): the test of whether DPCA's deficit is the noise
-of its gradient (``benchmarks/demo_gradient_noise.py``). ``--student student`` trains the
+of its gradient (``research/demo_gradient_noise.py``). ``--student student`` trains the
 cross-tokenizer student's DPCA instead and compares it with the demo's ``simct``, ``dpca`` and
 continued SFT.
 
@@ -23,7 +23,7 @@ the teacher samples; with ``--batch`` each SFT seed takes ``batch × steps`` sam
 pool, drawn first if the pool is shorter), so that the methods can be compared at a batch
 other than the demo's.
 
-``--sweep`` chooses the learning rate first, as ``ctopd demo --sweep`` does but at this
+``--sweep`` chooses the learning rate first, as ``python research/testbed.py --sweep`` does but at this
 script's batch: seed 0, ``sweep_steps`` steps at each rate of ``--lrs``, greedy accuracy on the
 2,000 extra validation problems (sampled accuracy printed beside it; ties: the lower rate). The
 test runs then use the chosen rate only. A rate chosen at the demo's batch, where a DPCA step
@@ -38,10 +38,10 @@ each cross-tokenizer run closes as a fraction of the one the control's OPD close
 
 Usage (from the repository root, after ``ctopd demo --output-dir ctopd-demo``)::
 
-    python benchmarks/demo_control_dpca.py --demo-dir ctopd-demo [--lrs 3e-4,1e-3]
+    python research/demo_control_dpca.py --demo-dir ctopd-demo [--lrs 3e-4,1e-3]
         [--seeds 3] [--batch 128] [--student control|student] [--objective dpca|simct|opd|sft]
         [--sweep] [--json control_dpca.json]
-    python benchmarks/demo_control_dpca.py --compare simct.json dpca.json sft.json
+    python research/demo_control_dpca.py --compare simct.json dpca.json sft.json
         [--demo-dir ctopd-demo]
 """
 
@@ -55,8 +55,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from ctopd.demo.compare import difference, outcome_matrix
-from ctopd.demo.settings import DemoSettings
+from testbed_lib.compare import difference, outcome_matrix
+from testbed_lib.settings import StudySettings as DemoSettings
 
 
 def settings_from_results(values: dict) -> DemoSettings:
@@ -74,7 +74,7 @@ def train_and_score(job: dict) -> dict:
     """One run (``job["objective"]``, DPCA by default) from ``control/`` or ``student/`` (runs
     in a worker process)."""
     from ctopd.demo.measure import outcomes
-    from ctopd.demo.methods import _train, method_job
+    from ctopd.demo.methods import method_job, train_run
     from ctopd.demo.stages import one_thread
 
     one_thread()
@@ -99,7 +99,7 @@ def train_and_score(job: dict) -> dict:
         split=split,
         curve=False,
     )
-    _train(run, out / kind, objective, run_dir)
+    train_run(run, out / kind, objective, run_dir)
     data = out / f"extra_{split}.jsonl"
     scores = {
         "lr": job["lr"],
@@ -161,7 +161,7 @@ def compare_saved(paths: list[Path], demo_dir: Path | None = None) -> None:
     ]
     if demo_dir is None or not control:
         return
-    from ctopd.demo.compare import gap_fraction_ratio
+    from testbed_lib.compare import gap_fraction_ratio
 
     extra = json.loads((demo_dir / "results.json").read_text(encoding="utf-8"))["extra_test"]
     field = {"greedy": "outcomes", "sampled": "sampled_outcomes"}

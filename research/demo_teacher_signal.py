@@ -20,7 +20,7 @@ script measures how much each is worth on a demo folder:
 
 Usage (from the repository root, after a demo run)::
 
-    python benchmarks/demo_teacher_signal.py --demo-dir ctopd-demo [--samples 500]
+    python research/demo_teacher_signal.py --demo-dir ctopd-demo [--samples 500]
         [--rollouts 512] [--json signal.json]
 """
 

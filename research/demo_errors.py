@@ -21,7 +21,7 @@ also makes are a property of the problems (or of the student's capacity), the re
 
 Usage (from the repository root, after a demo run)::
 
-    python benchmarks/demo_errors.py --demo-dir ctopd-demo [--json errors.json]
+    python research/demo_errors.py --demo-dir ctopd-demo [--json errors.json]
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ The reference costs ``O(positions x vocabulary)`` Python-side work per step: fin
 
 Usage::
 
-    python benchmarks/simct_limits.py --demo-dir ctopd-demo [--prompts 64] [--train]
+    python research/simct_limits.py --demo-dir ctopd-demo [--prompts 64] [--train]
         [--agreement] [--twin] [--closer] [--seeds 0 1 2] [--steps N] [--json]
 """
 
@@ -441,6 +441,8 @@ RUNS = (  # (label, student folder, objective, lr method whose rate it uses)
 def train_runs(demo: Path, seeds: list[int], *, steps: int | None = None, log=print) -> list[dict]:
     """The validation runs of :data:`RUNS`, one process, one after another (``steps``: the
     demo's ``method_steps`` unless given)."""
+    from testbed_lib.settings import FIXED_WARMUP
+
     from ctopd.demo import settings as demo_settings
     from ctopd.demo.methods import method_job, run_method
     from ctopd.objectives.registry import register_objective
@@ -459,7 +461,7 @@ def train_runs(demo: Path, seeds: list[int], *, steps: int | None = None, log=pr
             )
         demo_settings.RUN_SPECS[name] = (folder, objective)
         for seed in seeds:
-            settings = demo_settings.FIXED_WARMUP
+            settings = FIXED_WARMUP
             job = method_job(
                 name,
                 seed,
@@ -496,10 +498,10 @@ def agreement() -> list[dict]:
     invariant tests (the dummy-prefix pair left out: the reference does not map it)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from ctopd.core.pair import TokenizerPair
-    from ctopd.demo.tokenizers import train_byte_level_bpe, train_digit_group_bpe
     from ctopd.objectives.registry import teacher_needs
     from ctopd.objectives.teacher import teacher_outputs
     from ctopd.objectives.text_events import text_tables
+    from ctopd.testing import train_byte_level_bpe, train_digit_group_bpe
     from tests.objectives.agreement import agreement_batch, markov_texts
     from tests.objectives.test_text_events import agreement_losses, sampled_path_floor
 
@@ -553,12 +555,12 @@ def build_twin(demo: Path, log=print) -> dict:
     tokenizer and chat template. Returns ``{"accuracy" (validation), "seconds"}``."""
     import shutil
 
+    from testbed_lib.settings import FIXED_WARMUP
     from transformers import AutoTokenizer
 
     from ctopd.demo.measure import accuracy
-    from ctopd.demo.models import tiny_causal_lm
-    from ctopd.demo.settings import FIXED_WARMUP
     from ctopd.demo.stages import read_stamp, replace_folder, save_model, stage_config, write_stamp
+    from ctopd.testing import tiny_causal_lm
     from ctopd.training.sft import run_sft
 
     folder = demo / "twin_teacher"
@@ -636,10 +638,12 @@ def _runs_from(
     view: Path, runs: list[tuple[str, str, str]], seeds: list[int], steps: int | None, log
 ) -> list[dict]:
     """``(label, objective, lr method)`` runs from ``view``'s student, on validation."""
+    from testbed_lib.settings import FIXED_WARMUP
+
     from ctopd.demo import settings as demo_settings
     from ctopd.demo.methods import method_job, run_method
 
-    settings, rows = demo_settings.FIXED_WARMUP, []
+    settings, rows = FIXED_WARMUP, []
     for label, objective, rate_of in runs:
         name = f"limits_{view.name}_{objective}"
         demo_settings.RUN_SPECS[name] = ("student", objective)
@@ -698,8 +702,9 @@ def build_closer(demo: Path, log=print) -> dict:
     Returns ``{"accuracy" (validation), "seconds"}``."""
     import shutil
 
+    from testbed_lib.settings import FIXED_WARMUP
+
     from ctopd.demo.measure import accuracy
-    from ctopd.demo.settings import FIXED_WARMUP
     from ctopd.demo.stages import read_stamp, replace_folder, stage_config, write_stamp
     from ctopd.training.sft import run_sft
 
@@ -795,7 +800,7 @@ def main(argv=None) -> None:
     for name in ("teacher", "student", "control", "validation.jsonl"):
         if not (args.demo_dir / name).exists():
             sys.exit(
-                f"{args.demo_dir / name} is missing: run `ctopd demo --fixed-warmup "
+                f"{args.demo_dir / name} is missing: run `python research/testbed.py --fixed-warmup "
                 f"--output-dir {args.demo_dir}` first (it caches the models this script reads)"
             )
     from ctopd.demo.stages import one_thread
