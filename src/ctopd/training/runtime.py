@@ -14,7 +14,7 @@ Each loop calls it in the order a step runs, so the loop still reads top to bott
         runtime.end_step(row)             # evaluate, log, checkpoint, stop on a signal
     return runtime.finish(summary)        # final/ and summary.json
 
-The rules it keeps (``docs/faults.md`` lists each fault tried, what happens and the test):
+The rules it keeps (``docs/guides/faults.md`` lists each fault tried, what happens and the test):
 
 * **A run folder belongs to one run.** Starting into a folder that holds a run (``config.yaml``,
   ``metrics.jsonl``, ``summary.json``, checkpoints, ``final/``) needs ``--resume`` (continue it)
