@@ -41,6 +41,8 @@ from accelerate.utils import DistributedType, set_seed
 
 from ctopd.core.pair import TokenizerPair
 from ctopd.objectives import (
+    StudentHead,
+    StudentHidden,
     compute_objective,
     objective_options,
     teacher_needs,
@@ -56,7 +58,12 @@ from ctopd.training.models import (
     load_model_tokenizer,
     prepare_student,
 )
-from ctopd.training.rollout import pad_responses, response_logits, sample_responses
+from ctopd.training.rollout import (
+    pad_responses,
+    response_hidden_states,
+    response_logits,
+    sample_responses,
+)
 from ctopd.training.runtime import Runtime, next_indices
 from ctopd.training.teachers import Teacher, load_teacher, receive_scores
 
@@ -268,18 +275,35 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer) -> dict[str, floa
         )
         teacher_scores = read_teacher() if pending is not None and pending.done() else None
 
-    # 4. Objective: a student forward over prompt + sampled ids, then the loss.
+    # 4. Objective: a student forward over prompt + sampled ids, then the loss. The forward
+    # stops at the final hidden states [B, m, H]: the objective projects them to the vocabulary
+    # one slice of rows at a time (no [B, m, V] logits or gradient for the whole response).
+    # Where the output layer cannot be taken apart (sharded parameters, no linear head) the
+    # objective gets the model's full logits instead; StudentHead.from_model warns then.
     with timer("student_forward"):
         student_ids, _ = pad_responses(student_responses, device=device)
-        student_logits = response_logits(
-            run.student,
-            student_prompts,
-            student_responses,
-            pad_id=run.student_pad_id,
-            device=device,
+        packed = dict(pad_id=run.student_pad_id, device=device)
+        unwrapped = accelerator.unwrap_model(run.student)
+        kind = accelerator.distributed_type
+        sharded = kind == DistributedType.FSDP or (
+            kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
         )
-        # Padded output rows are no token: the objective's softmax covers the real ids only.
-        student_logits = student_logits[..., : run.student_num_ids]  # [B, m, V_S]
+        head = StudentHead.from_model(unwrapped, run.student_num_ids, sharded=sharded)
+        if head is not None:
+            hidden = response_hidden_states(
+                run.student,
+                unwrapped.get_output_embeddings(),
+                student_prompts,
+                student_responses,
+                **packed,
+            )
+            student_logits = StudentHidden(hidden, head)  # [B, m, V_S], never materialised
+        else:
+            student_logits = response_logits(
+                run.student, student_prompts, student_responses, **packed
+            )
+            # Padded output rows are no token: the objective's softmax covers the real ids.
+            student_logits = student_logits[..., : run.student_num_ids]  # [B, m, V_S]
     if pending is not None and teacher_scores is None:
         with timer("teacher"):  # the wait the student's forward did not hide
             teacher_scores = read_teacher()
@@ -303,7 +327,10 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer) -> dict[str, floa
             problem = f"the student's logits are not finite ({err})"
     run.runtime.stop_if_non_finite(problem)  # every rank, before any backward
 
-    # 5. Backward (accelerate scales by the accumulation steps and syncs on the last one).
+    # 5. Backward (accelerate scales by the accumulation steps and syncs on the last one). The
+    # objective computed its gradient slice by slice already; this hands it to the hidden states
+    # and the output weight (reduced across ranks by DDP like every other parameter's) and runs
+    # the model's backward.
     with timer("backward"):
         accelerator.backward(loss)
     ended = sum(pair.ended_turn(r) for r in student_responses)

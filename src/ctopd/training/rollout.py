@@ -95,6 +95,55 @@ def response_logits(
     return logits[:, :response_len]
 
 
+def response_hidden_states(
+    model: torch.nn.Module,
+    head_layer: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """The final hidden states at response positions, in one forward pass, without logits.
+
+    A forward pre-hook on ``head_layer`` (the model's ``get_output_embeddings()``) keeps the
+    hidden states the output layer would project and hands it zero positions instead, so no
+    logits are made; :class:`~ctopd.objectives.student_head.StudentHidden` then projects them
+    one slice at a time inside the objective. ``model`` may be the DDP wrapper: the forward runs
+    through it, so its gradient hooks see the head's weight as usual.
+
+    Returns:
+        ``[B, n, H]`` (the head's input dtype); row ``j`` is what the model projects to the
+        logits that predict ``response_ids[:, j]``. Rows past a response's length are padding.
+    """
+    input_ids, mask, position_ids, prompt_len, response_len = pack_prompt_response(
+        prompt_ids, response_ids, pad_id=pad_id, device=device
+    )
+    kwargs = dict(
+        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+    )
+    kept: list[torch.Tensor] = []
+
+    def keep_hidden(_layer, args):
+        kept.append(args[0])
+        return (args[0][..., :0, :], *args[1:])
+
+    handle = head_layer.register_forward_pre_hook(keep_hidden)
+    try:
+        try:
+            model(**kwargs, logits_to_keep=response_len + 1)
+            hidden = kept[-1]
+        except TypeError:  # a model class without logits_to_keep
+            kept.clear()
+            model(**kwargs)
+            hidden = kept[-1][:, prompt_len - 1 :]
+    finally:
+        handle.remove()
+    if len(kept) != 1:
+        raise RuntimeError(f"the output layer ran {len(kept)} times in one forward; expected once")
+    return hidden[:, :response_len]
+
+
 def cut_after_end(sequences: torch.Tensor, end_ids: Sequence[int]) -> list[list[int]]:
     """Each row up to and including its first end id (the whole row if none).
 
