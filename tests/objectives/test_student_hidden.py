@@ -21,6 +21,7 @@ from ctopd.objectives import (
     teacher_needs,
     teacher_outputs,
 )
+from ctopd.objectives.baselines import mean_token_nll
 from ctopd.objectives.text_events import text_tables
 from ctopd.training.rollout import pad_responses
 
@@ -245,3 +246,33 @@ def test_bad_hidden_states_fail_with_a_message(batch):
     broken[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         compute_objective("sft", student_logits=StudentHidden(broken, head), **kwargs)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), DTYPES, ids=["float32", "float64"])
+def test_mean_token_nll_equals_cross_entropy(dtype, tolerance):
+    """The SFT loss from hidden states (several slices, ignored ids, a padded head with a soft
+    cap) equals ``F.cross_entropy`` on the dense logits cut to the real ids."""
+    gen = torch.Generator().manual_seed(3)
+    num_ids, rows, size_b, size_m = 500, 540, 3, 11
+    targets = torch.randint(0, num_ids, (size_b, size_m), generator=gen)
+    targets[0, 7:] = -100
+    targets[2, 0] = -100
+    results = []
+    for sliced in (False, True):
+        torch.manual_seed(4)
+        hidden = torch.randn(size_b, size_m, HIDDEN, dtype=dtype, requires_grad=True)
+        weight = torch.randn(rows, HIDDEN, dtype=dtype, requires_grad=True)
+        head = StudentHead(weight, None, 15.0, num_ids=num_ids)
+        if sliced:
+            loss = mean_token_nll(StudentHidden(hidden, head), targets, slice_size=4)
+        else:
+            loss = torch.nn.functional.cross_entropy(
+                head(hidden).flatten(0, 1), targets.flatten(), ignore_index=-100
+            )
+        loss.backward()
+        results.append((loss.detach(), hidden.grad, weight.grad))
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+    assert not results[1][2][num_ids:].any()
+    with pytest.raises(ValueError, match="target_ids has shape"):
+        mean_token_nll(StudentHidden(hidden, head), targets[:, :3])

@@ -24,12 +24,13 @@ from ctopd.objectives.metrics import batch_metrics, finish_metrics
 from ctopd.objectives.plan import ChunkPlan, RowSlice, build_plan, flatten_chunks, range_sums
 from ctopd.objectives.scores import row_scores
 from ctopd.objectives.sliced import compute_dtype, sliced_loss
+from ctopd.objectives.student_head import StudentHidden
 from ctopd.objectives.teacher import TeacherOutputs
 
 
 def sft(
     *,
-    student_logits: Tensor,
+    student_logits: Tensor | StudentHidden,
     student_ids: Tensor,
     alignments: list[Alignment],
     shared_vocab: SharedVocab | None = None,
@@ -77,6 +78,54 @@ def sft(
     return loss, finish_metrics(
         batch_metrics(flat, token_logprobs), loss=loss, kl=kl, supervised_tokens=student_tokens
     )
+
+
+def mean_token_nll(
+    student_logits: Tensor | StudentHidden, target_ids: Tensor, *, slice_size: int = 256
+) -> Tensor:
+    """Mean negative log-likelihood of ``target_ids``: ``F.cross_entropy`` with
+    ``ignore_index`` for every negative id, one slice of rows at a time.
+
+    Args:
+        student_logits: float ``[B, m, V]`` logits or the same as hidden states and output layer
+            (:class:`~ctopd.objectives.student_head.StudentHidden`; no ``[B, m, V]`` tensor is
+            then made).
+        target_ids: int ``[B, m]``; row ``i`` of the logits predicts ``target_ids[:, i]``;
+            negative ids (``-100``) carry no loss.
+        slice_size: rows projected at once.
+
+    Returns:
+        A 0-dim tensor (float32, or float64 for float64 inputs) connected to the student's
+        tensors; NaN when no id is supervised, as ``F.cross_entropy`` gives.
+    """
+    check_options(slice_size=slice_size)
+    if tuple(target_ids.shape) != tuple(student_logits.shape[:2]):
+        raise ValueError(
+            f"target_ids has shape {tuple(target_ids.shape)} but the student's logits have "
+            f"{tuple(student_logits.shape)}"
+        )
+    batch, pos = torch.nonzero(target_ids >= 0, as_tuple=True)
+    ids = target_ids[batch, pos]
+    if ids.numel() and int(ids.max()) >= student_logits.shape[-1]:
+        raise ValueError(f"target_ids holds an id >= {student_logits.shape[-1]} (the vocabulary)")
+    slices = [
+        RowSlice(
+            batch[start : start + slice_size],
+            pos[start : start + slice_size],
+            ids[start : start + slice_size],
+            torch.arange(min(slice_size, len(ids) - start), device=ids.device),
+            start,
+            min(start + slice_size, len(ids)),
+        )
+        for start in range(0, len(ids), slice_size)
+    ]
+
+    def slice_loss(rows: Tensor, row_slice: RowSlice):
+        _, logprobs = row_scores(rows, row_slice.ids)
+        return -logprobs.sum(), {}
+
+    scale = 1.0 / len(ids) if len(ids) else float("nan")
+    return sliced_loss(student_logits, slices, slice_loss, {}, scale=scale)
 
 
 def _sft_slice(aligned: Tensor, rows: Tensor, row_slice: RowSlice):

@@ -41,8 +41,6 @@ from accelerate.utils import DistributedType, set_seed
 
 from ctopd.core.pair import TokenizerPair
 from ctopd.objectives import (
-    StudentHead,
-    StudentHidden,
     compute_objective,
     objective_options,
     teacher_needs,
@@ -60,8 +58,8 @@ from ctopd.training.models import (
 )
 from ctopd.training.rollout import (
     pad_responses,
-    response_hidden_states,
-    response_logits,
+    parameters_sharded,
+    response_student_logits,
     sample_responses,
 )
 from ctopd.training.runtime import Runtime, next_indices
@@ -282,28 +280,16 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer) -> dict[str, floa
     # objective gets the model's full logits instead; StudentHead.from_model warns then.
     with timer("student_forward"):
         student_ids, _ = pad_responses(student_responses, device=device)
-        packed = dict(pad_id=run.student_pad_id, device=device)
-        unwrapped = accelerator.unwrap_model(run.student)
-        kind = accelerator.distributed_type
-        sharded = kind == DistributedType.FSDP or (
-            kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+        student_logits = response_student_logits(  # StudentHidden, or [B, m, V_S] logits
+            run.student,
+            accelerator.unwrap_model(run.student),
+            student_prompts,
+            student_responses,
+            pad_id=run.student_pad_id,
+            device=device,
+            num_ids=run.student_num_ids,
+            sharded=parameters_sharded(accelerator),
         )
-        head = StudentHead.from_model(unwrapped, run.student_num_ids, sharded=sharded)
-        if head is not None:
-            hidden = response_hidden_states(
-                run.student,
-                unwrapped.get_output_embeddings(),
-                student_prompts,
-                student_responses,
-                **packed,
-            )
-            student_logits = StudentHidden(hidden, head)  # [B, m, V_S], never materialised
-        else:
-            student_logits = response_logits(
-                run.student, student_prompts, student_responses, **packed
-            )
-            # Padded output rows are no token: the objective's softmax covers the real ids.
-            student_logits = student_logits[..., : run.student_num_ids]  # [B, m, V_S]
     if pending is not None and teacher_scores is None:
         with timer("teacher"):  # the wait the student's forward did not hide
             teacher_scores = read_teacher()

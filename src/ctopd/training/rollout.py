@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from ctopd.objectives.student_head import StudentHead, StudentHidden
+
 
 def pack_prompt_response(
     prompt_ids: Sequence[Sequence[int]],
@@ -142,6 +144,52 @@ def response_hidden_states(
     if len(kept) != 1:
         raise RuntimeError(f"the output layer ran {len(kept)} times in one forward; expected once")
     return hidden[:, :response_len]
+
+
+def parameters_sharded(accelerator: Any) -> bool:
+    """Whether the prepared model's parameters are sharded across ranks (FSDP, DeepSpeed
+    ZeRO-3): its output layer cannot then be read whole on one rank."""
+    kind = str(accelerator.distributed_type)
+    if kind.endswith("FSDP"):
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return kind.endswith("DEEPSPEED") and plugin is not None and plugin.zero_stage == 3
+
+
+def response_student_logits(
+    model: torch.nn.Module,
+    unwrapped: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    device: torch.device | str,
+    num_ids: int,
+    sharded: bool = False,
+) -> torch.Tensor | StudentHidden:
+    """The student's logits at response positions, for an objective, in one forward pass.
+
+    By default the final hidden states and the output layer
+    (:class:`~ctopd.objectives.student_head.StudentHidden`, ``[B, n, H]`` plus ``[V, H]``): the
+    objective projects them one slice of rows at a time, so no ``[B, n, V]`` logits exist.
+    Where the output layer cannot be taken apart (``sharded`` parameters, no linear head;
+    :meth:`~ctopd.objectives.student_head.StudentHead.from_model` warns then) the model's own
+    logits, cut to the first ``num_ids`` columns: ``[B, n, min(V, num_ids)]``.
+
+    Args:
+        model: the model to run (may be the DDP wrapper).
+        unwrapped: the same model unwrapped (its ``get_output_embeddings()`` and config).
+        num_ids: the tokenizer's id count; output rows past it are no token.
+        sharded: the parameters are sharded across ranks (:func:`parameters_sharded`).
+    """
+    packed = dict(pad_id=pad_id, device=device)
+    head = StudentHead.from_model(unwrapped, num_ids, sharded=sharded)
+    if head is None:
+        logits = response_logits(model, prompt_ids, response_ids, **packed)
+        return logits[..., :num_ids]
+    layer = unwrapped.get_output_embeddings()
+    hidden = response_hidden_states(model, layer, prompt_ids, response_ids, **packed)
+    return StudentHidden(hidden, head)
 
 
 def cut_after_end(sequences: torch.Tensor, end_ids: Sequence[int]) -> list[list[int]]:
