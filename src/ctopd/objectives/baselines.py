@@ -41,7 +41,9 @@ def sft(
     """Mean negative log-likelihood of ``student_ids`` over all student response tokens.
 
     Args:
-        student_logits: float ``[B, m, V_S]``, row ``i`` predicts ``student_ids[:, i]``.
+        student_logits: float ``[B, m, V_S]``, row ``i`` predicts ``student_ids[:, i]``; dense,
+            or as hidden states and output layer (:class:`~ctopd.objectives.student_head.
+            StudentHidden`, projected one slice of rows at a time; see ``compute_objective``).
         student_ids: int ``[B, m]``.
         alignments: ``B`` alignments; they give the response lengths (and the ``kl`` estimate).
         shared_vocab, student_old_logprobs: not used.
@@ -162,7 +164,7 @@ class _UldSetup:
 
 def uld(
     *,
-    student_logits: Tensor,
+    student_logits: Tensor | StudentHidden,
     student_ids: Tensor,
     alignments: list[Alignment],
     shared_vocab: SharedVocab | None,
@@ -174,7 +176,8 @@ def uld(
     """Sorted-probability L1 distance at the first position of every aligned chunk.
 
     Args:
-        student_logits: float ``[B, m, V_S]``.
+        student_logits: float ``[B, m, V_S]``, dense or a
+            :class:`~ctopd.objectives.student_head.StudentHidden`.
         student_ids: int ``[B, m]``.
         alignments: ``B`` alignments.
         shared_vocab, student_old_logprobs: not used.
