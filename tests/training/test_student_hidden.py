@@ -14,6 +14,7 @@ from ctopd.objectives import StudentHead, StudentHidden
 from ctopd.objectives.baselines import mean_token_nll
 from ctopd.training.rollout import (
     pad_responses,
+    parameters_sharded,
     response_hidden_states,
     response_logits,
     response_student_logits,
@@ -113,3 +114,31 @@ def test_head_matches_the_real_models(real_models_dir, folder):
     with torch.no_grad():
         head = _head_matches_model(model, len(tokenizer), prompts, responses, 1e-4)
     assert head.num_ids == len(tokenizer)
+
+
+def test_sharded_parameters_fall_back_to_full_logits():
+    """FSDP and DeepSpeed ZeRO-3 shard the head: the objective then gets the model's logits,
+    cut to the tokenizer's ids, with a warning saying so."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    def accelerator(kind, stage=None):
+        plugin = None if stage is None else SimpleNamespace(zero_stage=stage)
+        return SimpleNamespace(
+            distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin)
+        )
+
+    assert parameters_sharded(accelerator(DistributedType.FSDP))
+    assert parameters_sharded(accelerator(DistributedType.DEEPSPEED, 3))
+    assert not parameters_sharded(accelerator(DistributedType.DEEPSPEED, 2))
+    assert not parameters_sharded(accelerator(DistributedType.MULTI_GPU))
+    assert not parameters_sharded(accelerator(DistributedType.NO))
+
+    model = _tiny("llama-tied")
+    with pytest.warns(UserWarning, match="sharded"):
+        logits = response_student_logits(
+            model, model, PROMPTS, RESPONSES, pad_id=0, device="cpu", num_ids=NUM_IDS, sharded=True
+        )
+    expected = response_logits(model, PROMPTS, RESPONSES, pad_id=0, device="cpu")[..., :NUM_IDS]
+    torch.testing.assert_close(logits, expected)
