@@ -9,11 +9,14 @@ from ctopd.objectives.registry import (
     objective_options,
     teacher_needs,
 )
+from ctopd.objectives.student_head import StudentHead, StudentHidden
 from ctopd.objectives.teacher import TeacherOutputs, teacher_outputs
 
 __all__ = [
     "DIVERGENCES",
     "OBJECTIVES",
+    "StudentHead",
+    "StudentHidden",
     "TEACHER_NEEDS",
     "TeacherOutputs",
     "compute_objective",

@@ -24,12 +24,13 @@ from ctopd.objectives.metrics import batch_metrics, finish_metrics
 from ctopd.objectives.plan import ChunkPlan, RowSlice, build_plan, flatten_chunks, range_sums
 from ctopd.objectives.scores import row_scores
 from ctopd.objectives.sliced import compute_dtype, sliced_loss
+from ctopd.objectives.student_head import StudentHidden
 from ctopd.objectives.teacher import TeacherOutputs
 
 
 def sft(
     *,
-    student_logits: Tensor,
+    student_logits: Tensor | StudentHidden,
     student_ids: Tensor,
     alignments: list[Alignment],
     shared_vocab: SharedVocab | None = None,
@@ -40,7 +41,9 @@ def sft(
     """Mean negative log-likelihood of ``student_ids`` over all student response tokens.
 
     Args:
-        student_logits: float ``[B, m, V_S]``, row ``i`` predicts ``student_ids[:, i]``.
+        student_logits: float ``[B, m, V_S]``, row ``i`` predicts ``student_ids[:, i]``; dense,
+            or as hidden states and output layer (:class:`~ctopd.objectives.student_head.
+            StudentHidden`, projected one slice of rows at a time; see ``compute_objective``).
         student_ids: int ``[B, m]``.
         alignments: ``B`` alignments; they give the response lengths (and the ``kl`` estimate).
         shared_vocab, student_old_logprobs: not used.
@@ -79,6 +82,54 @@ def sft(
     )
 
 
+def mean_token_nll(
+    student_logits: Tensor | StudentHidden, target_ids: Tensor, *, slice_size: int = 256
+) -> Tensor:
+    """Mean negative log-likelihood of ``target_ids``: ``F.cross_entropy`` with
+    ``ignore_index`` for every negative id, one slice of rows at a time.
+
+    Args:
+        student_logits: float ``[B, m, V]`` logits or the same as hidden states and output layer
+            (:class:`~ctopd.objectives.student_head.StudentHidden`; no ``[B, m, V]`` tensor is
+            then made).
+        target_ids: int ``[B, m]``; row ``i`` of the logits predicts ``target_ids[:, i]``;
+            negative ids (``-100``) carry no loss.
+        slice_size: rows projected at once.
+
+    Returns:
+        A 0-dim tensor (float32, or float64 for float64 inputs) connected to the student's
+        tensors; NaN when no id is supervised, as ``F.cross_entropy`` gives.
+    """
+    check_options(slice_size=slice_size)
+    if tuple(target_ids.shape) != tuple(student_logits.shape[:2]):
+        raise ValueError(
+            f"target_ids has shape {tuple(target_ids.shape)} but the student's logits have "
+            f"{tuple(student_logits.shape)}"
+        )
+    batch, pos = torch.nonzero(target_ids >= 0, as_tuple=True)
+    ids = target_ids[batch, pos]
+    if ids.numel() and int(ids.max()) >= student_logits.shape[-1]:
+        raise ValueError(f"target_ids holds an id >= {student_logits.shape[-1]} (the vocabulary)")
+    slices = [
+        RowSlice(
+            batch[start : start + slice_size],
+            pos[start : start + slice_size],
+            ids[start : start + slice_size],
+            torch.arange(min(slice_size, len(ids) - start), device=ids.device),
+            start,
+            min(start + slice_size, len(ids)),
+        )
+        for start in range(0, len(ids), slice_size)
+    ]
+
+    def slice_loss(rows: Tensor, row_slice: RowSlice):
+        _, logprobs = row_scores(rows, row_slice.ids)
+        return -logprobs.sum(), {}
+
+    scale = 1.0 / len(ids) if len(ids) else float("nan")
+    return sliced_loss(student_logits, slices, slice_loss, {}, scale=scale)
+
+
 def _sft_slice(aligned: Tensor, rows: Tensor, row_slice: RowSlice):
     _, logprobs = row_scores(rows, row_slice.ids)
     in_aligned = aligned[row_slice.k0 : row_slice.k1][row_slice.chunk]
@@ -113,7 +164,7 @@ class _UldSetup:
 
 def uld(
     *,
-    student_logits: Tensor,
+    student_logits: Tensor | StudentHidden,
     student_ids: Tensor,
     alignments: list[Alignment],
     shared_vocab: SharedVocab | None,
@@ -125,7 +176,8 @@ def uld(
     """Sorted-probability L1 distance at the first position of every aligned chunk.
 
     Args:
-        student_logits: float ``[B, m, V_S]``.
+        student_logits: float ``[B, m, V_S]``, dense or a
+            :class:`~ctopd.objectives.student_head.StudentHidden`.
         student_ids: int ``[B, m]``.
         alignments: ``B`` alignments.
         shared_vocab, student_old_logprobs: not used.

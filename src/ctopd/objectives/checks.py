@@ -10,16 +10,25 @@ from torch import Tensor
 
 from ctopd.core.alignment import Alignment
 from ctopd.objectives.divergences import DIVERGENCES
+from ctopd.objectives.student_head import StudentHidden
 
 
-def check_student(student_logits: Tensor, student_ids: Tensor, alignments: list[Alignment]) -> None:
+def check_student(
+    student_logits: Tensor | StudentHidden, student_ids: Tensor, alignments: list[Alignment]
+) -> None:
     """Check the student tensors against the alignments.
+
+    ``student_logits`` is dense logits ``[B, m, V_S]`` or the same as hidden states and output
+    layer (:class:`~ctopd.objectives.student_head.StudentHidden`; its hidden states are checked
+    for NaN/inf instead of logits that do not exist).
 
     Raises:
         ValueError: wrong rank/dtype, batch or length mismatch, an id out of range, or a
-            non-finite logit inside a response.
+            non-finite logit (or hidden state) inside a response.
     """
-    if student_logits.dim() != 3 or not student_logits.is_floating_point():
+    if isinstance(student_logits, StudentHidden):
+        _check_hidden(student_logits)
+    elif student_logits.dim() != 3 or not student_logits.is_floating_point():
         raise ValueError(
             f"student_logits must be a float [B, m, V_S] tensor, got shape "
             f"{tuple(student_logits.shape)} and dtype {student_logits.dtype}"
@@ -48,10 +57,29 @@ def check_student(student_logits: Tensor, student_ids: Tensor, alignments: list[
                 f"student_ids[{b}] holds an id outside [0, {vocab}) inside the "
                 f"response (length {length})"
             )
-    check_finite("student_logits", student_logits, lengths)
+    if isinstance(student_logits, StudentHidden):
+        # The head's weight is not searched (V x H per step): a NaN there makes the loss
+        # non-finite, which the training loop stops on.
+        check_finite("the student's hidden states", student_logits.hidden, lengths)
+    else:
+        check_finite("student_logits", student_logits, lengths)
 
 
-def real_id_columns(logits: Tensor, num_ids: int) -> Tensor:
+def _check_hidden(student: StudentHidden) -> None:
+    hidden, weight = student.hidden, student.head.weight
+    if hidden.dim() != 3 or not hidden.is_floating_point():
+        raise ValueError(
+            f"the student's hidden states must be a float [B, m, H] tensor, got shape "
+            f"{tuple(hidden.shape)} and dtype {hidden.dtype}"
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"the student's output weight must be [V, {hidden.shape[-1]}] for hidden states "
+            f"{tuple(hidden.shape)}, got {tuple(weight.shape)}"
+        )
+
+
+def real_id_columns(logits: Tensor | StudentHidden, num_ids: int) -> Tensor | StudentHidden:
     """``logits[..., :num_ids]``: the columns of a tokenizer's ids (a view, no copy).
 
     A checkpoint's output matrix often has more rows than its tokenizer has ids (Qwen2.5-7B:
@@ -67,6 +95,8 @@ def real_id_columns(logits: Tensor, num_ids: int) -> Tensor:
     Returns:
         float ``[..., min(rows, num_ids)]``.
     """
+    if isinstance(logits, StudentHidden):  # the head never projects the rows past num_ids
+        return logits.real_id_columns(num_ids)
     return logits[..., :num_ids] if logits.shape[-1] > num_ids else logits
 
 

@@ -37,6 +37,7 @@ from ctopd.objectives.plan import (
 )
 from ctopd.objectives.scores import row_scores
 from ctopd.objectives.sliced import compute_dtype, sliced_loss
+from ctopd.objectives.student_head import StudentHidden
 from ctopd.objectives.teacher import TeacherOutputs
 
 
@@ -132,7 +133,7 @@ class _DpcaSetup:
 
 def dpca(
     *,
-    student_logits: Tensor,
+    student_logits: Tensor | StudentHidden,
     student_ids: Tensor,
     alignments: list[Alignment],
     shared_vocab: SharedVocab | None,
@@ -147,7 +148,9 @@ def dpca(
     """DPCA loss over the tokens of aligned chunks.
 
     Args:
-        student_logits: float ``[B, m, V_S]``, row ``i`` predicts ``student_ids[:, i]``.
+        student_logits: float ``[B, m, V_S]``, row ``i`` predicts ``student_ids[:, i]``; dense,
+            or as hidden states and output layer (:class:`~ctopd.objectives.student_head.
+            StudentHidden`, projected one slice of rows at a time; see ``compute_objective``).
         student_ids: int ``[B, m]``.
         alignments: ``B`` alignments.
         shared_vocab: not used (DPCA needs no shared vocabulary).

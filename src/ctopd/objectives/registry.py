@@ -13,6 +13,7 @@ from ctopd.objectives.baselines import sft, uld
 from ctopd.objectives.checks import real_id_columns
 from ctopd.objectives.dpca import dpca
 from ctopd.objectives.simct import opd, shared_only, simct
+from ctopd.objectives.student_head import StudentHidden
 from ctopd.objectives.teacher import TeacherOutputs
 
 OBJECTIVES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
@@ -124,7 +125,7 @@ def objective_options(name: str) -> dict[str, object]:
 def compute_objective(
     name: str,
     *,
-    student_logits: Tensor,
+    student_logits: Tensor | StudentHidden,
     student_ids: Tensor,
     alignments: list[Alignment],
     shared_vocab: SharedVocab,
@@ -136,11 +137,19 @@ def compute_objective(
 
     Args:
         name: one of :data:`OBJECTIVES`.
-        student_logits: float ``[B, m, V]`` (requires grad); row ``i`` predicts
-            ``student_ids[:, i]``. Columns past the student tokenizer's ids ``V_S`` (the
-            output rows of a padded embedding matrix, ``V > V_S``) are dropped before the
-            objective sees them (:func:`~ctopd.objectives.checks.real_id_columns`): they carry
-            no probability and get no gradient. ``V_S`` is read from ``shared_vocab``.
+        student_logits: the student's logits, row ``i`` predicting ``student_ids[:, i]``, in
+            one of two forms. A :class:`~ctopd.objectives.student_head.StudentHidden` (final
+            hidden states ``[B, m, H]`` and the output layer; what the training loop passes):
+            every objective projects one slice of rows at a time, so no ``[B, m, V]`` logits
+            or gradient exist, and the gradient flows to the hidden states and the head's
+            weight. Or dense float ``[B, m, V]`` logits (requires grad): the reference path,
+            and the fallback for a model whose head cannot be taken apart (see
+            :meth:`~ctopd.objectives.student_head.StudentHead.from_model`). Columns past the
+            student tokenizer's ids ``V_S`` (the output rows of a padded embedding matrix,
+            ``V > V_S``) are dropped before the objective sees them
+            (:func:`~ctopd.objectives.checks.real_id_columns`; the sliced path never projects
+            them): they carry no probability and get no gradient. ``V_S`` is read from
+            ``shared_vocab``.
         student_ids: int ``[B, m]``; padding beyond ``alignment.student_length`` is arbitrary.
         alignments: ``B`` alignments.
         shared_vocab: the pair's shared vocabulary.
@@ -151,7 +160,7 @@ def compute_objective(
         **options: the objective's options (see :func:`objective_options`).
 
     Returns:
-        ``(loss, metrics)``: a 0-dim loss connected to ``student_logits``, and python floats
+        ``(loss, metrics)``: a 0-dim loss connected to the student's tensors, and python floats
         ``loss``, ``kl``, ``coverage``, ``supervised_tokens``, ``student_tokens``,
         ``chunks_one_to_one``, ``chunks_multi``, ``unaligned_share``, ``teacher_logprob_mean``
         (plus objective-specific extras).

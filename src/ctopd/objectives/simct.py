@@ -60,6 +60,7 @@ from ctopd.objectives.plan import (
 )
 from ctopd.objectives.scores import row_scores
 from ctopd.objectives.sliced import compute_dtype, sliced_loss
+from ctopd.objectives.student_head import StudentHidden
 from ctopd.objectives.teacher import TeacherOutputs
 from ctopd.objectives.text_events import (
     CELLS,
@@ -87,7 +88,7 @@ class _DistributionSetup:
 
 def simct(
     *,
-    student_logits: Tensor,
+    student_logits: Tensor | StudentHidden,
     student_ids: Tensor,
     alignments: list[Alignment],
     shared_vocab: SharedVocab,
@@ -110,7 +111,9 @@ def simct(
     the unit's mean log-probability (biased, ALGORITHMS §4.2; kept for comparison).
 
     Args:
-        student_logits: float ``[B, m, V_S]``, row ``i`` predicts ``student_ids[:, i]``.
+        student_logits: float ``[B, m, V_S]``, row ``i`` predicts ``student_ids[:, i]``; dense,
+            or as hidden states and output layer (:class:`~ctopd.objectives.student_head.
+            StudentHidden`, projected one slice of rows at a time; see ``compute_objective``).
         student_ids: int ``[B, m]``; padding beyond ``alignment.student_length`` is ignored.
         alignments: ``B`` alignments of the teacher's and the student's response tokens.
         shared_vocab: the pair's shared classes.
@@ -194,7 +197,7 @@ def simct(
 
 def shared_only(
     *,
-    student_logits: Tensor,
+    student_logits: Tensor | StudentHidden,
     student_ids: Tensor,
     alignments: list[Alignment],
     shared_vocab: SharedVocab,
@@ -275,7 +278,7 @@ def shared_only(
 
 def opd(
     *,
-    student_logits: Tensor,
+    student_logits: Tensor | StudentHidden,
     student_ids: Tensor,
     alignments: list[Alignment],
     shared_vocab: SharedVocab | None,
@@ -530,7 +533,7 @@ def _slice_loss(
 
 
 def text_objective(
-    student_logits: Tensor,
+    student_logits: Tensor | StudentHidden,
     student_ids: Tensor,
     flat: FlatChunks,
     teacher: TeacherOutputs,

@@ -8,9 +8,18 @@ rows into one ``[B, m, V]`` buffer and frees the slice before the next. ``backwa
 scales the buffer. Peak memory is the logits, the buffer and one slice's temporaries, whatever
 the sequence length.
 
-The returned loss is an ordinary autograd output of ``student_logits``: it is connected to the
-graph even when no row carries loss (its gradient is then zero), so a distributed backward never
-waits for a rank that skipped it.
+Given a :class:`~ctopd.objectives.student_head.StudentHidden` (final hidden states ``[B, m, H]``
+and the output layer) instead of logits, no ``[B, m, V]`` tensor exists at all, in any dtype:
+each slice projects its own rows ``[S, V]``, runs the slice's loss, and adds the rows' gradient
+into ``[B, m, H]`` (hidden states) and ``[V, H]`` (the output weight) buffers. Peak memory is
+then those buffers and one slice's ``[S, V]`` temporaries, whatever the sequence length. This
+is the path the training loop takes; dense logits remain the reference (the equality tests) and
+the fallback for a model whose output layer cannot be taken apart
+(:meth:`~ctopd.objectives.student_head.StudentHead.from_model`).
+
+The returned loss is an ordinary autograd output of the student's tensors: it is connected to
+the graph even when no row carries loss (its gradient is then zero), so a distributed backward
+never waits for a rank that skipped it.
 """
 
 from __future__ import annotations
@@ -22,13 +31,15 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ctopd.objectives.plan import RowSlice
+from ctopd.objectives.student_head import StudentHead, StudentHidden
 
 # slice_loss(rows, row_slice) -> (loss_sum, {metric name: 0-dim tensor to be summed})
 SliceLoss = Callable[[Tensor, RowSlice], tuple[Tensor, dict[str, Tensor]]]
 
 
-def compute_dtype(logits: Tensor) -> torch.dtype:
-    """float64 for float64 logits, float32 otherwise (bf16/fp16 rows are upcast per slice)."""
+def compute_dtype(logits: Tensor | StudentHidden) -> torch.dtype:
+    """float64 for float64 logits (or hidden states), float32 otherwise (bf16/fp16 rows are
+    upcast per slice)."""
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
@@ -62,7 +73,7 @@ class _SlicedLoss(torch.autograd.Function):
 
 
 def sliced_loss(
-    student_logits: Tensor,
+    student_logits: Tensor | StudentHidden,
     slices: Sequence[RowSlice],
     slice_loss: SliceLoss,
     metrics: dict[str, float],
@@ -70,11 +81,14 @@ def sliced_loss(
     scale: float = 1.0,
 ) -> Tensor:
     """``scale`` times the sum of ``slice_loss`` over ``slices``, differentiable with respect to
-    the logits.
+    the student's tensors.
 
     Args:
-        student_logits: float ``[B, m, V]`` (any float dtype; rows are computed in float32, or
-            float64 for float64 logits).
+        student_logits: float ``[B, m, V]`` logits (any float dtype; rows are computed in
+            float32, or float64 for float64 logits), or the same logits as hidden states and
+            output layer (:class:`~ctopd.objectives.student_head.StudentHidden`: rows are
+            projected one slice at a time; the gradient flows to the hidden states and to the
+            head's weight and bias).
         slices: the row slices (see :func:`~ctopd.objectives.plan.build_plan`).
         slice_loss: maps a slice's gathered rows ``[S, V]`` (a leaf that requires grad when a
             gradient is needed) and the slice to ``(loss_sum, metric_sums)``.
@@ -85,6 +99,8 @@ def sliced_loss(
     Returns:
         A 0-dim tensor (float32 or float64) connected to ``student_logits``.
     """
+    if isinstance(student_logits, StudentHidden):
+        return _sliced_head_loss(student_logits, slices, slice_loss, metrics, scale)
     needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
     dtype = compute_dtype(student_logits)
 
@@ -121,4 +137,115 @@ def _run_slice(
     if loss.requires_grad:
         (grad,) = torch.autograd.grad(loss, rows)
         buffer[row_slice.batch, row_slice.pos] = grad.to(buffer.dtype)
+    return loss.detach(), parts
+
+
+def _sliced_head_loss(
+    student: StudentHidden,
+    slices: Sequence[RowSlice],
+    slice_loss: SliceLoss,
+    metrics: dict[str, float],
+    scale: float,
+) -> Tensor:
+    """:func:`sliced_loss` over rows projected from hidden states, one slice at a time."""
+    head = student.head
+    dtype = compute_dtype(student)
+
+    def run(hidden: Tensor, weight: Tensor, bias: Tensor | None, grads: list | None) -> Tensor:
+        total = torch.zeros((), dtype=dtype, device=hidden.device)
+        sums: dict[str, Tensor] = {}
+        for row_slice in slices:
+            loss, parts = _run_head_slice(
+                hidden, weight, bias, head, grads, row_slice, slice_loss, dtype, scale
+            )
+            total += loss
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value.detach()
+        metrics.update({key: float(value) for key, value in sums.items()})
+        return total
+
+    bias = head.bias
+    needs = [
+        torch.is_grad_enabled() and t is not None and t.requires_grad
+        for t in (student.hidden, head.weight, bias)
+    ]
+    return _SlicedHeadLoss.apply(student.hidden, head.weight, bias, run, needs)
+
+
+class _SlicedHeadLoss(torch.autograd.Function):
+    """``forward(hidden, weight, bias, run, needs)``: ``run`` returns the loss and adds its
+    gradient into one buffer per input that ``needs`` one; ``backward`` hands them over."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, run: Callable, needs: list[bool]) -> Tensor:
+        grads = _zero_grads(hidden, weight, bias, needs)
+        loss = run(hidden, weight, bias, grads if any(needs) else None)
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.run, ctx.needs, ctx.grads = run, needs, grads
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:  # a second backward through a retained graph: recompute
+            hidden, weight, bias = ctx.saved_tensors
+            grads = _zero_grads(hidden, weight, bias, ctx.needs)
+            ctx.run(
+                hidden.detach(), weight.detach(), None if bias is None else bias.detach(), grads
+            )
+        if not bool(grad_loss == 1):
+            for grad in grads:
+                if grad is not None:
+                    grad.mul_(grad_loss.to(grad.dtype))
+        return (*grads, None, None)
+
+
+def _zero_grads(hidden, weight, bias, needs: list[bool]) -> list[Tensor | None]:
+    return [
+        torch.zeros_like(t, memory_format=torch.contiguous_format) if need else None
+        for t, need in zip((hidden, weight, bias), needs, strict=True)
+    ]
+
+
+def _run_head_slice(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    head: StudentHead,
+    grads: list | None,
+    row_slice: RowSlice,
+    slice_loss: SliceLoss,
+    dtype: torch.dtype,
+    scale: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One slice: project its rows ``[S, C]``, run the loss, add the gradient into ``grads``
+    (``[B, m, H]``, ``[V, H]``, ``[V]``; rows ``>= C`` of the head get none)."""
+    columns = head.columns
+    part_weight = weight[:columns]
+    # Under mixed precision the final norm may hand back another dtype than the weight's.
+    states = hidden[row_slice.batch, row_slice.pos].to(weight.dtype)  # [S, H]
+    part_bias = None if bias is None else bias[:columns]
+    projected = torch.nn.functional.linear(states, part_weight, part_bias).to(dtype)  # [S, C]
+    if grads is None:
+        loss, parts = slice_loss(head.transform(projected), row_slice)
+        return loss * scale, parts
+    projected.requires_grad_(True)
+    with torch.enable_grad():
+        loss, parts = slice_loss(head.transform(projected), row_slice)
+        loss = loss * scale
+    if loss.requires_grad:
+        (grad,) = torch.autograd.grad(loss, projected)  # [S, C]
+        grad = grad.to(weight.dtype)
+        grad_hidden, grad_weight, grad_bias = grads
+        if grad_hidden is not None:
+            grad_hidden.index_put_(
+                (row_slice.batch, row_slice.pos),
+                (grad @ part_weight).to(grad_hidden.dtype),
+                accumulate=True,
+            )
+        if grad_weight is not None:
+            grad_weight[:columns].addmm_(grad.T, states)
+        if grad_bias is not None:
+            grad_bias[:columns].add_(grad.sum(0))
     return loss.detach(), parts

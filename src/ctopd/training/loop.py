@@ -56,7 +56,12 @@ from ctopd.training.models import (
     load_model_tokenizer,
     prepare_student,
 )
-from ctopd.training.rollout import pad_responses, response_logits, sample_responses
+from ctopd.training.rollout import (
+    pad_responses,
+    parameters_sharded,
+    response_student_logits,
+    sample_responses,
+)
 from ctopd.training.runtime import Runtime, next_indices
 from ctopd.training.teachers import Teacher, load_teacher, receive_scores
 
@@ -268,18 +273,23 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer) -> dict[str, floa
         )
         teacher_scores = read_teacher() if pending is not None and pending.done() else None
 
-    # 4. Objective: a student forward over prompt + sampled ids, then the loss.
+    # 4. Objective: a student forward over prompt + sampled ids, then the loss. The forward
+    # stops at the final hidden states [B, m, H]: the objective projects them to the vocabulary
+    # one slice of rows at a time (no [B, m, V] logits or gradient for the whole response).
+    # Where the output layer cannot be taken apart (sharded parameters, no linear head) the
+    # objective gets the model's full logits instead; StudentHead.from_model warns then.
     with timer("student_forward"):
         student_ids, _ = pad_responses(student_responses, device=device)
-        student_logits = response_logits(
+        student_logits = response_student_logits(  # StudentHidden, or [B, m, V_S] logits
             run.student,
+            accelerator.unwrap_model(run.student),
             student_prompts,
             student_responses,
             pad_id=run.student_pad_id,
             device=device,
+            num_ids=run.student_num_ids,
+            sharded=parameters_sharded(accelerator),
         )
-        # Padded output rows are no token: the objective's softmax covers the real ids only.
-        student_logits = student_logits[..., : run.student_num_ids]  # [B, m, V_S]
     if pending is not None and teacher_scores is None:
         with timer("teacher"):  # the wait the student's forward did not hide
             teacher_scores = read_teacher()
@@ -303,7 +313,10 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer) -> dict[str, floa
             problem = f"the student's logits are not finite ({err})"
     run.runtime.stop_if_non_finite(problem)  # every rank, before any backward
 
-    # 5. Backward (accelerate scales by the accumulation steps and syncs on the last one).
+    # 5. Backward (accelerate scales by the accumulation steps and syncs on the last one). The
+    # objective computed its gradient slice by slice already; this hands it to the hidden states
+    # and the output weight (reduced across ranks by DDP like every other parameter's) and runs
+    # the model's backward.
     with timer("backward"):
         accelerator.backward(loss)
     ended = sum(pair.ended_turn(r) for r in student_responses)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from ctopd.objectives.student_head import StudentHead, StudentHidden
+
 
 def pack_prompt_response(
     prompt_ids: Sequence[Sequence[int]],
@@ -93,6 +95,101 @@ def response_logits(
     except TypeError:  # a model class without logits_to_keep
         logits = model(**kwargs).logits[:, prompt_len - 1 :]
     return logits[:, :response_len]
+
+
+def response_hidden_states(
+    model: torch.nn.Module,
+    head_layer: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """The final hidden states at response positions, in one forward pass, without logits.
+
+    A forward pre-hook on ``head_layer`` (the model's ``get_output_embeddings()``) keeps the
+    hidden states the output layer would project and hands it zero positions instead, so no
+    logits are made; :class:`~ctopd.objectives.student_head.StudentHidden` then projects them
+    one slice at a time inside the objective. ``model`` may be the DDP wrapper: the forward runs
+    through it, so its gradient hooks see the head's weight as usual.
+
+    Returns:
+        ``[B, n, H]`` (the head's input dtype); row ``j`` is what the model projects to the
+        logits that predict ``response_ids[:, j]``. Rows past a response's length are padding.
+    """
+    input_ids, mask, position_ids, prompt_len, response_len = pack_prompt_response(
+        prompt_ids, response_ids, pad_id=pad_id, device=device
+    )
+    kwargs = dict(
+        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+    )
+    kept: list[torch.Tensor] = []
+
+    def keep_hidden(_layer, args):
+        kept.append(args[0])
+        return (args[0][..., :0, :], *args[1:])
+
+    handle = head_layer.register_forward_pre_hook(keep_hidden)
+    try:
+        try:
+            model(**kwargs, logits_to_keep=response_len + 1)
+            hidden = kept[-1]
+        except TypeError:  # a model class without logits_to_keep
+            kept.clear()
+            model(**kwargs)
+            hidden = kept[-1][:, prompt_len - 1 :]
+    finally:
+        handle.remove()
+    if len(kept) != 1:
+        raise RuntimeError(f"the output layer ran {len(kept)} times in one forward; expected once")
+    return hidden[:, :response_len]
+
+
+def parameters_sharded(accelerator: Any) -> bool:
+    """Whether the prepared model's parameters are sharded across ranks (FSDP, DeepSpeed
+    ZeRO-3): its output layer cannot then be read whole on one rank."""
+    kind = str(accelerator.distributed_type)
+    if kind.endswith("FSDP"):
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return kind.endswith("DEEPSPEED") and plugin is not None and plugin.zero_stage == 3
+
+
+def response_student_logits(
+    model: torch.nn.Module,
+    unwrapped: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    device: torch.device | str,
+    num_ids: int,
+    sharded: bool = False,
+) -> torch.Tensor | StudentHidden:
+    """The student's logits at response positions, for an objective, in one forward pass.
+
+    By default the final hidden states and the output layer
+    (:class:`~ctopd.objectives.student_head.StudentHidden`, ``[B, n, H]`` plus ``[V, H]``): the
+    objective projects them one slice of rows at a time, so no ``[B, n, V]`` logits exist.
+    Where the output layer cannot be taken apart (``sharded`` parameters, no linear head;
+    :meth:`~ctopd.objectives.student_head.StudentHead.from_model` warns then) the model's own
+    logits, cut to the first ``num_ids`` columns: ``[B, n, min(V, num_ids)]``.
+
+    Args:
+        model: the model to run (may be the DDP wrapper).
+        unwrapped: the same model unwrapped (its ``get_output_embeddings()`` and config).
+        num_ids: the tokenizer's id count; output rows past it are no token.
+        sharded: the parameters are sharded across ranks (:func:`parameters_sharded`).
+    """
+    packed = dict(pad_id=pad_id, device=device)
+    head = StudentHead.from_model(unwrapped, num_ids, sharded=sharded)
+    if head is None:
+        logits = response_logits(model, prompt_ids, response_ids, **packed)
+        return logits[..., :num_ids]
+    layer = unwrapped.get_output_embeddings()
+    hidden = response_hidden_states(model, layer, prompt_ids, response_ids, **packed)
+    return StudentHidden(hidden, head)
 
 
 def cut_after_end(sequences: torch.Tensor, end_ids: Sequence[int]) -> list[list[int]]:

@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from ctopd.core.byte_table import end_of_turn_ids
+from ctopd.objectives.baselines import mean_token_nll
 from ctopd.training.config import ConfigError, TrainConfig
 from ctopd.training.data import DataError, Example, encode_prompts, load_examples
 from ctopd.training.metrics import StepMetrics
@@ -37,7 +37,8 @@ from ctopd.training.models import (
 from ctopd.training.rollout import (
     count_token_ids,
     pad_responses,
-    response_logits,
+    parameters_sharded,
+    response_student_logits,
     sample_responses,
 )
 from ctopd.training.runtime import Runtime, next_indices
@@ -123,16 +124,21 @@ def run_sft(config: TrainConfig) -> dict:
                 targets = [data[i][1] for i in mine]
                 with accelerator.accumulate(student):
                     with timer("student_forward"):
-                        logits = response_logits(
-                            student, prompts, targets, pad_id=pad_id, device=device
+                        # Hidden states + output layer: the loss projects a slice of rows at
+                        # a time (no [B, m, V] logits), or full logits where the head is sharded.
+                        logits = response_student_logits(
+                            student,
+                            accelerator.unwrap_model(student),
+                            prompts,
+                            targets,
+                            pad_id=pad_id,
+                            device=device,
+                            num_ids=student_num_ids,
+                            sharded=parameters_sharded(accelerator),
                         )
                     with timer("loss"):
                         ids, _ = pad_responses(targets, pad_id=-100, device=device)
-                        loss = F.cross_entropy(
-                            logits[..., :student_num_ids].float().flatten(0, 1),
-                            ids.flatten(),
-                            ignore_index=-100,
-                        )
+                        loss = mean_token_nll(logits, ids)
                     # Every rank, before any backward: one rank alone stopping would leave the
                     # others waiting in DDP's gradient all-reduce.
                     runtime.stop_if_non_finite(
