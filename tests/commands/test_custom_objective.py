@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from ctopd.cli import main
 from ctopd.objectives.dpca import dpca
-from ctopd.training.config import load_config
+from ctopd.training.config import ConfigError, load_config
 from tests.training.tiny import build_assets, final_weights, tiny_args
 
 CALLS: list[tuple[int, float, int]] = []
@@ -74,14 +74,16 @@ def tiny(tmp_path_factory):
 
 def test_ctopd_train_runs_a_users_objective_named_by_import_path(tiny, tmp_path, capsys):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"objective": {"name": PATH, "scale": "0.5"}}))
+    config.write_text(yaml.safe_dump({"objective": {"name": PATH, "scale": 0.25}}))
     out = tmp_path / "run"
     CALLS.clear()
     initial = load_file(str(tiny["student"] / "model.safetensors"))
-    argv = ["train", "--config", str(config), *tiny_args(tiny, out, "--objective.slice-size", "8")]
+    # Its own option as a flag (not in --help, which lists the built-ins' options), over the YAML.
+    flags = ("--objective.scale", "0.5", "--objective.slice-size=8")
+    argv = ["train", "--config", str(config), *tiny_args(tiny, out, *flags)]
     assert main(argv) == 0, capsys.readouterr().err
-    # Two steps of four responses; the YAML's option converted by the signature's type, the
-    # flag passed through, nothing else.
+    # Two steps of four responses; the options converted by the signature's types, passed
+    # through, nothing else.
     assert CALLS == [(4, 0.5, 8)] * 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["scale"] == 0.5 for r in rows)
@@ -133,3 +135,17 @@ def test_an_option_the_users_objective_does_not_take_lists_its_own(tmp_path, cap
     assert main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert f"objective '{PATH}' takes no option temperature; its options: scale, slice_size" in err
+
+
+def test_a_misspelt_flag_is_still_refused(capsys):
+    for argv in (
+        ["train", "--max-step", "3"],
+        ["train", "--objective.scale"],
+        ["align", "--objective.scale", "1"],
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+        assert f"unrecognized arguments: {' '.join(argv[1:])}" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unrecognized arguments: --max-step 3"):
+        load_config(["--max-step", "3"])

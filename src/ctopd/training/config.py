@@ -782,7 +782,9 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--config`` and one flag per field (plus the short aliases) to ``parser``.
 
-    Flags default to ``argparse.SUPPRESS`` so only the ones given override the YAML.
+    Flags default to ``argparse.SUPPRESS`` so only the ones given override the YAML. Options
+    of a user's objective are not listed: parse with ``parse_known_args`` and pass the rest
+    through :func:`objective_flags` (as ``args.objective_flags``).
     """
     parser.add_argument("--config", default=None, help="YAML file with the run's fields")
     alias_of = {dest: [a for a, d in ALIASES.items() if d == dest] for dest in ALIASES.values()}
@@ -805,9 +807,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_objective_flags(group, alias_of: dict[str, list[str]]) -> None:
     """``--objective.name`` and one flag per option of the built-in objectives (and of any
-    registered one), its help read from the objectives' docstrings. Values stay text here:
+    registered by name), its help read from the objectives' docstrings. Values stay text here:
     they are converted once the objective is known (:class:`ObjectiveConfig`)."""
-    from ctopd.objectives.registry import OBJECTIVES, objective_options, option_docs
+    from ctopd.objectives.registry import (
+        OBJECTIVES,
+        is_import_path,
+        objective_options,
+        option_docs,
+    )
 
     name = next(f for f in dataclasses.fields(ObjectiveConfig) if f.name == "name")
     _add_flag(group, "objective.name", str, name, alias_of.get("objective.name", []))
@@ -815,6 +822,8 @@ def _add_objective_flags(group, alias_of: dict[str, list[str]]) -> None:
     defaults: dict[str, dict[str, Any]] = {}
     docs: dict[str, str] = {}
     for objective in OBJECTIVES:
+        if is_import_path(objective):  # loaded by an earlier config: not part of the CLI
+            continue
         signature = objective_options(objective)
         for option, text in option_docs(objective).items():
             docs.setdefault(option, text)
@@ -885,6 +894,25 @@ def _add_flag(
     parser.add_argument(*flags, **kwargs)
 
 
+def objective_flags(extra: list[str]) -> dict[str, str]:
+    """Options of a user's objective from flags the parser does not list: ``--objective.NAME
+    VALUE`` or ``--objective.NAME=VALUE`` (converted once the objective is known).
+
+    Raises:
+        ConfigError: anything else, e.g. a misspelt flag.
+    """
+    options, rest = {}, list(extra)
+    while rest:
+        flag = rest.pop(0)
+        key, has_value, value = flag.partition("=")
+        if not key.startswith("--objective.") or (not has_value and not rest):
+            raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
+        if not has_value:
+            value = rest.pop(0)
+        options[key.removeprefix("--objective.").replace("-", "_")] = value
+    return options
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Merge ``args.config`` (YAML) with the flags given, then build and check the config."""
     values = _read_yaml(args.config) if getattr(args, "config", None) else {}
@@ -895,6 +923,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     section_fields = {
         name: {f.name for f in dataclasses.fields(cls)} for name, cls in _SECTIONS.items()
     }
+    for name, value in getattr(args, "objective_flags", {}).items():
+        values.setdefault("objective", {})[name] = value
     for dest, value in vars(args).items():
         if dest.startswith("objective."):  # name and options; checked against the signature
             values.setdefault("objective", {})[dest.split(".", 1)[1]] = value
@@ -922,5 +952,6 @@ def load_config(argv: list[str]) -> TrainConfig:
         >>> load_config(["--student", "s", "--teacher", "t", "--rollout.temperature", "0.7"])
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    args.objective_flags = objective_flags(extra)
     return config_from_args(args)
