@@ -27,6 +27,7 @@ COMMON_FIELDS = (
 )
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--seeds", "2", "--output-dir", str(out)]) == 0
@@ -295,6 +296,7 @@ def test_warmup_target_is_a_matched_start_accuracy(tmp_path, capsys):
     assert not (tmp_path / "teacher").exists()  # refused before anything was built
 
 
+@pytest.mark.slow
 def test_quick_free_order_demo_builds_its_own_task(tmp_path):
     out = tmp_path / "free"
     assert (
@@ -322,6 +324,7 @@ def test_demo_rejects_zero_seeds(tmp_path, capsys):
     assert "--seeds" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_quick_matched_start_stops_each_warm_up_at_its_first_checkpoint_at_target(tmp_path):
     from ctopd.demo.run import run_demo
     from ctopd.demo.settings import demo_settings
