@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from ctopd.cli import main
 from ctopd.objectives.dpca import dpca
+from ctopd.objectives.registry import OBJECTIVES, TEACHER_NEEDS, is_import_path
 from ctopd.training.config import ConfigError, load_config
 from tests.training.tiny import build_assets, final_weights, tiny_args
 
@@ -64,6 +65,16 @@ def too_few_keywords(student_logits):
 too_few_keywords.teacher_needs = set()
 
 PATH = f"{__name__}:scaled_dpca"
+
+
+@pytest.fixture(autouse=True)
+def forget_loaded_objectives():
+    """Loading a path registers it in the process-wide registry; other tests list the
+    registry, so the paths loaded here are dropped after each test."""
+    yield
+    for name in [n for n in OBJECTIVES if is_import_path(n)]:
+        del OBJECTIVES[name]
+        TEACHER_NEEDS.pop(name, None)
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,16 @@ def test_help_lists_every_option_with_its_objectives_and_default():
     assert "cells at a chunk's first position (cell_eligible)" in text  # roles made plain
 
 
+def test_options_read_as_attributes():
+    config = load_config(["--objective.temperature", "2"])
+    assert config.objective.temperature == 2.0 and config.objective.cells == "none"
+    with pytest.raises(AttributeError, match="objective 'dpca' takes no option 'temperature'"):
+        _ = ObjectiveConfig("dpca").temperature
+    import copy
+
+    assert copy.deepcopy(config.objective) == config.objective
+
+
 def test_the_yaml_shorthand_and_dataclass_replace_keep_working(tmp_path):
     import dataclasses
 

@@ -316,6 +316,20 @@ class ObjectiveConfig:
 
         return {**self._valid_options(objective_options(self.name)), **self.options}
 
+    def __getattr__(self, option: str) -> Any:
+        """``config.objective.temperature``: an option's resolved value (the signature's default
+        when the section leaves it out).
+
+        Raises:
+            AttributeError: the objective takes no such option.
+        """
+        if option.startswith("_") or "name" not in self.__dict__:  # copy, pickle: not options
+            raise AttributeError(option)
+        arguments = self.arguments()
+        if option not in arguments:
+            raise AttributeError(f"objective {self.name!r} takes no option {option!r}")
+        return arguments[option]
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved section, as ``config.yaml`` holds it: ``name`` and every option."""
         return {"name": self.name, **self.arguments()}
