@@ -103,3 +103,11 @@ def real_models_dir() -> Path:
     if folder is None:
         pytest.skip(reason)
     return folder
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """A test marked ``real`` is also ``slow``: the fast loop (``pytest -m "not slow"``) never
+    loads the real pretrained pair."""
+    for item in items:
+        if item.get_closest_marker("real") is not None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)

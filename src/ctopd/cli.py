@@ -45,7 +45,16 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # only `ctopd train|sft` take more: a user's objective's --objective.NAME flags
+        if not getattr(args, "takes_objective_flags", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        from ctopd.training.config import ConfigError, objective_flags
+
+        try:
+            args.objective_flags = objective_flags(extra)
+        except ConfigError as err:
+            parser.error(str(err))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -24,6 +24,7 @@ COMMON_FIELDS = (
 )
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_report_models_and_data_and_reuses_the_teacher(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--seeds", "2", "--output-dir", str(out)]) == 0
@@ -176,6 +177,7 @@ def test_demo_rejects_zero_seeds(tmp_path, capsys):
     assert "--seeds" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_quick_matched_start_stops_each_warm_up_at_its_first_checkpoint_at_target(tmp_path):
     from ctopd.demo.run import run_demo
 

@@ -227,6 +227,7 @@ def test_event_scores_match_the_per_token_reference(families, teacher_name, stud
     assert checked == 2 * plan.num_chunks
 
 
+@pytest.mark.slow
 def test_gradcheck_through_events(families):
     pair = TokenizerPair(families["digits"], families["groups"])
     batch = random_batch(pair, ["87 + 68 = 140", "9999 the"], seed=5)

@@ -256,7 +256,7 @@ def test_a_registered_objective_trains_by_name(tiny, tmp_path, monkeypatch):
     initial = final_weights_of(tiny["student"])
     summary, config = _run(tiny, tmp_path / "run", "--objective", "halved_dpca")
     # Two steps of four responses, the config's own option passed through.
-    assert calls == [(4, 4, config.objective.advantage_clip)] * 2
+    assert calls == [(4, 4, config.objective.arguments()["advantage_clip"])] * 2
     assert summary["steps"] == 2
     changed = final_weights(tmp_path / "run")
     assert any(not torch.equal(initial[k], changed[k]) for k in initial)

@@ -20,7 +20,7 @@ import torch
 from ctopd.cli import main
 from tests.training.tiny import problems, write_jsonl
 
-pytestmark = [pytest.mark.real, pytest.mark.slow]
+pytestmark = pytest.mark.real  # real implies slow (tests/conftest.py)
 
 REPO = Path(__file__).resolve().parents[2]
 GEMMA_TEMPLATE = REPO / "examples" / "real_pair" / "gemma3_chat_template.jinja"

@@ -91,6 +91,7 @@ def test_served_losses_equal_in_process(tiny, server, served_dpca, tmp_path, api
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_server_killed_mid_run_and_restarted(tiny, server, served_dpca, tmp_path, api_key, caplog):
     caplog.set_level(logging.WARNING, logger="ctopd.training.teachers.served")
     out = tmp_path / "run"

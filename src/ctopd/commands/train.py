@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
     ):
         parser = subparsers.add_parser(name, help=text, description=text, allow_abbrev=False)
         add_config_arguments(parser)
-        parser.set_defaults(func=func)
+        parser.set_defaults(func=func, takes_objective_flags=True)
 
     evaluate = subparsers.add_parser(
         "eval",

@@ -154,29 +154,45 @@ def check_teacher(
         check_finite(f"teacher.{field}", tensor, lengths)
 
 
+# What each option of the built-in objectives may be: (test, what a valid value is). Read by
+# check_options (the objectives) and by the run config, so both say the same thing.
+OPTION_RULES = {
+    "divergence": (lambda v: v in DIVERGENCES, f"one of {', '.join(DIVERGENCES)}"),
+    "beta": (lambda v: 0.0 < v < 1.0, "strictly between 0 and 1"),
+    "temperature": (lambda v: v > 0.0, "> 0"),
+    "weight_by_tokens": (lambda v: isinstance(v, bool), "True or False"),
+    "slice_size": (lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
+    "advantage_clip": (lambda v: v > 0.0, "> 0"),
+    "clip_low": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "clip_high": (lambda v: v >= 0.0, ">= 0"),
+    "epsilon": (lambda v: v >= 0.0, ">= 0"),
+    "top_k": (lambda v: v is None or (isinstance(v, int) and v >= 1), "None or an int >= 1"),
+    "space": (lambda v: v in ("text", "paper"), "one of text, paper"),
+    "cells": (lambda v: v in ("none", "boundary", "all"), "one of none, boundary, all"),
+}
+
+
+def invalid_option(name: str, value) -> str | None:
+    """What a valid ``name`` is (e.g. ``"> 0"``) when ``value`` is not one, else ``None``
+    (also for a name without a rule)."""
+    if name not in OPTION_RULES:
+        return None
+    valid, expected = OPTION_RULES[name]
+    try:
+        ok = bool(valid(value))
+    except TypeError:
+        ok = False
+    return None if ok else expected
+
+
 def check_options(**options) -> None:
-    """Validate option values by name (only the names given are checked).
+    """Validate option values by name (only the names given are checked; see
+    :data:`OPTION_RULES`).
 
     Raises:
         ValueError: a value outside its range, naming the option and the valid values.
     """
-    rules = {
-        "divergence": (lambda v: v in DIVERGENCES, f"one of {', '.join(DIVERGENCES)}"),
-        "beta": (lambda v: 0.0 < v < 1.0, "strictly between 0 and 1"),
-        "temperature": (lambda v: v > 0.0, "> 0"),
-        "weight_by_tokens": (lambda v: isinstance(v, bool), "True or False"),
-        "slice_size": (lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
-        "advantage_clip": (lambda v: v > 0.0, "> 0"),
-        "clip_low": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-        "clip_high": (lambda v: v >= 0.0, ">= 0"),
-        "epsilon": (lambda v: v >= 0.0, ">= 0"),
-        "top_k": (lambda v: v is None or (isinstance(v, int) and v >= 1), "None or an int >= 1"),
-    }
     for name, value in options.items():
-        valid, expected = rules[name]
-        try:
-            ok = bool(valid(value))
-        except TypeError:
-            ok = False
-        if not ok:
+        expected = invalid_option(name, value)
+        if expected is not None:
             raise ValueError(f"option {name}={value!r} is invalid; expected {expected}")

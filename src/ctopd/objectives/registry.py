@@ -1,9 +1,19 @@
-"""The objectives by name, what each needs from the teacher, and one entry point."""
+"""The objectives by name, what each needs from the teacher, and one entry point.
+
+An objective is named by a key of :data:`OBJECTIVES` (the built-in ones, and any added with
+:func:`register_objective`) or by an import path ``package.module:function``
+(:func:`load_objective`). Its options are the keyword parameters of its signature beyond the
+common ones, with the signature's defaults (:func:`objective_options`).
+"""
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import re
+import typing
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 
@@ -62,10 +72,15 @@ def register_objective(
         ValueError: a built-in name, a function without the common keywords, or an unknown
             teacher field.
     """
-    from ctopd.objectives.teacher import TEACHER_FIELDS
-
     if name in _BUILT_IN:
         raise ValueError(f"objective {name!r} is built in; register yours under another name")
+    _register(name, function, needs)
+
+
+def _register(name: str, function: Callable, needs) -> None:
+    """Check ``function``'s keywords and ``needs``, then add it under ``name``."""
+    from ctopd.objectives.teacher import TEACHER_FIELDS
+
     parameters = inspect.signature(function).parameters
     missing = sorted(_COMMON_ARGUMENTS - set(parameters))
     if missing and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
@@ -78,6 +93,64 @@ def register_objective(
         )
     OBJECTIVES[name] = function
     TEACHER_NEEDS[name] = frozenset(needs)
+
+
+def is_import_path(name: str) -> bool:
+    """Whether ``name`` has the form ``package.module:function`` (a user's objective)."""
+    return ":" in name
+
+
+def load_objective(path: str) -> str:
+    """Import a user's objective ``package.module:function`` and register it under ``path``.
+
+    The function is called like the built-in objectives (the keywords of
+    :func:`register_objective`) and declares the teacher fields it reads in a
+    ``teacher_needs`` attribute, a set of names from
+    ``ctopd.objectives.teacher.TEACHER_FIELDS``. Loading a path again re-imports nothing
+    (``importlib`` caches the module) and registers the same function.
+
+    Args:
+        path: ``package.module:function``; the module must be importable (installed, or on
+            ``PYTHONPATH``).
+
+    Returns:
+        ``path``, now a key of :data:`OBJECTIVES` and :data:`TEACHER_NEEDS`.
+
+    Raises:
+        ValueError: a malformed path, a module that cannot be imported, no such function, no
+            ``teacher_needs`` attribute, or a function :func:`register_objective` refuses.
+    """
+    module_name, _, function_name = path.partition(":")
+    if not module_name or not function_name.isidentifier():
+        raise ValueError(
+            f"objective {path!r} is not an import path of the form package.module:function"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"objective {path!r}: cannot import module {module_name!r} ({err}); is it "
+            "installed or on PYTHONPATH?"
+        ) from err
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(
+            f"objective {path!r}: module {module_name!r} has no function {function_name!r}"
+        )
+    needs = getattr(function, "teacher_needs", None)
+    if (
+        needs is None
+        or isinstance(needs, str)
+        or not isinstance(needs, (set, frozenset, list, tuple))
+    ):
+        raise ValueError(
+            f"objective {path!r} needs a `teacher_needs` attribute: the set of teacher fields "
+            f'it reads, e.g. `{function_name}.teacher_needs = {{"token_logprobs"}}` (an empty '
+            "set when it reads none)"
+        )
+    if OBJECTIVES.get(path) is not function:
+        _register(path, function, needs)
+    return path
 
 
 def teacher_needs(name: str, **options) -> frozenset[str]:
@@ -119,6 +192,64 @@ def objective_options(name: str) -> dict[str, object]:
         p.name: p.default
         for p in parameters
         if p.name not in _COMMON_ARGUMENTS and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+
+
+def option_types(name: str) -> dict[str, Any]:
+    """Each option's type, for converting a YAML or command-line value: the annotation where
+    it resolves (``int``, ``float | None``, ...), else the type of the default, else ``None``
+    (the value is passed as given). An option without a default is required
+    (``inspect.Parameter.empty`` in :func:`objective_options`).
+
+    Raises:
+        ValueError: unknown objective name.
+    """
+    defaults = objective_options(name)
+    try:
+        hints = typing.get_type_hints(OBJECTIVES[name])
+    except Exception:  # an annotation that does not resolve (a name under TYPE_CHECKING)
+        hints = {}
+    types = {}
+    for option, default in defaults.items():
+        if option in hints:
+            types[option] = hints[option]
+        elif default is not inspect.Parameter.empty and default is not None:
+            types[option] = type(default)
+        else:
+            types[option] = None
+    return types
+
+
+def option_docs(name: str) -> dict[str, str]:
+    """One line of help per option, read from the ``Args:`` section of the objective's
+    docstring (Google style; ``a, b: text`` documents both). Options it does not document
+    are absent.
+
+    Raises:
+        ValueError: unknown objective name.
+    """
+    options = objective_options(name)
+    docs: dict[str, str] = {}
+    current: list[str] = []
+    in_args = False
+    for line in (inspect.getdoc(OBJECTIVES[name]) or "").splitlines():
+        if line.strip() in ("Args:", "Arguments:"):
+            in_args = True
+            continue
+        if in_args and line and not line.startswith(" "):
+            break  # the next section (Returns:, Raises:)
+        entry = re.match(r"^    ([A-Za-z_][\w, ]*):\s*(.*)$", line) if in_args else None
+        if entry:
+            current = [n.strip() for n in entry.group(1).split(",") if n.strip() in options]
+            for option in current:
+                docs[option] = entry.group(2).strip()
+        elif in_args and line.strip():
+            for option in current:
+                docs[option] += " " + line.strip()
+    # Plain text for a terminal: ``x`` -> x, :func:`~a.b.c` -> c.
+    return {
+        option: re.sub(r":\w+:`~?(?:[\w.]*\.)?([^`]+)`", r"\1", text.replace("``", ""))
+        for option, text in docs.items()
     }
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import inspect
 import os
 import types
 import typing
@@ -187,44 +188,165 @@ class DataConfig:
             _positive("data", "limit", self.limit)
 
 
-@dataclass
-class ObjectiveConfig:
-    """The loss and its options (passed to ``ctopd.objectives.compute_objective``)."""
+# Options of a built-in objective that `ctopd train` cannot honour, and why; setting one in the
+# config is an error (the library function keeps them for callers that can use them).
+_NO_ROLLOUT_LOGPROBS = (
+    "DPCA's PPO ratio clip acts on the ratio to rollout-time log-probs, and ctopd train makes "
+    "one update per rollout, so the ratio is 1 and the clip never acts; remove it "
+    "(ctopd.objectives.dpca keeps it for callers that pass student_old_logprobs)"
+)
+NOT_UNDER_TRAIN: dict[tuple[str, str], str] = {
+    ("dpca", "clip_low"): _NO_ROLLOUT_LOGPROBS,
+    ("dpca", "clip_high"): _NO_ROLLOUT_LOGPROBS,
+}
 
-    name: str = _help("simct, dpca, shared_only, uld or opd (same-tokenizer OPD)", "simct")
-    divergence: str = _help(
-        "reverse_kl, forward_kl, jsd or tv (simct/shared_only/opd)", "reverse_kl"
+# What the teacher side keeps when the objective has no such option of its own (the defaults of
+# ctopd.objectives.teacher_outputs).
+TEACHER_SLICE_SIZE = 256
+TEACHER_TOP_K = 256
+
+
+@dataclass(init=False, eq=False)
+class ObjectiveConfig:
+    """The objective (the loss) by name, and its options.
+
+    Passed to ``ctopd.objectives.compute_objective``.
+
+    The ``objective:`` section is ``name`` plus any keyword the objective's signature takes
+    (``temperature: 2.0``); an option left out keeps the signature's default. ``name`` is a
+    built-in objective, one added with ``register_objective``, or a user's function by import
+    path (``my_package.my_module:my_loss``). In Python:
+    ``ObjectiveConfig("dpca", advantage_clip=5.0)``.
+    """
+
+    name: str = _help(
+        "simct, dpca, shared_only, uld, opd (same-tokenizer OPD), or a function of yours as "
+        "package.module:function (it declares `teacher_needs`; its options come from its "
+        "signature)",
+        "simct",
     )
-    beta: float = _help("JSD mixing weight", 0.5)
-    temperature: float = _help("τ: softmax temperature over the supervision space", 1.0)
-    weight_by_tokens: bool = _help("weight each chunk by its student token count", False)
-    advantage_clip: float = _help("DPCA advantage clamp C", 10.0)
-    clip_low: float = _help("DPCA PPO ratio clip below 1", 0.2)
-    clip_high: float = _help("DPCA PPO ratio clip above 1", 0.28)
-    epsilon: float = _help("DPCA: spread the chunk budget evenly when |L_S| < epsilon", 1e-6)
-    top_k: int = _help("ULD: the teacher's largest probabilities compared", 256)
-    slice_size: int = _help("positions log-softmaxed at once, teacher and student (memory)", 256)
-    space: str = _help(
-        "simct/shared_only supervision space: text (events that mean the same "
-        "text to both models) or paper (V∩ plus mean-scored units)",
-        "text",
-    )
-    cells: str = _help(
-        "space=text: shared classes compared as whole tokens at a chunk's first "
-        "position: none (only the end), boundary or all",
-        "none",
-    )
+    options: dict[str, Any] = _help("the options given (the rest keep the signature's)", {})
+
+    def __init__(self, name: str = "simct", options: dict | None = None, **more: Any) -> None:
+        self.name = name
+        self.options = {str(k).replace("-", "_"): v for k, v in {**(options or {}), **more}.items()}
+        self.__post_init__()
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when they run the same objective with the same resolved options."""
+        if not isinstance(other, ObjectiveConfig):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    @classmethod
+    def from_mapping(cls, values: dict) -> ObjectiveConfig:
+        """From the YAML section: ``name`` plus the options, side by side."""
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        name = coerce(values.pop("name", "simct"), str, "objective.name")
+        return cls(name, options=values)
 
     def __post_init__(self) -> None:
-        _choice("objective", "name", self.name, objective_names())
-        _choice("objective", "space", self.space, ("text", "paper"))
-        _choice("objective", "cells", self.cells, ("none", "boundary", "all"))
-        _choice("objective", "divergence", self.divergence, DIVERGENCES)
-        _positive("objective", "temperature", self.temperature)
-        _positive("objective", "top_k", self.top_k)
-        _positive("objective", "slice_size", self.slice_size)
-        if not 0.0 < self.beta < 1.0:
-            raise ConfigError(f"objective.beta must be strictly between 0 and 1; got {self.beta!r}")
+        from ctopd.objectives.registry import (
+            is_import_path,
+            load_objective,
+            objective_options,
+            option_types,
+        )
+
+        if not isinstance(self.name, str):
+            raise ConfigError(f"objective.name must be a name or an import path; got {self.name!r}")
+        if is_import_path(self.name):
+            try:
+                load_objective(self.name)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        else:
+            names = objective_names()
+            if self.name not in names:
+                raise ConfigError(
+                    f"objective.name must be one of {', '.join(names)} or an import path "
+                    f"package.module:function; got {self.name!r}"
+                )
+        for option in self.options:
+            if (self.name, option) in NOT_UNDER_TRAIN:
+                raise ConfigError(
+                    f"objective.{option} cannot be set: {NOT_UNDER_TRAIN[self.name, option]}"
+                )
+        valid = self._valid_options(objective_options(self.name))
+        unknown = sorted(set(self.options) - set(valid))
+        if unknown:
+            raise ConfigError(
+                f"objective {self.name!r} takes no option {', '.join(unknown)}; its options: "
+                f"{', '.join(valid) or 'none'}"
+            )
+        missing = sorted(
+            o for o, d in valid.items() if d is inspect.Parameter.empty and o not in self.options
+        )
+        if missing:
+            raise ConfigError(
+                f"objective {self.name!r} needs the option(s) {', '.join(missing)} "
+                "(its signature gives no default)"
+            )
+        types_ = option_types(self.name)
+        for option, value in self.options.items():
+            if types_[option] is not None:
+                self.options[option] = coerce(value, types_[option], f"objective.{option}")
+        self._check_values()
+
+    def _valid_options(self, signature_options: dict[str, Any]) -> dict[str, Any]:
+        return {o: d for o, d in signature_options.items() if (self.name, o) not in NOT_UNDER_TRAIN}
+
+    def _check_values(self) -> None:
+        """The built-in objectives' option rules (``ctopd.objectives.checks.OPTION_RULES``),
+        checked here so a bad value fails before any model loads. A user's objective checks
+        its own."""
+        from ctopd.objectives.checks import invalid_option
+
+        if self.name not in OBJECTIVE_NAMES:
+            return
+        for option, value in self.options.items():
+            expected = invalid_option(option, value)
+            if expected is not None:
+                raise ConfigError(f"objective.{option} must be {expected}; got {value!r}")
+
+    def arguments(self) -> dict[str, Any]:
+        """The options passed to the objective: every keyword it takes, the signature's
+        default overridden by ``options``."""
+        from ctopd.objectives.registry import objective_options
+
+        return {**self._valid_options(objective_options(self.name)), **self.options}
+
+    def __getattr__(self, option: str) -> Any:
+        """``config.objective.temperature``: an option's resolved value (the signature's default
+        when the section leaves it out).
+
+        Raises:
+            AttributeError: the objective takes no such option.
+        """
+        if option.startswith("_") or "name" not in self.__dict__:  # copy, pickle: not options
+            raise AttributeError(option)
+        arguments = self.arguments()
+        if option not in arguments:
+            raise AttributeError(f"objective {self.name!r} takes no option {option!r}")
+        return arguments[option]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved section, as ``config.yaml`` holds it: ``name`` and every option."""
+        return {"name": self.name, **self.arguments()}
+
+    @property
+    def slice_size(self) -> int:
+        """Teacher positions reduced at once (memory): the objective's ``slice_size`` option,
+        or :data:`TEACHER_SLICE_SIZE` when it has none."""
+        value = self.arguments().get("slice_size")
+        return TEACHER_SLICE_SIZE if value is None else value
+
+    @property
+    def top_k(self) -> int:
+        """Largest teacher probabilities kept for ``topk_probs`` (ULD): the objective's
+        ``top_k`` option, or :data:`TEACHER_TOP_K` when it has none or leaves it ``None``."""
+        value = self.arguments().get("top_k")
+        return TEACHER_TOP_K if value is None else value
 
 
 @dataclass
@@ -391,7 +513,11 @@ class TrainConfig:
         return _build_section(cls, values, "")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field, sections as mappings; ``objective`` resolved (``name`` and every option
+        of that objective, defaults included)."""
+        values = dataclasses.asdict(self)
+        values["objective"] = self.objective.to_dict()
+        return values
 
     def to_yaml(self, path: str | os.PathLike) -> None:
         """Write the resolved config (every field, defaults included)."""
@@ -599,6 +725,8 @@ def _build_section(cls: type, values: dict, prefix: str) -> Any:
     """Construct ``cls`` from a mapping, coercing values to the declared field types."""
     if not isinstance(values, dict):
         raise ConfigError(f"config section {prefix!r} must be a mapping; got {values!r}")
+    if cls is ObjectiveConfig:  # name plus the options of that objective's signature
+        return ObjectiveConfig.from_mapping(values)
     types_ = _field_types(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -668,7 +796,9 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--config`` and one flag per field (plus the short aliases) to ``parser``.
 
-    Flags default to ``argparse.SUPPRESS`` so only the ones given override the YAML.
+    Flags default to ``argparse.SUPPRESS`` so only the ones given override the YAML. Options
+    of a user's objective are not listed: parse with ``parse_known_args`` and pass the rest
+    through :func:`objective_flags` (as ``args.objective_flags``).
     """
     parser.add_argument("--config", default=None, help="YAML file with the run's fields")
     alias_of = {dest: [a for a, d in ALIASES.items() if d == dest] for dest in ALIASES.values()}
@@ -678,6 +808,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             group = parser.add_argument_group(
                 f"{f.name} ({_SECTIONS[f.name].__doc__.split('.')[0]})"
             )
+            if f.name == "objective":
+                _add_objective_flags(group, alias_of)
+                continue
             section_types = _field_types(_SECTIONS[f.name])
             for sub in dataclasses.fields(_SECTIONS[f.name]):
                 dest = f"{f.name}.{sub.name}"
@@ -686,13 +819,80 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             _add_flag(parser, f.name, top_types[f.name], f, [])
 
 
-def _add_flag(parser, dest: str, annotation: Any, f: dataclasses.Field, aliases: list[str]):
+def _add_objective_flags(group, alias_of: dict[str, list[str]]) -> None:
+    """``--objective.name`` and one flag per option of the built-in objectives (and of any
+    registered by name), its help read from the objectives' docstrings. Values stay text here:
+    they are converted once the objective is known (:class:`ObjectiveConfig`)."""
+    from ctopd.objectives.registry import (
+        OBJECTIVES,
+        is_import_path,
+        objective_options,
+        option_docs,
+    )
+
+    name = next(f for f in dataclasses.fields(ObjectiveConfig) if f.name == "name")
+    _add_flag(group, "objective.name", str, name, alias_of.get("objective.name", []))
+    takers: dict[str, list[str]] = {}
+    defaults: dict[str, dict[str, Any]] = {}
+    docs: dict[str, str] = {}
+    for objective in OBJECTIVES:
+        if is_import_path(objective):  # loaded by an earlier config: not part of the CLI
+            continue
+        signature = objective_options(objective)
+        for option, text in option_docs(objective).items():
+            docs.setdefault(option, text)
+        for option, default in signature.items():
+            if (objective, option) not in NOT_UNDER_TRAIN:
+                takers.setdefault(option, []).append(objective)
+                defaults.setdefault(option, {})[objective] = default
+    # Accepted but not listed, so that setting one reaches ObjectiveConfig's error saying why.
+    for _, option in NOT_UNDER_TRAIN:
+        if option not in takers and f"--objective.{option}" not in group._option_string_actions:
+            group.add_argument(
+                f"--objective.{option}",
+                f"--objective.{option.replace('_', '-')}",
+                dest=f"objective.{option}",
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
+    for option, objectives in takers.items():
+        values = set(map(repr, defaults[option].values()))
+        default = (
+            next(iter(defaults[option].values()))
+            if len(values) == 1
+            else ", ".join(f"{v} ({o})" for o, v in defaults[option].items())
+        )
+        help_text = f"{docs.get(option, '')} [{', '.join(objectives)}]"
+        is_bool = any(isinstance(d, bool) for d in defaults[option].values())
+        _add_flag(
+            group,
+            f"objective.{option}",
+            bool if is_bool else Any,
+            None,
+            [],
+            help_text=help_text,
+            default=default,
+        )
+
+
+def _add_flag(
+    parser,
+    dest: str,
+    annotation: Any,
+    f: dataclasses.Field | None,
+    aliases: list[str],
+    *,
+    help_text: str = "",
+    default: Any = None,
+):
     flags = [f"--{dest.replace('_', '-')}"]
     if "_" in dest:
         flags.append(f"--{dest}")
     flags = aliases + flags
-    default = f.default if f.default is not dataclasses.MISSING else None
-    help_text = f"{f.metadata.get('help', '')} (default: {default})"
+    if f is not None:
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f.metadata.get("help", "")
+    help_text = f"{help_text} (default: {default})".replace("%", "%%")
     kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
     base = annotation
     if isinstance(base, types.UnionType):
@@ -701,9 +901,30 @@ def _add_flag(parser, dest: str, annotation: Any, f: dataclasses.Field, aliases:
         kwargs.update(nargs="?", const="true", metavar="BOOL")
     elif dest == "resume":
         kwargs.update(nargs="?", const="latest", metavar="CHECKPOINT")
+    elif base is Any:
+        kwargs["metavar"] = "VALUE"
     else:
         kwargs["metavar"] = getattr(base, "__name__", "VALUE").upper()
     parser.add_argument(*flags, **kwargs)
+
+
+def objective_flags(extra: list[str]) -> dict[str, str]:
+    """Options of a user's objective from flags the parser does not list: ``--objective.NAME
+    VALUE`` or ``--objective.NAME=VALUE`` (converted once the objective is known).
+
+    Raises:
+        ConfigError: anything else, e.g. a misspelt flag.
+    """
+    options, rest = {}, list(extra)
+    while rest:
+        flag = rest.pop(0)
+        key, has_value, value = flag.partition("=")
+        if not key.startswith("--objective.") or (not has_value and not rest):
+            raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
+        if not has_value:
+            value = rest.pop(0)
+        options[key.removeprefix("--objective.").replace("-", "_")] = value
+    return options
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -716,8 +937,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     section_fields = {
         name: {f.name for f in dataclasses.fields(cls)} for name, cls in _SECTIONS.items()
     }
+    for name, value in getattr(args, "objective_flags", {}).items():
+        values.setdefault("objective", {})[name] = value
     for dest, value in vars(args).items():
-        if "." in dest:
+        if dest.startswith("objective."):  # name and options; checked against the signature
+            values.setdefault("objective", {})[dest.split(".", 1)[1]] = value
+        elif "." in dest:
             section, name = dest.split(".", 1)
             if name in section_fields.get(section, ()):
                 values.setdefault(section, {})[name] = value
@@ -741,5 +966,6 @@ def load_config(argv: list[str]) -> TrainConfig:
         >>> load_config(["--student", "s", "--teacher", "t", "--rollout.temperature", "0.7"])
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    args.objective_flags = objective_flags(extra)
     return config_from_args(args)

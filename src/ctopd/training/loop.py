@@ -40,12 +40,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from ctopd.core.pair import TokenizerPair
-from ctopd.objectives import (
-    compute_objective,
-    objective_options,
-    teacher_needs,
-    teacher_outputs,
-)
+from ctopd.objectives import compute_objective, teacher_needs, teacher_outputs
 from ctopd.objectives.text_events import TextTables, text_tables
 from ctopd.training.config import ConfigError, TrainConfig
 from ctopd.training.data import Example, encode_prompts, load_examples
@@ -85,7 +80,6 @@ class Run:
     teacher: Teacher  # a frozen model on this rank's device, or a server's client
     pair: TokenizerPair
     student_pad_id: int
-    teacher_pad_id: int
 
     @property
     def student_end_ids(self) -> list[int]:
@@ -106,7 +100,7 @@ class Run:
             pair.teacher_table,
             pair.student_table,
             pair.shared_vocab,
-            cells=self.config.objective.cells,
+            cells=self.config.objective.arguments().get("cells", "none"),
         )
 
 
@@ -187,7 +181,6 @@ def train(config: TrainConfig) -> dict:
             teacher,
             pair,
             student_tokenizer.pad_token_id,
-            teacher_tokenizer.pad_token_id,
         )
 
         while runtime.step < total_steps:
@@ -331,24 +324,9 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer) -> dict[str, floa
 
 
 def _objective_options(config: TrainConfig) -> dict:
-    """The config's objective options that the chosen objective accepts (flat keywords)."""
-    o = config.objective
-    values = dict(
-        divergence=o.divergence,
-        beta=o.beta,
-        temperature=o.temperature,
-        weight_by_tokens=o.weight_by_tokens,
-        advantage_clip=o.advantage_clip,
-        clip_low=o.clip_low,
-        clip_high=o.clip_high,
-        epsilon=o.epsilon,
-        top_k=o.top_k,
-        slice_size=o.slice_size,
-        space=o.space,
-        cells=o.cells,
-    )
-    accepted = objective_options(o.name)
-    return {key: value for key, value in values.items() if key in accepted}
+    """The keywords the chosen objective takes beyond the common ones: its signature's defaults
+    overridden by the ``objective:`` section (:meth:`ObjectiveConfig.arguments`)."""
+    return config.objective.arguments()
 
 
 def _encode_prompts(
