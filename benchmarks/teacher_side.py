@@ -50,9 +50,7 @@ def setup(tokens: int, response: str = "random"):
         str(folder / "qwen2"), str(student_folder / "gemma-3-270m")
     )
     if response == "gsm8k":
-        data = Path(
-            os.environ.get("CTOPD_GSM8K", folder.parent / "data" / "gsm8k" / "train.jsonl")
-        )
+        data = Path(os.environ.get("CTOPD_GSM8K", folder.parent / "data" / "gsm8k" / "train.jsonl"))
         answers = [json.loads(line)["answer"] for line in data.open(encoding="utf-8")][:400]
         ids = pair.student_tokenizer("\n\n".join(answers), add_special_tokens=False)["input_ids"]
     else:
@@ -141,7 +139,10 @@ def main() -> int:
             middle = time.perf_counter()
             loss_phase(name, outputs)
             end = time.perf_counter()
-            best_teacher, best_loss = min(best_teacher, middle - start), min(best_loss, end - middle)
+            best_teacher, best_loss = (
+                min(best_teacher, middle - start),
+                min(best_loss, end - middle),
+            )
         out[f"{name}_teacher_seconds"] = best_teacher
         out[f"{name}_loss_seconds"] = best_loss
         if name == args.profile:

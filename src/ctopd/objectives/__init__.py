@@ -9,17 +9,19 @@ from ctopd.objectives.registry import (
     objective_options,
     teacher_needs,
 )
-from ctopd.objectives.teacher import TeacherOutputs, teacher_outputs
+from ctopd.objectives.teacher import TeacherOutputs, TeacherRequest, reduce_teacher, teacher_outputs
 
 __all__ = [
     "DIVERGENCES",
     "OBJECTIVES",
     "TEACHER_NEEDS",
     "TeacherOutputs",
+    "TeacherRequest",
     "compute_objective",
     "divergence",
     "dpca_advantages",
     "objective_options",
+    "reduce_teacher",
     "teacher_needs",
     "teacher_outputs",
 ]
