@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctopd.objectives import compute_objective, teacher_needs
+from ctopd.objectives import TeacherRequest, compute_objective, teacher_needs
 from ctopd.training.teachers import LocalTeacher
 
 
@@ -97,17 +97,16 @@ def main() -> int:
         1, len(student_ids), pair.student_table.vocab_size, generator=gen
     ).requires_grad_()
     ids = torch.tensor([student_ids])
-    request = dict(
-        shared_vocab=pair.shared_vocab,
-        teacher_ids=[teacher_ids],
-        alignments=[alignment],
-        student_ids=[student_ids],
-        text_tables=tables,
-    )
 
     def teacher_phase(name):
-        needs = teacher_needs(name)
-        return teacher.submit([prompt], [teacher_ids], needs=needs, **request).result()
+        request = TeacherRequest(
+            teacher_needs(name),
+            pair.shared_vocab,
+            alignments=[alignment],
+            student_ids=[student_ids],
+            text_tables=tables,
+        )
+        return teacher.submit([prompt], [teacher_ids], request).result()
 
     def loss_phase(name, outputs):
         loss, _ = compute_objective(

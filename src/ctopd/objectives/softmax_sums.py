@@ -131,7 +131,7 @@ class _SoftmaxSums(torch.autograd.Function):
                 continue
             part = probs if group.rows is None else probs.index_select(0, group.rows)
             masses[group.query] = range_masses(
-                part.index_select(1, group.order), group.row, group.lo, group.hi
+                take_columns(part, group.order), group.row, group.lo, group.hi
             )
         cells = torch.zeros(cell_shape, dtype=torch.float64, device=logits.device)
         for group in groups:
@@ -175,7 +175,7 @@ class _SoftmaxSums(torch.autograd.Function):
                 flat.index_add_(0, group.row * (size + 1) + group.hi, -g)
                 difference.cumsum_(1)
                 difference[:, size] = 0.0  # ids outside the order (and rounding at the end)
-                part = difference.index_select(1, group.inverse)
+                part = take_columns(difference, group.inverse)
                 if group.rows is None and grad is None:
                     grad = part
                 else:
@@ -212,6 +212,16 @@ class _SoftmaxSums(torch.autograd.Function):
 
 
 BLOCK = 256  # sorted positions per block of the range sums
+
+
+def take_columns(matrix: Tensor, index: Tensor) -> Tensor:
+    """``matrix.index_select(1, index)`` (no gradient). On CPU through numpy's ``take`` with
+    int32 indices, about twice as fast as torch's at a 262k vocabulary, where this gather is the
+    largest single cost of the text-event space."""
+    if matrix.device.type != "cpu" or matrix.requires_grad or index.numel() >= 2**31:
+        return matrix.index_select(1, index)
+    columns = index.numpy().astype(np.int32)
+    return torch.from_numpy(np.take(matrix.contiguous().numpy(), columns, axis=1))
 
 
 def range_masses(sorted_probs: Tensor, row: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
