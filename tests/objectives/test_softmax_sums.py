@@ -104,3 +104,31 @@ def test_gradcheck_one_output(used):
         eps=1e-6,
         atol=1e-8,
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_range_masses_across_blocks_match_plain_sums(dtype):
+    """Ranges inside one block, across two, across many, empty and whole, at a vocabulary that
+    is not a multiple of the block."""
+    from ctopd.objectives.softmax_sums import BLOCK, range_masses
+
+    rng = np.random.default_rng(7)
+    size = 5 * BLOCK + 37
+    probs = torch.softmax(
+        torch.randn(4, size, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) * 3,
+        -1,
+    )
+    lo = rng.integers(0, size + 1, 200)
+    hi = np.minimum(lo + rng.integers(0, 3 * BLOCK, 200), size)
+    lo[:3], hi[:3] = [0, size, BLOCK - 1], [size, size, BLOCK + 1]
+    row = rng.integers(0, 4, 200)
+    got = range_masses(
+        probs.to(dtype), torch.as_tensor(row), torch.as_tensor(lo), torch.as_tensor(hi)
+    )
+    want = torch.tensor(
+        [float(probs[r, a:b].sum()) for r, a, b in zip(row, lo, hi)], dtype=torch.float64
+    )
+    tolerance = (
+        dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-9)
+    )
+    torch.testing.assert_close(got, want, **tolerance)

@@ -13,15 +13,19 @@ import threading
 import pytest
 import torch
 
+from ctopd.core.pair import TokenizerPair
+from ctopd.objectives import TeacherRequest, teacher_needs, teacher_outputs
+from ctopd.objectives.text_events import text_tables
 from ctopd.training.config import ModelConfig, TeacherServerConfig, load_config
 from ctopd.training.loop import train
-from ctopd.training.rollout import count_token_ids, response_logits
+from ctopd.training.rollout import count_token_ids, pad_responses, response_logits
 from ctopd.training.teachers.local import LocalTeacher, TeacherServerError, load_teacher
 from ctopd.training.teachers.served import ServedTeacher, teacher_output_rows
 from ctopd.training.teachers.server import ScoringModel, TeacherHTTPServer
 from tests.training.padded import load_real_tokenizer, padded_causal_lm, save_padded
 from tests.training.servers import FakeServer
 from tests.training.test_real_pair import LLAMA2_TEMPLATE
+from tests.training.test_served_teacher import full_request
 from tests.training.tiny import problems, write_jsonl
 
 QWEN2_IDS = 151_936  # the shared Qwen2 tokenizer's ids (tokens up to [PAD151935])
@@ -158,13 +162,17 @@ def test_padded_tiny_models_train(tiny, tmp_path, objective):
 def test_local_teacher_scores_cover_the_real_ids_only(padded_teacher, qwen2, tmp_path):
     model, prompts, responses = padded_teacher
     expected = _real_logsoftmax(model, qwen2, prompts, responses)
-    scores = (
+    outputs = (
         LocalTeacher(model, pad_id=qwen2.pad_token_id, num_ids=QWEN2_IDS)
-        .submit(prompts, responses)
+        .submit(prompts, responses, full_request(QWEN2_IDS))
         .result()
     )
+    scores = outputs.full_logprobs
     assert scores.shape == (2, max(map(len, responses)), QWEN2_IDS)
-    torch.testing.assert_close(torch.log_softmax(scores.double(), -1), expected)
+    for b, response in enumerate(responses):  # the output layer's padded rows never computed
+        torch.testing.assert_close(
+            scores[b, : len(response)].double(), expected[b, : len(response)], rtol=0, atol=1e-5
+        )
 
     # load_teacher gives an in-process teacher the tokenizer's id count.
     save_padded(tmp_path / "teacher", qwen2, extra_rows=TEACHER_EXTRA_ROWS)
@@ -213,7 +221,8 @@ def test_our_server_normalises_over_the_real_ids(padded_server, padded_teacher, 
         vocab_size=QWEN2_IDS,
         model_rows=QWEN2_IDS + TEACHER_EXTRA_ROWS,
     )
-    dense = client.submit(prompts, responses).result().double()
+    dense = client.submit(prompts, responses, full_request(QWEN2_IDS)).result()
+    dense = dense.full_logprobs.double()
     assert dense.shape == expected.shape
     for b, response in enumerate(responses):
         rows = dense[b, : len(response)]
@@ -271,7 +280,9 @@ def test_client_drops_padded_rows_of_a_vllm_like_reply():
     try:
         config = TeacherServerConfig(url=server.url, top_k=2, retries=0)
         client = ServedTeacher(config, None, vocab_size=QWEN2_IDS, model_rows=rows_total)
-        dense = client.submit([sequence[:1]], [sequence[1:]]).result().double()
+        request = full_request(QWEN2_IDS)
+        dense = client.submit([sequence[:1]], [sequence[1:]], request).result()
+        dense = dense.full_logprobs.double()
         assert dense.shape == (1, 2, QWEN2_IDS)
         torch.testing.assert_close(
             torch.logsumexp(dense[0], -1), torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-6
@@ -290,14 +301,14 @@ def test_client_drops_padded_rows_of_a_vllm_like_reply():
             match="outside the teacher model's 152064 output "
             "rows: the server runs a model with another",
         ):
-            client.submit([sequence[:1]], [sequence[1:]]).result()
+            client.submit([sequence[:1]], [sequence[1:]], request).result()
         del entries[0]["999999"]
         strict = ServedTeacher(config, None, vocab_size=QWEN2_IDS)
         with pytest.raises(
             TeacherServerError,
             match=f"token id {padded_id}, outside the teacher tokenizer's {QWEN2_IDS} ids",
         ):
-            strict.submit([sequence[:1]], [sequence[1:]]).result()
+            strict.submit([sequence[:1]], [sequence[1:]], request).result()
     finally:
         server.close()
 
@@ -308,3 +319,79 @@ def test_served_teacher_reads_the_model_rows(padded_teacher, real_tokenizers_dir
     assert rows == QWEN2_IDS + TEACHER_EXTRA_ROWS
     tokenizer_only = ModelConfig(name_or_path=str(real_tokenizers_dir / "qwen2"))
     assert teacher_output_rows(tokenizer_only, QWEN2_IDS) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "needs",
+    [
+        teacher_needs("simct"),
+        teacher_needs("simct", space="paper"),
+        teacher_needs("uld"),
+        teacher_needs("dpca"),
+        teacher_needs("simct") | {"class_logprobs", "topk_probs", "full_logprobs"},
+    ],
+    ids=["simct", "simct_paper", "uld", "dpca", "everything"],
+)
+def test_local_teacher_outputs_equal_the_dense_reference(tiny, needs, dtype):
+    """The in-process teacher reduces its output layer a slice at a time from its final hidden
+    states (padded rows never computed): the same outputs as ``teacher_outputs`` on the model's
+    own dense logits, for every need set."""
+    teacher_tokenizer = load_real_tokenizer(tiny["teacher"])
+    student_tokenizer = load_real_tokenizer(tiny["student"])
+    pair = TokenizerPair(teacher_tokenizer, student_tokenizer)
+    num_ids = pair.teacher_table.vocab_size
+    model = padded_causal_lm(teacher_tokenizer, extra_rows=400, seed=3).to(dtype)
+    end = int(pair.student_table.end_ids[0])
+    texts = ["Ann has 12 shells and finds 345 more.", "How many now? 357", "ok"]
+    student = [student_tokenizer.encode(t, add_special_tokens=False) + [end] for t in texts]
+    teacher = pair.teacher_ids_for_batch(student)
+    prompts = [teacher_tokenizer("Solve:")["input_ids"], [5, 6, 7], [9]]
+    request = TeacherRequest(
+        needs,
+        pair.shared_vocab,
+        slice_size=3,
+        top_k=4,
+        alignments=pair.align_batch(teacher, student),
+        student_ids=student,
+        text_tables=text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab),
+    )
+    local = LocalTeacher(model, pad_id=teacher_tokenizer.pad_token_id, num_ids=num_ids)
+    got = local.submit(prompts, teacher, request).result()
+    with torch.no_grad():
+        logits = response_logits(
+            model, prompts, teacher, pad_id=teacher_tokenizer.pad_token_id, device="cpu"
+        )
+    teacher_ids, _ = pad_responses(teacher, pad_id=-1)
+    want = teacher_outputs(
+        logits,  # all output rows: the reference drops the padded ones itself
+        teacher_ids,
+        pair.shared_vocab,
+        needs,
+        top_k=4,
+        alignments=request.alignments,
+        student_ids=student,
+        text_tables=request.text_tables,
+    )
+    tolerance = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    valid = teacher_ids >= 0
+    for field in ("token_logprobs", "class_logprobs", "topk_probs", "full_logprobs"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert (a is None) == (b is None), field
+        if a is not None:
+            torch.testing.assert_close(a[valid], b[valid], **tolerance)
+    if "text_events" in needs:
+        torch.testing.assert_close(got.text_events.scores, want.text_events.scores, **tolerance)
+    # Nothing of the forward is kept: every field is small, no [B, n, rows] tensor.
+    kept = [getattr(got, f) for f in ("token_logprobs", "class_logprobs", "topk_probs")]
+    assert all(t is None or t.shape[-1] < model.config.vocab_size for t in kept)
+
+
+def test_local_teacher_refuses_logits_that_are_not_its_output_layer(tiny):
+    teacher_tokenizer = load_real_tokenizer(tiny["teacher"])
+    model = padded_causal_lm(teacher_tokenizer, extra_rows=4, seed=3)
+    model.config.final_logit_softcapping = 2.0  # the model does not cap: our logits would
+    local = LocalTeacher(model, pad_id=0, num_ids=count_token_ids(teacher_tokenizer))
+    request = TeacherRequest(frozenset({"token_logprobs"}), None)
+    with pytest.raises(ValueError, match="not its output layer applied to its final hidden"):
+        local.submit([[5, 6]], [[7, 8]], request)

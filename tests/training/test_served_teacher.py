@@ -18,11 +18,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ctopd.core.pair import load_tokenizer
+from ctopd.objectives import TeacherRequest
 from ctopd.training.config import ConfigError, TeacherServerConfig, load_config
 from ctopd.training.loop import train
 from ctopd.training.teachers.local import LocalTeacher, TeacherServerError
 from ctopd.training.teachers.served import ServedTeacher, dense_logprobs, parse_prompt_logprobs
 from ctopd.training.teachers.server import ScoringModel, TeacherHTTPServer
+from tests.objectives.reference import make_shared_vocab
 from tests.training.servers import API_KEY, FakeServer, ServerProcess, kill_after_first_step
 from tests.training.tiny import final_weights, tiny_args
 
@@ -154,8 +156,20 @@ def _client(url: str, **options) -> ServedTeacher:
     return ServedTeacher(config, None, vocab_size=VOCAB)
 
 
+def full_request(vocab_size: int, needs=("token_logprobs", "full_logprobs")) -> TeacherRequest:
+    """A request for the whole distribution (``opd``'s need: the one dense field), over a shared
+    vocabulary of ``vocab_size`` teacher ids."""
+    vocab = make_shared_vocab([[0], [1]], [[0], [1]], 2, vocab_size)
+    return TeacherRequest(frozenset(needs), vocab)
+
+
 def _score(teacher: ServedTeacher) -> torch.Tensor:
-    return teacher.submit([SEQUENCE[:PROMPT_LENGTH]], [SEQUENCE[PROMPT_LENGTH:]]).result()
+    """The client's full distribution ``[1, n, V]`` (the remainder rule made visible)."""
+    return (
+        teacher.submit([SEQUENCE[:PROMPT_LENGTH]], [SEQUENCE[PROMPT_LENGTH:]], full_request(VOCAB))
+        .result()
+        .full_logprobs
+    )
 
 
 @pytest.fixture
@@ -201,14 +215,17 @@ def test_realised_tokens_only_when_that_is_all_the_objective_needs(fake):
 
     server = fake(answer)
     teacher = _client(server.url, top_k=5)
-    dense = teacher.submit(
-        [SEQUENCE[:2]], [SEQUENCE[2:]], needs=frozenset({"token_logprobs"})
+    outputs = teacher.submit(
+        [SEQUENCE[:2]], [SEQUENCE[2:]], full_request(VOCAB, ["token_logprobs"])
     ).result()
     assert server.bodies[0]["prompt_logprobs"] == 0  # dpca: no top-k, whatever top_k says
-    assert dense[0, :, [9, 11]].diagonal().tolist() == pytest.approx([-3.0, -1.6])
+    assert outputs.full_logprobs is None and outputs.class_logprobs is None
+    assert outputs.token_logprobs[0].tolist() == pytest.approx([-3.0, -1.6])
     with pytest.raises(TeacherServerError, match="asked for the top 5"):
         teacher.submit(
-            [SEQUENCE[:2]], [SEQUENCE[2:]], needs=frozenset({"token_logprobs", "class_logprobs"})
+            [SEQUENCE[:2]],
+            [SEQUENCE[2:]],
+            full_request(VOCAB, ["token_logprobs", "class_logprobs"]),
         ).result()
     assert server.bodies[1]["prompt_logprobs"] == 5
 
@@ -218,8 +235,8 @@ def test_the_cap_is_the_smallest_top_k_log_prob_not_the_realised_token():
     _, _, counts, caps = parse_prompt_logprobs(
         choice, SEQUENCE, PROMPT_LENGTH, where="c", vocab_size=VOCAB, top_k=2
     )
-    assert counts == [3, 2]  # the realised token 9 came on top of the top 2; 11 was among them
-    assert caps == [-2.0, -1.6]
+    assert counts.tolist() == [3, 2]  # the realised token 9 came on top of the top 2; 11 was too
+    assert caps.tolist() == [-2.0, -1.6]
 
 
 def test_replies_are_read_without_orjson_too(fake, monkeypatch):
@@ -364,7 +381,7 @@ def test_requests_are_chunked_in_order_and_bounded(fake):
     server = fake(answer)
     teacher = _client(server.url, sequences_per_request=2, max_concurrency=2)
     prompts, responses = [SEQUENCE[:2]] * 7, [SEQUENCE[2:]] * 7
-    dense = teacher.submit(prompts, responses).result()
+    dense = teacher.submit(prompts, responses, full_request(VOCAB)).result().full_logprobs
     assert dense.shape == (7, 2, VOCAB)
     assert sorted(len(b["prompt"]) for b in server.bodies) == [1, 2, 2, 2]
     assert most[0] == 2
@@ -427,8 +444,10 @@ def test_server_prompt_logprobs_follow_vllm(in_thread_server, tiny):
             "return_token_ids": True,
         }
     )
-    local = LocalTeacher(model, pad_id=tokenizer.pad_token_id).submit(prompts, responses)
-    logp = torch.log_softmax(local.result().float(), -1)
+    local = LocalTeacher(model, pad_id=tokenizer.pad_token_id).submit(
+        prompts, responses, full_request(TEACHER_VOCAB)
+    )
+    logp = local.result().full_logprobs.float()
     for b, (prompt, response) in enumerate(zip(prompts, responses)):
         entries = reply["choices"][b]["prompt_logprobs"]
         assert entries[0] is None and len(entries) == len(prompt) + len(response)

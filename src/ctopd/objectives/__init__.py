@@ -10,7 +10,7 @@ from ctopd.objectives.registry import (
     teacher_needs,
 )
 from ctopd.objectives.student_head import StudentHead, StudentHidden
-from ctopd.objectives.teacher import TeacherOutputs, teacher_outputs
+from ctopd.objectives.teacher import TeacherOutputs, TeacherRequest, reduce_teacher, teacher_outputs
 
 __all__ = [
     "DIVERGENCES",
@@ -19,10 +19,12 @@ __all__ = [
     "StudentHidden",
     "TEACHER_NEEDS",
     "TeacherOutputs",
+    "TeacherRequest",
     "compute_objective",
     "divergence",
     "dpca_advantages",
     "objective_options",
+    "reduce_teacher",
     "teacher_needs",
     "teacher_outputs",
 ]

@@ -1,13 +1,25 @@
-"""What the teacher provides to the objectives, computed from its logits under no-grad.
+"""What the teacher provides to the objectives, computed under no-grad, slice by slice.
 
-The teacher's logits over a 150k vocabulary at thousands of positions are the largest tensor of
-a step, so everything here works on one ``[slice, V_T]`` block at a time and keeps only the small
-results (realised-token log-probs, class log-probs, top-k probabilities).
+**The contract.** An objective names the teacher fields it needs (``teacher_needs``); the loop
+sends them with the batch as a :class:`TeacherRequest`, and a teacher answers with a
+:class:`TeacherOutputs` holding exactly those fields as small tensors: realised-token
+log-probabilities ``[B, n]``, text-event scores ``[K, C' + width]``, class log-probabilities
+``[B, n, C]``, top-k probabilities ``[B, n, k]``. No ``[B, n, V_T]`` tensor of the teacher's
+scores exists for the whole sequence, except ``full_logprobs`` for ``opd``, which is the full
+distribution by definition. The reduction runs one ``[slice, V_T]`` block of logits at a time
+(:func:`reduce_teacher`), wherever the teacher computes them: an in-process teacher from its
+final hidden states and output layer, a served one from the sparse top-k reply
+(:mod:`ctopd.objectives.sparse_rows`). Nothing of the teacher's forward outlives the reduction, so
+nothing of it is alive during the student's backward.
+
+:func:`teacher_outputs` does the same from dense ``[B, n, V]`` logits: the reference the sliced
+teachers are tested against, and the entry point for code that already holds logits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,6 +30,7 @@ from ctopd.core.shared_vocab import SharedVocab
 from ctopd.objectives.checks import real_id_columns
 from ctopd.objectives.classes import ClassMembers, class_logprobs, class_members
 from ctopd.objectives.plan import flatten_chunks
+from ctopd.objectives.sparse_rows import SparseRows
 from ctopd.objectives.text_events import (
     EventPlan,
     TextTables,
@@ -73,6 +86,202 @@ class TeacherOutputs:
     full_logprobs: Tensor | None = None
     topk_probs: Tensor | None = None
     text_events: TeacherTextEvents | None = None
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    """What the objective needs from the teacher for one batch (the loop builds it at step 3).
+
+    Attributes:
+        needs: the fields to compute, a subset of :data:`TEACHER_FIELDS`
+            (``teacher_needs(name, ...)``).
+        shared_vocab: the pair's shared vocabulary (``V_T`` is
+            ``len(shared_vocab.teacher_id_to_class)``; class columns).
+        temperature: the teacher's scores are divided by it before every softmax.
+        slice_size: positions reduced at once (memory: one ``[slice_size, V_T]`` block).
+        top_k: probabilities kept for ``topk_probs``.
+        alignments, student_ids, text_tables: the batch's alignments, the student's response
+            ids (``[B, m]`` tensor or ``B`` lists) and the pair's tables; needed for
+            ``text_events``.
+    """
+
+    needs: frozenset[str]
+    shared_vocab: SharedVocab
+    temperature: float = 1.0
+    slice_size: int = 256
+    top_k: int = 256
+    alignments: list[Alignment] | None = None
+    student_ids: Tensor | list | None = field(default=None, repr=False)
+    text_tables: TextTables | None = field(default=None, repr=False)
+
+    @property
+    def vocab_size(self) -> int:
+        """``V_T``: the teacher tokenizer's id count."""
+        return len(self.shared_vocab.teacher_id_to_class)
+
+
+# Logit rows of the teacher, given flat (batch, position) int64 [S] indices: float [S, V_T]
+# (real ids only, before the temperature), or a SparseRows (a served top-k reply).
+RowSource = Callable[[Tensor, Tensor], Tensor | SparseRows]
+
+
+def reduce_teacher(
+    rows_of: RowSource,
+    teacher_ids: Tensor,
+    request: TeacherRequest,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> TeacherOutputs:
+    """The fields ``request.needs`` asks for, reading the teacher's scores one slice of
+    positions at a time (never all of them at once).
+
+    Every response position (``teacher_ids >= 0``) is read exactly once: first the positions of
+    the text-event plan's chunks in plan order (their slices also give the realised tokens'
+    log-probs), then every other position, ``request.slice_size`` at a time.
+
+    Args:
+        rows_of: the teacher's scores at given positions (:data:`RowSource`).
+        teacher_ids: int64 ``[B, n]``; negative ids are padding (log-prob 0, not read).
+        request: what to compute.
+        dtype: float32, or float64 for a float64 teacher.
+
+    Returns:
+        The :class:`TeacherOutputs`; fields not in ``request.needs`` are ``None``, padding
+        positions of the per-position fields read 0.
+
+    Raises:
+        ValueError: an unknown field, an id ``>= V_T``, bad options or missing text-event
+            inputs.
+    """
+    needs = frozenset(request.needs)
+    vocab = request.vocab_size
+    _check_request(teacher_ids, request, vocab)
+    batch, length = teacher_ids.shape
+    device = teacher_ids.device
+    members = None
+    if "class_logprobs" in needs:
+        members = class_members(request.shared_vocab.teacher_member_ids, device)
+    out = TeacherOutputs(token_logprobs=torch.zeros(batch, length, dtype=dtype, device=device))
+    if members is not None:
+        out.class_logprobs = torch.zeros(batch, length, members.size, dtype=dtype, device=device)
+    if "full_logprobs" in needs:
+        out.full_logprobs = torch.zeros(batch, length, vocab, dtype=dtype, device=device)
+    if "topk_probs" in needs:
+        k = min(request.top_k, vocab)
+        out.topk_probs = torch.zeros(batch, length, k, dtype=dtype, device=device)
+    valid = teacher_ids >= 0
+    done = torch.zeros_like(valid)
+    dense_fields = needs & {"class_logprobs", "full_logprobs", "topk_probs"}
+    with torch.no_grad():
+        if "text_events" in needs:
+            events, tokens, where = _sliced_text_events(rows_of, teacher_ids, request, dtype)
+            out.text_events = events
+            out.token_logprobs[where] = tokens.to(dtype)
+            done[where] = True
+            if dense_fields:  # never with the built-in objectives: read those rows again
+                done[where] = False
+        todo_batch, todo_pos = (valid & ~done).nonzero(as_tuple=True)
+        for lo in range(0, todo_batch.numel(), request.slice_size):
+            b = todo_batch[lo : lo + request.slice_size]
+            p = todo_pos[lo : lo + request.slice_size]
+            rows = rows_of(b, p)
+            if isinstance(rows, SparseRows):
+                rows.fill_outputs(out, b, p, teacher_ids[b, p], members, request.temperature)
+                continue
+            logp = torch.log_softmax(rows.to(dtype) / request.temperature, -1)
+            _fill_rows(out, logp, teacher_ids[b, p], members, (b, p))
+    return out
+
+
+def _sliced_text_events(
+    rows_of: RowSource, teacher_ids: Tensor, request: TeacherRequest, dtype: torch.dtype
+) -> tuple[TeacherTextEvents, Tensor, tuple[Tensor, Tensor]]:
+    """The text events, slice by slice of the plan's teacher rows; also the realised tokens'
+    log-probs at those rows and where they are (``(batch, pos)`` int64 ``[R]``)."""
+    plan, teacher, tables = _event_plan(teacher_ids, request)
+    device = teacher_ids.device
+    width = tables.cell_index.size + plan.width
+    scores = torch.empty(plan.num_chunks, width, dtype=dtype, device=device)
+    rows = plan.teacher
+    batch = torch.as_tensor(rows.batch, device=device)
+    pos = torch.as_tensor(rows.pos, device=device)
+    tokens = torch.empty(batch.numel(), dtype=torch.float64, device=device)
+    # Each row holds a cumulative sum over the vocabulary: smaller slices than the rest.
+    for k0, k1 in chunk_slices(rows, plan.num_chunks, max(1, request.slice_size // 4)):
+        r0, r1 = side_rows_in(rows, k0, k1)
+        logits = rows_of(batch[r0:r1], pos[r0:r1])
+        if isinstance(logits, Tensor):
+            logits = logits.to(dtype)
+            if request.temperature != 1.0:  # x / 1 == x: skip a dense pass
+                logits = logits / request.temperature
+        else:
+            logits = logits.with_temperature(request.temperature)
+        scores[k0:k1], tokens[r0:r1] = event_scores(
+            logits, plan, "teacher", tables, k0, k1, with_token_logprobs=True
+        )
+    events = TeacherTextEvents(plan=plan, scores=scores, teacher_ids=teacher, tables=tables)
+    return events, tokens, (batch, pos)
+
+
+def _event_plan(teacher_ids: Tensor, request: TeacherRequest):
+    """The batch's :class:`EventPlan` (the teacher's view), its teacher ids and tables."""
+    if request.alignments is None or request.student_ids is None or request.text_tables is None:
+        raise ValueError(
+            "the teacher's text_events need alignments, student_ids and "
+            "text_tables (ctopd.objectives.text_events.text_tables(pair...))"
+        )
+    tables = request.text_tables
+    if tables.shared_vocab is not request.shared_vocab:
+        raise ValueError("text_tables were built for another shared vocabulary")
+    student = padded_ids(request.student_ids)
+    teacher = teacher_ids.detach().cpu().numpy().astype(np.int64)
+    flat = flatten_chunks(
+        request.alignments, torch.as_tensor(np.maximum(student, 0)), request.shared_vocab
+    )
+    plan = build_event_plan(
+        flat, flat.usable, np.maximum(teacher, 0), np.maximum(student, 0), tables
+    )
+    return plan, teacher, tables
+
+
+def _fill_rows(
+    out: TeacherOutputs,
+    logp: Tensor,
+    ids: Tensor,
+    members: ClassMembers | None,
+    where: tuple[Tensor, Tensor],
+) -> None:
+    """Write one slice of rows (log-softmax ``[S, V_T]``, at ``where``) into the outputs."""
+    out.token_logprobs[where] = logp.gather(-1, ids.clamp(min=0).long()[:, None])[:, 0]
+    if out.class_logprobs is not None:
+        out.class_logprobs[where] = class_logprobs(logp, members)
+    if out.full_logprobs is not None:
+        out.full_logprobs[where] = logp
+    if out.topk_probs is not None:
+        out.topk_probs[where] = logp.topk(out.topk_probs.shape[-1], dim=-1).values.exp()
+
+
+def _check_request(teacher_ids: Tensor, request: TeacherRequest, vocab: int) -> None:
+    unknown = set(request.needs) - TEACHER_FIELDS
+    if unknown:
+        raise ValueError(
+            f"unknown teacher field(s) {sorted(unknown)}; valid: {sorted(TEACHER_FIELDS)}"
+        )
+    if teacher_ids.dim() != 2 or teacher_ids.is_floating_point():
+        raise ValueError(
+            f"teacher_ids must be an integer [B, n] tensor, got {tuple(teacher_ids.shape)} "
+            f"{teacher_ids.dtype}"
+        )
+    if teacher_ids.numel() and int(teacher_ids.max()) >= vocab:
+        raise ValueError(
+            f"teacher id {int(teacher_ids.max())} is out of range for the teacher tokenizer's "
+            f"{vocab} ids"
+        )
+    if not request.temperature > 0 or request.slice_size < 1 or request.top_k < 1:
+        raise ValueError(
+            f"need temperature > 0, slice_size >= 1 and top_k >= 1; got {request.temperature}, "
+            f"{request.slice_size}, {request.top_k}"
+        )
 
 
 def teacher_outputs(

@@ -72,6 +72,7 @@ from ctopd.core.shared_vocab import SharedVocab
 from ctopd.objectives.divergences import ABSENT
 from ctopd.objectives.plan import FlatChunks, expand_ranges
 from ctopd.objectives.softmax_sums import SortedRanges, TokenGroups, softmax_sums, sorted_ranges
+from ctopd.objectives.sparse_rows import SparseRows, sparse_softmax_sums
 
 # Events with less probability than this are read as this (both sides): their share of the
 # divergence is below float precision, and log(0) must not reach a gradient.
@@ -435,13 +436,22 @@ def side_rows_in(rows: SideRows, k0: int, k1: int) -> tuple[int, int]:
 
 
 def event_scores(
-    logits: Tensor, plan: EventPlan, side: str, tables: TextTables, k0: int, k1: int
-) -> Tensor:
+    logits: Tensor | SparseRows,
+    plan: EventPlan,
+    side: str,
+    tables: TextTables,
+    k0: int,
+    k1: int,
+    *,
+    with_token_logprobs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probabilities of every cell and event of chunks ``[k0, k1)`` under one model.
 
     Args:
         logits: float ``[S, V]``: that model's logits at the rows of chunks ``[k0, k1)`` in plan
-            order (``side_rows_in``); differentiable.
+            order (``side_rows_in``); differentiable. Or those rows as
+            :class:`~ctopd.objectives.sparse_rows.SparseRows` (a served teacher's top-k reply;
+            no gradient, float64).
         plan: the batch's :class:`EventPlan`.
         side: ``"teacher"`` or ``"student"``.
         tables: the pair's :class:`TextTables`.
@@ -452,7 +462,9 @@ def event_scores(
         (``tables.cell_index``; :data:`ABSENT` where one is not a cell of that chunk), then
         ``E_U`` and
         ``E_0..E_{width-2}`` (:data:`ABSENT` beyond each chunk's bytes). Each row is a
-        distribution (log-sum-exp 0 up to float error and the floor).
+        distribution (log-sum-exp 0 up to float error and the floor). With
+        ``with_token_logprobs``, also the rows' realised-token log-probs ``[S]`` (the same
+        softmax pass gives them).
     """
     rows = getattr(plan, side)
     side_tables: SideTables = getattr(tables, side)
@@ -467,7 +479,8 @@ def event_scores(
     first_row = rows.row_start[k0:k1] - r0
     first_table = rows.first_table[r0:r1]
     q0, q1 = np.searchsorted(rows.query_row, [r0, r1])
-    token_logp, masses, cells = softmax_sums(
+    sums = sparse_softmax_sums if isinstance(logits, SparseRows) else softmax_sums
+    token_logp, masses, cells = sums(
         logits,
         t(rows.ids[r0:r1]),
         _sorted_ranges(rows, r0, r1, q0, q1, first_table, side_tables, logits.shape[1], device),
@@ -516,7 +529,8 @@ def event_scores(
     event_scores_ = torch.where(
         valid, events.clamp(min=EVENT_FLOOR).log(), torch.full_like(events, ABSENT)
     )
-    return torch.cat([cell_scores, event_scores_], dim=1).to(dtype)
+    scores = torch.cat([cell_scores, event_scores_], dim=1).to(dtype)
+    return (scores, token_logp) if with_token_logprobs else scores
 
 
 def _not_last(rows: SideRows, r0: int, r1: int) -> np.ndarray:

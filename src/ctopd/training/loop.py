@@ -40,7 +40,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from ctopd.core.pair import TokenizerPair
-from ctopd.objectives import compute_objective, teacher_needs, teacher_outputs
+from ctopd.objectives import TeacherRequest, compute_objective, teacher_needs
 from ctopd.objectives.text_events import TextTables, text_tables
 from ctopd.training.config import ConfigError, TrainConfig
 from ctopd.training.data import Example, encode_prompts, load_examples
@@ -58,7 +58,7 @@ from ctopd.training.rollout import (
     sample_responses,
 )
 from ctopd.training.runtime import Runtime, next_indices
-from ctopd.training.teachers import Teacher, load_teacher, receive_scores
+from ctopd.training.teachers import Teacher, load_teacher, receive_outputs
 
 
 @dataclass
@@ -241,29 +241,25 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer) -> dict[str, floa
         alignments = pair.align_batch(teacher_responses, student_responses)
 
     # 3. Teacher: scores its own tokenisation after its own prompt, no grad, in process or on a
-    # server. A served teacher's scores may still be on their way: they are read after the
-    # student's forward (which runs meanwhile); an in-process teacher's are read at once.
+    # server, and hands back only what the objective needs (small tensors, reduced a slice of
+    # positions at a time on its side). A served teacher's answer may still be on its way: it is
+    # read after the student's forward (which runs meanwhile); an in-process one's at once.
     needs = teacher_needs(config.objective.name, **_objective_options(config))
+    request = TeacherRequest(
+        needs,
+        pair.shared_vocab,
+        slice_size=config.objective.slice_size,
+        top_k=config.objective.top_k,
+        alignments=alignments,
+        student_ids=student_responses,
+        text_tables=run.text_tables if "text_events" in needs else None,
+    )
 
     def read_teacher():
-        logits = receive_scores(pending, step=step, last_saved=last_saved)  # [B, n, V_T]
-        return teacher_outputs(
-            logits,
-            teacher_ids,
-            pair.shared_vocab,
-            needs,
-            slice_size=config.objective.slice_size,
-            top_k=config.objective.top_k,
-            alignments=alignments,
-            student_ids=student_responses,
-            text_tables=run.text_tables if "text_events" in needs else None,
-        )
+        return receive_outputs(pending, step=step, last_saved=last_saved)
 
     with timer("teacher"):
-        teacher_ids, _ = pad_responses(teacher_responses, pad_id=-1, device=device)
-        pending = (
-            run.teacher.submit(teacher_prompts, teacher_responses, needs=needs) if needs else None
-        )
+        pending = run.teacher.submit(teacher_prompts, teacher_responses, request) if needs else None
         teacher_scores = read_teacher() if pending is not None and pending.done() else None
 
     # 4. Objective: a student forward over prompt + sampled ids, then the loss. The forward

@@ -10,18 +10,18 @@
 
 from ctopd.training.teachers.local import (
     LocalTeacher,
-    PendingScores,
+    PendingOutputs,
     Teacher,
     TeacherServerError,
     load_teacher,
-    receive_scores,
+    receive_outputs,
 )
 
 __all__ = [
     "LocalTeacher",
-    "PendingScores",
+    "PendingOutputs",
     "Teacher",
     "TeacherServerError",
     "load_teacher",
-    "receive_scores",
+    "receive_outputs",
 ]

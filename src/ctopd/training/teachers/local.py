@@ -1,23 +1,25 @@
 """The teacher as the loop sees it: one small interface, a model in this process or a server.
 
 The loop asks a teacher for one thing (ALGORITHMS §1.4): given each sequence's teacher prompt ids
-(the teacher's own chat template) and the teacher's tokenisation of the response, the teacher's
-next-token scores at every response position, as a dense float tensor ``[B, n, V_T]`` whose
-log-softmax over the last dimension is the teacher's distribution. Row ``j`` predicts response
-token ``j``. ``V_T`` is the teacher *tokenizer's* id count, not the model's output rows: rows past
-the last id (a padded embedding matrix) are no token and carry no mass. The loop turns that
-tensor into what the objective needs with ``ctopd.objectives.teacher_outputs`` (the same call
-for both kinds of teacher), so every objective works with either.
+(the teacher's own chat template), the teacher's tokenisation of the response and a
+:class:`~ctopd.objectives.teacher.TeacherRequest` (the fields the objective needs), the
+:class:`~ctopd.objectives.teacher.TeacherOutputs` with those fields. Row ``j`` of every
+per-position field belongs to response token ``j``. Both kinds of teacher reduce their scores
+one slice of positions at a time, on their side (:func:`~ctopd.objectives.teacher.reduce_teacher`),
+so no ``[B, n, V_T]`` tensor of scores exists for the whole sequence (``opd``'s
+``full_logprobs`` apart) and nothing of the teacher's forward is alive during the student's
+backward. Every softmax covers the teacher *tokenizer's* ``V_T`` ids: output rows past the last
+id (a padded embedding matrix) are no token and carry no mass.
 
-* :class:`LocalTeacher` — a frozen ``transformers`` model on this rank's device; it returns its
-  logits, computed when asked.
+* :class:`LocalTeacher` — a frozen ``transformers`` model on this rank's device: one forward to
+  its final hidden states, then its output layer applied to one slice of positions at a time.
 * :class:`~ctopd.training.teachers.served.ServedTeacher` — a client of an OpenAI-compatible
-  completions server (vLLM, ``ctopd serve-teacher``); it returns log-probabilities rebuilt from the
-  server's top-k prompt log-probs, and keeps its request in flight in the background so the
-  student's forward runs meanwhile.
+  completions server (vLLM, ``ctopd serve-teacher``); it reduces the server's sparse top-k
+  prompt log-probs (never re-densified), and keeps its request in flight in the background so
+  the student's forward runs meanwhile.
 
-Both hand back a :class:`PendingScores` at once: ``done()`` says whether the scores are ready,
-``result()`` waits for them.
+Both hand back a :class:`PendingOutputs` at once: ``done()`` says whether the outputs are
+ready, ``result()`` waits for them.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from ctopd.objectives.teacher import TeacherOutputs, TeacherRequest, reduce_teacher
 from ctopd.training.config import TrainConfig
 from ctopd.training.models import check_vocab, freeze, load_causal_lm
-from ctopd.training.rollout import count_token_ids, response_logits
+from ctopd.training.rollout import count_token_ids, pack_prompt_response, pad_responses
 
 
 class TeacherServerError(RuntimeError):
@@ -38,14 +41,14 @@ class TeacherServerError(RuntimeError):
     sent a reply that does not match the request (the message names the field)."""
 
 
-class PendingScores(Protocol):
-    """A teacher's scores that may still be on their way."""
+class PendingOutputs(Protocol):
+    """A teacher's outputs that may still be on their way."""
 
     def done(self) -> bool:
         """True when :meth:`result` returns without waiting."""
 
-    def result(self) -> Tensor:
-        """The scores ``[B, n, V_T]`` on the teacher's device (waits for them).
+    def result(self) -> TeacherOutputs:
+        """The outputs on the teacher's device (waits for them).
 
         Raises:
             TeacherServerError: a served teacher failed.
@@ -59,39 +62,47 @@ class Teacher(Protocol):
         self,
         prompt_ids: Sequence[Sequence[int]],
         response_ids: Sequence[Sequence[int]],
-        *,
-        needs: frozenset[str] | None = None,
-    ) -> PendingScores:
-        """Ask for the scores of ``B`` teacher prompts followed by their responses.
-
-        ``needs`` (``TEACHER_NEEDS``-style field names) lets a teacher send less: a served one
-        asks for no top-k at all when only ``token_logprobs`` are needed (``dpca``)."""
+        request: TeacherRequest,
+    ) -> PendingOutputs:
+        """Ask for ``request.needs`` of ``B`` teacher prompts followed by their responses. A
+        served teacher sends less where it can: no top-k at all when only ``token_logprobs``
+        are needed (``dpca``)."""
 
     def to(self, device: torch.device | str) -> Teacher:
-        """Put the returned scores (and a local model) on ``device``."""
+        """Put the returned outputs (and a local model) on ``device``."""
 
 
 class Ready:
-    """Scores that are already computed."""
+    """Outputs that are already computed."""
 
-    def __init__(self, scores: Tensor) -> None:
-        self.scores = scores
+    def __init__(self, outputs: TeacherOutputs) -> None:
+        self.outputs = outputs
 
     def done(self) -> bool:
         return True
 
-    def result(self) -> Tensor:
-        return self.scores
+    def result(self) -> TeacherOutputs:
+        return self.outputs
+
+
+class _HiddenCaptured(Exception):
+    """Stops a forward at the output layer: its input is all the teacher needs."""
 
 
 class LocalTeacher:
-    """A frozen causal LM in this process: one no-grad forward over prompt + response.
+    """A frozen causal LM in this process: one no-grad forward over prompt + response to the
+    final hidden states, then the output layer one slice of positions at a time.
+
+    The logits are ``output_layer(hidden)[:, :V_T]`` (with the model's
+    ``final_logit_softcapping`` where its config sets one). The first :meth:`submit` checks
+    that against the model's own forward on one sequence and refuses a model whose logits are
+    something else.
 
     Args:
         model: the teacher (``freeze``-d: eval mode, no gradients).
         pad_id: id written at padded positions (masked out).
         num_ids: ``V_T``, the tokenizer's id count (largest id + 1); the model's output rows
-            from it on are padding and are cut off the scores. ``None``: every row is an id.
+            from it on are padding and never computed. ``None``: every row is an id.
     """
 
     def __init__(self, model: torch.nn.Module, *, pad_id: int, num_ids: int | None = None) -> None:
@@ -99,6 +110,7 @@ class LocalTeacher:
         self.pad_id = pad_id
         self.num_ids = num_ids
         self.device = torch.device("cpu")
+        self.checked = False
 
     def to(self, device: torch.device | str) -> LocalTeacher:
         self.device = torch.device(device)
@@ -109,17 +121,101 @@ class LocalTeacher:
         self,
         prompt_ids: Sequence[Sequence[int]],
         response_ids: Sequence[Sequence[int]],
-        *,
-        needs: frozenset[str] | None = None,
+        request: TeacherRequest,
     ) -> Ready:
-        """The teacher's logits ``[B, n, V_T]`` (model dtype) over the tokenizer's ids only (a
-        view of the model's ``[B, n, rows]``; their log-softmax renormalises over the real ids),
-        computed now (``needs`` is not used: the logits hold everything)."""
+        """The outputs ``request`` asks for, computed now (see the class docstring)."""
+        if not self.checked:
+            self.check_output_layer(prompt_ids[0], response_ids[0])
         with torch.no_grad():
-            logits = response_logits(
-                self.model, prompt_ids, response_ids, pad_id=self.pad_id, device=self.device
+            hidden = self.hidden_states(prompt_ids, response_ids)  # [B, n, H]
+            ids, _ = pad_responses(response_ids, pad_id=-1, device=self.device)
+            dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+            outputs = reduce_teacher(
+                lambda b, p: self.logits(hidden[b, p]), ids, request, dtype=dtype
             )
-        return Ready(logits[..., : self.num_ids])  # [:None] keeps every column
+        return Ready(outputs)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """``[S, V_T]`` logits of final hidden states ``[S, H]`` (rows past ``V_T`` skipped)."""
+        layer = self.model.get_output_embeddings()
+        weight = layer.weight[: self.num_ids]  # [:None] keeps every row
+        bias = getattr(layer, "bias", None)
+        logits = torch.nn.functional.linear(
+            hidden, weight, None if bias is None else bias[: self.num_ids]
+        )
+        config = getattr(self.model.config, "get_text_config", lambda: self.model.config)()
+        cap = getattr(config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def hidden_states(
+        self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]
+    ) -> Tensor:
+        """The final hidden states ``[B, n, H]`` at response positions (row ``j`` predicts
+        response token ``j``): the input of the output layer, which never runs here."""
+        input_ids, mask, position_ids, prompt_len, response_len = pack_prompt_response(
+            prompt_ids, response_ids, pad_id=self.pad_id, device=self.device
+        )
+        kwargs = dict(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+        )
+        captured: list[Tensor] = []
+
+        def capture(_module, args):
+            captured.append(args[0])
+            raise _HiddenCaptured
+
+        handle = self.model.get_output_embeddings().register_forward_pre_hook(capture)
+        try:
+            try:
+                self.model(**kwargs, logits_to_keep=response_len + 1)
+            except TypeError:  # a model class without logits_to_keep
+                captured.clear()
+                self.model(**kwargs)
+        except _HiddenCaptured:
+            pass
+        finally:
+            handle.remove()
+        hidden = captured[0]
+        if hidden.shape[1] != response_len + 1:  # every position came back
+            hidden = hidden[:, prompt_len - 1 :]
+        return hidden[:, :response_len]
+
+    def check_output_layer(self, prompt: Sequence[int], response: Sequence[int]) -> None:
+        """Compare :meth:`logits` of the last hidden state with the model's own logits.
+
+        Raises:
+            ValueError: the model's logits are not its output layer (+ soft-capping) applied to
+                its final hidden states.
+        """
+        input_ids, mask, position_ids, *_ = pack_prompt_response(
+            [prompt], [response], pad_id=self.pad_id, device=self.device
+        )
+        captured: list[Tensor] = []
+        layer = self.model.get_output_embeddings()
+        handle = layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        try:
+            with torch.no_grad():
+                kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)
+                try:
+                    own = self.model(**kwargs, use_cache=False, logits_to_keep=1).logits
+                except TypeError:  # a model class without logits_to_keep
+                    captured.clear()
+                    own = self.model(**kwargs, use_cache=False).logits
+                own = own[0, -1, : self.num_ids]
+                ours = self.logits(captured[-1][0, -1])
+        finally:
+            handle.remove()
+        scale = float(own.abs().max()) + 1.0
+        if not torch.allclose(ours.float(), own.float(), atol=1e-3 * scale, rtol=1e-3):
+            raise ValueError(
+                f"the teacher model ({type(self.model).__name__}) computes logits that are not "
+                "its output layer applied to its final hidden states; the in-process teacher "
+                "cannot compute them a slice at a time (serve it with ctopd serve-teacher or "
+                "vLLM instead)"
+            )
+        self.checked = True
 
 
 def load_teacher(
@@ -157,7 +253,9 @@ def load_teacher(
     return LocalTeacher(model, pad_id=tokenizer.pad_token_id, num_ids=num_ids)
 
 
-def receive_scores(pending: PendingScores, *, step: int, last_saved: int | None) -> Tensor:
+def receive_outputs(
+    pending: PendingOutputs, *, step: int, last_saved: int | None
+) -> TeacherOutputs:
     """``pending.result()``; a served teacher's failure is re-raised naming the step and the
     checkpoint that stays on disk."""
     try:

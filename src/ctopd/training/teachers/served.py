@@ -18,17 +18,24 @@ more, ranked after the top K, when it is not among them). ``-inf`` arrives clamp
 ``P + j``. When the reply carries ``prompt_token_ids`` they must be the ids sent.
 
 **What we keep.** At each response position the realised token's log-prob (exact: all ``dpca``
-needs) and the returned top-K log-probs. The loop expects dense scores ``[B, n, V_T]``, so they
-are rebuilt: returned ids get their log-probs; the **remainder** ``R = 1 - Σ_returned p`` is spread
-**evenly over the ids not returned**, each getting ``log(R / (V_T - #returned))`` but never more
-than the smallest returned top-K log-prob (no unreturned id can be likelier than that). Among the
-distributions that agree with what the server returned this is the one of largest entropy. ``R``
-is floored at ``1e-12`` so no id gets ``-inf``; it is only known to about ``1e-7`` (the server's
-float32 normalisation), so a tail below that is a guess, and the cap is what keeps it sane when
-few ids are left out. With ``K = V_T`` nothing is left to spread and the rebuilt scores equal the
-teacher's log-softmax. ``dpca`` reads only realised tokens, which are always returned: it is exact
-for every ``K`` (``K = 0`` sends least). The objectives' measured error for several ``K`` is in
-``benchmarks/served_teacher.py`` and the README.
+needs) and the returned top-K log-probs; the rest of the distribution follows the **remainder
+rule**: ``R = 1 - Σ_returned p`` is spread **evenly over the ids not returned**, each getting
+``log(R / (V_T - #returned))`` but never more than the smallest returned top-K log-prob (no
+unreturned id can be likelier than that). Among the distributions that agree with what the server
+returned this is the one of largest entropy. ``R`` is floored at ``1e-12`` so no id gets ``-inf``;
+it is only known to about ``1e-7`` (the server's float32 normalisation), so a tail below that is a
+guess, and the cap is what keeps it sane when few ids are left out. With ``K = V_T`` nothing is
+left to spread and the distribution is the teacher's log-softmax. ``dpca`` reads only realised
+tokens, which are always returned: it is exact for every ``K`` (``K = 0`` sends least). The
+objectives' measured error for several ``K`` is in ``benchmarks/served_teacher.py`` and the
+README.
+
+The reply is never re-densified: the client parses it into flat arrays (numpy, vectorised), and
+the fields the objective needs are sums over the returned entries plus ``count × share`` for the
+ids not returned (:class:`~ctopd.objectives.sparse_rows.SparseRows`, reduced by
+:func:`~ctopd.objectives.teacher.reduce_teacher`), equal to what the dense rebuild
+(:func:`dense_logprobs`, kept as the reference) gives. ``opd``'s ``full_logprobs`` alone is
+dense, by definition.
 
 **Padded output rows.** ``V_T`` is the teacher *tokenizer's* id count. A checkpoint often has more
 output rows (Qwen2.5-7B: 152,064 rows for 151,665 ids), and a server such as vLLM normalises over
@@ -54,7 +61,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import math
 import os
 import socket
 import threading
@@ -66,10 +72,14 @@ from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from ctopd.objectives.sparse_rows import SparseRows
+from ctopd.objectives.teacher import TeacherOutputs, TeacherRequest, reduce_teacher
 from ctopd.training.config import ConfigError, ModelConfig, TeacherServerConfig
+from ctopd.training.rollout import pad_responses
 from ctopd.training.teachers.local import TeacherServerError
 
 logger = logging.getLogger(__name__)
@@ -88,49 +98,100 @@ MASS_TOLERANCE = 1e-3
 PROBE_TEXT = "Sam has 12 apples and gets 345 more.\n\tHow many now? 357 = 12 + 345; ça va — 好"
 
 
-class ServedScores:
-    """Scores on their way from the server: one background request per chunk of sequences."""
+class ServedOutputs:
+    """A teacher's outputs on their way from the server: one background request per chunk of
+    sequences, reduced to ``request.needs`` when :meth:`result` is called."""
 
     def __init__(
         self,
         chunks: list[tuple[list[int], Future]],
-        shape: tuple[int, int],
-        vocab_size: int,
+        teacher_ids: Tensor,
+        request: TeacherRequest,
         device: torch.device,
     ) -> None:
-        self.chunks, self.shape, self.vocab_size, self.device = chunks, shape, vocab_size, device
+        self.chunks, self.teacher_ids, self.request, self.device = (
+            chunks,
+            teacher_ids,
+            request,
+            device,
+        )
 
     def done(self) -> bool:
         return all(future.done() for _, future in self.chunks)
 
-    def result(self) -> Tensor:
-        """Log-probabilities ``[B, n, V_T]`` float32 over the tokenizer's ids, each position
-        normalised (padding rows uniform), rebuilt as the module docstring says."""
-        batch, width = self.shape
-        rows: list[Tensor] = []
-        ids: list[Tensor] = []
-        logprobs: list[Tensor] = []
-        caps = torch.zeros(batch * width, dtype=torch.float64)
+    def result(self) -> TeacherOutputs:
+        """The :class:`~ctopd.objectives.teacher.TeacherOutputs` ``request`` asked for, from
+        the sparse replies (the module docstring's remainder rule)."""
+        batch, width = self.teacher_ids.shape
+        rows, ids, logprobs = [], [], []
+        caps = np.zeros(batch * width, dtype=np.float64)
         for rows_of_chunk, future in self.chunks:
             for b, (position_ids, position_logprobs, counts, position_caps) in zip(
                 rows_of_chunk, future.result()
             ):
-                offsets = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-                rows.append(b * width + offsets)
-                ids.append(torch.tensor(position_ids, dtype=torch.long))
-                logprobs.append(torch.tensor(position_logprobs, dtype=torch.float64))
-                caps[b * width : b * width + len(counts)] = torch.tensor(
-                    position_caps, dtype=torch.float64
-                )
-        empty = (torch.zeros(0, dtype=torch.long),) * 2 + (torch.zeros(0, dtype=torch.float64),)
-        flat = [torch.cat(parts) if parts else e for parts, e in zip((rows, ids, logprobs), empty)]
-        dense = dense_logprobs(
-            *(t.to(self.device) for t in flat),
+                rows.append(b * width + np.repeat(np.arange(counts.size), counts))
+                ids.append(position_ids)
+                logprobs.append(position_logprobs)
+                caps[b * width : b * width + counts.size] = position_caps
+        flat = [
+            torch.as_tensor(
+                np.concatenate(parts) if parts else np.zeros(0, dtype), device=self.device
+            )
+            for parts, dtype in ((rows, np.int64), (ids, np.int64), (logprobs, np.float64))
+        ]
+        sparse = sparse_logprobs(
+            *flat,
             rows_total=batch * width,
-            vocab_size=self.vocab_size,
-            caps=caps.to(self.device),
+            vocab_size=self.request.vocab_size,
+            caps=torch.as_tensor(caps, device=self.device),
         )
-        return dense.view(batch, width, self.vocab_size)
+        return reduce_teacher(
+            lambda b, p: sparse.select(b * width + p), self.teacher_ids, self.request
+        )
+
+
+def sparse_logprobs(
+    rows: Tensor,
+    ids: Tensor,
+    logprobs: Tensor,
+    *,
+    rows_total: int,
+    vocab_size: int,
+    caps: Tensor | None = None,
+) -> SparseRows:
+    """The distributions :func:`dense_logprobs` rebuilds, kept sparse: the returned real ids
+    with their renormalised log-probs and one share for every id not returned (arguments as
+    :func:`dense_logprobs`)."""
+    fill, log_total, returned = _remainder_rule(rows, ids, logprobs, rows_total, vocab_size, caps)
+    real = ids < vocab_size
+    kept = rows[real]
+    return SparseRows(
+        row=kept,
+        ids=ids[real],
+        logprobs=logprobs[real] - log_total[kept],
+        fill=fill - log_total,
+        unlisted=vocab_size - returned,
+        vocab_size=vocab_size,
+    )
+
+
+def _remainder_rule(rows, ids, logprobs, rows_total, vocab_size, caps):
+    """Per row: the log-share of an unreturned id, the log of the real ids' total (before
+    renormalising), and the count of returned real ids (float64 ``[rows_total]`` each)."""
+    device = rows.device
+    probs = logprobs.exp()
+    real = ids < vocab_size
+    mass = torch.zeros(rows_total, dtype=torch.float64, device=device)
+    mass.index_add_(0, rows, probs)  # padded entries included: the server's normalisation
+    real_mass = torch.zeros(rows_total, dtype=torch.float64, device=device)
+    real_mass.index_add_(0, rows[real], probs[real])
+    returned = torch.bincount(rows[real], minlength=rows_total).to(torch.float64)
+    rest = vocab_size - returned
+    remainder = (1.0 - mass).clamp(min=REMAINDER_FLOOR)
+    fill = remainder.log() - rest.clamp(min=1.0).log()
+    fill = fill if caps is None else torch.minimum(fill, caps)
+    log_total = (real_mass + rest * fill.exp()).log()  # the real ids' share of the row
+    return fill, log_total, returned
 
 
 def dense_logprobs(
@@ -141,8 +202,10 @@ def dense_logprobs(
     rows_total: int,
     vocab_size: int,
     caps: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Dense log-probabilities over the real ids from sparse ``(row, id, log-prob)`` entries.
+    """Dense log-probabilities over the real ids from sparse ``(row, id, log-prob)`` entries:
+    the reference the sparse path (:func:`sparse_logprobs`) is tested against.
 
     Each row's returned ids keep their log-probs; the real ids not returned share the remainder
     ``max(1 - Σ exp(returned), 1e-12)`` evenly, each at most its row's cap (the smallest top-k
@@ -162,26 +225,17 @@ def dense_logprobs(
         vocab_size: ``V_T``, the tokenizer's id count.
         caps: float64 ``[rows_total]`` largest log-prob of an unreturned id per row (``0``: no
             cap), or None.
+        dtype: of the result.
 
     Returns:
-        float32 ``[rows_total, vocab_size]`` on ``rows``' device; each row's log-sum-exp is 0.
+        ``[rows_total, vocab_size]`` (float32 by default) on ``rows``' device; each row's
+        log-sum-exp is 0.
     """
-    device = rows.device
-    probs = logprobs.exp()
+    fill, log_total, _ = _remainder_rule(rows, ids, logprobs, rows_total, vocab_size, caps)
     real = ids < vocab_size
-    mass = torch.zeros(rows_total, dtype=torch.float64, device=device)
-    mass.index_add_(0, rows, probs)  # padded entries included: the server's normalisation
-    real_mass = torch.zeros(rows_total, dtype=torch.float64, device=device)
-    real_mass.index_add_(0, rows[real], probs[real])
-    returned = torch.bincount(rows[real], minlength=rows_total).to(torch.float64)
-    rest = vocab_size - returned
-    remainder = (1.0 - mass).clamp(min=REMAINDER_FLOOR)
-    fill = remainder.log() - rest.clamp(min=1.0).log()
-    fill = fill if caps is None else torch.minimum(fill, caps)
-    log_total = (real_mass + rest * fill.exp()).log()  # the real ids' share of the row
-    dense = (fill - log_total).float()[:, None].expand(rows_total, vocab_size).clone()
+    dense = (fill - log_total).to(dtype)[:, None].expand(rows_total, vocab_size).clone()
     kept = rows[real]
-    dense[kept, ids[real]] = (logprobs[real] - log_total[kept]).float()
+    dense[kept, ids[real]] = (logprobs[real] - log_total[kept]).to(dtype)
     return dense
 
 
@@ -194,9 +248,10 @@ def parse_prompt_logprobs(
     vocab_size: int,
     top_k: int,
     model_rows: int | None = None,
-) -> tuple[list[int], list[float], list[int], list[float]]:
-    """The response positions of one choice: flat ``(ids, log-probs)``, entries per position,
-    and per position the smallest top-k log-prob (``0`` when no top-k was asked for), which
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The response positions of one choice, parsed with numpy: flat ``(ids, log-probs)``
+    (int64 / float64 ``[E]``), entries per position (int64 ``[n]``), and per position the
+    smallest top-k log-prob (float64 ``[n]``) (``0`` when no top-k was asked for), which
     caps the ids not returned. Entries of padded output rows (``vocab_size <= id <
     model_rows``) are kept: :func:`dense_logprobs` removes their mass.
 
@@ -235,79 +290,99 @@ def parse_prompt_logprobs(
     # A server normalising over every row ranks padded rows too; ours returns real ids only.
     top_count = model_rows if top_k < 0 else min(top_k, model_rows)
     least = max(1, min(top_count, vocab_size))
-    ids: list[int] = []
-    logprobs: list[float] = []
-    counts: list[int] = []
-    caps: list[float] = []
-    for position in range(prompt_length, len(sequence)):
-        field = f"{where}.prompt_logprobs[{position}]"
-        entry = entries[position]
+    positions = entries[prompt_length:]
+    realised = np.asarray(sequence[prompt_length:], dtype=np.int64)
+    for offset, entry in enumerate(positions):
         if not isinstance(entry, dict):
             raise TeacherServerError(
-                f"reply field {field} is {json.dumps(entry)[:40]}, not the "
-                "log-probs of a response position"
+                f"reply field {where}.prompt_logprobs[{prompt_length + offset}] is "
+                f"{json.dumps(entry)[:40]}, not the log-probs of a response position"
             )
-        if len(entry) < least:
+    counts = np.fromiter((len(e) for e in positions), dtype=np.int64, count=len(positions))
+    short = np.flatnonzero(counts < least)
+    if short.size:
+        raise TeacherServerError(
+            f"reply field {where}.prompt_logprobs[{prompt_length + short[0]}] has "
+            f"{counts[short[0]]} log-probs; asked for the top {least}"
+        )
+    for offset, (entry, token) in enumerate(zip(positions, realised.tolist())):
+        if str(token) not in entry:
             raise TeacherServerError(
-                f"reply field {field} has {len(entry)} log-probs; asked for the top {least}"
+                f"reply field {where}.prompt_logprobs[{prompt_length + offset}] has no entry "
+                f"for the realised token {token}"
             )
-        realised = sequence[position]
-        if str(realised) not in entry:
-            raise TeacherServerError(
-                f"reply field {field} has no entry for the realised token {realised}"
-            )
-        mass, cap = 0.0, 0.0
-        # With one entry more than the top k, the extra one is the realised token, ranked below
-        # them: it does not bound the ids that were not returned.
-        extra = str(realised) if len(entry) > top_count else None
-        for key, value in entry.items():
-            token, logprob = _entry(
-                key, value, field=field, vocab_size=vocab_size, model_rows=model_rows
-            )
-            ids.append(token)
-            logprobs.append(logprob)
-            mass += math.exp(logprob)
-            if top_count and key != extra:
-                cap = min(cap, logprob)
-        if mass > 1.0 + MASS_TOLERANCE:
-            raise TeacherServerError(
-                f"reply field {field}: the returned probabilities add up to {mass:.4f} > 1"
-            )
-        counts.append(len(entry))
-        caps.append(cap)
-    return ids, logprobs, counts, caps
-
-
-def _entry(
-    key: str, value: Any, *, field: str, vocab_size: int, model_rows: int
-) -> tuple[int, float]:
-    """One ``"id": {"logprob": x, ...}`` entry (a bare number is accepted too)."""
-    try:
-        token = int(key)
-    except ValueError:
-        raise TeacherServerError(f"reply field {field} has key {key!r}, not a token id") from None
-    if not 0 <= token < model_rows:
+    keys = [key for entry in positions for key in entry]
+    values = [
+        value.get("logprob") if isinstance(value, dict) else value
+        for entry in positions
+        for value in entry.values()
+    ]
+    starts = np.cumsum(counts) - counts
+    position_of = np.repeat(np.arange(counts.size), counts)
+    ids, logprobs = _entries(keys, values, positions, position_of, where, prompt_length)
+    bad = np.flatnonzero((ids < 0) | (ids >= model_rows))
+    if bad.size:
         limit = (
             f"the teacher tokenizer's {vocab_size} ids"
             if model_rows == vocab_size
             else f"the teacher model's {model_rows} output rows"
         )
+        field = f"{where}.prompt_logprobs[{prompt_length + position_of[bad[0]]}]"
         raise TeacherServerError(
-            f"reply field {field} has token id {token}, outside {limit}: "
+            f"reply field {field} has token id {ids[bad[0]]}, outside {limit}: "
             "the server runs a model with another vocabulary"
         )
-    logprob = value.get("logprob") if isinstance(value, dict) else value
-    if isinstance(logprob, bool) or not isinstance(logprob, (int, float)):
+    bad = np.flatnonzero(np.isnan(logprobs) | (logprobs > MASS_TOLERANCE))
+    if bad.size:
+        field = f"{where}.prompt_logprobs[{prompt_length + position_of[bad[0]]}]"
         raise TeacherServerError(
-            f"reply field {field}[{key!r}].logprob is missing or not a "
-            f"number: {json.dumps(value)[:60]}"
+            f"reply field {field}[{keys[bad[0]]!r}].logprob is {logprobs[bad[0]]}, not a "
+            "log-probability"
         )
-    logprob = float(logprob)
-    if math.isnan(logprob) or logprob > MASS_TOLERANCE:
-        raise TeacherServerError(
-            f"reply field {field}[{key!r}].logprob is {logprob}, not a log-probability"
-        )
-    return token, max(logprob, LOGPROB_FLOOR)
+    logprobs = np.maximum(logprobs, LOGPROB_FLOOR)
+    if counts.size:
+        mass = np.add.reduceat(np.exp(logprobs), starts)
+        over = np.flatnonzero(mass > 1.0 + MASS_TOLERANCE)
+        if over.size:
+            raise TeacherServerError(
+                f"reply field {where}.prompt_logprobs[{prompt_length + over[0]}]: the returned "
+                f"probabilities add up to {mass[over[0]]:.4f} > 1"
+            )
+    caps = np.zeros(counts.size, dtype=np.float64)
+    if top_count and counts.size:
+        # With one entry more than the top k, the extra one is the realised token, ranked below
+        # them: it does not bound the ids that were not returned.
+        extra = (ids == realised[position_of]) & (counts > top_count)[position_of]
+        caps = np.minimum(np.minimum.reduceat(np.where(extra, 0.0, logprobs), starts), 0.0)
+    return ids, logprobs, counts, caps
+
+
+def _entries(keys, values, positions, position_of, where, prompt_length):
+    """int64 ids and float64 log-probs of the flat entries; a bad one is named."""
+    try:
+        ids = np.asarray(keys).astype(np.int64) if keys else np.zeros(0, dtype=np.int64)
+        numbers = all(type(v) in (float, int) for v in values)
+    except ValueError:
+        numbers = False
+        ids = None
+    if ids is not None and numbers:
+        return ids, np.asarray(values, dtype=np.float64)
+    # Slow path, only to name the field.
+    for index, (key, value) in enumerate(zip(keys, values)):
+        field = f"{where}.prompt_logprobs[{prompt_length + position_of[index]}]"
+        try:
+            int(key)
+        except ValueError:
+            raise TeacherServerError(
+                f"reply field {field} has key {key!r}, not a token id"
+            ) from None
+        if type(value) not in (float, int):
+            raw = positions[position_of[index]][key]
+            raise TeacherServerError(
+                f"reply field {field}[{key!r}].logprob is missing or not a "
+                f"number: {json.dumps(raw)[:60]}"
+            )
+    raise AssertionError("unreachable")
 
 
 class ServedTeacher:
@@ -352,22 +427,30 @@ class ServedTeacher:
         self,
         prompt_ids: Sequence[Sequence[int]],
         response_ids: Sequence[Sequence[int]],
-        *,
-        needs: frozenset[str] | None = None,
-    ) -> ServedScores:
+        request: TeacherRequest,
+    ) -> ServedOutputs:
         """Send the sequences; with ``config.overlap`` off, return once the replies are in.
 
-        When ``needs`` holds only ``token_logprobs`` (``dpca``) no top-k is asked for
+        When ``request.needs`` holds only ``token_logprobs`` (``dpca``) no top-k is asked for
         (``prompt_logprobs=0``: the realised tokens' log-probs alone), whatever
-        ``config.top_k`` says."""
+        ``config.top_k`` says.
+
+        Raises:
+            TeacherServerError: an empty prompt.
+            ValueError: a request for another teacher vocabulary.
+        """
         if any(len(p) == 0 for p in prompt_ids):
             raise TeacherServerError(
                 "a teacher prompt is empty: its first response token would "
                 "have no prediction (prompt_logprobs[0] is null)"
             )
-        width = max(1, max((len(r) for r in response_ids), default=0))
+        if request.vocab_size != self.vocab_size:
+            raise ValueError(
+                f"the request's shared vocabulary has {request.vocab_size} teacher ids but this "
+                f"teacher's tokenizer {self.vocab_size}"
+            )
         scored = [b for b, r in enumerate(response_ids) if len(r)]
-        top_k = 0 if needs is not None and needs <= {"token_logprobs"} else self.config.top_k
+        top_k = 0 if request.needs <= {"token_logprobs"} else self.config.top_k
         step = self.config.sequences_per_request
         chunks = []
         for lo in range(0, len(scored), step):
@@ -375,7 +458,8 @@ class ServedTeacher:
             sequences = [list(prompt_ids[b]) + list(response_ids[b]) for b in rows]
             lengths = [len(prompt_ids[b]) for b in rows]
             chunks.append((rows, _in_background(self._score, sequences, lengths, top_k)))
-        pending = ServedScores(chunks, (len(response_ids), width), self.vocab_size, self.device)
+        teacher_ids, _ = pad_responses(response_ids, pad_id=-1, device=self.device)
+        pending = ServedOutputs(chunks, teacher_ids, request, self.device)
         if not self.config.overlap:
             wait_futures([future for _, future in chunks])
         return pending
