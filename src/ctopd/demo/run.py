@@ -1,16 +1,9 @@
 """The ``ctopd demo`` experiment: cross-tokenizer OPD on a task a laptop can check, read against a
-same-tokenizer control. Everything is local, seeded, and cached where it can be (a stamp in each
-folder records the settings it was built with; ``force`` rebuilds):
-
-1. the task's splits (:mod:`.task`); 2. two tokenizers (one token per digit for the teacher,
-digit groups of up to three for the student) and a small teacher trained from scratch
-(:mod:`.stages`); 3. teacher samples, drawn once (:mod:`.samples`); 4. ``student/`` (the
-student's tokenizer) and ``control/`` (the teacher's), the same architecture, warmed up alike
-until each reaches the same validation accuracy; 5. equal-budget runs per seed
-(:mod:`.methods`): ``simct``, ``dpca``, ``shared_only`` and continued SFT from ``student/``,
-same-tokenizer ``opd`` and SFT from ``control/``; 6. the report (:mod:`.report`): held-out
-accuracy, gap closed, the common held-out KL, coverage and time per run, and every final
-model's and start's outcome per problem on the extra test split.
+same-tokenizer control. Local, seeded, and cached where it can be (a stamp in each folder records
+the settings it was built with; ``force`` rebuilds). Stages: the task's splits (:mod:`.task`);
+two tokenizers and a teacher trained from scratch (:mod:`.stages`); teacher samples, drawn once
+(:mod:`.samples`); ``student/`` (its own tokenizer) and ``control/`` (the teacher's), warmed up
+alike; equal-budget runs per seed (:mod:`.methods`); the report (:mod:`.report`).
 
 One pool of spawned worker processes (one torch thread each) runs the sampling, the warm-ups
 and the methods, so imports are paid once per worker.
@@ -250,15 +243,12 @@ def summarize(
     extra = base.get("extra_test", {})
 
     def of(name: str, start: dict, kind: str) -> dict:
-        mine, top = extra.get(kind, {}), extra.get("teacher", {})
         return summarize_method(
             [r for r in runs if r["name"] == name],
             start=start["accuracy"],
             teacher=teacher["accuracy"],
-            extra_start=mine.get("accuracy"),
-            extra_teacher=top.get("accuracy"),
-            extra_sampled_start=mine.get("sampled_accuracy"),
-            extra_sampled_teacher=top.get("sampled_accuracy"),
+            extra_start=extra.get(kind),
+            extra_teacher=extra.get("teacher"),
         )
 
     ran = {r["name"] for r in runs}

@@ -1,14 +1,9 @@
-"""The teacher's samples, drawn once and shared by every SFT stage of the demo.
-
-Sampling inside each stage would sample the same teacher again and again in small batches;
-instead the demo samples a *pool* once in large batches (several times faster per sample on a
-CPU), caches it in ``OUT/teacher_samples.jsonl`` and hands each stage a slice as SFT data: the
-warm-up takes positions ``[0, W)``, ``W = warmup_steps * warmup_batch``; continued SFT of seed
-``s`` ``[W + s B, W + (s + 1) B)``, ``B = slice_steps() * method_batch``; both students train on
-the same texts, and no sample is trained on twice. Position ``p`` holds one sample for training
-prompt ``order[p]`` (:func:`pool_order`: seeded permutations of the prompts one after another).
-Batch ``j`` (``sample_batch`` positions) is sampled with its own seed, so a pool is a prefix of
-any longer pool of the same settings: more seeds extend the cache instead of redrawing it.
+"""The teacher's samples, drawn once (in large batches: several times faster per sample on a
+CPU) into ``OUT/teacher_samples.jsonl`` and shared by every SFT stage as slices: the warm-up takes
+positions ``[0, W)``, ``W = warmup_steps * warmup_batch``; continued SFT of seed ``s``
+``[W + s B, W + (s + 1) B)``, ``B = slice_steps() * method_batch``. Both students train on the
+same texts, no sample twice. Position ``p`` holds a sample for training prompt ``order[p]``
+(:func:`pool_order`); each batch has its own seed, so more seeds extend the cache.
 """
 
 from __future__ import annotations
@@ -33,16 +28,15 @@ def warmup_slice(settings: DemoSettings) -> tuple[int, int]:
 
 def sft_slice(settings: DemoSettings, seed: int, *, steps: int | None = None) -> tuple[int, int]:
     """``(start, count)`` of the samples of a continued-SFT run with ``seed`` (``steps``: shorter
-    runs take the head of that slice). Each seed's slice is ``settings.slice_steps()`` batches
-    long, so no two seeds share a sample."""
+    runs take the head of its ``slice_steps()``-batch slice)."""
     budget = settings.slice_steps() * settings.method_batch
     count = (steps if steps is not None else settings.method_steps) * settings.method_batch
     return settings.warmup_steps * settings.warmup_batch + seed * budget, count
 
 
 def samples_needed(settings: DemoSettings, *, seeds: int, warmup: bool, sft: bool) -> int:
-    """Pool size: the warm-up slice when a student is built, and the SFT slices of ``seeds``
-    seeds when an SFT run is asked for (:func:`sft_slice`)."""
+    """Pool size: the warm-up slice when a student is built, the SFT slices of ``seeds`` seeds
+    when an SFT run is asked for."""
     if sft:
         start, count = sft_slice(settings, seeds - 1, steps=settings.slice_steps())
         return start + count
@@ -71,15 +65,8 @@ def ensure_samples(
     log: Callable[[str], None],
 ) -> dict:
     """Make ``OUT/teacher_samples.jsonl`` hold at least ``count`` samples: reuse a cached pool
-    of the same settings, extend it, or sample it anew (``force``).
-
-    Args:
-        pool: a process pool whose workers run :func:`sample_batches`.
-        workers: jobs to split the batches into (one per worker).
-
-    Returns:
-        ``{"count", "seconds", "sampled"}`` (``sampled``: samples drawn by this call).
-    """
+    of the same settings, extend it, or sample it anew (``force``), in ``workers`` jobs on
+    ``pool``. Returns ``{"count", "seconds", "sampled"}`` (``sampled``: drawn by this call)."""
     started = time.perf_counter()
     stamp, path, size = settings.samples_stamp(), out / SAMPLES, settings.sample_batch
     have = 0 if force else _cached_count(out, stamp)
@@ -122,12 +109,8 @@ def _cached_count(out: Path, stamp: dict) -> int:
 
 
 def sample_batches(job: dict) -> list[dict]:
-    """Sample the teacher on the pool batches ``job["batches"]`` (runs in a worker process).
-
-    Returns:
-        One row per sample: ``position`` in the pool, ``index`` of the training prompt,
-        ``response`` (the decoded text, special tokens removed).
-    """
+    """Sample the teacher on the pool batches ``job["batches"]`` (in a worker process): one row
+    per sample, ``position`` in the pool, ``index`` of its training prompt, ``response`` text."""
     import torch
 
     from ctopd.core.byte_table import end_of_turn_ids
