@@ -79,7 +79,7 @@ def sequence_kl(
     Returns:
         ``kl``: ``Σ (log π(y) - log q(y)) / Σ |y|`` (nats per student token); ``noncanonical``:
         the share of responses whose ids differ from the student tokenizer's encoding of their
-        own text (a student that learned to spell numbers digit by digit, say).
+        text (a student that learned to spell numbers digit by digit, say).
     """
     import torch
 
@@ -89,40 +89,33 @@ def sequence_kl(
     from ctopd.training.models import load_causal_lm, load_model_tokenizer
     from ctopd.training.rollout import sample_responses
 
-    student_config = ModelConfig(name_or_path=str(student_dir))
-    teacher_config = ModelConfig(name_or_path=str(teacher_dir))
-    student_tokenizer = load_model_tokenizer(student_config, side="student")
-    teacher_tokenizer = load_model_tokenizer(teacher_config, side="teacher")
-    pair = TokenizerPair(teacher_tokenizer, student_tokenizer)
-    student = load_causal_lm(student_config, side="student").eval()
-    teacher = load_causal_lm(teacher_config, side="teacher").eval()
     examples = load_examples(DataConfig(path=str(data_path), limit=settings.kl_prompts))
-    student_prompts = encode_prompts(student_tokenizer, examples, side="student")
-    teacher_prompts = encode_prompts(teacher_tokenizer, examples, side="teacher")
-    total, tokens, noncanonical = 0.0, 0, 0
+    tokenizers, models, prompts = {}, {}, {}
+    for side, folder in (("student", student_dir), ("teacher", teacher_dir)):
+        config = ModelConfig(name_or_path=str(folder))
+        tokenizers[side] = load_model_tokenizer(config, side=side)
+        models[side] = load_causal_lm(config, side=side).eval()
+        prompts[side] = encode_prompts(tokenizers[side], examples, side=side)
+    pair = TokenizerPair(tokenizers["teacher"], tokenizers["student"])
+    pad = {side: tokenizer.pad_token_id for side, tokenizer in tokenizers.items()}
+    total, tokens, noncanonical, batch = 0.0, 0, 0, settings.eval_batch
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(0)
-        batch = settings.eval_batch
         for lo in range(0, len(examples), batch):
-            s_prompts, t_prompts = (
-                student_prompts[lo : lo + batch],
-                teacher_prompts[lo : lo + batch],
-            )
             responses = sample_responses(
-                student,
-                s_prompts,
+                models["student"],
+                prompts["student"][lo : lo + batch],
                 end_ids=pair.student_table.end_ids.tolist(),
-                pad_id=student_tokenizer.pad_token_id,
+                pad_id=pad["student"],
                 max_new_tokens=settings.max_new_tokens,
                 temperature=1.0,
             )
-            teacher_responses = pair.teacher_ids_for_batch(responses)
-            total += _logprob_sum(student, s_prompts, responses, student_tokenizer.pad_token_id)
-            total -= _logprob_sum(
-                teacher, t_prompts, teacher_responses, teacher_tokenizer.pad_token_id
-            )
+            both = {"student": responses, "teacher": pair.teacher_ids_for_batch(responses)}
+            for side, sign in (("student", 1), ("teacher", -1)):
+                batch_prompts = prompts[side][lo : lo + batch]
+                total += sign * _logprob_sum(models[side], batch_prompts, both[side], pad[side])
             tokens += sum(len(r) for r in responses)
-            noncanonical += sum(_noncanonical(pair, student_tokenizer, ids) for ids in responses)
+            noncanonical += sum(_noncanonical(pair, tokenizers["student"], r) for r in responses)
     return {"kl": total / max(tokens, 1), "noncanonical": noncanonical / max(len(examples), 1)}
 
 

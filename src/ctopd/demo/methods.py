@@ -1,10 +1,6 @@
-"""One demo run (a method, a seed, from a warmed-up student) and the per-method summary.
-
-A run trains ``steps`` steps of ``method_batch`` prompts and saves a checkpoint every
-``eval_every`` steps; afterwards every checkpoint is measured in big batches
-(:mod:`ctopd.demo.measure`) and deleted. A run measured on the test split keeps its final model
-in ``runs/<run>-seed<k>/final/``; others (validation runs, as research runs them) keep only
-their numbers.
+"""One demo run (a method, a seed, from a warmed-up student) and the per-method summary. A run
+saves a checkpoint every ``eval_every`` steps, measured afterwards in big batches and deleted; a
+test run keeps its final model in ``runs/<run>-seed<k>/final/``.
 """
 
 from __future__ import annotations
@@ -56,21 +52,11 @@ def method_job(
 
 
 def run_method(job: dict) -> dict:
-    """One run from its warmed-up student (runs in a worker process); ``job``: from
-    :func:`method_job`.
-
-    Returns:
-        ``name``, ``student`` (``student`` or ``control``), ``method`` (the objective or
-        ``sft``), ``seed``, ``lr``, ``steps``; ``accuracy``, ``kl``, ``noncanonical`` of the
-        final model on the job's ``split``; ``coverage``, ``aligned_coverage``,
-        ``unaligned_share`` (:func:`ctopd.demo.measure.coverage`) and ``train_kl`` (the
-        objective's own), ``None`` for SFT; ``seconds`` (training) and ``eval_seconds``;
-        ``extra_accuracy``, ``extra_outcomes`` and their ``extra_sampled_`` twins on the
-        job's ``outcomes_split`` (responses kept in ``run_dir/<split>_responses.jsonl`` and
-        ``<split>_sampled_responses.jsonl``), ``None`` without one; ``curve``: ``step``,
-        ``accuracy``, ``kl`` from step 0, ``extra_step``, ``extra_accuracy``,
-        ``extra_outcomes`` per checkpoint, ``train_kl_step``, ``train_kl`` per step.
-    """
+    """One run of a :func:`method_job` from its warmed-up student (in a worker process): the
+    final model's ``accuracy``, ``kl``, ``noncanonical`` on the job's split; ``coverage`` and
+    ``train_kl`` (``None`` for SFT); ``extra_`` and ``extra_sampled_`` accuracy and outcomes on
+    its ``outcomes_split`` (``None`` without one); ``seconds`` training, ``eval_seconds``
+    measuring; and the ``curve`` per checkpoint (from step 0) and per training step."""
     from ctopd.demo.measure import coverage
     from ctopd.demo.stages import one_thread
     from ctopd.training.metrics import read_metrics
@@ -119,12 +105,9 @@ def run_method(job: dict) -> dict:
 
 
 def train_run(job: dict, student_dir: Path, objective: str, run_dir: Path) -> dict:
-    """Train one run of :func:`method_job`'s ``job`` from ``student_dir`` into ``run_dir``:
-    on-policy distillation with ``objective`` (``train``) or, for ``sft``, continued SFT on its
-    seed's slice of the teacher samples (``run_sft``, the same texts for both students).
-
-    Returns:
-        The training summary (``steps``, ``seconds``, ``final_metrics``, ...)."""
+    """Train a :func:`method_job` from ``student_dir`` into ``run_dir`` and return the training
+    summary: OPD with ``objective``, or for ``sft`` continued SFT on its seed's slice of the
+    teacher samples (the same texts for both students)."""
     from ctopd.demo.samples import sft_slice, write_sft_data
     from ctopd.demo.stages import stage_config
     from ctopd.training.loop import train
@@ -166,13 +149,11 @@ def train_run(job: dict, student_dir: Path, objective: str, run_dir: Path) -> di
 
 
 def _measure(job: dict, student_dir: Path, run_dir: Path) -> tuple[list[dict], str | None]:
-    """Per checkpoint (every one with ``curve``, else the last): ``step``, and ``accuracy``,
-    ``kl``, ``noncanonical`` on the job's split, and greedy ``outcomes`` on its
-    ``outcomes_split`` when it has problems (the last one's responses kept in
-    ``run_dir/<split>_responses.jsonl``); step 0 first on a test curve (the warmed-up student's
-    stamped figures, measured the same way). And the final model's sampled outcomes (``None``
-    without ``sampled_temperature`` or a split: a sampled score per checkpoint would double the
-    measuring time)."""
+    """Per checkpoint (with ``curve``, else the last): ``step``, ``accuracy``, ``kl``,
+    ``noncanonical`` on the job's split and greedy ``outcomes`` on its ``outcomes_split``; on a
+    test curve step 0 first (the start's stamped figures). And the final model's sampled
+    outcomes (only the final's: per checkpoint would double the measuring time). The last
+    responses are kept in ``run_dir/<split>_[sampled_]responses.jsonl``."""
     from ctopd.demo.measure import accuracy, outcomes, sequence_kl
     from ctopd.demo.stages import STAMP
     from ctopd.training.checkpoint import list_checkpoints
@@ -218,11 +199,9 @@ def summarize_method(
     extra_start: dict | None = None,
     extra_teacher: dict | None = None,
 ) -> dict:
-    """One method over its seeds: means (and the accuracy's std), ``gap_closed`` and each
-    seed's run (with its own ``gap_closed``); the same on the extra test split, greedy
-    (``extra_accuracy_mean``, ``_std``, ``extra_gap_closed``) and sampled (``extra_sampled_...``),
-    ``None`` where not measured. ``extra_start``, ``extra_teacher``: the start's and the
-    teacher's rows there (``accuracy``, ``sampled_accuracy``)."""
+    """One method over its seeds: means, the accuracy's std, ``gap_closed`` and each seed's run;
+    the same on the extra test split, greedy (``extra_``) and sampled (``extra_sampled_``), gaps
+    from the start's and the teacher's rows there (``extra_start``, ``extra_teacher``)."""
     runs = sorted(runs, key=lambda r: r["seed"])
     runs = [{**r, "gap_closed": gap_closed(r["accuracy"], start, teacher)} for r in runs]
     accuracies = [r["accuracy"] for r in runs]

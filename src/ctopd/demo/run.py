@@ -26,11 +26,8 @@ _NAME = {"teacher": "teacher", **_KIND}
 
 
 def parse_runs(text: str | None) -> tuple[str, ...]:
-    """The run names of ``--methods a,b,...`` (all of :data:`RUNS` when empty), in RUNS order.
-
-    Raises:
-        ValueError: an unknown name; the message lists the valid ones.
-    """
+    """The run names of ``--methods a,b,...`` (all of :data:`RUNS` when empty), in RUNS order;
+    ``ValueError`` listing the valid ones for an unknown name."""
     if not text:
         return RUNS
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -53,19 +50,10 @@ def run_demo(
     workers: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run the whole experiment and write its report into ``output_dir`` (created).
-
-    Args:
-        quick: the CI configuration (:data:`ctopd.demo.settings.QUICK`), a minute or two.
-        settings: sizes and budgets, when not :func:`ctopd.demo.settings.demo_settings`'s.
-        seeds: runs per method (seeds ``0..seeds-1``); each starts from its warmed-up student.
-        methods: run names to run (:data:`RUNS`, see :func:`parse_runs`).
-        force: rebuild the teacher, its samples and the students even when cached ones match.
-        workers: processes side by side (default: CPU cores, at most 2).
-
-    Returns:
-        The ``results.json`` content.
-    """
+    """Run the whole experiment, write its report into ``output_dir`` (created) and return the
+    ``results.json`` content: ``methods`` x ``seeds`` runs (seeds ``0..seeds-1``) with
+    ``settings`` (default: :data:`~ctopd.demo.settings.FULL`, or ``QUICK`` with ``quick``), on
+    ``workers`` processes (default: CPU cores, at most 2); ``force`` rebuilds cached models."""
     from ctopd.demo.methods import method_job, run_method
     from ctopd.demo.report import plot_curves, results_markdown, write_results
     from ctopd.demo.settings import demo_settings
@@ -132,17 +120,9 @@ def build_models(
     force: bool,
     log: Callable[[str], None],
 ) -> dict:
-    """Data, teacher, teacher samples and both warmed-up students, each reused when cached.
-
-    Args:
-        seeds: SFT seeds whose sample slices the pool must hold (when ``sft``).
-        sft: whether an SFT run follows (it trains on teacher samples past the warm-up's).
-
-    Returns:
-        ``{"teacher": {"accuracy", "seconds", "rebuilt", ...}, "students": {"student": ...,
-        "control": ...} (:func:`ctopd.demo.stages.build_student`), "stages": seconds of the
-        teacher, samples and students stages}``.
-    """
+    """Data, teacher, teacher samples (for ``seeds`` SFT seeds when ``sft``) and both
+    warmed-up students, each reused when cached: ``{"teacher": ..., "students": {"student",
+    "control"}, "stages": seconds per stage}``."""
     from ctopd.demo.samples import ensure_samples, samples_needed
     from ctopd.demo.stages import build_student, build_teacher, cached_student, prepare_data
 
@@ -161,10 +141,8 @@ def build_models(
     stages["samples"] = _lap(log, "samples", started)
 
     started = time.perf_counter()
-    for kind, result in students.items():
-        if result is not None:
-            accuracy = result["accuracy"]
-            log(f"[demo] reusing the {_KIND[kind]} in {out / kind} (accuracy {accuracy:.3f})")
+    for kind, result in ((k, r) for k, r in students.items() if r is not None):
+        log(f"[demo] reusing the {_KIND[kind]} in {out / kind} (accuracy {result['accuracy']:.3f})")
     if missing:
         target = settings.warmup_target
         stop = (
@@ -198,10 +176,9 @@ def measure_extra_starts(
     split: str = "extra_test",
     keys: tuple[str, ...] = ("teacher", "student", "control"),
 ) -> dict:
-    """Outcomes of the teacher and the warmed-up students (``keys``) on ``<split>.jsonl``, one
-    ``0``/``1`` per problem (:func:`ctopd.demo.measure.outcomes`), and their accuracies: greedy
-    (``outcomes``, ``accuracy``) and, with ``settings.sampled_temperature``, sampled
-    (``sampled_outcomes``, ``sampled_accuracy``); empty when the split has no problems."""
+    """Per model folder in ``keys``: its ``outcomes`` on ``<split>.jsonl``
+    (:func:`ctopd.demo.measure.outcomes`) and ``accuracy``, and with ``sampled_temperature``
+    their ``sampled_`` twins; empty when the split has no problems."""
     from ctopd.demo.measure import measure_outcomes
 
     count = getattr(settings, f"num_{split}")
@@ -233,9 +210,8 @@ def measure_extra_starts(
 def summarize(
     base: dict, runs: list[dict], settings: DemoSettings, *, seeds: int, quick: bool, seconds: float
 ) -> dict:
-    """The ``results.json`` content: per method the mean over seeds and every seed's run; the
-    same-tokenizer control's runs under ``controls``; the starts' outcomes on the extra test
-    split under ``extra_test``."""
+    """The ``results.json`` content: per method its summary over seeds (the control's under
+    ``controls``), the starts' outcomes on the extra test split under ``extra_test``."""
     from ctopd.demo.methods import summarize_method
 
     teacher = base["teacher"]

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ctopd.demo.settings import DemoSettings
+from ctopd.demo.stages import read_stamp, write_stamp
 
 SAMPLES = "teacher_samples.jsonl"
 SAMPLES_STAMP = "teacher_samples.json"
@@ -69,7 +70,8 @@ def ensure_samples(
     ``pool``. Returns ``{"count", "seconds", "sampled"}`` (``sampled``: drawn by this call)."""
     started = time.perf_counter()
     stamp, path, size = settings.samples_stamp(), out / SAMPLES, settings.sample_batch
-    have = 0 if force else _cached_count(out, stamp)
+    cached = None if force or not path.is_file() else read_stamp(out, stamp, SAMPLES_STAMP)
+    have = 0 if cached is None else min(cached["count"], _count_lines(path))
     if have >= count:
         if count:
             log(f"[demo] reusing {have} teacher samples in {path}")
@@ -90,22 +92,9 @@ def ensure_samples(
     )
     path.write_text("".join(kept) + "".join(json.dumps(r) + "\n" for r in rows), "utf-8")
     total, seconds = have + len(rows), time.perf_counter() - started
-    saved = {"settings": stamp, "result": {"count": total}}
-    (out / SAMPLES_STAMP).write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    write_stamp(out, stamp, {"count": total}, SAMPLES_STAMP)
     log(f"[demo] {total} teacher samples in {path} ({seconds:.0f} s)")
     return {"count": total, "seconds": seconds, "sampled": len(rows)}
-
-
-def _cached_count(out: Path, stamp: dict) -> int:
-    """Samples in a cached pool drawn with exactly ``stamp`` (0: none, or other settings)."""
-    path = out / SAMPLES_STAMP
-    if not path.is_file() or not (out / SAMPLES).is_file():
-        return 0
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    if saved.get("settings") != stamp:
-        return 0
-    lines = (out / SAMPLES).read_text(encoding="utf-8").count("\n")
-    return min(saved["result"]["count"], lines)
 
 
 def sample_batches(job: dict) -> list[dict]:
@@ -166,3 +155,7 @@ def write_sft_data(out: Path, target: Path, start: int, count: int) -> Path:
             row = json.loads(train[sample["index"]])
             handle.write(json.dumps({**row, "response": sample["response"]}) + "\n")
     return target
+
+
+def _count_lines(path: Path) -> int:
+    return path.read_text(encoding="utf-8").count("\n")

@@ -42,15 +42,12 @@ def prepare_data(out: Path, settings: DemoSettings) -> None:
 def build_teacher(
     out: Path, settings: DemoSettings, *, force: bool, log: Callable[[str], None]
 ) -> dict:
-    """Train both tokenizers and the teacher (or reuse ``teacher/``); evaluate it.
+    """Train both tokenizers and the teacher (or reuse ``teacher/``) and evaluate it:
+    ``{"accuracy", "validation_accuracy", "rounds", "seconds", "rebuilt"}``.
 
-    The teacher trains in rounds of ``teacher_steps`` (warm restarts: each a cosine cycle from
-    the last round's model, with its own data order) until its validation accuracy reaches
-    ``teacher_target``. Measured: one 1,000-step round gave 1.000 on one machine and 0.495 on
-    another; when a small model learns to read the later verbs is floating-point luck.
-
-    Returns:
-        ``{"accuracy", "validation_accuracy", "rounds", "seconds", "rebuilt"}``.
+    The teacher trains in rounds (warm restarts, each a cosine cycle with its own data order)
+    until it reaches ``teacher_target``: one 1,000-step round gave 1.000 on one machine and
+    0.495 on another; when a small model learns to read the later verbs is floating-point luck.
     """
     stamp, folder = settings.teacher_stamp(), out / "teacher"
     cached = None if force else read_stamp(folder, stamp)
@@ -138,18 +135,10 @@ def cached_student(out: Path, settings: DemoSettings, kind: str) -> dict | None:
 
 
 def build_student(job: dict) -> dict:
-    """Warm one student up with SFT on the warm-up slice of the teacher samples, then evaluate
-    it (runs in a worker process). Both students share architecture, initialisation seed,
-    steps, batch, learning rate, data order and teacher texts; only the tokenizer differs.
-
-    Args:
-        job: ``kind`` (``student``: cross-tokenizer, ``control``: the teacher's tokenizer),
-            ``out`` (the demo folder) and ``settings``.
-
-    Returns:
-        ``{"kind", "accuracy", "kl", "noncanonical", "warmup_steps", "warmup_curve",
-        "seconds"}`` (:func:`ctopd.demo.measure.sequence_kl`).
-    """
+    """Warm the ``job["kind"]`` student up with SFT on the warm-up slice of the teacher samples
+    and evaluate it (in a worker process). Both students share everything but the tokenizer.
+    Returns ``{"kind", "accuracy", "kl", "noncanonical", "warmup_steps", "warmup_curve",
+    "seconds"}``."""
     one_thread()
     from ctopd.demo.measure import accuracy, sequence_kl
     from ctopd.demo.samples import warmup_slice, write_sft_data
@@ -199,9 +188,8 @@ def build_student(job: dict) -> dict:
 
 
 def _first_at_target(run_dir: Path, out: Path, settings: DemoSettings) -> tuple[Path, int, list]:
-    """The matched start: the warm-up's first checkpoint whose validation accuracy reaches
-    ``settings.warmup_target`` (the last one when none does), its step, and ``[step,
-    validation accuracy]`` of every checkpoint measured."""
+    """The matched start: the warm-up's first checkpoint reaching ``warmup_target`` validation
+    accuracy (else the last), its step, and ``[step, accuracy]`` of each checkpoint measured."""
     from ctopd.demo.measure import accuracy
     from ctopd.training.checkpoint import list_checkpoints
 
@@ -218,8 +206,8 @@ def _first_at_target(run_dir: Path, out: Path, settings: DemoSettings) -> tuple[
 
 
 def _new_model(tokenizer, settings: DemoSettings, role: str, folder: Path, *, seed: int) -> str:
-    """A freshly initialised model of the ``role``'s (``teacher`` or ``student``) size, saved
-    with ``tokenizer`` in ``folder``; returns its parameter count as text (``"190k"``)."""
+    """Save a new model of the ``role``'s size (``teacher``, ``student``) with ``tokenizer`` in
+    ``folder``; return its parameter count as text (``"190k"``)."""
     from ctopd.testing import tiny_causal_lm
 
     model = tiny_causal_lm(
@@ -262,9 +250,8 @@ def stage_config(
     save_every: int = 0,
     keep_checkpoints: int = 1,
 ):
-    """A :class:`TrainConfig` for one stage; everything the demo does not set is the default.
-    No evaluation inside the loop: the demo measures the checkpoints ``save_every`` writes
-    afterwards, in big batches. Each stage rebuilds its folder (``overwrite``)."""
+    """A :class:`TrainConfig` for one stage, rebuilding its folder. No evaluation inside the
+    loop: the demo measures the checkpoints ``save_every`` writes afterwards, in big batches."""
     from ctopd.training.config import TrainConfig
 
     optim = {"lr": lr, "min_lr": 0.0, "schedule": schedule, "warmup_ratio": warmup_ratio}
@@ -289,18 +276,18 @@ def stage_config(
     )
 
 
-def read_stamp(folder: Path, stamp: dict) -> dict | None:
+def read_stamp(folder: Path, stamp: dict, name: str = STAMP) -> dict | None:
     """The cached result when ``folder`` was built with exactly ``stamp``, else ``None``."""
-    path = folder / STAMP
+    path = folder / name
     if not path.is_file():
         return None
     saved = json.loads(path.read_text(encoding="utf-8"))
     return saved.get("result") if saved.get("settings") == stamp else None
 
 
-def write_stamp(folder: Path, stamp: dict, result: dict) -> None:
+def write_stamp(folder: Path, stamp: dict, result: dict, name: str = STAMP) -> None:
     text = json.dumps({"settings": stamp, "result": result}, indent=2)
-    (folder / STAMP).write_text(text, encoding="utf-8")
+    (folder / name).write_text(text, encoding="utf-8")
 
 
 def save_model(model, tokenizer, folder: Path) -> None:
