@@ -14,7 +14,7 @@ LABELS = {
     "control_sft": "same-tokenizer continued SFT",
 }
 COLORS = dict(simct="tab:blue", dpca="tab:orange", shared_only="tab:green", sft="tab:gray")
-COLORS["opd"] = "tab:red"
+COLORS.update(control_opd="tab:red", control_sft="tab:gray")
 COLUMNS = ("method", "lr", "held-out accuracy", "per seed", "gap closed")
 COLUMNS += ("held-out KL (nats/token)", "coverage", "coverage of aligned tokens")
 COLUMNS += ("non-canonical samples", "seconds per run")
@@ -170,11 +170,10 @@ def plot_curves(results: dict, path: Path) -> Path:
     titles = {"student": "cross-tokenizer student", "control": "same-tokenizer control"}
     for (kind, _, methods), (left, right) in zip(_sections(results), axes):
         for name, row in methods.items():
-            color = COLORS.get(name.removeprefix("control_"))
             for axis, key in ((left, "accuracy"), (right, "kl")):
                 steps, values = _mean_curve(row["runs"], key)
                 if steps:
-                    _band(axis, steps, values, color, LABELS[name])
+                    _band(axis, steps, values, COLORS[name], LABELS[name])
         left.axhline(
             results["teacher_accuracy"], color="black", linestyle="--", linewidth=1, label="teacher"
         )

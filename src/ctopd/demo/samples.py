@@ -64,18 +64,18 @@ def ensure_samples(
     workers: int,
     force: bool,
     log: Callable[[str], None],
-) -> dict:
-    """Make ``OUT/teacher_samples.jsonl`` hold at least ``count`` samples: reuse a cached pool
-    of the same settings, extend it, or sample it anew (``force``), in ``workers`` jobs on
-    ``pool``. Returns ``{"count", "seconds", "sampled"}`` (``sampled``: drawn by this call)."""
+) -> int:
+    """Make ``OUT/teacher_samples.jsonl`` hold at least ``count`` samples (returns how many it
+    holds): reuse a cached pool of the same settings, extend it, or sample it anew (``force``),
+    in ``workers`` jobs on ``pool``."""
     started = time.perf_counter()
     stamp, path, size = settings.samples_stamp(), out / SAMPLES, settings.sample_batch
     cached = None if force or not path.is_file() else read_stamp(out, stamp, SAMPLES_STAMP)
-    have = 0 if cached is None else min(cached["count"], _count_lines(path))
+    have = 0 if cached is None else min(cached["count"], path.read_text("utf-8").count("\n"))
     if have >= count:
         if count:
             log(f"[demo] reusing {have} teacher samples in {path}")
-        return {"count": have, "seconds": 0.0, "sampled": 0}
+        return have
     have -= have % size  # whole batches only: a batch's samples depend on the whole batch
     kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:have] if have else []
     batches = list(range(have // size, math.ceil(count / size)))
@@ -94,7 +94,7 @@ def ensure_samples(
     total, seconds = have + len(rows), time.perf_counter() - started
     write_stamp(out, stamp, {"count": total}, SAMPLES_STAMP)
     log(f"[demo] {total} teacher samples in {path} ({seconds:.0f} s)")
-    return {"count": total, "seconds": seconds, "sampled": len(rows)}
+    return total
 
 
 def sample_batches(job: dict) -> list[dict]:
@@ -155,7 +155,3 @@ def write_sft_data(out: Path, target: Path, start: int, count: int) -> Path:
             row = json.loads(train[sample["index"]])
             handle.write(json.dumps({**row, "response": sample["response"]}) + "\n")
     return target
-
-
-def _count_lines(path: Path) -> int:
-    return path.read_text(encoding="utf-8").count("\n")

@@ -156,7 +156,4 @@ def write_jsonl(problems: Iterable[Problem], path: str | Path) -> Path:
 
 def corpus(problems: Iterable[Problem]) -> list[str]:
     """Texts to train the tokenizers on: every question and every solution."""
-    texts = []
-    for problem in problems:
-        texts.extend((problem.question, problem.solution))
-    return texts
+    return [text for problem in problems for text in (problem.question, problem.solution)]
