@@ -51,7 +51,9 @@ def build_teacher(
     """
     stamp, folder = settings.teacher_stamp(), out / "teacher"
     cached = None if force else read_stamp(folder, stamp)
-    if cached is not None and all((out / "tokenizers" / n).is_dir() for n in STUDENT_TOKENIZERS):
+    if cached is not None and all(
+        (out / "tokenizers" / n).is_dir() for n in ("teacher", "student")
+    ):
         log(f"[demo] reusing the teacher in {folder} (accuracy {cached['accuracy']:.3f})")
         return {**cached, "rebuilt": False}
 
