@@ -63,7 +63,6 @@ def run_sweep(
     """
     from ctopd.demo.methods import method_job, run_method
     from ctopd.demo.run import build_models, demo_pool, has_sft
-    from ctopd.demo.stages import STUDENT_FOLDERS
 
     from .report import sweep_markdown
 
@@ -92,7 +91,7 @@ def run_sweep(
                     measure_model,
                     [
                         dict(
-                            model=str(out / STUDENT_FOLDERS[kind]),
+                            model=str(out / kind),
                             teacher=str(out / "teacher"),
                             data=str(out / "validation.jsonl"),
                             settings=settings,

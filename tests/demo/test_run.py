@@ -238,10 +238,11 @@ def test_sampled_outcomes_are_seeded_and_need_a_temperature(tmp_path):
     import dataclasses
 
     from ctopd.demo.measure import outcomes
-    from ctopd.demo.task import make_split, write_jsonl
+    from ctopd.demo.task import make_splits, write_jsonl
     from ctopd.testing import tiny_causal_lm, train_byte_level_bpe
 
-    train, test = make_split(200, 12, seed=0)
+    splits = make_splits(200, 12, 0, seed=0)
+    train, test = splits.train, splits.test
     texts = [t for p in train for t in (p.question, p.solution)]
     tokenizer = train_byte_level_bpe(texts, 300, split_digits=True)
     model = tiny_causal_lm(

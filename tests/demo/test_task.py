@@ -8,7 +8,6 @@ from ctopd.demo.task import (
     corpus,
     generate_problem,
     generate_problems,
-    make_split,
     make_splits,
     worked_step,
     write_jsonl,
@@ -65,10 +64,11 @@ def test_generate_problem_respects_ranges():
 
 
 def test_split_is_fixed_and_disjoint():
-    train, test = make_split(300, 50, seed=0)
+    splits = make_splits(300, 50, 0, seed=0)
+    train, test = splits.train, splits.test
     assert len(train) == 300 and len(test) == 50
     assert not {p.question for p in train} & {p.question for p in test}
-    assert make_split(300, 50, seed=0) == (train, test)
+    assert make_splits(300, 50, 0, seed=0) == splits
 
 
 def test_validation_test_and_training_splits_share_no_question():
@@ -81,7 +81,8 @@ def test_validation_test_and_training_splits_share_no_question():
             assert not first & second
     # Adding a validation split leaves the training and test problems as they were; adding
     # extra test problems leaves all three as they were.
-    assert make_split(400, 60, seed=0) == (splits.train, splits.test)
+    no_validation = make_splits(400, 60, 0, seed=0)
+    assert (no_validation.train, no_validation.test) == (splits.train, splits.test)
     without = make_splits(400, 60, 70, seed=0)
     assert without.extra_test == [] and without.extra_validation == []
     assert (without.train, without.validation, without.test) == splits[:3]

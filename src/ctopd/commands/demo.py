@@ -1,13 +1,6 @@
-"""``ctopd demo``: the built-in experiment (see :mod:`ctopd.demo.run`).
-
-Examples:
-    ctopd demo                              # full run, 3 seeds, into ./ctopd-demo
-    ctopd demo --quick                      # CI-sized, a minute or two
-    ctopd demo --methods simct,control_opd  # a subset of the runs
-    ctopd demo --force                      # retrain the cached teacher, samples and students
-
-Sweeps, calibration, ablations, other starts and task orders and the paired statistics are in
-``research/testbed.py`` (same flags), beside the repository's other studies.
+"""``ctopd demo``: the built-in experiment (:mod:`ctopd.demo.run`). ``ctopd demo --quick`` checks
+every stage in a minute or two; ``--methods simct,control_opd`` runs a subset; ``--force``
+retrains the cached models. Sweeps, calibration and ablations: ``research/testbed.py``.
 """
 
 from __future__ import annotations
@@ -48,10 +41,7 @@ def add_parser(subparsers) -> None:
         help="rebuild the teacher, its samples and the students even when cached",
     )
     parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="processes side by side (default: CPU cores, at most 2)",
+        "--workers", type=int, help="processes side by side (default: CPU cores, at most 2)"
     )
     parser.set_defaults(func=_demo)
 

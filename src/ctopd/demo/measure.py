@@ -9,12 +9,9 @@ from ctopd.demo.settings import DemoSettings
 
 
 def accuracy(model_dir: Path, data_path: Path, settings: DemoSettings) -> float:
-    """Greedy exact-final-answer accuracy on every row of ``data_path``, ``eval_batch`` prompts
-    per ``generate`` call."""
-    from ctopd.training.evaluate import evaluate
-
-    limits = {"max_new_tokens": settings.max_new_tokens, "batch_size": settings.eval_batch}
-    return evaluate(str(model_dir), None, data_path, **limits)["accuracy"]
+    """Greedy exact-final-answer accuracy on every row of ``data_path``."""
+    scores = outcomes(model_dir, data_path, settings)
+    return scores.count("1") / len(scores)
 
 
 def outcomes(
@@ -25,16 +22,16 @@ def outcomes(
     *,
     sampled: bool = False,
 ) -> str:
-    """Exact-final-answer outcome of every row of ``data_path``, in order, as a string of ``1``
-    (right) and ``0`` (wrong): compact in ``results.json``, and what paired comparisons between
-    runs need. ``responses_path``: where to keep each response (one JSON row per problem).
+    """Exact-final-answer outcome of every row of ``data_path`` (``eval_batch`` prompts per
+    ``generate`` call), in order, as a string of ``1`` (right) and ``0`` (wrong): compact in
+    ``results.json``, and what paired comparisons need. ``responses_path``: where to keep each
+    response (one JSON row per problem).
 
-    ``sampled``: one response per problem sampled at ``settings.sampled_temperature`` with the
-    seed ``settings.sampled_seed`` (the same for every model, so that similar models draw similar
-    samples), instead of the greedy one. Greedy accuracy asks whether a model's most likely path
-    is right; sampled accuracy also counts the probability it leaves on wrong tokens, which the
-    reverse KL of on-policy distillation penalises (logit gradient about ``q log(1/p)`` for a
-    token the teacher rules out) and continued SFT barely does (``q``)."""
+    ``sampled``: one response per problem at ``settings.sampled_temperature``, seeded with
+    ``settings.sampled_seed`` for every model, instead of the greedy one. Sampled accuracy also
+    counts the probability a model leaves on wrong tokens, which the reverse KL of on-policy
+    distillation penalises (logit gradient about ``q log(1/p)`` for a token the teacher rules
+    out) and continued SFT barely does (``q``)."""
     from ctopd.training.evaluate import evaluate
 
     if sampled and settings.sampled_temperature is None:
@@ -53,9 +50,8 @@ def outcomes(
 
 
 def measure_outcomes(job: dict) -> dict:
-    """:func:`outcomes` of one model folder (runs in a worker process). ``job``: ``model``,
-    ``data``, ``settings`` and a ``key`` returned with the outcomes; ``sampled`` (optional):
-    sampled instead of greedy outcomes, returned with the job's ``sampled`` flag."""
+    """:func:`outcomes` of ``job["model"]`` on ``job["data"]`` (in a worker process), returned
+    with the job's ``key`` and ``sampled`` flag."""
     from ctopd.demo.stages import one_thread
 
     one_thread()
@@ -72,22 +68,18 @@ def measure_outcomes(job: dict) -> dict:
 def sequence_kl(
     student_dir: Path, teacher_dir: Path, data_path: Path, settings: DemoSettings
 ) -> dict:
-    """Reverse KL per student token, measured the same way for every method and either
-    student, and how often the student spells its text with other tokens than its tokenizer
-    would.
+    """Reverse KL per student token, the same for every method and either student (each
+    objective's own ``kl`` is over its own supervision space, not comparable), and how often the
+    student spells its text with other tokens than its tokenizer would.
 
-    The objectives each report their own ``kl`` over their own supervision space (SimCT over
-    its text events, shared-only over ``V∩``, DPCA per chunk), which are not comparable. This
-    estimate is: the student samples a response ``y`` (temperature 1) to each of the first
-    ``settings.kl_prompts`` prompts of ``data_path``; ``log π(y)`` is the sum of its token
-    log-probs and ``log q(y)`` the teacher's log-prob of the same text under its own
-    tokenisation (end of turn included; with identical tokenizers, of the sampled ids). Both are
-    probabilities of the same text, so the estimate compares students with different tokenizers.
+    The student samples ``y`` (temperature 1) for each of the first ``settings.kl_prompts``
+    prompts of ``data_path``; ``log π(y)`` sums its token log-probs, ``log q(y)`` is the
+    teacher's log-prob of the same text in its own tokens (end of turn included).
 
     Returns:
         ``kl``: ``Σ (log π(y) - log q(y)) / Σ |y|`` (nats per student token); ``noncanonical``:
         the share of responses whose ids differ from the student tokenizer's encoding of their
-        own text (a student that learned to spell numbers digit by digit, say).
+        text (a student that learned to spell numbers digit by digit, say).
     """
     import torch
 
@@ -97,40 +89,33 @@ def sequence_kl(
     from ctopd.training.models import load_causal_lm, load_model_tokenizer
     from ctopd.training.rollout import sample_responses
 
-    student_config = ModelConfig(name_or_path=str(student_dir))
-    teacher_config = ModelConfig(name_or_path=str(teacher_dir))
-    student_tokenizer = load_model_tokenizer(student_config, side="student")
-    teacher_tokenizer = load_model_tokenizer(teacher_config, side="teacher")
-    pair = TokenizerPair(teacher_tokenizer, student_tokenizer)
-    student = load_causal_lm(student_config, side="student").eval()
-    teacher = load_causal_lm(teacher_config, side="teacher").eval()
     examples = load_examples(DataConfig(path=str(data_path), limit=settings.kl_prompts))
-    student_prompts = encode_prompts(student_tokenizer, examples, side="student")
-    teacher_prompts = encode_prompts(teacher_tokenizer, examples, side="teacher")
-    total, tokens, noncanonical = 0.0, 0, 0
+    tokenizers, models, prompts = {}, {}, {}
+    for side, folder in (("student", student_dir), ("teacher", teacher_dir)):
+        config = ModelConfig(name_or_path=str(folder))
+        tokenizers[side] = load_model_tokenizer(config, side=side)
+        models[side] = load_causal_lm(config, side=side).eval()
+        prompts[side] = encode_prompts(tokenizers[side], examples, side=side)
+    pair = TokenizerPair(tokenizers["teacher"], tokenizers["student"])
+    pad = {side: tokenizer.pad_token_id for side, tokenizer in tokenizers.items()}
+    total, tokens, noncanonical, batch = 0.0, 0, 0, settings.eval_batch
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(0)
-        batch = settings.eval_batch
         for lo in range(0, len(examples), batch):
-            s_prompts, t_prompts = (
-                student_prompts[lo : lo + batch],
-                teacher_prompts[lo : lo + batch],
-            )
             responses = sample_responses(
-                student,
-                s_prompts,
+                models["student"],
+                prompts["student"][lo : lo + batch],
                 end_ids=pair.student_table.end_ids.tolist(),
-                pad_id=student_tokenizer.pad_token_id,
+                pad_id=pad["student"],
                 max_new_tokens=settings.max_new_tokens,
                 temperature=1.0,
             )
-            teacher_responses = pair.teacher_ids_for_batch(responses)
-            total += _logprob_sum(student, s_prompts, responses, student_tokenizer.pad_token_id)
-            total -= _logprob_sum(
-                teacher, t_prompts, teacher_responses, teacher_tokenizer.pad_token_id
-            )
+            both = {"student": responses, "teacher": pair.teacher_ids_for_batch(responses)}
+            for side, sign in (("student", 1), ("teacher", -1)):
+                batch_prompts = prompts[side][lo : lo + batch]
+                total += sign * _logprob_sum(models[side], batch_prompts, both[side], pad[side])
             tokens += sum(len(r) for r in responses)
-            noncanonical += sum(_noncanonical(pair, student_tokenizer, ids) for ids in responses)
+            noncanonical += sum(_noncanonical(pair, tokenizers["student"], r) for r in responses)
     return {"kl": total / max(tokens, 1), "noncanonical": noncanonical / max(len(examples), 1)}
 
 

@@ -1,10 +1,6 @@
-"""One demo run (a method, a seed, from a warmed-up student) and the per-method summary.
-
-A run trains ``steps`` steps of ``method_batch`` prompts (a short ramp, then cosine decay to 0)
-and saves a checkpoint every ``eval_every`` steps; afterwards every checkpoint is measured in big
-batches (greedy accuracy and the common KL, :mod:`ctopd.demo.measure`) and deleted. A run
-measured on the test split keeps its final model in ``runs/<run>-seed<k>/final/``; others (on
-the validation split, as research runs them) keep only their numbers.
+"""One demo run (a method, a seed, from a warmed-up student) and the per-method summary. A run
+saves a checkpoint every ``eval_every`` steps, measured afterwards in big batches and deleted; a
+test run keeps its final model in ``runs/<run>-seed<k>/final/``.
 """
 
 from __future__ import annotations
@@ -56,41 +52,31 @@ def method_job(
 
 
 def run_method(job: dict) -> dict:
-    """One run from its warmed-up student (runs in a worker process); ``job``: from
-    :func:`method_job`.
-
-    Returns:
-        ``name``, ``student`` (``student`` or ``control``), ``method`` (the objective or
-        ``sft``), ``seed``, ``lr``, ``steps``; ``accuracy``, ``kl``, ``noncanonical`` of the
-        final model on the job's ``split``; ``coverage``, ``aligned_coverage``,
-        ``unaligned_share`` (:func:`ctopd.demo.measure.coverage`) and ``train_kl`` (the
-        objective's own), ``None`` for SFT; ``seconds`` (training) and ``eval_seconds``;
-        ``extra_accuracy``, ``extra_outcomes`` and their ``extra_sampled_`` twins on the
-        job's ``outcomes_split`` (responses kept in ``run_dir/<split>_responses.jsonl`` and
-        ``<split>_sampled_responses.jsonl``), ``None`` without one; ``curve``: ``step``,
-        ``accuracy``, ``kl`` from step 0, ``extra_step``, ``extra_accuracy``,
-        ``extra_outcomes`` per checkpoint, ``train_kl_step``, ``train_kl`` per step.
-    """
+    """One run of a :func:`method_job` from its warmed-up student (in a worker process): the
+    final model's ``accuracy``, ``kl``, ``noncanonical`` on the job's split; ``coverage`` and
+    ``train_kl`` (``None`` for SFT); ``extra_`` and ``extra_sampled_`` accuracy and outcomes on
+    its ``outcomes_split`` (``None`` without one); ``seconds`` training, ``eval_seconds``
+    measuring; and the ``curve`` per checkpoint (from step 0) and per training step."""
     from ctopd.demo.measure import coverage
-    from ctopd.demo.stages import STUDENT_FOLDERS, one_thread
+    from ctopd.demo.stages import one_thread
     from ctopd.training.metrics import read_metrics
 
     one_thread()
     out, run_dir = Path(job["out"]), Path(job["run_dir"])
     kind, objective = RUN_SPECS[job["name"]]
     shutil.rmtree(run_dir, ignore_errors=True)
-    summary = train_run(job, out / STUDENT_FOLDERS[kind], objective, run_dir)
+    summary = train_run(job, out / kind, objective, run_dir)
     started = time.perf_counter()
     rows = read_metrics(run_dir)
-    points = _measure(job, out / STUDENT_FOLDERS[kind], run_dir)
-    extra, sampled = _measure_extra(job, run_dir)
+    points, sampled = _measure(job, out / kind, run_dir)
     if job["split"] != "test":  # the demo's own runs keep their final model
         shutil.rmtree(run_dir / "final", ignore_errors=True)
     for checkpoint in run_dir.glob("checkpoint-*"):
         shutil.rmtree(checkpoint, ignore_errors=True)
-    sft, steps = objective == "sft", sorted(extra)
+    extra = [p for p in points if "outcomes" in p]
+    last = extra[-1]["outcomes"] if extra else None
+    sft = objective == "sft"
     shares = (None,) * 3 if sft else coverage(rows)
-    last = extra[steps[-1]] if extra else None
     return {
         "name": job["name"],
         "student": kind,
@@ -111,20 +97,17 @@ def run_method(job: dict) -> dict:
             **{key: [p[key] for p in points] for key in ("step", "accuracy", "kl")},
             "train_kl_step": [r["step"] for r in rows if "kl" in r],
             "train_kl": [r["kl"] for r in rows if "kl" in r],
-            "extra_step": steps,
-            "extra_accuracy": [_share(extra[step]) for step in steps],
-            "extra_outcomes": [extra[step] for step in steps],
+            "extra_step": [p["step"] for p in extra],
+            "extra_accuracy": [_share(p["outcomes"]) for p in extra],
+            "extra_outcomes": [p["outcomes"] for p in extra],
         },
     }
 
 
 def train_run(job: dict, student_dir: Path, objective: str, run_dir: Path) -> dict:
-    """Train one run of :func:`method_job`'s ``job`` from ``student_dir`` into ``run_dir``:
-    on-policy distillation with ``objective`` (``train``) or, for ``sft``, continued SFT on its
-    seed's slice of the teacher samples (``run_sft``, the same texts for both students).
-
-    Returns:
-        The training summary (``steps``, ``seconds``, ``final_metrics``, ...)."""
+    """Train a :func:`method_job` from ``student_dir`` into ``run_dir`` and return the training
+    summary: OPD with ``objective``, or for ``sft`` continued SFT on its seed's slice of the
+    teacher samples (the same texts for both students)."""
     from ctopd.demo.samples import sft_slice, write_sft_data
     from ctopd.demo.stages import stage_config
     from ctopd.training.loop import train
@@ -165,59 +148,45 @@ def train_run(job: dict, student_dir: Path, objective: str, run_dir: Path) -> di
     return train(config)
 
 
-def _measure(job: dict, student_dir: Path, run_dir: Path) -> list[dict]:
-    """Accuracy, KL and non-canonical share on the job's split: at step 0 (the warmed-up
-    student's stamped figures, measured the same way) and at every checkpoint (or the last)."""
-    from ctopd.demo.measure import accuracy, sequence_kl
+def _measure(job: dict, student_dir: Path, run_dir: Path) -> tuple[list[dict], str | None]:
+    """Per checkpoint (with ``curve``, else the last): ``step``, ``accuracy``, ``kl``,
+    ``noncanonical`` on the job's split and greedy ``outcomes`` on its ``outcomes_split``; on a
+    test curve step 0 first (the start's stamped figures). And the final model's sampled
+    outcomes (only the final's: per checkpoint would double the measuring time). The last
+    responses are kept in ``run_dir/<split>_[sampled_]responses.jsonl``."""
+    from ctopd.demo.measure import accuracy, outcomes, sequence_kl
     from ctopd.demo.stages import STAMP
     from ctopd.training.checkpoint import list_checkpoints
 
-    settings, out = job["settings"], Path(job["out"])
+    settings, out, split = job["settings"], Path(job["out"]), job.get("outcomes_split")
     data, points = out / f"{job['split']}.jsonl", []
     if job["curve"] and job["split"] == "test":
         start = json.loads((student_dir / STAMP).read_text(encoding="utf-8"))["result"]
         points.append({"step": 0, **{k: start[k] for k in ("accuracy", "kl", "noncanonical")}})
+    if split is not None and not getattr(settings, f"num_{split}"):
+        split = None
     checkpoints = list_checkpoints(run_dir)
-    for checkpoint in checkpoints if job["curve"] else checkpoints[-1:]:
+    checkpoints = checkpoints if job["curve"] else checkpoints[-1:]
+    for checkpoint in checkpoints:
         model = checkpoint / "student"
         kl = sequence_kl(model, out / "teacher", data, settings)
-        points.append(
-            {"step": _step(checkpoint), "accuracy": accuracy(model, data, settings), **kl}
-        )
-    return points
-
-
-def _measure_extra(job: dict, run_dir: Path) -> tuple[dict[int, str], str | None]:
-    """Greedy outcomes on the job's ``outcomes_split`` by step (every checkpoint, or the last
-    without ``curve``; the last one's responses kept in ``run_dir/<split>_responses.jsonl``),
-    and the final model's sampled outcomes (``None`` without ``sampled_temperature``: only the
-    final model, as a sampled score per checkpoint would double the measuring time). Empty
-    without such a split or when the settings hold no problems for it."""
-    from ctopd.demo.measure import outcomes
-    from ctopd.training.checkpoint import list_checkpoints
-
-    settings, out, split = job["settings"], Path(job["out"]), job.get("outcomes_split")
-    if split is None or not getattr(settings, f"num_{split}"):
-        return {}, None
-    checkpoints = list_checkpoints(run_dir)
-    checkpoints, data = checkpoints if job["curve"] else checkpoints[-1:], out / f"{split}.jsonl"
-    responses = run_dir / f"{split}_responses.jsonl"
-    by_step = {
-        _step(c): outcomes(
-            c / "student", data, settings, responses if c == checkpoints[-1] else None
-        )
-        for c in checkpoints
-    }
-    if settings.sampled_temperature is None:
-        return by_step, None
+        point = {"step": _step(checkpoint), "accuracy": accuracy(model, data, settings), **kl}
+        if split is not None:
+            last = checkpoint == checkpoints[-1]
+            responses = run_dir / f"{split}_responses.jsonl" if last else None
+            point["outcomes"] = outcomes(model, out / f"{split}.jsonl", settings, responses)
+        points.append(point)
+    if split is None or settings.sampled_temperature is None:
+        return points, None
     responses = run_dir / f"{split}_sampled_responses.jsonl"
-    return by_step, outcomes(checkpoints[-1] / "student", data, settings, responses, sampled=True)
+    model = checkpoints[-1] / "student"
+    return points, outcomes(model, out / f"{split}.jsonl", settings, responses, sampled=True)
 
 
-def gap_closed(accuracy: float | None, start: float, teacher: float) -> float | None:
+def gap_closed(accuracy: float | None, start: float | None, teacher: float | None) -> float | None:
     """``(accuracy - start) / (teacher - start)``: the share of the student → teacher gap a run
-    closed (``None`` when there is no gap)."""
-    if accuracy is None or abs(teacher - start) < 1e-12:
+    closed (``None`` when a figure is missing or there is no gap)."""
+    if None in (accuracy, start, teacher) or abs(teacher - start) < 1e-12:
         return None
     return (accuracy - start) / (teacher - start)
 
@@ -227,35 +196,26 @@ def summarize_method(
     *,
     start: float,
     teacher: float,
-    extra_start: float | None = None,
-    extra_teacher: float | None = None,
-    extra_sampled_start: float | None = None,
-    extra_sampled_teacher: float | None = None,
+    extra_start: dict | None = None,
+    extra_teacher: dict | None = None,
 ) -> dict:
-    """One method over its seeds: means (and the accuracy's std), ``gap_closed`` and each
-    seed's run (with its own ``gap_closed``); the same on the extra test split
-    (``extra_accuracy_mean``, ``_std``, ``extra_gap_closed`` from the start's and the teacher's
-    extra accuracies) and for its sampled accuracy there (``extra_sampled_...``), ``None`` where
-    it was not measured."""
+    """One method over its seeds: means, the accuracy's std, ``gap_closed`` and each seed's run;
+    the same on the extra test split, greedy (``extra_``) and sampled (``extra_sampled_``), gaps
+    from the start's and the teacher's rows there (``extra_start``, ``extra_teacher``)."""
     runs = sorted(runs, key=lambda r: r["seed"])
     runs = [{**r, "gap_closed": gap_closed(r["accuracy"], start, teacher)} for r in runs]
     accuracies = [r["accuracy"] for r in runs]
     mean = statistics.fmean(accuracies)
     summary = {"accuracy": mean, "accuracy_mean": mean, "accuracy_std": _std(accuracies) or 0.0}
     summary["gap_closed"] = gap_closed(mean, start, teacher)
-    for key, first, top in (
-        ("extra", extra_start, extra_teacher),
-        ("extra_sampled", extra_sampled_start, extra_sampled_teacher),
-    ):
+    for key, field in (("extra", "accuracy"), ("extra_sampled", "sampled_accuracy")):
         values = [r.get(f"{key}_accuracy") for r in runs]
         measured = None not in values
-        summary[f"{key}_accuracy_mean"] = statistics.fmean(values) if measured else None
+        extra_mean = statistics.fmean(values) if measured else None
+        first, top = (extra_start or {}).get(field), (extra_teacher or {}).get(field)
+        summary[f"{key}_accuracy_mean"] = extra_mean
         summary[f"{key}_accuracy_std"] = _std(values) if measured else None
-        summary[f"{key}_gap_closed"] = (
-            gap_closed(statistics.fmean(values), first, top)
-            if measured and first is not None
-            else None
-        )
+        summary[f"{key}_gap_closed"] = gap_closed(extra_mean, first, top)
     for key in ("kl", "coverage", "aligned_coverage", "unaligned_share", "noncanonical"):
         summary[key] = _mean([r[key] for r in runs])
     return {

@@ -14,7 +14,7 @@ LABELS = {
     "control_sft": "same-tokenizer continued SFT",
 }
 COLORS = dict(simct="tab:blue", dpca="tab:orange", shared_only="tab:green", sft="tab:gray")
-COLORS["opd"] = "tab:red"
+COLORS.update(control_opd="tab:red", control_sft="tab:gray")
 COLUMNS = ("method", "lr", "held-out accuracy", "per seed", "gap closed")
 COLUMNS += ("held-out KL (nats/token)", "coverage", "coverage of aligned tokens")
 COLUMNS += ("non-canonical samples", "seconds per run")
@@ -30,18 +30,16 @@ def write_results(out: Path, results: dict) -> Path:
 def results_markdown(results: dict) -> str:
     """The results as a Markdown table (also readable as plain text): the teacher, the
     cross-tokenizer student's methods, then the same-tokenizer control's."""
-    seeds, settings, controls = results["seeds"], results["settings"], results["controls"]
+    seeds, settings = results["seeds"], results["settings"]
     accuracy = "held-out accuracy (mean ± std)" if seeds > 1 else "held-out accuracy"
     header = [accuracy if c == "held-out accuracy" else c for c in COLUMNS]
     teacher = [f"{results['teacher_accuracy']:.3f}"] + [""] * 6
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(COLUMNS)]
     lines.append(_row("teacher", "", *teacher, seconds=results["teacher_seconds"]))
-    lines.append(_start_row("student after warm-up", results, results["student_seconds"]))
-    lines += [_method_row(LABELS.get(m, m), row, seeds) for m, row in results["methods"].items()]
-    label, seconds = "same-tokenizer control after warm-up", results.get("control_seconds")
-    lines.append(_start_row(label, controls, seconds))
-    for method, row in _control_rows(results).items():
-        lines.append(_method_row(LABELS[f"control_{method}"], row, seeds))
+    starts = {"student": results, "control": results["controls"]}
+    for kind, label, methods in _sections(results):
+        lines.append(_start_row(label, starts[kind], results.get(f"{kind}_seconds")))
+        lines += [_method_row(LABELS[name], row, seeds) for name, row in methods.items()]
     lines += [
         "",
         f"{seeds} seed(s); every method starts from its warmed-up student (cross-tokenizer: "
@@ -58,7 +56,7 @@ def results_markdown(results: dict) -> str:
         "unaligned chunks. Non-canonical samples: the share of the KL samples whose token ids "
         "differ from the student tokenizer's own encoding of their text.",
     ]
-    if results.get("extra_test") and (results["methods"] or _control_rows(results)):
+    if results.get("extra_test") and any(methods for _, _, methods in _sections(results)):
         lines += ["", extra_markdown(results)]
     if settings.get("warmup_target") is not None:
         steps = results.get("warmup_steps", {})
@@ -86,10 +84,9 @@ def extra_markdown(results: dict) -> str:
         header,
         "|" + " --- |" * header.count(" | ") + " --- |",
     ]
-    rows = [("teacher", extra["teacher"]), ("student after warm-up", extra["student"])]
-    rows += [(LABELS.get(m, m), row) for m, row in results["methods"].items()]
-    rows.append(("same-tokenizer control after warm-up", extra["control"]))
-    rows += [(LABELS[f"control_{m}"], row) for m, row in _control_rows(results).items()]
+    rows = [("teacher", extra["teacher"])]
+    for kind, label, methods in _sections(results):
+        rows += [(label, extra[kind]), *((LABELS[name], row) for name, row in methods.items())]
     for label, row in rows:
         if "outcomes" in row:  # a single model: the teacher or a start
             cells = [f"{row['accuracy']:.3f}", ""]
@@ -114,6 +111,20 @@ def extra_markdown(results: dict) -> str:
             "comparisons with intervals: research/testbed.py.",
         ]
     return "\n".join(lines)
+
+
+def _sections(results: dict) -> tuple:
+    """Per warmed-up student (``student``, then ``control``): its kind, its start's label and
+    its method entries by run name (:data:`LABELS`), the control's start figures left out."""
+    controls = {k: v for k, v in results["controls"].items() if isinstance(v, dict)}
+    return (
+        ("student", "student after warm-up", results["methods"]),
+        (
+            "control",
+            "same-tokenizer control after warm-up",
+            {f"control_{name}": row for name, row in controls.items()},
+        ),
+    )
 
 
 def _mean_std(row: dict, key: str) -> str:
@@ -156,22 +167,18 @@ def plot_curves(results: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    panels = (
-        ("cross-tokenizer student", results["methods"], ""),
-        ("same-tokenizer control", _control_rows(results), "control_"),
-    )
-    for (title, rows, prefix), (left, right) in zip(panels, axes):
-        for method, row in rows.items():
-            color, label = COLORS.get(method), LABELS[prefix + method]
+    titles = {"student": "cross-tokenizer student", "control": "same-tokenizer control"}
+    for (kind, _, methods), (left, right) in zip(_sections(results), axes):
+        for name, row in methods.items():
             for axis, key in ((left, "accuracy"), (right, "kl")):
                 steps, values = _mean_curve(row["runs"], key)
                 if steps:
-                    _band(axis, steps, values, color, label)
+                    _band(axis, steps, values, COLORS[name], LABELS[name])
         left.axhline(
             results["teacher_accuracy"], color="black", linestyle="--", linewidth=1, label="teacher"
         )
-        left.set(ylabel="held-out accuracy", title=f"{title}: accuracy")
-        right.set(ylabel="held-out KL (nats / student token)", title=f"{title}: common KL")
+        left.set(ylabel="held-out accuracy", title=f"{titles[kind]}: accuracy")
+        right.set(ylabel="held-out KL (nats / student token)", title=f"{titles[kind]}: common KL")
     for axis in axes.flat:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -182,11 +189,6 @@ def plot_curves(results: dict, path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
-
-
-def _control_rows(results: dict) -> dict:
-    """The control's method entries (``opd``, ``sft``) without its start figures."""
-    return {k: v for k, v in results["controls"].items() if isinstance(v, dict)}
 
 
 def _mean_curve(runs: list[dict], key: str):

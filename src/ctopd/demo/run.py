@@ -1,16 +1,9 @@
 """The ``ctopd demo`` experiment: cross-tokenizer OPD on a task a laptop can check, read against a
-same-tokenizer control. Everything is local, seeded, and cached where it can be (a stamp in each
-folder records the settings it was built with; ``force`` rebuilds):
-
-1. the task's splits (:mod:`.task`); 2. two tokenizers (one token per digit for the teacher,
-digit groups of up to three for the student) and a small teacher trained from scratch
-(:mod:`.stages`); 3. teacher samples, drawn once (:mod:`.samples`); 4. ``student/`` (the
-student's tokenizer) and ``control/`` (the teacher's), the same architecture, warmed up alike
-until each reaches the same validation accuracy; 5. equal-budget runs per seed
-(:mod:`.methods`): ``simct``, ``dpca``, ``shared_only`` and continued SFT from ``student/``,
-same-tokenizer ``opd`` and SFT from ``control/``; 6. the report (:mod:`.report`): held-out
-accuracy, gap closed, the common held-out KL, coverage and time per run, and every final
-model's and start's outcome per problem on the extra test split.
+same-tokenizer control. Local, seeded, and cached where it can be (a stamp in each folder records
+the settings it was built with; ``force`` rebuilds). Stages: the task's splits (:mod:`.task`);
+two tokenizers and a teacher trained from scratch (:mod:`.stages`); teacher samples, drawn once
+(:mod:`.samples`); ``student/`` (its own tokenizer) and ``control/`` (the teacher's), warmed up
+alike; equal-budget runs per seed (:mod:`.methods`); the report (:mod:`.report`).
 
 One pool of spawned worker processes (one torch thread each) runs the sampling, the warm-ups
 and the methods, so imports are paid once per worker.
@@ -33,11 +26,8 @@ _NAME = {"teacher": "teacher", **_KIND}
 
 
 def parse_runs(text: str | None) -> tuple[str, ...]:
-    """The run names of ``--methods a,b,...`` (all of :data:`RUNS` when empty), in RUNS order.
-
-    Raises:
-        ValueError: an unknown name; the message lists the valid ones.
-    """
+    """The run names of ``--methods a,b,...`` (all of :data:`RUNS` when empty), in RUNS order;
+    ``ValueError`` listing the valid ones for an unknown name."""
     if not text:
         return RUNS
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -60,19 +50,10 @@ def run_demo(
     workers: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run the whole experiment and write its report into ``output_dir`` (created).
-
-    Args:
-        quick: the CI configuration (:data:`ctopd.demo.settings.QUICK`), a minute or two.
-        settings: sizes and budgets, when not :func:`ctopd.demo.settings.demo_settings`'s.
-        seeds: runs per method (seeds ``0..seeds-1``); each starts from its warmed-up student.
-        methods: run names to run (:data:`RUNS`, see :func:`parse_runs`).
-        force: rebuild the teacher, its samples and the students even when cached ones match.
-        workers: processes side by side (default: CPU cores, at most 2).
-
-    Returns:
-        The ``results.json`` content.
-    """
+    """Run the whole experiment, write its report into ``output_dir`` (created) and return the
+    ``results.json`` content: ``methods`` x ``seeds`` runs (seeds ``0..seeds-1``) with
+    ``settings`` (default: :data:`~ctopd.demo.settings.FULL`, or ``QUICK`` with ``quick``), on
+    ``workers`` processes (default: CPU cores, at most 2); ``force`` rebuilds cached models."""
     from ctopd.demo.methods import method_job, run_method
     from ctopd.demo.report import plot_curves, results_markdown, write_results
     from ctopd.demo.settings import demo_settings
@@ -139,17 +120,9 @@ def build_models(
     force: bool,
     log: Callable[[str], None],
 ) -> dict:
-    """Data, teacher, teacher samples and both warmed-up students, each reused when cached.
-
-    Args:
-        seeds: SFT seeds whose sample slices the pool must hold (when ``sft``).
-        sft: whether an SFT run follows (it trains on teacher samples past the warm-up's).
-
-    Returns:
-        ``{"teacher": {"accuracy", "seconds", "rebuilt", ...}, "students": {"student": ...,
-        "control": ...} (:func:`ctopd.demo.stages.build_student`), "stages": seconds of the
-        teacher, samples and students stages}``.
-    """
+    """Data, teacher, teacher samples (for ``seeds`` SFT seeds when ``sft``) and both
+    warmed-up students, each reused when cached: ``{"teacher": ..., "students": {"student",
+    "control"}, "stages": seconds per stage}``."""
     from ctopd.demo.samples import ensure_samples, samples_needed
     from ctopd.demo.stages import build_student, build_teacher, cached_student, prepare_data
 
@@ -168,10 +141,8 @@ def build_models(
     stages["samples"] = _lap(log, "samples", started)
 
     started = time.perf_counter()
-    for kind, result in students.items():
-        if result is not None:
-            accuracy = result["accuracy"]
-            log(f"[demo] reusing the {_KIND[kind]} in {out / kind} (accuracy {accuracy:.3f})")
+    for kind, result in ((k, r) for k, r in students.items() if r is not None):
+        log(f"[demo] reusing the {_KIND[kind]} in {out / kind} (accuracy {result['accuracy']:.3f})")
     if missing:
         target = settings.warmup_target
         stop = (
@@ -205,10 +176,9 @@ def measure_extra_starts(
     split: str = "extra_test",
     keys: tuple[str, ...] = ("teacher", "student", "control"),
 ) -> dict:
-    """Outcomes of the teacher and the warmed-up students (``keys``) on ``<split>.jsonl``, one
-    ``0``/``1`` per problem (:func:`ctopd.demo.measure.outcomes`), and their accuracies: greedy
-    (``outcomes``, ``accuracy``) and, with ``settings.sampled_temperature``, sampled
-    (``sampled_outcomes``, ``sampled_accuracy``); empty when the split has no problems."""
+    """Per model folder in ``keys``: its ``outcomes`` on ``<split>.jsonl``
+    (:func:`ctopd.demo.measure.outcomes`) and ``accuracy``, and with ``sampled_temperature``
+    their ``sampled_`` twins; empty when the split has no problems."""
     from ctopd.demo.measure import measure_outcomes
 
     count = getattr(settings, f"num_{split}")
@@ -240,9 +210,8 @@ def measure_extra_starts(
 def summarize(
     base: dict, runs: list[dict], settings: DemoSettings, *, seeds: int, quick: bool, seconds: float
 ) -> dict:
-    """The ``results.json`` content: per method the mean over seeds and every seed's run; the
-    same-tokenizer control's runs under ``controls``; the starts' outcomes on the extra test
-    split under ``extra_test``."""
+    """The ``results.json`` content: per method its summary over seeds (the control's under
+    ``controls``), the starts' outcomes on the extra test split under ``extra_test``."""
     from ctopd.demo.methods import summarize_method
 
     teacher = base["teacher"]
@@ -250,15 +219,12 @@ def summarize(
     extra = base.get("extra_test", {})
 
     def of(name: str, start: dict, kind: str) -> dict:
-        mine, top = extra.get(kind, {}), extra.get("teacher", {})
         return summarize_method(
             [r for r in runs if r["name"] == name],
             start=start["accuracy"],
             teacher=teacher["accuracy"],
-            extra_start=mine.get("accuracy"),
-            extra_teacher=top.get("accuracy"),
-            extra_sampled_start=mine.get("sampled_accuracy"),
-            extra_sampled_teacher=top.get("sampled_accuracy"),
+            extra_start=extra.get(kind),
+            extra_teacher=extra.get("teacher"),
         )
 
     ran = {r["name"] for r in runs}

@@ -1,14 +1,9 @@
-"""The teacher's samples, drawn once and shared by every SFT stage of the demo.
-
-Sampling inside each stage would sample the same teacher again and again in small batches;
-instead the demo samples a *pool* once in large batches (several times faster per sample on a
-CPU), caches it in ``OUT/teacher_samples.jsonl`` and hands each stage a slice as SFT data: the
-warm-up takes positions ``[0, W)``, ``W = warmup_steps * warmup_batch``; continued SFT of seed
-``s`` ``[W + s B, W + (s + 1) B)``, ``B = slice_steps() * method_batch``; both students train on
-the same texts, and no sample is trained on twice. Position ``p`` holds one sample for training
-prompt ``order[p]`` (:func:`pool_order`: seeded permutations of the prompts one after another).
-Batch ``j`` (``sample_batch`` positions) is sampled with its own seed, so a pool is a prefix of
-any longer pool of the same settings: more seeds extend the cache instead of redrawing it.
+"""The teacher's samples, drawn once (in large batches: several times faster per sample on a
+CPU) into ``OUT/teacher_samples.jsonl`` and shared by every SFT stage as slices: the warm-up takes
+positions ``[0, W)``, ``W = warmup_steps * warmup_batch``; continued SFT of seed ``s``
+``[W + s B, W + (s + 1) B)``, ``B = slice_steps() * method_batch``. Both students train on the
+same texts, no sample twice. Position ``p`` holds a sample for training prompt ``order[p]``
+(:func:`pool_order`); each batch has its own seed, so more seeds extend the cache.
 """
 
 from __future__ import annotations
@@ -21,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ctopd.demo.settings import DemoSettings
+from ctopd.demo.stages import read_stamp, write_stamp
 
 SAMPLES = "teacher_samples.jsonl"
 SAMPLES_STAMP = "teacher_samples.json"
@@ -33,16 +29,15 @@ def warmup_slice(settings: DemoSettings) -> tuple[int, int]:
 
 def sft_slice(settings: DemoSettings, seed: int, *, steps: int | None = None) -> tuple[int, int]:
     """``(start, count)`` of the samples of a continued-SFT run with ``seed`` (``steps``: shorter
-    runs take the head of that slice). Each seed's slice is ``settings.slice_steps()`` batches
-    long, so no two seeds share a sample."""
+    runs take the head of its ``slice_steps()``-batch slice)."""
     budget = settings.slice_steps() * settings.method_batch
     count = (steps if steps is not None else settings.method_steps) * settings.method_batch
     return settings.warmup_steps * settings.warmup_batch + seed * budget, count
 
 
 def samples_needed(settings: DemoSettings, *, seeds: int, warmup: bool, sft: bool) -> int:
-    """Pool size: the warm-up slice when a student is built, and the SFT slices of ``seeds``
-    seeds when an SFT run is asked for (:func:`sft_slice`)."""
+    """Pool size: the warm-up slice when a student is built, the SFT slices of ``seeds`` seeds
+    when an SFT run is asked for."""
     if sft:
         start, count = sft_slice(settings, seeds - 1, steps=settings.slice_steps())
         return start + count
@@ -69,24 +64,18 @@ def ensure_samples(
     workers: int,
     force: bool,
     log: Callable[[str], None],
-) -> dict:
-    """Make ``OUT/teacher_samples.jsonl`` hold at least ``count`` samples: reuse a cached pool
-    of the same settings, extend it, or sample it anew (``force``).
-
-    Args:
-        pool: a process pool whose workers run :func:`sample_batches`.
-        workers: jobs to split the batches into (one per worker).
-
-    Returns:
-        ``{"count", "seconds", "sampled"}`` (``sampled``: samples drawn by this call).
-    """
+) -> int:
+    """Make ``OUT/teacher_samples.jsonl`` hold at least ``count`` samples (returns how many it
+    holds): reuse a cached pool of the same settings, extend it, or sample it anew (``force``),
+    in ``workers`` jobs on ``pool``."""
     started = time.perf_counter()
     stamp, path, size = settings.samples_stamp(), out / SAMPLES, settings.sample_batch
-    have = 0 if force else _cached_count(out, stamp)
+    cached = None if force or not path.is_file() else read_stamp(out, stamp, SAMPLES_STAMP)
+    have = 0 if cached is None else min(cached["count"], path.read_text("utf-8").count("\n"))
     if have >= count:
         if count:
             log(f"[demo] reusing {have} teacher samples in {path}")
-        return {"count": have, "seconds": 0.0, "sampled": 0}
+        return have
     have -= have % size  # whole batches only: a batch's samples depend on the whole batch
     kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:have] if have else []
     batches = list(range(have // size, math.ceil(count / size)))
@@ -103,31 +92,14 @@ def ensure_samples(
     )
     path.write_text("".join(kept) + "".join(json.dumps(r) + "\n" for r in rows), "utf-8")
     total, seconds = have + len(rows), time.perf_counter() - started
-    saved = {"settings": stamp, "result": {"count": total}}
-    (out / SAMPLES_STAMP).write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    write_stamp(out, stamp, {"count": total}, SAMPLES_STAMP)
     log(f"[demo] {total} teacher samples in {path} ({seconds:.0f} s)")
-    return {"count": total, "seconds": seconds, "sampled": len(rows)}
-
-
-def _cached_count(out: Path, stamp: dict) -> int:
-    """Samples in a cached pool drawn with exactly ``stamp`` (0: none, or other settings)."""
-    path = out / SAMPLES_STAMP
-    if not path.is_file() or not (out / SAMPLES).is_file():
-        return 0
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    if saved.get("settings") != stamp:
-        return 0
-    lines = (out / SAMPLES).read_text(encoding="utf-8").count("\n")
-    return min(saved["result"]["count"], lines)
+    return total
 
 
 def sample_batches(job: dict) -> list[dict]:
-    """Sample the teacher on the pool batches ``job["batches"]`` (runs in a worker process).
-
-    Returns:
-        One row per sample: ``position`` in the pool, ``index`` of the training prompt,
-        ``response`` (the decoded text, special tokens removed).
-    """
+    """Sample the teacher on the pool batches ``job["batches"]`` (in a worker process): one row
+    per sample, ``position`` in the pool, ``index`` of its training prompt, ``response`` text."""
     import torch
 
     from ctopd.core.byte_table import end_of_turn_ids

@@ -1,11 +1,7 @@
-"""The demo's sizes, budgets and learning rates: one frozen dataclass and its two configurations.
-
-:data:`FULL` is what ``ctopd demo`` runs, :data:`QUICK` is ``--quick`` (CI: every stage runs,
-nothing is learned). Both use the matched start: each student is warmed up until it reaches the
-same validation accuracy. The learning rates were chosen by the validation sweep of
-``research/testbed.py --sweep`` and copied here by hand; the demo never reads the sweep and
-nothing is selected on the test set. Other configurations (a fixed warm-up, the free-order task)
-live in ``research/``.
+"""The demo's sizes, budgets and learning rates: :data:`FULL` (``ctopd demo``) and :data:`QUICK`
+(``--quick``). The learning rates come from the validation sweep of ``research/testbed.py
+--sweep``, copied by hand: nothing is selected on the test set. Other configurations (a fixed
+warm-up, the free-order task) live in ``research/``.
 """
 
 from __future__ import annotations
@@ -13,8 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-# The runs, each from a warmed-up student: the cross-tokenizer student's on-policy methods and
-# continued SFT, then the same-tokenizer control's OPD and continued SFT.
+# The runs: the cross-tokenizer student's, then the same-tokenizer control's.
 CROSS_METHODS = ("simct", "dpca", "shared_only", "sft")
 CONTROL_METHODS = ("control_opd", "control_sft")
 RUNS = CROSS_METHODS + CONTROL_METHODS
@@ -39,10 +34,9 @@ class DemoSettings:
     num_train: int
     num_test: int
     num_validation: int = 200
-    # Extra held-out problems the final models and the starts are also scored on: 200 test
-    # problems cannot tell two runs 0.01 apart (a standard error of 0.014 at 0.96 accuracy).
+    # More held-out problems the final models and starts are scored on: 200 cannot tell two
+    # runs 0.01 apart (a standard error of 0.014 at 0.96). Extra validation: for research.
     num_extra_test: int = 2000
-    # Extra validation problems (after the extra test ones), for choices made outside the demo.
     num_extra_validation: int = 2000
     task_seed: int = 0
     min_value: int = 10
@@ -53,9 +47,8 @@ class DemoSettings:
     # Tokenizers: vocabulary sizes, special tokens included.
     teacher_vocab: int = 512
     student_vocab: int = 600
-    # Teacher: trained from scratch on the reference solutions, in rounds of teacher_steps (each
-    # a cosine cycle from the last round's model) until its validation accuracy reaches
-    # teacher_target, at most teacher_rounds; None: one round.
+    # Teacher: trained on the reference solutions in rounds of teacher_steps until its
+    # validation accuracy reaches teacher_target, at most teacher_rounds (None: one round).
     teacher_hidden: int = 64
     teacher_layers: int = 4
     teacher_heads: int = 4
@@ -64,11 +57,11 @@ class DemoSettings:
     teacher_lr: float = 5e-3
     teacher_target: float | None = 0.99
     teacher_rounds: int = 3
-    # Teacher samples, drawn once (temperature below) in batches of this many prompts.
+    # Teacher samples, drawn once in batches of this many prompts.
     sample_batch: int = 256
-    # Students (cross-tokenizer and same-tokenizer control: the same architecture and init
-    # seed), warmed up alike with SFT on the same teacher samples at a constant rate (after a 5%
-    # ramp): each run is the decay phase of a warmup-stable-decay schedule ("cosine": anneal).
+    # Both students: the same architecture and init, warmed up alike with SFT on the same
+    # teacher samples at a constant rate; each run is then the decay of a warmup-stable-decay
+    # schedule ("cosine": anneal the warm-up instead).
     student_hidden: int = 64
     student_layers: int = 3
     student_heads: int = 4
@@ -76,8 +69,8 @@ class DemoSettings:
     warmup_batch: int = 32
     warmup_lr: float = 3e-3
     warmup_schedule: str = "constant"
-    # Matched start: each warm-up stops at its first checkpoint (every warmup_check_every steps)
-    # whose validation accuracy reaches warmup_target. None: both train warmup_steps.
+    # Matched start: each warm-up stops at its first checkpoint (every warmup_check_every
+    # steps) reaching warmup_target validation accuracy. None: both train warmup_steps.
     warmup_target: float | None = None
     warmup_check_every: int = 250
     # Methods: equal budgets (steps x prompts per step) from the warmed-up students.
@@ -95,12 +88,12 @@ class DemoSettings:
     )
     # Sampling temperature of the teacher samples and of the students' rollouts.
     temperature: float = 1.0
-    # Sampled accuracy beside the greedy one on the extra test split: one response per problem
-    # at this temperature, every model with the same seed. None: greedy only.
+    # Sampled accuracy on the extra test split: one response per problem at this temperature,
+    # the same seed for every model. None: greedy only.
     sampled_temperature: float | None = 1.0
     sampled_seed: int = 0
     max_new_tokens: int = 96
-    # Held-out accuracy and KL are measured at steps 0, eval_every, 2 * eval_every, ..., end.
+    # Held-out accuracy and KL at steps 0, eval_every, 2 * eval_every, ..., end.
     eval_every: int = 25
     eval_batch: int = 200
     # Held-out prompts for the common sequence-level KL estimate.
@@ -125,8 +118,7 @@ class DemoSettings:
         return dict(self.method_lrs)[run]
 
     def slice_steps(self) -> int:
-        """Steps of the longest SFT run per seed: each seed's slice of the teacher samples is
-        this many batches long (:func:`ctopd.demo.samples.sft_slice`)."""
+        """Batches in each seed's slice of the teacher samples (the longest SFT run)."""
         return self.method_steps
 
     def task_ranges(self) -> dict:
@@ -135,8 +127,7 @@ class DemoSettings:
         return {**self._pick(keys), "steps": self.task_steps}
 
     def teacher_stamp(self) -> dict:
-        """The settings the data, both tokenizers and the teacher depend on (a cached teacher
-        is reused when they match)."""
+        """The settings the data, both tokenizers and the teacher depend on."""
         keys = ("num_train", "num_test", "num_validation", "task_seed", "min_value", "max_value")
         keys += ("min_amount", "max_amount", "task_steps", "teacher_vocab", "student_vocab")
         keys += ("teacher_hidden", "teacher_layers", "teacher_heads", "teacher_steps")
@@ -170,11 +161,10 @@ def settings_dict(settings: DemoSettings) -> dict:
     return _jsonable(asdict(settings))
 
 
-# What ``ctopd demo`` runs: about 42 minutes from scratch on two CPU cores (the teacher in two
-# rounds), 14 with cached models. Each student's warm-up stops at its first checkpoint (every
-# 100 steps, at most 2,000) reaching 0.45 validation accuracy: after a fixed 1,000 steps the
-# cross-tokenizer student started far below the control (0.29 against 0.47), where even OPD
-# from a teacher on its own tokenizer stays below continued SFT (research/simct_limits.py).
+# What ``ctopd demo`` runs: about 42 minutes from scratch on two CPU cores, 14 with cached
+# models. Each warm-up stops at 0.45 validation accuracy: after a fixed 1,000 steps the
+# cross-tokenizer student started far below the control (0.29 against 0.47), where even OPD from
+# a teacher on its own tokenizer stays below continued SFT (research/simct_limits.py).
 # Learning rates: research/results/demo/sweep.md; budget: research/results/demo/calibration.md.
 FULL = DemoSettings(
     num_train=20000,

@@ -4,7 +4,7 @@ every stage shares (a stage's ``TrainConfig``, cache stamps, one torch thread).
 The teacher's tokenizer is a Qwen2-style byte-level BPE with one token per digit, the
 cross-tokenizer student's a Llama-3-style one with digit groups of up to three: the realistic
 multi-digit case (Qwen2.5 → Llama-3.2), and the mismatch falls where the answer is decided. The
-same-tokenizer control uses the teacher's tokenizer and chat template.
+same-tokenizer control (folder ``control/``) uses the teacher's tokenizer and chat template.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from pathlib import Path
 from ctopd.demo.settings import DemoSettings
 
 STAMP = "demo.json"
-# Where each warmed-up student lives in the demo folder, and whose tokenizer it uses.
-STUDENT_FOLDERS = {"student": "student", "control": "control"}
+# Whose tokenizer each warmed-up student (and its folder, OUT/<kind>/) uses.
 STUDENT_TOKENIZERS = {"student": "student", "control": "teacher"}
 
 
@@ -43,15 +42,12 @@ def prepare_data(out: Path, settings: DemoSettings) -> None:
 def build_teacher(
     out: Path, settings: DemoSettings, *, force: bool, log: Callable[[str], None]
 ) -> dict:
-    """Train both tokenizers and the teacher (or reuse ``teacher/``); evaluate it.
+    """Train both tokenizers and the teacher (or reuse ``teacher/``) and evaluate it:
+    ``{"accuracy", "validation_accuracy", "rounds", "seconds", "rebuilt"}``.
 
-    The teacher trains in rounds of ``teacher_steps`` (warm restarts: each a cosine cycle from
-    the last round's model, with its own data order) until its validation accuracy reaches
-    ``teacher_target``. Measured: one 1,000-step round gave 1.000 on one machine and 0.495 on
-    another; when a small model learns to read the later verbs is floating-point luck.
-
-    Returns:
-        ``{"accuracy", "validation_accuracy", "rounds", "seconds", "rebuilt"}``.
+    The teacher trains in rounds (warm restarts, each a cosine cycle with its own data order)
+    until it reaches ``teacher_target``: one 1,000-step round gave 1.000 on one machine and
+    0.495 on another; when a small model learns to read the later verbs is floating-point luck.
     """
     stamp, folder = settings.teacher_stamp(), out / "teacher"
     cached = None if force else read_stamp(folder, stamp)
@@ -63,59 +59,49 @@ def build_teacher(
 
     from ctopd.demo.measure import accuracy
     from ctopd.demo.task import corpus, make_splits
-    from ctopd.testing import tiny_causal_lm, train_byte_level_bpe, train_digit_group_bpe
-    from ctopd.training.sft import run_sft
+    from ctopd.testing import train_byte_level_bpe, train_digit_group_bpe
 
     started = time.perf_counter()
     counts = (settings.num_train, settings.num_test, settings.num_validation)
     train = make_splits(*counts, seed=settings.task_seed, **settings.task_ranges()).train
     texts = corpus(train[:4000])  # enough text for every merge either tokenizer makes
     tokenizer = train_byte_level_bpe(texts, settings.teacher_vocab, split_digits=True)
-    student_tokenizer = train_digit_group_bpe(texts, settings.student_vocab)
-    student_tokenizer.save_pretrained(out / "tokenizers" / "student")
+    train_digit_group_bpe(texts, settings.student_vocab).save_pretrained(
+        out / "tokenizers" / "student"
+    )
     tokenizer.save_pretrained(out / "tokenizers" / "teacher")
     init = out / "runs" / "teacher-init"
-    model = tiny_causal_lm(
-        tokenizer,
-        hidden_size=settings.teacher_hidden,
-        num_layers=settings.teacher_layers,
-        num_heads=settings.teacher_heads,
-        seed=settings.task_seed,
-    )
-    save_model(model, tokenizer, init)
+    params = _new_model(tokenizer, settings, "teacher", init, seed=settings.task_seed)
     target = settings.teacher_target
+    until = ""
+    if target is not None:
+        until = f" per round, until its validation accuracy reaches {target:g}, at most "
+        until += f"{settings.teacher_rounds} rounds"
     log(
-        f"[demo] training the teacher ({count_params(model)} parameters, "
-        f"{settings.teacher_steps} steps"
-        + (
-            ""
-            if target is None
-            else f" per round, until its validation accuracy reaches {target:g}, "
-            f"at most {settings.teacher_rounds} rounds"
-        )
-        + ") on reference solutions"
+        f"[demo] training the teacher ({params} parameters, {settings.teacher_steps} steps"
+        f"{until}) on reference solutions"
     )
-    rounds, current = [], init
+    rounds, current, run_dirs = [], init, []
     for index in range(settings.teacher_rounds if target is not None else 1):
-        config = stage_config(
+        # runs/teacher for the first round, then runs/teacher-round2, ...
+        run_dirs.append(out / "runs" / ("teacher" if index == 0 else f"teacher-round{index + 1}"))
+        run_sft_stage(
             settings,
-            _teacher_round_dir(out, index),
+            run_dirs[-1],
+            response_field="answer",  # the reference solution
             data=out / "train.jsonl",
             student=current,
-            teacher=None,
             steps=settings.teacher_steps,
             batch=settings.teacher_batch,
             lr=settings.teacher_lr,
             seed=settings.task_seed + index,
-            schedule="cosine",
             warmup_ratio=0.03,
         )
-        config.sft.source, config.sft.response_field = "data", "answer"  # the reference
-        run_sft(config)
-        current = _teacher_round_dir(out, index) / "final"
+        current = run_dirs[-1] / "final"
         validation = accuracy(current, out / "validation.jsonl", settings)
-        rounds.append({"round": index + 1, "steps": settings.teacher_steps})
-        rounds[-1]["validation_accuracy"] = validation
+        rounds.append(
+            {"round": index + 1, "steps": settings.teacher_steps, "validation_accuracy": validation}
+        )
         log(f"[demo] teacher round {index + 1}: validation accuracy {validation:.3f}")
         if target is None or validation >= target:
             break
@@ -126,14 +112,13 @@ def build_teacher(
             "is distilled from (and every gap measured to) a weaker teacher"
         )
     replace_folder(current, folder)
-    for index in range(len(rounds)):  # each round's metrics stay, its weights go
-        run_dir = _teacher_round_dir(out, index)
+    for run_dir in run_dirs:  # each round's metrics stay, its weights go
         for leftover in (*run_dir.glob("checkpoint-*"), run_dir / "final"):
             shutil.rmtree(leftover, ignore_errors=True)
     shutil.rmtree(init, ignore_errors=True)
     result = {
         "accuracy": accuracy(folder, out / "test.jsonl", settings),
-        "validation_accuracy": rounds[-1]["validation_accuracy"],
+        "validation_accuracy": validation,
         "rounds": rounds,
         "seconds": time.perf_counter() - started,
     }
@@ -145,62 +130,39 @@ def build_teacher(
     return {**result, "rebuilt": True}
 
 
-def _teacher_round_dir(out: Path, index: int) -> Path:
-    """``runs/teacher`` for the first round, then ``runs/teacher-round2``, ..."""
-    return out / "runs" / ("teacher" if index == 0 else f"teacher-round{index + 1}")
-
-
 def cached_student(out: Path, settings: DemoSettings, kind: str) -> dict | None:
     """A warmed-up student's stamped result when ``OUT/<kind>/`` was built with these
     settings, else ``None``."""
-    return read_stamp(out / STUDENT_FOLDERS[kind], settings.student_stamp(kind))
+    return read_stamp(out / kind, settings.student_stamp(kind))
 
 
 def build_student(job: dict) -> dict:
-    """Warm one student up with SFT on the warm-up slice of the teacher samples, then evaluate
-    it (runs in a worker process). Both students share architecture, initialisation seed,
-    steps, batch, learning rate, data order and teacher texts; only the tokenizer differs.
-
-    Args:
-        job: ``kind`` (``student``: cross-tokenizer, ``control``: the teacher's tokenizer),
-            ``out`` (the demo folder) and ``settings``.
-
-    Returns:
-        ``{"kind", "accuracy", "kl", "noncanonical", "warmup_steps", "warmup_curve",
-        "seconds"}`` (:func:`ctopd.demo.measure.sequence_kl`).
-    """
+    """Warm the ``job["kind"]`` student up with SFT on the warm-up slice of the teacher samples
+    and evaluate it (in a worker process). Both students share everything but the tokenizer.
+    Returns ``{"kind", "accuracy", "kl", "noncanonical", "warmup_steps", "warmup_curve",
+    "seconds"}``."""
     one_thread()
     from ctopd.demo.measure import accuracy, sequence_kl
     from ctopd.demo.samples import warmup_slice, write_sft_data
-    from ctopd.testing import tiny_causal_lm
     from ctopd.training.config import ModelConfig
     from ctopd.training.models import load_model_tokenizer
-    from ctopd.training.sft import run_sft
 
     started = time.perf_counter()
     out, settings, kind = Path(job["out"]), job["settings"], job["kind"]
-    folder, runs = out / STUDENT_FOLDERS[kind], out / "runs" / f"warmup-{kind}"
+    folder, runs = out / kind, out / "runs" / f"warmup-{kind}"
     shutil.rmtree(runs, ignore_errors=True)
     tokenizer_dir = out / "tokenizers" / STUDENT_TOKENIZERS[kind]
     tokenizer = load_model_tokenizer(ModelConfig(name_or_path=str(tokenizer_dir)), side="student")
-    model = tiny_causal_lm(
-        tokenizer,
-        hidden_size=settings.student_hidden,
-        num_layers=settings.student_layers,
-        num_heads=settings.student_heads,
-        seed=settings.task_seed + 1,
-    )
-    save_model(model, tokenizer, runs / "init")
-    data = write_sft_data(out, runs / "data.jsonl", *warmup_slice(settings))
+    _new_model(tokenizer, settings, "student", runs / "init", seed=settings.task_seed + 1)
     # The matched start keeps a checkpoint every warmup_check_every steps to choose from.
     matched = settings.warmup_target is not None
     every = settings.warmup_check_every if matched else 0
-    config = stage_config(
+    run_sft_stage(
         settings,
         runs / "train",
-        data=data,
+        response_field="response",  # the teacher's sample
+        data=write_sft_data(out, runs / "data.jsonl", *warmup_slice(settings)),
         student=runs / "init",
-        teacher=None,
         steps=settings.warmup_steps,
         batch=settings.warmup_batch,
         lr=settings.warmup_lr,
@@ -210,18 +172,15 @@ def build_student(job: dict) -> dict:
         save_every=every,
         keep_checkpoints=settings.warmup_steps // every + 1 if matched else 1,
     )
-    config.sft.source, config.sft.response_field = "data", "response"  # the teacher's sample
-    run_sft(config)
     chosen, steps, curve = runs / "train" / "final", settings.warmup_steps, []
     if matched:
         chosen, steps, curve = _first_at_target(runs / "train", out, settings)
     replace_folder(chosen, folder)
     shutil.rmtree(runs, ignore_errors=True)
-    samples = sequence_kl(folder, out / "teacher", out / "test.jsonl", settings)
     result = {
         "kind": kind,
         "accuracy": accuracy(folder, out / "test.jsonl", settings),
-        **samples,
+        **sequence_kl(folder, out / "teacher", out / "test.jsonl", settings),
         "warmup_steps": steps,
         "warmup_curve": curve,
         "seconds": time.perf_counter() - started,
@@ -231,9 +190,8 @@ def build_student(job: dict) -> dict:
 
 
 def _first_at_target(run_dir: Path, out: Path, settings: DemoSettings) -> tuple[Path, int, list]:
-    """The matched start: the warm-up's first checkpoint whose validation accuracy reaches
-    ``settings.warmup_target`` (the last one when none does), its step, and ``[step,
-    validation accuracy]`` of every checkpoint measured."""
+    """The matched start: the warm-up's first checkpoint reaching ``warmup_target`` validation
+    accuracy (else the last), its step, and ``[step, accuracy]`` of each checkpoint measured."""
     from ctopd.demo.measure import accuracy
     from ctopd.training.checkpoint import list_checkpoints
 
@@ -247,6 +205,35 @@ def _first_at_target(run_dir: Path, out: Path, settings: DemoSettings) -> tuple[
         if curve[-1][1] >= settings.warmup_target:
             break
     return checkpoint / "student", step, curve
+
+
+def _new_model(tokenizer, settings: DemoSettings, role: str, folder: Path, *, seed: int) -> str:
+    """Save a new model of the ``role``'s size (``teacher``, ``student``) with ``tokenizer`` in
+    ``folder``; return its parameter count as text (``"190k"``)."""
+    from ctopd.testing import tiny_causal_lm
+
+    model = tiny_causal_lm(
+        tokenizer,
+        hidden_size=getattr(settings, f"{role}_hidden"),
+        num_layers=getattr(settings, f"{role}_layers"),
+        num_heads=getattr(settings, f"{role}_heads"),
+        seed=seed,
+    )
+    save_model(model, tokenizer, folder)
+    count = sum(p.numel() for p in model.parameters())
+    return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.0f}k"
+
+
+def run_sft_stage(
+    settings: DemoSettings, output_dir: Path, *, response_field: str, schedule="cosine", **stage
+) -> dict:
+    """SFT on the ``response_field`` of each data row (:func:`stage_config`'s ``stage``
+    arguments, no teacher); returns ``run_sft``'s summary."""
+    from ctopd.training.sft import run_sft
+
+    config = stage_config(settings, output_dir, teacher=None, schedule=schedule, **stage)
+    config.sft.source, config.sft.response_field = "data", response_field
+    return run_sft(config)
 
 
 def stage_config(
@@ -265,9 +252,8 @@ def stage_config(
     save_every: int = 0,
     keep_checkpoints: int = 1,
 ):
-    """A :class:`TrainConfig` for one stage; everything the demo does not set is the default.
-    No evaluation inside the loop: the demo measures the checkpoints ``save_every`` writes
-    afterwards, in big batches. Each stage rebuilds its folder (``overwrite``)."""
+    """A :class:`TrainConfig` for one stage, rebuilding its folder. No evaluation inside the
+    loop: the demo measures the checkpoints ``save_every`` writes afterwards, in big batches."""
     from ctopd.training.config import TrainConfig
 
     optim = {"lr": lr, "min_lr": 0.0, "schedule": schedule, "warmup_ratio": warmup_ratio}
@@ -292,18 +278,18 @@ def stage_config(
     )
 
 
-def read_stamp(folder: Path, stamp: dict) -> dict | None:
+def read_stamp(folder: Path, stamp: dict, name: str = STAMP) -> dict | None:
     """The cached result when ``folder`` was built with exactly ``stamp``, else ``None``."""
-    path = folder / STAMP
+    path = folder / name
     if not path.is_file():
         return None
     saved = json.loads(path.read_text(encoding="utf-8"))
     return saved.get("result") if saved.get("settings") == stamp else None
 
 
-def write_stamp(folder: Path, stamp: dict, result: dict) -> None:
+def write_stamp(folder: Path, stamp: dict, result: dict, name: str = STAMP) -> None:
     text = json.dumps({"settings": stamp, "result": result}, indent=2)
-    (folder / STAMP).write_text(text, encoding="utf-8")
+    (folder / name).write_text(text, encoding="utf-8")
 
 
 def save_model(model, tokenizer, folder: Path) -> None:
@@ -325,8 +311,3 @@ def one_thread() -> None:
 
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
-
-
-def count_params(model) -> str:
-    count = sum(p.numel() for p in model.parameters())
-    return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.0f}k"

@@ -9,17 +9,12 @@ sum), and ends with ``#### answer``, the GSM8K convention, so the answer can be 
        155 - 39 = 120 - 4 = 116
        #### 116
 
-Values stay between 10 and 199 and amounts between 10 and 99, so numbers have two and three
-digits: the teacher's tokenizer (one token per digit, Qwen2 style) and the student's (Llama-3
-style groups of up to three digits, so ``140`` is one token) cut every number differently, and the
-mismatch falls where the answer is decided. Why place value:
-a transformer of a few hundred thousand parameters does not learn whole-number addition from a
-few thousand CPU steps (calibrated: under 12% of problems right after 1,400 steps of
-``a + b = c``), while every part of a place-value step is a one-digit fact or a carry, and the
-same model reaches about 90% in about 1,000 steps. Responses are 40-70 teacher tokens.
-
-Everything is drawn from one ``random.Random(seed)``; the same seed gives the same problems and
-the same train / validation / test split on every machine and Python version.
+Numbers have two and three digits, so the teacher's tokenizer (one token per digit) and the
+student's (groups of up to three) cut each differently where the answer is decided. Why place
+value: a model of a few hundred thousand parameters does not learn whole-number addition in a
+few thousand CPU steps (under 12% right after 1,400 steps of ``a + b = c``), while every part of
+a place-value step is a one-digit fact or a carry (about 90% after 1,000 steps). Everything is
+drawn from one ``random.Random(seed)``: the same problems and splits on every machine.
 """
 
 from __future__ import annotations
@@ -41,13 +36,8 @@ PRONOUNS.update(dict.fromkeys(["Leo", "Sam", "Max", "Ben", "Tom", "Noah"], "He")
 
 @dataclass(frozen=True)
 class Problem:
-    """One word problem.
-
-    Attributes:
-        question: the story and the question, one line.
-        solution: the worked solution, one equation per line, then ``#### answer``.
-        answer: the final number.
-    """
+    """One word problem: the question (one line), the worked solution (one equation per line,
+    then ``#### answer``) and the final number."""
 
     question: str
     solution: str
@@ -90,11 +80,8 @@ def generate_problem(
 
 
 def worked_step(value: int, amount: int, *, gain: bool) -> str:
-    """One step of the solution, worked by place value: tens first, then ones, then the sum.
-
-    ``87 + 68 = 140 + 15 = 155``; ``155 - 39 = 120 - 4 = 116``. Each part is a one-digit fact
-    or a carry, which a tiny model learns far faster than whole-number addition.
-    """
+    """One step worked by place value: ``87 + 68 = 140 + 15 = 155``, ``155 - 39 = 120 - 4 =
+    116``."""
     tens = (value // 10 + (amount // 10 if gain else -(amount // 10))) * 10
     ones = value % 10 + (amount % 10 if gain else -(amount % 10))
     result = tens + ones
@@ -118,8 +105,7 @@ def generate_problems(count: int, *, seed: int, generator=None, **ranges) -> lis
 
 
 class Splits(NamedTuple):
-    """Training, validation, test, extra test and extra validation problems; no question
-    appears in two of them."""
+    """The five splits; no question appears in two of them."""
 
     train: list[Problem]
     validation: list[Problem]
@@ -139,9 +125,7 @@ def make_splits(
     **kwargs,
 ) -> Splits:
     """Distinct problems from ``seed``, cut in order into training, test, validation, extra test
-    (a larger held-out set the final models are also scored on) and extra validation (for
-    choices 200 problems cannot resolve). Each part is the same whatever the later parts' sizes
-    are: adding extra problems changes none of the parts before them."""
+    and extra validation; each part is the same whatever the later parts' sizes are."""
     total = num_train + num_test + num_validation
     extra_end = total + num_extra_test
     problems = generate_problems(extra_end + num_extra_validation, seed=seed, **kwargs)
@@ -153,15 +137,6 @@ def make_splits(
         extra_test=problems[total:extra_end],
         extra_validation=problems[extra_end:],
     )
-
-
-def make_split(
-    num_train: int, num_test: int, *, seed: int = 0, **kwargs
-) -> tuple[list[Problem], list[Problem]]:
-    """A fixed train/test split: ``num_train + num_test`` distinct problems from ``seed``, the
-    last ``num_test`` held out. No question appears in both parts."""
-    splits = make_splits(num_train, num_test, 0, seed=seed, **kwargs)
-    return splits.train, splits.test
 
 
 def to_record(problem: Problem) -> dict:
@@ -181,7 +156,4 @@ def write_jsonl(problems: Iterable[Problem], path: str | Path) -> Path:
 
 def corpus(problems: Iterable[Problem]) -> list[str]:
     """Texts to train the tokenizers on: every question and every solution."""
-    texts = []
-    for problem in problems:
-        texts.extend((problem.question, problem.solution))
-    return texts
+    return [text for problem in problems for text in (problem.question, problem.solution)]
