@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from ctopd.core.pair import TokenizerPair
-from ctopd.demo.tokenizers import train_byte_level_bpe, train_sentencepiece_bpe
 from ctopd.objectives import TeacherRequest, reduce_teacher, teacher_needs, teacher_outputs
 from ctopd.objectives.text_events import text_tables
+from ctopd.testing import train_byte_level_bpe, train_sentencepiece_bpe
 from ctopd.training.rollout import pad_responses
 from ctopd.training.teachers.served import dense_logprobs, sparse_logprobs
 
