@@ -33,8 +33,7 @@ is mostly noise, need not suit a batch four times larger.
 ``--json`` (one rate each) and prints their paired differences, row minus column, greedy and
 sampled, e.g. the three methods at 128 prompts per step against one another. With
 ``--demo-dir`` and a control ``opd`` file among them, it also prints the fraction of its gap
-each cross-tokenizer run closes as a fraction of the one the control's OPD closes (ALGORITHMS
-§9), from the starts and the teacher of the demo's ``results.json``.
+each cross-tokenizer run closes as a fraction of the one the control's OPD closes (docs/concepts/judging.md), from the starts and the teacher of the demo's ``results.json``.
 
 Usage (from the repository root, after ``ctopd demo --output-dir ctopd-demo``)::
 

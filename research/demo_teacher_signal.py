@@ -1,6 +1,6 @@
 """What the demo's teacher tells a same-tokenizer student beyond its own samples, measured.
 
-Same-tokenizer OPD can beat SFT on teacher samples at an equal budget (ALGORITHMS §9) in two
+Same-tokenizer OPD can beat SFT on teacher samples at an equal budget (docs/concepts/judging.md) in two
 ways only: its target at each position is the teacher's whole next-token distribution rather than
 one sampled token, and it visits the student's own prefixes rather than the teacher's. This
 script measures how much each is worth on a demo folder:

@@ -26,7 +26,7 @@ Parts (all on the demo's cached folder, ``--demo-dir``):
    :func:`ctopd.objectives.registry.register_objective`;
 4. ``--agreement``: both reference spaces on the agreement construction of the tests
    (``tests/objectives``: two canonical models that give every text the same probability,
-   ALGORITHMS §4.3), next to ``simct`` and the sampled-path floor; run from the repository root;
+   docs/concepts/simct.md), next to ``simct`` and the sampled-path floor; run from the repository root;
 5. ``--twin``: the ceiling of on-policy distillation *for this student's tokenizer*: a teacher
    of the demo teacher's size and recipe trained on the student's digit-group tokenizer
    (``twin_teacher/``, cached), then same-tokenizer OPD (full next-token distributions, nothing

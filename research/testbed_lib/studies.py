@@ -317,7 +317,7 @@ def run_calibration(
     control's OPD most surely beats its continued SFT; writes ``calibration.json`` and
     ``calibration.md`` into ``output_dir``.
 
-    ALGORITHMS §9: a testbed where same-tokenizer OPD does not beat continued SFT at an equal
+    docs/concepts/judging.md: a testbed where same-tokenizer OPD does not beat continued SFT at an equal
     budget cannot judge cross-tokenizer methods. Whether it does depends on the budget: given
     enough steps both reach the teacher's ceiling and differ by nothing. So for each budget of
     ``StudySettings.calibration_steps``, ``control_opd`` and ``control_sft`` run
@@ -490,7 +490,7 @@ def run_calibration(
         log(
             f"[demo] no budget separates the control: at its best ({best} steps) OPD - SFT's "
             "interval reaches zero, so this testbed cannot rank an on-policy method above SFT "
-            "(ALGORITHMS §9); change the task or the budgets before judging"
+            "(docs/concepts/judging.md); change the task or the budgets before judging"
         )
     if separates_sampled is not None:
         log(

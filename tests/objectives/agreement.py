@@ -1,4 +1,4 @@
-"""Two models that agree on every text, with different tokenizers (ALGORITHMS §4.3).
+"""Two models that agree on every text, with different tokenizers (docs/concepts/simct.md).
 
 A ground-truth distribution over short texts (a seeded character-level Markov chain with an end
 symbol, texts of at most ``max_length`` characters) is enumerated exactly. Each tokenizer's

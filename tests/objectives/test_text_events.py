@@ -1,4 +1,4 @@
-"""The text-event supervision space of ``simct``/``shared_only`` (ALGORITHMS §4.3–4.4): against
+"""The text-event supervision space of ``simct``/``shared_only`` (docs/concepts/simct.md): against
 a per-token reference, in the identical-tokenizer limit, and the agreement invariant."""
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def test_gradcheck_through_events(families):
     assert torch.autograd.gradcheck(loss_of, (small,), eps=1e-6, atol=1e-6)
 
 
-# --- the agreement invariant (ALGORITHMS §4.3) ---------------------------------------------
+# --- the agreement invariant (docs/concepts/simct.md) ---------------------------------------------
 
 AGREEMENT_PAIRS = [
     ("digits", "groups"),
@@ -287,7 +287,7 @@ def agreement_setup():
 def sampled_path_floor(batch) -> float:
     """Mean per student token of ``|L_T - L_S|`` over chunks: how far the two canonical
     models' chunk log-probabilities differ although they agree on every text (what DPCA's
-    targets are off by), the look-ahead residual of §4.3."""
+    targets are off by), the look-ahead residual of docs/concepts/simct.md, the invariant."""
     total, tokens = 0.0, 0
     for b, alignment in enumerate(batch.alignments):
         s = torch.log_softmax(batch.student_logits[b].detach(), -1)

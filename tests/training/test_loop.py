@@ -14,7 +14,7 @@ from ctopd.training.loop import train
 from ctopd.training.runtime import RunStopped
 from tests.training.tiny import final_weights, tiny_args
 
-# ALGORITHMS §7 figures and the time split every row must carry.
+# docs/concepts/metrics.md figures and the time split every row must carry.
 ROW_KEYS = {
     "step",
     "loss",

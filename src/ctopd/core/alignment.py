@@ -1,4 +1,4 @@
-"""Minimal aligned chunks between two tokenisations of the same response (ALGORITHMS §2).
+"""Minimal aligned chunks between two tokenisations of the same response (docs/concepts/alignment.md).
 
 Let ``P_T`` and ``P_S`` be the cumulative byte offsets of the teacher's and the student's tokens.
 Every pair of consecutive common offsets ``P_T ∩ P_S`` is one chunk: teacher tokens
@@ -97,7 +97,7 @@ class _Side:
     """One side of a batch as flat arrays over all tokens of all sequences.
 
     Token byte lengths count a special id as one placeholder byte and leave out a leading
-    dummy-prefix space (ALGORITHMS §2); a trailing end id is part of ``ids`` and ``lengths`` but
+    dummy-prefix space (docs/concepts/alignment.md); a trailing end id is part of ``ids`` and ``lengths`` but
     not of the sequence's content.
     """
 
@@ -232,7 +232,7 @@ def _prepare_side(
     stripped = np.zeros(0, dtype=np.int64)
     strip = (content_count > 0) & (table.decoder_strips_space if prefixed is None else prefixed)
     if strip.any():
-        # The dummy-prefix space is the tokenizer's artefact, not content (ALGORITHMS §2).
+        # The dummy-prefix space is the tokenizer's artefact, not content (docs/concepts/alignment.md).
         first = seq_start[:-1][strip]
         first = first[~table.special[ids[first]] & (lengths[first] > 0)]
         stripped = first[table.flat_bytes[table.starts[ids[first]]] == 0x20]
@@ -525,7 +525,7 @@ def align_ids_batch(
     vectorised pass; the others go through the byte matcher one by one.
 
     How a first token's leading space is read (a dummy-prefix space is the tokenizer's
-    artefact, not content, ALGORITHMS §2; which one it is depends on the text):
+    artefact, not content, docs/concepts/alignment.md; which one it is depends on the text):
 
     * ``texts`` given: each side's ids are its tokenizer's own encoding of ``texts[b]``, and a
       side's first token loses one space exactly where its tokenizer's prefix rule puts one

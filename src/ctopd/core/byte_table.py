@@ -398,7 +398,7 @@ def adds_dummy_prefix(table: ByteTable, first_bytes: np.ndarray) -> np.ndarray:
 
     Returns:
         bool ``[B]``: True where the encoded ids spell one space more than the text at its
-        start; that space is the tokenizer's artefact, not content (ALGORITHMS §2).
+        start; that space is the tokenizer's artefact, not content (docs/concepts/alignment.md).
     """
     first_bytes = np.asarray(first_bytes, dtype=np.int64)
     if table.prefix_rule == "always":

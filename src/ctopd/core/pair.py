@@ -157,7 +157,7 @@ class TokenizerPair:
         return bool(ids.size and np.isin(ids[-1], self.student_table.end_ids))
 
     def teacher_ids_for(self, student_ids) -> list[int]:
-        """The teacher's tokenisation of a sampled student response (ALGORITHMS §1.3): the
+        """The teacher's tokenisation of a sampled student response (docs/concepts/one-step.md): the
         teacher encodes the response's text (:meth:`student_text`) with no special tokens
         added and special-token strings treated as plain text, exactly as it would encode that
         text itself, then its end-of-turn id is appended if the student ended its turn. With

@@ -1,5 +1,5 @@
 """The shared vocabulary ``V∩``: byte strings that are ordinary tokens of both tokenizers, plus
-one *end* class (ALGORITHMS §3).
+one *end* class (docs/concepts/shared-vocabulary.md).
 
 Classes are byte strings, not ids: a SentencePiece vocabulary can spell the same bytes twice
 (``A`` and ``<0x41>``), so a model's log-probability of a class is the log-sum-exp of all its ids

@@ -1,4 +1,4 @@
-"""Objectives: SimCT, DPCA and the baselines, looked up by name (ALGORITHMS §4–7)."""
+"""Objectives: SimCT, DPCA and the baselines, looked up by name (docs/concepts/: simct.md, dpca.md, baselines.md)."""
 
 from ctopd.objectives.divergences import DIVERGENCES, divergence
 from ctopd.objectives.dpca import dpca_advantages

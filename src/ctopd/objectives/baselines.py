@@ -1,4 +1,4 @@
-"""Baselines for an honest comparison (ALGORITHMS §6): SFT on the given ids and ULD.
+"""Baselines for an honest comparison (docs/concepts/baselines.md): SFT on the given ids and ULD.
 
 * ``sft``: cross-entropy on ``student_ids`` over every student response token (use it on the
   student's tokenisation of *teacher* samples). Chunks play no part in the loss; they only give

@@ -1,5 +1,5 @@
 """DPCA: chunk-level credit assignment from the teacher's realised-token log-probs
-(ALGORITHMS §5).
+(docs/concepts/dpca.md).
 
 Per aligned chunk, ``L_T = sum_j log q(t_j)`` and ``L_S = sum_i log π_old(s_i)``. Each student
 token gets the target ``r_i = (L_T / L_S) log π_old(s_i)`` (so ``sum_i r_i = L_T``), or

@@ -1,4 +1,4 @@
-"""The per-step numbers every objective reports (ALGORITHMS §7)."""
+"""The per-step numbers every objective reports (docs/concepts/metrics.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Divergence between the student's and the teacher's distributions over the supervision space
-``Ω_k`` of each chunk (ALGORITHMS §4): the class scores ``[K, C]`` plus, for some chunks, one
+``Ω_k`` of each chunk (docs/concepts/simct.md): the class scores ``[K, C]`` plus, for some chunks, one
 unit column ``[K]``.
 
 ``P_k = softmax(ℓ_k / τ)`` over ``Ω_k`` on each side. Reverse KL, the default and the hot path

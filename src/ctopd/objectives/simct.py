@@ -1,5 +1,5 @@
 """SimCT and its two special cases, shared-vocabulary-only OPD and same-tokenizer OPD
-(ALGORITHMS §4, §6).
+(docs/concepts/simct.md, docs/concepts/baselines.md).
 
 For each kept chunk ``k`` the teacher's distribution at its first position ``a_k`` and the
 student's at ``c_k`` are compared over the supervision space ``Ω_k``:
@@ -108,7 +108,7 @@ def simct(
     :mod:`ctopd.objectives.text_events`, which partition each model's probability into events
     that mean the same text to both (zero loss when the models agree on the text).
     ``space="paper"``: the paper's ``V∩`` plus one unit column per multi-token chunk, scored by
-    the unit's mean log-probability (biased, ALGORITHMS §4.2; kept for comparison).
+    the unit's mean log-probability (biased, docs/concepts/simct.md; kept for comparison).
 
     Args:
         student_logits: float ``[B, m, V_S]``, row ``i`` predicts ``student_ids[:, i]``; dense,

@@ -1,5 +1,5 @@
 """The exact SimCT supervision space: text events that mean the same thing to both models
-(ALGORITHMS §4.3–4.4).
+(docs/concepts/simct.md).
 
 For an aligned chunk with bytes ``U`` (``n`` bytes) each model ``X`` has realised tokens
 ``x_1..x_r`` at byte offsets ``o_1 = 0 < … < o_r`` and, at each of those positions, its full
@@ -12,7 +12,7 @@ instead is mapped to the *text* it implies, relative to ``U``:
   ``m - o_j`` bytes with ``U[o_j:]`` and then differ), ends there (the end token, ``m = o_j``),
   or stops inside ``U`` off the path (``v`` is a proper prefix of ``U[o_j:]``, counted at its
   end byte: right when the tokenizer would have merged further had the text gone on with ``U``,
-  the measured choice of ALGORITHMS §4.4);
+  the measured choice of docs/concepts/simct.md);
 * at the chunk's first position only, a *cell* per shared class ``c`` whose bytes are not a
   prefix of ``U`` and share fewer than ``L`` bytes with it, ``L`` the length of the shortest
   first token of a multi-token side (no limit when both sides are one token): "the text starts
@@ -27,7 +27,7 @@ Scored by the **joint** probability, ``P_X(E_U) = Σ_j P_X(x_<j) Σ_{v starts wi
 and likewise for ``E_m`` (off-path mass at each position, weighted by the path prefix), these
 events and cells *partition* each model's probability, so two models that give every text the
 same probability give the same event distribution: zero loss, zero gradient, whatever their
-tokenizers (up to the look-ahead residual of §4.3). With identical tokenizers every chunk is
+tokenizers (up to the look-ahead residual of docs/concepts/simct.md, the invariant). With identical tokenizers every chunk is
 1:1, every other token is its own cell, and the space is the token-level distribution: the
 objective is plain OPD.
 
@@ -286,7 +286,7 @@ class EventPlan:
 
 def context_lengths(table: ByteTable, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """int64: byte length of each token where it stands: a dummy-prefix tokenizer's first
-    response token loses its leading space (the aligner's rule, ALGORITHMS §2)."""
+    response token loses its leading space (the aligner's rule, docs/concepts/alignment.md)."""
     lengths = table.lengths[ids].copy()
     lengths[table.special[ids]] = 0
     if table.dummy_prefix:

@@ -18,7 +18,7 @@ Values are checked when a section is built (``__post_init__``: choices and range
 starts (:meth:`TrainConfig.validate`: required fields, files that must exist). Both raise
 :class:`ConfigError` with a message that names the field and how to fix it.
 
-Defaults follow ALGORITHMS §8 (the SimCT paper's settings): AdamW lr 5e-7, betas (0.9, 0.98),
+Defaults follow docs/concepts/defaults.md (the SimCT paper's settings): AdamW lr 5e-7, betas (0.9, 0.98),
 cosine decay to 1e-8 after a 5% warm-up, sampling temperature 0.6, reverse KL, τ = 1, one sample per
 prompt. The student's weights load in float32 (its AdamW updates at lr 5e-7 would vanish in
 bfloat16 weights; use ``mixed_precision: bf16`` for bf16 compute), the teacher's in the checkpoint's
@@ -370,7 +370,7 @@ class RolloutConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and its schedule (defaults: ALGORITHMS §8)."""
+    """AdamW and its schedule (defaults: docs/concepts/defaults.md)."""
 
     lr: float = _help("peak learning rate", 5e-7)
     beta1: float = _help("AdamW beta1", 0.9)

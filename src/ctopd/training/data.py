@@ -1,5 +1,5 @@
 """Prompts in, token ids out: reading JSONL / ``datasets`` rows and applying each model's own chat
-template (ALGORITHMS §1.1: never paste one model's markers into the other's input)."""
+template (docs/concepts/one-step.md: never paste one model's markers into the other's input)."""
 
 from __future__ import annotations
 

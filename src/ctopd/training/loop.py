@@ -1,4 +1,4 @@
-"""The on-policy distillation loop, top to bottom (ALGORITHMS §1).
+"""The on-policy distillation loop, top to bottom (docs/concepts/one-step.md).
 
 One optimiser step is ``gradient_accumulation_steps`` micro-steps; each micro-step, on every rank:
 

@@ -1,4 +1,4 @@
-"""Per-step figures (ALGORITHMS §7): summed over micro-steps, reduced across ranks, written to
+"""Per-step figures (docs/concepts/metrics.md): summed over micro-steps, reduced across ranks, written to
 ``metrics.jsonl`` and optionally to TensorBoard / Weights & Biases."""
 
 from __future__ import annotations

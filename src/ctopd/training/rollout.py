@@ -1,4 +1,4 @@
-"""Batched sampling and the forward pass that scores a response (ALGORITHMS §1.2 and §1.4).
+"""Batched sampling and the forward pass that scores a response (docs/concepts/one-step.md).
 
 Layout used everywhere: prompts are **left**-padded to a common length ``P`` and responses are
 **right**-padded after it, so response token ``j`` of every row sits at position ``P + j`` and is

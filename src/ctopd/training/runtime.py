@@ -164,7 +164,7 @@ class Runtime:
         config, accelerator = self.config, self.accelerator
         self.tokenizer, self.end_ids = tokenizer, end_ids
         self.total_steps, self.num_items = total_steps, num_items
-        # AdamW + warm-up + decay (ALGORITHMS §8). The scheduler is stepped once per optimiser
+        # AdamW + warm-up + decay (docs/concepts/defaults.md). The scheduler is stepped once per optimiser
         # step by hand (accelerate would step it once per process).
         optimizer, scheduler = build_optimizer(config, model, total_steps)
         model, optimizer = _accelerate_prepare(accelerator, model, optimizer, config)

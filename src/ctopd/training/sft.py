@@ -1,4 +1,4 @@
-"""The SFT baseline (ALGORITHMS §6): the student is trained with cross-entropy on its own
+"""The SFT baseline (docs/concepts/baselines.md): the student is trained with cross-entropy on its own
 tokenisation of response *text* — reference responses from the data file (``sft.source=data``) or
 responses the teacher samples under its own chat template (``sft.source=teacher``).
 

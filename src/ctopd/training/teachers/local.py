@@ -1,6 +1,6 @@
 """The teacher as the loop sees it: one small interface, a model in this process or a server.
 
-The loop asks a teacher for one thing (ALGORITHMS §1.4): given each sequence's teacher prompt ids
+The loop asks a teacher for one thing (docs/concepts/one-step.md): given each sequence's teacher prompt ids
 (the teacher's own chat template), the teacher's tokenisation of the response and a
 :class:`~ctopd.objectives.teacher.TeacherRequest` (the fields the objective needs), the
 :class:`~ctopd.objectives.teacher.TeacherOutputs` with those fields. Row ``j`` of every
