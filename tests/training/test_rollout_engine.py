@@ -105,7 +105,11 @@ def test_the_logprobs_change_neither_the_draws_nor_their_order(model):
     engine = HFRolloutEngine(
         model, **{k: v for k, v in settings.items() if k != "samples_per_prompt"}
     )
-    assert engine.generate(PROMPTS, samples_per_prompt=3).response_ids == ids
+    rollout = engine.generate(PROMPTS, samples_per_prompt=3)
+    assert rollout.response_ids == ids and len(rollout.logprobs) == len(ids)
+    torch.manual_seed(11)
+    without = engine.generate(PROMPTS, samples_per_prompt=3, logprobs=False)
+    assert without.response_ids == ids and without.logprobs is None
 
 
 def test_greedy_is_a_point_mass(model):

@@ -235,8 +235,9 @@ def _micro_step(
     # 1. Rollout (rollout.engine): the student samples; these exact ids are what it trains on.
     with timer("rollout"):
         try:
+            # No log-probs: one update per rollout, DPCA's π_old is the live policy (step 4).
             rollout = rollouts.generate(
-                [p.student_ids for p in prompts], samples_per_prompt=samples
+                [p.student_ids for p in prompts], samples_per_prompt=samples, logprobs=False
             )
             student_responses, problem = rollout.response_ids, None
         except RuntimeError as err:  # torch.multinomial refuses NaN / inf probabilities

@@ -2,9 +2,10 @@
 
 The loop asks an engine for responses to its prompts and tells it when the weights changed:
 
-- ``generate(prompt_ids, samples_per_prompt=...)`` → a :class:`~ctopd.training.rollout.Rollout`:
-  the sampled ids and each token's log-prob under the policy that drew it (temperature, top-k,
-  top-p and the padded-row mask applied, exactly the issue-24 policy);
+- ``generate(prompt_ids, samples_per_prompt=..., logprobs=True)`` → a
+  :class:`~ctopd.training.rollout.Rollout`: the sampled ids and each token's log-prob under the
+  policy that drew it (temperature, top-k, top-p and the padded-row mask applied, exactly the
+  issue-24 policy; ``logprobs=False`` skips them);
 - ``refresh(model)`` after each optimiser step, so the next rollout samples the new policy.
 
 ``hf`` (:class:`HFRolloutEngine`) runs ``transformers``' ``generate`` on the live student, so
@@ -28,10 +29,14 @@ class RolloutEngine(Protocol):
     """What the loop needs from a generator (see the module docstring)."""
 
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], *, samples_per_prompt: int = 1
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        samples_per_prompt: int = 1,
+        logprobs: bool = True,
     ) -> Rollout:
         """``B`` prompts (chat template applied) → ``B * samples_per_prompt`` responses,
-        adjacent per prompt."""
+        adjacent per prompt, with their log-probs unless ``logprobs=False``."""
         ...
 
     def refresh(self, model: torch.nn.Module) -> None:
@@ -87,12 +92,20 @@ class HFRolloutEngine:
         )
 
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], *, samples_per_prompt: int = 1
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        samples_per_prompt: int = 1,
+        logprobs: bool = True,
     ) -> Rollout:
         """Sample with the live weights; see :func:`ctopd.training.rollout.generate_rollout`."""
         with self._policy() as model:
             return generate_rollout(
-                model, prompt_ids, samples_per_prompt=samples_per_prompt, **self.settings
+                model,
+                prompt_ids,
+                samples_per_prompt=samples_per_prompt,
+                logprobs=logprobs,
+                **self.settings,
             )
 
     def refresh(self, model: torch.nn.Module) -> None:

@@ -230,7 +230,9 @@ def _teacher_responses(
     for lo in range(0, len(mine), batch):
         chunk = mine[lo : lo + batch]
         responses = rollouts.generate(
-            [prompts[i] for i in chunk], samples_per_prompt=config.rollout.samples_per_prompt
+            [prompts[i] for i in chunk],
+            samples_per_prompt=config.rollout.samples_per_prompt,
+            logprobs=False,
         ).response_ids
         for n, response in enumerate(responses):
             index = chunk[n // config.rollout.samples_per_prompt]
