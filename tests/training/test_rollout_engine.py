@@ -148,10 +148,23 @@ def test_the_engine_generates_with_the_live_weights_inside_its_context(model):
 
 
 def test_unknown_engines_are_refused():
-    with pytest.raises(ValueError, match="unknown rollout engine 'vllm'; choose one of \\['hf'\\]"):
+    with pytest.raises(ValueError, match="unknown rollout engine 'vllm'; choose one of \\['hf',"):
         build_rollout_engine(
             "vllm", torch.nn.Linear(1, 1), end_ids=[END], pad_id=0, max_new_tokens=1
         )
-    with pytest.raises(ConfigError, match="rollout.engine must be one of hf; got 'vllm'"):
+    with pytest.raises(
+        ConfigError, match="rollout.engine must be one of hf, hf_static; got 'vllm'"
+    ):
         RolloutConfig(engine="vllm")
-    assert RolloutConfig().engine == "hf" and set(ROLLOUT_ENGINES) == {"hf"}
+    assert RolloutConfig().engine == "hf" and set(ROLLOUT_ENGINES) == {"hf", "hf_static"}
+
+
+def test_hf_static_draws_what_hf_draws(model):
+    settings = dict(end_ids=[END], pad_id=0, max_new_tokens=8, temperature=0.9, top_k=20)
+    draws = {}
+    for name in ("hf", "hf_static"):
+        torch.manual_seed(4)
+        draws[name] = build_rollout_engine(name, model, **settings).generate(PROMPTS)
+    assert draws["hf"].response_ids == draws["hf_static"].response_ids
+    for a, b in zip(draws["hf"].logprobs, draws["hf_static"].logprobs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

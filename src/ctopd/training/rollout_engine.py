@@ -9,7 +9,7 @@ The loop asks an engine for responses to its prompts and tells it when the weigh
 - ``refresh(model)`` after each optimiser step, so the next rollout samples the new policy.
 
 ``hf`` (:class:`HFRolloutEngine`) runs ``transformers``' ``generate`` on the live student, so
-its ``refresh`` has nothing to do. An engine with its own copy of the weights (vLLM, a server)
+its ``refresh`` has nothing to do; ``hf_static`` is the same with a static KV cache. An engine with its own copy of the weights (vLLM, a server)
 is a contained addition: a class with these two methods, one entry in :data:`ROLLOUT_ENGINES`
 and in ``rollout.engine``'s choices; nothing else in the loop changes.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -112,8 +113,13 @@ class HFRolloutEngine:
         """Nothing to do: ``generate`` runs on the live model, which the optimiser updated."""
 
 
-# rollout.engine name -> engine class (every one takes HFRolloutEngine's keyword arguments).
-ROLLOUT_ENGINES: dict[str, type] = {"hf": HFRolloutEngine}
+# rollout.engine name -> engine factory (every one takes HFRolloutEngine's keyword arguments).
+# hf_static: generate with a preallocated KV cache instead of the dynamic one (docs/rollout.md):
+# the same policy (tests/training/test_sampling.py), faster on the real pair on CPU.
+ROLLOUT_ENGINES: dict[str, Callable[..., RolloutEngine]] = {
+    "hf": HFRolloutEngine,
+    "hf_static": partial(HFRolloutEngine, generate_options={"cache_implementation": "static"}),
+}
 
 
 def build_rollout_engine(name: str, model, **settings: Any) -> RolloutEngine:
