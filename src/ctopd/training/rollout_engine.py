@@ -9,9 +9,10 @@ The loop asks an engine for responses to its prompts and tells it when the weigh
 - ``refresh(model)`` after each optimiser step, so the next rollout samples the new policy.
 
 ``hf`` (:class:`HFRolloutEngine`) runs ``transformers``' ``generate`` on the live student, so
-its ``refresh`` has nothing to do; ``hf_static`` is the same with a static KV cache. An engine with its own copy of the weights (vLLM, a server)
-is a contained addition: a class with these two methods, one entry in :data:`ROLLOUT_ENGINES`
-and in ``rollout.engine``'s choices; nothing else in the loop changes.
+its ``refresh`` has nothing to do; ``hf_static`` is the same with a static KV cache. An engine
+with its own copy of the weights (vLLM, a server) is a contained addition: a class with these two
+methods, one entry in :data:`ROLLOUT_ENGINES` and in ``rollout.engine``'s choices; nothing else
+in the loop changes.
 """
 
 from __future__ import annotations
