@@ -461,7 +461,9 @@ def test_a_truncated_checkpoint_is_named_before_models_load(tiny, tmp_path, monk
 def test_nan_sampling_probabilities_stop_like_a_nan_loss(tiny, tmp_path, monkeypatch):
     """``generate`` refuses NaN probabilities (weights blown up by a step); that goes through
     the same every-rank stop instead of a traceback on one rank."""
-    real, calls = loop.sample_responses, {"n": 0}
+    from ctopd.training.rollout_engine import HFRolloutEngine
+
+    real, calls = HFRolloutEngine.generate, {"n": 0}
 
     def sample(*args, **kwargs):
         calls["n"] += 1
@@ -469,7 +471,7 @@ def test_nan_sampling_probabilities_stop_like_a_nan_loss(tiny, tmp_path, monkeyp
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "sample_responses", sample)
+    monkeypatch.setattr(HFRolloutEngine, "generate", sample)
     with pytest.raises(
         RunStopped,
         match="stopped at step 2: the student's sampling "

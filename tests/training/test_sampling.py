@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from ctopd.training.rollout import count_token_ids, sample_responses
+from ctopd.training.rollout import count_token_ids, generate_rollout, sample_responses
 
 VOCAB = 64
 END = 1  # the end-of-turn id
@@ -345,3 +345,30 @@ def test_evaluate_never_chooses_a_padded_row(tiny, monkeypatch):
     )
     assert result["num_examples"] == 4 and seen[0] == count_token_ids(tokenizer)
     assert max(max(r) for r in seen[1:]) < count_token_ids(tokenizer)
+
+
+@pytest.mark.parametrize("leak", ["none", "qwen2.5-instruct", "min_new_tokens", "suppress_tokens"])
+@pytest.mark.parametrize(
+    "settings", [dict(temperature=1.0), dict(temperature=1.3, top_k=20, top_p=0.9)]
+)
+def test_a_static_kv_cache_samples_the_same_policy(policy, tmp_path, leak, settings):
+    """``cache_implementation="static"`` (the faster rollout of ``docs/rollout.md``) changes how
+    ``generate`` keeps its cache, not what it samples."""
+    model = AutoModelForCausalLM.from_pretrained(save_with(policy, tmp_path, LEAKS[leak]))
+    torch.manual_seed(0)
+    rollout = generate_rollout(
+        model,
+        [PROMPT],
+        end_ids=[END],
+        pad_id=0,
+        max_new_tokens=NEW_TOKENS,
+        samples_per_prompt=DRAWS,
+        generate_options={"cache_implementation": "static"},
+        **settings,
+    )
+    probs = warp(oracle(model), **settings)
+    p_values = position_p_values(rollout.response_ids, probs)
+    assert min(p_values) > P_MIN, p_values
+    expected = probs.log().float()
+    for response, logprobs in zip(rollout.response_ids[:50], rollout.logprobs):
+        torch.testing.assert_close(logprobs, expected[response], atol=1e-5, rtol=0)

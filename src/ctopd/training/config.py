@@ -358,8 +358,14 @@ class RolloutConfig:
     top_p: float = _help("nucleus sampling threshold (1 = off)", 1.0)
     top_k: int = _help("sample among the k most likely tokens (0 = off)", 0)
     max_new_tokens: int = _help("longest response; longer ones are cut (no end token)", 512)
+    engine: str = _help(
+        "what generates rollouts: hf (transformers generate on the live weights) or hf_static "
+        "(the same with a static KV cache; docs/rollout.md)",
+        "hf",
+    )
 
     def __post_init__(self) -> None:
+        _choice("rollout", "engine", self.engine, ("hf", "hf_static"))  # training.rollout_engine
         _positive("rollout", "samples_per_prompt", self.samples_per_prompt)
         _positive("rollout", "temperature", self.temperature, allow_zero=True)
         _positive("rollout", "top_k", self.top_k, allow_zero=True)

@@ -3,7 +3,9 @@
 One optimiser step is ``gradient_accumulation_steps`` micro-steps; each micro-step, on every rank:
 
 1. **rollout** — the student samples responses to its own prompts (its chat template, left
-   padding, stop at its end-of-turn ids). We keep the sampled ids and train on exactly them.
+   padding, stop at its end-of-turn ids) through a rollout engine
+   (``ctopd.training.rollout_engine``: HF ``generate`` on the live weights). We keep the sampled
+   ids and train on exactly them.
 2. **alignment** — the teacher's tokenisation of the response text (plus its end-of-turn id when
    the student ended its turn; with identical tokenizers ``TokenizerPair`` hands it the student's
    sampled ids as they are, since re-encoding would split a non-canonical sample differently),
@@ -51,12 +53,8 @@ from ctopd.training.models import (
     load_model_tokenizer,
     prepare_student,
 )
-from ctopd.training.rollout import (
-    pad_responses,
-    parameters_sharded,
-    response_student_logits,
-    sample_responses,
-)
+from ctopd.training.rollout import pad_responses, parameters_sharded, response_student_logits
+from ctopd.training.rollout_engine import RolloutEngine, build_rollout_engine
 from ctopd.training.runtime import Runtime, next_indices
 from ctopd.training.teachers import Teacher, load_teacher, receive_outputs
 
@@ -182,6 +180,19 @@ def train(config: TrainConfig) -> dict:
             pair,
             student_tokenizer.pad_token_id,
         )
+        # rollout.engine: hf generates with the live (gathered) student, so refresh is free.
+        rollouts = build_rollout_engine(
+            config.rollout.engine,
+            lambda: _generation_model(accelerator, student),
+            end_ids=run.student_end_ids,
+            pad_id=run.student_pad_id,
+            max_new_tokens=config.rollout.max_new_tokens,
+            temperature=config.rollout.temperature,
+            top_p=config.rollout.top_p,
+            top_k=config.rollout.top_k,
+            num_ids=run.student_num_ids,
+            device=accelerator.device,
+        )
 
         while runtime.step < total_steps:
             timer, figures = runtime.start_step(), StepMetrics()
@@ -191,14 +202,17 @@ def train(config: TrainConfig) -> dict:
                     : config.per_device_batch_size
                 ]
                 with accelerator.accumulate(student):
-                    figures.add(_micro_step(run, [prompts[i] for i in mine], timer))
+                    figures.add(_micro_step(run, [prompts[i] for i in mine], timer, rollouts))
             runtime.optimizer_step(timer)  # stops first if the gradient norm is not finite
+            rollouts.refresh(accelerator.unwrap_model(student))
             runtime.state["samples"] += per_step * config.rollout.samples_per_prompt
             runtime.end_step({**figures.reduce(accelerator, timer), "skipped_prompts": skipped})
         return runtime.finish({"skipped_prompts": skipped, "num_prompts": len(prompts)})
 
 
-def _micro_step(run: Run, prompts: list[Prompt], timer: Timer) -> dict[str, float]:
+def _micro_step(
+    run: Run, prompts: list[Prompt], timer: Timer, rollouts: RolloutEngine
+) -> dict[str, float]:
     """Rollout → alignment → teacher → objective → backward for this rank's prompts.
 
     Returns:
@@ -211,23 +225,14 @@ def _micro_step(run: Run, prompts: list[Prompt], timer: Timer) -> dict[str, floa
     teacher_prompts = [p.teacher_ids for p in prompts for _ in range(samples)]
     device = accelerator.device
 
-    # 1. Rollout: the student samples; these exact ids are what it trains on.
-    with timer("rollout"), _generation_model(accelerator, run.student) as generator:
+    # 1. Rollout (rollout.engine): the student samples; these exact ids are what it trains on.
+    with timer("rollout"):
         try:
-            student_responses = sample_responses(
-                generator,
-                [p.student_ids for p in prompts],
-                end_ids=run.student_end_ids,
-                pad_id=run.student_pad_id,
-                max_new_tokens=config.rollout.max_new_tokens,
-                temperature=config.rollout.temperature,
-                top_p=config.rollout.top_p,
-                top_k=config.rollout.top_k,
-                samples_per_prompt=samples,
-                device=device,
-                num_ids=run.student_num_ids,
+            # No log-probs: one update per rollout, DPCA's π_old is the live policy (step 4).
+            rollout = rollouts.generate(
+                [p.student_ids for p in prompts], samples_per_prompt=samples, logprobs=False
             )
-            problem = None
+            student_responses, problem = rollout.response_ids, None
         except RuntimeError as err:  # torch.multinomial refuses NaN / inf probabilities
             if "probability tensor" not in str(err):
                 raise

@@ -10,10 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from ctopd.objectives.student_head import StudentHead, StudentHidden
 
@@ -261,25 +269,24 @@ def _without_checkpoint_generation_config(model: torch.nn.Module) -> Iterator[No
 def _policy_generation_config(
     *,
     greedy: bool,
-    temperature: float,
-    top_p: float,
-    top_k: int,
     max_new_tokens: int,
     end_ids: Sequence[int],
     pad_id: int,
     samples_per_prompt: int,
 ) -> GenerationConfig:
-    """The only settings ``generate`` runs with: plain sampling (or argmax) of the policy.
+    """The only settings ``generate`` runs with: plain sampling (or argmax), nothing of its own.
 
-    Off values are written out, never left ``None``: ``None`` fields are filled from the global
-    defaults, which include ``top_k=50``.
+    Temperature, top-k and top-p are applied by :func:`policy_processors` (passed as
+    ``logits_processor``), so here they are written out as off (``None`` fields would be filled
+    from the global defaults, which include ``top_k=50``) and ``generate`` adds no warper: the
+    scores it samples from are the last processor's output, which :class:`RecordLogprobs` reads.
     """
     return GenerationConfig(
         do_sample=not greedy,
         num_beams=1,
-        temperature=None if greedy else float(temperature),
-        top_p=None if greedy else min(float(top_p), 1.0),
-        top_k=None if greedy else max(int(top_k), 0),
+        temperature=None if greedy else 1.0,
+        top_p=None if greedy else 1.0,
+        top_k=None if greedy else 0,
         max_new_tokens=max_new_tokens,
         eos_token_id=list(end_ids),
         pad_token_id=pad_id,
@@ -287,7 +294,152 @@ def _policy_generation_config(
     )
 
 
+def policy_processors(
+    *, num_ids: int | None, temperature: float, top_k: int, top_p: float
+) -> LogitsProcessorList:
+    """The sampling policy as logits processors: padded rows masked, then temperature, top-k,
+    top-p, in that order (``generate``'s own order), each only when it is on.
+
+    ``temperature=0`` (greedy) keeps only the mask: the argmax needs no warping.
+    """
+    processors = LogitsProcessorList([MaskIdsFrom(num_ids)] if num_ids is not None else [])
+    if temperature == 0:
+        return processors
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(float(temperature)))
+    if top_k > 0:
+        processors.append(TopKLogitsWarper(top_k=int(top_k)))
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=float(top_p)))
+    return processors
+
+
+class RecordLogprobs(LogitsProcessor):
+    """The last processor: leaves the scores as they are and records each drawn token's
+    log-probability under them, ``log softmax(scores)[token]``, i.e. under the policy sampled.
+
+    A step's token is only known at the next call (it is the last column of ``input_ids``), so
+    one step's ``[B, V]`` scores and their log-normaliser are held at a time; :meth:`finish`
+    reads the last token's. Memory: one ``[B, V]`` reference, never ``[B, n, V]``.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []  # float32 [B] per generated token
+        self._scores: torch.Tensor | None = None
+        self._log_normaliser: torch.Tensor | None = None
+
+    def _read(self, tokens: torch.Tensor) -> None:
+        if self._scores is not None:
+            drawn = self._scores.gather(1, tokens[:, None])[:, 0]
+            self.steps.append((drawn - self._log_normaliser).float())
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """``scores``: float ``[B, V]``, returned unchanged."""
+        self._read(input_ids[:, -1])
+        self._scores, self._log_normaliser = scores, scores.logsumexp(-1)
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        """Read the last step's token (int64 ``[B]``); returns float32 ``[B, steps]``."""
+        self._read(last_tokens)
+        self._scores = self._log_normaliser = None
+        if not self.steps:
+            return torch.zeros(last_tokens.shape[0], 0)
+        return torch.stack(self.steps, dim=1).cpu()
+
+
+@dataclass
+class Rollout:
+    """Sampled responses and their log-probabilities under the policy that drew them.
+
+    Attributes:
+        response_ids: ``N`` id lists, each up to and including its first end id (or cut at
+            ``max_new_tokens``).
+        logprobs: ``N`` float32 ``[len(response_ids[i])]`` tensors (CPU): ``log π(token)`` under
+            the *sampling* policy (padded rows masked, temperature, top-k, top-p applied, the
+            same scores ``generate`` drew from). This is the model's own log-probability only at
+            temperature 1 with top-k and top-p off. Greedy decoding (temperature 0) is a point
+            mass: all zeros. ``None`` when not asked for (``logprobs=False``).
+    """
+
+    response_ids: list[list[int]]
+    logprobs: list[torch.Tensor] | None
+
+
 @torch.no_grad()
+def generate_rollout(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    end_ids: Sequence[int],
+    pad_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    samples_per_prompt: int = 1,
+    device: torch.device | str = "cpu",
+    num_ids: int | None = None,
+    generate_options: dict[str, Any] | None = None,
+    logprobs: bool = True,
+) -> Rollout:
+    """Sample responses with HF ``generate`` and keep each token's log-prob under the policy.
+
+    Arguments as :func:`sample_responses`; ``generate_options`` are extra ``GenerationConfig``
+    fields that change how, not what, ``generate`` computes (``cache_implementation="static"``);
+    anything that changes the distribution is refused by the tests in
+    ``tests/training/test_sampling.py``. ``logprobs=False`` skips the log-probs (one
+    ``logsumexp`` over ``[B, V]`` per token: about 10 ms at ``B=4``, ``V=262,144`` on one CPU
+    thread, more than a tiny model's own step).
+
+    Returns:
+        A :class:`Rollout` of ``B * samples_per_prompt`` responses.
+    """
+    if num_ids is not None and num_ids < 1:
+        raise ValueError(f"num_ids must be positive; got {num_ids}")
+    input_ids, mask, _, prompt_len, _ = pack_prompt_response(
+        prompt_ids, [[] for _ in prompt_ids], pad_id=pad_id, device=device
+    )
+    input_ids, mask = input_ids[:, :prompt_len], mask[:, :prompt_len]
+    greedy = temperature == 0
+    generation_config = _policy_generation_config(
+        greedy=greedy,
+        max_new_tokens=max_new_tokens,
+        end_ids=end_ids,
+        pad_id=pad_id,
+        samples_per_prompt=samples_per_prompt,
+    )
+    generation_config.update(**(generate_options or {}))
+    processors = policy_processors(
+        num_ids=num_ids, temperature=temperature, top_k=top_k, top_p=top_p
+    )
+    recorder = RecordLogprobs() if logprobs and not greedy else None
+    if recorder is not None:
+        processors.append(recorder)
+    was_training = model.training
+    model.eval()
+    try:
+        with _without_checkpoint_generation_config(model):
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                generation_config=generation_config,
+                logits_processor=processors,
+            )
+    finally:
+        model.train(was_training)
+    generated = output[:, prompt_len:]
+    responses = cut_after_end(generated, end_ids)
+    if not logprobs:
+        return Rollout(responses, None)
+    step_logprobs = (
+        torch.zeros(generated.shape, dtype=torch.float32)
+        if recorder is None
+        else recorder.finish(generated[:, -1])
+    )
+    return Rollout(responses, [row[: len(r)].clone() for row, r in zip(step_logprobs, responses)])
+
+
 def sample_responses(
     model: torch.nn.Module,
     prompt_ids: Sequence[Sequence[int]],
@@ -308,7 +460,7 @@ def sample_responses(
     Each token is drawn from the model's next-token distribution with ``temperature``, ``top_k``
     and ``top_p`` applied (in that order) and nothing else, whatever the checkpoint's generation
     config says (no repetition penalty, minimum length, suppressed or forced tokens...);
-    ``temperature=0`` takes the argmax.
+    ``temperature=0`` takes the argmax. :func:`generate_rollout` also returns the log-probs.
 
     Args:
         model: a causal LM with ``generate`` (unwrapped from DDP).
@@ -329,34 +481,17 @@ def sample_responses(
         ``B * samples_per_prompt`` response id lists, each ending with an end id unless cut at
         ``max_new_tokens``.
     """
-    if num_ids is not None and num_ids < 1:
-        raise ValueError(f"num_ids must be positive; got {num_ids}")
-    input_ids, mask, _, prompt_len, _ = pack_prompt_response(
-        prompt_ids, [[] for _ in prompt_ids], pad_id=pad_id, device=device
-    )
-    input_ids, mask = input_ids[:, :prompt_len], mask[:, :prompt_len]
-    generation_config = _policy_generation_config(
-        greedy=temperature == 0,
+    return generate_rollout(
+        model,
+        prompt_ids,
+        end_ids=end_ids,
+        pad_id=pad_id,
+        max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
-        max_new_tokens=max_new_tokens,
-        end_ids=end_ids,
-        pad_id=pad_id,
         samples_per_prompt=samples_per_prompt,
-    )
-    # Custom processors run before generate's temperature / top-k / top-p warpers.
-    processors = LogitsProcessorList([MaskIdsFrom(num_ids)] if num_ids is not None else [])
-    was_training = model.training
-    model.eval()
-    try:
-        with _without_checkpoint_generation_config(model):
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                generation_config=generation_config,
-                logits_processor=processors,
-            )
-    finally:
-        model.train(was_training)
-    return cut_after_end(output[:, prompt_len:], end_ids)
+        device=device,
+        num_ids=num_ids,
+        logprobs=False,
+    ).response_ids

@@ -39,8 +39,8 @@ from ctopd.training.rollout import (
     pad_responses,
     parameters_sharded,
     response_student_logits,
-    sample_responses,
 )
+from ctopd.training.rollout_engine import build_rollout_engine
 from ctopd.training.runtime import Runtime, next_indices
 
 
@@ -220,22 +220,26 @@ def _teacher_responses(
         config.per_device_batch_size,
     )
     mine = list(range(rank, len(examples), world))
+    rollouts = build_rollout_engine(
+        config.rollout.engine,
+        teacher,
+        end_ids=end_ids,
+        pad_id=tokenizer.pad_token_id,
+        max_new_tokens=config.rollout.max_new_tokens,
+        temperature=config.rollout.temperature,
+        top_p=config.rollout.top_p,
+        top_k=config.rollout.top_k,
+        num_ids=count_token_ids(tokenizer),  # the teacher's padded rows are no token
+        device=accelerator.device,
+    )
     out = []
     for lo in range(0, len(mine), batch):
         chunk = mine[lo : lo + batch]
-        responses = sample_responses(
-            teacher,
+        responses = rollouts.generate(
             [prompts[i] for i in chunk],
-            end_ids=end_ids,
-            pad_id=tokenizer.pad_token_id,
-            max_new_tokens=config.rollout.max_new_tokens,
-            temperature=config.rollout.temperature,
-            top_p=config.rollout.top_p,
-            top_k=config.rollout.top_k,
             samples_per_prompt=config.rollout.samples_per_prompt,
-            device=accelerator.device,
-            num_ids=count_token_ids(tokenizer),
-        )  # the teacher's padded rows are no token
+            logprobs=False,
+        ).response_ids
         for n, response in enumerate(responses):
             index = chunk[n // config.rollout.samples_per_prompt]
             text = tokenizer.decode(response, skip_special_tokens=True)
