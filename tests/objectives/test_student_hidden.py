@@ -276,3 +276,44 @@ def test_mean_token_nll_equals_cross_entropy(dtype, tolerance):
     assert not results[1][2][num_ids:].any()
     with pytest.raises(ValueError, match="target_ids has shape"):
         mean_token_nll(StudentHidden(hidden, head), targets[:, :3])
+
+
+def _plain_logits_objective(
+    *, student_logits, student_ids, alignments, shared_vocab, teacher, student_old_logprobs=None
+):
+    """A user's objective that reads plain logits: the realised tokens' mean log-probability
+    minus the teacher's (tensor methods a StudentHidden does not have)."""
+    logprobs = student_logits.log_softmax(-1).gather(-1, student_ids.unsqueeze(-1)).squeeze(-1)
+    mask = torch.zeros_like(logprobs, dtype=torch.bool)
+    for row, alignment in enumerate(alignments):
+        mask[row, : alignment.student_length] = True
+    loss = -(logprobs * mask).sum() / mask.sum()
+    return loss, {"loss": float(loss), "kl": 0.0, "coverage": 1.0}
+
+
+_plain_logits_objective.teacher_needs = set()
+
+
+def test_a_users_objective_gets_dense_logits_from_hidden_states(batch):
+    """A registered objective that does not declare ``accepts_student_hidden`` receives the
+    dense logits ``head(hidden)`` (padded rows cut) when the loop passes hidden states: the same
+    loss and gradients as given the dense logits directly."""
+    from ctopd.objectives import OBJECTIVES, TEACHER_NEEDS, register_objective
+
+    register_objective(
+        "test_plain_logits", _plain_logits_objective, _plain_logits_objective.teacher_needs
+    )
+    results = []
+    try:
+        for sliced in (True, False):
+            hidden, weight, bias = _leaves(batch, torch.float64, with_bias=True)
+            head = StudentHead(weight, bias, None, batch["num_student"])
+            logits = StudentHidden(hidden, head) if sliced else head(hidden)
+            loss, _ = _run(batch, "test_plain_logits", {}, None, logits)
+            results.append((loss, hidden.grad, weight.grad, bias.grad))
+    finally:
+        OBJECTIVES.pop("test_plain_logits")
+        TEACHER_NEEDS.pop("test_plain_logits")
+    for sliced, dense in zip(*results):
+        torch.testing.assert_close(sliced, dense, rtol=0, atol=1e-12)
+    assert results[0][2][batch["num_student"] :].abs().max() == 0  # padded rows: no gradient

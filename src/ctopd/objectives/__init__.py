@@ -6,7 +6,9 @@ from ctopd.objectives.registry import (
     OBJECTIVES,
     TEACHER_NEEDS,
     compute_objective,
+    load_objective,
     objective_options,
+    register_objective,
     teacher_needs,
 )
 from ctopd.objectives.student_head import StudentHead, StudentHidden
@@ -23,8 +25,10 @@ __all__ = [
     "compute_objective",
     "divergence",
     "dpca_advantages",
+    "load_objective",
     "objective_options",
     "reduce_teacher",
+    "register_objective",
     "teacher_needs",
     "teacher_outputs",
 ]

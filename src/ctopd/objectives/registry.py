@@ -271,8 +271,9 @@ def compute_objective(
         student_logits: the student's logits, row ``i`` predicting ``student_ids[:, i]``, in
             one of two forms. A :class:`~ctopd.objectives.student_head.StudentHidden` (final
             hidden states ``[B, m, H]`` and the output layer; what the training loop passes):
-            every objective projects one slice of rows at a time, so no ``[B, m, V]`` logits
-            or gradient exist, and the gradient flows to the hidden states and the head's
+            every built-in objective projects one slice of rows at a time, so no ``[B, m, V]``
+            logits or gradient exist (a registered objective gets dense logits made from it
+            unless the function has ``accepts_student_hidden = True``), and the gradient flows to the hidden states and the head's
             weight. Or dense float ``[B, m, V]`` logits (requires grad): the reference path,
             and the fallback for a model whose head cannot be taken apart (see
             :meth:`~ctopd.objectives.student_head.StudentHead.from_model`). Columns past the
@@ -309,7 +310,13 @@ def compute_objective(
         )
     if shared_vocab is not None:
         student_logits = real_id_columns(student_logits, len(shared_vocab.student_id_to_class))
-    return OBJECTIVES[name](
+    function = OBJECTIVES[name]
+    if isinstance(student_logits, StudentHidden) and not getattr(
+        function, "accepts_student_hidden", name in _BUILT_IN
+    ):
+        # A user's objective reads plain logits unless it says it slices StudentHidden itself.
+        student_logits = student_logits.dense()
+    return function(
         student_logits=student_logits,
         student_ids=student_ids,
         alignments=alignments,
