@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from ctopd.objectives import TeacherRequest, compute_objective, teacher_needs
+from ctopd.objectives.student_head import StudentHead, StudentHidden
 from ctopd.training.teachers import LocalTeacher
 
 
@@ -102,6 +103,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--objectives", default="dpca,simct")
     parser.add_argument("--response", choices=("random", "gsm8k"), default="random")
+    parser.add_argument(
+        "--student",
+        choices=("hidden", "logits"),
+        default="hidden",
+        help="hidden: random [m, 64] hidden states and a [262144, 64] output layer (what ctopd "
+        "train passes); logits: random dense [m, 262144] logits (the reference path)",
+    )
     parser.add_argument("--profile", default="")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -112,9 +120,17 @@ def main() -> int:
     tables = text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab)
     teacher = LocalTeacher(model, pad_id=0, num_ids=pair.teacher_table.vocab_size)
     gen = torch.Generator().manual_seed(1)
-    student_logits = torch.randn(
-        1, len(student_ids), pair.student_table.vocab_size, generator=gen
-    ).requires_grad_()
+    if args.student == "logits":
+        student = torch.randn(
+            1, len(student_ids), pair.student_table.vocab_size, generator=gen
+        ).requires_grad_()
+        student_leaves = [student]
+    else:
+        hidden = torch.randn(1, len(student_ids), 64, generator=gen).requires_grad_()
+        weight = torch.randn(pair.student_table.vocab_size, 64, generator=gen).requires_grad_()
+        head = StudentHead(weight, None, None, pair.student_table.vocab_size)
+        student = StudentHidden(hidden, head)
+        student_leaves = [hidden, weight]
     ids = torch.tensor([student_ids])
 
     def teacher_phase(name):
@@ -130,7 +146,7 @@ def main() -> int:
     def loss_phase(name, outputs):
         loss, _ = compute_objective(
             name,
-            student_logits=student_logits,
+            student_logits=student,
             student_ids=ids,
             alignments=[alignment],
             shared_vocab=pair.shared_vocab,
@@ -139,6 +155,7 @@ def main() -> int:
         return loss
 
     out = {
+        "student": args.student,
         "student_tokens": len(student_ids),
         "teacher_tokens": len(teacher_ids),
         "teacher_rows": model.config.vocab_size,
@@ -150,19 +167,25 @@ def main() -> int:
     for name in args.objectives.split(","):
         outputs = teacher_phase(name)  # warm-up
         loss_phase(name, outputs)
-        best_teacher = best_loss = float("inf")
+        best_teacher = best_loss = best_backward = float("inf")
         for _ in range(args.repeats):
+            for leaf in student_leaves:
+                leaf.grad = None
             start = time.perf_counter()
             outputs = teacher_phase(name)
             middle = time.perf_counter()
-            loss_phase(name, outputs)
+            loss = loss_phase(name, outputs)
             end = time.perf_counter()
-            best_teacher, best_loss = (
+            loss.backward()
+            done = time.perf_counter()
+            best_teacher, best_loss, best_backward = (
                 min(best_teacher, middle - start),
                 min(best_loss, end - middle),
+                min(best_backward, done - end),
             )
         out[f"{name}_teacher_seconds"] = best_teacher
         out[f"{name}_loss_seconds"] = best_loss
+        out[f"{name}_backward_seconds"] = best_backward
         if name == args.profile:
             profiler = cProfile.Profile()
             profiler.enable()

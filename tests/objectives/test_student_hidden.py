@@ -171,6 +171,33 @@ def test_sliced_hidden_equals_dense_identical_tokenizers(same_batch, dtype, tole
     _compare(same_batch, "simct", {}, dtype, max(tolerance, 1e-5), with_bias=False, softcap=None)
 
 
+def test_hidden_path_never_permutes_student_rows(batch, monkeypatch):
+    """From hidden states the head's rows are put in byte order once, so the text events never
+    gather a slice's ``[S, V]`` rows into that order or back; the dense path, as a check on the
+    rig, does."""
+    import ctopd.objectives.softmax_sums as softmax_sums_module
+
+    teacher = _teacher(batch, "simct", {})
+    gathered = []
+    take = softmax_sums_module.take_columns
+
+    def recording_take(matrix, index):
+        gathered.append(tuple(matrix.shape))
+        return take(matrix, index)
+
+    monkeypatch.setattr(softmax_sums_module, "take_columns", recording_take)
+    counts = {}
+    for sliced in (True, False):
+        gathered.clear()
+        hidden, weight, bias = _leaves(batch, torch.float32, True)
+        head = StudentHead(weight, bias, None, num_ids=weight.shape[0])
+        student = StudentHidden(hidden, head) if sliced else head(hidden)
+        _run(batch, "simct", {"slice_size": 8}, teacher, student)
+        counts[sliced] = len(gathered)
+    assert counts[False] > 0
+    assert counts[True] == 0
+
+
 class _LargestTensor(TorchDispatchMode):
     """Records the element count of the largest tensor any aten op returns."""
 
