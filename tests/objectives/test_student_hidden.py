@@ -89,6 +89,18 @@ def same_batch(real_tokenizers_dir):
     return data
 
 
+@pytest.fixture(scope="module")
+def spm_batch(real_tokenizers_dir):
+    """A Qwen2 teacher and a Llama-2 student: the student adds a dummy-prefix space, so its
+    first response rows read another byte order than the one its head is put in."""
+    pair = ctopd.TokenizerPair.from_pretrained(
+        str(real_tokenizers_dir / "qwen2"), str(real_tokenizers_dir / "llama-spm")
+    )
+    data = _make_batch(pair, TEXTS, seed=2)
+    data["tables"] = text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab)
+    return data
+
+
 def _teacher(batch, name, options):
     needs = teacher_needs(name, **options)
     return teacher_outputs(
@@ -196,6 +208,12 @@ def test_hidden_path_never_permutes_student_rows(batch, monkeypatch):
         counts[sliced] = len(gathered)
     assert counts[False] > 0
     assert counts[True] == 0
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), DTYPES, ids=["float32", "float64"])
+def test_sliced_hidden_equals_dense_dummy_prefix_student(spm_batch, dtype, tolerance):
+    assert spm_batch["tables"].student.first is not spm_batch["tables"].student.sorted
+    _compare(spm_batch, "simct", {}, dtype, tolerance, with_bias=True, softcap=None)
 
 
 class _LargestTensor(TorchDispatchMode):

@@ -28,7 +28,10 @@ subtraction of ``c`` and the product with the saved probabilities), none of them
 
 The forward pass is one fused log-softmax, one exponential, one gather into sorted order per
 vocabulary and one block sum: no dense pass in float64 (it made most of the forward's time at a
-262k vocabulary).
+262k vocabulary). Logits whose columns are already in that order (``SortedRanges.in_order``: a
+student head whose rows were put in byte order once, :func:`ctopd.objectives.text_events.head_order`)
+skip the gather both ways: the ranges read the first ``N`` columns in place, and backward builds
+``H`` directly in the logits' columns.
 """
 
 from __future__ import annotations
