@@ -132,3 +132,74 @@ def test_range_masses_across_blocks_match_plain_sums(dtype):
         dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-9)
     )
     torch.testing.assert_close(got, want, **tolerance)
+
+
+@pytest.mark.parametrize("extra", [0, 3])
+def test_logits_already_in_sorted_order_match_a_gather(extra):
+    """Logits whose columns were put in an order beforehand (a student head's rows permuted
+    once): ranges over ``0..N-1`` read in place (``in_order``) give the masses, token log-probs,
+    cells and gradient that the same queries give over the unpermuted logits through a gather,
+    with the order covering all columns (``extra=0``: a range may end at ``V``) or not."""
+    rng = np.random.default_rng(11)
+    vocab = 600 + extra  # > 2 blocks
+    order = rng.permutation(vocab)[: vocab - extra]
+    columns = np.concatenate([order, np.setdiff1d(np.arange(vocab), order)])  # sorted first
+    positions = np.empty(vocab, dtype=np.int64)
+    positions[columns] = np.arange(vocab)
+    rows = 4
+    row = np.repeat(np.arange(rows), 6)
+    lo = rng.integers(0, order.size + 1, row.size)
+    hi = np.minimum(lo + rng.integers(0, 400, row.size), order.size)
+    lo[0], hi[0] = 0, order.size  # a whole order, ending at V when extra == 0
+    lo[1] = hi[1] = order.size  # an empty range at the end
+    query = np.arange(row.size)
+    ids = torch.as_tensor(rng.integers(0, vocab, rows))
+    tokens = np.array([1, 5, 17, 300])
+    group_columns = torch.tensor([0, 1, 0, 1])
+
+    def run(permuted: bool):
+        logits = torch.randn(
+            rows, vocab, dtype=torch.float64, generator=torch.Generator().manual_seed(12)
+        ).requires_grad_()
+        index = positions if permuted else np.arange(vocab)
+        inputs = logits[:, torch.as_tensor(columns)] if permuted else logits
+        ranges = sorted_ranges(None, index[order], vocab, query, row, lo, hi, "cpu")
+        assert ranges.in_order == permuted
+        groups = [
+            TokenGroups(
+                target=torch.tensor([0, 1]),
+                rows=torch.tensor([0, 2]),
+                tokens=torch.as_tensor(index[tokens]),
+                columns=group_columns,
+            )
+        ]
+        out = softmax_sums(inputs, torch.as_tensor(index[ids]), [ranges], row.size, groups, (2, 2))
+        weights = [
+            torch.randn(o.shape, generator=torch.Generator().manual_seed(13), dtype=o.dtype)
+            for o in out
+        ]
+        sum((o * w).sum() for o, w in zip(out, weights)).backward()
+        return [o.detach() for o in out], logits.grad
+
+    (want, want_grad), (got, got_grad) = run(False), run(True)
+    assert want[1][0] > 0.5 and want[1][1] == 0
+    for value, expected in zip(got, want):
+        torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_range_masses_read_a_column_slice_in_place():
+    """Rows that are the first ``N`` columns of wider rows (not contiguous) read as a copy."""
+    from ctopd.objectives.softmax_sums import BLOCK, range_masses
+
+    rng = np.random.default_rng(9)
+    wide = torch.rand(3, 3 * BLOCK + 50, dtype=torch.float64)
+    size = 2 * BLOCK + 7
+    lo = rng.integers(0, size + 1, 50)
+    hi = np.minimum(lo + rng.integers(0, 2 * BLOCK, 50), size)
+    row = torch.as_tensor(rng.integers(0, 3, 50))
+    lo_t, hi_t = torch.as_tensor(lo), torch.as_tensor(hi)
+    got = range_masses(wide[:, :size], row, lo_t, hi_t)
+    want = range_masses(wide[:, :size].contiguous(), row, lo_t, hi_t)
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-15)
+    assert got.abs().sum() > 0

@@ -89,6 +89,18 @@ def same_batch(real_tokenizers_dir):
     return data
 
 
+@pytest.fixture(scope="module")
+def spm_batch(real_tokenizers_dir):
+    """A Qwen2 teacher and a Llama-2 student: the student adds a dummy-prefix space, so its
+    first response rows read another byte order than the one its head is put in."""
+    pair = ctopd.TokenizerPair.from_pretrained(
+        str(real_tokenizers_dir / "qwen2"), str(real_tokenizers_dir / "llama-spm")
+    )
+    data = _make_batch(pair, TEXTS, seed=2)
+    data["tables"] = text_tables(pair.teacher_table, pair.student_table, pair.shared_vocab)
+    return data
+
+
 def _teacher(batch, name, options):
     needs = teacher_needs(name, **options)
     return teacher_outputs(
@@ -169,6 +181,39 @@ def test_sliced_hidden_equals_dense_plain_head(batch, name, options):
 def test_sliced_hidden_equals_dense_identical_tokenizers(same_batch, dtype, tolerance):
     _compare(same_batch, "opd", {}, dtype, tolerance, with_bias=True, softcap=None)
     _compare(same_batch, "simct", {}, dtype, max(tolerance, 1e-5), with_bias=False, softcap=None)
+
+
+def test_hidden_path_never_permutes_student_rows(batch, monkeypatch):
+    """From hidden states the head's rows are put in byte order once, so the text events never
+    gather a slice's ``[S, V]`` rows into that order or back; the dense path, as a check on the
+    rig, does."""
+    import ctopd.objectives.softmax_sums as softmax_sums_module
+
+    teacher = _teacher(batch, "simct", {})
+    gathered = []
+    take = softmax_sums_module.take_columns
+
+    def recording_take(matrix, index):
+        gathered.append(tuple(matrix.shape))
+        return take(matrix, index)
+
+    monkeypatch.setattr(softmax_sums_module, "take_columns", recording_take)
+    counts = {}
+    for sliced in (True, False):
+        gathered.clear()
+        hidden, weight, bias = _leaves(batch, torch.float32, True)
+        head = StudentHead(weight, bias, None, num_ids=weight.shape[0])
+        student = StudentHidden(hidden, head) if sliced else head(hidden)
+        _run(batch, "simct", {"slice_size": 8}, teacher, student)
+        counts[sliced] = len(gathered)
+    assert counts[False] > 0
+    assert counts[True] == 0
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), DTYPES, ids=["float32", "float64"])
+def test_sliced_hidden_equals_dense_dummy_prefix_student(spm_batch, dtype, tolerance):
+    assert spm_batch["tables"].student.first is not spm_batch["tables"].student.sorted
+    _compare(spm_batch, "simct", {}, dtype, tolerance, with_bias=True, softcap=None)
 
 
 class _LargestTensor(TorchDispatchMode):

@@ -67,6 +67,7 @@ from ctopd.objectives.text_events import (
     build_event_plan,
     chunk_slices,
     event_scores,
+    head_order,
     side_rows_in,
 )
 
@@ -579,9 +580,17 @@ def text_objective(
             )
         )
 
+    # From hidden states, the head's rows are put in byte order once (sliced_loss's
+    # column_order), so that no slice gathers its [S, V] rows into that order and back.
+    column_order = positions = None
+    width = student_logits.shape[-1]
+    if isinstance(student_logits, StudentHidden) and width == tables.student.table.vocab_size:
+        order, positions = head_order(tables, width)
+        column_order = torch.as_tensor(order)
+
     def slice_loss(logit_rows: Tensor, row_slice: RowSlice):
         k0, k1 = row_slice.k0, row_slice.k1
-        scores = event_scores(logit_rows, plan, "student", tables, k0, k1)
+        scores = event_scores(logit_rows, plan, "student", tables, k0, k1, positions=positions)
         teacher_part = teacher_scores[k0:k1]
         student_logp = torch.log_softmax(scores / temperature, dim=-1)
         teacher_logp = torch.log_softmax(teacher_part / temperature, dim=-1)
@@ -592,7 +601,14 @@ def text_objective(
 
     sums: dict[str, float] = {}
     student_tokens = int(flat.student_lengths.sum())
-    loss = sliced_loss(student_logits, slices, slice_loss, sums, scale=1.0 / max(student_tokens, 1))
+    loss = sliced_loss(
+        student_logits,
+        slices,
+        slice_loss,
+        sums,
+        scale=1.0 / max(student_tokens, 1),
+        column_order=column_order,
+    )
     kept = plan.num_chunks
     return loss, finish_metrics(
         batch_metrics(flat, teacher.token_logprobs),

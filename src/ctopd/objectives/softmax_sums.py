@@ -28,7 +28,10 @@ subtraction of ``c`` and the product with the saved probabilities), none of them
 
 The forward pass is one fused log-softmax, one exponential, one gather into sorted order per
 vocabulary and one block sum: no dense pass in float64 (it made most of the forward's time at a
-262k vocabulary).
+262k vocabulary). Logits whose columns are already in that order (``SortedRanges.in_order``: a
+student head whose rows were put in byte order once, :func:`ctopd.objectives.text_events.head_order`)
+skip the gather both ways: the ranges read the first ``N`` columns in place, and backward builds
+``H`` directly in the logits' columns.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ class SortedRanges:
         query: int64 ``[Q_g]``: where each query's mass goes in the output ``[Q]``.
         row: int64 ``[Q_g]``: each query's row, as a position in ``rows`` (``0..S_g-1``).
         lo, hi: int64 ``[Q_g]``: the sorted positions ``[lo, hi)`` summed (``lo <= hi <= N``).
+        in_order: ``order`` is ``0..N-1``: the logits' first ``N`` columns are already sorted
+            (a student head whose rows were permuted into this order), so no column gather is
+            made in either direction.
     """
 
     rows: Tensor | None
@@ -62,6 +68,7 @@ class SortedRanges:
     row: Tensor
     lo: Tensor
     hi: Tensor
+    in_order: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,10 @@ def sorted_ranges(
     device,
 ) -> SortedRanges:
     """A :class:`SortedRanges` from numpy arrays (``inverse`` built here, over ``vocab``
-    columns)."""
+    columns; ``in_order`` detected here)."""
+    in_order = bool(
+        order.size and order[0] == 0 and order[-1] == order.size - 1
+    ) and np.array_equal(order, np.arange(order.size))
     inverse = np.full(vocab, order.size, dtype=np.int64)
     inverse[order] = np.arange(order.size)
 
@@ -107,6 +117,7 @@ def sorted_ranges(
         row=t(row),
         lo=t(lo),
         hi=t(hi),
+        in_order=in_order,
     )
 
 
@@ -130,9 +141,9 @@ class _SoftmaxSums(torch.autograd.Function):
             if group.query.numel() == 0:
                 continue
             part = probs if group.rows is None else probs.index_select(0, group.rows)
-            masses[group.query] = range_masses(
-                take_columns(part, group.order), group.row, group.lo, group.hi
-            )
+            size = group.order.numel()
+            in_order = part[:, :size] if group.in_order else take_columns(part, group.order)
+            masses[group.query] = range_masses(in_order, group.row, group.lo, group.hi)
         cells = torch.zeros(cell_shape, dtype=torch.float64, device=logits.device)
         for group in groups:
             if group.tokens.numel() == 0 or group.rows.numel() == 0:
@@ -168,14 +179,26 @@ class _SoftmaxSums(torch.autograd.Function):
                 size = group.order.numel()
                 count = rows_count if group.rows is None else group.rows.numel()
                 # H in sorted space: +g at lo, -g at hi, one cumulative sum.
-                difference = torch.zeros(count, size + 1, dtype=dtype, device=device)
-                flat = difference.view(-1)
                 g = g.to(dtype)
-                flat.index_add_(0, group.row * (size + 1) + group.lo, g)
-                flat.index_add_(0, group.row * (size + 1) + group.hi, -g)
-                difference.cumsum_(1)
-                difference[:, size] = 0.0  # ids outside the order (and rounding at the end)
-                part = take_columns(difference, group.inverse)
+                if group.in_order:
+                    # The logits' first `size` columns are the sorted ones: H is made in place
+                    # in a [count, V] array (a mark at V would fall past the end: dropped).
+                    part = torch.zeros(count, vocab, dtype=dtype, device=device)
+                    for at, sign in ((group.lo, g), (group.hi, -g)):
+                        inside = at < vocab
+                        part.view(-1).index_add_(
+                            0, group.row[inside] * vocab + at[inside], sign[inside]
+                        )
+                    part.cumsum_(1)
+                    part[:, size:] = 0.0  # ids outside the order (and rounding at the end)
+                else:
+                    difference = torch.zeros(count, size + 1, dtype=dtype, device=device)
+                    flat = difference.view(-1)
+                    flat.index_add_(0, group.row * (size + 1) + group.lo, g)
+                    flat.index_add_(0, group.row * (size + 1) + group.hi, -g)
+                    difference.cumsum_(1)
+                    difference[:, size] = 0.0  # ids outside the order (and rounding at the end)
+                    part = take_columns(difference, group.inverse)
                 if group.rows is None and grad is None:
                     grad = part
                 else:
@@ -235,7 +258,8 @@ def range_masses(sorted_probs: Tensor, row: Tensor, lo: Tensor, hi: Tensor) -> T
     over ``[S, N]`` in the probabilities' dtype, none in float64.
 
     Args:
-        sorted_probs: float ``[S, N]`` probabilities in sorted order.
+        sorted_probs: float ``[S, N]`` probabilities in sorted order (contiguous rows; a column
+            slice of a wider tensor is read in place).
         row, lo, hi: int64 ``[Q]``: each query's row and sorted positions ``[lo, hi)``
             (``0 <= lo``, ``hi <= N``; ``hi <= lo`` reads 0).
     """
@@ -251,14 +275,18 @@ def range_masses(sorted_probs: Tensor, row: Tensor, lo: Tensor, hi: Tensor) -> T
     middle = prefix[row, end_block.clamp(max=last)] - prefix[row, (first_block + 1).clamp(max=last)]
     middle = torch.where(end_block > first_block + 1, middle, 0.0)
     offsets = torch.arange(BLOCK, device=device)
-    flat = sorted_probs.reshape(-1) if sorted_probs.is_contiguous() else sorted_probs.flatten()
+    if sorted_probs.stride(-1) != 1:
+        sorted_probs = sorted_probs.contiguous()
+    # Rows may be a column slice of wider rows: index the storage with the row stride.
+    stride = sorted_probs.stride(0) if count > 1 else size
+    flat = sorted_probs.as_strided((max((count - 1) * stride + size, 0),), (1,))
     total = middle
     for block, start in ((first_block, lo), (end_block, torch.maximum(lo, end_block * BLOCK))):
         position = block[:, None] * BLOCK + offsets  # [Q, BLOCK]
         inside = (position >= start[:, None]) & (position < hi[:, None]) & (position < size)
         if block is end_block:
             inside &= (end_block > first_block)[:, None]  # else the first block held it all
-        index = row[:, None] * size + position.clamp(max=max(size - 1, 0))
+        index = row[:, None] * stride + position.clamp(max=max(size - 1, 0))
         values = flat[index].to(torch.float64) if size else torch.zeros_like(middle)[:, None]
         total = total + torch.where(inside, values, 0.0).sum(1)
     return total

@@ -444,6 +444,7 @@ def event_scores(
     k1: int,
     *,
     with_token_logprobs: bool = False,
+    positions: np.ndarray | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probabilities of every cell and event of chunks ``[k0, k1)`` under one model.
 
@@ -456,6 +457,11 @@ def event_scores(
         side: ``"teacher"`` or ``"student"``.
         tables: the pair's :class:`TextTables`.
         k0, k1: the planned chunks of this slice.
+        with_token_logprobs: also return the realised tokens' log-probabilities.
+        positions: int64 ``[V]``: the column of ``logits`` that holds each token, when the
+            columns are permuted (:func:`head_order`: a student head whose rows were put in
+            byte order once, so that no slice permutes its rows); ``None``: column ``t`` is
+            token ``t``.
 
     Returns:
         float ``[k1 - k0, C' + width]``: columns ``0..C'-1`` the classes that may be cells
@@ -480,12 +486,17 @@ def event_scores(
     first_table = rows.first_table[r0:r1]
     q0, q1 = np.searchsorted(rows.query_row, [r0, r1])
     sums = sparse_softmax_sums if isinstance(logits, SparseRows) else softmax_sums
+    if positions is not None and isinstance(logits, SparseRows):
+        raise ValueError("event_scores: positions apply to dense logit rows only")
+    ids = rows.ids[r0:r1] if positions is None else positions[rows.ids[r0:r1]]
     token_logp, masses, cells = sums(
         logits,
-        t(rows.ids[r0:r1]),
-        _sorted_ranges(rows, r0, r1, q0, q1, first_table, side_tables, logits.shape[1], device),
+        t(ids),
+        _sorted_ranges(
+            rows, r0, r1, q0, q1, first_table, side_tables, logits.shape[1], device, positions
+        ),
         int(q1 - q0),
-        _cell_groups(first_table[first_row], side_tables, tables, first_row, device),
+        _cell_groups(first_table[first_row], side_tables, tables, first_row, device, positions),
         (count, tables.cell_index.size),
     )
     # Path prefix P(x_<j): exclusive cumulative sum of the realised log-probs within the chunk.
@@ -533,6 +544,31 @@ def event_scores(
     return (scores, token_logp) if with_token_logprobs else scores
 
 
+def head_order(tables: TextTables, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """A column order for the student's logits in which the byte-sorted vocabulary is a prefix.
+
+    Rows of an output layer put in this order once per call give logits whose first ``N``
+    columns are already sorted by bytes, so the per-slice gathers into that order and back
+    (two dense ``[S, V]`` passes each way) vanish (:func:`event_scores`' ``positions``).
+
+    Args:
+        tables: the pair's text tables (the student's everywhere-table is the order used).
+        columns: the logits' width ``C`` (the tokenizer's ids, padded rows excluded).
+
+    Returns:
+        ``(order, positions)``: int64 ``[C]``: ``order[j]`` is the token at column ``j`` (the
+        sorted tokens first, then the others ascending); ``positions`` its inverse.
+    """
+    sorted_ids = tables.student.sorted.order
+    sorted_ids = sorted_ids[sorted_ids < columns]
+    others = np.ones(columns, dtype=bool)
+    others[sorted_ids] = False
+    order = np.concatenate([sorted_ids, np.flatnonzero(others)]).astype(np.int64)
+    positions = np.empty(columns, dtype=np.int64)
+    positions[order] = np.arange(columns)
+    return order, positions
+
+
 def _not_last(rows: SideRows, r0: int, r1: int) -> np.ndarray:
     """bool ``[r1 - r0]``: rows followed by another row of their chunk."""
     chunk = rows.chunk[r0:r1]
@@ -551,9 +587,11 @@ def _sorted_ranges(
     side_tables: SideTables,
     vocab: int,
     device,
+    positions: np.ndarray | None = None,
 ) -> list[SortedRanges]:
     """The range queries ``[q0, q1)`` of rows ``[r0, r1)``, one :class:`SortedRanges` per
-    sorted vocabulary the rows are read with (``vocab`` logit columns)."""
+    sorted vocabulary the rows are read with (``vocab`` logit columns, token ``t`` at column
+    ``positions[t]``, or ``t`` without them)."""
     q_row = rows.query_row[q0:q1] - r0
     lo, hi = rows.query_lo[q0:q1], rows.query_hi[q0:q1]
     out = []
@@ -572,10 +610,9 @@ def _sorted_ranges(
             position = np.full(r1 - r0, -1, dtype=np.int64)
             position[chosen] = np.arange(chosen.size)
             local = position[q_row[queries]]
+        order = table.order if positions is None else positions[table.order]
         out.append(
-            sorted_ranges(
-                chosen, table.order, vocab, queries, local, lo[queries], hi[queries], device
-            )
+            sorted_ranges(chosen, order, vocab, queries, local, lo[queries], hi[queries], device)
         )
     return out
 
@@ -586,6 +623,7 @@ def _cell_groups(
     tables: TextTables,
     first_row: np.ndarray,
     device,
+    positions: np.ndarray | None = None,
 ) -> list[TokenGroups]:
     """The cells of ``K`` chunks as token groups: each chunk's first-position probability by
     owner class, for the classes that may be cells (``tables.cell_index``, the columns); only
@@ -594,6 +632,7 @@ def _cell_groups(
     Args:
         first_table: bool ``[K]``: the chunk's first row is read with the first-position table.
         first_row: int64 ``[K]``: each chunk's first row in the slice.
+        positions: int64 ``[V]``: the logit column of each token (``None``: the token's id).
     """
     columns = tables.cell_index.size
     classes = tables.shared_vocab.size
@@ -611,7 +650,9 @@ def _cell_groups(
             TokenGroups(
                 target=torch.as_tensor(chosen, device=device),
                 rows=torch.as_tensor(first_row[chosen], device=device),
-                tokens=torch.as_tensor(tokens, device=device),
+                tokens=torch.as_tensor(
+                    tokens if positions is None else positions[tokens], device=device
+                ),
                 columns=torch.as_tensor(column[tokens], device=device),
             )
         )
