@@ -180,6 +180,8 @@ def run_cell(arguments: list[str]) -> dict:
         response_tokens=row["response_tokens"],
         teacher_tokens=row["teacher_tokens"],
         ended_responses=row["ended_responses"],
+        coverage=row.get("coverage"),
+        supervised_tokens=row.get("supervised_tokens"),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
     if torch.cuda.is_available():

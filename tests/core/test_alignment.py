@@ -155,6 +155,35 @@ def test_mismatched_texts_give_unaligned_chunks_not_shifts(
     assert t.endswith(b".")
 
 
+def test_a_long_differing_middle_is_cut_at_anchors_not_lost(
+    byte_level_tokenizer, sentencepiece_tokenizer, monkeypatch
+):
+    """Texts that differ near both ends with a long equal stretch between (a sampled response
+    with a broken byte early and late): above ``MAX_MATCHED_MIDDLE_BYTES`` the middle is cut at
+    anchors and matched piece by piece, not lost as one unaligned region."""
+    from ctopd.core import alignment as core
+
+    pair = TokenizerPair(byte_level_tokenizer, sentencepiece_tokenizer)
+    middle = " ".join(
+        f"Box {i} holds {i * 7 % 97} red and {i * 13 % 89} blue beads." for i in range(60)
+    )
+    student_ids = sentencepiece_tokenizer.encode(
+        f"Total 1234: {middle} So 56.", add_special_tokens=False
+    )
+    teacher_ids = byte_level_tokenizer.encode(f"Total 98: {middle} So 7.", add_special_tokens=False)
+    whole = pair.align(teacher_ids, student_ids)  # the middle is below the default limit
+    monkeypatch.setattr(core, "MAX_MATCHED_MIDDLE_BYTES", 200)
+    cut = pair.align(teacher_ids, student_ids)
+    check_partition(cut, len(teacher_ids), len(student_ids))
+    check_against_reference(pair, teacher_ids, student_ids, cut)
+    # Equal to the whole-middle matcher's up to a few bytes next to the differing ends (the
+    # matcher, run on each piece, pairs fewer stray equal bytes there).
+    assert whole.unaligned_bytes <= cut.unaligned_bytes <= whole.unaligned_bytes + 4
+    assert cut.aligned.sum() >= whole.aligned.sum() - 4
+    monkeypatch.setattr(core, "_anchor", lambda a, b: None)  # no anchor: one unaligned region
+    assert pair.align(teacher_ids, student_ids).unaligned_bytes > len(middle)
+
+
 def test_special_token_inside_response_is_unaligned(byte_level_tokenizer, sentencepiece_tokenizer):
     pair = TokenizerPair(byte_level_tokenizer, sentencepiece_tokenizer)
     sp = sentencepiece_tokenizer

@@ -34,8 +34,11 @@ from ctopd.core.byte_table import (
 )
 
 # Above this many differing bytes in the middle of a pair, the byte matcher (quadratic in the
-# worst case) is skipped and the whole differing middle is one unaligned region.
+# worst case) is not run on the whole middle: the middle is first cut at an anchor, a run of
+# ANCHOR_BYTES bytes found once in each side, and each part is matched on its own. Only a middle
+# with no such anchor stays one unaligned region.
 MAX_MATCHED_MIDDLE_BYTES = 20_000
+ANCHOR_BYTES = 32
 # A large batch is aligned in blocks of about this many student tokens.
 BLOCK_TOKENS = 65_536
 
@@ -320,16 +323,52 @@ def _matching_blocks(a: np.ndarray, b: np.ndarray) -> list[tuple[int, int, int]]
     differ_tail = np.flatnonzero(a[la - rest :][::-1] != b[lb - rest :][::-1]) if rest else []
     suffix = int(differ_tail[0]) if len(differ_tail) else rest
     blocks = [(0, 0, prefix)] if prefix else []
-    mid_a = a[prefix : la - suffix].tobytes()
-    mid_b = b[prefix : lb - suffix].tobytes()
-    if mid_a and mid_b and max(len(mid_a), len(mid_b)) <= MAX_MATCHED_MIDDLE_BYTES:
-        matcher = difflib.SequenceMatcher(None, mid_a, mid_b, autojunk=False)
-        for i, j, n in matcher.get_matching_blocks():
-            if n:
-                blocks.append((prefix + i, prefix + j, n))
+    mid_a, mid_b = a[prefix : la - suffix], b[prefix : lb - suffix]
+    blocks += [(prefix + i, prefix + j, n) for i, j, n in _middle_blocks(mid_a, mid_b)]
     if suffix:
         blocks.append((la - suffix, lb - suffix, suffix))
     return blocks
+
+
+def _middle_blocks(a: np.ndarray, b: np.ndarray) -> list[tuple[int, int, int]]:
+    """Matching blocks of two middles that differ at both ends: difflib's when both are at most
+    ``MAX_MATCHED_MIDDLE_BYTES`` long; else the blocks of each side of an anchor (a run of
+    ``ANCHOR_BYTES`` bytes that occurs once in ``b``), found near the middle of ``a``; none
+    when there is no anchor. Every block is a run of equal bytes, in increasing order."""
+    if not a.size or not b.size:
+        return []
+    if max(a.size, b.size) <= MAX_MATCHED_MIDDLE_BYTES:
+        matcher = difflib.SequenceMatcher(None, a.tobytes(), b.tobytes(), autojunk=False)
+        return [(i, j, n) for i, j, n in matcher.get_matching_blocks() if n]
+    anchor = _anchor(a.tobytes(), b.tobytes())
+    if anchor is None:
+        return []
+    i, j = anchor
+    k = ANCHOR_BYTES
+    right = _matching_blocks(a[i + k :], b[j + k :])
+    return [
+        *_matching_blocks(a[:i], b[:j]),
+        (i, j, k),
+        *[(i + k + x, j + k + y, n) for x, y, n in right],
+    ]
+
+
+def _anchor(a: bytes, b: bytes, tries: int = 256) -> tuple[int, int] | None:
+    """``(i, j)`` with ``a[i:i+ANCHOR_BYTES] == b[j:j+ANCHOR_BYTES]``, that run occurring once in
+    ``b``; ``i`` tried from the middle of ``a`` outwards."""
+    k = ANCHOR_BYTES
+    if len(a) < k or len(b) < k:
+        return None
+    middle, step = (len(a) - k) // 2, max(1, (len(a) - k) // (2 * tries))
+    for n in range(tries):
+        for i in (middle + n * step, middle - n * step):
+            if not 0 <= i <= len(a) - k:
+                continue
+            run = a[i : i + k]
+            j = b.find(run)
+            if j >= 0 and b.find(run, j + 1) < 0:
+                return i, j
+    return None
 
 
 def _align_one_slow(t_side: _Side, s_side: _Side, k: int) -> tuple[np.ndarray, np.ndarray, int]:
