@@ -250,6 +250,14 @@ def test_opd_lazy_teacher_rows_equal_dense_full_logprobs(same_batch, dtype, tole
     # One slice's rows (student or teacher) or an output matrix [V, H] (H = 8 here): below
     # B * n * V.
     assert largest <= max(3 * slice_size * rows, rows * HIDDEN) < full
+    # The check for NaN reads the hidden states, not [n, V] rows.
+    broken = teacher_hidden.clone()
+    broken[0, 1, 2] = float("nan")
+    bad = dataclasses.replace(dense, full_logprobs=dataclasses.replace(lazy_rows, hidden=broken))
+    hidden, weight, bias = _leaves(batch, dtype, True)
+    student = StudentHidden(hidden, StudentHead(weight, bias, None, num_ids=weight.shape[0]))
+    with pytest.raises(ValueError, match=r"teacher.full_logprobs holds NaN"):
+        _run(batch, "opd", {}, bad, student)
 
 
 def test_hidden_path_never_permutes_student_rows(batch, monkeypatch):
