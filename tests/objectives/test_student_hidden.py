@@ -9,6 +9,8 @@ Needs the shared tokenizers folder (the ``real_tokenizers_dir`` fixture of tests
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -22,6 +24,7 @@ from ctopd.objectives import (
     teacher_outputs,
 )
 from ctopd.objectives.baselines import mean_token_nll
+from ctopd.objectives.teacher import TeacherLogprobRows
 from ctopd.objectives.text_events import text_tables
 from ctopd.training.rollout import pad_responses
 
@@ -181,6 +184,80 @@ def test_sliced_hidden_equals_dense_plain_head(batch, name, options):
 def test_sliced_hidden_equals_dense_identical_tokenizers(same_batch, dtype, tolerance):
     _compare(same_batch, "opd", {}, dtype, tolerance, with_bias=True, softcap=None)
     _compare(same_batch, "simct", {}, dtype, max(tolerance, 1e-5), with_bias=False, softcap=None)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.float64, 1e-9)])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_opd_lazy_teacher_rows_equal_dense_full_logprobs(same_batch, dtype, tolerance, temperature):
+    """``opd`` with the teacher's full log-softmax as :class:`TeacherLogprobRows` (hidden states
+    and a padded, soft-capped output layer; rows made per slice) gives the loss and gradients
+    it gives with the dense ``[B, n, V]`` ``full_logprobs``, and never allocates a
+    ``[B, n, V]``-sized tensor."""
+    batch = same_batch
+    teacher_ids = batch["teacher_ids"]
+    gen = torch.Generator().manual_seed(5)
+    rows = batch["pair"].teacher_table.vocab_size + PADDED_ROWS
+    teacher_hidden = torch.randn(*teacher_ids.shape, HIDDEN, generator=gen, dtype=dtype)
+    teacher_bias = torch.randn(rows, generator=gen, dtype=dtype)
+    teacher_bias[-PADDED_ROWS:] += PADDED_BIAS  # padded rows: no mass unless projected
+    num_ids = batch["pair"].teacher_table.vocab_size
+    teacher_head = StudentHead(
+        torch.randn(rows, HIDDEN, generator=gen, dtype=dtype), teacher_bias, 15.0, num_ids
+    )
+    dense = teacher_outputs(
+        teacher_head.transform(
+            torch.nn.functional.linear(teacher_hidden, teacher_head.weight, teacher_bias)
+        ),
+        teacher_ids,
+        batch["pair"].shared_vocab,
+        teacher_needs("opd"),
+        temperature=temperature,
+    )
+    lazy_rows = TeacherLogprobRows(
+        teacher_hidden, teacher_head, teacher_ids >= 0, temperature=temperature, out_dtype=dtype
+    )
+    lazy = dataclasses.replace(dense, full_logprobs=lazy_rows)
+    assert lazy_rows.shape == dense.full_logprobs.shape and lazy_rows.dtype == dtype
+    torch.testing.assert_close(lazy_rows.dense(), dense.full_logprobs, rtol=0, atol=tolerance)
+    # It holds no [B, n, V] tensor: hidden states, the valid mask and the output layer only.
+    held = [lazy_rows.hidden, lazy_rows.valid, teacher_head.weight, teacher_head.bias]
+    full = teacher_ids.numel() * num_ids
+    assert all(t.numel() < full for t in held)
+
+    size_b, size_m = batch["student_ids"].shape
+    slice_size = 2
+    assert size_b * size_m >= 8 * slice_size
+    results = []
+    for teacher in (dense, lazy):
+        hidden, weight, bias = _leaves(batch, dtype, True)
+        head = StudentHead(weight, bias, None, num_ids=weight.shape[0])
+        with _LargestTensor() as tracker:
+            loss, metrics = _run(
+                batch, "opd", {"slice_size": slice_size}, teacher, StudentHidden(hidden, head)
+            )
+        results.append((loss, metrics, [hidden.grad, weight.grad, bias.grad], tracker.largest))
+    (dense_loss, dense_metrics, dense_grads, dense_largest), (loss, metrics, grads, largest) = (
+        results
+    )
+    assert dense_metrics["supervised_tokens"] > 0 and dense_largest >= full
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss, dense_loss, rtol=tolerance, atol=tolerance)
+    for key in ("kl", "coverage", "teacher_logprob_mean"):
+        assert metrics[key] == pytest.approx(dense_metrics[key], rel=1e-6, abs=1e-9), key
+    for grad, expected in zip(grads, dense_grads, strict=True):
+        assert grad.abs().max() > 0
+        torch.testing.assert_close(grad, expected, rtol=tolerance, atol=tolerance)
+    # One slice's rows (student or teacher) or an output matrix [V, H] (H = 8 here): below
+    # B * n * V.
+    assert largest <= max(3 * slice_size * rows, rows * HIDDEN) < full
+    # The check for NaN reads the hidden states, not [n, V] rows.
+    broken = teacher_hidden.clone()
+    broken[0, 1, 2] = float("nan")
+    bad = dataclasses.replace(dense, full_logprobs=dataclasses.replace(lazy_rows, hidden=broken))
+    hidden, weight, bias = _leaves(batch, dtype, True)
+    student = StudentHidden(hidden, StudentHead(weight, bias, None, num_ids=weight.shape[0]))
+    with pytest.raises(ValueError, match=r"teacher.full_logprobs holds NaN"):
+        _run(batch, "opd", {}, bad, student)
 
 
 def test_hidden_path_never_permutes_student_rows(batch, monkeypatch):

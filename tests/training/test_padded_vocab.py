@@ -15,6 +15,7 @@ import torch
 
 from ctopd.core.pair import TokenizerPair
 from ctopd.objectives import TeacherRequest, teacher_needs, teacher_outputs
+from ctopd.objectives.teacher import TeacherLogprobRows
 from ctopd.objectives.text_events import text_tables
 from ctopd.training.config import ModelConfig, TeacherServerConfig, load_config
 from ctopd.training.loop import train
@@ -385,6 +386,12 @@ def test_local_teacher_outputs_equal_the_dense_reference(tiny, needs, dtype):
     # Nothing of the forward is kept: every field is small, no [B, n, rows] tensor.
     kept = [getattr(got, f) for f in ("token_logprobs", "class_logprobs", "topk_probs")]
     assert all(t is None or t.shape[-1] < model.config.vocab_size for t in kept)
+    if "full_logprobs" in needs:  # lazy rows: hidden states and the model's own output matrix
+        rows = got.full_logprobs
+        assert isinstance(rows, TeacherLogprobRows)
+        assert rows.shape == (*teacher_ids.shape, num_ids)
+        assert rows.hidden.shape == (*teacher_ids.shape, model.config.hidden_size)
+        assert rows.head.weight is model.get_output_embeddings().weight
 
 
 def test_local_teacher_refuses_logits_that_are_not_its_output_layer(tiny):

@@ -151,7 +151,9 @@ def check_teacher(
                 f"teacher.{field} has shape {tuple(tensor.shape)}; expected [{batch}, n, ...]"
             )
         _check_lengths(f"teacher.{field}", tensor, lengths)
-        check_finite(f"teacher.{field}", tensor, lengths)
+        # Lazy full_logprobs (TeacherLogprobRows): finite hidden states, no [n, V_T] rows made.
+        hidden = getattr(tensor, "hidden", None) if not isinstance(tensor, Tensor) else None
+        check_finite(f"teacher.{field}", tensor if hidden is None else hidden, lengths)
 
 
 # What each option of the built-in objectives may be: (test, what a valid value is). Read by

@@ -292,7 +292,9 @@ def opd(
 ) -> tuple[Tensor, dict[str, float]]:
     """Same-tokenizer OPD: full-vocabulary divergence at every aligned 1:1 chunk.
 
-    Needs ``teacher.full_logprobs`` ``[B, n, V]`` with the student's vocabulary size ``V``.
+    Needs ``teacher.full_logprobs`` ``[B, n, V]`` with the student's vocabulary size ``V``: a
+    dense tensor or :class:`~ctopd.objectives.teacher.TeacherLogprobRows` (rows made one slice
+    at a time, never ``[B, n, V]``).
     Other arguments as :func:`simct`; ``shared_vocab`` is not used.
 
     Raises:

@@ -5,8 +5,10 @@ sends them with the batch as a :class:`TeacherRequest`, and a teacher answers wi
 :class:`TeacherOutputs` holding exactly those fields as small tensors: realised-token
 log-probabilities ``[B, n]``, text-event scores ``[K, C' + width]``, class log-probabilities
 ``[B, n, C]``, top-k probabilities ``[B, n, k]``. No ``[B, n, V_T]`` tensor of the teacher's
-scores exists for the whole sequence, except ``full_logprobs`` for ``opd``, which is the full
-distribution by definition. The reduction runs one ``[slice, V_T]`` block of logits at a time
+scores exists for the whole sequence. ``full_logprobs`` (``opd``) is the full distribution by
+definition: the in-process teacher hands it back as :class:`TeacherLogprobRows` (final hidden
+states and the output layer; rows made only where the objective reads them), a served teacher
+as a dense tensor. The reduction runs one ``[slice, V_T]`` block of logits at a time
 (:func:`reduce_teacher`), wherever the teacher computes them: an in-process teacher from its
 final hidden states and output layer, a served one from the sparse top-k reply
 (:mod:`ctopd.objectives.sparse_rows`). Nothing of the teacher's forward outlives the reduction, so
@@ -19,7 +21,7 @@ teachers are tested against, and the entry point for code that already holds log
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ from ctopd.objectives.checks import real_id_columns
 from ctopd.objectives.classes import ClassMembers, class_logprobs, class_members
 from ctopd.objectives.plan import flatten_chunks
 from ctopd.objectives.sparse_rows import SparseRows
+from ctopd.objectives.student_head import StudentHead
 from ctopd.objectives.text_events import (
     EventPlan,
     TextTables,
@@ -74,7 +77,9 @@ class TeacherOutputs:
         class_logprobs: float ``[B, n, C]``: ``log q(class | prefix)`` over the ``SharedVocab``
             classes at each teacher response position (``C = shared_vocab.size``, end class
             last). Needed by ``simct`` and ``shared_only``.
-        full_logprobs: float ``[B, n, V_T]``: the full log-softmax; only for ``opd``.
+        full_logprobs: float ``[B, n, V_T]``: the full log-softmax; only for ``opd``. A dense
+            tensor, or :class:`TeacherLogprobRows` (the in-process teacher) that makes the rows
+            it is indexed at.
         topk_probs: float ``[B, n, k]``: the teacher's largest probabilities, sorted
             descending; only for ``uld``.
         text_events: the teacher's text-event scores; for ``simct`` and ``shared_only`` with
@@ -83,9 +88,97 @@ class TeacherOutputs:
 
     token_logprobs: Tensor
     class_logprobs: Tensor | None = None
-    full_logprobs: Tensor | None = None
+    full_logprobs: Tensor | TeacherLogprobRows | None = None
     topk_probs: Tensor | None = None
     text_events: TeacherTextEvents | None = None
+
+
+@dataclass(frozen=True)
+class TeacherLogprobRows:
+    """The teacher's full log-softmax ``[B, n, V_T]`` without making it: its final hidden states
+    and output layer; indexing makes just the rows asked for.
+
+    ``self[batch_index, position_index]`` is
+    ``log_softmax(head(hidden[batch_index, position_index]).to(dtype) / temperature)``, with
+    rows at padding positions (``valid`` false) 0, exactly as the dense ``full_logprobs`` of
+    :func:`reduce_teacher` reads. ``shape``, ``dtype`` and ``device`` describe that dense tensor.
+
+    Attributes:
+        hidden: float ``[B, n, H]``: the teacher's final hidden states, detached (no gradient).
+        head: its output layer (columns past ``V_T`` never projected; soft cap applied).
+        valid: bool ``[B, n]``: response positions (``False``: padding, rows read 0).
+        temperature: the scores are divided by it before the softmax.
+        out_dtype: the rows' dtype (float32, float64 for a float64 teacher).
+    """
+
+    hidden: Tensor
+    head: StudentHead
+    valid: Tensor
+    temperature: float = 1.0
+    out_dtype: torch.dtype = torch.float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.hidden.shape[:-1], self.head.columns))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.out_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def dim(self) -> int:
+        return 3
+
+    def detach(self) -> TeacherLogprobRows:
+        return self  # the hidden states carry no gradient
+
+    def to(self, target: torch.device | str | torch.dtype) -> TeacherLogprobRows:
+        """The same rows on another device (hidden states and output layer moved) or, given a
+        float dtype, made in that dtype."""
+        if isinstance(target, torch.dtype):
+            return replace(self, out_dtype=target)
+        device = torch.device(target)
+        if device == self.device:
+            return self
+        head = self.head
+        bias = None if head.bias is None else head.bias.to(device)
+        return replace(
+            self,
+            hidden=self.hidden.to(device),
+            head=replace(head, weight=head.weight.to(device), bias=bias),
+            valid=self.valid.to(device),
+        )
+
+    def float(self) -> TeacherLogprobRows:
+        return self.to(torch.float32)
+
+    def double(self) -> TeacherLogprobRows:
+        return self.to(torch.float64)
+
+    def __getitem__(self, index) -> Tensor:
+        """Rows ``[..., V_T]`` at an index of the first two dimensions (anything a ``[B, n]``
+        tensor accepts: ``(batch_index, position_index)`` int64 ``[S]`` tensors, a bool
+        ``[B, n]`` mask, ints, slices), optionally followed by an int or slice of the vocabulary
+        dimension. Only those rows are projected."""
+        vocab_index = slice(None)
+        if isinstance(index, tuple) and len(index) == 3:
+            index, vocab_index = index[:2], index[2]
+            if not isinstance(vocab_index, (int, slice)):
+                raise IndexError("TeacherLogprobRows: the vocabulary index must be an int or slice")
+        elif isinstance(index, tuple) and len(index) > 3:
+            raise IndexError(f"TeacherLogprobRows has 3 dimensions, got {len(index)} indices")
+        with torch.no_grad():
+            logits = self.head(self.hidden[index]).to(self.out_dtype)
+            rows = torch.log_softmax(logits / self.temperature, -1)
+            rows = torch.where(self.valid[index][..., None], rows, rows.new_zeros(()))
+        return rows[..., vocab_index]
+
+    def dense(self) -> Tensor:
+        """The full ``[B, n, V_T]`` tensor (the reference path; memory grows with ``n * V_T``)."""
+        return self[:, :]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ The loop asks a teacher for one thing (docs/concepts/one-step.md): given each se
 per-position field belongs to response token ``j``. Both kinds of teacher reduce their scores
 one slice of positions at a time, on their side (:func:`~ctopd.objectives.teacher.reduce_teacher`),
 so no ``[B, n, V_T]`` tensor of scores exists for the whole sequence (``opd``'s
-``full_logprobs`` apart) and nothing of the teacher's forward is alive during the student's
+``full_logprobs``: the in-process teacher hands back lazy rows, a served one a dense tensor)
+and nothing of the teacher's forward is alive during the student's
 backward. Every softmax covers the teacher *tokenizer's* ``V_T`` ids: output rows past the last
 id (a padded embedding matrix) are no token and carry no mass.
 
@@ -25,12 +26,19 @@ ready, ``result()`` waits for them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from ctopd.objectives.teacher import TeacherOutputs, TeacherRequest, reduce_teacher
+from ctopd.objectives.student_head import StudentHead
+from ctopd.objectives.teacher import (
+    TeacherLogprobRows,
+    TeacherOutputs,
+    TeacherRequest,
+    reduce_teacher,
+)
 from ctopd.training.config import TrainConfig
 from ctopd.training.models import check_vocab, freeze, load_causal_lm
 from ctopd.training.rollout import count_token_ids, pack_prompt_response, pad_responses
@@ -126,28 +134,33 @@ class LocalTeacher:
         """The outputs ``request`` asks for, computed now (see the class docstring)."""
         if not self.checked:
             self.check_output_layer(prompt_ids[0], response_ids[0])
+        lazy_full = "full_logprobs" in request.needs
         with torch.no_grad():
-            hidden = self.hidden_states(prompt_ids, response_ids)  # [B, n, H]
+            hidden = self.hidden_states(prompt_ids, response_ids).detach()  # [B, n, H]
             ids, _ = pad_responses(response_ids, pad_id=-1, device=self.device)
             dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-            outputs = reduce_teacher(
-                lambda b, p: self.logits(hidden[b, p]), ids, request, dtype=dtype
+            head = self.head()
+            reduced = replace(request, needs=request.needs - {"full_logprobs"})
+            outputs = reduce_teacher(lambda b, p: head(hidden[b, p]), ids, reduced, dtype=dtype)
+        if lazy_full:  # opd: rows made where the objective reads them, never [B, n, V_T]
+            outputs.full_logprobs = TeacherLogprobRows(
+                hidden, head, ids >= 0, temperature=request.temperature, out_dtype=dtype
             )
         return Ready(outputs)
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """``[S, V_T]`` logits of final hidden states ``[S, H]`` (rows past ``V_T`` skipped)."""
+    def head(self) -> StudentHead:
+        """The output layer: ``[S, H]`` final hidden states to ``[S, V_T]`` logits (rows past
+        ``V_T`` never projected, the config's ``final_logit_softcapping`` applied)."""
         layer = self.model.get_output_embeddings()
-        weight = layer.weight[: self.num_ids]  # [:None] keeps every row
-        bias = getattr(layer, "bias", None)
-        logits = torch.nn.functional.linear(
-            hidden, weight, None if bias is None else bias[: self.num_ids]
-        )
         config = getattr(self.model.config, "get_text_config", lambda: self.model.config)()
         cap = getattr(config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        num_ids = layer.weight.shape[0] if self.num_ids is None else self.num_ids
+        bias = getattr(layer, "bias", None)
+        return StudentHead(layer.weight, bias, float(cap) if cap else None, num_ids)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """``[S, V_T]`` logits of final hidden states ``[S, H]`` (rows past ``V_T`` skipped)."""
+        return self.head()(hidden)
 
     def hidden_states(
         self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]
