@@ -249,7 +249,8 @@ def _micro_step(
     # server, and hands back only what the objective needs (small tensors, reduced a slice of
     # positions at a time on its side). A served teacher's answer may still be on its way: it is
     # read after the student's forward (which runs meanwhile); an in-process one's at once.
-    needs = teacher_needs(config.objective.name, **_objective_options(config))
+    options = config.objective.arguments()  # the objective's keywords: signature + config
+    needs = teacher_needs(config.objective.name, **options)
     request = TeacherRequest(
         needs,
         pair.shared_vocab,
@@ -298,7 +299,7 @@ def _micro_step(
                 alignments=alignments,
                 shared_vocab=pair.shared_vocab,
                 teacher=teacher_scores,
-                **_objective_options(config),
+                **options,
             )
             problem = None if torch.isfinite(loss.detach()).all() else f"the loss is {loss.item()}"
         except ValueError as err:  # the objectives refuse NaN/inf logits
@@ -322,12 +323,6 @@ def _micro_step(
         teacher_tokens=sum(len(t) for t in teacher_responses),
     )
     return metrics
-
-
-def _objective_options(config: TrainConfig) -> dict:
-    """The keywords the chosen objective takes beyond the common ones: its signature's defaults
-    overridden by the ``objective:`` section (:meth:`ObjectiveConfig.arguments`)."""
-    return config.objective.arguments()
 
 
 def _encode_prompts(
