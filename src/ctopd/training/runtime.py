@@ -125,7 +125,9 @@ class Runtime:
         self.close()
 
     def close(self) -> None:
-        """Restore the signal handlers, close the log and drop the folder's lock."""
+        """Restore the signal handlers, close the log, drop the folder's lock and end the
+        process group (left to interpreter exit, gloo's threads can abort a rank that stopped,
+        "terminate called without an active exception", instead of its exit code)."""
         self.signals.restore()
         if self.progress is not None:
             self.progress.close()
@@ -133,6 +135,8 @@ class Runtime:
             self.logger.close()
             self.logger = None
         self.lock.release()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     @property
     def step(self) -> int:
